@@ -1,0 +1,352 @@
+"""``shipyard agent``: the local runtime's long-lived data-plane process, one per region.
+
+It holds the traffic router (one ``ServiceProxy`` listener per service, a stable URL each) and
+supervises the app replicas. The control plane (``shipyard serve``) drives it over an
+authenticated loopback HTTP API (bearer token in ``<agent_dir>/agent.token``, mode 0600); the
+client is ``runtime.local.LocalRuntime``. The agent keeps serving traffic while the control plane
+is down or restarting, and it persists what it runs (``state.json``) so a restarted agent puts
+the same services back on the same ports.
+
+Files in ``<data_dir>/agents/<region>/``: ``agent.json`` (pid, api url), ``agent.token``,
+``state.json``, ``agent.log``; replica logs under ``logs/<service>/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from shipyard.agent.supervisor import Replica, Supervisor, kill_orphan_group
+from shipyard.errors import RevisionStartFailed, ShipyardError
+from shipyard.routing.proxy import Backend, ServiceProxy
+from shipyard.runtime.base import RevisionSpec
+
+log = logging.getLogger("shipyard.agent")
+
+
+def agent_dir(data_dir: Path, region: str) -> Path:
+    return data_dir / "agents" / region
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class WeightsBody(BaseModel):
+    weights: dict[str, Annotated[int, Field(ge=0, le=100)]]
+
+
+class RoutableBody(BaseModel):
+    replica_ids: list[str]
+    routable: bool
+
+
+class StopBody(BaseModel):
+    replica_ids: list[str] = Field(default_factory=list)
+    drain_timeout: Annotated[float, Field(ge=0, le=3600)] = 30.0
+
+
+class ServiceRoute:
+    """One service's listener, its desired weights and the port it keeps across restarts."""
+
+    def __init__(self, service: str, proxy: ServiceProxy, port: int) -> None:
+        self.service = service
+        self.proxy = proxy
+        self.port = port
+        self.weights: dict[str, int] = {}
+
+
+class Agent:
+    def __init__(self, data_dir: Path, region: str, listen_host: str = "127.0.0.1") -> None:
+        self.region = region
+        self.dir = agent_dir(data_dir, region)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.listen_host = listen_host
+        self.routes: dict[str, ServiceRoute] = {}
+        self.supervisor = Supervisor(self.dir / "logs", self._replica_changed)
+        self.token = secrets.token_urlsafe(32)
+        self._state_dirty = asyncio.Event()
+
+    # --- routing -----------------------------------------------------------------------------
+
+    async def ensure_service(self, service: str, port: int = 0) -> ServiceRoute:
+        route = self.routes.get(service)
+        if route is None:
+            proxy = ServiceProxy(service)
+            try:
+                bound = await proxy.start(self.listen_host, port)
+            except OSError as exc:
+                if not port:
+                    raise
+                log.warning("port %s for %s is taken (%s); picking another", port, service, exc)
+                bound = await proxy.start(self.listen_host, 0)
+            route = ServiceRoute(service, proxy, bound)
+            self.routes[service] = route
+            self._save_state()
+        return route
+
+    def url(self, route: ServiceRoute) -> str:
+        return f"http://{self.listen_host}:{route.port}"
+
+    def _replica_changed(self, replica: Replica) -> None:
+        route = self.routes.get(replica.spec.service)
+        if route is not None:
+            self._reconfigure(route)
+        self._save_state()
+
+    def _reconfigure(self, route: ServiceRoute) -> None:
+        backends = [
+            Backend(r.replica_id, r.spec.revision, "127.0.0.1", r.port)
+            for r in self.supervisor.of_service(route.service)
+            if r.alive and r.routable
+        ]
+        route.proxy.configure(route.weights, backends)
+
+    def set_weights(self, service: str, weights: Mapping[str, int]) -> dict[str, int]:
+        route = self.routes.get(service)
+        if route is None:
+            raise HTTPException(404, f"service {service} has no route on this agent")
+        positive = {rev: w for rev, w in weights.items() if w > 0}
+        if positive and sum(positive.values()) != 100:
+            raise HTTPException(422, f"weights must sum to 100, got {sum(positive.values())}")
+        for rev in positive:
+            if not any(
+                r.alive and r.routable for r in self.supervisor.of_revision(service, rev)
+            ):
+                raise HTTPException(
+                    409, f"revision {rev} of {service} has no routable replica; start it first"
+                )
+        route.weights = dict(positive)
+        self._reconfigure(route)
+        self._save_state()
+        return route.proxy.weights
+
+    # --- state -------------------------------------------------------------------------------
+
+    def service_state(self, service: str) -> dict[str, Any]:
+        route = self.routes.get(service)
+        if route is None:
+            raise HTTPException(404, f"service {service} has no route on this agent")
+        return {
+            "service": service,
+            "url": self.url(route),
+            "weights": route.proxy.weights,
+            "replicas": [r.status().to_dict() for r in self.supervisor.of_service(service)],
+        }
+
+    def _snapshot(self) -> dict[str, Any]:
+        specs: dict[str, dict[str, Any]] = {}
+        for r in self.supervisor.replicas.values():
+            if r.alive:
+                s = specs.setdefault(
+                    r.spec.revision, {"spec": r.spec.to_dict(), "routable": False, "pids": []}
+                )
+                s["spec"]["replicas"] = sum(
+                    1 for x in self.supervisor.of_revision(r.spec.service, r.spec.revision) if x.alive
+                )
+                s["routable"] = s["routable"] or r.routable
+                if r.process:
+                    s["pids"].append([r.process.pid, r.replica_id])
+        return {
+            "services": {
+                name: {"port": route.port, "weights": route.weights}
+                for name, route in self.routes.items()
+            },
+            "revisions": list(specs.values()),
+        }
+
+    def _save_state(self) -> None:
+        write_private(self.dir / "state.json", json.dumps(self._snapshot(), indent=1))
+
+    async def restore(self) -> None:
+        """Put back what a previous agent ran: same ports, same revisions, same weights."""
+        path = self.dir / "state.json"
+        if not path.exists():
+            return
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.error("cannot read %s (%s); starting empty", path, exc)
+            return
+        for rev in state.get("revisions", []):
+            for pid, replica_id in rev.get("pids", []):
+                kill_orphan_group(pid, replica_id)
+        for name, svc in state.get("services", {}).items():
+            await self.ensure_service(name, int(svc.get("port", 0)))
+        for rev in state.get("revisions", []):
+            spec = RevisionSpec.from_dict(rev["spec"])
+            try:
+                replicas = await self.supervisor.start_revision(spec)
+            except RevisionStartFailed as exc:
+                log.error("cannot restore %s/%s: %s", spec.service, spec.revision, exc)
+                continue
+            for r in replicas:
+                r.routable = bool(rev.get("routable"))
+        for name, svc in state.get("services", {}).items():
+            route = self.routes[name]
+            route.weights = {k: int(v) for k, v in svc.get("weights", {}).items()}
+            self._reconfigure(route)
+        self._save_state()
+
+    async def close(self) -> None:
+        await self.supervisor.stop_all()
+        for route in self.routes.values():
+            await route.proxy.close()
+
+
+def build_app(agent: Agent) -> FastAPI:
+    """The agent's control API (loopback, bearer token)."""
+
+    async def authenticated(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        presented = header.removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(presented.encode(), agent.token.encode()):
+            raise HTTPException(401, "agent token missing or wrong")
+
+    app = FastAPI(title="shipyard agent", dependencies=[Depends(authenticated)], openapi_url=None)
+
+    @app.exception_handler(ShipyardError)
+    async def _shipyard_error(_: Request, exc: ShipyardError) -> JSONResponse:
+        return JSONResponse(status_code=422, content=exc.to_dict())
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "region": agent.region, "pid": os.getpid()}
+
+    @app.get("/v1/services")
+    async def services() -> list[str]:
+        return sorted(agent.routes)
+
+    @app.put("/v1/services/{service}")
+    async def ensure(service: str) -> dict[str, Any]:
+        await agent.ensure_service(service)
+        return agent.service_state(service)
+
+    @app.get("/v1/services/{service}")
+    async def state(service: str) -> dict[str, Any]:
+        return agent.service_state(service)
+
+    @app.delete("/v1/services/{service}")
+    async def remove(service: str) -> dict[str, Any]:
+        for r in agent.supervisor.of_service(service):
+            await agent.supervisor.stop(r)
+        route = agent.routes.pop(service, None)
+        if route is not None:
+            await route.proxy.close()
+        agent._save_state()
+        return {"removed": route is not None}
+
+    @app.put("/v1/services/{service}/revisions/{revision}")
+    async def start(service: str, revision: str, spec: dict[str, Any]) -> dict[str, Any]:
+        rs = RevisionSpec.from_dict(spec)
+        if rs.service != service or rs.revision != revision:
+            raise HTTPException(422, "spec does not match the path's service/revision")
+        await agent.ensure_service(service)
+        replicas = await agent.supervisor.start_revision(rs)
+        agent._save_state()
+        return {"replicas": [r.status().to_dict() for r in replicas]}
+
+    @app.post("/v1/services/{service}/routable")
+    async def routable(service: str, body: RoutableBody) -> dict[str, Any]:
+        for rid in body.replica_ids:
+            r = agent.supervisor.replicas.get(rid)
+            if r is None or r.spec.service != service:
+                raise HTTPException(404, f"replica {rid} not found in {service}")
+            if body.routable and not r.alive:
+                raise HTTPException(409, f"replica {rid} is {r.state}; it cannot take traffic")
+        for rid in body.replica_ids:
+            agent.supervisor.replicas[rid].routable = body.routable
+        route = await agent.ensure_service(service)
+        agent._reconfigure(route)
+        agent._save_state()
+        return agent.service_state(service)
+
+    @app.post("/v1/services/{service}/stop")
+    async def stop(service: str, body: StopBody) -> dict[str, Any]:
+        """Stop replicas: no new requests first, in-flight ones finish (drain), then SIGTERM."""
+        targets = [agent.supervisor.replicas[r] for r in body.replica_ids if r in agent.supervisor.replicas]
+        route = agent.routes.get(service)
+        for r in targets:
+            r.routable = False
+        if route is not None:
+            agent._reconfigure(route)
+            for rev in {r.spec.revision for r in targets}:
+                if not any(x.routable for x in agent.supervisor.of_revision(service, rev)):
+                    await route.proxy.drain(rev, body.drain_timeout)
+        await asyncio.gather(*(agent.supervisor.stop(r) for r in targets))
+        agent._save_state()
+        return agent.service_state(service) if route else {"stopped": len(targets)}
+
+    @app.put("/v1/services/{service}/weights")
+    async def weights(service: str, body: WeightsBody) -> dict[str, Any]:
+        return {"weights": agent.set_weights(service, body.weights)}
+
+    @app.get("/v1/services/{service}/metrics")
+    async def metrics(service: str) -> dict[str, Any]:
+        route = agent.routes.get(service)
+        if route is None:
+            raise HTTPException(404, f"service {service} has no route on this agent")
+        return {rev: m.to_dict() for rev, m in route.proxy.metrics().items()}
+
+    return app
+
+
+async def run_agent(data_dir: Path, region: str, api_port: int = 0) -> None:
+    """Run the agent until SIGTERM/SIGINT; writes agent.json once the API listens."""
+    agent = Agent(data_dir, region)
+    write_private(agent.dir / "agent.token", agent.token)
+    await agent.restore()
+    config = uvicorn.Config(
+        build_app(agent),
+        host="127.0.0.1",
+        port=api_port,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server_task = loop.create_task(server.serve())
+    while not server.started:
+        if server_task.done():
+            await server_task
+            raise SystemExit(f"agent API could not start on 127.0.0.1:{api_port}")
+        await asyncio.sleep(0.01)
+    sock = server.servers[0].sockets[0]
+    port = sock.getsockname()[1]
+    info = {"pid": os.getpid(), "region": region, "api_url": f"http://127.0.0.1:{port}",
+            "started_at": time.time()}
+    write_private(agent.dir / "agent.json", json.dumps(info))
+    log.info("agent for region %s listening on %s", region, info["api_url"])
+    await stop.wait()
+    server.should_exit = True
+    with contextlib.suppress(asyncio.CancelledError):
+        await server_task
+    await agent.close()
+    with contextlib.suppress(FileNotFoundError):
+        (agent.dir / "agent.json").unlink()

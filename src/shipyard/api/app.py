@@ -1,0 +1,191 @@
+"""The HTTP API (ADR section 6), FastAPI. ``create_app`` is what ``shipyard serve`` runs and what
+in-process tests drive through ``httpx.ASGITransport``.
+
+Routes are thin: they check the permission claim, validate, and call the pipeline or the store.
+Errors are mapped to problem+json in ``api/problems.py`` only.
+
+    POST /api/v1/deploy                      deployment:create   202 (or ?wait=true: final result)
+    POST /api/v1/rollback/{deployment_id}    deployment:rollback 202 (or ?wait=true)
+    GET  /api/v1/deployments/{id}            deployment:read
+    GET  /api/v1/deployments?service=NAME    deployment:read
+    GET  /api/v1/deployments/{id}/audit      deployment:read
+    GET  /api/v1/services                    deployment:read
+    GET  /api/v1/services/{name}             deployment:read
+    GET  /healthz                            no auth
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+
+from shipyard import __version__
+from shipyard.api import problems
+from shipyard.api.auth import Claims, require_permission
+from shipyard.api.context import AppContext, build_context
+from shipyard.api.limits import BodySizeLimit
+from shipyard.domain.models import DNS_LABEL, Deployment, DeploymentRequest, DeploymentStatus
+from shipyard.errors import NotFound, UnknownRegion
+from shipyard.settings import Settings
+
+CanCreate = Annotated[Claims, Depends(require_permission("deployment:create"))]
+CanRollback = Annotated[Claims, Depends(require_permission("deployment:rollback"))]
+CanRead = Annotated[Claims, Depends(require_permission("deployment:read"))]
+ServiceName = Annotated[str, Query(pattern=DNS_LABEL, max_length=63)]
+Wait = Annotated[bool, Query(description="Answer when the deployment is final.")]
+WaitTimeout = Annotated[float, Query(gt=0, le=3600)]
+
+
+def ctx(request: Request) -> AppContext:
+    context: AppContext = request.app.state.context
+    return context
+
+
+Ctx = Annotated[AppContext, Depends(ctx)]
+
+
+def _resource(doc: dict[str, Any]) -> dict[str, Any]:
+    return Deployment.model_validate(doc).model_dump(mode="json")
+
+
+def _accepted(request: Request, doc: dict[str, Any]) -> JSONResponse:
+    url = str(request.url_for("get_deployment", deployment_id=doc["id"]))
+    return JSONResponse(
+        {"deployment_id": doc["id"], "status": doc["status"], "status_url": url,
+         "service": doc["service"], "region": doc["region"], "kind": doc["kind"]},
+        status_code=202,
+        headers={"Location": url},
+    )
+
+
+def _final(doc: dict[str, Any]) -> JSONResponse:
+    """The ADR handler's answer: 200 with the result, or 500 deployment_failed."""
+    if doc["status"] == DeploymentStatus.SUCCESS.value:
+        return JSONResponse(doc["result"], status_code=200)
+    if not DeploymentStatus(doc["status"]).terminal:
+        return JSONResponse(
+            {"deployment_id": doc["id"], "status": doc["status"],
+             "detail": "still running after the wait timeout; poll the status URL"},
+            status_code=202,
+        )
+    err = doc.get("error") or {}
+    return JSONResponse(
+        {"error": "deployment_failed", "message": err.get("message", doc["status"]),
+         "deployment_id": doc["id"], "status": doc["status"], "cause": err,
+         "result": doc.get("result")},
+        status_code=500,
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    context_factory: Callable[[Settings], Awaitable[AppContext]] = build_context,
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        context = await context_factory(settings)
+        app.state.context = context
+        app.state.token_authority = context.tokens
+        await context.pipeline.start()
+        try:
+            yield
+        finally:
+            await context.aclose()
+
+    app = FastAPI(title="Shipyard", version=__version__, lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    problems.install(app)
+
+    @app.get("/healthz", tags=["meta"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.post("/api/v1/deploy", status_code=202, tags=["deployments"])
+    async def deploy(
+        body: DeploymentRequest, request: Request, claims: CanCreate, c: Ctx,
+        wait: Wait = False, timeout: WaitTimeout = 900,
+    ) -> JSONResponse:
+        doc = await c.pipeline.submit(body, claims.subject)
+        if wait:
+            return _final(await c.pipeline.wait(doc["id"], timeout))
+        return _accepted(request, doc)
+
+    @app.post("/api/v1/rollback/{deployment_id}", status_code=202, tags=["deployments"])
+    async def rollback(
+        deployment_id: uuid.UUID, request: Request, claims: CanRollback, c: Ctx,
+        wait: Wait = False, timeout: WaitTimeout = 900,
+    ) -> JSONResponse:
+        doc = await c.pipeline.rollback(str(deployment_id), claims.subject)
+        if wait:
+            return _final(await c.pipeline.wait(doc["id"], timeout))
+        return _accepted(request, doc)
+
+    @app.get("/api/v1/deployments/{deployment_id}", name="get_deployment", tags=["deployments"])
+    async def get_deployment(deployment_id: uuid.UUID, _: CanRead, c: Ctx) -> dict[str, Any]:
+        return _resource(c.store.get_deployment(str(deployment_id)))
+
+    @app.get("/api/v1/deployments", tags=["deployments"])
+    async def list_deployments(
+        _: CanRead, c: Ctx, service: ServiceName | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    ) -> dict[str, Any]:
+        docs = c.store.list_deployments(service, limit)
+        return {"deployments": [_resource(d) for d in docs]}
+
+    @app.get("/api/v1/deployments/{deployment_id}/audit", tags=["deployments"])
+    async def deployment_audit(deployment_id: uuid.UUID, _: CanRead, c: Ctx) -> dict[str, Any]:
+        c.store.get_deployment(str(deployment_id))
+        records = await c.audit.records(deployment_id=str(deployment_id))
+        return {"records": [r.to_dict() for r in records]}
+
+    @app.get("/api/v1/services", tags=["services"])
+    async def list_services(_: CanRead, c: Ctx) -> dict[str, Any]:
+        return {"services": [
+            {"service": s.service, "region": s.region, "serving_revision": s.serving_revision,
+             "url": s.url} for s in c.store.list_services()
+        ]}
+
+    @app.get("/api/v1/services/{name}", tags=["services"])
+    async def get_service(
+        name: Annotated[str, Depends(_service_name)], _: CanRead, c: Ctx,
+        region: Annotated[str, Query(pattern=DNS_LABEL)] = "local",
+    ) -> dict[str, Any]:
+        if region not in c.runtimes:
+            raise UnknownRegion(f"unknown region {region!r}; this server runs: {', '.join(c.runtimes)}")
+        row = c.store.get_service(name, region)
+        state = await c.runtimes[region].service_state(name)
+        if row is None and state is None:
+            raise NotFound(f"service {name} has never been deployed in region {region}")
+        active = c.store.active_deployment(name, region)
+        return {
+            "service": name,
+            "region": region,
+            "url": state.url if state else (row.url if row else None),
+            "serving_revision": row.serving_revision if row else None,
+            "warm_revision": row.warm_revision if row else None,
+            "warm_until": row.warm_until if row else None,
+            "weights": dict(state.weights) if state else {},
+            "replicas": [
+                {"replica_id": r.replica_id, "revision": r.revision, "state": r.state,
+                 "ready": r.alive and r.routable, "port": r.port, "pid": r.pid,
+                 "exit_code": r.exit_code}
+                for r in (state.replicas if state else [])
+            ],
+            "active_deployment": active["id"] if active else None,
+        }
+
+    return app
+
+
+def _service_name(name: str) -> str:
+    import re  # noqa: PLC0415
+
+    if not re.fullmatch(DNS_LABEL, name):
+        raise NotFound(f"{name!r} is not a service name (services are DNS labels)")
+    return name

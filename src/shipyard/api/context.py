@@ -1,0 +1,70 @@
+"""The composition root: builds the store, audit log, runtimes, builder and pipeline for a server.
+
+``create_app`` calls ``build_context`` in its lifespan (unless a test hands it a ready context made
+of fakes). Keeping the wiring here keeps routes thin and the core free of configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shipyard.api.auth import TokenAuthority
+from shipyard.audit import AuditLog, SqlAuditLog
+from shipyard.build.local import LocalBuilder
+from shipyard.domain.clock import SystemClock
+from shipyard.health.probing import HttpProber
+from shipyard.orchestrator.pipeline import Pipeline
+from shipyard.runtime.base import Runtime
+from shipyard.runtime.local import LocalRuntime
+from shipyard.settings import Settings
+from shipyard.store.db import Store, make_engine
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    store: Store
+    audit: AuditLog
+    pipeline: Pipeline
+    tokens: TokenAuthority
+    runtimes: dict[str, Runtime]
+    closers: list[Any] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        await self.pipeline.stop()
+        for c in self.closers:
+            await c()
+
+
+async def build_context(settings: Settings) -> AppContext:
+    engine = make_engine(settings.data_dir)
+    store = Store(engine)
+    audit = SqlAuditLog(engine, settings.audit_anchor)
+    runtimes: dict[str, Runtime] = {}
+    closers: list[Any] = []
+    for region in settings.regions:
+        rt = await LocalRuntime.connect(settings.data_dir, region)
+        runtimes[region] = rt
+        closers.append(rt.aclose)
+    prober = HttpProber()
+    closers.append(prober.aclose)
+    pipeline = Pipeline(
+        store=store,
+        audit=audit,
+        builder=LocalBuilder(settings.data_dir),
+        runtimes=runtimes,
+        prober=prober,
+        clock=SystemClock(),
+        drain_timeout=settings.drain_timeout_seconds,
+    )
+    closers.append(_dispose(engine))
+    return AppContext(settings, store, audit, pipeline, TokenAuthority.from_data_dir(settings.data_dir),
+                      runtimes, closers)
+
+
+def _dispose(engine: Any) -> Any:
+    async def close() -> None:
+        engine.dispose()
+
+    return close

@@ -1,0 +1,94 @@
+"""What the CLI needs to talk to a running server: where it is, a token, and git lookups that
+fill a DeploymentRequest's defaults from a local repository. Used by ``cli/main.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shipyard.errors import InvalidInput
+
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+
+
+def resolve_token(token: str | None, data_dir: Path | None, permissions: list[str]) -> str:
+    """--token, else $SHIPYARD_TOKEN, else a short-lived token minted with the server's key."""
+    token = token or os.environ.get("SHIPYARD_TOKEN")
+    if token:
+        return token
+    if data_dir is not None and (data_dir / "keys").exists():
+        from shipyard.api.auth import TokenAuthority  # noqa: PLC0415 - only when minting
+
+        return TokenAuthority.from_data_dir(data_dir).issue("cli", permissions, ttl_seconds=3600)
+    raise InvalidInput(
+        "no API token: pass --token, set SHIPYARD_TOKEN, or pass --data-dir of a local server "
+        "(create one with `shipyard token create --data-dir DIR --subject you --permission ...`)"
+    )
+
+
+def _git(repo: str, *args: str) -> str:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=60, check=True
+        )
+    except subprocess.CalledProcessError as exc:
+        raise InvalidInput(f"git {' '.join(args)} failed in {repo}: {exc.stderr.strip()[:300]}") from exc
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InvalidInput(f"cannot run git in {repo}: {exc}") from exc
+    return out.stdout.strip()
+
+
+def is_local(repository: str) -> bool:
+    return "://" not in repository and not repository.startswith("git@")
+
+
+def source_defaults(
+    repository: str, branch: str | None, commit: str | None
+) -> tuple[str, str, str, str | None]:
+    """(repository, branch, commit, manifest text or None) with defaults from the repository."""
+    if is_local(repository):
+        path = Path(repository).expanduser().resolve()
+        if not (path / ".git").exists() and not (path / "HEAD").exists():
+            raise InvalidInput(f"{repository} is not a git repository")
+        branch = branch or _git(str(path), "rev-parse", "--abbrev-ref", "HEAD")
+        commit = commit or _git(str(path), "rev-parse", f"refs/heads/{branch}")
+        try:
+            manifest = _git(str(path), "show", f"{commit}:shipyard.toml")
+        except InvalidInput:
+            manifest = None
+        return str(path), branch, commit, manifest
+    branch = branch or "main"
+    if commit is None:
+        out = _git(".", "ls-remote", "--", repository, f"refs/heads/{branch}")
+        if not out:
+            raise InvalidInput(f"branch {branch} not found in {repository}")
+        commit = out.split()[0]
+    return repository, branch, commit, None
+
+
+class ApiClient:
+    def __init__(self, server: str, token: str) -> None:
+        self._c = httpx.Client(
+            base_url=server.rstrip("/"),
+            headers={"authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(30.0, read=960.0),
+        )
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            return self._c.request(method, path, **kw)
+        except httpx.ConnectError as exc:
+            raise InvalidInput(
+                f"cannot reach the Shipyard server at {self._c.base_url}: start it with "
+                "`shipyard serve` or pass --server"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise InvalidInput(f"request to {self._c.base_url} failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._c.close()

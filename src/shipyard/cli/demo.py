@@ -1,0 +1,210 @@
+"""``shipyard demo``: the whole story on this machine, for real, in under a minute.
+
+1. starts ``shipyard serve`` (which starts the region's agent) on a fresh data directory;
+2. makes a git repository of the bundled example app and deploys v1;
+3. deploys v2 blue-green while a load generator runs through the service URL: requests made,
+   failed = 0;
+4. deploys a broken v3 (its health check starts failing during the bake window): it is rolled
+   back automatically; reports how long detection and the rollback took;
+5. verifies the audit trail; stops everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+
+from shipyard.api.auth import TokenAuthority
+from shipyard.audit import verify_database
+from shipyard.cli.loadgen import LoadGenerator
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "demo", "GIT_AUTHOR_EMAIL": "demo@shipyard.local",
+           "GIT_COMMITTER_NAME": "demo", "GIT_COMMITTER_EMAIL": "demo@shipyard.local"}
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def make_example_repo(path: Path) -> Path:
+    """A git repository holding the example app at v1 on branch main."""
+    src = resources.files("shipyard.examples") / "hello"
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("app.py", "shipyard.toml", "version.txt"):
+        (path / name).write_text((src / name).read_text())
+    _git(path, "init", "-q", "-b", "main")
+    _git(path, "add", ".")
+    _git(path, "commit", "-q", "-m", "v1")
+    return path
+
+
+def commit_version(repo: Path, version: str, *, unhealthy_after: float | None = None) -> str:
+    (repo / "version.txt").write_text(version + "\n")
+    broken = repo / "unhealthy_after.txt"
+    if unhealthy_after is None:
+        broken.unlink(missing_ok=True)
+    else:
+        broken.write_text(f"{unhealthy_after}\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", version)
+    return _git(repo, "rev-parse", "HEAD")
+
+
+class Demo:
+    def __init__(self, data_dir: Path, port: int, console: Console) -> None:
+        self.data_dir = data_dir
+        self.port = port or _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.say = console.print
+        self.server: subprocess.Popen[bytes] | None = None
+        self.client: httpx.Client | None = None
+
+    def start_server(self) -> None:
+        log = open(self.data_dir / "serve.log", "ab")  # noqa: SIM115 - handed to the child
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "shipyard.cli.main", "serve", "--data-dir", str(self.data_dir),
+             "--listen", f"127.0.0.1:{self.port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.server.poll() is not None:
+                raise RuntimeError(f"shipyard serve exited; see {self.data_dir / 'serve.log'}")
+            try:
+                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("shipyard serve did not answer within 30 s")
+        token = TokenAuthority.from_data_dir(self.data_dir).issue(
+            "demo", ["deployment:create", "deployment:read", "deployment:rollback"]
+        )
+        self.client = httpx.Client(base_url=self.base, headers={"authorization": f"Bearer {token}"},
+                                   timeout=120)
+
+    def deploy(self, repo: Path, commit: str, *, bake: float, switch_delay: int = 0) -> dict[str, Any]:
+        assert self.client is not None
+        body = {
+            "source": {"repository": str(repo), "branch": "main", "commit": commit},
+            "target": {"service_name": "hello", "region": "local"},
+            "strategy": {"BlueGreen": {"switch_delay_seconds": switch_delay, "bake_seconds": bake,
+                                       "scale_down_delay_seconds": 2}},
+        }
+        r = self.client.post("/api/v1/deploy", json=body)
+        r.raise_for_status()
+        dep_id = r.json()["deployment_id"]
+        last = ""
+        while True:
+            doc: dict[str, Any] = self.client.get(f"/api/v1/deployments/{dep_id}").json()
+            if doc["status"] != last:
+                last = doc["status"]
+                self.say(f"    {last}")
+            if doc["status"] in ("Success", "Failed", "RolledBack"):
+                return doc
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(15)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+        info = self.data_dir / "agents" / "local" / "agent.json"
+        if info.exists():
+            import json  # noqa: PLC0415
+
+            pid = int(json.loads(info.read_text())["pid"])
+            try:
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(100):
+                    os.kill(pid, 0)
+                    time.sleep(0.1)
+            except ProcessLookupError:
+                pass
+
+
+def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
+    say = console.print
+    t_start = time.monotonic()
+    own_dir = data_dir is None
+    root = Path(tempfile.mkdtemp(prefix="shipyard-demo-")) if own_dir else data_dir
+    assert root is not None
+    root.mkdir(parents=True, exist_ok=True)
+    demo = Demo(root / "data", port, console)
+    demo.data_dir.mkdir(parents=True, exist_ok=True)
+    ok = True
+    try:
+        say(f"[bold]1.[/bold] starting shipyard serve on {demo.base} (data: {demo.data_dir})")
+        demo.start_server()
+        repo = make_example_repo(root / "hello-repo")
+        v1 = _git(repo, "rev-parse", "HEAD")
+        say(f"[bold]2.[/bold] deploying v1 ({v1[:10]}), the service's first deployment")
+        d1 = demo.deploy(repo, v1, bake=0)
+        if d1["status"] != "Success":
+            say(f"[red]v1 did not deploy: {d1.get('error')}[/red]")
+            return 1
+        url = d1["result"]["url"]
+        say(f"    hello is live at {url}: {httpx.get(url).text.strip()!r}")
+
+        v2 = commit_version(repo, "v2")
+        say(f"[bold]3.[/bold] deploying v2 ({v2[:10]}) blue-green under steady load")
+        load = LoadGenerator(url, connections=8).start()
+        time.sleep(1.0)
+        d2 = demo.deploy(repo, v2, bake=2, switch_delay=1)
+        time.sleep(1.0)
+        report = load.stop()
+        say(f"    v2: {d2['status']}; load: {report.requests} requests made, "
+            f"[{'green' if report.failed == 0 else 'red'}]{report.failed} failed[/]"
+            f"{' ' + str(dict(report.reasons)) if report.failed else ''}; served by "
+            f"{dict(report.served_by)}")
+        ok &= d2["status"] == "Success" and report.failed == 0
+
+        v3 = commit_version(repo, "v3", unhealthy_after=2.0)
+        say(f"[bold]4.[/bold] deploying a broken v3 ({v3[:10]}): its health check fails 2 s after start")
+        d3 = demo.deploy(repo, v3, bake=10)
+        m = d3["metrics"]
+        err = (d3.get("error") or {}).get("message", "")
+        say(f"    v3: {d3['status']} — {err}")
+        say(f"    unhealthy verdict -> 100% of traffic back on v2: {m.get('detection_to_rollback_ms')} ms "
+            f"(rollback stage {m.get('rollback_duration_ms')} ms; ADR target 30 000 ms)")
+        now_serving = httpx.get(url).text.strip()
+        say(f"    the service answers: {now_serving!r}")
+        ok &= d3["status"] == "RolledBack" and "v2" in now_serving
+
+        say("[bold]5.[/bold] verifying the audit trail")
+        result = verify_database(demo.data_dir / "shipyard.db", demo.data_dir / "audit.head")
+        say(f"    {'intact' if result.ok else 'TAMPERED'}: {result.records} hash-chained records"
+            f"{'' if result.ok else f' (first bad: {result.first_bad_seq}: {result.reason})'}")
+        ok &= result.ok
+    except Exception as exc:
+        say(f"[red]demo failed: {exc!r}[/red]")
+        ok = False
+    finally:
+        demo.stop()
+        if own_dir and ok:
+            shutil.rmtree(root, ignore_errors=True)
+    say(f"demo {'[green]passed[/green]' if ok else '[red]FAILED[/red]'} in {time.monotonic() - t_start:.1f} s")
+    return 0 if ok else 1

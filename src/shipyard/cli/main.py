@@ -1,0 +1,319 @@
+"""The ``shipyard`` command (Typer + Rich): the terminal edge of the API.
+
+    shipyard serve     control plane: API + orchestrator (starts or re-attaches to the agent)
+    shipyard agent     data plane of one region: router + app supervisor
+    shipyard deploy    build and roll out a repository, with live stage progress
+    shipyard status    one deployment, or a service
+    shipyard history   a service's deployments
+    shipyard rollback  put a service back on the revision before a deployment
+    shipyard audit     verify / show the hash-chained audit trail
+    shipyard token     create API tokens
+    shipyard demo      the whole story on this machine in under a minute
+
+Exit codes: 0 success, 1 the operation failed (deployment not Success, audit tampered, ...),
+2 bad input (with a message saying what to fix).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shipyard.cli.audit import audit_app
+from shipyard.cli.client import DEFAULT_SERVER, ApiClient, resolve_token, source_defaults
+from shipyard.cli.token import token_app
+from shipyard.domain.manifest import parse_manifest
+from shipyard.errors import InvalidInput, ManifestError, ShipyardError
+
+app = typer.Typer(
+    name="shipyard",
+    help="Zero-downtime deployments: build, scan, sign, roll out, verify, roll back, audit.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(audit_app, name="audit")
+app.add_typer(token_app, name="token")
+
+out = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[Path, typer.Option("--data-dir", help="Server data directory.", envvar="SHIPYARD_DATA_DIR")]
+OptDataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Local server's data directory (mints a token).", envvar="SHIPYARD_DATA_DIR"),
+]
+Server = Annotated[str, typer.Option("--server", envvar="SHIPYARD_SERVER", help="API base URL.")]
+Token = Annotated[str | None, typer.Option("--token", envvar="SHIPYARD_TOKEN", help="Bearer token.")]
+Format = Annotated[str, typer.Option("--format", help="table or json.")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def _client(server: str, token: str | None, data_dir: Path | None, *perms: str) -> ApiClient:
+    try:
+        return ApiClient(server, resolve_token(token, data_dir, list(perms)))
+    except InvalidInput as exc:
+        raise fail(exc.message) from exc
+
+
+def _check(resp: Any) -> Any:
+    if resp.status_code >= 400:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {"detail": resp.text}
+        detail = body.get("detail") or body.get("message") or body
+        raise fail(f"{resp.status_code} {body.get('error', '')}: {detail}", 1 if resp.status_code >= 500 else 2)
+    return resp.json()
+
+
+# --- server processes -----------------------------------------------------------------------------
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise fail(f"--listen must be HOST:PORT, got {listen!r}")
+    return host, int(port)
+
+
+@app.command()
+def serve(
+    data_dir: DataDir = Path(".shipyard"),
+    listen: Annotated[str, typer.Option(help="HOST:PORT for the API.")] = "127.0.0.1:8080",
+    region: Annotated[list[str] | None, typer.Option("--region", help="Regions to serve (repeat).")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
+) -> None:
+    """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
+    import uvicorn  # noqa: PLC0415 - keep `shipyard --help` fast
+
+    from shipyard.api.app import create_app  # noqa: PLC0415
+    from shipyard.logs import configure_logging  # noqa: PLC0415
+    from shipyard.settings import Settings  # noqa: PLC0415
+
+    host, port = _parse_listen(listen)
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise fail(f"cannot listen on {listen}: {exc.strerror}; pick another --listen") from exc
+    configure_logging(log_level.upper())
+    settings = Settings(data_dir=data_dir.resolve(), regions=tuple(region or ["local"]))
+    err.print(f"shipyard serve: API on http://{host}:{port}, data in {settings.data_dir}")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", loop="uvloop",
+                access_log=False)
+
+
+@app.command()
+def agent(
+    data_dir: DataDir = Path(".shipyard"),
+    region: Annotated[str, typer.Option(help="Region this agent serves.")] = "local",
+) -> None:
+    """Run the data plane of one region: the traffic router and the app supervisor."""
+    import uvloop  # noqa: PLC0415
+
+    from shipyard.agent.server import run_agent  # noqa: PLC0415
+    from shipyard.logs import configure_logging  # noqa: PLC0415
+
+    configure_logging("INFO")
+    uvloop.run(run_agent(data_dir.resolve(), region))
+
+
+# --- deployments ------------------------------------------------------------------------------------
+
+
+@app.command()
+def deploy(
+    repository: Annotated[str, typer.Argument(help="Git URL or local path of the service's repository.")],
+    branch: Annotated[str | None, typer.Option(help="Default: the repository's current branch.")] = None,
+    commit: Annotated[str | None, typer.Option(help="Default: the branch head.")] = None,
+    service: Annotated[str | None, typer.Option(help="Default: [service] name of shipyard.toml.")] = None,
+    region: str = "local",
+    switch_delay: Annotated[int, typer.Option(help="Seconds between healthy and the switch.")] = 0,
+    bake: Annotated[float, typer.Option(help="Post-switch monitoring window, seconds.")] = 30.0,
+    scale_down_delay: Annotated[float, typer.Option(help="Keep the old revision warm, seconds.")] = 30.0,
+    wait: Annotated[bool, typer.Option(help="Follow progress until the deployment ends.")] = True,
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+    data_dir: OptDataDir = None,
+    format: Format = "table",
+) -> None:
+    """Deploy a commit blue-green; exits 0 only if the deployment ends Success."""
+    try:
+        repo, branch, commit, manifest_text = source_defaults(repository, branch, commit)
+        if service is None:
+            if manifest_text is None:
+                raise InvalidInput("pass --service (no shipyard.toml found to take the name from)")
+            service = parse_manifest(manifest_text).service.name
+    except (InvalidInput, ManifestError) as exc:
+        raise fail(exc.message) from exc
+    body = {
+        "source": {"repository": repo, "branch": branch, "commit": commit},
+        "target": {"service_name": service, "region": region},
+        "strategy": {"BlueGreen": {"switch_delay_seconds": switch_delay, "bake_seconds": bake,
+                                   "scale_down_delay_seconds": scale_down_delay}},
+    }
+    client = _client(server, token, data_dir, "deployment:create", "deployment:read")
+    accepted = _check(client.request("POST", "/api/v1/deploy", json=body))
+    dep_id = accepted["deployment_id"]
+    if format != "json":
+        err.print(f"deployment [bold]{dep_id}[/bold]: {service} {commit[:10]} ({branch}) -> {region}")
+    if not wait:
+        out.print(json.dumps(accepted) if format == "json" else dep_id)
+        return
+    final = follow(client, dep_id, quiet=format == "json")
+    if format == "json":
+        out.print_json(data=final)
+    raise typer.Exit(0 if final["status"] == "Success" else 1)
+
+
+def follow(client: ApiClient, deployment_id: str, *, quiet: bool = False) -> dict[str, Any]:
+    """Poll a deployment, printing each stage as it starts and ends; returns the final document."""
+    seen: dict[tuple[str, int], str] = {}
+    status = ""
+    while True:
+        doc = _check(client.request("GET", f"/api/v1/deployments/{deployment_id}"))
+        if not quiet:
+            if doc["status"] != status:
+                status = doc["status"]
+                err.print(f"  status  [cyan]{status}[/cyan]")
+            for i, st in enumerate(doc["stages"]):
+                key = (st["name"], i)
+                if seen.get(key) != st["status"]:
+                    seen[key] = st["status"]
+                    err.print("  " + _stage_line(st))
+        if doc["status"] in ("Success", "Failed", "RolledBack"):
+            if not quiet:
+                _print_outcome(doc)
+            return dict(doc)
+        time.sleep(0.2)
+
+
+def _stage_line(st: dict[str, Any]) -> str:
+    color = {"running": "yellow", "succeeded": "green", "failed": "red"}.get(st["status"], "white")
+    dur = f" {st['duration_ms']} ms" if st.get("duration_ms") is not None else ""
+    detail = st.get("detail") or {}
+    note = detail.get("error") or ""
+    return f"[{color}]{st['status']:>9}[/{color}] {st['name']}{dur} {note}".rstrip()
+
+
+def _print_outcome(doc: dict[str, Any]) -> None:
+    m = doc.get("metrics") or {}
+    if doc["status"] == "Success":
+        res = doc.get("result") or {}
+        err.print(f"[green]Success[/green]: {doc['service']} serves {res.get('revision')} at {res.get('url')}"
+                  f" ({m.get('total_duration_ms')} ms)")
+    else:
+        e = doc.get("error") or {}
+        err.print(f"[red]{doc['status']}[/red]: {e.get('type', '')}: {e.get('message', '')}")
+        if m.get("detection_to_rollback_ms") is not None:
+            err.print(f"  unhealthy verdict -> traffic back on {doc.get('blue_revision')}: "
+                      f"{m['detection_to_rollback_ms']} ms")
+
+
+@app.command()
+def status(
+    target: Annotated[str, typer.Argument(help="A deployment id or a service name.")],
+    region: str = "local",
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+    data_dir: OptDataDir = None,
+    format: Format = "table",
+) -> None:
+    """Show a deployment (stages, durations, error) or a service (revision, weights, replicas)."""
+    client = _client(server, token, data_dir, "deployment:read")
+    is_id = len(target) == 36 and target.count("-") == 4
+    path = f"/api/v1/deployments/{target}" if is_id else f"/api/v1/services/{target}?region={region}"
+    doc = _check(client.request("GET", path))
+    if format == "json":
+        out.print_json(data=doc)
+        return
+    if is_id:
+        out.print(f"[bold]{doc['id']}[/bold] {doc['kind']} {doc['service']}@{doc['region']}: "
+                  f"[cyan]{doc['status']}[/cyan]  {doc.get('blue_revision')} -> {doc.get('green_revision')}")
+        for st in doc["stages"]:
+            out.print("  " + _stage_line(st))
+        if doc.get("error"):
+            out.print(f"  [red]{doc['error'].get('type')}[/red]: {doc['error'].get('message')}")
+        out.print(f"  metrics: {json.dumps(doc['metrics'])}")
+        return
+    out.print(f"[bold]{doc['service']}[/bold]@{doc['region']} {doc['url']} serving "
+              f"{doc['serving_revision']} weights {doc['weights']}")
+    table = Table("replica", "revision", "state", "ready", "port")
+    for r in doc["replicas"]:
+        table.add_row(r["replica_id"], r["revision"], r["state"], "yes" if r["ready"] else "no", str(r["port"]))
+    out.print(table)
+
+
+@app.command()
+def history(
+    service: Annotated[str, typer.Argument(help="Service name.")],
+    limit: int = 20,
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+    data_dir: OptDataDir = None,
+    format: Format = "table",
+) -> None:
+    """A service's deployments, newest first."""
+    client = _client(server, token, data_dir, "deployment:read")
+    docs = _check(client.request("GET", "/api/v1/deployments", params={"service": service, "limit": limit}))
+    if format == "json":
+        out.print_json(data=docs)
+        return
+    table = Table("created", "id", "kind", "status", "revision", "by", "ms")
+    for d in docs["deployments"]:
+        table.add_row(d["created_at"][:19], d["id"], d["kind"], d["status"], d.get("green_revision") or "",
+                      d["triggered_by"], str((d.get("metrics") or {}).get("total_duration_ms") or ""))
+    out.print(table)
+
+
+@app.command()
+def rollback(
+    deployment_id: Annotated[str, typer.Argument(help="The deployment to undo.")],
+    wait: bool = True,
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+    data_dir: OptDataDir = None,
+) -> None:
+    """Put the service back on the revision that served before DEPLOYMENT_ID."""
+    client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
+    accepted = _check(client.request("POST", f"/api/v1/rollback/{deployment_id}"))
+    err.print(f"rollback [bold]{accepted['deployment_id']}[/bold] of {deployment_id}")
+    if wait:
+        final = follow(client, accepted["deployment_id"])
+        raise typer.Exit(0 if final["status"] == "Success" else 1)
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Default: a fresh temp dir.")] = None,
+    port: Annotated[int, typer.Option(help="API port (0 = any free one).")] = 0,
+) -> None:
+    """v1 -> v2 under load with zero failed requests, a broken v3 rolled back, the audit verified."""
+    from shipyard.cli.demo import run_demo  # noqa: PLC0415
+
+    raise typer.Exit(run_demo(data_dir, port, err))
+
+
+def main() -> None:
+    try:
+        app()
+    except ShipyardError as exc:
+        err.print(f"[red]error:[/red] {exc.message}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

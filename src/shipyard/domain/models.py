@@ -1,0 +1,341 @@
+"""The ADR-014 section 4 data model as Pydantic models, and its JSON wire format.
+
+The wire format is what the ADR's serde derives write: snake_case fields and *externally tagged*
+enums (``{"BlueGreen": {"switch_delay_seconds": 30}}``). Clients written against the ADR work
+unchanged; every Shipyard extension is optional and additive. Used by the API (request/response
+bodies), the store (persisted as JSON) and the CLI (building requests).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+#: ADR section 8 targets.
+BUILD_TIME_TARGET_MS = 240_000
+ROLLBACK_TIME_TARGET_MS = 30_000
+HEALTH_CHECK_TIMEOUT_MS = 5_000
+
+DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+DnsLabel = Annotated[
+    str,
+    StringConstraints(pattern=DNS_LABEL, max_length=63),
+    Field(description="An RFC 1123 DNS label: lowercase letters, digits and '-', 1-63 characters."),
+]
+
+
+class WireModel(BaseModel):
+    """Strict edge model: unknown fields are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+# --- source and target -------------------------------------------------------------------------
+
+
+class SourceConfig(WireModel):
+    repository: Annotated[str, Field(min_length=1, max_length=2048)] = Field(
+        description="A git URL (https://, ssh://, git://, file://) or a local path to a repository."
+    )
+    branch: Annotated[str, Field(min_length=1, max_length=255)]
+    commit: Annotated[str, Field(min_length=4, max_length=64)] = Field(
+        description="A commit id (full or abbreviated hex) reachable from `branch`."
+    )
+    dockerfile: str | None = Field(
+        default=None, max_length=1024, description="Dockerfile path inside the repository."
+    )
+
+    @field_validator("branch")
+    @classmethod
+    def _branch_is_a_ref_name(cls, v: str) -> str:
+        # git check-ref-format's rules that matter for safety; never starts with '-' (no option
+        # injection) and no '..' (no range syntax).
+        if v.startswith("-") or ".." in v or any(c in v for c in " ~^:?*[\\\x7f") or v.endswith("/"):
+            raise ValueError(f"{v!r} is not a valid git branch name")
+        return v
+
+    @field_validator("commit")
+    @classmethod
+    def _commit_is_hex(cls, v: str) -> str:
+        if not re.fullmatch(r"[0-9a-fA-F]{4,64}", v):
+            raise ValueError("commit must be a hex commit id (4 to 64 characters)")
+        return v.lower()
+
+    @field_validator("dockerfile")
+    @classmethod
+    def _dockerfile_inside_repository(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = v.replace("\\", "/").split("/")
+        if v.startswith("/") or ".." in parts or not v.strip("/"):
+            raise ValueError(
+                f"dockerfile {v!r} must be a relative path inside the repository (no '..', no '/')"
+            )
+        return v
+
+
+class TargetEnvironment(WireModel):
+    service_name: DnsLabel
+    region: DnsLabel = "local"
+    project_id: str | None = Field(default=None, max_length=128)
+
+
+# --- strategies (externally tagged) -------------------------------------------------------------
+
+
+class BlueGreenParams(WireModel):
+    switch_delay_seconds: Annotated[int, Field(ge=0, le=86_400)]
+    bake_seconds: Annotated[float, Field(ge=0, le=86_400)] = Field(
+        default=30.0,
+        description="Post-switch monitoring window; a failing health check in it rolls back.",
+    )
+    scale_down_delay_seconds: Annotated[float, Field(ge=0, le=86_400)] = Field(
+        default=30.0,
+        description="How long the previous revision stays warm after success (instant rollback).",
+    )
+
+
+class CanaryStage(WireModel):
+    weight: Annotated[int, Field(ge=0, le=100)] = Field(description="Canary share, percent.")
+    duration_seconds: Annotated[float, Field(ge=0, le=86_400)] = 0.0
+    pause: bool = Field(
+        default=False, description="Hold the stage until POST /deployments/{id}/promote."
+    )
+
+
+class CanaryParams(WireModel):
+    stages: Annotated[list[CanaryStage], Field(min_length=1, max_length=100)]
+
+
+IntOrPercent = int | Annotated[str, StringConstraints(pattern=r"^\d{1,3}%$")]
+
+
+class RollingParams(WireModel):
+    max_surge: IntOrPercent = Field(description="Extra replicas allowed: N or 'P%' (rounded up).")
+    max_unavailable: IntOrPercent = Field(description="Unready allowed: N or 'P%' (rounded down).")
+
+    @field_validator("max_surge", "max_unavailable")
+    @classmethod
+    def _non_negative(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0")
+        if isinstance(v, str) and int(v[:-1]) > 100:
+            raise ValueError("a percentage must be between 0% and 100%")
+        return v
+
+    @model_validator(mode="after")
+    def _not_both_zero(self) -> RollingParams:
+        if self.max_surge in (0, "0%") and self.max_unavailable in (0, "0%"):
+            raise ValueError("max_surge and max_unavailable cannot both be zero")
+        return self
+
+
+class BlueGreen(WireModel):
+    kind: ClassVar[str] = "BlueGreen"
+    BlueGreen: BlueGreenParams
+
+
+class Canary(WireModel):
+    kind: ClassVar[str] = "Canary"
+    Canary: CanaryParams
+
+
+class Rolling(WireModel):
+    kind: ClassVar[str] = "Rolling"
+    Rolling: RollingParams
+
+
+STRATEGY_KINDS = ("BlueGreen", "Canary", "Rolling")
+
+
+def _strategy_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return next(iter(value)) if len(value) == 1 else None
+    return getattr(value, "kind", None)
+
+
+DeploymentStrategy = Annotated[
+    Annotated[BlueGreen, Tag("BlueGreen")]
+    | Annotated[Canary, Tag("Canary")]
+    | Annotated[Rolling, Tag("Rolling")],
+    Discriminator(
+        _strategy_tag,
+        custom_error_type="unknown_strategy",
+        custom_error_message=(
+            "strategy must be an object with exactly one key: BlueGreen, Canary or Rolling, "
+            'e.g. {"BlueGreen": {"switch_delay_seconds": 30}}'
+        ),
+    ),
+]
+
+
+def strategy_params(strategy: BlueGreen | Canary | Rolling) -> Any:
+    """The parameters inside the tag, e.g. ``BlueGreenParams``."""
+    return getattr(strategy, strategy.kind)
+
+
+# --- health ---------------------------------------------------------------------------------------
+
+
+class HealthCheck(WireModel):
+    """ADR HealthCheck; fractional seconds allowed. Used by the manifest's ``[health]``."""
+
+    endpoint: Annotated[str, Field(pattern=r"^/[^\s]*$", max_length=1024)] = "/health"
+    interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    timeout_seconds: Annotated[float, Field(gt=0, le=HEALTH_CHECK_TIMEOUT_MS / 1000)] = 1.0
+    success_threshold: Annotated[int, Field(ge=1, le=100)] = 1
+    failure_threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    start_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=30.0,
+        description="Refused connections before the first success mean 'still starting' until then.",
+    )
+
+
+# --- request ---------------------------------------------------------------------------------------
+
+
+class DeploymentMetadata(WireModel):
+    triggered_by: str | None = Field(default=None, max_length=256)
+    description: str | None = Field(default=None, max_length=2048)
+    labels: dict[Annotated[str, StringConstraints(max_length=63)], Annotated[str, StringConstraints(max_length=256)]] = Field(
+        default_factory=dict, max_length=64
+    )
+
+
+class DeploymentRequest(WireModel):
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    source: SourceConfig
+    target: TargetEnvironment
+    strategy: DeploymentStrategy
+    metadata: DeploymentMetadata = Field(default_factory=DeploymentMetadata)
+
+
+# --- deployment resource ---------------------------------------------------------------------------
+
+
+class DeploymentStatus(StrEnum):
+    PENDING = "Pending"
+    BUILDING = "Building"
+    SCANNING = "Scanning"
+    DEPLOYING = "Deploying"
+    AWAITING_SWITCH = "AwaitingSwitch"
+    SWITCHING = "Switching"
+    BAKING = "Baking"
+    ROLLING_BACK = "RollingBack"
+    SUCCESS = "Success"
+    FAILED = "Failed"
+    ROLLED_BACK = "RolledBack"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {DeploymentStatus.SUCCESS, DeploymentStatus.FAILED, DeploymentStatus.ROLLED_BACK}
+)
+
+
+class ReadModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StageRecord(ReadModel):
+    name: str
+    status: Literal["running", "succeeded", "failed", "skipped"]
+    started_at: datetime
+    finished_at: datetime | None = None
+    duration_ms: int | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class PerformanceValidation(ReadModel):
+    """ADR section 8 ``ValidationResult``: each figure against its target."""
+
+    build_time_ok: bool | None = None
+    rollback_time_ok: bool | None = None
+    health_check_ok: bool | None = None
+
+
+class DeploymentMetrics(ReadModel):
+    build_duration_ms: int | None = None
+    health_check_duration_ms: int | None = None
+    rollback_duration_ms: int | None = None
+    detection_to_rollback_ms: int | None = Field(
+        default=None, description="From the unhealthy verdict to 100% of traffic on the previous revision."
+    )
+    total_duration_ms: int | None = None
+    validation: PerformanceValidation = Field(default_factory=PerformanceValidation)
+
+
+def validate_performance(metrics: DeploymentMetrics) -> PerformanceValidation:
+    """ADR section 8 ``PerformanceValidator.validate_deployment_performance``."""
+    return PerformanceValidation(
+        build_time_ok=None
+        if metrics.build_duration_ms is None
+        else metrics.build_duration_ms <= BUILD_TIME_TARGET_MS,
+        rollback_time_ok=None
+        if metrics.rollback_duration_ms is None
+        else metrics.rollback_duration_ms <= ROLLBACK_TIME_TARGET_MS,
+        health_check_ok=None
+        if metrics.health_check_duration_ms is None
+        else metrics.health_check_duration_ms <= HEALTH_CHECK_TIMEOUT_MS,
+    )
+
+
+class DeploymentResult(ReadModel):
+    """What ``POST /deploy?wait=true`` answers on success (the ADR's ``Ok(deployment.into())``)."""
+
+    deployment_id: uuid.UUID
+    status: DeploymentStatus
+    service: str
+    region: str
+    revision: str | None
+    previous_revision: str | None
+    url: str | None
+    duration_ms: int | None
+    metrics: DeploymentMetrics
+
+
+class Deployment(ReadModel):
+    """The deployment resource (``GET /api/v1/deployments/{id}``)."""
+
+    id: uuid.UUID
+    kind: Literal["deploy", "rollback"] = "deploy"
+    service: str
+    region: str
+    status: DeploymentStatus
+    strategy: dict[str, Any]
+    source: SourceConfig | None
+    triggered_by: str
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    blue_revision: str | None = None
+    green_revision: str | None = None
+    artifact_digest: str | None = None
+    rollback_of: uuid.UUID | None = None
+    rolled_back_by: uuid.UUID | None = None
+    rollback_count: int = 0
+    stages: list[StageRecord] = Field(default_factory=list)
+    error: dict[str, Any] | None = None
+    result: DeploymentResult | None = None
+    metrics: DeploymentMetrics = Field(default_factory=DeploymentMetrics)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,148 @@
+"""Shipyard's one error tree; every layer raises these and the edges map them in one place.
+
+The type says what to do next (kopf's permanent/temporary split, httpx's drawn tree)::
+
+    ShipyardError
+    ├── PermanentError                  retrying the same thing will fail the same way
+    │   ├── InvalidInput                bad request, flag or file: fix the input (HTTP 422)
+    │   │   ├── ManifestError           shipyard.toml missing or invalid, names the field
+    │   │   ├── SourceError             unknown repository, commit, or commit not on branch
+    │   │   └── UnknownRegion           target.region has no data plane configured
+    │   ├── NotFound                    no such deployment / service (HTTP 404)
+    │   ├── Conflict                    (HTTP 409)
+    │   │   └── DeploymentInProgress    one deployment per service at a time
+    │   ├── AuthError
+    │   │   ├── Unauthenticated         missing/invalid/expired/forged token (HTTP 401)
+    │   │   └── PermissionDenied        valid token without the claim (HTTP 403)
+    │   └── DeploymentError             the ADR section 10 cases: the deployment ends with it
+    │       ├── BuildFailed
+    │       ├── SecurityScanFailed
+    │       ├── ArtifactVerificationFailed
+    │       ├── RevisionStartFailed     could not start (bad command, port in use, ...)
+    │       ├── HealthCheckFailed       {attempts}: crashed, never healthy, or unhealthy in bake
+    │       ├── TrafficSwitchFailed     the router did not take the weights we asked for
+    │       └── RollbackFailed
+    └── TransientError                  retry after ``retry_after`` seconds
+        └── AgentUnavailable            the region's data plane did not answer
+
+Adapters translate foreign exceptions at their boundary (``raise ... from exc``) so nothing from
+subprocess, httpx or sqlite escapes into the orchestrator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ShipyardError(Exception):
+    """Root of every error Shipyard raises on purpose."""
+
+    #: Machine-readable name used in API problems and audit records.
+    code: str = "shipyard_error"
+
+    def __init__(self, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail: dict[str, Any] = detail
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as stored on a deployment and sent in problem responses."""
+        return {"type": type(self).__name__, "code": self.code, "message": self.message, **self.detail}
+
+
+class PermanentError(ShipyardError):
+    code = "permanent_error"
+
+
+class TransientError(ShipyardError):
+    code = "transient_error"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **detail: Any) -> None:
+        super().__init__(message, **detail)
+        self.retry_after = retry_after
+
+
+class InvalidInput(PermanentError):
+    code = "invalid_input"
+
+
+class ManifestError(InvalidInput):
+    code = "invalid_manifest"
+
+
+class SourceError(InvalidInput):
+    code = "invalid_source"
+
+
+class UnknownRegion(InvalidInput):
+    code = "unknown_region"
+
+
+class NotFound(PermanentError):
+    code = "not_found"
+
+
+class Conflict(PermanentError):
+    code = "conflict"
+
+
+class DeploymentInProgress(Conflict):
+    code = "deployment_in_progress"
+
+
+class AuthError(PermanentError):
+    code = "auth_error"
+
+
+class Unauthenticated(AuthError):
+    code = "unauthenticated"
+
+
+class PermissionDenied(AuthError):
+    code = "insufficient_permissions"
+
+
+class DeploymentError(PermanentError):
+    """A deployment could not complete; the deployment records it and ends Failed/RolledBack."""
+
+    code = "deployment_failed"
+
+
+class BuildFailed(DeploymentError):
+    code = "build_failed"
+
+
+class SecurityScanFailed(DeploymentError):
+    code = "security_scan_failed"
+
+    def __init__(self, message: str, *, vulnerabilities: int, **detail: Any) -> None:
+        super().__init__(message, vulnerabilities=vulnerabilities, **detail)
+        self.vulnerabilities = vulnerabilities
+
+
+class ArtifactVerificationFailed(DeploymentError):
+    code = "artifact_verification_failed"
+
+
+class RevisionStartFailed(DeploymentError):
+    code = "revision_start_failed"
+
+
+class HealthCheckFailed(DeploymentError):
+    code = "health_check_failed"
+
+    def __init__(self, message: str, *, attempts: int, **detail: Any) -> None:
+        super().__init__(message, attempts=attempts, **detail)
+        self.attempts = attempts
+
+
+class TrafficSwitchFailed(DeploymentError):
+    code = "traffic_switch_failed"
+
+
+class RollbackFailed(DeploymentError):
+    code = "rollback_failed"
+
+
+class AgentUnavailable(TransientError):
+    code = "agent_unavailable"

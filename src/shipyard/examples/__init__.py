@@ -1,0 +1,1 @@
+"""Example services bundled for the demo and the end-to-end tests."""

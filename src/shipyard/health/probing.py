@@ -1,0 +1,219 @@
+"""Health probes with the ADR's HealthCheck semantics.
+
+- healthy after ``success_threshold`` consecutive successes, unhealthy after ``failure_threshold``
+  consecutive failures; a non-2xx answer or a timeout is a failure;
+- a refused connection before the first success means "still starting" until the start deadline;
+- no probe waits longer than ``HEALTH_CHECK_TIMEOUT_MS`` (5 s).
+
+``ThresholdTracker`` is the pure counting part (tested with a fake clock). ``wait_healthy`` gates a
+new revision; ``watch_until_unhealthy`` monitors one during the bake window. Both are called by the
+orchestrator's executor with a ``Prober`` (``HttpProber`` for real, a scripted one in tests) and a
+``replica_states`` callback so a crashed process fails at once instead of after its thresholds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal, Protocol
+
+import httpx
+
+from shipyard.domain.clock import Clock
+from shipyard.domain.models import HEALTH_CHECK_TIMEOUT_MS, HealthCheck
+from shipyard.errors import HealthCheckFailed
+from shipyard.runtime.base import ReplicaStatus
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    FAIL = "fail"  # answered, but not 2xx
+    TIMEOUT = "timeout"
+    REFUSED = "refused"  # nothing listening (yet)
+    ERROR = "error"  # connection reset, protocol error...
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    outcome: Outcome
+    status_code: int | None = None
+    latency_ms: float = 0.0
+    detail: str = ""
+
+
+class Prober(Protocol):
+    async def __call__(self, replica: ReplicaStatus, check: HealthCheck) -> ProbeResult: ...
+
+
+class HttpProber:
+    """GETs ``http://host:port{endpoint}`` with the check's timeout (capped at 5 s)."""
+
+    def __init__(self) -> None:
+        self._client = httpx.AsyncClient(
+            limits=httpx.Limits(max_keepalive_connections=0), follow_redirects=False
+        )
+
+    async def __call__(self, replica: ReplicaStatus, check: HealthCheck) -> ProbeResult:
+        timeout = min(check.timeout_seconds, HEALTH_CHECK_TIMEOUT_MS / 1000)
+        url = f"http://{replica.host}:{replica.port}{check.endpoint}"
+        start = time.perf_counter()
+        try:
+            r = await self._client.get(url, timeout=timeout)
+        except httpx.ConnectError as exc:
+            refused = "refused" in str(exc).lower() or isinstance(exc.__cause__, ConnectionRefusedError)
+            return ProbeResult(Outcome.REFUSED if refused else Outcome.ERROR, detail=str(exc)[:200])
+        except httpx.TimeoutException:
+            return ProbeResult(Outcome.TIMEOUT, detail=f"no answer within {timeout:g}s")
+        except httpx.HTTPError as exc:
+            return ProbeResult(Outcome.ERROR, detail=repr(exc)[:200])
+        ms = (time.perf_counter() - start) * 1000
+        ok = 200 <= r.status_code < 300
+        return ProbeResult(Outcome.OK if ok else Outcome.FAIL, r.status_code, ms, f"HTTP {r.status_code}")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+Verdict = Literal["starting", "pending", "healthy", "unhealthy"]
+
+
+class ThresholdTracker:
+    """Consecutive-success/failure counting for one replica (pure; time passed in)."""
+
+    def __init__(self, check: HealthCheck, started_at: float) -> None:
+        self.check = check
+        self.start_deadline = started_at + check.start_timeout_seconds
+        self.successes = 0
+        self.failures = 0
+        self.attempts = 0
+        self.ever_succeeded = False
+        self.last: ProbeResult | None = None
+
+    def observe(self, result: ProbeResult, now: float) -> Verdict:
+        self.attempts += 1
+        self.last = result
+        if result.outcome is Outcome.OK:
+            self.successes += 1
+            self.failures = 0
+            self.ever_succeeded = True
+        elif result.outcome is Outcome.REFUSED and not self.ever_succeeded:
+            self.successes = 0
+            if now >= self.start_deadline:
+                return "unhealthy"
+            return "starting"
+        else:
+            self.failures += 1
+            self.successes = 0
+        if self.failures >= self.check.failure_threshold:
+            return "unhealthy"
+        if self.successes >= self.check.success_threshold:
+            return "healthy"
+        return "pending"
+
+
+ReplicaStates = Callable[[], Awaitable[Mapping[str, ReplicaStatus]]]
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    attempts: int
+    duration_ms: int
+
+
+def _crashed(status: ReplicaStatus | None) -> str | None:
+    if status is None:
+        return "disappeared"
+    if not status.alive:
+        return f"{status.state} (exit code {status.exit_code})"
+    return None
+
+
+async def wait_healthy(
+    replicas: Sequence[ReplicaStatus],
+    check: HealthCheck,
+    prober: Prober,
+    clock: Clock,
+    replica_states: ReplicaStates,
+) -> HealthReport:
+    """Probe every replica until all are healthy; HealthCheckFailed on the first that is not."""
+    started = clock.now()
+    trackers = {r.replica_id: ThresholdTracker(check, started) for r in replicas}
+    pending = {r.replica_id: r for r in replicas}
+    while pending:
+        states = await replica_states()
+        for rid in list(pending):
+            dead = _crashed(states.get(rid))
+            if dead:
+                raise HealthCheckFailed(
+                    f"replica {rid} {dead} before becoming healthy",
+                    attempts=trackers[rid].attempts,
+                    replica=rid,
+                )
+        results = await asyncio.gather(*(prober(r, check) for r in pending.values()))
+        now = clock.now()
+        for (rid, _), result in zip(list(pending.items()), results, strict=True):
+            verdict = trackers[rid].observe(result, now)
+            if verdict == "healthy":
+                del pending[rid]
+            elif verdict == "unhealthy":
+                t = trackers[rid]
+                why = (
+                    f"still not listening after {check.start_timeout_seconds:g}s"
+                    if result.outcome is Outcome.REFUSED
+                    else f"{t.failures} consecutive failed probes of {check.endpoint}, last: "
+                    f"{result.detail or result.outcome}"
+                )
+                raise HealthCheckFailed(
+                    f"replica {rid} is unhealthy: {why}", attempts=t.attempts, replica=rid
+                )
+        if pending:
+            await clock.sleep(check.interval_seconds)
+    total = sum(t.attempts for t in trackers.values())
+    return HealthReport(attempts=total, duration_ms=int((clock.now() - started) * 1000))
+
+
+@dataclass(frozen=True)
+class UnhealthyVerdict:
+    replica_id: str
+    reason: str
+    attempts: int
+    #: ``time.monotonic()`` when the verdict was reached: rollback latency is measured from here.
+    at_monotonic: float
+
+
+async def watch_until_unhealthy(
+    replicas: Sequence[ReplicaStatus],
+    check: HealthCheck,
+    prober: Prober,
+    clock: Clock,
+    replica_states: ReplicaStates,
+    until: float,
+) -> UnhealthyVerdict | None:
+    """Monitor serving replicas until the clock reaches ``until``; the first unhealthy verdict
+    (failure threshold reached, or a crash) is returned at once, else None."""
+    trackers = {r.replica_id: ThresholdTracker(check, clock.now() - check.start_timeout_seconds) for r in replicas}
+    for t in trackers.values():
+        t.ever_succeeded = True  # they passed the gate: a refused connection now is a failure
+    while clock.now() < until:
+        states = await replica_states()
+        for r in replicas:
+            dead = _crashed(states.get(r.replica_id))
+            if dead:
+                return UnhealthyVerdict(r.replica_id, f"replica {dead}", trackers[r.replica_id].attempts, time.monotonic())
+        results = await asyncio.gather(*(prober(r, check) for r in replicas))
+        now = clock.now()
+        for r, result in zip(replicas, results, strict=True):
+            if trackers[r.replica_id].observe(result, now) == "unhealthy":
+                t = trackers[r.replica_id]
+                return UnhealthyVerdict(
+                    r.replica_id,
+                    f"{t.failures} consecutive failed probes of {check.endpoint}, last: "
+                    f"{result.detail or result.outcome}",
+                    t.attempts,
+                    time.monotonic(),
+                )
+        await clock.sleep(min(check.interval_seconds, max(0.0, until - clock.now())))
+    return None

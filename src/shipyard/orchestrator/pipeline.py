@@ -1,0 +1,662 @@
+"""The deployment pipeline: carries each deployment from request to Success, Failed or RolledBack.
+
+ADR section 3's ``DeploymentPipeline.deploy`` as a durable state machine. Stages:
+``build`` (Builder) -> ``scan`` (security gate, when configured) -> the strategy's steps
+(strategies/*, executed here through the Runtime/TrafficRouter protocols) -> ``Success``; or
+``rollback`` when the candidate fails its health gate or its bake window.
+
+Every deployment is a JSON document in the store, written *before* each action (the step index,
+its start time, the candidate's replicas). A control plane killed at any moment and started again
+calls ``resume_all``: each in-flight deployment continues from its persisted step (every step is
+idempotent) or finishes its rollback, so traffic is never left split and no revision is orphaned.
+
+Called by the API (``submit``, ``rollback``, ``wait``) and by ``shipyard serve`` (``start``/
+``stop``). The janitor loop stops revisions kept warm past their ``scale_down_delay_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from shipyard import strategies
+from shipyard.audit import AuditEvent, AuditLog
+from shipyard.build.base import Artifact, Builder, BuildRequest
+from shipyard.domain.clock import Clock
+from shipyard.domain.manifest import Manifest
+from shipyard.domain.models import (
+    DeploymentMetrics,
+    DeploymentRequest,
+    DeploymentStatus,
+    HealthCheck,
+    validate_performance,
+)
+from shipyard.errors import (
+    Conflict,
+    DeploymentError,
+    HealthCheckFailed,
+    InvalidInput,
+    NotFound,
+    RollbackFailed,
+    ShipyardError,
+    TrafficSwitchFailed,
+    UnknownRegion,
+)
+from shipyard.health.probing import Prober, wait_healthy, watch_until_unhealthy
+from shipyard.logs import log_event
+from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime
+from shipyard.store.db import Store
+from shipyard.strategies.steps import AwaitHealthy, Bake, KeepWarm, Pause, SetWeight, StartCandidate, Step
+
+log = logging.getLogger("shipyard.orchestrator")
+
+STEP_TYPES: dict[str, type[Any]] = {
+    cls.__name__: cls for cls in (StartCandidate, AwaitHealthy, Pause, SetWeight, Bake, KeepWarm)
+}
+STEP_STATUS: dict[type[Any], DeploymentStatus] = {
+    StartCandidate: DeploymentStatus.DEPLOYING,
+    AwaitHealthy: DeploymentStatus.DEPLOYING,
+    Pause: DeploymentStatus.AWAITING_SWITCH,
+    SetWeight: DeploymentStatus.SWITCHING,
+    Bake: DeploymentStatus.BAKING,
+    KeepWarm: DeploymentStatus.BAKING,
+}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def step_to_dict(step: Step) -> dict[str, Any]:
+    return {"type": type(step).__name__, **dataclasses.asdict(step)}
+
+
+def step_from_dict(d: Mapping[str, Any]) -> Step:
+    fields = dict(d)
+    cls = STEP_TYPES[fields.pop("type")]
+    step: Step = cls(**fields)
+    return step
+
+
+class _Rollback(Exception):
+    """Raised inside step execution: stop the plan and roll back for ``cause``."""
+
+    def __init__(self, cause: ShipyardError, verdict_monotonic: float | None = None) -> None:
+        super().__init__(cause.message)
+        self.cause = cause
+        self.verdict_monotonic = verdict_monotonic
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        audit: AuditLog,
+        builder: Builder,
+        runtimes: Mapping[str, Runtime],
+        prober: Prober,
+        clock: Clock,
+        drain_timeout: float = 30.0,
+        janitor_interval: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.audit = audit
+        self.builder = builder
+        self.runtimes = dict(runtimes)
+        self.prober = prober
+        self.clock = clock
+        self.drain_timeout = drain_timeout
+        self.janitor_interval = janitor_interval
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._done: dict[str, asyncio.Event] = {}
+        self._janitor: asyncio.Task[None] | None = None
+        self._service_locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Converge the data planes, resume what a previous control plane left in flight, then
+        start the janitor."""
+        await self.reconcile_data_planes()
+        await self.resume_all()
+        self._janitor = asyncio.get_running_loop().create_task(self._janitor_loop())
+
+    async def stop(self) -> None:
+        """Stop driving deployments *without* rolling them back: a restart resumes them."""
+        tasks = list(self._tasks.values())
+        if self._janitor:
+            tasks.append(self._janitor)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    def runtime(self, region: str) -> Runtime:
+        try:
+            return self.runtimes[region]
+        except KeyError:
+            known = ", ".join(sorted(self.runtimes))
+            raise UnknownRegion(f"unknown region {region!r}; this server runs: {known}") from None
+
+    # --- API entry points ------------------------------------------------------------------------
+
+    async def submit(self, request: DeploymentRequest, user: str) -> dict[str, Any]:
+        """Validate, persist (taking the per-service lock) and start driving a deployment."""
+        self.runtime(request.target.region)
+        try:
+            strategies.plan(request.strategy, has_stable=True)
+        except strategies.UnsupportedStrategy as exc:
+            raise InvalidInput(str(exc)) from exc
+        now = self.clock.now()
+        doc: dict[str, Any] = {
+            "id": str(request.id),
+            "kind": "deploy",
+            "service": request.target.service_name,
+            "region": request.target.region,
+            "status": DeploymentStatus.PENDING.value,
+            "strategy": request.model_dump(mode="json")["strategy"],
+            "source": request.source.model_dump(mode="json"),
+            "request": request.model_dump(mode="json"),
+            "triggered_by": user,
+            "created_ts": now,
+            "created_at": _iso(now),
+            "updated_at": _iso(now),
+            "stages": [],
+            "metrics": {},
+            "progress": {"phase": "build"},
+        }
+        with contextlib.suppress(NotFound):
+            self.store.get_deployment(doc["id"])
+            raise Conflict(f"deployment id {doc['id']} already exists; omit `id` to get a new one")
+        self.store.create_deployment(doc)
+        await self._audit(doc, "deployment.requested", strategy=request.strategy.kind,
+                          commit=request.source.commit, repository=request.source.repository)
+        self._spawn(doc["id"])
+        return doc
+
+    async def rollback(self, deployment_id: str, user: str) -> dict[str, Any]:
+        """Put the service back on the revision that served before ``deployment_id``."""
+        target = self.store.get_deployment(deployment_id)
+        if target.get("kind") != "deploy":
+            raise Conflict("only deployments can be rolled back, not rollbacks")
+        if target["status"] != DeploymentStatus.SUCCESS.value:
+            raise Conflict(
+                f"deployment {deployment_id} is {target['status']}; only a successful deployment "
+                "can be rolled back (a failed one never took traffic)"
+            )
+        blue, green = target.get("blue_revision"), target.get("green_revision")
+        if not blue:
+            raise Conflict(
+                f"deployment {deployment_id} was the service's first; there is no earlier revision"
+            )
+        svc = self.store.get_service(target["service"], target["region"])
+        if svc is None or svc.serving_revision != green:
+            raise Conflict(
+                f"service {target['service']} now serves {svc.serving_revision if svc else None}, "
+                f"not this deployment's {green}; roll back the latest deployment instead"
+            )
+        runtime = self.runtime(target["region"])
+        state = await runtime.service_state(target["service"])
+        warm = bool(state and any(r.revision == blue and r.alive and r.routable for r in state.replicas))
+        now = self.clock.now()
+        plan = strategies.blue_green.plan_instant_switch(warm=warm)
+        doc: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "kind": "rollback",
+            "service": target["service"],
+            "region": target["region"],
+            "status": DeploymentStatus.PENDING.value,
+            "strategy": {"Rollback": {"instant": warm}},
+            "source": target.get("source"),
+            "triggered_by": user,
+            "created_ts": now,
+            "created_at": _iso(now),
+            "updated_at": _iso(now),
+            "rollback_of": deployment_id,
+            "blue_revision": green,
+            "green_revision": blue,
+            "artifact_digest": self.store.get_revision_spec(blue)["artifact_digest"],
+            "stages": [],
+            "metrics": {},
+            "progress": {"phase": "steps", "step": 0, "plan": [step_to_dict(s) for s in plan],
+                         "manual_rollback_started": time.monotonic()},
+        }
+        self.store.create_deployment(doc)
+        await self._audit(doc, "rollback.requested", rollback_of=deployment_id, instant=warm)
+        self._spawn(doc["id"])
+        return doc
+
+    async def wait(self, deployment_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Until the deployment is terminal (or ``timeout``); returns its document."""
+        doc = self.store.get_deployment(deployment_id)
+        if DeploymentStatus(doc["status"]).terminal:
+            return doc
+        event = self._done.setdefault(deployment_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        return self.store.get_deployment(deployment_id)
+
+    async def resume_all(self) -> None:
+        for doc in self.store.active_deployments():
+            if doc["id"] not in self._tasks:
+                log_event(log, "deployment.resuming", deployment_id=doc["id"],
+                          status=doc["status"], progress=doc.get("progress"))
+                await self._audit(doc, "deployment.resumed")
+                self._spawn(doc["id"])
+
+    # --- driving ---------------------------------------------------------------------------------
+
+    def _spawn(self, deployment_id: str) -> None:
+        self._done.setdefault(deployment_id, asyncio.Event())
+        task = asyncio.get_running_loop().create_task(self._drive(deployment_id))
+        self._tasks[deployment_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(deployment_id, None))
+
+    async def _drive(self, deployment_id: str) -> None:
+        doc = self.store.get_deployment(deployment_id)
+        lock = self._service_locks.setdefault((doc["service"], doc["region"]), asyncio.Lock())
+        async with lock:
+            try:
+                await self._run(doc)
+            except asyncio.CancelledError:
+                raise  # shutting down: the next control plane resumes from the persisted step
+            except Exception as exc:  # last line of defence: never leave a deployment dangling
+                log.exception("deployment %s crashed in the orchestrator", deployment_id)
+                err = exc if isinstance(exc, ShipyardError) else DeploymentError(f"internal error: {exc!r}")
+                with contextlib.suppress(Exception):
+                    doc = self.store.get_deployment(deployment_id)
+                    await self._finish(doc, DeploymentStatus.FAILED, err)
+            finally:
+                ev = self._done.get(deployment_id)
+                if ev and DeploymentStatus(self.store.get_deployment(deployment_id)["status"]).terminal:
+                    ev.set()
+
+    async def _run(self, doc: dict[str, Any]) -> None:
+        progress = doc["progress"]
+        if progress.get("rolling_back"):
+            cause = DeploymentError(doc.get("error", {}).get("message", "rollback in progress"))
+            await self._roll_back(doc, cause, None)
+            return
+        if progress["phase"] == "build":
+            try:
+                artifact = await self._build(doc)
+                await self._prepare(doc, artifact)
+            except ShipyardError as exc:  # nothing was started: the deployment simply failed
+                await self._finish(doc, DeploymentStatus.FAILED, exc)
+                return
+        await self._execute_steps(doc)
+
+    async def _build(self, doc: dict[str, Any]) -> Artifact:
+        request = DeploymentRequest.model_validate(doc["request"])
+        self._set_status(doc, DeploymentStatus.BUILDING)
+        stage = self._stage_start(doc, "build")
+        log_lines: list[str] = []
+        try:
+            artifact = await self.builder.build(BuildRequest(request.source, log_lines.append))
+        except ShipyardError as exc:
+            self._stage_end(doc, stage, "failed", error=exc.message, log_tail=log_lines[-20:])
+            await self._audit(doc, "build.failed", error=exc.message)
+            raise
+        doc["metrics"]["build_duration_ms"] = artifact.duration_ms
+        self._stage_end(
+            doc, stage, "succeeded", digest=artifact.digest, commit=artifact.commit,
+            builder=artifact.builder, cache_hit=artifact.cache.artifact_hit,
+            log_path=str(artifact.log_path) if artifact.log_path else None,
+        )
+        await self._audit(doc, "build.succeeded", duration_ms=artifact.duration_ms,
+                          digest=artifact.digest, commit=artifact.commit)
+        return artifact
+
+    async def _prepare(self, doc: dict[str, Any], artifact: Artifact) -> None:
+        """Name the candidate revision, find the stable one, plan the strategy's steps."""
+        request = DeploymentRequest.model_validate(doc["request"])
+        manifest: Manifest = artifact.manifest
+        runtime = self.runtime(doc["region"])
+        revision = f"{artifact.commit[:7]}-{doc['id'][:8]}"
+        spec = RevisionSpec(
+            service=doc["service"],
+            revision=revision,
+            artifact_digest=artifact.digest,
+            artifact_location=artifact.location,
+            argv=manifest.run.argv,
+            env=manifest.run.env,
+            replicas=manifest.run.replicas,
+        )
+        self.store.save_revision(revision, doc["service"], doc["region"], doc["id"],
+                                 {**spec.to_dict(), "health": manifest.health.model_dump()},
+                                 self.clock.now())
+        svc = self.store.get_service(doc["service"], doc["region"])
+        stable = svc.serving_revision if svc else None
+        if svc and svc.warm_revision:
+            # A newer deployment supersedes the previous one's instant-rollback window.
+            await self._stop_revision(doc["service"], doc["region"], svc.warm_revision)
+            self.store.upsert_service(doc["service"], doc["region"], warm_revision=None, warm_until=None)
+        if stable:
+            state = await runtime.service_state(doc["service"])
+            if not state or stable not in state.revisions():
+                log_event(log, "stable.missing", deployment_id=doc["id"], revision=stable)
+                stable = None
+        plan = strategies.plan(request.strategy, has_stable=stable is not None)
+        doc["artifact_digest"] = artifact.digest
+        doc["commit"] = artifact.commit
+        doc["blue_revision"] = stable
+        doc["green_revision"] = revision
+        doc["progress"] = {"phase": "steps", "step": 0, "plan": [step_to_dict(s) for s in plan]}
+        self._save(doc)
+
+    async def _execute_steps(self, doc: dict[str, Any]) -> None:
+        progress = doc["progress"]
+        plan = [step_from_dict(s) for s in progress["plan"]]
+        try:
+            while progress["step"] < len(plan):
+                step = plan[progress["step"]]
+                if progress.get("step_started_at") is None:
+                    progress["step_started_at"] = self.clock.now()
+                self._set_status(doc, STEP_STATUS[type(step)])  # persisted before acting
+                await self._execute(doc, step)
+                progress["step"] += 1
+                progress["step_started_at"] = None
+                self._save(doc)
+        except _Rollback as rb:
+            await self._roll_back(doc, rb.cause, rb.verdict_monotonic)
+            return
+        except ShipyardError as exc:
+            await self._roll_back(doc, exc, None)
+            return
+        await self._succeed(doc)
+
+    async def _execute(self, doc: dict[str, Any], step: Step) -> None:
+        runtime = self.runtime(doc["region"])
+        service, candidate, stable = doc["service"], doc["green_revision"], doc.get("blue_revision")
+        started = doc["progress"]["step_started_at"]
+        match step:
+            case StartCandidate():
+                stage = self._stage_start(doc, step.name)
+                spec = RevisionSpec.from_dict(
+                    {k: v for k, v in self.store.get_revision_spec(candidate).items() if k != "health"}
+                )
+                doc["url"] = await runtime.ensure_service(service)
+                try:
+                    replicas = await runtime.start_revision(spec)
+                except DeploymentError as exc:
+                    self._stage_end(doc, stage, "failed", error=exc.message)
+                    raise
+                doc["progress"]["candidate_replicas"] = [r.replica_id for r in replicas]
+                self._stage_end(doc, stage, "succeeded", revision=candidate,
+                                replicas=[r.replica_id for r in replicas])
+                await self._audit(doc, "revision.started", revision=candidate, replicas=len(replicas))
+            case AwaitHealthy():
+                stage = self._stage_start(doc, step.name)
+                check = self._health_check(candidate)
+                replicas = await self._replicas(doc, candidate)
+                try:
+                    report = await wait_healthy(replicas, check, self.prober, self.clock,
+                                                self._states_of(doc))
+                except HealthCheckFailed as exc:
+                    self._stage_end(doc, stage, "failed", error=exc.message, attempts=exc.attempts)
+                    await self._audit(doc, "health_check.failed", error=exc.message, attempts=exc.attempts)
+                    raise _Rollback(exc) from exc
+                await runtime.set_routable(service, [r.replica_id for r in replicas], True)
+                doc["metrics"]["health_check_duration_ms"] = report.duration_ms
+                self._stage_end(doc, stage, "succeeded", attempts=report.attempts)
+                await self._audit(doc, "health_check.passed", duration_ms=report.duration_ms,
+                                  attempts=report.attempts)
+            case Pause():
+                stage = self._stage_start(doc, step.name, seconds=step.seconds)
+                await self.clock.sleep(started + step.seconds - self.clock.now())
+                self._stage_end(doc, stage, "succeeded")
+            case SetWeight():
+                stage = self._stage_start(doc, step.name, candidate_weight=step.candidate)
+                weights = {candidate: step.candidate}
+                if stable and step.candidate < 100:
+                    weights[stable] = 100 - step.candidate
+                await self._switch(doc, weights)
+                if step.candidate == 100:
+                    self.store.upsert_service(service, doc["region"], serving_revision=candidate,
+                                              url=doc.get("url"))
+                self._stage_end(doc, stage, "succeeded", weights=weights)
+                await self._audit(doc, "traffic.switched", weights=weights)
+            case Bake():
+                stage = self._stage_start(doc, step.name, seconds=step.seconds)
+                replicas = await self._replicas(doc, candidate)
+                verdict = await watch_until_unhealthy(
+                    replicas, self._health_check(candidate), self.prober, self.clock,
+                    self._states_of(doc), until=started + step.seconds,
+                )
+                if verdict is not None:
+                    self._stage_end(doc, stage, "failed", error=verdict.reason)
+                    await self._audit(doc, "bake.failed", error=verdict.reason, replica=verdict.replica_id)
+                    raise _Rollback(
+                        HealthCheckFailed(
+                            f"{candidate} became unhealthy during the bake window: {verdict.reason}",
+                            attempts=verdict.attempts,
+                        ),
+                        verdict.at_monotonic,
+                    )
+                self._stage_end(doc, stage, "succeeded")
+            case KeepWarm():
+                if stable and step.seconds > 0:
+                    self.store.upsert_service(service, doc["region"], warm_revision=stable,
+                                              warm_until=self.clock.now() + step.seconds)
+                elif stable:
+                    await self._stop_revision(service, doc["region"], stable)
+
+    # --- outcomes --------------------------------------------------------------------------------
+
+    async def _switch(self, doc: dict[str, Any], weights: dict[str, int]) -> None:
+        router = self.runtime(doc["region"]).router
+        await router.set_weight(doc["service"], weights)
+        ok = await router.verify_weight(doc["service"], weights)
+        if ok is False:
+            raise TrafficSwitchFailed(f"router does not serve the weights we set: {weights}")
+
+    async def _roll_back(
+        self, doc: dict[str, Any], cause: ShipyardError, verdict_monotonic: float | None
+    ) -> None:
+        """Stable back to 100%, candidate drained and stopped. Idempotent (resumable)."""
+        doc["progress"]["rolling_back"] = True
+        doc["error"] = cause.to_dict()
+        self._set_status(doc, DeploymentStatus.ROLLING_BACK)
+        stage = self._stage_start(doc, "rollback")
+        t0 = time.monotonic()
+        service, region = doc["service"], doc["region"]
+        stable, candidate = doc.get("blue_revision"), doc.get("green_revision")
+        try:
+            if stable:
+                await self._switch(doc, {stable: 100})
+                switched = time.monotonic()
+                self.store.upsert_service(service, region, serving_revision=stable)
+                if verdict_monotonic is not None:
+                    doc["metrics"]["detection_to_rollback_ms"] = int((switched - verdict_monotonic) * 1000)
+                doc["metrics"]["rollback_duration_ms"] = int((switched - t0) * 1000)
+            if candidate:
+                await self._stop_revision(service, region, candidate)
+            if not stable:
+                svc = self.store.get_service(service, region)
+                if svc and svc.serving_revision == candidate:
+                    self.store.upsert_service(service, region, serving_revision=None)
+        except ShipyardError as exc:
+            self._stage_end(doc, stage, "failed", error=exc.message)
+            await self._finish(doc, DeploymentStatus.FAILED,
+                               RollbackFailed(f"{exc.message} (while rolling back: {cause.message})"))
+            return
+        self._stage_end(doc, stage, "succeeded", restored=stable)
+        status = DeploymentStatus.ROLLED_BACK if stable else DeploymentStatus.FAILED
+        if status is DeploymentStatus.ROLLED_BACK:
+            doc["rollback_count"] = doc.get("rollback_count", 0) + 1
+        await self._finish(doc, status, cause)
+
+    async def _succeed(self, doc: dict[str, Any]) -> None:
+        if doc["kind"] == "rollback":
+            target = self.store.get_deployment(doc["rollback_of"])
+            target["status"] = DeploymentStatus.ROLLED_BACK.value
+            target["rolled_back_by"] = doc["id"]
+            target["rollback_count"] = target.get("rollback_count", 0) + 1
+            started = doc["progress"].get("manual_rollback_started")
+            if started is not None:
+                doc["metrics"]["rollback_duration_ms"] = int((time.monotonic() - started) * 1000)
+            self.store.save_deployment(target, active=False)
+            await self._audit(target, "deployment.rolled_back", rolled_back_by=doc["id"])
+        await self._finish(doc, DeploymentStatus.SUCCESS, None)
+
+    async def _finish(
+        self, doc: dict[str, Any], status: DeploymentStatus, error: ShipyardError | None
+    ) -> None:
+        now = self.clock.now()
+        doc["status"] = status.value
+        doc["finished_at"] = _iso(now)
+        doc["updated_at"] = _iso(now)
+        if error is not None:
+            doc["error"] = error.to_dict()
+        metrics = DeploymentMetrics.model_validate(doc["metrics"])
+        metrics.total_duration_ms = int((now - doc["created_ts"]) * 1000)
+        metrics.validation = validate_performance(metrics)
+        doc["metrics"] = metrics.model_dump(mode="json")
+        svc = self.store.get_service(doc["service"], doc["region"])
+        doc["result"] = {
+            "deployment_id": doc["id"],
+            "status": status.value,
+            "service": doc["service"],
+            "region": doc["region"],
+            "revision": svc.serving_revision if svc else None,
+            "previous_revision": doc.get("blue_revision"),
+            "url": (svc.url if svc else None) or doc.get("url"),
+            "duration_ms": metrics.total_duration_ms,
+            "metrics": doc["metrics"],
+        }
+        self.store.save_deployment(doc, active=False)
+        await self._audit(doc, f"deployment.{status.value.lower()}",
+                          duration_ms=metrics.total_duration_ms,
+                          error=error.message if error else None)
+        ev = self._done.get(doc["id"])
+        if ev:
+            ev.set()
+
+    # --- janitor ---------------------------------------------------------------------------------
+
+    async def _janitor_loop(self) -> None:
+        while True:
+            try:
+                await self.retire_expired()
+            except ShipyardError as exc:
+                log_event(log, "janitor.error", error=exc.message)
+            await self.clock.sleep(self.janitor_interval)
+
+    async def reconcile_data_planes(self) -> None:
+        """After a restart: no split traffic without a deployment driving it, no orphan revision.
+
+        Revisions that are neither serving, kept warm, nor part of an in-flight deployment are
+        stopped; a service with no deployment in flight is routed 100% to its serving revision.
+        """
+        active = {(d["service"], d["region"]): d for d in self.store.active_deployments()}
+        for region, runtime in self.runtimes.items():
+            for service in await runtime.list_services():
+                state = await runtime.service_state(service)
+                if state is None:
+                    continue
+                svc = self.store.get_service(service, region)
+                dep = active.get((service, region))
+                keep = {svc.serving_revision, svc.warm_revision} if svc else set()
+                if dep:
+                    keep |= {dep.get("blue_revision"), dep.get("green_revision")}
+                for revision in state.revisions() - keep:
+                    log_event(log, "revision.orphan_stopped", service=service, region=region,
+                              revision=revision)
+                    await runtime.stop_revision(service, revision, drain_timeout=self.drain_timeout)
+                serving = svc.serving_revision if svc else None
+                if dep is None and serving and dict(state.weights) != {serving: 100}:
+                    log_event(log, "traffic.reconciled", service=service, region=region,
+                              weights=dict(state.weights), serving=serving)
+                    await runtime.router.set_weight(service, {serving: 100})
+
+    async def retire_expired(self) -> None:
+        """Stop revisions whose warm window ended and that nothing else needs."""
+        now = self.clock.now()
+        for svc in self.store.list_services():
+            if svc.warm_revision and svc.warm_until is not None and svc.warm_until <= now:
+                lock = self._service_locks.setdefault((svc.service, svc.region), asyncio.Lock())
+                if lock.locked():
+                    continue
+                async with lock:
+                    await self._stop_revision(svc.service, svc.region, svc.warm_revision)
+                    self.store.upsert_service(svc.service, svc.region, warm_revision=None, warm_until=None)
+                    await self.audit.append(AuditEvent(
+                        event_type="revision.retired", service=svc.service, region=svc.region,
+                        user="shipyard", status="retired", detail={"revision": svc.warm_revision},
+                    ))
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    async def _stop_revision(self, service: str, region: str, revision: str) -> None:
+        await self.runtime(region).stop_revision(service, revision, drain_timeout=self.drain_timeout)
+        log_event(log, "revision.stopped", service=service, region=region, revision=revision)
+
+    def _health_check(self, revision: str) -> HealthCheck:
+        spec = self.store.get_revision_spec(revision)
+        return HealthCheck.model_validate(spec.get("health", {}))
+
+    async def _replicas(self, doc: dict[str, Any], revision: str) -> list[ReplicaStatus]:
+        state = await self.runtime(doc["region"]).service_state(doc["service"])
+        replicas = [r for r in (state.replicas if state else []) if r.revision == revision]
+        if not replicas:
+            raise HealthCheckFailed(f"revision {revision} has no replicas running", attempts=0)
+        return replicas
+
+    def _states_of(self, doc: dict[str, Any]) -> Any:
+        runtime = self.runtime(doc["region"])
+
+        async def states() -> dict[str, ReplicaStatus]:
+            state = await runtime.service_state(doc["service"])
+            return {r.replica_id: r for r in (state.replicas if state else [])}
+
+        return states
+
+    def _set_status(self, doc: dict[str, Any], status: DeploymentStatus) -> None:
+        if doc["status"] != status.value:
+            doc["status"] = status.value
+        self._save(doc)
+
+    def _save(self, doc: dict[str, Any]) -> None:
+        doc["updated_at"] = _iso(self.clock.now())
+        self.store.save_deployment(doc, active=True)
+
+    def _stage_start(self, doc: dict[str, Any], name: str, **detail: Any) -> dict[str, Any]:
+        stages: list[dict[str, Any]] = doc["stages"]
+        if stages and stages[-1]["name"] == name and stages[-1]["status"] == "running":
+            return stages[-1]  # resumed: keep the original start time
+        stage = {"name": name, "status": "running", "started_at": _iso(self.clock.now()),
+                 "_t0": self.clock.now(), "detail": detail}
+        stages.append(stage)
+        self._save(doc)
+        return stage
+
+    def _stage_end(self, doc: dict[str, Any], stage: dict[str, Any], status: str, **detail: Any) -> None:
+        now = self.clock.now()
+        stage["status"] = status
+        stage["finished_at"] = _iso(now)
+        stage["duration_ms"] = int((now - stage["_t0"]) * 1000)
+        stage["detail"].update({k: v for k, v in detail.items() if v is not None})
+        self._save(doc)
+
+    async def _audit(self, doc: dict[str, Any], event_type: str, duration_ms: int | None = None,
+                     **detail: Any) -> None:
+        await self.audit.append(AuditEvent(
+            event_type=event_type,
+            deployment_id=doc["id"],
+            service=doc["service"],
+            region=doc["region"],
+            user=doc.get("triggered_by"),
+            status=doc["status"],
+            duration_ms=duration_ms,
+            detail={k: v for k, v in detail.items() if v is not None},
+        ))  # the audit log also writes the structured JSON log line for the event

@@ -1,0 +1,115 @@
+"""The data-plane contract: where revisions run, per region.
+
+A ``Runtime`` starts and stops revisions (each with one or more replicas) and reports their
+replicas; it also exposes the region's ``TrafficRouter`` (routing/base.py). The orchestrator only
+sees these protocols. Backends: ``runtime.local`` (the embedded agent), ``runtime.fake`` (in-memory,
+same contract); Docker, Kubernetes and Cloud Run slot in beside them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+from shipyard.routing.base import TrafficRouter
+
+ReplicaState = Literal["starting", "running", "exited", "crashed", "stopping", "stopped"]
+
+
+@dataclass(frozen=True)
+class RevisionSpec:
+    """Everything a runtime needs to run one revision of a service."""
+
+    service: str
+    revision: str
+    artifact_digest: str
+    #: Artifact location: a directory (local runtime) or an image reference (docker, k8s).
+    artifact_location: str
+    argv: Sequence[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    replicas: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["argv"] = list(self.argv)
+        d["env"] = dict(self.env)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RevisionSpec:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    replica_id: str
+    revision: str
+    host: str
+    port: int
+    state: ReplicaState
+    #: Whether the router may send it traffic (set by the orchestrator after health gating).
+    routable: bool = True
+    pid: int | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+    log_path: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("starting", "running")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ReplicaStatus:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """What the data plane reports for one service."""
+
+    service: str
+    url: str
+    weights: Mapping[str, int]
+    replicas: Sequence[ReplicaStatus]
+
+    def revisions(self) -> set[str]:
+        return {r.revision for r in self.replicas if r.alive}
+
+
+class Runtime(Protocol):
+    kind: str
+    region: str
+    router: TrafficRouter
+
+    async def ensure_service(self, service: str) -> str:
+        """Create the service's stable endpoint if needed (idempotent); returns its URL."""
+        ...
+
+    async def start_revision(self, spec: RevisionSpec) -> list[ReplicaStatus]:
+        """Start ``spec.replicas`` replicas with no traffic; idempotent for a running revision.
+
+        New replicas are not routable until ``set_routable``. Raises RevisionStartFailed.
+        """
+        ...
+
+    async def set_routable(self, service: str, replica_ids: Sequence[str], routable: bool) -> None:
+        """Let (or stop letting) the router send new requests to these replicas."""
+        ...
+
+    async def stop_replicas(
+        self, service: str, replica_ids: Sequence[str], *, drain_timeout: float = 30.0
+    ) -> None:
+        """Stop routing to the replicas, let their in-flight requests finish, then stop them."""
+        ...
+
+    async def stop_revision(self, service: str, revision: str, *, drain_timeout: float = 30.0) -> None:
+        """Drain and stop every replica of a revision (idempotent)."""
+        ...
+
+    async def service_state(self, service: str) -> ServiceState | None: ...
+
+    async def list_services(self) -> list[str]: ...

@@ -1,0 +1,231 @@
+"""The local runtime: a client of the region's ``shipyard agent`` (agent/server.py).
+
+``LocalRuntime`` implements ``Runtime`` and, through ``AgentRouter``, ``TrafficRouter`` by calling
+the agent's authenticated loopback API. ``attach_or_start_agent`` finds a running agent for the
+region (``agent.json``) or starts one detached, in its own session, so it outlives the control
+plane. Used by the orchestrator wiring in ``api/app.py`` and the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shipyard.errors import AgentUnavailable, InvalidInput, RevisionStartFailed, TrafficSwitchFailed
+from shipyard.runtime.base import ReplicaStatus, RevisionSpec, ServiceState
+
+AGENT_START_TIMEOUT = 15.0
+
+
+def _agent_dir(data_dir: Path, region: str) -> Path:
+    return data_dir / "agents" / region
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_agent_info(data_dir: Path, region: str) -> tuple[str, str] | None:
+    """(api_url, token) of a live agent for the region, or None."""
+    d = _agent_dir(data_dir, region)
+    try:
+        info = json.loads((d / "agent.json").read_text())
+        token = (d / "agent.token").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if not _pid_alive(int(info.get("pid", 0))):
+        return None
+    return str(info["api_url"]), token
+
+
+async def _answers(url: str, token: str) -> bool:
+    try:
+        async with httpx.AsyncClient(timeout=2.0) as c:
+            r = await c.get(f"{url}/v1/health", headers={"authorization": f"Bearer {token}"})
+            return r.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def attach_or_start_agent(data_dir: Path, region: str) -> tuple[str, str]:
+    """Re-attach to the region's agent, or start it detached and wait until it answers."""
+    found = read_agent_info(data_dir, region)
+    if found and await _answers(*found):
+        return found
+    d = _agent_dir(data_dir, region)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "agent.json").unlink(missing_ok=True)
+    log = open(d / "agent.log", "ab")  # noqa: SIM115 - handed to the child, closed below
+    try:
+        subprocess.Popen(
+            [sys.executable, "-m", "shipyard.cli.main", "agent", "--data-dir", str(data_dir),
+             "--region", region],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives the control plane being killed
+            close_fds=True,
+        )
+    finally:
+        log.close()
+    deadline = time.monotonic() + AGENT_START_TIMEOUT
+    while time.monotonic() < deadline:
+        found = read_agent_info(data_dir, region)
+        if found and await _answers(*found):
+            return found
+        await asyncio.sleep(0.05)
+    tail = (d / "agent.log").read_text(errors="replace")[-2000:]
+    raise AgentUnavailable(f"agent for region {region} did not start; agent.log ends:\n{tail}")
+
+
+class AgentClient:
+    """Thin authenticated HTTP client for one agent; maps transport errors to AgentUnavailable."""
+
+    def __init__(self, api_url: str, token: str, region: str) -> None:
+        self.region = region
+        self._client = httpx.AsyncClient(
+            base_url=api_url,
+            headers={"authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(10.0, read=120.0),
+        )
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            r = await self._client.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise AgentUnavailable(
+                f"agent for region {self.region} did not answer: {exc!r}"[:500], retry_after=1.0
+            ) from exc
+        if r.status_code >= 400:
+            try:
+                detail = r.json()
+            except ValueError:
+                detail = {"detail": r.text[:500]}
+            message = str(detail.get("message") or detail.get("detail") or detail)[:1000]
+            if r.status_code == 422 and detail.get("code") == "revision_start_failed":
+                raise RevisionStartFailed(message)
+            raise _AgentError(r.status_code, message)
+        return r.json()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class _AgentError(InvalidInput):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"agent refused ({status}): {message}", status=status)
+        self.status = status
+
+
+class AgentRouter:
+    """``TrafficRouter`` backed by the agent's router."""
+
+    type = "shipyard-agent"
+
+    def __init__(self, agent: AgentClient) -> None:
+        self._agent = agent
+
+    async def set_weight(self, service: str, weights: Mapping[str, int]) -> None:
+        try:
+            await self._agent.call("PUT", f"/v1/services/{service}/weights", {"weights": dict(weights)})
+        except _AgentError as exc:
+            raise TrafficSwitchFailed(f"router refused weights {dict(weights)}: {exc.message}") from exc
+
+    async def verify_weight(self, service: str, weights: Mapping[str, int]) -> bool | None:
+        state = await self._agent.call("GET", f"/v1/services/{service}")
+        want = {k: v for k, v in weights.items() if v > 0}
+        have = {k: v for k, v in state["weights"].items() if v > 0}
+        return want == have
+
+    async def remove_managed_routes(self, service: str) -> None:
+        await self._agent.call("DELETE", f"/v1/services/{service}")
+
+    async def metrics(self, service: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._agent.call("GET", f"/v1/services/{service}/metrics")
+        return result
+
+
+class LocalRuntime:
+    """``Runtime`` for one region of the local agent."""
+
+    kind = "local"
+
+    def __init__(self, region: str, agent: AgentClient) -> None:
+        self.region = region
+        self.agent = agent
+        self.router = AgentRouter(agent)
+
+    @classmethod
+    async def connect(cls, data_dir: Path, region: str) -> LocalRuntime:
+        url, token = await attach_or_start_agent(data_dir, region)
+        return cls(region, AgentClient(url, token, region))
+
+    async def ensure_service(self, service: str) -> str:
+        state = await self.agent.call("PUT", f"/v1/services/{service}")
+        return str(state["url"])
+
+    async def start_revision(self, spec: RevisionSpec) -> list[ReplicaStatus]:
+        try:
+            out = await self.agent.call(
+                "PUT", f"/v1/services/{spec.service}/revisions/{spec.revision}", spec.to_dict()
+            )
+        except _AgentError as exc:
+            raise RevisionStartFailed(exc.message) from exc
+        return [ReplicaStatus.from_dict(r) for r in out["replicas"]]
+
+    async def set_routable(self, service: str, replica_ids: Sequence[str], routable: bool) -> None:
+        await self.agent.call(
+            "POST", f"/v1/services/{service}/routable",
+            {"replica_ids": list(replica_ids), "routable": routable},
+        )
+
+    async def stop_replicas(
+        self, service: str, replica_ids: Sequence[str], *, drain_timeout: float = 30.0
+    ) -> None:
+        if replica_ids:
+            await self.agent.call(
+                "POST", f"/v1/services/{service}/stop",
+                {"replica_ids": list(replica_ids), "drain_timeout": drain_timeout},
+            )
+
+    async def stop_revision(self, service: str, revision: str, *, drain_timeout: float = 30.0) -> None:
+        state = await self.service_state(service)
+        if state is None:
+            return
+        ids = [r.replica_id for r in state.replicas if r.revision == revision]
+        await self.stop_replicas(service, ids, drain_timeout=drain_timeout)
+
+    async def service_state(self, service: str) -> ServiceState | None:
+        try:
+            s = await self.agent.call("GET", f"/v1/services/{service}")
+        except _AgentError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return ServiceState(
+            service=s["service"],
+            url=s["url"],
+            weights=s["weights"],
+            replicas=[ReplicaStatus.from_dict(r) for r in s["replicas"]],
+        )
+
+    async def list_services(self) -> list[str]:
+        return list(await self.agent.call("GET", "/v1/services"))
+
+    async def aclose(self) -> None:
+        await self.agent.aclose()

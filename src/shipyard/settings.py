@@ -1,0 +1,36 @@
+"""Server configuration: where data lives, which regions exist, and the pipeline's defaults.
+
+Built by the CLI (``shipyard serve``) from flags and environment; the API app and the orchestrator
+receive it. Everything has a sensible default so ``shipyard serve --data-dir DIR`` is enough.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_REGION = "local"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("SHIPYARD_DATA_DIR", ".shipyard")))
+    #: Regions served by a local agent each. ``target.region`` must name one of them.
+    regions: tuple[str, ...] = (DEFAULT_REGION,)
+    #: Largest request body the API accepts.
+    max_body_bytes: int = 64 * 1024
+    #: How long to let in-flight requests finish on a revision being stopped.
+    drain_timeout_seconds: float = 30.0
+    #: OSV database for the security gate (issue 4); None = gate disabled.
+    osv_db: Path | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "shipyard.db"
+
+    @property
+    def audit_anchor(self) -> Path:
+        return self.data_dir / "audit.head"

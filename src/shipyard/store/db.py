@@ -1,0 +1,248 @@
+"""Deployment state: the durable half of every deployment's state machine.
+
+SQLite in WAL mode in the data directory (``shipyard.db``) is the embedded default; the schema is
+SQLAlchemy Core so PostgreSQL can take over. The orchestrator writes a deployment's document
+before each action; a partial unique index enforces one active deployment per service even when
+two requests race. The audit log (audit/log.py) keeps its own table in the same database.
+
+Tables: ``deployments`` (one JSON document per deployment plus the columns we query by),
+``revisions`` (what ran, so a rollback can restart it), ``services`` (which revision serves, which
+one is kept warm until when).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from shipyard.errors import DeploymentInProgress, NotFound
+
+metadata = MetaData()
+
+deployments = Table(
+    "deployments",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("service", String(63), nullable=False),
+    Column("region", String(63), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("doc", Text, nullable=False),
+    Index("ix_deployments_service", "service", "created_at"),
+    Index(
+        "ux_one_active_per_service",
+        "service",
+        "region",
+        unique=True,
+        sqlite_where=text("active = 1"),
+        postgresql_where=text("active"),
+    ),
+)
+
+revisions = Table(
+    "revisions",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("service", String(63), nullable=False),
+    Column("region", String(63), nullable=False),
+    Column("deployment_id", String(36), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("spec", Text, nullable=False),
+)
+
+services = Table(
+    "services",
+    metadata,
+    Column("service", String(63), primary_key=True),
+    Column("region", String(63), primary_key=True),
+    Column("serving_revision", String(128)),
+    Column("warm_revision", String(128)),
+    Column("warm_until", Float),
+    Column("url", String(256)),
+)
+
+
+def make_engine(data_dir: Path) -> Engine:
+    """SQLite in WAL mode with foreign keys on; one file per data directory."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(f"sqlite:///{data_dir / 'shipyard.db'}")
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")  # durable across process kills (WAL)
+        cur.execute("PRAGMA busy_timeout=5000")
+        cur.close()
+
+    metadata.create_all(engine)
+    return engine
+
+
+@dataclass(frozen=True)
+class ServiceRow:
+    service: str
+    region: str
+    serving_revision: str | None
+    warm_revision: str | None
+    warm_until: float | None
+    url: str | None
+
+
+class Store:
+    """Synchronous, small and fast (SQLite commits are sub-millisecond in WAL mode)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # --- deployments ---------------------------------------------------------------------------
+
+    def create_deployment(self, doc: dict[str, Any], *, active: bool = True) -> None:
+        """Insert a new deployment; DeploymentInProgress if the service already has one."""
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    insert(deployments).values(
+                        id=doc["id"],
+                        service=doc["service"],
+                        region=doc["region"],
+                        status=doc["status"],
+                        active=active,
+                        created_at=doc["created_ts"],
+                        doc=json.dumps(doc),
+                    )
+                )
+        except IntegrityError as exc:
+            running = self.active_deployment(doc["service"], doc["region"])
+            raise DeploymentInProgress(
+                f"service {doc['service']} in region {doc['region']} already has deployment "
+                f"{running['id'] if running else '(unknown)'} in progress; wait for it or roll it back",
+                running_deployment_id=running["id"] if running else None,
+            ) from exc
+
+    def save_deployment(self, doc: dict[str, Any], *, active: bool) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                update(deployments)
+                .where(deployments.c.id == doc["id"])
+                .values(status=doc["status"], active=active, doc=json.dumps(doc))
+            )
+
+    def get_deployment(self, deployment_id: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(deployments.c.doc).where(deployments.c.id == deployment_id)
+            ).first()
+        if row is None:
+            raise NotFound(f"deployment {deployment_id} not found")
+        doc: dict[str, Any] = json.loads(row[0])
+        return doc
+
+    def active_deployment(self, service: str, region: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(deployments.c.doc).where(
+                    deployments.c.service == service,
+                    deployments.c.region == region,
+                    deployments.c.active.is_(True),
+                )
+            ).first()
+        return json.loads(row[0]) if row else None
+
+    def active_deployments(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(deployments.c.doc)
+                .where(deployments.c.active.is_(True))
+                .order_by(deployments.c.created_at)
+            ).all()
+        return [json.loads(r[0]) for r in rows]
+
+    def list_deployments(self, service: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        q = select(deployments.c.doc).order_by(deployments.c.created_at.desc()).limit(limit)
+        if service is not None:
+            q = q.where(deployments.c.service == service)
+        with self.engine.connect() as conn:
+            return [json.loads(r[0]) for r in conn.execute(q).all()]
+
+    # --- revisions -------------------------------------------------------------------------------
+
+    def save_revision(
+        self, revision: str, service: str, region: str, deployment_id: str, spec: dict[str, Any], ts: float
+    ) -> None:
+        with self._tx() as conn:
+            exists = conn.execute(select(revisions.c.id).where(revisions.c.id == revision)).first()
+            if exists is None:
+                conn.execute(
+                    insert(revisions).values(
+                        id=revision, service=service, region=region, deployment_id=deployment_id,
+                        created_at=ts, spec=json.dumps(spec),
+                    )
+                )
+
+    def get_revision_spec(self, revision: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(revisions.c.spec).where(revisions.c.id == revision)).first()
+        if row is None:
+            raise NotFound(f"revision {revision} not found")
+        spec: dict[str, Any] = json.loads(row[0])
+        return spec
+
+    # --- services ------------------------------------------------------------------------------
+
+    def get_service(self, service: str, region: str) -> ServiceRow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(services).where(services.c.service == service, services.c.region == region)
+            ).first()
+        return ServiceRow(**row._mapping) if row else None
+
+    def list_services(self) -> list[ServiceRow]:
+        with self.engine.connect() as conn:
+            return [ServiceRow(**r._mapping) for r in conn.execute(select(services)).all()]
+
+    def upsert_service(self, service: str, region: str, **values: Any) -> None:
+        with self._tx() as conn:
+            found = conn.execute(
+                select(services.c.service).where(
+                    services.c.service == service, services.c.region == region
+                )
+            ).first()
+            if found:
+                conn.execute(
+                    update(services)
+                    .where(services.c.service == service, services.c.region == region)
+                    .values(**values)
+                )
+            else:
+                conn.execute(insert(services).values(service=service, region=region, **values))

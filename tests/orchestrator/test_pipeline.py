@@ -1,0 +1,340 @@
+"""The pipeline end to end on fakes: fake runtime/router, scripted health, fake clock.
+
+Long waits (switch delays, bake windows) cost nothing: the FakeClock jumps to the next wake-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shipyard.audit import MemoryAuditLog
+from shipyard.build.fake import FakeBuilder
+from shipyard.domain.clock import FakeClock
+from shipyard.domain.models import DeploymentRequest
+from shipyard.errors import Conflict, DeploymentInProgress, InvalidInput, UnknownRegion
+from shipyard.health.fake import FakeProber
+from shipyard.orchestrator.pipeline import Pipeline
+from shipyard.runtime.fake import FakeRuntime
+from shipyard.store.db import Store, make_engine
+
+
+class World:
+    def __init__(self, tmp: Path) -> None:
+        self.clock = FakeClock()
+        self.runtime = FakeRuntime("local")
+        self.prober = FakeProber()
+        self.builder = FakeBuilder()
+        self.audit = MemoryAuditLog(clock=self.clock.now)
+        self.store = Store(make_engine(tmp))
+        self.pipeline = self.new_pipeline()
+
+    def new_pipeline(self) -> Pipeline:
+        return Pipeline(store=self.store, audit=self.audit, builder=self.builder,
+                        runtimes={"local": self.runtime}, prober=self.prober, clock=self.clock)
+
+    async def deploy(self, commit: str, *, wait: bool = True, **bg: Any) -> dict[str, Any]:
+        params = {"switch_delay_seconds": 30, "bake_seconds": 60, "scale_down_delay_seconds": 30, **bg}
+        req = DeploymentRequest.model_validate({
+            "source": {"repository": "/repo", "branch": "main", "commit": commit},
+            "target": {"service_name": "api", "region": "local"},
+            "strategy": {"BlueGreen": params},
+        })
+        doc = await self.pipeline.submit(req, "alice")
+        if not wait:
+            return doc
+        return await self.pipeline.wait(doc["id"])
+
+    def weights(self) -> dict[str, int]:
+        return self.runtime.services["api"].weights
+
+    def history(self) -> list[dict[str, int]]:
+        return [w for s, w in self.runtime.router.history if s == "api"]
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = World(tmp_path)
+    await w.pipeline.start()
+    yield w
+    await w.pipeline.stop()
+
+
+async def test_first_deployment_routes_everything_to_the_only_revision(world: World) -> None:
+    doc = await world.deploy("aaaa1111")
+    assert doc["status"] == "Success", doc.get("error")
+    green = doc["green_revision"]
+    assert doc["blue_revision"] is None
+    assert world.weights() == {green: 100}
+    assert [s["name"] for s in doc["stages"]] == ["build", "start", "health_check", "switch"]
+    assert doc["result"]["revision"] == green
+    assert doc["metrics"]["build_duration_ms"] == 1234
+    assert doc["metrics"]["validation"]["build_time_ok"] is True
+
+
+async def test_blue_green_switches_after_health_and_delay_then_keeps_blue_warm(world: World) -> None:
+    first = await world.deploy("aaaa1111")
+    blue = first["green_revision"]
+    t0 = world.clock.now()
+    doc = await world.deploy("bbbb2222")
+    assert doc["status"] == "Success", doc.get("error")
+    green = doc["green_revision"]
+    assert doc["blue_revision"] == blue
+    assert [s["name"] for s in doc["stages"]] == [
+        "build", "start", "health_check", "switch_delay", "switch", "bake"]
+    # Traffic moved in one atomic step: never split, never on a revision that is not ready.
+    assert world.history()[-1] == {green: 100}
+    assert all(len(w) == 1 for w in world.history())
+    # The switch waited for the delay and the bake ran its whole window on the fake clock.
+    assert world.clock.now() - t0 >= 30 + 60
+    # Blue stays warm for the scale-down delay, then the janitor stops it.
+    assert world.runtime.running_revisions("api") == {blue, green}
+    await world.clock.sleep(31)
+    await world.pipeline.retire_expired()
+    assert world.runtime.running_revisions("api") == {green}
+
+
+async def test_green_that_never_gets_healthy_never_receives_traffic(world: World) -> None:
+    first = await world.deploy("aaaa1111")
+    blue = first["green_revision"]
+    switches_before = len(world.history())
+    doc = await world.deploy("cccc3333", wait=False)
+    world.prober.scripts[f"cccc333-{doc['id'][:8]}"] = lambda r, n: False
+    final = await world.pipeline.wait(doc["id"])
+    assert final["status"] == "RolledBack"
+    assert final["error"]["type"] == "HealthCheckFailed"
+    assert final["error"]["attempts"] == 3  # failure_threshold consecutive failures
+    assert final["rollback_count"] == 1
+    # Green got no traffic at any moment; blue kept 100%.
+    assert all(w == {blue: 100} for w in world.history()[switches_before:])
+    assert world.runtime.running_revisions("api") == {blue}
+
+
+async def test_crashing_green_fails_at_once(world: World) -> None:
+    first = await world.deploy("aaaa1111")
+    blue = first["green_revision"]
+    doc = await world.deploy("dddd4444", wait=False)
+    green = f"dddd444-{doc['id'][:8]}"
+
+    def crash_on_probe(replica: Any, n: int) -> bool:
+        world.runtime.crash(replica.replica_id, exit_code=3)
+        return False
+
+    world.prober.scripts[green] = crash_on_probe
+    final = await world.pipeline.wait(doc["id"])
+    assert final["status"] == "RolledBack"
+    assert "crashed (exit code 3)" in final["error"]["message"]
+    assert world.weights() == {blue: 100}
+
+
+async def test_unhealthy_during_bake_switches_back_to_blue(world: World) -> None:
+    first = await world.deploy("aaaa1111")
+    blue = first["green_revision"]
+    doc = await world.deploy("eeee5555", wait=False)
+    green = f"eeee555-{doc['id'][:8]}"
+    # Healthy through the gate (2 probes), then failing from the 5th probe on (inside the bake).
+    world.prober.scripts[green] = lambda r, n: n < 5
+    final = await world.pipeline.wait(doc["id"])
+    assert final["status"] == "RolledBack"
+    assert world.history()[-2:] == [{green: 100}, {blue: 100}]
+    assert world.runtime.running_revisions("api") == {blue}
+    assert final["metrics"]["detection_to_rollback_ms"] is not None
+    assert final["metrics"]["validation"]["rollback_time_ok"] is True
+    names = [s["name"] for s in final["stages"]]
+    assert names[-2:] == ["bake", "rollback"]
+    svc = world.store.get_service("api", "local")
+    assert svc is not None and svc.serving_revision == blue
+
+
+async def test_start_failure_and_build_failure_end_failed_without_touching_traffic(world: World) -> None:
+    first = await world.deploy("aaaa1111")
+    blue = first["green_revision"]
+    world.builder.fail.add("ffff6666")
+    failed_build = await world.deploy("ffff6666")
+    assert failed_build["status"] == "Failed"
+    assert failed_build["error"]["type"] == "BuildFailed"
+    assert world.weights() == {blue: 100}
+    assert world.runtime.running_revisions("api") == {blue}
+
+
+async def test_one_deployment_per_service_at_a_time(world: World) -> None:
+    first = await world.deploy("aaaa1111", wait=False)
+    with pytest.raises(DeploymentInProgress) as exc:
+        await world.deploy("bbbb2222", wait=False)
+    assert exc.value.detail["running_deployment_id"] == first["id"]
+    assert (await world.pipeline.wait(first["id"]))["status"] == "Success"
+
+
+async def test_unknown_region_and_unsupported_strategy_are_refused_before_anything(world: World) -> None:
+    req = DeploymentRequest.model_validate({
+        "source": {"repository": "/repo", "branch": "main", "commit": "abcd"},
+        "target": {"service_name": "api", "region": "mars"},
+        "strategy": {"BlueGreen": {"switch_delay_seconds": 0}},
+    })
+    with pytest.raises(UnknownRegion, match="mars"):
+        await world.pipeline.submit(req, "alice")
+    canary = req.model_copy(update={"target": req.target.model_copy(update={"region": "local"}),
+                                    "strategy": DeploymentRequest.model_validate({
+                                        **req.model_dump(mode="json"),
+                                        "target": {"service_name": "api"},
+                                        "strategy": {"Canary": {"stages": [{"weight": 10}]}},
+                                    }).strategy})
+    with pytest.raises(InvalidInput, match="not available"):
+        await world.pipeline.submit(canary, "alice")
+    assert world.store.list_deployments() == []
+    assert world.builder.built == []
+
+
+async def test_manual_rollback_is_instant_while_blue_is_warm(world: World) -> None:
+    first = await world.deploy("aaaa1111")
+    second = await world.deploy("bbbb2222", bake_seconds=0)
+    rb = await world.pipeline.rollback(second["id"], "bob")
+    final = await world.pipeline.wait(rb["id"])
+    assert final["status"] == "Success", final.get("error")
+    assert final["strategy"] == {"Rollback": {"instant": True}}
+    assert world.weights() == {first["green_revision"]: 100}
+    assert world.runtime.running_revisions("api") == {first["green_revision"]}
+    undone = world.store.get_deployment(second["id"])
+    assert undone["status"] == "RolledBack"
+    assert undone["rolled_back_by"] == rb["id"]
+    with pytest.raises(Conflict):
+        await world.pipeline.rollback(second["id"], "bob")
+
+
+async def test_manual_rollback_restarts_a_cold_revision_health_gated(world: World) -> None:
+    first = await world.deploy("aaaa1111")
+    second = await world.deploy("bbbb2222", bake_seconds=0, scale_down_delay_seconds=5)
+    await world.clock.sleep(6)
+    await world.pipeline.retire_expired()
+    assert world.runtime.running_revisions("api") == {second["green_revision"]}
+    rb = await world.pipeline.rollback(second["id"], "bob")
+    final = await world.pipeline.wait(rb["id"])
+    assert final["status"] == "Success"
+    assert final["strategy"] == {"Rollback": {"instant": False}}
+    assert [s["name"] for s in final["stages"]] == ["start", "health_check", "switch"]
+    assert world.weights() == {first["green_revision"]: 100}
+
+
+async def test_first_deployment_cannot_be_rolled_back(world: World) -> None:
+    first = await world.deploy("aaaa1111")
+    with pytest.raises(Conflict, match="first"):
+        await world.pipeline.rollback(first["id"], "bob")
+
+
+def crash_when_persisted(world: World, status: str) -> asyncio.Event:
+    """Kill the pipeline's task right after it persists ``status`` (what kill -9 does to a
+    control plane between two actions); the event is set when that happened."""
+    crashed = asyncio.Event()
+    save = world.store.save_deployment
+
+    def save_then_die(doc: dict[str, Any], *, active: bool) -> None:
+        save(doc, active=active)
+        if doc["status"] == status and not crashed.is_set() and doc["id"] != "":
+            crashed.set()
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+
+    world.store.save_deployment = save_then_die  # type: ignore[method-assign]
+    return crashed
+
+
+async def restart(world: World) -> None:
+    await world.pipeline.stop()
+    world.store.save_deployment = Store.save_deployment.__get__(world.store)  # type: ignore[method-assign]
+    world.pipeline = world.new_pipeline()
+    await world.pipeline.start()
+
+
+async def test_control_plane_restart_resumes_mid_bake_and_finishes(world: World) -> None:
+    first = await world.deploy("aaaa1111")
+    crashed = crash_when_persisted(world, "Baking")
+    doc = await world.deploy("bbbb2222", wait=False)
+    await asyncio.wait_for(crashed.wait(), 5)
+    assert world.store.get_deployment(doc["id"])["status"] == "Baking"
+    await restart(world)
+    final = await world.pipeline.wait(doc["id"])
+    assert final["status"] == "Success"
+    assert world.weights() == {final["green_revision"]: 100}
+    assert world.runtime.running_revisions("api") == {first["green_revision"], final["green_revision"]}
+    events = [r.event_type for r in await world.audit.records(deployment_id=doc["id"])]
+    assert "deployment.resumed" in events
+
+
+@pytest.mark.parametrize(
+    "stop_at", ["Pending", "Building", "Deploying", "AwaitingSwitch", "Switching", "Baking"]
+)
+async def test_restart_at_any_stage_ends_cleanly(world: World, stop_at: str) -> None:
+    await world.deploy("aaaa1111")
+    crashed = crash_when_persisted(world, stop_at)
+    doc = await world.deploy("bbbb2222", wait=False, bake_seconds=5)
+    if stop_at != "Pending":
+        await asyncio.wait_for(crashed.wait(), 5)
+    await restart(world)
+    final = await world.pipeline.wait(doc["id"])
+    assert final["status"] == "Success"
+    # Never split, never an orphan: exactly the two expected revisions run, all traffic on green.
+    assert world.weights() == {final["green_revision"]: 100}
+    assert world.runtime.running_revisions("api") == {final["blue_revision"], final["green_revision"]}
+
+
+async def test_restart_during_rollback_finishes_the_rollback(world: World) -> None:
+    first = await world.deploy("aaaa1111")
+    crashed = crash_when_persisted(world, "RollingBack")
+    doc = await world.deploy("bbbb2222", wait=False)
+    world.prober.scripts[f"bbbb222-{doc['id'][:8]}"] = lambda r, n: n < 4
+    await asyncio.wait_for(crashed.wait(), 5)
+    await restart(world)
+    final = await world.pipeline.wait(doc["id"])
+    assert final["status"] == "RolledBack"
+    assert world.weights() == {first["green_revision"]: 100}
+    assert world.runtime.running_revisions("api") == {first["green_revision"]}
+
+
+async def test_restart_reconciles_orphans_and_split_traffic(world: World) -> None:
+    first = await world.deploy("aaaa1111")
+    blue = first["green_revision"]
+    from shipyard.runtime.base import RevisionSpec
+
+    orphan = await world.runtime.start_revision(
+        RevisionSpec("api", "orphan-1", "sha256:x", "/x", ["true"]))
+    await world.runtime.set_routable("api", [orphan[0].replica_id], True)
+    await world.runtime.router.set_weight("api", {blue: 50, "orphan-1": 50})
+    await world.pipeline.stop()
+    world.pipeline = world.new_pipeline()
+    await world.pipeline.start()
+    assert world.weights() == {blue: 100}
+    assert world.runtime.running_revisions("api") == {blue}
+
+
+async def test_every_action_is_audited_with_the_adr_fields(world: World) -> None:
+    doc = await world.deploy("aaaa1111")
+    records = await world.audit.records(deployment_id=doc["id"])
+    types = [r.event_type for r in records]
+    assert types[0] == "deployment.requested"
+    assert types[-1] == "deployment.success"
+    for needed in ("build.succeeded", "revision.started", "health_check.passed", "traffic.switched"):
+        assert needed in types
+    last = records[-1]
+    assert (last.service, last.region, last.user, last.status) == ("api", "local", "alice", "Success")
+    assert last.duration_ms is not None
+    assert world.audit.verify().ok
+
+
+async def test_duplicate_request_id_is_refused(world: World) -> None:
+    rid = uuid.uuid4()
+    req = DeploymentRequest.model_validate({
+        "id": str(rid),
+        "source": {"repository": "/repo", "branch": "main", "commit": "abcd"},
+        "target": {"service_name": "api"},
+        "strategy": {"BlueGreen": {"switch_delay_seconds": 0, "bake_seconds": 0}},
+    })
+    doc = await world.pipeline.submit(req, "alice")
+    await world.pipeline.wait(doc["id"])
+    with pytest.raises(Conflict, match="already exists"):
+        await world.pipeline.submit(req, "alice")
