@@ -65,6 +65,14 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "(body)"
 
 
+def _field_error(e: Any) -> dict[str, str]:
+    if e["type"] == "json_invalid":
+        where = e["loc"][1] if len(e["loc"]) > 1 else "?"
+        reason = (e.get("ctx") or {}).get("error", "invalid JSON")
+        return {"field": "(body)", "message": f"body is not valid JSON: {reason} at character {where}"}
+    return {"field": _loc(tuple(e["loc"])), "message": e["msg"]}
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ShipyardError)
     async def _shipyard(_: Request, exc: ShipyardError) -> JSONResponse:
@@ -77,7 +85,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": _loc(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        errors = [_field_error(e) for e in exc.errors()]
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
         return problem(422, "invalid_request", "Invalid request", summary, errors=errors)
 

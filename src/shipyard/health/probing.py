@@ -14,6 +14,7 @@ orchestrator's executor with a ``Prober`` (``HttpProber`` for real, a scripted o
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,8 +64,8 @@ class HttpProber:
         try:
             r = await self._client.get(url, timeout=timeout)
         except httpx.ConnectError as exc:
-            refused = "refused" in str(exc).lower() or isinstance(exc.__cause__, ConnectionRefusedError)
-            return ProbeResult(Outcome.REFUSED if refused else Outcome.ERROR, detail=str(exc)[:200])
+            outcome = Outcome.REFUSED if _refused(exc) else Outcome.ERROR
+            return ProbeResult(outcome, detail=str(exc)[:200])
         except httpx.TimeoutException:
             return ProbeResult(Outcome.TIMEOUT, detail=f"no answer within {timeout:g}s")
         except httpx.HTTPError as exc:
@@ -75,6 +76,16 @@ class HttpProber:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connect error is "nothing listening" (somewhere down the cause chain)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError) or getattr(seen, "errno", None) == errno.ECONNREFUSED:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "refused" in str(exc).lower()
 
 
 Verdict = Literal["starting", "pending", "healthy", "unhealthy"]
