@@ -1,0 +1,169 @@
+"""Structured logging: one JSON object per line, with secrets redacted before anything is written.
+
+``configure_logging`` is called once at each edge (``shipyard serve``, ``shipyard agent``, the
+CLI); the core logs through ``log_event`` (one event per deployment action, fields as in ADR
+section 10) or plain ``logging`` calls with ``extra=``. The audit log emits one line per record.
+
+A line looks like::
+
+    {"timestamp": "2024-05-01T12:00:00.123456+00:00", "level": "INFO", "logger": "shipyard.audit",
+     "event": "audit_record", "deployment_id": "...", ...}
+
+Redaction (``RedactionFilter``, installed on the handler so it applies in text mode too): values
+under keys that look secret (token, authorization, password, secret, key, cookie, credential) become
+``"[redacted]"`` at any depth, and bearer tokens, JWT-shaped strings and ``password=...``-style
+pairs inside messages and string values are masked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json as jsonlib
+import logging
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from shipyard.errors import InvalidInput
+
+REDACTED = "[redacted]"
+
+#: Key names whose values are never written (substring match, case-insensitive).
+_SECRET_KEY = re.compile(r"token|authorization|password|passwd|secret|key|cookie|credential", re.I)
+_BEARER = re.compile(r"\b(bearer)\s+[A-Za-z0-9._~+/=-]+", re.I)
+# base64url('{"') is "eyJ": every JWT header starts with it; the signature may be empty (alg none).
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_SECRET_PAIR = re.compile(
+    r"\b(password|passwd|secret|token|api[_-]?key|cookie)([\"']?\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s,;&]+)",
+    re.I,
+)
+
+#: Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_ATTRS = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
+)
+#: Where ``log_event`` puts its fields, so field names never clash with LogRecord attributes.
+_FIELDS_ATTR = "shipyard_fields"
+_BASE_KEYS = ("level", "logger", "event")
+
+
+def redact_text(text: str) -> str:
+    """Mask bearer tokens, JWT-shaped strings and ``secret=value`` pairs inside free text."""
+    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    text = _JWT.sub(REDACTED, text)
+    return _SECRET_PAIR.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` with secret-looking keys blanked and strings masked, at any depth."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [redact(v) for v in value]
+    return value
+
+
+def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRS and k != _FIELDS_ATTR
+    }
+    fields.update(getattr(record, _FIELDS_ATTR, None) or {})
+    return fields
+
+
+class RedactionFilter(logging.Filter):
+    """Rewrites each record in place: message, ``extra`` fields and traceback text redacted.
+
+    Installed on the handler (not a logger), so every record that handler writes is covered.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad %-format must not lose the line, nor leak its args
+            message = str(record.msg)
+        record.msg = redact_text(message)
+        record.args = None
+        for key in list(record.__dict__):
+            if key in _RECORD_ATTRS or key == _FIELDS_ATTR:
+                continue
+            value = record.__dict__[key]
+            record.__dict__[key] = REDACTED if _SECRET_KEY.search(key) else redact(value)
+        fields = getattr(record, _FIELDS_ATTR, None)
+        if fields:
+            setattr(record, _FIELDS_ATTR, redact(fields))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: timestamp (ISO-8601 UTC), level, logger, event, then the fields.
+
+    A field named ``timestamp`` (an audit record's own time) replaces the log time; fields named
+    like the other base keys are kept under ``field_<name>`` rather than silently lost.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "timestamp": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="microseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        for key, value in _extra_fields(record).items():
+            out[f"field_{key}" if key in _BASE_KEYS else key] = value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exception"] = record.exc_text
+        return jsonlib.dumps(out, default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+class _ShipyardHandler(logging.StreamHandler[TextIO]):
+    """Marks the handler configure_logging installed, so calling it again replaces it."""
+
+
+def configure_logging(
+    level: str = "INFO", json: bool = True, stream: TextIO | None = None
+) -> logging.Handler:
+    """Send every log record (root logger) to ``stream`` (default: ``sys.stderr`` at call time),
+    redacted, as JSON lines or as plain text. Idempotent: replaces its own earlier handler and
+    leaves others (pytest's, uvicorn's) alone. Returns the handler it installed."""
+    numeric = logging.getLevelNamesMapping().get(level.upper())
+    if numeric is None:
+        raise InvalidInput(
+            f"unknown log level {level!r}; use one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+        )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _ShipyardHandler)]:
+        root.removeHandler(old)
+        old.close()
+    handler = _ShipyardHandler(stream if stream is not None else sys.stderr)
+    handler.addFilter(RedactionFilter())
+    handler.setFormatter(
+        JsonFormatter()
+        if json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    return handler
+
+
+def log_event(
+    logger: logging.Logger, event: str, /, *, level: int = logging.INFO, **fields: Any
+) -> None:
+    """Log one structured event (``event`` becomes the line's ``event``; ``fields`` sit beside it).
+
+    Field names are free (``name``, ``module``, ``timestamp`` are fine): they travel in one
+    attribute rather than as LogRecord attributes.
+    """
+    logger.log(level, event, extra={_FIELDS_ATTR: fields})

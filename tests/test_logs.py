@@ -1,0 +1,222 @@
+"""Structured logs: the JSON line's shape, and that secrets never reach the stream."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from shipyard.errors import InvalidInput
+from shipyard.logs import REDACTED, configure_logging, log_event, redact
+
+# A real HS256 token's shape (header {"alg":"HS256","typ":"JWT"}) and an alg-none one.
+JWT = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsInBlcm1pc3Npb25zIjpbXX0"
+    ".c2lnbmF0dXJlLWJ5dGVzLWdvLWhlcmU"
+)
+UNSIGNED_JWT = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJtYWxsb3J5In0."
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    """configure_logging on the root logger, undone afterwards."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    buf = io.StringIO()
+    configure_logging("DEBUG", stream=buf)
+    yield buf
+    for handler in root.handlers:
+        if handler not in saved_handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(saved_level)
+
+
+def lines(buf: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+def test_one_json_object_per_line_with_the_base_fields(stream: io.StringIO) -> None:
+    logger = logging.getLogger("shipyard.test")
+    logger.info("deployment %s started", "d-1", extra={"deployment_id": "d-1", "attempt": 2})
+    logger.warning("second line")
+
+    first, second = lines(stream)
+    assert set(first) == {"timestamp", "level", "logger", "event", "deployment_id", "attempt"}
+    assert (first["level"], first["logger"], first["event"]) == (
+        "INFO",
+        "shipyard.test",
+        "deployment d-1 started",
+    )
+    assert (first["deployment_id"], first["attempt"]) == ("d-1", 2)
+    ts = dt.datetime.fromisoformat(first["timestamp"])
+    assert ts.utcoffset() == dt.timedelta(0)
+    assert "." in first["timestamp"]  # microseconds
+    assert (second["level"], second["event"]) == ("WARNING", "second line")
+
+
+def test_log_event_puts_fields_beside_the_event(stream: io.StringIO) -> None:
+    log_event(
+        logging.getLogger("shipyard.orchestrator"),
+        "deployment.stage_completed",
+        deployment_id="d-1",
+        service="web",
+        region="eu-west",
+        user="alice",
+        status="InProgress",
+        duration_ms=1234,
+        name="clashes with LogRecord.name",
+    )
+    logging.getLogger("shipyard.test").info("plain", extra={"event": "x", "logger": "y"})
+
+    line, plain = lines(stream)
+    assert (plain["event"], plain["field_event"], plain["field_logger"]) == ("plain", "x", "y")
+    assert line["event"] == "deployment.stage_completed"
+    assert line["logger"] == "shipyard.orchestrator"
+    assert line["level"] == "INFO"
+    assert line["name"] == "clashes with LogRecord.name"
+    assert {k: line[k] for k in ("deployment_id", "service", "region", "user", "status")} == {
+        "deployment_id": "d-1",
+        "service": "web",
+        "region": "eu-west",
+        "user": "alice",
+        "status": "InProgress",
+    }
+    assert line["duration_ms"] == 1234
+
+
+def test_log_event_level_and_the_configured_threshold(stream: io.StringIO) -> None:
+    logger = logging.getLogger("shipyard.test")
+    configure_logging("WARNING", stream=stream)  # replaces the fixture's handler, same stream
+    log_event(logger, "quiet")
+    log_event(logger, "loud", level=logging.ERROR)
+
+    assert [line["event"] for line in lines(stream)] == ["loud"]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "token",
+        "api_token",
+        "Authorization",
+        "password",
+        "db_password",
+        "client_secret",
+        "signing_key",
+        "cookie",
+        "Set-Cookie",
+    ],
+)
+def test_values_under_secret_looking_keys_are_redacted(stream: io.StringIO, key: str) -> None:
+    fields: dict[str, Any] = {
+        "service": "web",
+        "payload": {key: "hunter2", "nested": [{key: "hunter2", "ok": "visible"}]},
+        key.replace("-", "_"): "hunter2",
+    }
+    log_event(logging.getLogger("shipyard.test"), "event", **fields)
+
+    (line,) = lines(stream)
+    assert "hunter2" not in json.dumps(line)
+    assert line[key.replace("-", "_")] == REDACTED
+    assert line["payload"] == {key: REDACTED, "nested": [{key: REDACTED, "ok": "visible"}]}
+    assert line["service"] == "web"
+
+
+def test_secret_keys_in_plain_extra_are_redacted(stream: io.StringIO) -> None:
+    logging.getLogger("shipyard.test").info("login", extra={"password": "hunter2", "user": "bob"})
+
+    (line,) = lines(stream)
+    assert (line["password"], line["user"]) == (REDACTED, "bob")
+
+
+@pytest.mark.parametrize(
+    ("message", "kept"),
+    [
+        pytest.param(f"header was Authorization: Bearer {JWT} ok", "ok", id="bearer-jwt"),
+        pytest.param("got bearer abc123.def_456-xyz from client", "from client", id="bearer"),
+        pytest.param(f"token {JWT} rejected", "rejected", id="bare-jwt"),
+        pytest.param(f"alg none token {UNSIGNED_JWT} rejected", "rejected", id="alg-none-jwt"),
+        pytest.param("connect password=hunter2 host=db", "host=db", id="password-pair"),
+        pytest.param('config {"secret": "hunter2"} loaded', "loaded", id="quoted-pair"),
+    ],
+)
+def test_tokens_inside_messages_are_masked(stream: io.StringIO, message: str, kept: str) -> None:
+    logging.getLogger("shipyard.test").warning(message)
+
+    (line,) = lines(stream)
+    for secret in ("hunter2", "abc123", JWT, UNSIGNED_JWT, "c2lnbmF0dXJl"):
+        assert secret not in line["event"]
+    assert REDACTED in line["event"]
+    assert kept in line["event"]
+
+
+def test_tokens_passed_as_format_args_and_field_values_are_masked(stream: io.StringIO) -> None:
+    logger = logging.getLogger("shipyard.test")
+    logger.info("verifying %s", JWT)
+    log_event(logger, "request", header=f"Bearer {JWT}")
+
+    first, second = lines(stream)
+    assert JWT not in json.dumps([first, second])
+    assert first["event"] == f"verifying {REDACTED}"
+    assert second["header"] == f"Bearer {REDACTED}"
+
+
+def test_tracebacks_are_masked(stream: io.StringIO) -> None:
+    logger = logging.getLogger("shipyard.test")
+    try:
+        raise ValueError(f"could not decode {JWT}")
+    except ValueError:
+        logger.exception("decode failed")
+
+    (line,) = lines(stream)
+    assert "ValueError: could not decode" in line["exception"]
+    assert JWT not in line["exception"]
+
+
+def test_text_mode_redacts_too() -> None:
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    buf = io.StringIO()
+    try:
+        configure_logging("INFO", json=False, stream=buf)
+        logging.getLogger("shipyard.test").info("Authorization: Bearer %s", JWT)
+    finally:
+        for handler in [h for h in root.handlers if h not in saved_handlers]:
+            root.removeHandler(handler)
+        root.setLevel(saved_level)
+
+    out = buf.getvalue()
+    assert "shipyard.test" in out
+    assert JWT not in out
+    assert f"Bearer {REDACTED}" in out
+
+
+def test_configuring_twice_keeps_one_handler(stream: io.StringIO) -> None:
+    configure_logging("INFO", stream=stream)
+    logging.getLogger("shipyard.test").info("once")
+
+    assert [line["event"] for line in lines(stream)] == ["once"]
+
+
+def test_an_unknown_level_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="unknown log level"):
+        configure_logging("LOUD")
+
+
+def test_redact_returns_a_copy() -> None:
+    original = {"token": "t", "inner": {"password": "p"}, "items": [f"Bearer {JWT}"]}
+
+    cleaned = redact(original)
+
+    assert cleaned == {
+        "token": REDACTED,
+        "inner": {"password": REDACTED},
+        "items": [f"Bearer {REDACTED}"],
+    }
+    assert original["token"] == "t"
