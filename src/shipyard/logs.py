@@ -155,6 +155,10 @@ def configure_logging(
     )
     root.addHandler(handler)
     root.setLevel(numeric)
+    # Client libraries log every request at INFO (the agent calls, the health probes): noise
+    # next to the one-event-per-action log, so they speak only when something is wrong.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(numeric, logging.WARNING))
     return handler
 
 
