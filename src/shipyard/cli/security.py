@@ -1,0 +1,259 @@
+"""``shipyard scan`` and ``shipyard vulndb``: the security gate's scanner from a terminal.
+
+``security_app`` holds both commands; the main CLI mounts them at the top level with
+``app.add_typer(security_app)`` (no name: the commands join ``shipyard`` itself).
+
+    shipyard scan PATH [--db DIR] [--policy FILE] [--format table|json]
+        PATH: a built artifact directory, a virtual environment, or a requirements/lock file.
+    shipyard vulndb [--db DIR]
+        what the offline OSV database holds: advisories, packages, withdrawn, corrupt files.
+
+The database is ``--db``, else ``$SHIPYARD_OSV_DB``, else ``<data-dir>/osv``; its parsed form is
+cached under ``<data-dir>/cache/osv`` (or the user cache directory without a data dir).
+
+Exit codes: 0 nothing blocks; 1 the policy blocks (findings listed); 2 bad input (no such path,
+no database, malformed policy), with a message saying what to fix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from shipyard.errors import InvalidInput
+from shipyard.security import inventory, osv, policy
+from shipyard.security.cvss import Severity
+from shipyard.security.scanning import Finding, OsvScanner
+
+security_app = typer.Typer(
+    help="Scan for known vulnerabilities with the offline OSV database.",
+    no_args_is_help=True,
+)
+
+
+def _out() -> Console:
+    # Made per call, not at import: width and colour follow the environment of each run.
+    return Console(highlight=False)
+
+
+class OutputFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
+
+
+DbOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        help="OSV database: a directory or .zip of OSV JSON/YAML files. "
+        "Default: $SHIPYARD_OSV_DB, else <data-dir>/osv.",
+        show_default=False,
+    ),
+]
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option("--data-dir", envvar="SHIPYARD_DATA_DIR", help="Shipyard's data directory."),
+]
+FormatOption = Annotated[OutputFormat, typer.Option("--format", help="table or json.")]
+
+_STYLE = {
+    Severity.CRITICAL: "bold red",
+    Severity.HIGH: "red",
+    Severity.MEDIUM: "yellow",
+    Severity.LOW: "cyan",
+    Severity.NONE: "dim",
+    Severity.UNKNOWN: "magenta",
+}
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}")
+    return typer.Exit(code)
+
+
+def resolve_db(db: Path | None, data_dir: Path | None) -> Path:
+    """``--db``, else ``$SHIPYARD_OSV_DB``, else ``<data-dir>/osv``; InvalidInput if missing."""
+    if db is None and (env := os.environ.get("SHIPYARD_OSV_DB")):
+        db = Path(env)
+    if db is None and data_dir is not None:
+        db = data_dir / "osv"
+    if db is None:
+        raise InvalidInput(
+            "no vulnerability database: pass --db DIR, set SHIPYARD_OSV_DB, or put an OSV "
+            "database (e.g. a copy of the PyPA advisory-database) at <data-dir>/osv"
+        )
+    if not db.exists():
+        raise InvalidInput(
+            f"vulnerability database {db} does not exist: pass --db DIR or set SHIPYARD_OSV_DB "
+            "to a directory or .zip of OSV advisories"
+        )
+    return db
+
+
+def _cache_dir(data_dir: Path | None) -> Path:
+    if data_dir is not None:
+        return data_dir / "cache" / "osv"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "shipyard" / "osv"
+
+
+def _load(db: Path | None, data_dir: Path | None) -> osv.OsvDatabase:
+    return osv.load(resolve_db(db, data_dir), cache_dir=_cache_dir(data_dir))
+
+
+def _severity_cell(f: Finding) -> str:
+    score = f" {f.score:.1f}" if f.score is not None else ""
+    return f"[{_STYLE[f.severity]}]{f.severity.value}{score}[/]"
+
+
+def _table(title: str, rows: list[tuple[Finding, str]]) -> Table:
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for col in (
+        "package",
+        "version",
+        "advisory id",
+        "aliases",
+        "severity",
+        "fixed versions",
+        "verdict",
+    ):
+        table.add_column(col, overflow="fold")
+    for f, verdict in rows:
+        table.add_row(
+            escape(f.package),
+            escape(f.version),
+            escape(f.advisory_id),
+            escape(", ".join((*f.advisory_ids[1:], *f.aliases)) or "-"),
+            _severity_cell(f),
+            escape(", ".join(f.fixed_versions) or "-"),
+            verdict,
+        )
+    return table
+
+
+@security_app.command("scan")
+def scan(
+    path: Annotated[
+        Path,
+        typer.Argument(help="Artifact directory, virtual environment, or requirements/lock file."),
+    ],
+    db: DbOption = None,
+    policy_file: Annotated[
+        Path | None,
+        typer.Option("--policy", help="Policy file (TOML [security] table, e.g. shipyard.toml)."),
+    ] = None,
+    output: FormatOption = OutputFormat.table,
+    data_dir: DataDirOption = None,
+) -> None:
+    """List known vulnerabilities of what PATH contains; exit 1 when the policy blocks."""
+    try:
+        pol = policy.load_policy(policy_file) if policy_file else policy.DEFAULT_POLICY
+        inv = inventory.from_path(path)
+        database = _load(db, data_dir)
+    except InvalidInput as exc:
+        raise _fail(exc.message) from exc
+    result = OsvScanner(database).scan(inv)
+    evaluation = policy.evaluate(pol, result.findings, today=dt.datetime.now(dt.UTC).date())
+    if output is OutputFormat.json:
+        payload: dict[str, Any] = {
+            "source": inv.source,
+            "kind": inv.kind,
+            "packages": len(inv.packages),
+            "skipped": [{"source": s.source, "reason": s.reason} for s in inv.skipped],
+            "findings": [f.to_dict() for f in result.findings],
+            **evaluation.to_dict(),
+            "database": {"path": database.path, "advisories": len(database.advisories)},
+        }
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        _print_scan(inv, evaluation, database)
+    if evaluation.blocked:
+        raise typer.Exit(1)
+
+
+def _print_scan(
+    inv: inventory.Inventory, evaluation: policy.PolicyEvaluation, database: osv.OsvDatabase
+) -> None:
+    out = _out()
+    rows = [(f, "[bold red]BLOCK[/]") for f in evaluation.blocking]
+    rows += [(a.finding, f"allowed: {escape(a.reason)}") for a in evaluation.allowed]
+    rows += [(f, "report") for f in evaluation.passed]
+    out.print(
+        f"Scanned {len(inv.packages)} package(s) from {escape(inv.source)} ({inv.kind}) against "
+        f"{len(database.advisories)} advisories in {escape(database.path)}."
+    )
+    for s in inv.skipped:
+        out.print(f"[dim]skipped {escape(s.source)}: {escape(s.reason)}[/]")
+    if rows:
+        out.print(_table("Findings", rows))
+    else:
+        out.print("[green]No known vulnerabilities.[/]")
+    for e in evaluation.expired:
+        matched = ", ".join(f.advisory_id for f in e.matched) or "no current finding"
+        out.print(
+            f"[yellow]expired allow entry[/] {escape(e.entry.id)} "
+            f"(expired {e.entry.expires.isoformat()}): "
+            f"no longer applies; matched {matched}"
+        )
+    verdict = "[bold red]BLOCKED[/]" if evaluation.blocked else "[green]passes[/]"
+    out.print(f"{verdict}: {escape(evaluation.summary())} (policy: {evaluation.policy.describe()})")
+
+
+@security_app.command("vulndb")
+def vulndb(
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    output: FormatOption = OutputFormat.table,
+) -> None:
+    """What the offline vulnerability database holds, and which files could not be used."""
+    try:
+        database = _load(db, data_dir)
+    except InvalidInput as exc:
+        raise _fail(exc.message) from exc
+    stats = database.stats()
+    if output is OutputFormat.json:
+        typer.echo(
+            json.dumps(
+                {
+                    "path": stats.path,
+                    "files": stats.files,
+                    "advisories": stats.advisories,
+                    "packages": stats.packages,
+                    "withdrawn": stats.withdrawn,
+                    "ecosystems": dict(stats.ecosystems),
+                    "problems": [{"path": p.path, "reason": p.reason} for p in stats.problems],
+                    "load_seconds": round(stats.load_seconds, 3),
+                    "from_cache": stats.from_cache,
+                },
+                indent=2,
+            )
+        )
+        return
+    table = Table(
+        title=f"OSV database {escape(stats.path)}", title_justify="left", show_header=False
+    )
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    table.add_row("files read", str(stats.files))
+    table.add_row("advisories loaded", str(stats.advisories))
+    table.add_row("packages", str(stats.packages))
+    table.add_row(
+        "ecosystems", ", ".join(f"{k} ({v})" for k, v in sorted(stats.ecosystems.items()))
+    )
+    table.add_row("withdrawn (ignored)", str(stats.withdrawn))
+    table.add_row("skipped / corrupt files", str(len(stats.problems)))
+    source = "parsed cache" if stats.from_cache else "parsed files"
+    table.add_row("load time", f"{stats.load_seconds:.2f} s ({source})")
+    out = _out()
+    out.print(table)
+    for p in stats.problems:
+        out.print(f"[yellow]skipped[/] {escape(p.path)}: {escape(p.reason)}")

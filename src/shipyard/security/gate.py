@@ -1,0 +1,298 @@
+"""The security gate (ADR-014 section 9): between build and deploy, every artifact is inventoried,
+described in an SBOM, scanned against the offline OSV database, judged by the security policy
+and, only if nothing blocks, signed (in-toto/SLSA provenance in a DSSE envelope). Before a deploy,
+``verify_before_deploy`` checks that exact digest's signature.
+
+The orchestrator's scan stage calls ``SecurityGate.check``; a blocked artifact raises
+``SecurityScanFailed`` (``vulnerabilities`` = blocking findings, ``findings`` = their details), so
+the deployment ends Failed with the reason on record. Blocking work (file walks, YAML, crypto)
+runs in ``asyncio.to_thread``; the database is loaded once per process (``osv.load_shared``) and
+its parsed form cached under ``<data_dir>/cache/osv``.
+
+The gate takes any object shaped like ``shipyard.build.base.Artifact`` (``ArtifactLike``): build
+and security are sibling layers and do not import each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from shipyard.domain.clock import Clock, SystemClock
+from shipyard.domain.manifest import Manifest
+from shipyard.errors import InvalidInput, SecurityScanFailed
+from shipyard.security import inventory as inv
+from shipyard.security import osv, sbom, signing
+from shipyard.security import policy as policies
+from shipyard.security.scanning import Finding, OsvScanner, Scanner
+
+
+class ArtifactLike(Protocol):
+    """What the gate reads of ``shipyard.build.base.Artifact``."""
+
+    @property
+    def digest(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def location(self) -> str: ...
+    @property
+    def commit(self) -> str: ...
+    @property
+    def builder(self) -> str: ...
+    @property
+    def manifest(self) -> Manifest: ...
+
+
+@dataclass(frozen=True)
+class GateReport:
+    digest: str
+    packages: int
+    findings: tuple[Finding, ...]
+    evaluation: policies.PolicyEvaluation
+    sbom_path: Path
+    envelope_path: Path
+    keyid: str
+    #: Milliseconds per step: inventory, sbom, scan, policy, sign, total.
+    durations_ms: Mapping[str, int]
+    skipped: tuple[inv.Skipped, ...] = ()
+    database: osv.DatabaseStats | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """For the deployment's scan StageRecord.detail and the API."""
+        return {
+            "digest": self.digest,
+            "packages": self.packages,
+            "findings": len(self.findings),
+            "evaluation": self.evaluation.to_dict(),
+            "sbom": str(self.sbom_path),
+            "provenance": str(self.envelope_path),
+            "keyid": self.keyid,
+            "durations_ms": dict(self.durations_ms),
+            "skipped": [{"source": s.source, "reason": s.reason} for s in self.skipped],
+            "database": None
+            if self.database is None
+            else {
+                "path": self.database.path,
+                "advisories": self.database.advisories,
+                "problems": len(self.database.problems),
+            },
+        }
+
+
+def manifest_policy(manifest: Any) -> policies.SecurityPolicy | None:
+    """The manifest's ``[security]`` table, if the manifest model carries one."""
+    section = getattr(manifest, "security", None)
+    if section is None or isinstance(section, policies.SecurityPolicy):
+        return section
+    if isinstance(section, BaseModel):
+        section = section.model_dump(exclude_unset=True)
+    if not isinstance(section, Mapping):
+        raise policies.PolicyError("shipyard.toml [security]: must be a table")
+    return policies.parse_policy(section, origin="shipyard.toml [security]")
+
+
+def subject_name(artifact: ArtifactLike) -> str:
+    # An image is known by its reference; a directory artifact by the service it runs.
+    if artifact.kind == "oci-image":
+        return artifact.location
+    return artifact.manifest.service.name
+
+
+def envelope_path_for(directory: Path, digest: str) -> Path:
+    return directory / f"{digest.partition(':')[2]}.provenance.dsse.json"
+
+
+class SecurityGate:
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        db_path: Path,
+        policy: policies.SecurityPolicy | None = None,
+        clock: Clock | None = None,
+        scanner: Scanner | None = None,
+        signer: signing.Signer | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.db_path = db_path
+        self.policy = policy if policy is not None else policies.DEFAULT_POLICY
+        self.clock = clock or SystemClock()
+        self.cache_dir = cache_dir if cache_dir is not None else data_dir / "cache" / "osv"
+        self._injected_scanner = scanner
+        self._osv_scanner: OsvScanner | None = None
+        self._signer = signer
+        self._lock = threading.Lock()
+
+    # -- lazily built collaborators (first use happens in a worker thread) --
+
+    def scanner(self) -> Scanner:
+        """The injected scanner, else the OSV scanner over the process-wide database; a
+        database whose files changed on disk is reloaded (the check costs one stat per file)."""
+        if self._injected_scanner is not None:
+            return self._injected_scanner
+        with self._lock:
+            db = osv.load_shared(self.db_path, cache_dir=self.cache_dir)
+            if self._osv_scanner is None or self._osv_scanner.database is not db:
+                self._osv_scanner = OsvScanner(db)
+            return self._osv_scanner
+
+    def signer(self) -> signing.Signer:
+        with self._lock:
+            if self._signer is None:
+                self._signer = signing.Ed25519Signer.load_or_create(self.data_dir)
+            return self._signer
+
+    async def public_key_pem(self) -> str:
+        return (await asyncio.to_thread(self.signer)).public_key_pem()
+
+    # -- the gate --
+
+    def inventory_of(self, artifact: ArtifactLike, rootfs: Path | None = None) -> inv.Inventory:
+        if rootfs is not None or artifact.kind == "directory":
+            tree = rootfs if rootfs is not None else Path(artifact.location)
+            try:
+                return inv.from_tree(tree)
+            except InvalidInput as exc:
+                raise SecurityScanFailed(
+                    f"cannot scan artifact {artifact.digest}: {exc.message}",
+                    vulnerabilities=0,
+                    reason="not_scannable",
+                ) from exc
+        raise SecurityScanFailed(
+            f"cannot scan {artifact.kind} artifact {artifact.location} ({artifact.digest}): "
+            "the gate reads files, so pass the image's exported root filesystem as `rootfs`",
+            vulnerabilities=0,
+            reason="not_scannable",
+        )
+
+    async def check(
+        self,
+        artifact: ArtifactLike,
+        sbom_dir: Path,
+        *,
+        source_repository: str | None = None,
+        policy: policies.SecurityPolicy | None = None,
+        rootfs: Path | None = None,
+    ) -> GateReport:
+        """SBOM, scan, policy, then sign. Raises SecurityScanFailed when the policy blocks.
+
+        The policy is ``policy`` if given, else the manifest's ``[security]`` table, else the
+        gate's (server) policy."""
+        started = time.perf_counter()
+        durations: dict[str, int] = {}
+
+        def lap(name: str, since: float) -> float:
+            now = time.perf_counter()
+            durations[name] = round((now - since) * 1000)
+            return now
+
+        effective = policy or manifest_policy(artifact.manifest) or self.policy
+        t = started
+        inventory = await asyncio.to_thread(self.inventory_of, artifact, rootfs)
+        t = lap("inventory", t)
+        subject = sbom.SbomSubject(
+            digest=artifact.digest,
+            name=subject_name(artifact),
+            kind=artifact.kind,
+            commit=artifact.commit,
+            builder=artifact.builder,
+        )
+        sbom_path = await asyncio.to_thread(sbom.write_sbom, inventory, subject, sbom_dir)
+        t = lap("sbom", t)
+        try:
+            scanner = await asyncio.to_thread(self.scanner)
+        except osv.DatabaseError as exc:
+            # Without its database the gate cannot vouch for anything: fail closed.
+            raise SecurityScanFailed(
+                f"cannot scan {artifact.digest}: {exc.message}",
+                vulnerabilities=0,
+                reason="no_database",
+            ) from exc
+        result = await asyncio.to_thread(scanner.scan, inventory)
+        t = lap("scan", t)
+        today = dt.datetime.fromtimestamp(self.clock.now(), dt.UTC).date()
+        evaluation = policies.evaluate(effective, result.findings, today=today)
+        t = lap("policy", t)
+        if evaluation.blocked:
+            raise SecurityScanFailed(
+                f"security gate blocked {artifact.digest}: {evaluation.summary()}. Upgrade the "
+                "packages listed (fixed versions given) or add a reviewed, expiring allow entry.",
+                vulnerabilities=len(evaluation.blocking),
+                findings=[f.to_dict() for f in evaluation.blocking],
+                allowed=[a.finding.advisory_id for a in evaluation.allowed],
+                expired_allow=[e.entry.id for e in evaluation.expired],
+                sbom=str(sbom_path),
+            )
+        envelope_path = envelope_path_for(sbom_dir, artifact.digest)
+        keyid = await asyncio.to_thread(
+            self._sign, artifact, sbom_path, envelope_path, source_repository, today
+        )
+        lap("sign", t)
+        durations["total"] = round((time.perf_counter() - started) * 1000)
+        return GateReport(
+            digest=artifact.digest,
+            packages=len(inventory.packages),
+            findings=result.findings,
+            evaluation=evaluation,
+            sbom_path=sbom_path,
+            envelope_path=envelope_path,
+            keyid=keyid,
+            durations_ms=durations,
+            skipped=inventory.skipped,
+            database=result.database,
+        )
+
+    def _sign(
+        self,
+        artifact: ArtifactLike,
+        sbom_path: Path,
+        envelope_path: Path,
+        source_repository: str | None,
+        today: dt.date,
+    ) -> str:
+        signer = self.signer()
+        source_uri = f"git+{source_repository}@{artifact.commit}" if source_repository else None
+        statement = signing.provenance_statement(
+            subject_name=subject_name(artifact),
+            subject_digest=artifact.digest,
+            builder_id=f"urn:shipyard:builder:{artifact.builder}",
+            source_repository=source_repository,
+            commit=artifact.commit,
+            build_command=artifact.manifest.build.command,
+            materials=[
+                signing.Material(
+                    uri=source_uri, digest={"gitCommit": artifact.commit}, name="source"
+                )
+            ],
+            byproducts=[
+                signing.Material(
+                    name=sbom_path.name,
+                    digest={"sha256": sbom.file_digest(sbom_path).partition(":")[2]},
+                )
+            ],
+            metadata={
+                "finishedOn": dt.datetime.fromtimestamp(self.clock.now(), dt.UTC)
+                .isoformat()
+                .replace("+00:00", "Z")
+            },
+        )
+        signing.write_envelope(signing.sign_statement(signer, statement), envelope_path)
+        return signer.keyid
+
+    async def verify_before_deploy(
+        self, artifact: ArtifactLike, envelope_path: Path
+    ) -> dict[str, Any]:
+        """The signed statement for exactly ``artifact.digest``; ArtifactVerificationFailed when
+        the envelope is missing, malformed, tampered, foreign, or about another digest."""
+        pem = await self.public_key_pem()
+        return await asyncio.to_thread(signing.verify_file, envelope_path, artifact.digest, pem)

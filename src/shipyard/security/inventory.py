@@ -1,0 +1,457 @@
+"""What an artifact contains: the packages the scanner checks and the SBOM lists.
+
+Three sources, one result (``Inventory``):
+
+* a directory tree (a built artifact, a ``pip install --target`` dir, a venv, an unpacked image):
+  every ``*.dist-info/METADATA`` and ``*.egg-info/PKG-INFO`` under it, plus the Debian packages
+  of ``var/lib/dpkg/status`` (and distroless ``var/lib/dpkg/status.d/*``) at its root;
+* a Python environment: a venv's site-packages, or the running interpreter's ``sys.path``;
+* a requirements or lock file: ``name==version`` pins (``-r`` includes followed), ``poetry.lock``
+  / ``uv.lock`` (``[[package]]``) and ``Pipfile.lock``. Lines without an exact pin are reported in
+  ``Inventory.skipped`` with the reason, never silently dropped.
+
+Called by the gate (``gate.py``) on the built artifact and by ``shipyard scan``. Python names are
+normalized per PEP 503 so they match the advisory database's index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from email.parser import HeaderParser
+from pathlib import Path
+from typing import Any
+
+from packaging.requirements import InvalidRequirement, Requirement
+
+from shipyard.errors import InvalidInput
+
+PYPI = "PyPI"
+DEBIAN = "Debian"
+
+_PEP503 = re.compile(r"[-_.]+")
+#: Directories never worth descending into when looking for installed distributions.
+_PRUNE = frozenset({".git", ".hg", ".svn", "__pycache__", "node_modules", ".mypy_cache"})
+_LOCK_TOML = ("poetry.lock", "uv.lock", "pdm.lock")
+MAX_METADATA_BYTES = 4 * 1024 * 1024
+#: requirements-file options that change where pip looks, not what it installs.
+_PIP_GLOBAL_OPTIONS = (
+    "--hash",
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-f",
+    "--find-links",
+    "--trusted-host",
+    "--no-binary",
+    "--only-binary",
+    "--pre",
+    "--prefer-binary",
+    "--require-hashes",
+    "--no-index",
+    "-c",
+    "--constraint",
+)
+
+
+def normalize_name(name: str) -> str:
+    """PEP 503: ``Foo.Bar_baz`` -> ``foo-bar-baz``."""
+    return _PEP503.sub("-", name).lower()
+
+
+@dataclass(frozen=True)
+class Package:
+    ecosystem: str  # "PyPI" or "Debian" (OSV ecosystem names)
+    name: str  # PEP 503-normalized for PyPI, as dpkg writes it for Debian
+    version: str
+    #: Where it was found: a METADATA path, the dpkg status file, ``requirements.txt:12``.
+    location: str = ""
+    #: Debian: the source package (OSV's Debian advisories are keyed by source package).
+    source_name: str | None = None
+    source_version: str | None = None
+    #: Debian: the release from etc/os-release (``12``), matched against ``Debian:12``.
+    release: str | None = None
+    arch: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.ecosystem, self.name, self.version)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    source: str  # file (and line) that could not be used
+    reason: str
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The packages of one scanned thing; ``skipped`` says what could not be read and why."""
+
+    source: str
+    kind: str  # "tree", "environment", "requirements"
+    packages: tuple[Package, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+
+    def by_ecosystem(self, ecosystem: str) -> list[Package]:
+        return [p for p in self.packages if p.ecosystem == ecosystem]
+
+
+@dataclass
+class _Collector:
+    packages: dict[tuple[str, str, str], Package] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def add(self, pkg: Package) -> None:
+        # One entry per (ecosystem, name, version): the same dist vendored twice is one package.
+        self.packages.setdefault(pkg.key, pkg)
+
+    def skip(self, source: str, reason: str) -> None:
+        self.skipped.append(Skipped(source, reason))
+
+    def result(self, source: str, kind: str) -> Inventory:
+        pkgs = sorted(self.packages.values(), key=lambda p: (p.ecosystem, p.name, p.version))
+        return Inventory(source, kind, tuple(pkgs), tuple(self.skipped))
+
+
+# --- Python distributions -------------------------------------------------------------------------
+
+
+def _metadata_file(entry: Path) -> Path | None:
+    """The metadata file of a ``*.dist-info`` / ``*.egg-info`` entry (a PKG-INFO-style file for
+    old single-file egg-info installs)."""
+    if entry.name.endswith(".dist-info"):
+        return entry / "METADATA"
+    if entry.name.endswith(".egg-info"):
+        return entry / "PKG-INFO" if entry.is_dir() else entry
+    return None
+
+
+def _read_distribution(meta: Path, out: _Collector) -> None:
+    try:
+        if meta.stat().st_size > MAX_METADATA_BYTES:
+            out.skip(str(meta), f"metadata larger than {MAX_METADATA_BYTES} bytes")
+            return
+        # Only the headers matter; the body (long description) is never parsed.
+        with meta.open(encoding="utf-8", errors="replace") as fh:
+            headers = HeaderParser().parse(fh, headersonly=True)
+    except FileNotFoundError:
+        out.skip(str(meta.parent), "no METADATA/PKG-INFO file in the distribution directory")
+        return
+    except OSError as exc:
+        out.skip(str(meta), f"unreadable: {exc.strerror or exc}")
+        return
+    name, version = headers.get("Name"), headers.get("Version")
+    if not name or not version:
+        out.skip(str(meta), "metadata has no Name or Version header")
+        return
+    out.add(Package(PYPI, normalize_name(str(name).strip()), str(version).strip(), str(meta)))
+
+
+def _scan_site_dir(directory: Path, out: _Collector) -> None:
+    """Distributions installed directly in one site-packages-like directory (not recursive)."""
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        meta = _metadata_file(entry)
+        if meta is not None:
+            _read_distribution(meta, out)
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    # Symlinked directories are not followed: a venv's lib64 -> lib would list everything twice
+    # and a link out of the tree would scan what the artifact does not contain.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if d not in _PRUNE)
+        yield Path(dirpath), dirnames, filenames
+
+
+def _scan_tree_python(root: Path, out: _Collector) -> None:
+    for dirpath, dirnames, filenames in _walk(root):
+        for d in list(dirnames):
+            if d.endswith((".dist-info", ".egg-info")):
+                _read_distribution(
+                    dirpath / d / ("METADATA" if d.endswith(".dist-info") else "PKG-INFO"), out
+                )
+                dirnames.remove(d)  # nothing below a metadata directory is a distribution
+        for f in filenames:
+            if f.endswith(".egg-info"):
+                _read_distribution(dirpath / f, out)
+
+
+# --- Debian packages ------------------------------------------------------------------------------
+
+
+def _parse_control_paragraphs(text: str) -> Iterator[dict[str, str]]:
+    """RFC 822-style paragraphs of a dpkg status file; continuation lines are folded in."""
+    para: dict[str, str] = {}
+    last: str | None = None
+    for line in text.splitlines():
+        if not line.strip():
+            if para:
+                yield para
+            para, last = {}, None
+            continue
+        if line[0] in " \t":
+            if last is not None:
+                para[last] += "\n" + line.strip()
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            last = key.strip()
+            para[last] = value.strip()
+    if para:
+        yield para
+
+
+def _debian_release(root: Path) -> str | None:
+    try:
+        text = (root / "etc" / "os-release").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    fields = dict(
+        (k, v.strip().strip('"'))
+        for k, _, v in (line.partition("=") for line in text.splitlines())
+        if k
+    )
+    if fields.get("ID") != "debian":
+        return None
+    return fields.get("VERSION_ID")
+
+
+def _scan_dpkg(root: Path, out: _Collector) -> None:
+    status_files: list[Path] = []
+    status = root / "var" / "lib" / "dpkg" / "status"
+    if status.is_file():
+        status_files.append(status)
+    status_d = root / "var" / "lib" / "dpkg" / "status.d"
+    if status_d.is_dir():
+        status_files.extend(
+            sorted(p for p in status_d.iterdir() if p.is_file() and "." not in p.name)
+        )
+    release = _debian_release(root)
+    for path in status_files:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            out.skip(str(path), f"unreadable: {exc.strerror or exc}")
+            continue
+        for para in _parse_control_paragraphs(text):
+            name, version = para.get("Package"), para.get("Version")
+            if not name or not version:
+                out.skip(str(path), "dpkg paragraph without Package or Version")
+                continue
+            state = para.get("Status", "install ok installed").split()
+            if state[-1:] != ["installed"]:
+                continue  # removed / config-files only / half-installed: not on disk as code
+            src_name, src_version = name, version
+            if src := para.get("Source"):
+                # "Source: glibc (2.36-9+deb12u4)": the source version only when it differs.
+                m = re.fullmatch(r"(\S+)(?:\s+\((\S+)\))?", src)
+                if m:
+                    src_name, src_version = m[1], m[2] or version
+            out.add(
+                Package(
+                    DEBIAN,
+                    name,
+                    version,
+                    str(path),
+                    source_name=src_name,
+                    source_version=src_version,
+                    release=release,
+                    arch=para.get("Architecture"),
+                )
+            )
+
+
+# --- entry points ---------------------------------------------------------------------------------
+
+
+def from_tree(root: Path) -> Inventory:
+    """Every Python distribution under ``root`` and the Debian packages of its dpkg database."""
+    if not root.is_dir():
+        raise InvalidInput(f"{root}: not a directory")
+    out = _Collector()
+    _scan_tree_python(root, out)
+    _scan_dpkg(root, out)
+    return out.result(str(root), "tree")
+
+
+def site_dirs(env: Path) -> list[Path]:
+    """The site-packages directories of a virtual environment or Python installation prefix."""
+    found = sorted(env.glob("lib/python*/site-packages")) + sorted(
+        env.glob("lib/python*/dist-packages")
+    )
+    found += [p for p in (env / "Lib" / "site-packages",) if p.is_dir()]
+    return [p for p in found if p.is_dir()]
+
+
+def from_environment(env: Path | None = None) -> Inventory:
+    """A venv (its site-packages) or, with None, what the running interpreter sees on sys.path."""
+    out = _Collector()
+    if env is None:
+        for entry in sys.path:
+            path = Path(entry or ".")
+            if path.is_dir():
+                _scan_site_dir(path, out)
+        return out.result("sys.path", "environment")
+    dirs = site_dirs(env)
+    if not dirs:
+        raise InvalidInput(
+            f"{env}: no lib/python*/site-packages inside; pass a virtual environment's directory"
+        )
+    for d in dirs:
+        _scan_site_dir(d, out)
+    return out.result(str(env), "environment")
+
+
+def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
+    buf, start = "", 0
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.rstrip()
+        # A comment starts at '#' at line start or after whitespace (pip's rule; URLs keep theirs).
+        line = re.sub(r"(^|\s)#.*$", "", line).rstrip()
+        if not buf:
+            start = n
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        if buf.strip():
+            yield start, buf.strip()
+        buf = ""
+    if buf.strip():
+        yield start, buf.strip()
+
+
+def _read_requirements(path: Path, out: _Collector, seen: set[Path]) -> None:
+    real = path.resolve()
+    if real in seen:
+        return
+    seen.add(real)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    for lineno, line in _logical_lines(text):
+        where = f"{path}:{lineno}"
+        if line.startswith(("-r ", "--requirement ", "-r", "--requirement=")):
+            target = re.sub(r"^(-r|--requirement)[= ]?\s*", "", line).strip()
+            include = path.parent / target
+            if include.is_file():
+                _read_requirements(include, out, seen)
+            else:
+                out.skip(where, f"included file {target} not found")
+            continue
+        if line.startswith(("-e ", "--editable")):
+            out.skip(where, "editable install: no released version to check")
+            continue
+        if line.startswith("-"):
+            if not line.startswith(_PIP_GLOBAL_OPTIONS):
+                out.skip(where, f"option line not understood: {line.split()[0]}")
+            continue
+        # Per-requirement options ("--hash=sha256:...") follow the requirement itself.
+        spec = re.split(r"\s+--?[a-z]", line, maxsplit=1)[0].strip()
+        try:
+            req = Requirement(spec)
+        except InvalidRequirement as exc:
+            out.skip(where, f"not a requirement: {exc}")
+            continue
+        if req.url:
+            out.skip(where, f"{req.name}: direct reference ({req.url}), no version to check")
+            continue
+        pins = [
+            s for s in req.specifier if s.operator in ("==", "===") and not s.version.endswith(".*")
+        ]
+        if len(pins) != 1 or len(req.specifier) != 1:
+            why = (
+                "no version specifier"
+                if not req.specifier
+                else f"not pinned with == ({req.specifier})"
+            )
+            out.skip(where, f"{req.name}: {why}")
+            continue
+        out.add(Package(PYPI, normalize_name(req.name), pins[0].version, where))
+
+
+def _read_toml_lock(path: Path, out: _Collector) -> None:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidInput(f"{path}: not a readable TOML lock file: {exc}") from exc
+    entries = data.get("package", [])
+    if not isinstance(entries, list):
+        raise InvalidInput(f"{path}: [[package]] must be an array of tables")
+    for i, entry in enumerate(entries):
+        where = f"{path}:package[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            out.skip(where, "entry without a name")
+            continue
+        version = entry.get("version")
+        if not isinstance(version, str):
+            out.skip(where, f"{entry['name']}: no version (source or virtual package)")
+            continue
+        source = entry.get("source")
+        if isinstance(source, dict) and ("editable" in source or "virtual" in source):
+            out.skip(where, f"{entry['name']}: local project, not a released distribution")
+            continue
+        out.add(Package(PYPI, normalize_name(entry["name"]), version, where))
+
+
+def _read_pipfile_lock(path: Path, out: _Collector) -> None:
+    try:
+        data: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"{path}: not a readable Pipfile.lock: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{path}: Pipfile.lock must be a JSON object")
+    for section in ("default", "develop"):
+        for name, entry in (data.get(section) or {}).items():
+            where = f"{path}:{section}.{name}"
+            version = entry.get("version") if isinstance(entry, dict) else None
+            if not isinstance(version, str) or not version.startswith("=="):
+                out.skip(where, f"{name}: not pinned with ==")
+                continue
+            out.add(Package(PYPI, normalize_name(name), version[2:], where))
+
+
+def from_requirements(path: Path) -> Inventory:
+    """Exact pins of a requirements file (or a poetry/uv/pdm/Pipfile lock)."""
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such file")
+    out = _Collector()
+    if path.name in _LOCK_TOML:
+        _read_toml_lock(path, out)
+    elif path.name == "Pipfile.lock":
+        _read_pipfile_lock(path, out)
+    else:
+        _read_requirements(path, out, set())
+    return out.result(str(path), "requirements")
+
+
+def from_path(path: Path) -> Inventory:
+    """What ``shipyard scan PATH`` means: a file is a requirements/lock file, a directory with
+    ``pyvenv.cfg`` is a virtual environment, any other directory is an artifact tree."""
+    if path.is_file():
+        return from_requirements(path)
+    if path.is_dir():
+        if (path / "pyvenv.cfg").is_file():
+            return from_environment(path)
+        return from_tree(path)
+    raise InvalidInput(f"{path}: no such file or directory")
+
+
+def merge(source: str, inventories: Iterable[Inventory]) -> Inventory:
+    out = _Collector()
+    for inv in inventories:
+        for p in inv.packages:
+            out.add(p)
+        out.skipped.extend(inv.skipped)
+    return out.result(source, "merged")
