@@ -17,6 +17,7 @@ from shipyard.health.probing import HttpProber
 from shipyard.orchestrator.pipeline import Pipeline
 from shipyard.runtime.base import Runtime
 from shipyard.runtime.local import LocalRuntime
+from shipyard.security.gate import SecurityGate
 from shipyard.settings import Settings
 from shipyard.store.db import Store, make_engine
 
@@ -56,6 +57,8 @@ async def build_context(settings: Settings) -> AppContext:
         runtimes=runtimes,
         prober=prober,
         clock=SystemClock(),
+        gate=SecurityGate(data_dir=settings.data_dir, db_path=settings.osv_db),
+        attestations_dir=settings.data_dir / "attestations",
         drain_timeout=settings.drain_timeout_seconds,
     )
     closers.append(_dispose(engine))

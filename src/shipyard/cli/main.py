@@ -29,6 +29,7 @@ from rich.table import Table
 
 from shipyard.cli.audit import audit_app
 from shipyard.cli.client import DEFAULT_SERVER, ApiClient, resolve_token, source_defaults
+from shipyard.cli.security import security_app
 from shipyard.cli.token import token_app
 from shipyard.domain.manifest import parse_manifest
 from shipyard.errors import InvalidInput, ManifestError, ShipyardError
@@ -41,6 +42,7 @@ app = typer.Typer(
 )
 app.add_typer(audit_app, name="audit")
 app.add_typer(token_app, name="token")
+app.add_typer(security_app)  # scan, vulndb
 
 out = Console()
 err = Console(stderr=True)
@@ -94,6 +96,11 @@ def serve(
     listen: Annotated[str, typer.Option(help="HOST:PORT for the API.")] = "127.0.0.1:8080",
     region: Annotated[list[str] | None, typer.Option("--region", help="Regions to serve (repeat).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
+    osv_db: Annotated[
+        Path | None,
+        typer.Option("--osv-db", envvar="SHIPYARD_OSV_DB",
+                     help="Offline OSV database (dir or zip) for the security gate's scan."),
+    ] = None,
 ) -> None:
     """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
     import uvicorn  # noqa: PLC0415 - keep `shipyard --help` fast
@@ -110,7 +117,13 @@ def serve(
         except OSError as exc:
             raise fail(f"cannot listen on {listen}: {exc.strerror}; pick another --listen") from exc
     configure_logging(log_level.upper())
-    settings = Settings(data_dir=data_dir.resolve(), regions=tuple(region or ["local"]))
+    if osv_db is not None and not osv_db.exists():
+        raise fail(f"--osv-db {osv_db} does not exist; pass an OSV database directory or zip")
+    settings = Settings(data_dir=data_dir.resolve(), regions=tuple(region or ["local"]),
+                        osv_db=osv_db.resolve() if osv_db else None)
+    if osv_db is None:
+        err.print("[yellow]warning:[/yellow] no --osv-db: artifacts get an SBOM and are signed, "
+                  "but not scanned for vulnerabilities")
     err.print(f"shipyard serve: API on http://{host}:{port}, data in {settings.data_dir}")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", loop="uvloop",
                 access_log=False)

@@ -122,6 +122,8 @@ class Manifest(WireModel):
     build: BuildSection = Field(default_factory=BuildSection)
     run: RunSection
     health: HealthCheck = Field(default_factory=HealthCheck)
+    #: Security policy (block thresholds, expiring allow-list); validated by security/policy.py.
+    security: dict[str, Any] | None = None
 
 
 def _split(command: str) -> list[str]:

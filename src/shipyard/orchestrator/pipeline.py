@@ -24,11 +24,13 @@ import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from shipyard import strategies
 from shipyard.audit import AuditEvent, AuditLog
 from shipyard.build.base import Artifact, Builder, BuildRequest
+from shipyard.build.digest import verify_artifact
 from shipyard.domain.clock import Clock
 from shipyard.domain.manifest import Manifest
 from shipyard.domain.models import (
@@ -39,12 +41,14 @@ from shipyard.domain.models import (
     validate_performance,
 )
 from shipyard.errors import (
+    ArtifactVerificationFailed,
     Conflict,
     DeploymentError,
     HealthCheckFailed,
     InvalidInput,
     NotFound,
     RollbackFailed,
+    SecurityScanFailed,
     ShipyardError,
     TrafficSwitchFailed,
     UnknownRegion,
@@ -52,6 +56,7 @@ from shipyard.errors import (
 from shipyard.health.probing import Prober, wait_healthy, watch_until_unhealthy
 from shipyard.logs import log_event
 from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime
+from shipyard.security.gate import SecurityGate
 from shipyard.store.db import Store
 from shipyard.strategies.steps import AwaitHealthy, Bake, KeepWarm, Pause, SetWeight, StartCandidate, Step
 
@@ -104,6 +109,8 @@ class Pipeline:
         runtimes: Mapping[str, Runtime],
         prober: Prober,
         clock: Clock,
+        gate: SecurityGate | None = None,
+        attestations_dir: Path | None = None,
         drain_timeout: float = 30.0,
         janitor_interval: float = 1.0,
     ) -> None:
@@ -115,6 +122,10 @@ class Pipeline:
         self.clock = clock
         self.drain_timeout = drain_timeout
         self.janitor_interval = janitor_interval
+        #: SBOM, scan, policy and signing after the build; signature + digest checked before
+        #: every start. None only in unit tests that exercise other stages.
+        self.gate = gate
+        self.attestations_dir = attestations_dir
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
         self._janitor: asyncio.Task[None] | None = None
@@ -290,6 +301,7 @@ class Pipeline:
         if progress["phase"] == "build":
             try:
                 artifact = await self._build(doc)
+                await self._scan(doc, artifact)
                 await self._prepare(doc, artifact)
             except ShipyardError as exc:  # nothing was started: the deployment simply failed
                 await self._finish(doc, DeploymentStatus.FAILED, exc)
@@ -317,6 +329,46 @@ class Pipeline:
                           digest=artifact.digest, commit=artifact.commit)
         return artifact
 
+    async def _scan(self, doc: dict[str, Any], artifact: Artifact) -> None:
+        """ADR section 9: SBOM, vulnerability scan, policy, signature (the security gate)."""
+        if self.gate is None:
+            return
+        assert self.attestations_dir is not None
+        self._set_status(doc, DeploymentStatus.SCANNING)
+        stage = self._stage_start(doc, "scan")
+        try:
+            report = await self.gate.check(artifact, self.attestations_dir,
+                                           source_repository=doc["source"]["repository"])
+        except SecurityScanFailed as exc:
+            self._stage_end(doc, stage, "failed", error=exc.message,
+                            vulnerabilities=exc.vulnerabilities, findings=exc.detail.get("findings"))
+            await self._audit(doc, "security_scan.failed", error=exc.message,
+                              vulnerabilities=exc.vulnerabilities,
+                              advisories=[f.get("advisory_id") for f in exc.detail.get("findings") or []])
+            raise
+        doc["attestation"] = {"envelope": str(report.envelope_path), "sbom": str(report.sbom_path)}
+        summary = report.to_dict()
+        self._stage_end(doc, stage, "succeeded", packages=report.packages,
+                        findings=len(report.findings), evaluation=summary["evaluation"],
+                        scan_skipped=report.scan_skipped, sbom=summary["sbom"],
+                        provenance=summary["provenance"], durations_ms=summary["durations_ms"])
+        await self._audit(doc, "security_scan.passed", duration_ms=report.durations_ms.get("total"),
+                          packages=report.packages, findings=len(report.findings),
+                          scan_skipped=report.scan_skipped, keyid=report.keyid)
+
+    async def _verify_artifact(self, doc: dict[str, Any], spec: dict[str, Any]) -> None:
+        """Only the exact digest that was built, scanned and signed may start."""
+        if self.gate is None:
+            return
+        envelope = spec.get("attestation", {}).get("envelope")
+        if not envelope:
+            raise ArtifactVerificationFailed(
+                f"revision {spec['revision']} has no signed provenance; rebuild it", reason="unsigned")
+        await self.gate.verify_digest(spec["artifact_digest"], Path(envelope))
+        if Path(spec["artifact_location"]).is_dir():
+            await asyncio.to_thread(verify_artifact, Path(spec["artifact_location"]), spec["artifact_digest"])
+        await self._audit(doc, "artifact.verified", digest=spec["artifact_digest"])
+
     async def _prepare(self, doc: dict[str, Any], artifact: Artifact) -> None:
         """Name the candidate revision, find the stable one, plan the strategy's steps."""
         request = DeploymentRequest.model_validate(doc["request"])
@@ -333,7 +385,8 @@ class Pipeline:
             replicas=manifest.run.replicas,
         )
         self.store.save_revision(revision, doc["service"], doc["region"], doc["id"],
-                                 {**spec.to_dict(), "health": manifest.health.model_dump()},
+                                 {**spec.to_dict(), "health": manifest.health.model_dump(),
+                                  "attestation": doc.get("attestation", {})},
                                  self.clock.now())
         svc = self.store.get_service(doc["service"], doc["region"])
         stable = svc.serving_revision if svc else None
@@ -382,11 +435,13 @@ class Pipeline:
         match step:
             case StartCandidate():
                 stage = self._stage_start(doc, step.name)
+                stored = self.store.get_revision_spec(candidate)
                 spec = RevisionSpec.from_dict(
-                    {k: v for k, v in self.store.get_revision_spec(candidate).items() if k != "health"}
+                    {k: v for k, v in stored.items() if k not in ("health", "attestation")}
                 )
                 doc["url"] = await runtime.ensure_service(service)
                 try:
+                    await self._verify_artifact(doc, stored)
                     replicas = await runtime.start_revision(spec)
                 except DeploymentError as exc:
                     self._stage_end(doc, stage, "failed", error=exc.message)

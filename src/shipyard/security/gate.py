@@ -65,6 +65,8 @@ class GateReport:
     durations_ms: Mapping[str, int]
     skipped: tuple[inv.Skipped, ...] = ()
     database: osv.DatabaseStats | None = field(default=None, compare=False)
+    #: Why no vulnerability scan ran (no database configured), else None.
+    scan_skipped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """For the deployment's scan StageRecord.detail and the API."""
@@ -78,6 +80,7 @@ class GateReport:
             "keyid": self.keyid,
             "durations_ms": dict(self.durations_ms),
             "skipped": [{"source": s.source, "reason": s.reason} for s in self.skipped],
+            "scan_skipped": self.scan_skipped,
             "database": None
             if self.database is None
             else {
@@ -116,7 +119,7 @@ class SecurityGate:
         self,
         *,
         data_dir: Path,
-        db_path: Path,
+        db_path: Path | None,
         policy: policies.SecurityPolicy | None = None,
         clock: Clock | None = None,
         scanner: Scanner | None = None,
@@ -209,6 +212,10 @@ class SecurityGate:
         )
         sbom_path = await asyncio.to_thread(sbom.write_sbom, inventory, subject, sbom_dir)
         t = lap("sbom", t)
+        if self.db_path is None and self._injected_scanner is None:
+            return await self._signed_without_scan(
+                artifact, inventory, sbom_path, sbom_dir, source_repository, durations, started, t
+            )
         try:
             scanner = await asyncio.to_thread(self.scanner)
         except osv.DatabaseError as exc:
@@ -250,6 +257,39 @@ class SecurityGate:
             durations_ms=durations,
             skipped=inventory.skipped,
             database=result.database,
+        )
+
+    async def _signed_without_scan(
+        self,
+        artifact: ArtifactLike,
+        inventory: inv.Inventory,
+        sbom_path: Path,
+        sbom_dir: Path,
+        source_repository: str | None,
+        durations: dict[str, int],
+        started: float,
+        t: float,
+    ) -> GateReport:
+        """No vulnerability database is configured: the SBOM and the signature still happen (so
+        the deploy stage can verify the digest), and the report says the scan was skipped."""
+        today = dt.datetime.fromtimestamp(self.clock.now(), dt.UTC).date()
+        envelope_path = envelope_path_for(sbom_dir, artifact.digest)
+        keyid = await asyncio.to_thread(
+            self._sign, artifact, sbom_path, envelope_path, source_repository, today
+        )
+        durations["sign"] = round((time.perf_counter() - t) * 1000)
+        durations["total"] = round((time.perf_counter() - started) * 1000)
+        return GateReport(
+            digest=artifact.digest,
+            packages=len(inventory.packages),
+            findings=(),
+            evaluation=policies.evaluate(self.policy, (), today=today),
+            sbom_path=sbom_path,
+            envelope_path=envelope_path,
+            keyid=keyid,
+            durations_ms=durations,
+            skipped=inventory.skipped,
+            scan_skipped="no vulnerability database configured (shipyard serve --osv-db DIR)",
         )
 
     def _sign(
@@ -294,5 +334,10 @@ class SecurityGate:
     ) -> dict[str, Any]:
         """The signed statement for exactly ``artifact.digest``; ArtifactVerificationFailed when
         the envelope is missing, malformed, tampered, foreign, or about another digest."""
+        return await self.verify_digest(artifact.digest, envelope_path)
+
+    async def verify_digest(self, digest: str, envelope_path: Path) -> dict[str, Any]:
+        """``verify_before_deploy`` for callers that hold only the digest (the orchestrator's
+        start step reads it from the stored revision)."""
         pem = await self.public_key_pem()
-        return await asyncio.to_thread(signing.verify_file, envelope_path, artifact.digest, pem)
+        return await asyncio.to_thread(signing.verify_file, envelope_path, digest, pem)

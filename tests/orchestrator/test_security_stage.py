@@ -1,0 +1,107 @@
+"""The security gate inside the pipeline: scan + sign after the build, signature and digest
+verified before every start (including a rollback's restart of an old revision)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shipyard.build.fake import DEFAULT_MANIFEST, FakeBuilder
+from shipyard.domain.manifest import parse_manifest
+from shipyard.security.gate import SecurityGate
+from shipyard.security.signing import Ed25519Signer, read_envelope, sign_statement, write_envelope
+from tests.orchestrator.test_pipeline import World
+
+OSV_DB = Path(__file__).resolve().parents[3] / "shared" / "data" / "pypa-advisory-db"
+VULNERABLE_PYYAML = {
+    "deps/PyYAML-5.3.dist-info/METADATA": "Metadata-Version: 2.1\nName: PyYAML\nVersion: 5.3\n",
+    "app.py": "print('hi')\n",
+}
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = World(tmp_path)
+    w.builder = FakeBuilder(root=tmp_path / "artifacts")
+    w.pipeline = w.new_pipeline()
+    w.pipeline.gate = SecurityGate(data_dir=tmp_path, db_path=None)
+    w.pipeline.attestations_dir = tmp_path / "attestations"
+    await w.pipeline.start()
+    yield w
+    await w.pipeline.stop()
+
+
+async def test_every_artifact_gets_an_sbom_and_signed_provenance(world: World) -> None:
+    doc = await world.deploy("aaaa1111")
+    assert doc["status"] == "Success", doc.get("error")
+    scan = next(s for s in doc["stages"] if s["name"] == "scan")
+    assert scan["detail"]["scan_skipped"].startswith("no vulnerability database")
+    envelope = read_envelope(Path(scan["detail"]["provenance"]))
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    assert statement["subject"][0]["digest"]["sha256"] == doc["artifact_digest"].removeprefix("sha256:")
+    assert json.loads(Path(scan["detail"]["sbom"]).read_text())["bomFormat"] == "CycloneDX"
+    events = [r.event_type for r in await world.audit.records(deployment_id=doc["id"])]
+    assert events.index("security_scan.passed") < events.index("artifact.verified") < events.index(
+        "revision.started")
+
+
+async def _cold_previous_revision(world: World) -> tuple[dict, dict]:
+    first = await world.deploy("aaaa1111")
+    second = await world.deploy("bbbb2222", bake_seconds=0, scale_down_delay_seconds=1)
+    await world.clock.sleep(2)
+    await world.pipeline.retire_expired()
+    return first, second
+
+
+async def test_a_tampered_artifact_is_refused_before_it_starts(world: World) -> None:
+    first, second = await _cold_previous_revision(world)
+    spec = world.store.get_revision_spec(first["green_revision"])
+    (Path(spec["artifact_location"]) / "app.py").write_text("print('backdoor')\n")
+    started_before = list(world.runtime.started)
+    rb = await world.pipeline.rollback(second["id"], "bob")
+    final = await world.pipeline.wait(rb["id"])
+    assert final["status"] == "RolledBack"  # back on the revision that was serving: v2
+    assert final["error"]["type"] == "ArtifactVerificationFailed"
+    assert "was modified after the build" in final["error"]["message"]
+    assert world.runtime.started == started_before  # nothing was started
+    assert world.weights() == {second["green_revision"]: 100}
+
+
+async def test_a_foreign_signature_is_refused(world: World, tmp_path: Path) -> None:
+    first, second = await _cold_previous_revision(world)
+    spec = world.store.get_revision_spec(first["green_revision"])
+    path = Path(spec["attestation"]["envelope"])
+    statement = json.loads(base64.b64decode(read_envelope(path)["payload"]))
+    write_envelope(sign_statement(Ed25519Signer.generate(), statement), path)
+    rb = await world.pipeline.rollback(second["id"], "bob")
+    final = await world.pipeline.wait(rb["id"])
+    assert final["error"]["type"] == "ArtifactVerificationFailed"
+    assert final["error"]["reason"] == "foreign_key"
+    assert world.weights() == {second["green_revision"]: 100}
+
+
+@pytest.mark.skipif(not OSV_DB.is_dir(), reason="needs the shared PyPA advisory database")
+async def test_policy_blocks_a_vulnerable_artifact_and_nothing_is_deployed(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    manifest = parse_manifest(DEFAULT_MANIFEST + '\n[security]\nunknown = "block"\n')
+    w.builder = FakeBuilder(manifest=manifest, root=tmp_path / "artifacts", files=VULNERABLE_PYYAML)
+    w.pipeline = w.new_pipeline()
+    w.pipeline.gate = SecurityGate(data_dir=tmp_path, db_path=OSV_DB)
+    w.pipeline.attestations_dir = tmp_path / "attestations"
+    await w.pipeline.start()
+    try:
+        doc = await w.deploy("aaaa1111")
+    finally:
+        await w.pipeline.stop()
+    assert doc["status"] == "Failed"
+    assert doc["error"]["type"] == "SecurityScanFailed"
+    assert doc["error"]["vulnerabilities"] >= 1
+    assert any(f["package"] == "pyyaml" for f in doc["error"]["findings"])
+    assert w.runtime.started == []
+    records = await w.audit.records(deployment_id=doc["id"])
+    blocked = next(r for r in records if r.event_type == "security_scan.failed")
+    assert any(a.startswith(("PYSEC", "GHSA", "CVE")) for a in blocked.detail["advisories"])
