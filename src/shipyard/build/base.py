@@ -1,0 +1,73 @@
+"""The build service's contract: ``Builder`` turns a source (repository, branch, commit) into an
+immutable, content-addressed ``Artifact``. The orchestrator's build stage calls it; backends live
+beside this module (``local.py``, ``docker.py``, ``cloudbuild.py``) and are picked by
+``[build] builder`` in the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from shipyard.domain.manifest import Manifest
+from shipyard.domain.models import BUILD_TIME_TARGET_MS, SourceConfig
+
+LogSink = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    source: SourceConfig
+    #: Where build logs stream line by line (the CLI shows them live); None = only kept on disk.
+    log_sink: LogSink | None = None
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    artifact_hit: bool = False
+    dependencies_hit: bool | None = None  # None: the build has no dependency step
+    cache_bytes: int = 0
+    evicted_entries: int = 0
+    #: Bytes of this build's dependency-cache entry and of its artifact (0: unknown / none).
+    dependencies_bytes: int = 0
+    artifact_bytes: int = 0
+    #: The input-index key (commit tree + build configuration) and the dependency-cache key.
+    inputs_key: str | None = None
+    dependencies_key: str | None = None
+    #: Docker builds: build steps answered from / not from the engine's layer cache.
+    layers_cached: int | None = None
+    layers_built: int | None = None
+    #: Wall time per phase: "fetch", "checkout", "dependencies", "command", "digest", "total".
+    durations_ms: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    #: ``sha256:<hex>`` over the artifact's content (directory tree or OCI image).
+    digest: str
+    kind: Literal["directory", "oci-image"]
+    #: Directory holding the runnable tree (kind=directory) or the image reference (oci-image).
+    location: str
+    commit: str  # full commit id that was built
+    manifest: Manifest
+    builder: str
+    duration_ms: int
+    cache: CacheReport = field(default_factory=CacheReport)
+    log_path: Path | None = None
+    #: The commit's tree id (identical trees with the same build configuration share artifacts).
+    tree: str | None = None
+
+    @property
+    def build_time_ok(self) -> bool:
+        """ADR section 8: did this build finish within the 4-minute target?"""
+        return self.duration_ms <= BUILD_TIME_TARGET_MS
+
+
+class Builder(Protocol):
+    kind: str
+
+    async def build(self, request: BuildRequest) -> Artifact:
+        """Fetch, check out, build. Raises SourceError / ManifestError / BuildFailed."""
+        ...

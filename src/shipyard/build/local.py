@@ -1,0 +1,495 @@
+"""``LocalBuilder``: builds a commit on this machine into a sealed directory artifact.
+
+Chosen by ``[build] builder = "local"`` (the default) through ``registry.builder_for``; the
+orchestrator's build stage calls ``build``. Steps:
+
+1. Fetch and resolve the source (``source.resolve_source``). If these inputs (commit tree id +
+   this builder's configuration) were built before and the artifact is still in the store, that
+   is the result: no checkout, no command, no hashing (the input index in ``cache.py``).
+2. Export the commit's tree into a fresh workspace ``<data>/builds/<id>/src``; read the manifest.
+3. Dependencies, cargo-chef style: ``[build] dependencies`` runs in a tree holding only the
+   cache-key files (``[build] cache_key_files``, default: the lock/requirements files present).
+   Its output is cached under a key over those files' content, the command and the tool it runs,
+   and copied into the workspace, so a source-only change reuses it.
+4. ``[build] command`` runs in the workspace.
+5. The workspace is checked (nothing written beside it, no symlink pointing out of it), hashed
+   (``digest.digest_tree``) and moved, read-only, to ``<data>/artifacts/sha256-<hex>``.
+
+Commands run from argv lists (never a shell) with a scrubbed environment: ``PATH``, ``HOME`` (the
+workspace), ``LANG``, ``TMPDIR`` / ``XDG_CACHE_HOME`` (a scratch directory that is thrown away) and
+``SOURCE_DATE_EPOCH``; nothing else of the server's environment (no tokens). One time budget,
+``[build] timeout_seconds``, covers both commands; on expiry the whole process group is killed.
+
+Writes outside the workspace: writes *beside* it (``../escape``, ``~/../x``) are detected and
+fail the build. A command can still write to absolute paths the server's user may write (there is
+no sandbox here); that cannot alter a sealed artifact unnoticed, because the artifact is addressed
+by its digest and ``verify_artifact`` re-checks it before deploy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shipyard.build import cache as cache_mod
+from shipyard.build.base import Artifact, BuildRequest, CacheReport
+from shipyard.build.digest import UnsupportedEntry, digest_tree, verify_artifact
+from shipyard.build.running import BuildLog, run_command
+from shipyard.build.source import ResolvedSource, export_commit, resolve_source
+from shipyard.domain.manifest import Manifest, load_manifest
+from shipyard.domain.models import BUILD_TIME_TARGET_MS
+from shipyard.errors import BuildFailed, ShipyardError
+
+__all__ = [
+    "DEFAULT_CACHE_KEY_FILES",
+    "LocalBuilder",
+    "LocalBuilderConfig",
+    "digest_tree",
+    "verify_artifact",
+]
+
+#: Dependency-declaring files looked for at the repository root when ``cache_key_files`` is unset.
+DEFAULT_CACHE_KEY_FILES = (
+    "requirements*.txt",
+    "poetry.lock",
+    "uv.lock",
+    "Pipfile.lock",
+    "package-lock.json",
+    "yarn.lock",
+    "pnpm-lock.yaml",
+    "Cargo.lock",
+    "go.sum",
+)
+#: Bump when the build procedure changes in a way that must not reuse older cache entries.
+_CACHE_FORMAT = "local-v1"
+_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+# 1980-01-01: a fixed SOURCE_DATE_EPOCH makes timestamp-embedding tools (zip, pyc) reproducible.
+_SOURCE_DATE_EPOCH = "315532800"
+_WORKSPACE, _SCRATCH, _RECIPE = "src", "tmp", "recipe"
+
+
+class LocalBuilderConfig(BaseModel):
+    """Server-side settings of the local builder (the registry's config model for "local")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["local"] = "local"
+    #: PATH given to build commands; None: the server's own PATH (not secret; nothing else is).
+    path: str | None = None
+    #: LRU budget for dependency-cache entries.
+    cache_max_bytes: int = Field(default=5 * 2**30, ge=0)
+    #: LRU budget for sealed artifacts; None keeps every artifact.
+    artifacts_max_bytes: int | None = Field(default=None, ge=0)
+    #: How cached dependencies enter the workspace: "copy" (default: every artifact independent)
+    #: or "hardlink" (faster for large environments; a build that modifies a linked file in place
+    #: fails and the entry is dropped).
+    link_dependencies: Literal["copy", "hardlink"] = "copy"
+    log_tail_lines: int = Field(default=30, ge=1, le=1000)
+
+
+@dataclass(frozen=True)
+class _Dependencies:
+    hit: bool | None
+    key: str | None = None
+    entry: Path | None = None
+    size: int = 0
+    linked: tuple[tuple[str, int, int], ...] = ()  # (path, size, mtime_ns) when hardlinked
+
+
+class LocalBuilder:
+    kind = "local"
+
+    def __init__(self, data_dir: Path, config: LocalBuilderConfig | None = None) -> None:
+        self.data_dir = data_dir
+        self.config = config or LocalBuilderConfig()
+        self.cache = cache_mod.BuildCache(
+            data_dir,
+            max_bytes=self.config.cache_max_bytes,
+            artifacts_max_bytes=self.config.artifacts_max_bytes,
+        )
+        self._builds = data_dir / "builds"
+        self._logs = data_dir / "logs"
+        self._builds.mkdir(parents=True, exist_ok=True)
+        self._logs.mkdir(parents=True, exist_ok=True)
+
+    async def build(self, request: BuildRequest) -> Artifact:
+        started = time.monotonic()
+        durations: dict[str, int] = {}
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        log_path = self._logs / f"{stamp}-{uuid.uuid4().hex[:8]}.log"
+        with BuildLog(log_path, request.log_sink, tail_lines=self.config.log_tail_lines) as log:
+            try:
+                resolved = await resolve_source(request.source, cache_dir=self.data_dir)
+                durations["fetch"] = _ms(started)
+                log.note(f"source {resolved.repository} {resolved.branch} @ {resolved.commit}")
+                inputs_key = self._inputs_key(resolved.tree)
+                hit = await asyncio.to_thread(self.cache.lookup_inputs, inputs_key)
+                if hit is not None:
+                    return await self._cached(hit, resolved, inputs_key, log, started, durations)
+                return await self._build(resolved, inputs_key, log, started, durations)
+            except ShipyardError as exc:
+                log.note(f"build failed: {exc.message}")
+                exc.detail.setdefault("log_path", str(log_path))
+                raise
+
+    # --- the no-op rebuild ------------------------------------------------------------------
+
+    async def _cached(
+        self,
+        hit: cache_mod.IndexEntry,
+        resolved: ResolvedSource,
+        inputs_key: str,
+        log: BuildLog,
+        started: float,
+        durations: dict[str, int],
+    ) -> Artifact:
+        manifest = Manifest.model_validate(hit.manifest)
+        path = self.cache.artifact_path(hit.digest)
+        log.note(f"cache hit: tree {resolved.tree} was already built as {hit.digest}; no work done")
+        durations["total"] = _ms(started)
+        return Artifact(
+            digest=hit.digest,
+            kind="directory",
+            location=str(path),
+            commit=resolved.commit,
+            manifest=manifest,
+            builder=self.kind,
+            duration_ms=durations["total"],
+            cache=CacheReport(
+                artifact_hit=True,
+                dependencies_hit=None if manifest.build.dependencies is None else True,
+                artifact_bytes=self.cache.artifact_bytes(hit.digest),
+                dependencies_bytes=(
+                    0
+                    if hit.dependencies_key is None
+                    else self.cache.dependencies_bytes(hit.dependencies_key)
+                ),
+                inputs_key=inputs_key,
+                dependencies_key=hit.dependencies_key,
+                durations_ms=durations,
+            ),
+            log_path=log.path,
+            tree=resolved.tree,
+        )
+
+    # --- a real build -----------------------------------------------------------------------
+
+    async def _build(
+        self,
+        resolved: ResolvedSource,
+        inputs_key: str,
+        log: BuildLog,
+        started: float,
+        durations: dict[str, int],
+    ) -> Artifact:
+        root = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="b-", dir=self._builds))
+        workspace, scratch = root / _WORKSPACE, root / _SCRATCH
+        try:
+            t = time.monotonic()
+            await export_commit(resolved, workspace)
+            manifest = await asyncio.to_thread(load_manifest, workspace)
+            await asyncio.to_thread((scratch / "cache").mkdir, parents=True)
+            durations["checkout"] = _ms(t)
+            limit = manifest.build.timeout_seconds
+            deadline = time.monotonic() + limit
+
+            t = time.monotonic()
+            deps = await self._dependencies(manifest, root, log, deadline)
+            durations["dependencies"] = _ms(t)
+
+            argv = manifest.build.argv
+            if argv is not None:
+                t = time.monotonic()
+                code = await run_command(
+                    argv,
+                    cwd=workspace,
+                    env=self._env(home=workspace, scratch=scratch),
+                    limit_s=_remaining(deadline, limit, log),
+                    budget_s=limit,
+                    log=log,
+                    what="build command",
+                )
+                durations["command"] = _ms(t)
+                if code != 0:
+                    raise self._failed(f"build command exited with code {code}", code, log)
+            else:
+                log.note("no [build] command: the artifact is the checked-out tree")
+
+            t = time.monotonic()
+            digest = await asyncio.to_thread(self._seal, root, deps, log)
+            durations["digest"] = _ms(t)
+            path, size = await asyncio.to_thread(self.cache.publish_artifact, workspace, digest)
+            await asyncio.to_thread(
+                self.cache.record_inputs,
+                inputs_key,
+                cache_mod.IndexEntry(
+                    digest=digest,
+                    commit=resolved.commit,
+                    manifest=manifest.model_dump(mode="json"),
+                    dependencies_key=deps.key,
+                ),
+            )
+            keep = frozenset(p for p in (path, deps.entry) if p is not None)
+            eviction = await asyncio.to_thread(self.cache.evict, keep=keep)
+        finally:
+            await asyncio.to_thread(_remove_build_root, root)
+        durations["total"] = _ms(started)
+        log.note(
+            f"built {digest} in {durations['total']} ms (ADR target {BUILD_TIME_TARGET_MS} ms: "
+            f"{'met' if durations['total'] <= BUILD_TIME_TARGET_MS else 'MISSED'})"
+        )
+        return Artifact(
+            digest=digest,
+            kind="directory",
+            location=str(path),
+            commit=resolved.commit,
+            manifest=manifest,
+            builder=self.kind,
+            duration_ms=durations["total"],
+            cache=CacheReport(
+                artifact_hit=False,
+                dependencies_hit=deps.hit,
+                cache_bytes=eviction.cache_bytes,
+                evicted_entries=eviction.evicted,
+                dependencies_bytes=deps.size,
+                artifact_bytes=size,
+                inputs_key=inputs_key,
+                dependencies_key=deps.key,
+                durations_ms=durations,
+            ),
+            log_path=log.path,
+            tree=resolved.tree,
+        )
+
+    async def _dependencies(
+        self, manifest: Manifest, root: Path, log: BuildLog, deadline: float
+    ) -> _Dependencies:
+        argv = manifest.build.dependencies_argv
+        if argv is None:
+            return _Dependencies(hit=None)
+        workspace, scratch = root / _WORKSPACE, root / _SCRATCH
+        patterns = manifest.build.cache_key_files or list(DEFAULT_CACHE_KEY_FILES)
+        env = self._env(home=root / _RECIPE, scratch=scratch)
+        key, files = await asyncio.to_thread(_dependency_key, workspace, patterns, argv, env)
+        entry = await asyncio.to_thread(self.cache.lookup_dependencies, key)
+        hit = entry is not None
+        if entry is not None:
+            log.note(f"dependency cache hit {key[:16]} (key files: {', '.join(files) or 'none'})")
+        else:
+            log.note(f"dependency cache miss {key[:16]} (key files: {', '.join(files) or 'none'})")
+            recipe = root / _RECIPE
+            await asyncio.to_thread(_copy_key_files, workspace, recipe, files)
+            code = await run_command(
+                argv,
+                cwd=recipe,
+                env=env,
+                limit_s=_remaining(deadline, manifest.build.timeout_seconds, log),
+                budget_s=manifest.build.timeout_seconds,
+                log=log,
+                what="dependency command",
+            )
+            if code != 0:
+                raise self._failed(f"dependency command exited with code {code}", code, log)
+            await asyncio.to_thread(_drop_key_files, recipe, files)
+            entry = await asyncio.to_thread(self.cache.publish_dependencies, key, recipe)
+        linked = await asyncio.to_thread(
+            _place, entry, workspace, self.config.link_dependencies == "hardlink"
+        )
+        return _Dependencies(
+            hit=hit,
+            key=key,
+            entry=entry,
+            size=self.cache.dependencies_bytes(key),
+            linked=linked,
+        )
+
+    def _seal(self, root: Path, deps: _Dependencies, log: BuildLog) -> str:
+        """Check what the commands left and hash it (blocking; runs in a thread)."""
+        stray = sorted(p.name for p in root.iterdir() if p.name not in (_WORKSPACE, _SCRATCH))
+        if stray:
+            raise BuildFailed(
+                "the build wrote outside its workspace: "
+                + ", ".join(f"../{name}" for name in stray)
+                + "; write only inside the checked-out tree",
+                outside=stray,
+                log_tail=log.tail,
+            )
+        for rel, size, mtime in deps.linked:
+            st = os.lstat(root / _WORKSPACE / rel)
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                assert deps.key is not None
+                self.cache.drop_dependencies(deps.key)
+                raise BuildFailed(
+                    f"the build modified the cached dependency file {rel} in place; the "
+                    "dependency cache entry was dropped (use link_dependencies='copy')",
+                    log_tail=log.tail,
+                )
+        workspace = root / _WORKSPACE
+        _check_symlinks(workspace)
+        try:
+            return digest_tree(workspace)
+        except UnsupportedEntry as exc:
+            raise BuildFailed(f"the build left an unsupported file: {exc}") from exc
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _env(self, *, home: Path, scratch: Path) -> dict[str, str]:
+        return {
+            "PATH": self.config.path or os.environ.get("PATH", _DEFAULT_PATH),
+            "HOME": str(home),
+            "LANG": "C.UTF-8",
+            "TMPDIR": str(scratch),
+            "XDG_CACHE_HOME": str(scratch / "cache"),
+            "SOURCE_DATE_EPOCH": _SOURCE_DATE_EPOCH,
+        }
+
+    def _inputs_key(self, tree: str) -> str:
+        # The tree covers every file, shipyard.toml included; the rest is what else decides
+        # the output: this builder's procedure and the PATH its commands see.
+        config = self.config.model_dump(mode="json", include={"kind", "path", "link_dependencies"})
+        config["path"] = config["path"] or os.environ.get("PATH", _DEFAULT_PATH)
+        blob = json.dumps({"format": _CACHE_FORMAT, "tree": tree, "config": config}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _failed(self, message: str, code: int, log: BuildLog) -> BuildFailed:
+        tail = log.tail
+        shown = "\n".join(tail[-10:])
+        return BuildFailed(
+            f"{message}; last output:\n{shown}" if shown else f"{message} (no output)",
+            exit_code=code,
+            log_tail=tail,
+        )
+
+
+# --- dependency-step helpers (blocking; run in threads) ---------------------------------------
+
+
+def _dependency_key(
+    workspace: Path, patterns: Sequence[str], argv: Sequence[str], env: dict[str, str]
+) -> tuple[str, list[str]]:
+    files: dict[str, str] = {}
+    for pattern in patterns:
+        for match in sorted(workspace.glob(pattern)):
+            rel = match.relative_to(workspace).as_posix()
+            if match.is_symlink() or not match.is_file() or rel in files:
+                continue  # key files are the commit's regular files
+            files[rel] = hashlib.sha256(match.read_bytes()).hexdigest()
+    tool = shutil.which(argv[0], path=env["PATH"])
+    tool_id: list[object] = []
+    if tool is not None:  # a different interpreter / package manager must not reuse entries
+        real = os.path.realpath(tool)
+        st = os.stat(real)
+        tool_id = [real, st.st_size, st.st_mtime_ns]
+    blob = json.dumps(
+        {
+            "format": _CACHE_FORMAT,
+            "argv": list(argv),
+            "files": sorted(files.items()),
+            "tool": tool_id,
+            "path": env["PATH"],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest(), sorted(files)
+
+
+def _copy_key_files(workspace: Path, recipe: Path, files: Sequence[str]) -> None:
+    recipe.mkdir()
+    for rel in files:
+        (recipe / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(workspace / rel, recipe / rel)
+
+
+def _drop_key_files(recipe: Path, files: Sequence[str]) -> None:
+    # The checkout has them already; the entry holds only what the step produced.
+    for rel in files:
+        (recipe / rel).unlink(missing_ok=True)
+
+
+def _place(entry: Path, workspace: Path, hardlink: bool) -> tuple[tuple[str, int, int], ...]:
+    """Merge the entry's tree into the workspace; a file the commit has too is an error."""
+    linked: list[tuple[str, int, int]] = []
+    for dirpath, dirs, files in os.walk(entry):
+        rel_dir = Path(dirpath).relative_to(entry)
+        for name in dirs:
+            src = Path(dirpath) / name
+            dst = workspace / rel_dir / name
+            if src.is_symlink():
+                _collides(dst, rel_dir / name)
+                os.symlink(os.readlink(src), dst)
+            elif dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+                _collides(dst, rel_dir / name)
+            else:
+                dst.mkdir(exist_ok=True)
+        for name in files:
+            src = Path(dirpath) / name
+            dst = workspace / rel_dir / name
+            _collides(dst, rel_dir / name)
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+            elif hardlink:
+                os.link(src, dst)
+                st = os.lstat(dst)
+                linked.append(((rel_dir / name).as_posix(), st.st_size, st.st_mtime_ns))
+            else:
+                shutil.copy2(src, dst)
+                os.chmod(dst, stat.S_IMODE(os.lstat(src).st_mode) | stat.S_IWUSR)
+    return tuple(linked)
+
+
+def _collides(dst: Path, rel: Path) -> None:
+    if dst.exists() or dst.is_symlink():
+        raise BuildFailed(
+            f"the dependency step produced {rel.as_posix()}, which the commit also contains; "
+            "write dependencies to a directory of their own (e.g. --target .deps)"
+        )
+
+
+def _check_symlinks(workspace: Path) -> None:
+    root = os.path.realpath(workspace)
+    for dirpath, dirs, files in os.walk(workspace):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                target = os.path.realpath(p)
+                if target != root and not target.startswith(root + os.sep):
+                    rel = os.path.relpath(p, workspace)
+                    raise BuildFailed(
+                        f"symlink {rel} -> {os.readlink(p)} points outside the artifact; "
+                        "artifacts must be self-contained"
+                    )
+
+
+def _remove_build_root(root: Path) -> None:
+    if root.exists():
+        cache_mod.make_removable(root)  # a build may leave read-only directories
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _remaining(deadline: float, limit: float, log: BuildLog) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise BuildFailed(
+            f"the build timed out after {limit:g} s ([build] timeout_seconds)",
+            timeout_seconds=limit,
+            log_tail=log.tail,
+        )
+    return left
+
+
+def _ms(since: float) -> int:
+    return int((time.monotonic() - since) * 1000)

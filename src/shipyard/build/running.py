@@ -1,0 +1,158 @@
+"""Running build commands: argv only, scrubbed environment, own process group, timeout, logs.
+
+Used by the local builder for ``[build] dependencies`` and ``[build] command``. A command runs in
+a new session (its own process group) so a timeout or a cancelled build kills everything it
+started, not just the first process; whatever the command leaves running in its group after it
+exits is killed too. Output (stdout and stderr merged) is split into lines, each written to the
+per-build log file and to the request's ``log_sink``; the last lines are kept for the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from shipyard.build.base import LogSink
+from shipyard.errors import BuildFailed
+
+#: Seconds to keep reading output after the command exited (a daemon that left its own session
+#: may still hold the pipe; we stop listening rather than wait for it).
+_DRAIN_S = 5.0
+_MAX_LINE = 64 * 1024
+
+
+class BuildLog:
+    """One build's log: the per-build file, the live sink, and the tail for error messages."""
+
+    def __init__(self, path: Path, sink: LogSink | None, *, tail_lines: int = 30) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("a", encoding="utf-8")
+        self._sink = sink
+        self._tail: deque[str] = deque(maxlen=tail_lines)
+
+    def line(self, text: str) -> None:
+        self._file.write(text + "\n")
+        self._file.flush()
+        self._tail.append(text)
+        if self._sink is not None:
+            self._sink(text)
+
+    def note(self, text: str) -> None:
+        """A line from Shipyard itself (not the command), marked so readers can tell."""
+        self.line(f"[shipyard] {text}")
+
+    @property
+    def tail(self) -> list[str]:
+        return [t for t in self._tail if not t.startswith("[shipyard] ")]
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> BuildLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+async def run_command(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    limit_s: float,
+    log: BuildLog,
+    what: str,
+    budget_s: float | None = None,
+) -> int:
+    """Run ``argv`` in ``cwd``; return its exit code. ``BuildFailed`` when it cannot start or
+    runs longer than ``limit_s`` (the whole process group is killed first). ``budget_s`` is the
+    configured build timeout the message names (``limit_s`` may be what is left of it)."""
+    budget = limit_s if budget_s is None else budget_s
+    log.note(f"{what}: {' '.join(argv)}")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=cwd,
+            env=dict(env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise BuildFailed(
+            f"{what} {argv[0]!r} not found (PATH={env.get('PATH', '')})", command=list(argv)
+        ) from exc
+    except PermissionError as exc:
+        raise BuildFailed(f"{what} {argv[0]!r} is not executable", command=list(argv)) from exc
+    assert proc.stdout is not None
+    pump = asyncio.create_task(_pump(proc.stdout, log))
+    try:
+        async with asyncio.timeout(limit_s):
+            code = await proc.wait()
+    except TimeoutError as exc:
+        _kill_group(proc.pid)
+        await proc.wait()
+        await _finish(pump)
+        log.note(f"{what} timed out (build timeout {budget:g} s); killed its process group")
+        raise BuildFailed(
+            f"{what} timed out: the build exceeded its timeout of {budget:g} s "
+            "([build] timeout_seconds) and was killed",
+            command=list(argv),
+            timeout_seconds=budget,
+            log_tail=log.tail,
+        ) from exc
+    except BaseException:
+        _kill_group(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        pump.cancel()
+        raise
+    _kill_group(proc.pid)  # whatever it left running in its group
+    await _finish(pump)
+    return code
+
+
+async def _pump(stream: asyncio.StreamReader, log: BuildLog) -> None:
+    pending = b""
+    while chunk := await stream.read(65536):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            log.line(_decode(raw))
+        while len(pending) > _MAX_LINE:  # a very long line without newline: cut it up
+            log.line(_decode(pending[:_MAX_LINE]))
+            pending = pending[_MAX_LINE:]
+    if pending:
+        log.line(_decode(pending))
+
+
+async def _finish(pump: asyncio.Task[None]) -> None:
+    try:
+        async with asyncio.timeout(_DRAIN_S):
+            await pump
+    except TimeoutError:
+        pass
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace").rstrip("\r")
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
