@@ -32,8 +32,12 @@ def _wrk(url: str, seconds: int) -> subprocess.Popen[str]:
     wrk = shutil.which("wrk")
     if wrk is None:
         raise RuntimeError("wrk is not installed; run scripts/bootstrap.sh")
-    return subprocess.Popen([wrk, "-t2", "-c32", f"-d{seconds}s", "--timeout", "10s", url],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [wrk, "-t2", "-c32", f"-d{seconds}s", "--timeout", "10s", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _parse(out: str) -> tuple[int, int, int]:
@@ -42,8 +46,11 @@ def _parse(out: str) -> tuple[int, int, int]:
         raise RuntimeError(f"cannot parse wrk output:\n{out}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return (int(m.group(1)), int(non2xx.group(1)) if non2xx else 0,
-            sum(int(g) for g in sock.groups()) if sock else 0)
+    return (
+        int(m.group(1)),
+        int(non2xx.group(1)) if non2xx else 0,
+        sum(int(g) for g in sock.groups()) if sock else 0,
+    )
 
 
 def main() -> str:
@@ -65,7 +72,9 @@ def main() -> str:
             commit = commit_version(repo, f"v{i + 2}")
             doc = demo.deploy(repo, commit, bake=1, switch_delay=0)
             statuses.append(doc["status"])
-            time.sleep(3)  # the previous revision's warm window (2 s) ends and it is stopped under load
+            time.sleep(
+                3
+            )  # the previous revision's warm window (2 s) ends and it is stopped under load
         switching_s = time.monotonic() - t0
         out, _ = load.communicate(timeout=600)
         requests, non2xx, sock = _parse(out)
@@ -92,10 +101,12 @@ def main() -> str:
         f"({switching_s:.0f} s), each old revision drained and stopped while the load ran.\n\n"
         "| requests made | non-2xx | socket errors | failed | requests/s | deployments |\n"
         "|---:|---:|---:|---:|---:|---|\n"
-        f"| {requests} | {non2xx} | {sock} | **{non2xx + sock}** | {rps.group(1) if rps else '?'} | "
+        f"| {requests} | {non2xx} | {sock} | **{non2xx + sock}** "
+        f"| {rps.group(1) if rps else '?'} | "
         f"{', '.join(statuses)} |\n\n"
         f"Zero downtime: {'**met**' if ok else '**NOT met**'} (target: 0 failed requests).\n\n"
-        f"Rollback, {BROKEN_RELEASES} broken releases (health check failing during the bake window): "
+        f"Rollback, {BROKEN_RELEASES} broken releases "
+        "(health check failing during the bake window): "
         "time from the unhealthy verdict to 100% of traffic back on the previous revision, "
         "verified through the router: "
         f"min {min(rollbacks)} ms, median {statistics.median(rollbacks):.0f} ms, max {worst} ms "

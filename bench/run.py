@@ -30,7 +30,8 @@ def machine() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     kernel = platform.release()
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {kernel}, Python {platform.python_version()}"
+    py = platform.python_version()
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {kernel}, Python {py}"
 
 
 def main(argv: list[str]) -> int:
@@ -58,9 +59,9 @@ def main(argv: list[str]) -> int:
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     header = (
-        "# Benchmarks\n\n"
-        f"Produced by `make bench` (`python bench/run.py {' '.join(argv)}`".rstrip()
-        + f") on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {commit or 'uncommitted'}.\n\n"
+        f"# Benchmarks\n\nProduced by `make bench` (`python bench/run.py {' '.join(argv)}`".rstrip()
+        + f") on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"commit {commit or 'uncommitted'}.\n\n"
         f"Machine: {machine()}. The machine is shared; numbers vary run to run, so each "
         "comparison alternates its contenders in the same run.\n\n"
     )

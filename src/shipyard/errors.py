@@ -47,7 +47,12 @@ class ShipyardError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         """The error as stored on a deployment and sent in problem responses."""
-        return {"type": type(self).__name__, "code": self.code, "message": self.message, **self.detail}
+        return {
+            "type": type(self).__name__,
+            "code": self.code,
+            "message": self.message,
+            **self.detail,
+        }
 
 
 class PermanentError(ShipyardError):

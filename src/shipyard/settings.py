@@ -17,7 +17,9 @@ DEFAULT_REGION = "local"
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("SHIPYARD_DATA_DIR", ".shipyard")))
+    data_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("SHIPYARD_DATA_DIR", ".shipyard"))
+    )
     #: Regions served by a local agent each. ``target.region`` must name one of them.
     regions: tuple[str, ...] = (DEFAULT_REGION,)
     #: Largest request body the API accepts.

@@ -42,17 +42,25 @@ class Harness:
         self.audit = MemoryAuditLog(clock=self.clock.now)
 
     async def context(self, settings: Settings) -> AppContext:
-        pipeline = Pipeline(store=self.store, audit=self.audit, builder=self.builder,
-                            runtimes={"local": self.runtime}, prober=self.prober, clock=self.clock)
-        return AppContext(settings, self.store, self.audit, pipeline, self.tokens, {"local": self.runtime})
+        pipeline = Pipeline(
+            store=self.store,
+            audit=self.audit,
+            builder=self.builder,
+            runtimes={"local": self.runtime},
+            prober=self.prober,
+            clock=self.clock,
+        )
+        return AppContext(
+            settings, self.store, self.audit, pipeline, self.tokens, {"local": self.runtime}
+        )
 
     def headers(self, *perms: str) -> dict[str, str]:
         return {"authorization": f"Bearer {self.tokens.issue('alice', list(perms or ALL))}"}
 
 
 @pytest.fixture
-async def h(tmp_path: Path) -> AsyncIterator[Harness]:
-    yield Harness(tmp_path)
+def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
 
 
 @pytest.fixture
@@ -77,14 +85,20 @@ async def test_healthz_needs_no_token(client: httpx.AsyncClient) -> None:
     assert r.status_code == 200 and r.json()["status"] == "ok"
 
 
-async def test_deploy_202_then_status_shows_stages_and_result(client: httpx.AsyncClient, h: Harness) -> None:
+async def test_deploy_202_then_status_shows_stages_and_result(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
     r = await client.post("/api/v1/deploy", json=body(), headers=h.headers())
     assert r.status_code == 202, r.text
     accepted = r.json()
     assert accepted["status_url"].endswith(f"/api/v1/deployments/{accepted['deployment_id']}")
     assert r.headers["location"] == accepted["status_url"]
     for _ in range(1000):
-        doc = (await client.get(f"/api/v1/deployments/{accepted['deployment_id']}", headers=h.headers())).json()
+        doc = (
+            await client.get(
+                f"/api/v1/deployments/{accepted['deployment_id']}", headers=h.headers()
+            )
+        ).json()
         if doc["status"] == "Success":
             break
         await asyncio.sleep(0)
@@ -103,7 +117,9 @@ async def test_deploy_202_then_status_shows_stages_and_result(client: httpx.Asyn
     assert audit["records"][0]["event_type"] == "deployment.requested"
 
 
-async def test_wait_true_answers_with_the_final_result(client: httpx.AsyncClient, h: Harness) -> None:
+async def test_wait_true_answers_with_the_final_result(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
     r = await client.post("/api/v1/deploy?wait=true", json=body(), headers=h.headers())
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "Success"
@@ -117,7 +133,11 @@ async def test_wait_true_answers_with_the_final_result(client: httpx.AsyncClient
 async def test_second_deployment_of_a_service_gets_409_naming_the_running_one(
     client: httpx.AsyncClient, h: Harness
 ) -> None:
-    first = (await client.post("/api/v1/deploy", json=body(switch_delay_seconds=600), headers=h.headers())).json()
+    first = (
+        await client.post(
+            "/api/v1/deploy", json=body(switch_delay_seconds=600), headers=h.headers()
+        )
+    ).json()
     r = await client.post("/api/v1/deploy", json=body("def456"), headers=h.headers())
     assert r.status_code == 409
     assert r.json()["running_deployment_id"] == first["deployment_id"]
@@ -127,25 +147,39 @@ async def test_second_deployment_of_a_service_gets_409_naming_the_running_one(
 
 
 async def test_rollback_endpoint(client: httpx.AsyncClient, h: Harness) -> None:
-    one = (await client.post("/api/v1/deploy?wait=true", json=body("aaaa"), headers=h.headers())).json()
-    two = (await client.post("/api/v1/deploy?wait=true", json=body("bbbb"), headers=h.headers())).json()
-    r = await client.post(f"/api/v1/rollback/{two['deployment_id']}?wait=true",
-                          headers=h.headers("deployment:rollback"))
+    one = (
+        await client.post("/api/v1/deploy?wait=true", json=body("aaaa"), headers=h.headers())
+    ).json()
+    two = (
+        await client.post("/api/v1/deploy?wait=true", json=body("bbbb"), headers=h.headers())
+    ).json()
+    r = await client.post(
+        f"/api/v1/rollback/{two['deployment_id']}?wait=true",
+        headers=h.headers("deployment:rollback"),
+    )
     assert r.status_code == 200, r.text
     assert r.json()["revision"] == one["revision"]
-    undone = (await client.get(f"/api/v1/deployments/{two['deployment_id']}", headers=h.headers())).json()
+    undone = (
+        await client.get(f"/api/v1/deployments/{two['deployment_id']}", headers=h.headers())
+    ).json()
     assert undone["status"] == "RolledBack" and undone["rollback_count"] == 1
     again = await client.post(f"/api/v1/rollback/{two['deployment_id']}", headers=h.headers())
     assert again.status_code == 409
 
 
-# --- auth -------------------------------------------------------------------------------------------
+# --- auth ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "header",
-    [None, "Basic YWxpY2U6cHc=", "Bearer", "Bearer not.a.jwt",
-     "Bearer eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ4IiwicGVybWlzc2lvbnMiOlsiZGVwbG95bWVudDpjcmVhdGUiXX0."],
+    [
+        None,
+        "Basic YWxpY2U6cHc=",
+        "Bearer",
+        "Bearer not.a.jwt",
+        "Bearer eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0."
+        "eyJzdWIiOiJ4IiwicGVybWlzc2lvbnMiOlsiZGVwbG95bWVudDpjcmVhdGUiXX0.",
+    ],
     ids=["missing", "basic", "empty-bearer", "garbage", "alg-none"],
 )
 async def test_bad_tokens_get_401(client: httpx.AsyncClient, header: str | None) -> None:
@@ -164,22 +198,25 @@ async def test_forged_and_expired_tokens_get_401(client: httpx.AsyncClient) -> N
 
 @pytest.mark.parametrize(
     ("method", "path", "needs"),
-    [("POST", "/api/v1/deploy", "deployment:create"),
-     ("POST", "/api/v1/rollback/0b8f3a56-6c2f-4a53-9d6f-1f2d4c3b2a10", "deployment:rollback"),
-     ("GET", "/api/v1/deployments", "deployment:read"),
-     ("GET", "/api/v1/services/api", "deployment:read")],
+    [
+        ("POST", "/api/v1/deploy", "deployment:create"),
+        ("POST", "/api/v1/rollback/0b8f3a56-6c2f-4a53-9d6f-1f2d4c3b2a10", "deployment:rollback"),
+        ("GET", "/api/v1/deployments", "deployment:read"),
+        ("GET", "/api/v1/services/api", "deployment:read"),
+    ],
 )
 async def test_missing_permission_gets_403(
     client: httpx.AsyncClient, h: Harness, method: str, path: str, needs: str
 ) -> None:
     others = [p for p in ALL if p != needs]
-    r = await client.request(method, path, json=body() if method == "POST" else None,
-                             headers=h.headers(*others))
+    r = await client.request(
+        method, path, json=body() if method == "POST" else None, headers=h.headers(*others)
+    )
     assert r.status_code == 403
     assert r.json()["error"] == "insufficient_permissions"
 
 
-# --- bad input: clear 4xx and nothing started ----------------------------------------------------------
+# --- bad input: clear 4xx and nothing started ----------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -187,22 +224,48 @@ async def test_missing_permission_gets_403(
     [
         ("{not json", "(body)"),
         ({**body(), "strategy": {"Sideways": {}}}, "strategy"),
-        ({**body(), "strategy": {"BlueGreen": {"switch_delay_seconds": -5}}}, "strategy.BlueGreen.switch_delay_seconds"),
+        (
+            {**body(), "strategy": {"BlueGreen": {"switch_delay_seconds": -5}}},
+            "strategy.BlueGreen.switch_delay_seconds",
+        ),
         ({**body(), "target": {"service_name": "My_Service"}}, "target.service_name"),
         ({k: v for k, v in body().items() if k != "source"}, "source"),
-        ({**body(), "source": {"repository": "/r", "branch": "main", "commit": 12345}}, "source.commit"),
-        ({**body(), "source": {"repository": "/r", "branch": "main", "commit": "abcd", "dockerfile": "../x"}},
-         "source.dockerfile"),
+        (
+            {**body(), "source": {"repository": "/r", "branch": "main", "commit": 12345}},
+            "source.commit",
+        ),
+        (
+            {
+                **body(),
+                "source": {
+                    "repository": "/r",
+                    "branch": "main",
+                    "commit": "abcd",
+                    "dockerfile": "../x",
+                },
+            },
+            "source.dockerfile",
+        ),
     ],
-    ids=["malformed-json", "unknown-strategy", "negative", "not-dns-label", "missing-source",
-         "mistyped-commit", "dockerfile-escape"],
+    ids=[
+        "malformed-json",
+        "unknown-strategy",
+        "negative",
+        "not-dns-label",
+        "missing-source",
+        "mistyped-commit",
+        "dockerfile-escape",
+    ],
 )
 async def test_invalid_requests_get_422_naming_the_field(
     client: httpx.AsyncClient, h: Harness, payload: Any, field: str
 ) -> None:
     content = payload if isinstance(payload, str) else json.dumps(payload)
-    r = await client.post("/api/v1/deploy", content=content,
-                          headers={**h.headers(), "content-type": "application/json"})
+    r = await client.post(
+        "/api/v1/deploy",
+        content=content,
+        headers={**h.headers(), "content-type": "application/json"},
+    )
     assert r.status_code == 422, r.text
     problem = r.json()
     assert problem["error"] == "invalid_request"
@@ -211,24 +274,38 @@ async def test_invalid_requests_get_422_naming_the_field(
     assert h.runtime.services == {}
 
 
-async def test_unknown_region_and_unavailable_strategy_get_422(client: httpx.AsyncClient, h: Harness) -> None:
-    r = await client.post("/api/v1/deploy", json={**body(), "target": {"service_name": "api", "region": "mars"}},
-                          headers=h.headers())
+async def test_unknown_region_and_unavailable_strategy_get_422(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
+    r = await client.post(
+        "/api/v1/deploy",
+        json={**body(), "target": {"service_name": "api", "region": "mars"}},
+        headers=h.headers(),
+    )
     assert r.status_code == 422 and "mars" in r.json()["detail"]
     assert r.json()["error"] == "unknown_region"
     assert h.store.list_deployments() == []
 
 
 async def test_oversized_body_gets_413(client: httpx.AsyncClient, h: Harness) -> None:
-    big = {**body(), "metadata": {"description": "x" * 2000, "labels": {f"k{i}": "v" * 200 for i in range(20)}}}
+    big = {
+        **body(),
+        "metadata": {"description": "x" * 2000, "labels": {f"k{i}": "v" * 200 for i in range(20)}},
+    }
     r = await client.post("/api/v1/deploy", json=big, headers=h.headers())
     assert r.status_code == 413
     assert r.json()["error"] == "body_too_large"
     assert h.store.list_deployments() == []
 
 
-async def test_unknown_deployment_and_service_get_404(client: httpx.AsyncClient, h: Harness) -> None:
-    r = await client.get("/api/v1/deployments/0b8f3a56-6c2f-4a53-9d6f-1f2d4c3b2a10", headers=h.headers())
+async def test_unknown_deployment_and_service_get_404(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
+    r = await client.get(
+        "/api/v1/deployments/0b8f3a56-6c2f-4a53-9d6f-1f2d4c3b2a10", headers=h.headers()
+    )
     assert r.status_code == 404 and r.json()["error"] == "not_found"
-    assert (await client.get("/api/v1/deployments/not-a-uuid", headers=h.headers())).status_code == 422
+    assert (
+        await client.get("/api/v1/deployments/not-a-uuid", headers=h.headers())
+    ).status_code == 422
     assert (await client.get("/api/v1/services/nothere", headers=h.headers())).status_code == 404

@@ -49,9 +49,18 @@ def test_defaults() -> None:
         ('[service]\nname = "Bad Name"\n[run]\ncommand = "x"\n', "service.name"),
         ('[service]\nname = "x"\n[run]\ncommand = ""\n', "run.command"),
         ('[service]\nname = "x"\n[run]\ncommand = "unbalanced \'quote"\n', "run.command"),
-        ('[service]\nname = "x"\n[run]\ncommand = "x"\n[health]\ntimeout_seconds = 6\n', "health.timeout_seconds"),
-        ('[service]\nname = "x"\n[run]\ncommand = "x"\n[health]\nsuccess_threshold = 0\n', "health.success_threshold"),
-        ('[service]\nname = "x"\n[run]\ncommand = "x"\n[health]\nendpoint = "health"\n', "health.endpoint"),
+        (
+            '[service]\nname = "x"\n[run]\ncommand = "x"\n[health]\ntimeout_seconds = 6\n',
+            "health.timeout_seconds",
+        ),
+        (
+            '[service]\nname = "x"\n[run]\ncommand = "x"\n[health]\nsuccess_threshold = 0\n',
+            "health.success_threshold",
+        ),
+        (
+            '[service]\nname = "x"\n[run]\ncommand = "x"\n[health]\nendpoint = "health"\n',
+            "health.endpoint",
+        ),
         ('[service]\nname = "x"\n[run]\ncommand = "x"\nshell = true\n', "run.shell"),
     ],
 )

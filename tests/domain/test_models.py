@@ -31,8 +31,13 @@ def test_adr_request_parses_and_serializes_externally_tagged() -> None:
     assert isinstance(req.strategy, BlueGreen)
     assert req.strategy.BlueGreen.switch_delay_seconds == 30
     wire = json.loads(req.model_dump_json())
-    assert wire["strategy"] == {"BlueGreen": {"switch_delay_seconds": 30, "bake_seconds": 30.0,
-                                              "scale_down_delay_seconds": 30.0}}
+    assert wire["strategy"] == {
+        "BlueGreen": {
+            "switch_delay_seconds": 30,
+            "bake_seconds": 30.0,
+            "scale_down_delay_seconds": 30.0,
+        }
+    }
     assert wire["source"] == ADR_REQUEST["source"]
     assert wire["target"] == ADR_REQUEST["target"]
     assert DeploymentRequest.model_validate(wire) == req
@@ -108,11 +113,21 @@ def test_bad_input_names_the_field(patch: dict[str, Any], field: str) -> None:
 
 
 def test_performance_validation_against_adr_targets() -> None:
-    ok = validate_performance(DeploymentMetrics(build_duration_ms=240_000, rollback_duration_ms=30_000,
-                                                health_check_duration_ms=5_000))
+    ok = validate_performance(
+        DeploymentMetrics(
+            build_duration_ms=240_000, rollback_duration_ms=30_000, health_check_duration_ms=5_000
+        )
+    )
     assert (ok.build_time_ok, ok.rollback_time_ok, ok.health_check_ok) == (True, True, True)
-    slow = validate_performance(DeploymentMetrics(build_duration_ms=240_001, rollback_duration_ms=30_001,
-                                                  health_check_duration_ms=5_001))
-    assert (slow.build_time_ok, slow.rollback_time_ok, slow.health_check_ok) == (False, False, False)
+    slow = validate_performance(
+        DeploymentMetrics(
+            build_duration_ms=240_001, rollback_duration_ms=30_001, health_check_duration_ms=5_001
+        )
+    )
+    assert (slow.build_time_ok, slow.rollback_time_ok, slow.health_check_ok) == (
+        False,
+        False,
+        False,
+    )
     none = validate_performance(DeploymentMetrics())
     assert none.rollback_time_ok is None

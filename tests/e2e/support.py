@@ -54,16 +54,27 @@ class Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "serve.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shipyard.cli.main", "serve", "--data-dir", str(self.data_dir),
-             "--listen", f"127.0.0.1:{self.port}"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "shipyard.cli.main",
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
 
         def up() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited: {(self.data_dir / 'serve.log').read_text()[-3000:]}")
+                raise AssertionError(
+                    f"serve exited: {(self.data_dir / 'serve.log').read_text()[-3000:]}"
+                )
             try:
                 return httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200
             except httpx.HTTPError:
@@ -73,8 +84,9 @@ class Server:
         token = TokenAuthority.from_data_dir(self.data_dir).issue("e2e", ALL)
         if self.client is not None:
             self.client.close()
-        self.client = httpx.Client(base_url=self.base, timeout=60,
-                                   headers={"authorization": f"Bearer {token}"})
+        self.client = httpx.Client(
+            base_url=self.base, timeout=60, headers={"authorization": f"Bearer {token}"}
+        )
         return self
 
     def kill9(self) -> None:
@@ -106,11 +118,14 @@ class Server:
     def deploy(self, repo: Path, commit: str, service: str = "hello", **bg: Any) -> str:
         assert self.client is not None
         params = {"switch_delay_seconds": 0, "bake_seconds": 1, "scale_down_delay_seconds": 1, **bg}
-        r = self.client.post("/api/v1/deploy", json={
-            "source": {"repository": str(repo), "branch": "main", "commit": commit},
-            "target": {"service_name": service, "region": "local"},
-            "strategy": {"BlueGreen": params},
-        })
+        r = self.client.post(
+            "/api/v1/deploy",
+            json={
+                "source": {"repository": str(repo), "branch": "main", "commit": commit},
+                "target": {"service_name": service, "region": "local"},
+                "strategy": {"BlueGreen": params},
+            },
+        )
         assert r.status_code == 202, r.text
         return str(r.json()["deployment_id"])
 
@@ -120,10 +135,17 @@ class Server:
         return doc
 
     def wait_final(self, dep_id: str, timeout: float = 90) -> dict[str, Any]:
-        return dict(wait_until(
-            lambda: (d := self.deployment(dep_id))["status"] in ("Success", "Failed", "RolledBack") and d,
-            timeout, f"deployment {dep_id} to finish", interval=0.1,
-        ))
+        return dict(
+            wait_until(
+                lambda: (
+                    (d := self.deployment(dep_id))["status"] in ("Success", "Failed", "RolledBack")
+                    and d
+                ),
+                timeout,
+                f"deployment {dep_id} to finish",
+                interval=0.1,
+            )
+        )
 
     def service(self, name: str = "hello") -> dict[str, Any]:
         assert self.client is not None
@@ -159,7 +181,9 @@ class Wrk:
         assert wrk, "wrk is not installed (scripts/bootstrap.sh installs it)"
         self.proc = subprocess.Popen(
             [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", url],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     def result(self) -> WrkResult:
@@ -167,7 +191,9 @@ class Wrk:
         m = re.search(r"(\d+) requests in", out)
         assert m, f"cannot parse wrk output:\n{out}"
         non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        sock = re.search(
+            r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+        )
         return WrkResult(
             requests=int(m.group(1)),
             non_2xx=int(non2xx.group(1)) if non2xx else 0,

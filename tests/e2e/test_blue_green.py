@@ -1,4 +1,4 @@
-"""The real thing: ``shipyard serve``, the agent, real app processes, wrk through the service URL."""
+"""The real thing: ``shipyard serve``, the agent, real app processes, wrk through the URL."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def head(repo: Path) -> str:
     return _git(repo, "rev-parse", "HEAD")
 
 
-def test_blue_green_switches_under_load_with_zero_failed_requests(server: Server, repo: Path) -> None:
+def test_blue_green_switches_under_load_with_zero_failed_requests(
+    server: Server, repo: Path
+) -> None:
     first = server.wait_final(server.deploy(repo, head(repo)))
     assert first["status"] == "Success", first.get("error")
     url = first["result"]["url"]
@@ -26,12 +28,16 @@ def test_blue_green_switches_under_load_with_zero_failed_requests(server: Server
     v2 = commit_version(repo, "v2")
     load = Wrk(url, seconds=10)
     time.sleep(1)
-    second = server.wait_final(server.deploy(repo, v2, switch_delay_seconds=1, bake_seconds=1,
-                                             scale_down_delay_seconds=1))
+    second = server.wait_final(
+        server.deploy(repo, v2, switch_delay_seconds=1, bake_seconds=1, scale_down_delay_seconds=1)
+    )
     assert second["status"] == "Success", second.get("error")
     # Let the blue revision's warm window end and the janitor stop it while wrk still runs.
-    wait_until(lambda: {r["revision"] for r in server.service()["replicas"]} == {second["green_revision"]},
-               20, "blue to be retired")
+    wait_until(
+        lambda: {r["revision"] for r in server.service()["replicas"]} == {second["green_revision"]},
+        20,
+        "blue to be retired",
+    )
     result = load.result()
     assert result.requests > 100, result.output
     assert result.failed == 0, result.output
@@ -51,7 +57,9 @@ def test_unhealthy_in_bake_is_rolled_back_to_blue(server: Server, repo: Path) ->
     assert "bake window" in doc["error"]["message"]
     m = doc["metrics"]
     assert m["detection_to_rollback_ms"] is not None
-    assert m["validation"]["rollback_time_ok"] is True  # ADR: within 30 s (the bench reports the real figure)
+    assert (
+        m["validation"]["rollback_time_ok"] is True
+    )  # ADR: within 30 s (the bench reports the real figure)
     assert httpx.get(url).text == "hello from v1\n"
     svc = server.service()
     assert svc["weights"] == {first["green_revision"]: 100}
@@ -96,7 +104,9 @@ def test_control_plane_kill_9_mid_deployment_then_restart_completes_cleanly(
     first = server.wait_final(server.deploy(repo, head(repo)))
     url = first["result"]["url"]
     v2 = commit_version(repo, "v2")
-    dep = server.deploy(repo, v2, switch_delay_seconds=3, bake_seconds=1, scale_down_delay_seconds=1)
+    dep = server.deploy(
+        repo, v2, switch_delay_seconds=3, bake_seconds=1, scale_down_delay_seconds=1
+    )
     wait_until(lambda: server.deployment(dep)["status"] == "AwaitingSwitch", 30, "the switch delay")
     server.kill9()
     # The data plane keeps serving while the control plane is down.
@@ -105,25 +115,44 @@ def test_control_plane_kill_9_mid_deployment_then_restart_completes_cleanly(
     doc = server.wait_final(dep)
     assert doc["status"] == "Success", doc.get("error")
     assert httpx.get(url).text == "hello from v2\n"
-    wait_until(lambda: {r["revision"] for r in server.service()["replicas"]} == {doc["green_revision"]},
-               20, "no revision but green left running")
+    wait_until(
+        lambda: {r["revision"] for r in server.service()["replicas"]} == {doc["green_revision"]},
+        20,
+        "no revision but green left running",
+    )
     assert server.service()["weights"] == {doc["green_revision"]: 100}
 
 
 def test_cli_deploy_status_history_and_audit_verify(server: Server, repo: Path) -> None:
     cli = [sys.executable, "-m", "shipyard.cli.main"]
     common = ["--server", server.base, "--data-dir", str(server.data_dir)]
-    run = subprocess.run([*cli, "deploy", str(repo), "--bake", "0", *common],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [*cli, "deploy", str(repo), "--bake", "0", *common],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert "Success" in run.stderr and "health_check" in run.stderr
-    hist = subprocess.run([*cli, "history", "hello", "--format", "json", *common],
-                          capture_output=True, text=True, timeout=60)
+    hist = subprocess.run(
+        [*cli, "history", "hello", "--format", "json", *common],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert hist.returncode == 0 and '"Success"' in hist.stdout
-    verify = subprocess.run([*cli, "audit", "verify", "--data-dir", str(server.data_dir)],
-                            capture_output=True, text=True, timeout=60)
+    verify = subprocess.run(
+        [*cli, "audit", "verify", "--data-dir", str(server.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    bad = subprocess.run([*cli, "deploy", str(repo), "--service", "Bad_Name", *common],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [*cli, "deploy", str(repo), "--service", "Bad_Name", *common],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2
     assert "service_name" in bad.stderr

@@ -1,4 +1,4 @@
-"""Health-check semantics (ADR HealthCheck): thresholds on a fake clock, and the real HTTP prober."""
+"""Health-check semantics (ADR HealthCheck): thresholds on a fake clock; the real HTTP prober."""
 
 from __future__ import annotations
 
@@ -22,9 +22,17 @@ from shipyard.health.probing import (
 )
 from shipyard.runtime.base import ReplicaStatus
 
-CHECK = HealthCheck(endpoint="/h", interval_seconds=1, timeout_seconds=1, success_threshold=2,
-                    failure_threshold=3, start_timeout_seconds=10)
-OK, FAIL, REFUSED, TIMEOUT = (ProbeResult(o) for o in (Outcome.OK, Outcome.FAIL, Outcome.REFUSED, Outcome.TIMEOUT))
+CHECK = HealthCheck(
+    endpoint="/h",
+    interval_seconds=1,
+    timeout_seconds=1,
+    success_threshold=2,
+    failure_threshold=3,
+    start_timeout_seconds=10,
+)
+OK, FAIL, REFUSED, TIMEOUT = (
+    ProbeResult(o) for o in (Outcome.OK, Outcome.FAIL, Outcome.REFUSED, Outcome.TIMEOUT)
+)
 
 
 @pytest.mark.parametrize(
@@ -38,8 +46,15 @@ OK, FAIL, REFUSED, TIMEOUT = (ProbeResult(o) for o in (Outcome.OK, Outcome.FAIL,
         ([REFUSED, REFUSED, OK, OK], ["starting", "starting", "pending", "healthy"]),
         ([OK, REFUSED, REFUSED, REFUSED], ["pending", "pending", "pending", "unhealthy"]),
     ],
-    ids=["two-successes", "three-failures", "timeouts-fail", "failures-reset-by-success",
-         "success-streak-reset", "refused-while-starting", "refused-after-success-fails"],
+    ids=[
+        "two-successes",
+        "three-failures",
+        "timeouts-fail",
+        "failures-reset-by-success",
+        "success-streak-reset",
+        "refused-while-starting",
+        "refused-after-success-fails",
+    ],
 )
 def test_threshold_tracker(results: list[ProbeResult], verdicts: list[str]) -> None:
     t = ThresholdTracker(CHECK, started_at=0.0)
@@ -101,7 +116,9 @@ async def test_crash_fails_without_waiting_for_thresholds() -> None:
 
 async def test_watch_returns_the_unhealthy_verdict_inside_the_window() -> None:
     clock = FakeClock(start=0)
-    verdict = await watch_until_unhealthy([REPLICA], CHECK, Script(OK, OK, FAIL), clock, _alive, until=60)
+    verdict = await watch_until_unhealthy(
+        [REPLICA], CHECK, Script(OK, OK, FAIL), clock, _alive, until=60
+    )
     assert verdict is not None
     assert "3 consecutive failed probes" in verdict.reason
     assert clock.now() == 4.0  # failures at t=2,3,4
@@ -109,7 +126,9 @@ async def test_watch_returns_the_unhealthy_verdict_inside_the_window() -> None:
 
 async def test_watch_passes_a_healthy_window() -> None:
     clock = FakeClock(start=0)
-    assert await watch_until_unhealthy([REPLICA], CHECK, Script(OK), clock, _alive, until=30) is None
+    assert (
+        await watch_until_unhealthy([REPLICA], CHECK, Script(OK), clock, _alive, until=30) is None
+    )
     assert clock.now() == 30
 
 
@@ -122,7 +141,9 @@ async def http_server(status: int, delay: float = 0.0) -> AsyncIterator[int]:
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             await reader.readuntil(b"\r\n\r\n")
             await asyncio.sleep(delay)
-            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            writer.write(
+                f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+            )
             await writer.drain()
         writer.close()
 
@@ -137,8 +158,10 @@ def _replica(port: int) -> ReplicaStatus:
     return ReplicaStatus("r1", "v1", "127.0.0.1", port, "running")
 
 
-@pytest.mark.parametrize(("status", "outcome"), [(200, Outcome.OK), (204, Outcome.OK),
-                                                 (500, Outcome.FAIL), (301, Outcome.FAIL)])
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [(200, Outcome.OK), (204, Outcome.OK), (500, Outcome.FAIL), (301, Outcome.FAIL)],
+)
 async def test_http_prober_status_codes(status: int, outcome: Outcome) -> None:
     prober = HttpProber()
     async with http_server(status) as port:

@@ -35,16 +35,29 @@ class World:
         self.pipeline = self.new_pipeline()
 
     def new_pipeline(self) -> Pipeline:
-        return Pipeline(store=self.store, audit=self.audit, builder=self.builder,
-                        runtimes={"local": self.runtime}, prober=self.prober, clock=self.clock)
+        return Pipeline(
+            store=self.store,
+            audit=self.audit,
+            builder=self.builder,
+            runtimes={"local": self.runtime},
+            prober=self.prober,
+            clock=self.clock,
+        )
 
     async def deploy(self, commit: str, *, wait: bool = True, **bg: Any) -> dict[str, Any]:
-        params = {"switch_delay_seconds": 30, "bake_seconds": 60, "scale_down_delay_seconds": 30, **bg}
-        req = DeploymentRequest.model_validate({
-            "source": {"repository": "/repo", "branch": "main", "commit": commit},
-            "target": {"service_name": "api", "region": "local"},
-            "strategy": {"BlueGreen": params},
-        })
+        params = {
+            "switch_delay_seconds": 30,
+            "bake_seconds": 60,
+            "scale_down_delay_seconds": 30,
+            **bg,
+        }
+        req = DeploymentRequest.model_validate(
+            {
+                "source": {"repository": "/repo", "branch": "main", "commit": commit},
+                "target": {"service_name": "api", "region": "local"},
+                "strategy": {"BlueGreen": params},
+            }
+        )
         doc = await self.pipeline.submit(req, "alice")
         if not wait:
             return doc
@@ -77,7 +90,9 @@ async def test_first_deployment_routes_everything_to_the_only_revision(world: Wo
     assert doc["metrics"]["validation"]["build_time_ok"] is True
 
 
-async def test_blue_green_switches_after_health_and_delay_then_keeps_blue_warm(world: World) -> None:
+async def test_blue_green_switches_after_health_and_delay_then_keeps_blue_warm(
+    world: World,
+) -> None:
     first = await world.deploy("aaaa1111")
     blue = first["green_revision"]
     t0 = world.clock.now()
@@ -86,7 +101,13 @@ async def test_blue_green_switches_after_health_and_delay_then_keeps_blue_warm(w
     green = doc["green_revision"]
     assert doc["blue_revision"] == blue
     assert [s["name"] for s in doc["stages"]] == [
-        "build", "start", "health_check", "switch_delay", "switch", "bake"]
+        "build",
+        "start",
+        "health_check",
+        "switch_delay",
+        "switch",
+        "bake",
+    ]
     # Traffic moved in one atomic step: never split, never on a revision that is not ready.
     assert world.history()[-1] == {green: 100}
     assert all(len(w) == 1 for w in world.history())
@@ -151,7 +172,9 @@ async def test_unhealthy_during_bake_switches_back_to_blue(world: World) -> None
     assert svc is not None and svc.serving_revision == blue
 
 
-async def test_start_failure_and_build_failure_end_failed_without_touching_traffic(world: World) -> None:
+async def test_start_failure_and_build_failure_end_failed_without_touching_traffic(
+    world: World,
+) -> None:
     first = await world.deploy("aaaa1111")
     blue = first["green_revision"]
     world.builder.fail.add("ffff6666")
@@ -170,20 +193,30 @@ async def test_one_deployment_per_service_at_a_time(world: World) -> None:
     assert (await world.pipeline.wait(first["id"]))["status"] == "Success"
 
 
-async def test_unknown_region_and_unsupported_strategy_are_refused_before_anything(world: World) -> None:
-    req = DeploymentRequest.model_validate({
-        "source": {"repository": "/repo", "branch": "main", "commit": "abcd"},
-        "target": {"service_name": "api", "region": "mars"},
-        "strategy": {"BlueGreen": {"switch_delay_seconds": 0}},
-    })
+async def test_unknown_region_and_unsupported_strategy_are_refused_before_anything(
+    world: World,
+) -> None:
+    req = DeploymentRequest.model_validate(
+        {
+            "source": {"repository": "/repo", "branch": "main", "commit": "abcd"},
+            "target": {"service_name": "api", "region": "mars"},
+            "strategy": {"BlueGreen": {"switch_delay_seconds": 0}},
+        }
+    )
     with pytest.raises(UnknownRegion, match="mars"):
         await world.pipeline.submit(req, "alice")
-    canary = req.model_copy(update={"target": req.target.model_copy(update={"region": "local"}),
-                                    "strategy": DeploymentRequest.model_validate({
-                                        **req.model_dump(mode="json"),
-                                        "target": {"service_name": "api"},
-                                        "strategy": {"Canary": {"stages": [{"weight": 10}]}},
-                                    }).strategy})
+    canary = req.model_copy(
+        update={
+            "target": req.target.model_copy(update={"region": "local"}),
+            "strategy": DeploymentRequest.model_validate(
+                {
+                    **req.model_dump(mode="json"),
+                    "target": {"service_name": "api"},
+                    "strategy": {"Canary": {"stages": [{"weight": 10}]}},
+                }
+            ).strategy,
+        }
+    )
     with pytest.raises(InvalidInput, match="not available"):
         await world.pipeline.submit(canary, "alice")
     assert world.store.list_deployments() == []
@@ -261,7 +294,10 @@ async def test_control_plane_restart_resumes_mid_bake_and_finishes(world: World)
     final = await world.pipeline.wait(doc["id"])
     assert final["status"] == "Success"
     assert world.weights() == {final["green_revision"]: 100}
-    assert world.runtime.running_revisions("api") == {first["green_revision"], final["green_revision"]}
+    assert world.runtime.running_revisions("api") == {
+        first["green_revision"],
+        final["green_revision"],
+    }
     events = [r.event_type for r in await world.audit.records(deployment_id=doc["id"])]
     assert "deployment.resumed" in events
 
@@ -280,7 +316,10 @@ async def test_restart_at_any_stage_ends_cleanly(world: World, stop_at: str) -> 
     assert final["status"] == "Success"
     # Never split, never an orphan: exactly the two expected revisions run, all traffic on green.
     assert world.weights() == {final["green_revision"]: 100}
-    assert world.runtime.running_revisions("api") == {final["blue_revision"], final["green_revision"]}
+    assert world.runtime.running_revisions("api") == {
+        final["blue_revision"],
+        final["green_revision"],
+    }
 
 
 async def test_restart_during_rollback_finishes_the_rollback(world: World) -> None:
@@ -302,7 +341,8 @@ async def test_restart_reconciles_orphans_and_split_traffic(world: World) -> Non
     from shipyard.runtime.base import RevisionSpec
 
     orphan = await world.runtime.start_revision(
-        RevisionSpec("api", "orphan-1", "sha256:x", "/x", ["true"]))
+        RevisionSpec("api", "orphan-1", "sha256:x", "/x", ["true"])
+    )
     await world.runtime.set_routable("api", [orphan[0].replica_id], True)
     await world.runtime.router.set_weight("api", {blue: 50, "orphan-1": 50})
     await world.pipeline.stop()
@@ -318,22 +358,34 @@ async def test_every_action_is_audited_with_the_adr_fields(world: World) -> None
     types = [r.event_type for r in records]
     assert types[0] == "deployment.requested"
     assert types[-1] == "deployment.success"
-    for needed in ("build.succeeded", "revision.started", "health_check.passed", "traffic.switched"):
+    for needed in (
+        "build.succeeded",
+        "revision.started",
+        "health_check.passed",
+        "traffic.switched",
+    ):
         assert needed in types
     last = records[-1]
-    assert (last.service, last.region, last.user, last.status) == ("api", "local", "alice", "Success")
+    assert (last.service, last.region, last.user, last.status) == (
+        "api",
+        "local",
+        "alice",
+        "Success",
+    )
     assert last.duration_ms is not None
     assert world.audit.verify().ok
 
 
 async def test_duplicate_request_id_is_refused(world: World) -> None:
     rid = uuid.uuid4()
-    req = DeploymentRequest.model_validate({
-        "id": str(rid),
-        "source": {"repository": "/repo", "branch": "main", "commit": "abcd"},
-        "target": {"service_name": "api"},
-        "strategy": {"BlueGreen": {"switch_delay_seconds": 0, "bake_seconds": 0}},
-    })
+    req = DeploymentRequest.model_validate(
+        {
+            "id": str(rid),
+            "source": {"repository": "/repo", "branch": "main", "commit": "abcd"},
+            "target": {"service_name": "api"},
+            "strategy": {"BlueGreen": {"switch_delay_seconds": 0, "bake_seconds": 0}},
+        }
+    )
     doc = await world.pipeline.submit(req, "alice")
     await world.pipeline.wait(doc["id"])
     with pytest.raises(Conflict, match="already exists"):

@@ -42,11 +42,16 @@ async def test_every_artifact_gets_an_sbom_and_signed_provenance(world: World) -
     assert scan["detail"]["scan_skipped"].startswith("no vulnerability database")
     envelope = read_envelope(Path(scan["detail"]["provenance"]))
     statement = json.loads(base64.b64decode(envelope["payload"]))
-    assert statement["subject"][0]["digest"]["sha256"] == doc["artifact_digest"].removeprefix("sha256:")
+    assert statement["subject"][0]["digest"]["sha256"] == doc["artifact_digest"].removeprefix(
+        "sha256:"
+    )
     assert json.loads(Path(scan["detail"]["sbom"]).read_text())["bomFormat"] == "CycloneDX"
     events = [r.event_type for r in await world.audit.records(deployment_id=doc["id"])]
-    assert events.index("security_scan.passed") < events.index("artifact.verified") < events.index(
-        "revision.started")
+    assert (
+        events.index("security_scan.passed")
+        < events.index("artifact.verified")
+        < events.index("revision.started")
+    )
 
 
 async def _cold_previous_revision(world: World) -> tuple[dict, dict]:

@@ -132,9 +132,7 @@ class Agent:
         if positive and sum(positive.values()) != 100:
             raise HTTPException(422, f"weights must sum to 100, got {sum(positive.values())}")
         for rev in positive:
-            if not any(
-                r.alive and r.routable for r in self.supervisor.of_revision(service, rev)
-            ):
+            if not any(r.alive and r.routable for r in self.supervisor.of_revision(service, rev)):
                 raise HTTPException(
                     409, f"revision {rev} of {service} has no routable replica; start it first"
                 )
@@ -164,7 +162,9 @@ class Agent:
                     r.spec.revision, {"spec": r.spec.to_dict(), "routable": False, "pids": []}
                 )
                 s["spec"]["replicas"] = sum(
-                    1 for x in self.supervisor.of_revision(r.spec.service, r.spec.revision) if x.alive
+                    1
+                    for x in self.supervisor.of_revision(r.spec.service, r.spec.revision)
+                    if x.alive
                 )
                 s["routable"] = s["routable"] or r.routable
                 if r.process:
@@ -286,7 +286,9 @@ def build_app(agent: Agent) -> FastAPI:
     @app.post("/v1/services/{service}/stop")
     async def stop(service: str, body: StopBody) -> dict[str, Any]:
         """Stop replicas: no new requests first, in-flight ones finish (drain), then SIGTERM."""
-        targets = [agent.supervisor.replicas[r] for r in body.replica_ids if r in agent.supervisor.replicas]
+        targets = [
+            agent.supervisor.replicas[r] for r in body.replica_ids if r in agent.supervisor.replicas
+        ]
         route = agent.routes.get(service)
         for r in targets:
             r.routable = False
@@ -339,8 +341,12 @@ async def run_agent(data_dir: Path, region: str, api_port: int = 0) -> None:
         await asyncio.sleep(0.01)
     sock = server.servers[0].sockets[0]
     port = sock.getsockname()[1]
-    info = {"pid": os.getpid(), "region": region, "api_url": f"http://127.0.0.1:{port}",
-            "started_at": time.time()}
+    info = {
+        "pid": os.getpid(),
+        "region": region,
+        "api_url": f"http://127.0.0.1:{port}",
+        "started_at": time.time(),
+    }
     write_private(agent.dir / "agent.json", json.dumps(info))
     log.info("agent for region %s listening on %s", region, info["api_url"])
     await stop.wait()

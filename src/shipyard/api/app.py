@@ -56,8 +56,14 @@ def _resource(doc: dict[str, Any]) -> dict[str, Any]:
 def _accepted(request: Request, doc: dict[str, Any]) -> JSONResponse:
     url = str(request.url_for("get_deployment", deployment_id=doc["id"]))
     return JSONResponse(
-        {"deployment_id": doc["id"], "status": doc["status"], "status_url": url,
-         "service": doc["service"], "region": doc["region"], "kind": doc["kind"]},
+        {
+            "deployment_id": doc["id"],
+            "status": doc["status"],
+            "status_url": url,
+            "service": doc["service"],
+            "region": doc["region"],
+            "kind": doc["kind"],
+        },
         status_code=202,
         headers={"Location": url},
     )
@@ -69,15 +75,23 @@ def _final(doc: dict[str, Any]) -> JSONResponse:
         return JSONResponse(doc["result"], status_code=200)
     if not DeploymentStatus(doc["status"]).terminal:
         return JSONResponse(
-            {"deployment_id": doc["id"], "status": doc["status"],
-             "detail": "still running after the wait timeout; poll the status URL"},
+            {
+                "deployment_id": doc["id"],
+                "status": doc["status"],
+                "detail": "still running after the wait timeout; poll the status URL",
+            },
             status_code=202,
         )
     err = doc.get("error") or {}
     return JSONResponse(
-        {"error": "deployment_failed", "message": err.get("message", doc["status"]),
-         "deployment_id": doc["id"], "status": doc["status"], "cause": err,
-         "result": doc.get("result")},
+        {
+            "error": "deployment_failed",
+            "message": err.get("message", doc["status"]),
+            "deployment_id": doc["id"],
+            "status": doc["status"],
+            "cause": err,
+            "result": doc.get("result"),
+        },
         status_code=500,
     )
 
@@ -108,8 +122,12 @@ def create_app(
 
     @app.post("/api/v1/deploy", status_code=202, tags=["deployments"])
     async def deploy(
-        body: DeploymentRequest, request: Request, claims: CanCreate, c: Ctx,
-        wait: Wait = False, timeout: WaitTimeout = 900,
+        body: DeploymentRequest,
+        request: Request,
+        claims: CanCreate,
+        c: Ctx,
+        wait: Wait = False,
+        timeout: WaitTimeout = 900,
     ) -> JSONResponse:
         doc = await c.pipeline.submit(body, claims.subject)
         if wait:
@@ -118,8 +136,12 @@ def create_app(
 
     @app.post("/api/v1/rollback/{deployment_id}", status_code=202, tags=["deployments"])
     async def rollback(
-        deployment_id: uuid.UUID, request: Request, claims: CanRollback, c: Ctx,
-        wait: Wait = False, timeout: WaitTimeout = 900,
+        deployment_id: uuid.UUID,
+        request: Request,
+        claims: CanRollback,
+        c: Ctx,
+        wait: Wait = False,
+        timeout: WaitTimeout = 900,
     ) -> JSONResponse:
         doc = await c.pipeline.rollback(str(deployment_id), claims.subject)
         if wait:
@@ -132,7 +154,9 @@ def create_app(
 
     @app.get("/api/v1/deployments", tags=["deployments"])
     async def list_deployments(
-        _: CanRead, c: Ctx, service: ServiceName | None = None,
+        _: CanRead,
+        c: Ctx,
+        service: ServiceName | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> dict[str, Any]:
         docs = c.store.list_deployments(service, limit)
@@ -146,18 +170,29 @@ def create_app(
 
     @app.get("/api/v1/services", tags=["services"])
     async def list_services(_: CanRead, c: Ctx) -> dict[str, Any]:
-        return {"services": [
-            {"service": s.service, "region": s.region, "serving_revision": s.serving_revision,
-             "url": s.url} for s in c.store.list_services()
-        ]}
+        return {
+            "services": [
+                {
+                    "service": s.service,
+                    "region": s.region,
+                    "serving_revision": s.serving_revision,
+                    "url": s.url,
+                }
+                for s in c.store.list_services()
+            ]
+        }
 
     @app.get("/api/v1/services/{name}", tags=["services"])
     async def get_service(
-        name: Annotated[str, Depends(_service_name)], _: CanRead, c: Ctx,
+        name: Annotated[str, Depends(_service_name)],
+        _: CanRead,
+        c: Ctx,
         region: Annotated[str, Query(pattern=DNS_LABEL)] = "local",
     ) -> dict[str, Any]:
         if region not in c.runtimes:
-            raise UnknownRegion(f"unknown region {region!r}; this server runs: {', '.join(c.runtimes)}")
+            raise UnknownRegion(
+                f"unknown region {region!r}; this server runs: {', '.join(c.runtimes)}"
+            )
         row = c.store.get_service(name, region)
         state = await c.runtimes[region].service_state(name)
         if row is None and state is None:
@@ -172,9 +207,15 @@ def create_app(
             "warm_until": row.warm_until if row else None,
             "weights": dict(state.weights) if state else {},
             "replicas": [
-                {"replica_id": r.replica_id, "revision": r.revision, "state": r.state,
-                 "ready": r.alive and r.routable, "port": r.port, "pid": r.pid,
-                 "exit_code": r.exit_code}
+                {
+                    "replica_id": r.replica_id,
+                    "revision": r.revision,
+                    "state": r.state,
+                    "ready": r.alive and r.routable,
+                    "port": r.port,
+                    "pid": r.pid,
+                    "exit_code": r.exit_code,
+                }
                 for r in (state.replicas if state else [])
             ],
             "active_deployment": active["id"] if active else None,
@@ -184,7 +225,7 @@ def create_app(
 
 
 def _service_name(name: str) -> str:
-    import re  # noqa: PLC0415
+    import re
 
     if not re.fullmatch(DNS_LABEL, name):
         raise NotFound(f"{name!r} is not a service name (services are DNS labels)")

@@ -62,8 +62,15 @@ async def build_context(settings: Settings) -> AppContext:
         drain_timeout=settings.drain_timeout_seconds,
     )
     closers.append(_dispose(engine))
-    return AppContext(settings, store, audit, pipeline, TokenAuthority.from_data_dir(settings.data_dir),
-                      runtimes, closers)
+    return AppContext(
+        settings,
+        store,
+        audit,
+        pipeline,
+        TokenAuthority.from_data_dir(settings.data_dir),
+        runtimes,
+        closers,
+    )
 
 
 def _dispose(engine: Any) -> Any:

@@ -69,7 +69,10 @@ def _field_error(e: Any) -> dict[str, str]:
     if e["type"] == "json_invalid":
         where = e["loc"][1] if len(e["loc"]) > 1 else "?"
         reason = (e.get("ctx") or {}).get("error", "invalid JSON")
-        return {"field": "(body)", "message": f"body is not valid JSON: {reason} at character {where}"}
+        return {
+            "field": "(body)",
+            "message": f"body is not valid JSON: {reason} at character {where}",
+        }
     return {"field": _loc(tuple(e["loc"])), "message": e["msg"]}
 
 
@@ -92,5 +95,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        return problem(exc.status_code, codes.get(exc.status_code, "http_error"),
-                       str(exc.detail), str(exc.detail))
+        return problem(
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            str(exc.detail),
+            str(exc.detail),
+        )

@@ -22,7 +22,7 @@ def resolve_token(token: str | None, data_dir: Path | None, permissions: list[st
     if token:
         return token
     if data_dir is not None and (data_dir / "keys").exists():
-        from shipyard.api.auth import TokenAuthority  # noqa: PLC0415 - only when minting
+        from shipyard.api.auth import TokenAuthority
 
         return TokenAuthority.from_data_dir(data_dir).issue("cli", permissions, ttl_seconds=3600)
     raise InvalidInput(
@@ -37,7 +37,9 @@ def _git(repo: str, *args: str) -> str:
             ["git", *args], cwd=repo, capture_output=True, text=True, timeout=60, check=True
         )
     except subprocess.CalledProcessError as exc:
-        raise InvalidInput(f"git {' '.join(args)} failed in {repo}: {exc.stderr.strip()[:300]}") from exc
+        raise InvalidInput(
+            f"git {' '.join(args)} failed in {repo}: {exc.stderr.strip()[:300]}"
+        ) from exc
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise InvalidInput(f"cannot run git in {repo}: {exc}") from exc
     return out.stdout.strip()

@@ -38,10 +38,16 @@ def _free_port() -> int:
 
 
 def _git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "demo", "GIT_AUTHOR_EMAIL": "demo@shipyard.local",
-           "GIT_COMMITTER_NAME": "demo", "GIT_COMMITTER_EMAIL": "demo@shipyard.local"}
-    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "demo",
+        "GIT_AUTHOR_EMAIL": "demo@shipyard.local",
+        "GIT_COMMITTER_NAME": "demo",
+        "GIT_COMMITTER_EMAIL": "demo@shipyard.local",
+    }
+    return subprocess.run(
+        ["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def make_example_repo(path: Path) -> Path:
@@ -80,9 +86,18 @@ class Demo:
     def start_server(self) -> None:
         log = open(self.data_dir / "serve.log", "ab")  # noqa: SIM115 - handed to the child
         self.server = subprocess.Popen(
-            [sys.executable, "-m", "shipyard.cli.main", "serve", "--data-dir", str(self.data_dir),
-             "--listen", f"127.0.0.1:{self.port}"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "shipyard.cli.main",
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         deadline = time.monotonic() + 30
@@ -99,16 +114,24 @@ class Demo:
         token = TokenAuthority.from_data_dir(self.data_dir).issue(
             "demo", ["deployment:create", "deployment:read", "deployment:rollback"]
         )
-        self.client = httpx.Client(base_url=self.base, headers={"authorization": f"Bearer {token}"},
-                                   timeout=120)
+        self.client = httpx.Client(
+            base_url=self.base, headers={"authorization": f"Bearer {token}"}, timeout=120
+        )
 
-    def deploy(self, repo: Path, commit: str, *, bake: float, switch_delay: int = 0) -> dict[str, Any]:
+    def deploy(
+        self, repo: Path, commit: str, *, bake: float, switch_delay: int = 0
+    ) -> dict[str, Any]:
         assert self.client is not None
         body = {
             "source": {"repository": str(repo), "branch": "main", "commit": commit},
             "target": {"service_name": "hello", "region": "local"},
-            "strategy": {"BlueGreen": {"switch_delay_seconds": switch_delay, "bake_seconds": bake,
-                                       "scale_down_delay_seconds": 2}},
+            "strategy": {
+                "BlueGreen": {
+                    "switch_delay_seconds": switch_delay,
+                    "bake_seconds": bake,
+                    "scale_down_delay_seconds": 2,
+                }
+            },
         }
         r = self.client.post("/api/v1/deploy", json=body)
         r.raise_for_status()
@@ -134,7 +157,7 @@ class Demo:
                 self.server.kill()
         info = self.data_dir / "agents" / "local" / "agent.json"
         if info.exists():
-            import json  # noqa: PLC0415
+            import json
 
             pid = int(json.loads(info.read_text())["pid"])
             try:
@@ -176,28 +199,38 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         d2 = demo.deploy(repo, v2, bake=2, switch_delay=1)
         time.sleep(1.0)
         report = load.stop()
-        say(f"    v2: {d2['status']}; load: {report.requests} requests made, "
+        say(
+            f"    v2: {d2['status']}; load: {report.requests} requests made, "
             f"[{'green' if report.failed == 0 else 'red'}]{report.failed} failed[/]"
             f"{' ' + str(dict(report.reasons)) if report.failed else ''}; served by "
-            f"{dict(report.served_by)}")
+            f"{dict(report.served_by)}"
+        )
         ok &= d2["status"] == "Success" and report.failed == 0
 
         v3 = commit_version(repo, "v3", unhealthy_after=2.0)
-        say(f"[bold]4.[/bold] deploying a broken v3 ({v3[:10]}): its health check fails 2 s after start")
+        say(
+            f"[bold]4.[/bold] deploying a broken v3 ({v3[:10]}): "
+            "its health check fails 2 s after start"
+        )
         d3 = demo.deploy(repo, v3, bake=10)
         m = d3["metrics"]
         err = (d3.get("error") or {}).get("message", "")
         say(f"    v3: {d3['status']} — {err}")
-        say(f"    unhealthy verdict -> 100% of traffic back on v2: {m.get('detection_to_rollback_ms')} ms "
-            f"(rollback stage {m.get('rollback_duration_ms')} ms; ADR target 30 000 ms)")
+        say(
+            "    unhealthy verdict -> 100% of traffic back on v2: "
+            f"{m.get('detection_to_rollback_ms')} ms "
+            f"(rollback stage {m.get('rollback_duration_ms')} ms; ADR target 30 000 ms)"
+        )
         now_serving = httpx.get(url).text.strip()
         say(f"    the service answers: {now_serving!r}")
         ok &= d3["status"] == "RolledBack" and "v2" in now_serving
 
         say("[bold]5.[/bold] verifying the audit trail")
         result = verify_database(demo.data_dir / "shipyard.db", demo.data_dir / "audit.head")
-        say(f"    {'intact' if result.ok else 'TAMPERED'}: {result.records} hash-chained records"
-            f"{'' if result.ok else f' (first bad: {result.first_bad_seq}: {result.reason})'}")
+        say(
+            f"    {'intact' if result.ok else 'TAMPERED'}: {result.records} hash-chained records"
+            f"{'' if result.ok else f' (first bad: {result.first_bad_seq}: {result.reason})'}"
+        )
         ok &= result.ok
     except Exception as exc:
         say(f"[red]demo failed: {exc!r}[/red]")
@@ -206,5 +239,8 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         demo.stop()
         if own_dir and ok:
             shutil.rmtree(root, ignore_errors=True)
-    say(f"demo {'[green]passed[/green]' if ok else '[red]FAILED[/red]'} in {time.monotonic() - t_start:.1f} s")
+    say(
+        f"demo {'[green]passed[/green]' if ok else '[red]FAILED[/red]'} "
+        f"in {time.monotonic() - t_start:.1f} s"
+    )
     return 0 if ok else 1

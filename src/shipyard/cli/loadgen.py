@@ -80,7 +80,13 @@ class LoadGenerator:
                 if close:
                     writer.close()
                     writer = None
-            except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+            except (
+                OSError,
+                ConnectionError,
+                asyncio.IncompleteReadError,
+                TimeoutError,
+                ValueError,
+            ) as exc:
                 self.report.requests += 1
                 self.report.failed += 1
                 self.report.reasons[type(exc).__name__] += 1

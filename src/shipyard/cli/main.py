@@ -47,13 +47,21 @@ app.add_typer(security_app)  # scan, vulndb
 out = Console()
 err = Console(stderr=True)
 
-DataDir = Annotated[Path, typer.Option("--data-dir", help="Server data directory.", envvar="SHIPYARD_DATA_DIR")]
+DataDir = Annotated[
+    Path, typer.Option("--data-dir", help="Server data directory.", envvar="SHIPYARD_DATA_DIR")
+]
 OptDataDir = Annotated[
     Path | None,
-    typer.Option("--data-dir", help="Local server's data directory (mints a token).", envvar="SHIPYARD_DATA_DIR"),
+    typer.Option(
+        "--data-dir",
+        help="Local server's data directory (mints a token).",
+        envvar="SHIPYARD_DATA_DIR",
+    ),
 ]
 Server = Annotated[str, typer.Option("--server", envvar="SHIPYARD_SERVER", help="API base URL.")]
-Token = Annotated[str | None, typer.Option("--token", envvar="SHIPYARD_TOKEN", help="Bearer token.")]
+Token = Annotated[
+    str | None, typer.Option("--token", envvar="SHIPYARD_TOKEN", help="Bearer token.")
+]
 Format = Annotated[str, typer.Option("--format", help="table or json.")]
 
 
@@ -76,11 +84,14 @@ def _check(resp: Any) -> Any:
         except ValueError:
             body = {"detail": resp.text}
         detail = body.get("detail") or body.get("message") or body
-        raise fail(f"{resp.status_code} {body.get('error', '')}: {detail}", 1 if resp.status_code >= 500 else 2)
+        raise fail(
+            f"{resp.status_code} {body.get('error', '')}: {detail}",
+            1 if resp.status_code >= 500 else 2,
+        )
     return resp.json()
 
 
-# --- server processes -----------------------------------------------------------------------------
+# --- server processes ----------------------------------------------------------------------------
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:
@@ -94,20 +105,25 @@ def _parse_listen(listen: str) -> tuple[str, int]:
 def serve(
     data_dir: DataDir = Path(".shipyard"),
     listen: Annotated[str, typer.Option(help="HOST:PORT for the API.")] = "127.0.0.1:8080",
-    region: Annotated[list[str] | None, typer.Option("--region", help="Regions to serve (repeat).")] = None,
+    region: Annotated[
+        list[str] | None, typer.Option("--region", help="Regions to serve (repeat).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
     osv_db: Annotated[
         Path | None,
-        typer.Option("--osv-db", envvar="SHIPYARD_OSV_DB",
-                     help="Offline OSV database (dir or zip) for the security gate's scan."),
+        typer.Option(
+            "--osv-db",
+            envvar="SHIPYARD_OSV_DB",
+            help="Offline OSV database (dir or zip) for the security gate's scan.",
+        ),
     ] = None,
 ) -> None:
     """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
-    import uvicorn  # noqa: PLC0415 - keep `shipyard --help` fast
+    import uvicorn
 
-    from shipyard.api.app import create_app  # noqa: PLC0415
-    from shipyard.logs import configure_logging  # noqa: PLC0415
-    from shipyard.settings import Settings  # noqa: PLC0415
+    from shipyard.api.app import create_app
+    from shipyard.logs import configure_logging
+    from shipyard.settings import Settings
 
     host, port = _parse_listen(listen)
     with socket.socket() as probe:
@@ -119,14 +135,25 @@ def serve(
     configure_logging(log_level.upper())
     if osv_db is not None and not osv_db.exists():
         raise fail(f"--osv-db {osv_db} does not exist; pass an OSV database directory or zip")
-    settings = Settings(data_dir=data_dir.resolve(), regions=tuple(region or ["local"]),
-                        osv_db=osv_db.resolve() if osv_db else None)
+    settings = Settings(
+        data_dir=data_dir.resolve(),
+        regions=tuple(region or ["local"]),
+        osv_db=osv_db.resolve() if osv_db else None,
+    )
     if osv_db is None:
-        err.print("[yellow]warning:[/yellow] no --osv-db: artifacts get an SBOM and are signed, "
-                  "but not scanned for vulnerabilities")
+        err.print(
+            "[yellow]warning:[/yellow] no --osv-db: artifacts get an SBOM and are signed, "
+            "but not scanned for vulnerabilities"
+        )
     err.print(f"shipyard serve: API on http://{host}:{port}, data in {settings.data_dir}")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", loop="uvloop",
-                access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="warning",
+        loop="uvloop",
+        access_log=False,
+    )
 
 
 @app.command()
@@ -135,28 +162,36 @@ def agent(
     region: Annotated[str, typer.Option(help="Region this agent serves.")] = "local",
 ) -> None:
     """Run the data plane of one region: the traffic router and the app supervisor."""
-    import uvloop  # noqa: PLC0415
+    import uvloop
 
-    from shipyard.agent.server import run_agent  # noqa: PLC0415
-    from shipyard.logs import configure_logging  # noqa: PLC0415
+    from shipyard.agent.server import run_agent
+    from shipyard.logs import configure_logging
 
     configure_logging("INFO")
     uvloop.run(run_agent(data_dir.resolve(), region))
 
 
-# --- deployments ------------------------------------------------------------------------------------
+# --- deployments ---------------------------------------------------------------------------------
 
 
 @app.command()
 def deploy(
-    repository: Annotated[str, typer.Argument(help="Git URL or local path of the service's repository.")],
-    branch: Annotated[str | None, typer.Option(help="Default: the repository's current branch.")] = None,
+    repository: Annotated[
+        str, typer.Argument(help="Git URL or local path of the service's repository.")
+    ],
+    branch: Annotated[
+        str | None, typer.Option(help="Default: the repository's current branch.")
+    ] = None,
     commit: Annotated[str | None, typer.Option(help="Default: the branch head.")] = None,
-    service: Annotated[str | None, typer.Option(help="Default: [service] name of shipyard.toml.")] = None,
+    service: Annotated[
+        str | None, typer.Option(help="Default: [service] name of shipyard.toml.")
+    ] = None,
     region: str = "local",
     switch_delay: Annotated[int, typer.Option(help="Seconds between healthy and the switch.")] = 0,
     bake: Annotated[float, typer.Option(help="Post-switch monitoring window, seconds.")] = 30.0,
-    scale_down_delay: Annotated[float, typer.Option(help="Keep the old revision warm, seconds.")] = 30.0,
+    scale_down_delay: Annotated[
+        float, typer.Option(help="Keep the old revision warm, seconds.")
+    ] = 30.0,
     wait: Annotated[bool, typer.Option(help="Follow progress until the deployment ends.")] = True,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
@@ -175,14 +210,21 @@ def deploy(
     body = {
         "source": {"repository": repo, "branch": branch, "commit": commit},
         "target": {"service_name": service, "region": region},
-        "strategy": {"BlueGreen": {"switch_delay_seconds": switch_delay, "bake_seconds": bake,
-                                   "scale_down_delay_seconds": scale_down_delay}},
+        "strategy": {
+            "BlueGreen": {
+                "switch_delay_seconds": switch_delay,
+                "bake_seconds": bake,
+                "scale_down_delay_seconds": scale_down_delay,
+            }
+        },
     }
     client = _client(server, token, data_dir, "deployment:create", "deployment:read")
     accepted = _check(client.request("POST", "/api/v1/deploy", json=body))
     dep_id = accepted["deployment_id"]
     if format != "json":
-        err.print(f"deployment [bold]{dep_id}[/bold]: {service} {commit[:10]} ({branch}) -> {region}")
+        err.print(
+            f"deployment [bold]{dep_id}[/bold]: {service} {commit[:10]} ({branch}) -> {region}"
+        )
     if not wait:
         out.print(json.dumps(accepted) if format == "json" else dep_id)
         return
@@ -226,14 +268,19 @@ def _print_outcome(doc: dict[str, Any]) -> None:
     m = doc.get("metrics") or {}
     if doc["status"] == "Success":
         res = doc.get("result") or {}
-        err.print(f"[green]Success[/green]: {doc['service']} serves {res.get('revision')} at {res.get('url')}"
-                  f" ({m.get('total_duration_ms')} ms)")
+        err.print(
+            f"[green]Success[/green]: {doc['service']} serves {res.get('revision')} "
+            f"at {res.get('url')}"
+            f" ({m.get('total_duration_ms')} ms)"
+        )
     else:
         e = doc.get("error") or {}
         err.print(f"[red]{doc['status']}[/red]: {e.get('type', '')}: {e.get('message', '')}")
         if m.get("detection_to_rollback_ms") is not None:
-            err.print(f"  unhealthy verdict -> traffic back on {doc.get('blue_revision')}: "
-                      f"{m['detection_to_rollback_ms']} ms")
+            err.print(
+                f"  unhealthy verdict -> traffic back on {doc.get('blue_revision')}: "
+                f"{m['detection_to_rollback_ms']} ms"
+            )
 
 
 @app.command()
@@ -248,25 +295,38 @@ def status(
     """Show a deployment (stages, durations, error) or a service (revision, weights, replicas)."""
     client = _client(server, token, data_dir, "deployment:read")
     is_id = len(target) == 36 and target.count("-") == 4
-    path = f"/api/v1/deployments/{target}" if is_id else f"/api/v1/services/{target}?region={region}"
+    path = (
+        f"/api/v1/deployments/{target}" if is_id else f"/api/v1/services/{target}?region={region}"
+    )
     doc = _check(client.request("GET", path))
     if format == "json":
         out.print_json(data=doc)
         return
     if is_id:
-        out.print(f"[bold]{doc['id']}[/bold] {doc['kind']} {doc['service']}@{doc['region']}: "
-                  f"[cyan]{doc['status']}[/cyan]  {doc.get('blue_revision')} -> {doc.get('green_revision')}")
+        out.print(
+            f"[bold]{doc['id']}[/bold] {doc['kind']} {doc['service']}@{doc['region']}: "
+            f"[cyan]{doc['status']}[/cyan]  "
+            f"{doc.get('blue_revision')} -> {doc.get('green_revision')}"
+        )
         for st in doc["stages"]:
             out.print("  " + _stage_line(st))
         if doc.get("error"):
             out.print(f"  [red]{doc['error'].get('type')}[/red]: {doc['error'].get('message')}")
         out.print(f"  metrics: {json.dumps(doc['metrics'])}")
         return
-    out.print(f"[bold]{doc['service']}[/bold]@{doc['region']} {doc['url']} serving "
-              f"{doc['serving_revision']} weights {doc['weights']}")
+    out.print(
+        f"[bold]{doc['service']}[/bold]@{doc['region']} {doc['url']} serving "
+        f"{doc['serving_revision']} weights {doc['weights']}"
+    )
     table = Table("replica", "revision", "state", "ready", "port")
     for r in doc["replicas"]:
-        table.add_row(r["replica_id"], r["revision"], r["state"], "yes" if r["ready"] else "no", str(r["port"]))
+        table.add_row(
+            r["replica_id"],
+            r["revision"],
+            r["state"],
+            "yes" if r["ready"] else "no",
+            str(r["port"]),
+        )
     out.print(table)
 
 
@@ -281,14 +341,23 @@ def history(
 ) -> None:
     """A service's deployments, newest first."""
     client = _client(server, token, data_dir, "deployment:read")
-    docs = _check(client.request("GET", "/api/v1/deployments", params={"service": service, "limit": limit}))
+    docs = _check(
+        client.request("GET", "/api/v1/deployments", params={"service": service, "limit": limit})
+    )
     if format == "json":
         out.print_json(data=docs)
         return
     table = Table("created", "id", "kind", "status", "revision", "by", "ms")
     for d in docs["deployments"]:
-        table.add_row(d["created_at"][:19], d["id"], d["kind"], d["status"], d.get("green_revision") or "",
-                      d["triggered_by"], str((d.get("metrics") or {}).get("total_duration_ms") or ""))
+        table.add_row(
+            d["created_at"][:19],
+            d["id"],
+            d["kind"],
+            d["status"],
+            d.get("green_revision") or "",
+            d["triggered_by"],
+            str((d.get("metrics") or {}).get("total_duration_ms") or ""),
+        )
     out.print(table)
 
 
@@ -311,11 +380,13 @@ def rollback(
 
 @app.command()
 def demo(
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Default: a fresh temp dir.")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Default: a fresh temp dir.")
+    ] = None,
     port: Annotated[int, typer.Option(help="API port (0 = any free one).")] = 0,
 ) -> None:
-    """v1 -> v2 under load with zero failed requests, a broken v3 rolled back, the audit verified."""
-    from shipyard.cli.demo import run_demo  # noqa: PLC0415
+    """v1 -> v2 under load with zero failed requests, a broken v3 rolled back, audit verified."""
+    from shipyard.cli.demo import run_demo
 
     raise typer.Exit(run_demo(data_dir, port, err))
 

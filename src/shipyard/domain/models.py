@@ -44,7 +44,7 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
 
-# --- source and target -------------------------------------------------------------------------
+# --- source and target ---------------------------------------------------------------------------
 
 
 class SourceConfig(WireModel):
@@ -64,7 +64,12 @@ class SourceConfig(WireModel):
     def _branch_is_a_ref_name(cls, v: str) -> str:
         # git check-ref-format's rules that matter for safety; never starts with '-' (no option
         # injection) and no '..' (no range syntax).
-        if v.startswith("-") or ".." in v or any(c in v for c in " ~^:?*[\\\x7f") or v.endswith("/"):
+        if (
+            v.startswith("-")
+            or ".." in v
+            or any(c in v for c in " ~^:?*[\\\x7f")
+            or v.endswith("/")
+        ):
             raise ValueError(f"{v!r} is not a valid git branch name")
         return v
 
@@ -94,7 +99,7 @@ class TargetEnvironment(WireModel):
     project_id: str | None = Field(default=None, max_length=128)
 
 
-# --- strategies (externally tagged) -------------------------------------------------------------
+# --- strategies (externally tagged) --------------------------------------------------------------
 
 
 class BlueGreenParams(WireModel):
@@ -188,7 +193,7 @@ def strategy_params(strategy: BlueGreen | Canary | Rolling) -> Any:
     return getattr(strategy, strategy.kind)
 
 
-# --- health ---------------------------------------------------------------------------------------
+# --- health --------------------------------------------------------------------------------------
 
 
 class HealthCheck(WireModel):
@@ -201,19 +206,21 @@ class HealthCheck(WireModel):
     failure_threshold: Annotated[int, Field(ge=1, le=100)] = 3
     start_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
         default=30.0,
-        description="Refused connections before the first success mean 'still starting' until then.",
+        description="Refused connections before the first success mean 'still starting' "
+        "until then.",
     )
 
 
-# --- request ---------------------------------------------------------------------------------------
+# --- request -------------------------------------------------------------------------------------
 
 
 class DeploymentMetadata(WireModel):
     triggered_by: str | None = Field(default=None, max_length=256)
     description: str | None = Field(default=None, max_length=2048)
-    labels: dict[Annotated[str, StringConstraints(max_length=63)], Annotated[str, StringConstraints(max_length=256)]] = Field(
-        default_factory=dict, max_length=64
-    )
+    labels: dict[
+        Annotated[str, StringConstraints(max_length=63)],
+        Annotated[str, StringConstraints(max_length=256)],
+    ] = Field(default_factory=dict, max_length=64)
 
 
 class DeploymentRequest(WireModel):
@@ -224,7 +231,7 @@ class DeploymentRequest(WireModel):
     metadata: DeploymentMetadata = Field(default_factory=DeploymentMetadata)
 
 
-# --- deployment resource ---------------------------------------------------------------------------
+# --- deployment resource -------------------------------------------------------------------------
 
 
 class DeploymentStatus(StrEnum):
@@ -276,7 +283,8 @@ class DeploymentMetrics(ReadModel):
     health_check_duration_ms: int | None = None
     rollback_duration_ms: int | None = None
     detection_to_rollback_ms: int | None = Field(
-        default=None, description="From the unhealthy verdict to 100% of traffic on the previous revision."
+        default=None,
+        description="From the unhealthy verdict to 100% of traffic on the previous revision.",
     )
     total_duration_ms: int | None = None
     validation: PerformanceValidation = Field(default_factory=PerformanceValidation)

@@ -72,7 +72,9 @@ class HttpProber:
             return ProbeResult(Outcome.ERROR, detail=repr(exc)[:200])
         ms = (time.perf_counter() - start) * 1000
         ok = 200 <= r.status_code < 300
-        return ProbeResult(Outcome.OK if ok else Outcome.FAIL, r.status_code, ms, f"HTTP {r.status_code}")
+        return ProbeResult(
+            Outcome.OK if ok else Outcome.FAIL, r.status_code, ms, f"HTTP {r.status_code}"
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -82,7 +84,10 @@ def _refused(exc: BaseException) -> bool:
     """Whether a connect error is "nothing listening" (somewhere down the cause chain)."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ConnectionRefusedError) or getattr(seen, "errno", None) == errno.ECONNREFUSED:
+        if (
+            isinstance(seen, ConnectionRefusedError)
+            or getattr(seen, "errno", None) == errno.ECONNREFUSED
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     return "refused" in str(exc).lower()
@@ -205,7 +210,10 @@ async def watch_until_unhealthy(
 ) -> UnhealthyVerdict | None:
     """Monitor serving replicas until the clock reaches ``until``; the first unhealthy verdict
     (failure threshold reached, or a crash) is returned at once, else None."""
-    trackers = {r.replica_id: ThresholdTracker(check, clock.now() - check.start_timeout_seconds) for r in replicas}
+    trackers = {
+        r.replica_id: ThresholdTracker(check, clock.now() - check.start_timeout_seconds)
+        for r in replicas
+    }
     for t in trackers.values():
         t.ever_succeeded = True  # they passed the gate: a refused connection now is a failure
     while clock.now() < until:
@@ -213,7 +221,12 @@ async def watch_until_unhealthy(
         for r in replicas:
             dead = _crashed(states.get(r.replica_id))
             if dead:
-                return UnhealthyVerdict(r.replica_id, f"replica {dead}", trackers[r.replica_id].attempts, time.monotonic())
+                return UnhealthyVerdict(
+                    r.replica_id,
+                    f"replica {dead}",
+                    trackers[r.replica_id].attempts,
+                    time.monotonic(),
+                )
         results = await asyncio.gather(*(prober(r, check) for r in replicas))
         now = clock.now()
         for r, result in zip(replicas, results, strict=True):

@@ -58,7 +58,15 @@ from shipyard.logs import log_event
 from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime
 from shipyard.security.gate import SecurityGate
 from shipyard.store.db import Store
-from shipyard.strategies.steps import AwaitHealthy, Bake, KeepWarm, Pause, SetWeight, StartCandidate, Step
+from shipyard.strategies.steps import (
+    AwaitHealthy,
+    Bake,
+    KeepWarm,
+    Pause,
+    SetWeight,
+    StartCandidate,
+    Step,
+)
 
 log = logging.getLogger("shipyard.orchestrator")
 
@@ -189,8 +197,13 @@ class Pipeline:
             self.store.get_deployment(doc["id"])
             raise Conflict(f"deployment id {doc['id']} already exists; omit `id` to get a new one")
         self.store.create_deployment(doc)
-        await self._audit(doc, "deployment.requested", strategy=request.strategy.kind,
-                          commit=request.source.commit, repository=request.source.repository)
+        await self._audit(
+            doc,
+            "deployment.requested",
+            strategy=request.strategy.kind,
+            commit=request.source.commit,
+            repository=request.source.repository,
+        )
         self._spawn(doc["id"])
         return doc
 
@@ -217,7 +230,9 @@ class Pipeline:
             )
         runtime = self.runtime(target["region"])
         state = await runtime.service_state(target["service"])
-        warm = bool(state and any(r.revision == blue and r.alive and r.routable for r in state.replicas))
+        warm = bool(
+            state and any(r.revision == blue and r.alive and r.routable for r in state.replicas)
+        )
         now = self.clock.now()
         plan = strategies.blue_green.plan_instant_switch(warm=warm)
         doc: dict[str, Any] = {
@@ -238,8 +253,12 @@ class Pipeline:
             "artifact_digest": self.store.get_revision_spec(blue)["artifact_digest"],
             "stages": [],
             "metrics": {},
-            "progress": {"phase": "steps", "step": 0, "plan": [step_to_dict(s) for s in plan],
-                         "manual_rollback_started": time.monotonic()},
+            "progress": {
+                "phase": "steps",
+                "step": 0,
+                "plan": [step_to_dict(s) for s in plan],
+                "manual_rollback_started": time.monotonic(),
+            },
         }
         self.store.create_deployment(doc)
         await self._audit(doc, "rollback.requested", rollback_of=deployment_id, instant=warm)
@@ -260,8 +279,13 @@ class Pipeline:
     async def resume_all(self) -> None:
         for doc in self.store.active_deployments():
             if doc["id"] not in self._tasks:
-                log_event(log, "deployment.resuming", deployment_id=doc["id"],
-                          status=doc["status"], progress=doc.get("progress"))
+                log_event(
+                    log,
+                    "deployment.resuming",
+                    deployment_id=doc["id"],
+                    status=doc["status"],
+                    progress=doc.get("progress"),
+                )
                 await self._audit(doc, "deployment.resumed")
                 self._spawn(doc["id"])
 
@@ -283,13 +307,22 @@ class Pipeline:
                 raise  # shutting down: the next control plane resumes from the persisted step
             except Exception as exc:  # last line of defence: never leave a deployment dangling
                 log.exception("deployment %s crashed in the orchestrator", deployment_id)
-                err = exc if isinstance(exc, ShipyardError) else DeploymentError(f"internal error: {exc!r}")
+                err = (
+                    exc
+                    if isinstance(exc, ShipyardError)
+                    else DeploymentError(f"internal error: {exc!r}")
+                )
                 with contextlib.suppress(Exception):
                     doc = self.store.get_deployment(deployment_id)
                     await self._finish(doc, DeploymentStatus.FAILED, err)
             finally:
                 ev = self._done.get(deployment_id)
-                if ev and DeploymentStatus(self.store.get_deployment(deployment_id)["status"]).terminal:
+                if (
+                    ev
+                    and DeploymentStatus(
+                        self.store.get_deployment(deployment_id)["status"]
+                    ).terminal
+                ):
                     ev.set()
 
     async def _run(self, doc: dict[str, Any]) -> None:
@@ -321,12 +354,22 @@ class Pipeline:
             raise
         doc["metrics"]["build_duration_ms"] = artifact.duration_ms
         self._stage_end(
-            doc, stage, "succeeded", digest=artifact.digest, commit=artifact.commit,
-            builder=artifact.builder, cache_hit=artifact.cache.artifact_hit,
+            doc,
+            stage,
+            "succeeded",
+            digest=artifact.digest,
+            commit=artifact.commit,
+            builder=artifact.builder,
+            cache_hit=artifact.cache.artifact_hit,
             log_path=str(artifact.log_path) if artifact.log_path else None,
         )
-        await self._audit(doc, "build.succeeded", duration_ms=artifact.duration_ms,
-                          digest=artifact.digest, commit=artifact.commit)
+        await self._audit(
+            doc,
+            "build.succeeded",
+            duration_ms=artifact.duration_ms,
+            digest=artifact.digest,
+            commit=artifact.commit,
+        )
         return artifact
 
     async def _scan(self, doc: dict[str, Any], artifact: Artifact) -> None:
@@ -337,24 +380,49 @@ class Pipeline:
         self._set_status(doc, DeploymentStatus.SCANNING)
         stage = self._stage_start(doc, "scan")
         try:
-            report = await self.gate.check(artifact, self.attestations_dir,
-                                           source_repository=doc["source"]["repository"])
+            report = await self.gate.check(
+                artifact, self.attestations_dir, source_repository=doc["source"]["repository"]
+            )
         except SecurityScanFailed as exc:
-            self._stage_end(doc, stage, "failed", error=exc.message,
-                            vulnerabilities=exc.vulnerabilities, findings=exc.detail.get("findings"))
-            await self._audit(doc, "security_scan.failed", error=exc.message,
-                              vulnerabilities=exc.vulnerabilities,
-                              advisories=[f.get("advisory_id") for f in exc.detail.get("findings") or []])
+            self._stage_end(
+                doc,
+                stage,
+                "failed",
+                error=exc.message,
+                vulnerabilities=exc.vulnerabilities,
+                findings=exc.detail.get("findings"),
+            )
+            await self._audit(
+                doc,
+                "security_scan.failed",
+                error=exc.message,
+                vulnerabilities=exc.vulnerabilities,
+                advisories=[f.get("advisory_id") for f in exc.detail.get("findings") or []],
+            )
             raise
         doc["attestation"] = {"envelope": str(report.envelope_path), "sbom": str(report.sbom_path)}
         summary = report.to_dict()
-        self._stage_end(doc, stage, "succeeded", packages=report.packages,
-                        findings=len(report.findings), evaluation=summary["evaluation"],
-                        scan_skipped=report.scan_skipped, sbom=summary["sbom"],
-                        provenance=summary["provenance"], durations_ms=summary["durations_ms"])
-        await self._audit(doc, "security_scan.passed", duration_ms=report.durations_ms.get("total"),
-                          packages=report.packages, findings=len(report.findings),
-                          scan_skipped=report.scan_skipped, keyid=report.keyid)
+        self._stage_end(
+            doc,
+            stage,
+            "succeeded",
+            packages=report.packages,
+            findings=len(report.findings),
+            evaluation=summary["evaluation"],
+            scan_skipped=report.scan_skipped,
+            sbom=summary["sbom"],
+            provenance=summary["provenance"],
+            durations_ms=summary["durations_ms"],
+        )
+        await self._audit(
+            doc,
+            "security_scan.passed",
+            duration_ms=report.durations_ms.get("total"),
+            packages=report.packages,
+            findings=len(report.findings),
+            scan_skipped=report.scan_skipped,
+            keyid=report.keyid,
+        )
 
     async def _verify_artifact(self, doc: dict[str, Any], spec: dict[str, Any]) -> None:
         """Only the exact digest that was built, scanned and signed may start."""
@@ -363,10 +431,15 @@ class Pipeline:
         envelope = spec.get("attestation", {}).get("envelope")
         if not envelope:
             raise ArtifactVerificationFailed(
-                f"revision {spec['revision']} has no signed provenance; rebuild it", reason="unsigned")
+                f"revision {spec['revision']} has no signed provenance; rebuild it",
+                reason="unsigned",
+            )
         await self.gate.verify_digest(spec["artifact_digest"], Path(envelope))
-        if Path(spec["artifact_location"]).is_dir():
-            await asyncio.to_thread(verify_artifact, Path(spec["artifact_location"]), spec["artifact_digest"])
+        location = Path(spec["artifact_location"])
+        if await asyncio.to_thread(location.is_dir):
+            await asyncio.to_thread(
+                verify_artifact, Path(spec["artifact_location"]), spec["artifact_digest"]
+            )
         await self._audit(doc, "artifact.verified", digest=spec["artifact_digest"])
 
     async def _prepare(self, doc: dict[str, Any], artifact: Artifact) -> None:
@@ -384,16 +457,26 @@ class Pipeline:
             env=manifest.run.env,
             replicas=manifest.run.replicas,
         )
-        self.store.save_revision(revision, doc["service"], doc["region"], doc["id"],
-                                 {**spec.to_dict(), "health": manifest.health.model_dump(),
-                                  "attestation": doc.get("attestation", {})},
-                                 self.clock.now())
+        self.store.save_revision(
+            revision,
+            doc["service"],
+            doc["region"],
+            doc["id"],
+            {
+                **spec.to_dict(),
+                "health": manifest.health.model_dump(),
+                "attestation": doc.get("attestation", {}),
+            },
+            self.clock.now(),
+        )
         svc = self.store.get_service(doc["service"], doc["region"])
         stable = svc.serving_revision if svc else None
         if svc and svc.warm_revision:
             # A newer deployment supersedes the previous one's instant-rollback window.
             await self._stop_revision(doc["service"], doc["region"], svc.warm_revision)
-            self.store.upsert_service(doc["service"], doc["region"], warm_revision=None, warm_until=None)
+            self.store.upsert_service(
+                doc["service"], doc["region"], warm_revision=None, warm_until=None
+            )
         if stable:
             state = await runtime.service_state(doc["service"])
             if not state or stable not in state.revisions():
@@ -447,25 +530,39 @@ class Pipeline:
                     self._stage_end(doc, stage, "failed", error=exc.message)
                     raise
                 doc["progress"]["candidate_replicas"] = [r.replica_id for r in replicas]
-                self._stage_end(doc, stage, "succeeded", revision=candidate,
-                                replicas=[r.replica_id for r in replicas])
-                await self._audit(doc, "revision.started", revision=candidate, replicas=len(replicas))
+                self._stage_end(
+                    doc,
+                    stage,
+                    "succeeded",
+                    revision=candidate,
+                    replicas=[r.replica_id for r in replicas],
+                )
+                await self._audit(
+                    doc, "revision.started", revision=candidate, replicas=len(replicas)
+                )
             case AwaitHealthy():
                 stage = self._stage_start(doc, step.name)
                 check = self._health_check(candidate)
                 replicas = await self._replicas(doc, candidate)
                 try:
-                    report = await wait_healthy(replicas, check, self.prober, self.clock,
-                                                self._states_of(doc))
+                    report = await wait_healthy(
+                        replicas, check, self.prober, self.clock, self._states_of(doc)
+                    )
                 except HealthCheckFailed as exc:
                     self._stage_end(doc, stage, "failed", error=exc.message, attempts=exc.attempts)
-                    await self._audit(doc, "health_check.failed", error=exc.message, attempts=exc.attempts)
+                    await self._audit(
+                        doc, "health_check.failed", error=exc.message, attempts=exc.attempts
+                    )
                     raise _Rollback(exc) from exc
                 await runtime.set_routable(service, [r.replica_id for r in replicas], True)
                 doc["metrics"]["health_check_duration_ms"] = report.duration_ms
                 self._stage_end(doc, stage, "succeeded", attempts=report.attempts)
-                await self._audit(doc, "health_check.passed", duration_ms=report.duration_ms,
-                                  attempts=report.attempts)
+                await self._audit(
+                    doc,
+                    "health_check.passed",
+                    duration_ms=report.duration_ms,
+                    attempts=report.attempts,
+                )
             case Pause():
                 stage = self._stage_start(doc, step.name, seconds=step.seconds)
                 await self.clock.sleep(started + step.seconds - self.clock.now())
@@ -477,23 +574,31 @@ class Pipeline:
                     weights[stable] = 100 - step.candidate
                 await self._switch(doc, weights)
                 if step.candidate == 100:
-                    self.store.upsert_service(service, doc["region"], serving_revision=candidate,
-                                              url=doc.get("url"))
+                    self.store.upsert_service(
+                        service, doc["region"], serving_revision=candidate, url=doc.get("url")
+                    )
                 self._stage_end(doc, stage, "succeeded", weights=weights)
                 await self._audit(doc, "traffic.switched", weights=weights)
             case Bake():
                 stage = self._stage_start(doc, step.name, seconds=step.seconds)
                 replicas = await self._replicas(doc, candidate)
                 verdict = await watch_until_unhealthy(
-                    replicas, self._health_check(candidate), self.prober, self.clock,
-                    self._states_of(doc), until=started + step.seconds,
+                    replicas,
+                    self._health_check(candidate),
+                    self.prober,
+                    self.clock,
+                    self._states_of(doc),
+                    until=started + step.seconds,
                 )
                 if verdict is not None:
                     self._stage_end(doc, stage, "failed", error=verdict.reason)
-                    await self._audit(doc, "bake.failed", error=verdict.reason, replica=verdict.replica_id)
+                    await self._audit(
+                        doc, "bake.failed", error=verdict.reason, replica=verdict.replica_id
+                    )
                     raise _Rollback(
                         HealthCheckFailed(
-                            f"{candidate} became unhealthy during the bake window: {verdict.reason}",
+                            f"{candidate} became unhealthy during the bake window: "
+                            f"{verdict.reason}",
                             attempts=verdict.attempts,
                         ),
                         verdict.at_monotonic,
@@ -501,8 +606,12 @@ class Pipeline:
                 self._stage_end(doc, stage, "succeeded")
             case KeepWarm():
                 if stable and step.seconds > 0:
-                    self.store.upsert_service(service, doc["region"], warm_revision=stable,
-                                              warm_until=self.clock.now() + step.seconds)
+                    self.store.upsert_service(
+                        service,
+                        doc["region"],
+                        warm_revision=stable,
+                        warm_until=self.clock.now() + step.seconds,
+                    )
                 elif stable:
                     await self._stop_revision(service, doc["region"], stable)
 
@@ -532,7 +641,9 @@ class Pipeline:
                 switched = time.monotonic()
                 self.store.upsert_service(service, region, serving_revision=stable)
                 if verdict_monotonic is not None:
-                    doc["metrics"]["detection_to_rollback_ms"] = int((switched - verdict_monotonic) * 1000)
+                    doc["metrics"]["detection_to_rollback_ms"] = int(
+                        (switched - verdict_monotonic) * 1000
+                    )
                 doc["metrics"]["rollback_duration_ms"] = int((switched - t0) * 1000)
             if candidate:
                 await self._stop_revision(service, region, candidate)
@@ -542,8 +653,11 @@ class Pipeline:
                     self.store.upsert_service(service, region, serving_revision=None)
         except ShipyardError as exc:
             self._stage_end(doc, stage, "failed", error=exc.message)
-            await self._finish(doc, DeploymentStatus.FAILED,
-                               RollbackFailed(f"{exc.message} (while rolling back: {cause.message})"))
+            await self._finish(
+                doc,
+                DeploymentStatus.FAILED,
+                RollbackFailed(f"{exc.message} (while rolling back: {cause.message})"),
+            )
             return
         self._stage_end(doc, stage, "succeeded", restored=stable)
         status = DeploymentStatus.ROLLED_BACK if stable else DeploymentStatus.FAILED
@@ -590,9 +704,12 @@ class Pipeline:
             "metrics": doc["metrics"],
         }
         self.store.save_deployment(doc, active=False)
-        await self._audit(doc, f"deployment.{status.value.lower()}",
-                          duration_ms=metrics.total_duration_ms,
-                          error=error.message if error else None)
+        await self._audit(
+            doc,
+            f"deployment.{status.value.lower()}",
+            duration_ms=metrics.total_duration_ms,
+            error=error.message if error else None,
+        )
         ev = self._done.get(doc["id"])
         if ev:
             ev.set()
@@ -625,13 +742,24 @@ class Pipeline:
                 if dep:
                     keep |= {dep.get("blue_revision"), dep.get("green_revision")}
                 for revision in state.revisions() - keep:
-                    log_event(log, "revision.orphan_stopped", service=service, region=region,
-                              revision=revision)
+                    log_event(
+                        log,
+                        "revision.orphan_stopped",
+                        service=service,
+                        region=region,
+                        revision=revision,
+                    )
                     await runtime.stop_revision(service, revision, drain_timeout=self.drain_timeout)
                 serving = svc.serving_revision if svc else None
                 if dep is None and serving and dict(state.weights) != {serving: 100}:
-                    log_event(log, "traffic.reconciled", service=service, region=region,
-                              weights=dict(state.weights), serving=serving)
+                    log_event(
+                        log,
+                        "traffic.reconciled",
+                        service=service,
+                        region=region,
+                        weights=dict(state.weights),
+                        serving=serving,
+                    )
                     await runtime.router.set_weight(service, {serving: 100})
 
     async def retire_expired(self) -> None:
@@ -644,16 +772,26 @@ class Pipeline:
                     continue
                 async with lock:
                     await self._stop_revision(svc.service, svc.region, svc.warm_revision)
-                    self.store.upsert_service(svc.service, svc.region, warm_revision=None, warm_until=None)
-                    await self.audit.append(AuditEvent(
-                        event_type="revision.retired", service=svc.service, region=svc.region,
-                        user="shipyard", status="retired", detail={"revision": svc.warm_revision},
-                    ))
+                    self.store.upsert_service(
+                        svc.service, svc.region, warm_revision=None, warm_until=None
+                    )
+                    await self.audit.append(
+                        AuditEvent(
+                            event_type="revision.retired",
+                            service=svc.service,
+                            region=svc.region,
+                            user="shipyard",
+                            status="retired",
+                            detail={"revision": svc.warm_revision},
+                        )
+                    )
 
     # --- helpers ---------------------------------------------------------------------------------
 
     async def _stop_revision(self, service: str, region: str, revision: str) -> None:
-        await self.runtime(region).stop_revision(service, revision, drain_timeout=self.drain_timeout)
+        await self.runtime(region).stop_revision(
+            service, revision, drain_timeout=self.drain_timeout
+        )
         log_event(log, "revision.stopped", service=service, region=region, revision=revision)
 
     def _health_check(self, revision: str) -> HealthCheck:
@@ -689,13 +827,20 @@ class Pipeline:
         stages: list[dict[str, Any]] = doc["stages"]
         if stages and stages[-1]["name"] == name and stages[-1]["status"] == "running":
             return stages[-1]  # resumed: keep the original start time
-        stage = {"name": name, "status": "running", "started_at": _iso(self.clock.now()),
-                 "_t0": self.clock.now(), "detail": detail}
+        stage = {
+            "name": name,
+            "status": "running",
+            "started_at": _iso(self.clock.now()),
+            "_t0": self.clock.now(),
+            "detail": detail,
+        }
         stages.append(stage)
         self._save(doc)
         return stage
 
-    def _stage_end(self, doc: dict[str, Any], stage: dict[str, Any], status: str, **detail: Any) -> None:
+    def _stage_end(
+        self, doc: dict[str, Any], stage: dict[str, Any], status: str, **detail: Any
+    ) -> None:
         now = self.clock.now()
         stage["status"] = status
         stage["finished_at"] = _iso(now)
@@ -703,15 +848,18 @@ class Pipeline:
         stage["detail"].update({k: v for k, v in detail.items() if v is not None})
         self._save(doc)
 
-    async def _audit(self, doc: dict[str, Any], event_type: str, duration_ms: int | None = None,
-                     **detail: Any) -> None:
-        await self.audit.append(AuditEvent(
-            event_type=event_type,
-            deployment_id=doc["id"],
-            service=doc["service"],
-            region=doc["region"],
-            user=doc.get("triggered_by"),
-            status=doc["status"],
-            duration_ms=duration_ms,
-            detail={k: v for k, v in detail.items() if v is not None},
-        ))  # the audit log also writes the structured JSON log line for the event
+    async def _audit(
+        self, doc: dict[str, Any], event_type: str, duration_ms: int | None = None, **detail: Any
+    ) -> None:
+        await self.audit.append(
+            AuditEvent(
+                event_type=event_type,
+                deployment_id=doc["id"],
+                service=doc["service"],
+                region=doc["region"],
+                user=doc.get("triggered_by"),
+                status=doc["status"],
+                duration_ms=duration_ms,
+                detail={k: v for k, v in detail.items() if v is not None},
+            )
+        )  # the audit log also writes the structured JSON log line for the event

@@ -83,7 +83,11 @@ class ServiceState:
 class Runtime(Protocol):
     kind: str
     region: str
-    router: TrafficRouter
+
+    @property
+    def router(self) -> TrafficRouter:
+        """The region's traffic router."""
+        ...
 
     async def ensure_service(self, service: str) -> str:
         """Create the service's stable endpoint if needed (idempotent); returns its URL."""
@@ -106,7 +110,9 @@ class Runtime(Protocol):
         """Stop routing to the replicas, let their in-flight requests finish, then stop them."""
         ...
 
-    async def stop_revision(self, service: str, revision: str, *, drain_timeout: float = 30.0) -> None:
+    async def stop_revision(
+        self, service: str, revision: str, *, drain_timeout: float = 30.0
+    ) -> None:
         """Drain and stop every replica of a revision (idempotent)."""
         ...
 

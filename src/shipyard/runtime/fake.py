@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from shipyard.errors import RevisionStartFailed, TrafficSwitchFailed
 from shipyard.runtime.base import ReplicaStatus, RevisionSpec, ServiceState
 
+
 @dataclass
 class _Service:
     url: str
@@ -96,7 +97,9 @@ class FakeRuntime:
             if svc.replicas.pop(rid, None) is not None:
                 self.stopped.append(rid)
 
-    async def stop_revision(self, service: str, revision: str, *, drain_timeout: float = 30.0) -> None:
+    async def stop_revision(
+        self, service: str, revision: str, *, drain_timeout: float = 30.0
+    ) -> None:
         svc = self.services.get(service)
         if svc is not None:
             ids = [rid for rid, r in svc.replicas.items() if r.revision == revision]

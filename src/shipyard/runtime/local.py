@@ -68,21 +68,7 @@ async def attach_or_start_agent(data_dir: Path, region: str) -> tuple[str, str]:
     if found and await _answers(*found):
         return found
     d = _agent_dir(data_dir, region)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "agent.json").unlink(missing_ok=True)
-    log = open(d / "agent.log", "ab")  # noqa: SIM115 - handed to the child, closed below
-    try:
-        subprocess.Popen(
-            [sys.executable, "-m", "shipyard.cli.main", "agent", "--data-dir", str(data_dir),
-             "--region", region],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # survives the control plane being killed
-            close_fds=True,
-        )
-    finally:
-        log.close()
+    await asyncio.to_thread(_spawn_agent, data_dir, region, d)
     deadline = time.monotonic() + AGENT_START_TIMEOUT
     while time.monotonic() < deadline:
         found = read_agent_info(data_dir, region)
@@ -91,6 +77,33 @@ async def attach_or_start_agent(data_dir: Path, region: str) -> tuple[str, str]:
         await asyncio.sleep(0.05)
     tail = (d / "agent.log").read_text(errors="replace")[-2000:]
     raise AgentUnavailable(f"agent for region {region} did not start; agent.log ends:\n{tail}")
+
+
+def _spawn_agent(data_dir: Path, region: str, d: Path) -> None:
+    """Start ``shipyard agent`` detached, in its own session: it outlives the control plane."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "agent.json").unlink(missing_ok=True)
+    log = open(d / "agent.log", "ab")  # noqa: SIM115 - handed to the child, closed below
+    try:
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shipyard.cli.main",
+                "agent",
+                "--data-dir",
+                str(data_dir),
+                "--region",
+                region,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives the control plane being killed
+            close_fds=True,
+        )
+    finally:
+        log.close()
 
 
 class AgentClient:
@@ -142,9 +155,13 @@ class AgentRouter:
 
     async def set_weight(self, service: str, weights: Mapping[str, int]) -> None:
         try:
-            await self._agent.call("PUT", f"/v1/services/{service}/weights", {"weights": dict(weights)})
+            await self._agent.call(
+                "PUT", f"/v1/services/{service}/weights", {"weights": dict(weights)}
+            )
         except _AgentError as exc:
-            raise TrafficSwitchFailed(f"router refused weights {dict(weights)}: {exc.message}") from exc
+            raise TrafficSwitchFailed(
+                f"router refused weights {dict(weights)}: {exc.message}"
+            ) from exc
 
     async def verify_weight(self, service: str, weights: Mapping[str, int]) -> bool | None:
         state = await self._agent.call("GET", f"/v1/services/{service}")
@@ -190,7 +207,8 @@ class LocalRuntime:
 
     async def set_routable(self, service: str, replica_ids: Sequence[str], routable: bool) -> None:
         await self.agent.call(
-            "POST", f"/v1/services/{service}/routable",
+            "POST",
+            f"/v1/services/{service}/routable",
             {"replica_ids": list(replica_ids), "routable": routable},
         )
 
@@ -199,11 +217,14 @@ class LocalRuntime:
     ) -> None:
         if replica_ids:
             await self.agent.call(
-                "POST", f"/v1/services/{service}/stop",
+                "POST",
+                f"/v1/services/{service}/stop",
                 {"replica_ids": list(replica_ids), "drain_timeout": drain_timeout},
             )
 
-    async def stop_revision(self, service: str, revision: str, *, drain_timeout: float = 30.0) -> None:
+    async def stop_revision(
+        self, service: str, revision: str, *, drain_timeout: float = 30.0
+    ) -> None:
         state = await self.service_state(service)
         if state is None:
             return

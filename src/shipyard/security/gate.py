@@ -143,6 +143,8 @@ class SecurityGate:
         database whose files changed on disk is reloaded (the check costs one stat per file)."""
         if self._injected_scanner is not None:
             return self._injected_scanner
+        if self.db_path is None:
+            raise osv.DatabaseError("no vulnerability database configured")
         with self._lock:
             db = osv.load_shared(self.db_path, cache_dir=self.cache_dir)
             if self._osv_scanner is None or self._osv_scanner.database is not db:

@@ -146,7 +146,8 @@ class Store:
             running = self.active_deployment(doc["service"], doc["region"])
             raise DeploymentInProgress(
                 f"service {doc['service']} in region {doc['region']} already has deployment "
-                f"{running['id'] if running else '(unknown)'} in progress; wait for it or roll it back",
+                f"{running['id'] if running else '(unknown)'} in progress; "
+                "wait for it or roll it back",
                 running_deployment_id=running["id"] if running else None,
             ) from exc
 
@@ -198,15 +199,25 @@ class Store:
     # --- revisions -------------------------------------------------------------------------------
 
     def save_revision(
-        self, revision: str, service: str, region: str, deployment_id: str, spec: dict[str, Any], ts: float
+        self,
+        revision: str,
+        service: str,
+        region: str,
+        deployment_id: str,
+        spec: dict[str, Any],
+        ts: float,
     ) -> None:
         with self._tx() as conn:
             exists = conn.execute(select(revisions.c.id).where(revisions.c.id == revision)).first()
             if exists is None:
                 conn.execute(
                     insert(revisions).values(
-                        id=revision, service=service, region=region, deployment_id=deployment_id,
-                        created_at=ts, spec=json.dumps(spec),
+                        id=revision,
+                        service=service,
+                        region=region,
+                        deployment_id=deployment_id,
+                        created_at=ts,
+                        spec=json.dumps(spec),
                     )
                 )
 

@@ -25,7 +25,5 @@ class UnsupportedStrategy(ValueError):
 def plan(strategy: BlueGreen | Canary | Rolling, *, has_stable: bool, **context: Any) -> list[Step]:
     planner = PLANNERS.get(strategy.kind)
     if planner is None:
-        raise UnsupportedStrategy(
-            f"strategy {strategy.kind} is not available yet; use BlueGreen"
-        )
+        raise UnsupportedStrategy(f"strategy {strategy.kind} is not available yet; use BlueGreen")
     return planner(strategy_params(strategy), has_stable=has_stable, **context)
