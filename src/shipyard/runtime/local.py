@@ -85,7 +85,7 @@ def _spawn_agent(data_dir: Path, region: str, d: Path) -> None:
     (d / "agent.json").unlink(missing_ok=True)
     log = open(d / "agent.log", "ab")  # noqa: SIM115 - handed to the child, closed below
     try:
-        subprocess.Popen(
+        proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -104,6 +104,11 @@ def _spawn_agent(data_dir: Path, region: str, d: Path) -> None:
         )
     finally:
         log.close()
+    # Detached on purpose: keep the handle so it is never reaped (or warned about) as garbage.
+    _DETACHED.append(proc)
+
+
+_DETACHED: list[subprocess.Popen[bytes]] = []
 
 
 class AgentClient:
