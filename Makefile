@@ -8,8 +8,11 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 setup:
 	@./scripts/bootstrap.sh
 
+# The demo scans with the real PyPA advisory database when it is beside the checkout.
+OSV_DB ?= $(wildcard $(CURDIR)/../shared/data/pypa-advisory-db)
+
 demo: setup
-	$(VENV)/bin/shipyard demo
+	$(if $(OSV_DB),SHIPYARD_OSV_DB=$(OSV_DB)) $(VENV)/bin/shipyard demo
 
 test: setup
 	$(PY) -m pytest -q
