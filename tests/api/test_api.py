@@ -133,15 +133,18 @@ async def test_wait_true_answers_with_the_final_result(
 async def test_second_deployment_of_a_service_gets_409_naming_the_running_one(
     client: httpx.AsyncClient, h: Harness
 ) -> None:
-    first = (
-        await client.post(
-            "/api/v1/deploy", json=body(switch_delay_seconds=600), headers=h.headers()
-        )
-    ).json()
-    r = await client.post("/api/v1/deploy", json=body("def456"), headers=h.headers())
+    first = await client.post("/api/v1/deploy?wait=true", json=body(), headers=h.headers())
+    assert first.status_code == 200
+    # A second deployment has a stable revision, so it holds in its 600 s switch delay.
+    running = await client.post(
+        "/api/v1/deploy", json=body("def456", switch_delay_seconds=600), headers=h.headers()
+    )
+    assert running.status_code == 202
+    running_id = running.json()["deployment_id"]
+    r = await client.post("/api/v1/deploy", json=body("fed789"), headers=h.headers())
     assert r.status_code == 409
-    assert r.json()["running_deployment_id"] == first["deployment_id"]
-    assert first["deployment_id"] in r.json()["detail"]
+    assert r.json()["running_deployment_id"] == running_id
+    assert running_id in r.json()["detail"]
     other = await client.post("/api/v1/deploy", json=body(service="other"), headers=h.headers())
     assert other.status_code == 202
 

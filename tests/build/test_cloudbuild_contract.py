@@ -65,7 +65,7 @@ def _post(fake: FakeCloudBuild, body: Any, project: str = "p") -> requests.Respo
 
 def test_the_real_client_library_talks_to_the_fake(fake: FakeCloudBuild) -> None:
     client = _client(fake)
-    op = client.create_build(project_id="proj", build=_minimal_build())
+    op: Any = client.create_build(project_id="proj", build=_minimal_build())
 
     assert isinstance(op, gaoperation.Operation)
     assert isinstance(op.metadata, cb.BuildOperationMetadata)
@@ -84,7 +84,9 @@ def test_every_answer_parses_strictly_into_the_published_schema(fake: FakeCloudB
     for _ in range(3):
         answers.append(requests.get(f"{fake.url}/v1/{name}", timeout=10).json())
     for answer in answers:
-        json_format.Parse(json.dumps(answer), operations_pb2.Operation(), ignore_unknown_fields=False)
+        json_format.Parse(
+            json.dumps(answer), operations_pb2.Operation(), ignore_unknown_fields=False
+        )
         meta = answer["metadata"]
         assert meta["@type"].endswith("google.devtools.cloudbuild.v1.BuildOperationMetadata")
         cb.Build.from_json(json.dumps(meta["build"]), ignore_unknown_fields=False)
@@ -97,7 +99,7 @@ def test_every_answer_parses_strictly_into_the_published_schema(fake: FakeCloudB
 
 def test_status_goes_queued_working_success(fake: FakeCloudBuild) -> None:
     client = _client(fake)
-    op = client.create_build(project_id="proj", build=_minimal_build())
+    op: Any = client.create_build(project_id="proj", build=_minimal_build())
     seen = [op.metadata.build.status]
     while not op.done():
         seen.append(op.metadata.build.status)
@@ -112,7 +114,7 @@ def test_status_goes_queued_working_success(fake: FakeCloudBuild) -> None:
 def test_failed_build_is_an_operation_error_and_a_failure_status(fake: FakeCloudBuild) -> None:
     fake.fail_when = lambda build: "step 1 exited with 1"
     client = _client(fake)
-    op = client.create_build(project_id="proj", build=_minimal_build())
+    op: Any = client.create_build(project_id="proj", build=_minimal_build())
     statuses = []
     while not op.done():
         statuses.append(op.metadata.build.status)
@@ -127,7 +129,7 @@ def test_failed_build_is_an_operation_error_and_a_failure_status(fake: FakeCloud
 
 def test_cancel(fake: FakeCloudBuild) -> None:
     client = _client(fake)
-    op = client.create_build(project_id="proj", build=_minimal_build())
+    op: Any = client.create_build(project_id="proj", build=_minimal_build())
     cancelled = client.cancel_build(project_id="proj", id=op.metadata.build.id)
     assert cancelled.status == cb.Build.Status.CANCELLED
     assert op.done()

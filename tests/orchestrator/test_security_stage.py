@@ -15,8 +15,9 @@ from shipyard.domain.manifest import parse_manifest
 from shipyard.security.gate import SecurityGate
 from shipyard.security.signing import Ed25519Signer, read_envelope, sign_statement, write_envelope
 from tests.orchestrator.test_pipeline import World
+from tests.shared_data import find_pypa_db
 
-OSV_DB = Path(__file__).resolve().parents[3] / "shared" / "data" / "pypa-advisory-db"
+OSV_DB = find_pypa_db()
 VULNERABLE_PYYAML = {
     "deps/PyYAML-5.3.dist-info/METADATA": "Metadata-Version: 2.1\nName: PyYAML\nVersion: 5.3\n",
     "app.py": "print('hi')\n",
@@ -89,8 +90,8 @@ async def test_a_foreign_signature_is_refused(world: World, tmp_path: Path) -> N
     assert world.weights() == {second["green_revision"]: 100}
 
 
-@pytest.mark.skipif(not OSV_DB.is_dir(), reason="needs the shared PyPA advisory database")
 async def test_policy_blocks_a_vulnerable_artifact_and_nothing_is_deployed(tmp_path: Path) -> None:
+    assert OSV_DB is not None, "shared/data/pypa-advisory-db not found; set SHIPYARD_TEST_OSV_DB"
     w = World(tmp_path)
     manifest = parse_manifest(DEFAULT_MANIFEST + '\n[security]\nunknown = "block"\n')
     w.builder = FakeBuilder(manifest=manifest, root=tmp_path / "artifacts", files=VULNERABLE_PYYAML)

@@ -4,7 +4,6 @@ hand-written OSV databases, and installed-distribution trees made on disk."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,25 +11,12 @@ from typing import Any
 import pytest
 
 from shipyard.security import osv
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _find_pypa_db() -> Path | None:
-    candidates = [
-        os.environ.get("SHIPYARD_TEST_OSV_DB"),
-        str(ROOT.parent / "shared" / "data" / "pypa-advisory-db"),
-        "/work/shared/data/pypa-advisory-db",
-    ]
-    for c in candidates:
-        if c and (Path(c) / "vulns").is_dir():
-            return Path(c)
-    return None
+from tests.shared_data import find_pypa_db
 
 
 @pytest.fixture(scope="session")
 def pypa_db_path() -> Path:
-    path = _find_pypa_db()
+    path = find_pypa_db()
     if path is None:  # a project fixture (shared/data), not optional: fail loudly
         pytest.fail(
             "PyPA advisory database not found; "

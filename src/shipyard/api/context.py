@@ -11,7 +11,7 @@ from typing import Any
 
 from shipyard.api.auth import TokenAuthority
 from shipyard.audit import AuditLog, SqlAuditLog
-from shipyard.build.local import LocalBuilder
+from shipyard.build.registry import BuildConfig, RegistryBuilder
 from shipyard.domain.clock import SystemClock
 from shipyard.health.probing import HttpProber
 from shipyard.orchestrator.pipeline import Pipeline
@@ -53,7 +53,7 @@ async def build_context(settings: Settings) -> AppContext:
     pipeline = Pipeline(
         store=store,
         audit=audit,
-        builder=LocalBuilder(settings.data_dir),
+        builder=RegistryBuilder(BuildConfig(data_dir=settings.data_dir)),
         runtimes=runtimes,
         prober=prober,
         clock=SystemClock(),

@@ -247,20 +247,20 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _make_read_only(root: Path) -> None:
     """Clear every write bit (the executable bit, which the digest covers, is kept)."""
-    for dirpath, dirs, files in os.walk(root):
-        for name in files:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if stat.S_ISREG(st.st_mode):
-                os.chmod(p, stat.S_IMODE(st.st_mode) & ~0o222)
-        for name in dirs:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p):
-                _clear_write(p)
-    _clear_write(str(root))
+    _clear_write_tree(os.fspath(root))
 
 
-def _clear_write(path: str) -> None:
+def _clear_write_tree(path: str) -> None:
+    with os.scandir(path) as it:
+        for e in it:
+            if e.is_symlink():
+                continue
+            if e.is_dir(follow_symlinks=False):
+                _clear_write_tree(e.path)
+            else:
+                mode = stat.S_IMODE(e.stat(follow_symlinks=False).st_mode)
+                if mode & 0o222:  # hard-linked dependency files are read-only already
+                    os.chmod(e.path, mode & ~0o222)
     os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~0o222)
 
 

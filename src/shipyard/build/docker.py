@@ -191,6 +191,7 @@ class DockerBuilder:
                 if not stop.is_set():
                     outcome.error = f"{type(exc).__name__}: {exc}"
             finally:
+                client.close()  # here: after a timeout this thread outlives the build call
                 emit(None)
 
         limit = manifest.build.timeout_seconds
@@ -212,14 +213,15 @@ class DockerBuilder:
                 timeout_seconds=limit,
                 log_tail=log.tail,
             ) from exc
-        finally:
-            if not stop.is_set():
-                client.close()
         return outcome
 
     # --- engine calls (blocking; through _call) ---------------------------------------------
 
     def _client(self) -> docker.DockerClient:
+        url = self.config.base_url or os.environ.get("DOCKER_HOST", "")
+        if url.startswith("unix://") and not os.path.exists(url.removeprefix("unix://")):
+            # Checked first: docker-py leaks the socket of a failed unix connect.
+            raise BuildFailed(f"cannot reach Docker Engine: no socket at {url}")
         if self.config.base_url is None:
             return docker.from_env(timeout=int(self.config.api_timeout_seconds))
         return docker.DockerClient(

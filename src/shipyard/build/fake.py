@@ -1,7 +1,12 @@
-"""A ``Builder`` that builds nothing: returns a ready artifact for the commit it is asked for.
+"""``FakeBuilder``: the ``Builder`` contract without git or subprocesses, for the orchestrator's,
+the API's and the build registry's tests.
 
-For orchestrator and API tests that exercise the pipeline without git or subprocesses. Commits
-listed in ``fail`` raise ``BuildFailed`` like a failing build command would.
+It honours what callers rely on: the same source always yields the same ``sha256:`` digest (a
+rebuild is an artifact cache hit), the artifact names the full commit it was built from, a failure
+is a ``BuildFailed`` (commits listed in ``fail``, or the error in ``fail_with``), and every request
+is recorded. With ``root`` it materialises a real artifact directory digested like the real
+builders do, so the security gate and the deploy-time digest check work on it. It does not check
+that the commit exists; use ``LocalBuilder`` with a real repository for that.
 """
 
 from __future__ import annotations
@@ -10,10 +15,10 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
-from shipyard.build.base import Artifact, BuildRequest
+from shipyard.build.base import Artifact, BuildRequest, CacheReport
 from shipyard.build.digest import digest_tree
 from shipyard.domain.manifest import Manifest, parse_manifest
-from shipyard.errors import BuildFailed
+from shipyard.errors import BuildFailed, ShipyardError
 
 DEFAULT_MANIFEST = """
 [service]
@@ -29,34 +34,42 @@ failure_threshold = 3
 
 
 class FakeBuilder:
-    kind = "fake"
-
     def __init__(
         self,
         manifest: Manifest | None = None,
         duration_ms: int = 1234,
         root: Path | None = None,
         files: Mapping[str, str] | None = None,
+        kind: str = "fake",
     ) -> None:
-        """With ``root``, each build materialises a real artifact directory (``files`` plus a
-        ``commit.txt``) under it and digests it like the real builders do, so the security gate
-        and the deploy-time digest check work on it."""
+        self.kind = kind
         self.manifest = manifest or parse_manifest(DEFAULT_MANIFEST)
         self.duration_ms = duration_ms
         self.root = root
         self.files = dict(files or {"app.py": "print('hello')\n"})
+        #: Commits whose build fails like a failing build command.
         self.fail: set[str] = set()
+        #: Raised by the next build (then cleared), e.g. ``BuildFailed("exit 1")``.
+        self.fail_with: ShipyardError | None = None
+        self.requests: list[BuildRequest] = []
         self.built: list[str] = []
+        self._digests: set[str] = set()
 
     async def build(self, request: BuildRequest) -> Artifact:
+        self.requests.append(request)
         commit = request.source.commit
+        if self.fail_with is not None:
+            err, self.fail_with = self.fail_with, None
+            raise err
         if commit in self.fail:
             if request.log_sink:
                 request.log_sink("error: tests failed")
             raise BuildFailed(f"build command exited with 1 for {commit}", exit_code=1)
         self.built.append(commit)
         full = (commit * 10)[:40]
-        digest = "sha256:" + hashlib.sha256(full.encode()).hexdigest()
+        digest = (
+            "sha256:" + hashlib.sha256(f"{request.source.repository}@{full}".encode()).hexdigest()
+        )
         location = f"/artifacts/{digest[7:19]}"
         if self.root is not None:
             tree = self.root / full
@@ -64,6 +77,8 @@ class FakeBuilder:
                 (tree / name).parent.mkdir(parents=True, exist_ok=True)
                 (tree / name).write_text(text)
             digest, location = digest_tree(tree), str(tree)
+        hit = digest in self._digests
+        self._digests.add(digest)
         return Artifact(
             digest=digest,
             kind="directory",
@@ -71,5 +86,6 @@ class FakeBuilder:
             commit=full,
             manifest=self.manifest,
             builder=self.kind,
-            duration_ms=self.duration_ms,
+            duration_ms=0 if hit else self.duration_ms,
+            cache=CacheReport(artifact_hit=hit),
         )

@@ -94,10 +94,11 @@ class LocalBuilderConfig(BaseModel):
     cache_max_bytes: int = Field(default=5 * 2**30, ge=0)
     #: LRU budget for sealed artifacts; None keeps every artifact.
     artifacts_max_bytes: int | None = Field(default=None, ge=0)
-    #: How cached dependencies enter the workspace: "copy" (default: every artifact independent)
-    #: or "hardlink" (faster for large environments; a build that modifies a linked file in place
-    #: fails and the entry is dropped).
-    link_dependencies: Literal["copy", "hardlink"] = "copy"
+    #: How cached dependencies enter the workspace: "hardlink" (default: a source-only rebuild
+    #: costs no copy; a build that modifies a linked file in place fails and the entry is
+    #: dropped, and every deploy re-verifies the artifact digest, so a file changed later is
+    #: refused, never run) or "copy" (every artifact fully independent, slower).
+    link_dependencies: Literal["copy", "hardlink"] = "hardlink"
     log_tail_lines: int = Field(default=30, ge=1, le=1000)
 
 
@@ -232,6 +233,7 @@ class LocalBuilder:
             t = time.monotonic()
             digest = await asyncio.to_thread(self._seal, root, deps, log)
             durations["digest"] = _ms(t)
+            t = time.monotonic()
             path, size = await asyncio.to_thread(self.cache.publish_artifact, workspace, digest)
             await asyncio.to_thread(
                 self.cache.record_inputs,
@@ -245,6 +247,7 @@ class LocalBuilder:
             )
             keep = frozenset(p for p in (path, deps.entry) if p is not None)
             eviction = await asyncio.to_thread(self.cache.evict, keep=keep)
+            durations["publish"] = _ms(t)
         finally:
             await asyncio.to_thread(_remove_build_root, root)
         durations["total"] = _ms(started)
@@ -421,42 +424,63 @@ def _drop_key_files(recipe: Path, files: Sequence[str]) -> None:
 
 
 def _place(entry: Path, workspace: Path, hardlink: bool) -> tuple[tuple[str, int, int], ...]:
-    """Merge the entry's tree into the workspace; a file the commit has too is an error."""
+    """Merge the entry's tree into the workspace; a file the commit has too is an error.
+
+    Written against raw descriptors (``O_EXCL`` doubles as the collision check): this runs on
+    every source-only rebuild, and its cost is one create + one copy per file.
+    """
     linked: list[tuple[str, int, int]] = []
-    for dirpath, dirs, files in os.walk(entry):
-        rel_dir = Path(dirpath).relative_to(entry)
-        for name in dirs:
-            src = Path(dirpath) / name
-            dst = workspace / rel_dir / name
-            if src.is_symlink():
-                _collides(dst, rel_dir / name)
-                os.symlink(os.readlink(src), dst)
-            elif dst.is_symlink() or (dst.exists() and not dst.is_dir()):
-                _collides(dst, rel_dir / name)
-            else:
-                dst.mkdir(exist_ok=True)
-        for name in files:
-            src = Path(dirpath) / name
-            dst = workspace / rel_dir / name
-            _collides(dst, rel_dir / name)
-            if src.is_symlink():
-                os.symlink(os.readlink(src), dst)
-            elif hardlink:
-                os.link(src, dst)
-                st = os.lstat(dst)
-                linked.append(((rel_dir / name).as_posix(), st.st_size, st.st_mtime_ns))
-            else:
-                shutil.copy2(src, dst)
-                os.chmod(dst, stat.S_IMODE(os.lstat(src).st_mode) | stat.S_IWUSR)
+    _merge(os.fspath(entry), os.fspath(workspace), "", hardlink, linked)
     return tuple(linked)
 
 
-def _collides(dst: Path, rel: Path) -> None:
-    if dst.exists() or dst.is_symlink():
-        raise BuildFailed(
-            f"the dependency step produced {rel.as_posix()}, which the commit also contains; "
-            "write dependencies to a directory of their own (e.g. --target .deps)"
-        )
+def _merge(
+    src: str, dst: str, rel: str, hardlink: bool, linked: list[tuple[str, int, int]]
+) -> None:
+    with os.scandir(src) as it:
+        entries = list(it)
+    for e in entries:
+        target = os.path.join(dst, e.name)
+        rel_name = f"{rel}{e.name}"
+        try:
+            if e.is_symlink():
+                os.symlink(os.readlink(e.path), target)
+            elif e.is_dir(follow_symlinks=False):
+                try:
+                    os.mkdir(target)
+                except FileExistsError:
+                    if os.path.islink(target) or not os.path.isdir(target):
+                        raise
+                _merge(e.path, target, rel_name + "/", hardlink, linked)
+            elif hardlink:
+                os.link(e.path, target)
+                st = os.lstat(target)
+                linked.append((rel_name, st.st_size, st.st_mtime_ns))
+            else:
+                _copy_file(e.path, target, stat.S_IMODE(e.stat(follow_symlinks=False).st_mode))
+        except FileExistsError:
+            raise BuildFailed(
+                f"the dependency step produced {rel_name}, which the commit also contains; "
+                "write dependencies to a directory of their own (e.g. --target .deps)"
+            ) from None
+
+
+def _copy_file(src: str, dst: str, mode: int) -> None:
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode | 0o200)
+        try:
+            size = os.fstat(fin).st_size
+            copied = 0
+            while copied < size:
+                n = os.sendfile(fout, fin, copied, size - copied)
+                if n == 0:
+                    break
+                copied += n
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
 
 
 def _check_symlinks(workspace: Path) -> None:

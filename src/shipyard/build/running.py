@@ -116,9 +116,7 @@ async def run_command(
             log_tail=log.tail,
         ) from exc
     except BaseException:
-        _kill_group(proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        _kill_group(proc.pid)  # the leader is in its own group: this kills it too
         await proc.wait()
         pump.cancel()
         raise

@@ -115,8 +115,32 @@ async def resolve_source(source: SourceConfig, *, cache_dir: Path) -> ResolvedSo
     location = normalize_repository(source.repository)
     branch = _check_branch(source.branch)
     mirror = await _update_mirror(location, source.repository, cache_dir)
-    ref = await _branch_ref(mirror, branch, source.repository)
-    commit = await _resolve_commit(mirror, source.commit, source.repository)
+    ref = f"refs/heads/{branch}"
+    # The common case in one git call; anything unusual (unknown branch or commit, an ambiguous
+    # or ref-shadowed abbreviation) takes the step-by-step path below for a precise error.
+    found: list[str] = []
+    if re.fullmatch(r"[0-9a-f]{4,64}", source.commit):  # hex: never read as an option
+        quick = await _git(
+            [
+                "rev-parse",
+                f"{ref}^{{commit}}",
+                *(f"{source.commit}^{{{t}}}" for t in ("commit", "tree")),
+            ],
+            git_dir=mirror,
+            check=False,
+        )
+        found = quick.text.splitlines() if quick.returncode == 0 else []
+    if len(found) == 3 and found[1].startswith(source.commit):
+        commit, tree = found[1], found[2]
+    else:
+        await _branch_ref(mirror, branch, source.repository)
+        commit = await _resolve_commit(mirror, source.commit, source.repository)
+        tree = (
+            await _git(
+                ["rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}"],
+                git_dir=mirror,
+            )
+        ).text
     on_branch = await _git(
         ["merge-base", "--is-ancestor", "--", commit, ref], git_dir=mirror, check=False
     )
@@ -131,16 +155,13 @@ async def resolve_source(source: SourceConfig, *, cache_dir: Path) -> ResolvedSo
         raise SourceError(
             f"cannot check commit {commit} against branch {branch}: {_cut(on_branch.stderr)}"
         )
-    tree = await _git(
-        ["rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}"], git_dir=mirror
-    )
     return ResolvedSource(
         repository=source.repository,
         location=location,
         mirror=mirror,
         branch=branch,
         commit=commit,
-        tree=tree.text,
+        tree=tree,
     )
 
 
@@ -474,15 +495,19 @@ async def _write_blobs(mirror: Path, dest: Path, entries: Sequence[tuple[str, st
         async with asyncio.timeout(limit):
             await consume()
             await feeder
-    except TimeoutError as exc:
-        raise SourceError(f"exporting the commit timed out after {limit:.0f} s") from exc
-    except (asyncio.IncompleteReadError, ValueError) as exc:
-        raise SourceError(f"git cat-file stopped early: {exc}") from exc
-    finally:
+            await proc.wait()  # cat-file ends at the end of its input
+    except BaseException as exc:
         feeder.cancel()
+        # Only here: Popen.kill() polls first, which would reap a process that already exited
+        # behind asyncio's child watcher.
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
+        if isinstance(exc, TimeoutError):
+            raise SourceError(f"exporting the commit timed out after {limit:.0f} s") from exc
+        if isinstance(exc, asyncio.IncompleteReadError | ValueError):
+            raise SourceError(f"git cat-file stopped early: {exc}") from exc
+        raise
 
 
 # --- running git --------------------------------------------------------------------------------
