@@ -53,7 +53,7 @@ def test_adr_request_parses_and_serializes_externally_tagged() -> None:
     ],
     ids=["blue-green", "canary", "rolling", "rolling-percent"],
 )
-def test_each_strategy_round_trips(strategy: dict[str, Any], kind: type) -> None:
+def test_each_strategy_round_trips(strategy: dict[str, Any], kind: Any) -> None:
     req = DeploymentRequest.model_validate({**ADR_REQUEST, "strategy": strategy})
     assert isinstance(req.strategy, kind)
     out = json.loads(req.model_dump_json())["strategy"]

@@ -7,6 +7,7 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,7 @@ async def test_every_artifact_gets_an_sbom_and_signed_provenance(world: World) -
     scan = next(s for s in doc["stages"] if s["name"] == "scan")
     assert scan["detail"]["scan_skipped"].startswith("no vulnerability database")
     envelope = read_envelope(Path(scan["detail"]["provenance"]))
+    assert envelope is not None
     statement = json.loads(base64.b64decode(envelope["payload"]))
     assert statement["subject"][0]["digest"]["sha256"] == doc["artifact_digest"].removeprefix(
         "sha256:"
@@ -55,7 +57,7 @@ async def test_every_artifact_gets_an_sbom_and_signed_provenance(world: World) -
     )
 
 
-async def _cold_previous_revision(world: World) -> tuple[dict, dict]:
+async def _cold_previous_revision(world: World) -> tuple[dict[str, Any], dict[str, Any]]:
     first = await world.deploy("aaaa1111")
     second = await world.deploy("bbbb2222", bake_seconds=0, scale_down_delay_seconds=1)
     await world.clock.sleep(2)
@@ -81,7 +83,9 @@ async def test_a_foreign_signature_is_refused(world: World, tmp_path: Path) -> N
     first, second = await _cold_previous_revision(world)
     spec = world.store.get_revision_spec(first["green_revision"])
     path = Path(spec["attestation"]["envelope"])
-    statement = json.loads(base64.b64decode(read_envelope(path)["payload"]))
+    envelope = read_envelope(path)
+    assert envelope is not None
+    statement = json.loads(base64.b64decode(envelope["payload"]))
     write_envelope(sign_statement(Ed25519Signer.generate(), statement), path)
     rb = await world.pipeline.rollback(second["id"], "bob")
     final = await world.pipeline.wait(rb["id"])
