@@ -55,7 +55,11 @@ def write_private(path: Path, text: str) -> None:
 
 
 class WeightsBody(BaseModel):
+    #: Insertion order matters with sticky keys: cumulative hash ranges follow it (canary first).
     weights: dict[str, Annotated[int, Field(ge=0, le=100)]]
+    #: Sticky canary assignment: the header / cookie naming a user (both None: not sticky).
+    sticky_header: str | None = None
+    sticky_cookie: str | None = None
 
 
 class RoutableBody(BaseModel):
@@ -76,6 +80,8 @@ class ServiceRoute:
         self.proxy = proxy
         self.port = port
         self.weights: dict[str, int] = {}
+        self.sticky_header: str | None = None
+        self.sticky_cookie: str | None = None
 
 
 class Agent:
@@ -122,9 +128,20 @@ class Agent:
             for r in self.supervisor.of_service(route.service)
             if r.alive and r.routable
         ]
-        route.proxy.configure(route.weights, backends)
+        route.proxy.configure(
+            route.weights,
+            backends,
+            sticky_header=route.sticky_header,
+            sticky_cookie=route.sticky_cookie,
+        )
 
-    def set_weights(self, service: str, weights: Mapping[str, int]) -> dict[str, int]:
+    def set_weights(
+        self,
+        service: str,
+        weights: Mapping[str, int],
+        sticky_header: str | None = None,
+        sticky_cookie: str | None = None,
+    ) -> dict[str, int]:
         route = self.routes.get(service)
         if route is None:
             raise HTTPException(404, f"service {service} has no route on this agent")
@@ -136,8 +153,15 @@ class Agent:
                 raise HTTPException(
                     409, f"revision {rev} of {service} has no routable replica; start it first"
                 )
+        previous = (route.weights, route.sticky_header, route.sticky_cookie)
         route.weights = dict(positive)
-        self._reconfigure(route)
+        route.sticky_header, route.sticky_cookie = sticky_header, sticky_cookie
+        try:
+            self._reconfigure(route)
+        except ValueError as exc:  # a sticky name that is not a header/cookie token
+            route.weights, route.sticky_header, route.sticky_cookie = previous
+            self._reconfigure(route)
+            raise HTTPException(422, str(exc)) from exc
         self._save_state()
         return route.proxy.weights
 
@@ -151,6 +175,7 @@ class Agent:
             "service": service,
             "url": self.url(route),
             "weights": route.proxy.weights,
+            "sticky": {"header": route.sticky_header, "cookie": route.sticky_cookie},
             "replicas": [r.status().to_dict() for r in self.supervisor.of_service(service)],
         }
 
@@ -171,7 +196,12 @@ class Agent:
                     s["pids"].append([r.process.pid, r.replica_id])
         return {
             "services": {
-                name: {"port": route.port, "weights": route.weights}
+                name: {
+                    "port": route.port,
+                    "weights": route.weights,
+                    "sticky_header": route.sticky_header,
+                    "sticky_cookie": route.sticky_cookie,
+                }
                 for name, route in self.routes.items()
             },
             "revisions": list(specs.values()),
@@ -207,6 +237,8 @@ class Agent:
         for name, svc in state.get("services", {}).items():
             route = self.routes[name]
             route.weights = {k: int(v) for k, v in svc.get("weights", {}).items()}
+            route.sticky_header = svc.get("sticky_header")
+            route.sticky_cookie = svc.get("sticky_cookie")
             self._reconfigure(route)
         self._save_state()
 
@@ -303,7 +335,11 @@ def build_app(agent: Agent) -> FastAPI:
 
     @app.put("/v1/services/{service}/weights")
     async def weights(service: str, body: WeightsBody) -> dict[str, Any]:
-        return {"weights": agent.set_weights(service, body.weights)}
+        return {
+            "weights": agent.set_weights(
+                service, body.weights, body.sticky_header, body.sticky_cookie
+            )
+        }
 
     @app.get("/v1/services/{service}/metrics")
     async def metrics(service: str) -> dict[str, Any]:

@@ -6,6 +6,8 @@ Errors are mapped to problem+json in ``api/problems.py`` only.
 
     POST /api/v1/deploy                      deployment:create   202 (or ?wait=true: final result)
     POST /api/v1/rollback/{deployment_id}    deployment:rollback 202 (or ?wait=true)
+    POST /api/v1/deployments/{id}/promote    deployment:create   202: a Paused deployment goes on
+    POST /api/v1/deployments/{id}/abort      deployment:rollback 202: weight 0 now, roll back
     GET  /api/v1/deployments/{id}            deployment:read
     GET  /api/v1/deployments?service=NAME    deployment:read
     GET  /api/v1/deployments/{id}/audit      deployment:read
@@ -144,6 +146,27 @@ def create_app(
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
         doc = await c.pipeline.rollback(str(deployment_id), claims.subject)
+        if wait:
+            return _final(await c.pipeline.wait(doc["id"], timeout))
+        return _accepted(request, doc)
+
+    @app.post("/api/v1/deployments/{deployment_id}/promote", status_code=202, tags=["deployments"])
+    async def promote(
+        deployment_id: uuid.UUID, request: Request, claims: CanCreate, c: Ctx
+    ) -> JSONResponse:
+        doc = await c.pipeline.promote(str(deployment_id), claims.subject)
+        return _accepted(request, doc)
+
+    @app.post("/api/v1/deployments/{deployment_id}/abort", status_code=202, tags=["deployments"])
+    async def abort(
+        deployment_id: uuid.UUID,
+        request: Request,
+        claims: CanRollback,
+        c: Ctx,
+        wait: Wait = False,
+        timeout: WaitTimeout = 900,
+    ) -> JSONResponse:
+        doc = await c.pipeline.abort(str(deployment_id), claims.subject)
         if wait:
             return _final(await c.pipeline.wait(doc["id"], timeout))
         return _accepted(request, doc)

@@ -4,9 +4,11 @@
 2. makes a git repository of the bundled example app and deploys v1;
 3. deploys v2 blue-green while a load generator runs through the service URL: requests made,
    failed = 0;
-4. deploys a broken v3 (its health check starts failing during the bake window): it is rolled
+4. deploys v3 as a canary under load: 20% then 50% of requests, each stage judged by analysis
+   of the router's own metrics (success rate, p99), then promoted to 100%;
+5. deploys a broken v4 (its health check starts failing during the bake window): it is rolled
    back automatically; reports how long detection and the rollback took;
-5. verifies the audit trail; stops everything it started.
+6. verifies the audit trail; stops everything it started.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 from shipyard.api.auth import TokenAuthority
 from shipyard.audit import verify_database
@@ -62,16 +65,58 @@ def make_example_repo(path: Path) -> Path:
     return path
 
 
-def commit_version(repo: Path, version: str, *, unhealthy_after: float | None = None) -> str:
+def commit_version(
+    repo: Path,
+    version: str,
+    *,
+    unhealthy_after: float | None = None,
+    error_rate: float | None = None,
+    delay_ms: float | None = None,
+) -> str:
+    """Commit ``version`` of the example app; the keywords make it a bad release (see app.py)."""
     (repo / "version.txt").write_text(version + "\n")
-    broken = repo / "unhealthy_after.txt"
-    if unhealthy_after is None:
-        broken.unlink(missing_ok=True)
-    else:
-        broken.write_text(f"{unhealthy_after}\n")
+    for name, value in (
+        ("unhealthy_after.txt", unhealthy_after),
+        ("error_rate.txt", error_rate),
+        ("delay_ms.txt", delay_ms),
+    ):
+        if value is None:
+            (repo / name).unlink(missing_ok=True)
+        else:
+            (repo / name).write_text(f"{value}\n")
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", version)
     return _git(repo, "rev-parse", "HEAD")
+
+
+def _stage_summary(stage: dict[str, Any]) -> str:
+    """One line per finished stage; analysis stages show their verdicts."""
+    detail = stage.get("detail") or {}
+    line = f"{stage['name']}: {stage['status']}"
+    if "candidate_weight" in detail:
+        line += f", canary weight {detail['candidate_weight']}% -> {detail.get('weights')}"
+    measurements = detail.get("measurements") or []
+    if measurements:
+        verdicts = ", ".join(m["verdict"] for m in measurements)
+        last = measurements[-1]
+        rate = last.get("success_rate")
+        line += (
+            f", verdicts [{verdicts}] (last window: {last.get('requests')} requests, "
+            f"success rate {rate if rate is None else round(rate, 4)}, "
+            f"p99 {round(last.get('p99_ms') or 0, 1)} ms) -> {detail.get('verdict')}"
+        )
+    if detail.get("error"):
+        line += f" ({detail['error']})"
+    return line
+
+
+def set_replicas(repo: Path, replicas: int) -> None:
+    """Set ``[run] replicas`` in the example's shipyard.toml (committed with the next version)."""
+    path = repo / "shipyard.toml"
+    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("replicas")]
+    at = lines.index("[run]") + 1
+    lines.insert(at, f"replicas = {replicas}")
+    path.write_text("\n".join(lines) + "\n")
 
 
 class Demo:
@@ -121,27 +166,39 @@ class Demo:
     def deploy(
         self, repo: Path, commit: str, *, bake: float, switch_delay: int = 0
     ) -> dict[str, Any]:
+        strategy = {
+            "BlueGreen": {
+                "switch_delay_seconds": switch_delay,
+                "bake_seconds": bake,
+                "scale_down_delay_seconds": 2,
+            }
+        }
+        return self.deploy_with(repo, commit, strategy)
+
+    def deploy_with(
+        self, repo: Path, commit: str, strategy: dict[str, Any], *, show_stages: bool = False
+    ) -> dict[str, Any]:
+        """Deploy with any strategy and print each status (and, if asked, each stage) it takes."""
         assert self.client is not None
         body = {
             "source": {"repository": str(repo), "branch": "main", "commit": commit},
             "target": {"service_name": "hello", "region": "local"},
-            "strategy": {
-                "BlueGreen": {
-                    "switch_delay_seconds": switch_delay,
-                    "bake_seconds": bake,
-                    "scale_down_delay_seconds": 2,
-                }
-            },
+            "strategy": strategy,
         }
         r = self.client.post("/api/v1/deploy", json=body)
         r.raise_for_status()
         dep_id = r.json()["deployment_id"]
         last = ""
+        shown: set[tuple[int, str]] = set()
         while True:
             doc: dict[str, Any] = self.client.get(f"/api/v1/deployments/{dep_id}").json()
             if doc["status"] != last:
                 last = doc["status"]
                 self.say(f"    {last}")
+            for i, st in enumerate(doc["stages"] if show_stages else []):
+                if st["status"] != "running" and (i, st["status"]) not in shown:
+                    shown.add((i, st["status"]))
+                    self.say(f"      {escape(_stage_summary(st))}")
             if doc["status"] in ("Success", "Failed", "RolledBack"):
                 return doc
             time.sleep(0.1)
@@ -207,25 +264,60 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         )
         ok &= d2["status"] == "Success" and report.failed == 0
 
-        v3 = commit_version(repo, "v3", unhealthy_after=2.0)
+        v3 = commit_version(repo, "v3")
         say(
-            f"[bold]4.[/bold] deploying a broken v3 ({v3[:10]}): "
+            f"[bold]4.[/bold] deploying v3 ({v3[:10]}) as a canary under load: 20% then 50%, "
+            "each stage judged on the router's metrics (success rate >= 99%, p99 <= 250 ms)"
+        )
+        analysis = {
+            "interval_seconds": 1,
+            "min_requests": 20,
+            "min_success_rate": 0.99,
+            "max_p99_latency_ms": 250,
+        }
+        load = LoadGenerator(url, connections=8).start()
+        time.sleep(0.5)
+        dc = demo.deploy_with(
+            repo,
+            v3,
+            {
+                "Canary": {
+                    "stages": [
+                        {"weight": 20, "duration_seconds": 3, "analysis": analysis},
+                        {"weight": 50, "duration_seconds": 3, "analysis": analysis},
+                    ],
+                    "scale_down_delay_seconds": 2,
+                }
+            },
+            show_stages=True,
+        )
+        report = load.stop()
+        say(
+            f"    v3: {dc['status']} (promoted to 100%); load: {report.requests} requests, "
+            f"[{'green' if report.failed == 0 else 'red'}]{report.failed} failed[/]; "
+            f"the service answers {httpx.get(url).text.strip()!r}"
+        )
+        ok &= dc["status"] == "Success" and report.failed == 0
+
+        v4 = commit_version(repo, "v4", unhealthy_after=2.0)
+        say(
+            f"[bold]5.[/bold] deploying a broken v4 ({v4[:10]}): "
             "its health check fails 2 s after start"
         )
-        d3 = demo.deploy(repo, v3, bake=10)
+        d3 = demo.deploy(repo, v4, bake=10)
         m = d3["metrics"]
         err = (d3.get("error") or {}).get("message", "")
-        say(f"    v3: {d3['status']} — {err}")
+        say(f"    v4: {d3['status']} — {err}")
         say(
-            "    unhealthy verdict -> 100% of traffic back on v2: "
+            "    unhealthy verdict -> 100% of traffic back on v3: "
             f"{m.get('detection_to_rollback_ms')} ms "
             f"(rollback stage {m.get('rollback_duration_ms')} ms; ADR target 30 000 ms)"
         )
         now_serving = httpx.get(url).text.strip()
         say(f"    the service answers: {now_serving!r}")
-        ok &= d3["status"] == "RolledBack" and "v2" in now_serving
+        ok &= d3["status"] == "RolledBack" and "v3" in now_serving
 
-        say("[bold]5.[/bold] verifying the audit trail")
+        say("[bold]6.[/bold] verifying the audit trail")
         result = verify_database(demo.data_dir / "shipyard.db", demo.data_dir / "audit.head")
         say(
             f"    {'intact' if result.ok else 'TAMPERED'}: {result.records} hash-chained records"

@@ -6,6 +6,8 @@
     shipyard status    one deployment, or a service
     shipyard history   a service's deployments
     shipyard rollback  put a service back on the revision before a deployment
+    shipyard promote   let a Paused (canary gate) deployment go on
+    shipyard abort     abort a deployment in flight: traffic back on stable at once
     shipyard audit     verify / show the hash-chained audit trail
     shipyard token     create API tokens
     shipyard demo      the whole story on this machine in under a minute
@@ -187,6 +189,17 @@ def deploy(
         str | None, typer.Option(help="Default: [service] name of shipyard.toml.")
     ] = None,
     region: str = "local",
+    strategy: Annotated[str, typer.Option(help="blue-green, canary or rolling.")] = "blue-green",
+    stages: Annotated[
+        str,
+        typer.Option(
+            help="canary: WEIGHT:SECONDS[:pause] stages, comma-separated, e.g. '10:60,50:60:pause'."
+        ),
+    ] = "10:60,50:60",
+    max_surge: Annotated[str, typer.Option(help="rolling: N or P% extra replicas.")] = "25%",
+    max_unavailable: Annotated[
+        str, typer.Option(help="rolling: N or P% replicas allowed unready.")
+    ] = "0",
     switch_delay: Annotated[int, typer.Option(help="Seconds between healthy and the switch.")] = 0,
     bake: Annotated[float, typer.Option(help="Post-switch monitoring window, seconds.")] = 30.0,
     scale_down_delay: Annotated[
@@ -198,25 +211,28 @@ def deploy(
     data_dir: OptDataDir = None,
     format: Format = "table",
 ) -> None:
-    """Deploy a commit blue-green; exits 0 only if the deployment ends Success."""
+    """Deploy a commit (blue-green, canary or rolling); exits 0 only if it ends Success."""
     try:
         repo, branch, commit, manifest_text = source_defaults(repository, branch, commit)
         if service is None:
             if manifest_text is None:
                 raise InvalidInput("pass --service (no shipyard.toml found to take the name from)")
             service = parse_manifest(manifest_text).service.name
+        strategy_body = _strategy(
+            strategy,
+            stages=stages,
+            max_surge=max_surge,
+            max_unavailable=max_unavailable,
+            switch_delay=switch_delay,
+            bake=bake,
+            scale_down_delay=scale_down_delay,
+        )
     except (InvalidInput, ManifestError) as exc:
         raise fail(exc.message) from exc
     body = {
         "source": {"repository": repo, "branch": branch, "commit": commit},
         "target": {"service_name": service, "region": region},
-        "strategy": {
-            "BlueGreen": {
-                "switch_delay_seconds": switch_delay,
-                "bake_seconds": bake,
-                "scale_down_delay_seconds": scale_down_delay,
-            }
-        },
+        "strategy": strategy_body,
     }
     client = _client(server, token, data_dir, "deployment:create", "deployment:read")
     accepted = _check(client.request("POST", "/api/v1/deploy", json=body))
@@ -232,6 +248,63 @@ def deploy(
     if format == "json":
         out.print_json(data=final)
     raise typer.Exit(0 if final["status"] == "Success" else 1)
+
+
+def _int_or_percent(value: str, flag: str) -> int | str:
+    if value.isdigit():
+        return int(value)
+    if value.endswith("%") and value[:-1].isdigit():
+        return value
+    raise InvalidInput(
+        f"{flag} must be a number of replicas or a percentage like 25%, got {value!r}"
+    )
+
+
+def _strategy(
+    kind: str,
+    *,
+    stages: str,
+    max_surge: str,
+    max_unavailable: str,
+    switch_delay: int,
+    bake: float,
+    scale_down_delay: float,
+) -> dict[str, Any]:
+    """The request's externally tagged strategy from the deploy flags."""
+    if kind == "blue-green":
+        return {
+            "BlueGreen": {
+                "switch_delay_seconds": switch_delay,
+                "bake_seconds": bake,
+                "scale_down_delay_seconds": scale_down_delay,
+            }
+        }
+    if kind == "canary":
+        parsed = []
+        for part in filter(None, (p.strip() for p in stages.split(","))):
+            fields = part.split(":")
+            try:
+                stage: dict[str, Any] = {"weight": int(fields[0])}
+                if len(fields) > 1:
+                    stage["duration_seconds"] = float(fields[1])
+            except ValueError:
+                raise InvalidInput(f"--stages: {part!r} is not WEIGHT:SECONDS[:pause]") from None
+            if len(fields) > 2:
+                if fields[2] != "pause" or len(fields) > 3:
+                    raise InvalidInput(f"--stages: {part!r} is not WEIGHT:SECONDS[:pause]")
+                stage["pause"] = True
+            parsed.append(stage)
+        if not parsed:
+            raise InvalidInput("--stages: give at least one stage, e.g. 10:60,50:60")
+        return {"Canary": {"stages": parsed, "scale_down_delay_seconds": scale_down_delay}}
+    if kind == "rolling":
+        return {
+            "Rolling": {
+                "max_surge": _int_or_percent(max_surge, "--max-surge"),
+                "max_unavailable": _int_or_percent(max_unavailable, "--max-unavailable"),
+            }
+        }
+    raise InvalidInput(f"--strategy must be blue-green, canary or rolling, got {kind!r}")
 
 
 def follow(client: ApiClient, deployment_id: str, *, quiet: bool = False) -> dict[str, Any]:
@@ -379,13 +452,47 @@ def rollback(
 
 
 @app.command()
+def promote(
+    deployment_id: Annotated[str, typer.Argument(help="A Paused deployment.")],
+    wait: bool = True,
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+    data_dir: OptDataDir = None,
+) -> None:
+    """Let a Paused deployment (a canary stage's gate, or an analysis waiting for a human) go on."""
+    client = _client(server, token, data_dir, "deployment:create", "deployment:read")
+    _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/promote"))
+    err.print(f"promoted [bold]{deployment_id}[/bold]")
+    if wait:
+        final = follow(client, deployment_id)
+        raise typer.Exit(0 if final["status"] == "Success" else 1)
+
+
+@app.command()
+def abort(
+    deployment_id: Annotated[str, typer.Argument(help="A deployment in flight.")],
+    wait: bool = True,
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+    data_dir: OptDataDir = None,
+) -> None:
+    """Abort a deployment in flight: the candidate's weight goes to 0 now, then it rolls back."""
+    client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
+    _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/abort"))
+    err.print(f"aborting [bold]{deployment_id}[/bold]")
+    if wait:
+        final = follow(client, deployment_id)
+        raise typer.Exit(0 if final["status"] == "RolledBack" else 1)
+
+
+@app.command()
 def demo(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Default: a fresh temp dir.")
     ] = None,
     port: Annotated[int, typer.Option(help="API port (0 = any free one).")] = 0,
 ) -> None:
-    """v1 -> v2 under load with zero failed requests, a broken v3 rolled back, audit verified."""
+    """v1 -> v2 blue-green and v3 canary under load (0 failed), broken v4 rolled back, audit."""
     from shipyard.cli.demo import run_demo
 
     raise typer.Exit(run_demo(data_dir, port, err))

@@ -20,6 +20,17 @@ Errors name the field and the reason (``ManifestError``)::
     timeout_seconds = 1
     success_threshold = 2
     failure_threshold = 3
+
+    [analysis]                      # optional: canary analysis defaults (a stage's settings win)
+    min_success_rate = 0.99         # non-5xx / all, per measurement window
+    max_p99_latency_ms = 500
+    min_requests = 20               # fewer: the verdict is insufficient_data ...
+    insufficient_data = "extend"    # ... and this decides: extend | pause | fail
+    interval_seconds = 10
+    failure_limit = 0               # fails when failed measurements exceed this (Argo)
+
+    [routing]                       # optional: the key canary stages with sticky = true use
+    sticky_header = "x-user-id"     # and/or sticky_cookie = "session"
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from shipyard.domain.models import DnsLabel, HealthCheck, WireModel
+from shipyard.domain.models import AnalysisSettings, DnsLabel, HealthCheck, WireModel
 from shipyard.errors import ManifestError
 
 MANIFEST_NAME = "shipyard.toml"
@@ -117,11 +128,25 @@ class RunSection(WireModel):
         return _split(self.command)
 
 
+class RoutingSection(WireModel):
+    """How the router recognises a user for sticky canary stages (header preferred)."""
+
+    sticky_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")] | None = (
+        None
+    )
+    sticky_cookie: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")] | None = (
+        None
+    )
+
+
 class Manifest(WireModel):
     service: ServiceSection
     build: BuildSection = Field(default_factory=BuildSection)
     run: RunSection
     health: HealthCheck = Field(default_factory=HealthCheck)
+    #: Canary analysis defaults for this service; a stage's ``analysis`` overrides them.
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    routing: RoutingSection = Field(default_factory=RoutingSection)
     #: Security policy (block thresholds, expiring allow-list); validated by security/policy.py.
     security: dict[str, Any] | None = None
 

@@ -114,16 +114,74 @@ class BlueGreenParams(WireModel):
     )
 
 
+InsufficientDataPolicy = Literal["extend", "pause", "fail"]
+
+
+class AnalysisSettings(WireModel):
+    """Canary analysis thresholds (Argo Rollouts' AnalysisTemplate semantics, flattened).
+
+    Every field is optional: a stage's settings override the service's ``[analysis]`` table in
+    ``shipyard.toml``, which overrides the built-in defaults (``analysis.verdicts.DEFAULTS``).
+    """
+
+    enabled: bool | None = Field(
+        default=None, description="false: hold the stage for its duration without measuring."
+    )
+    min_success_rate: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="Non-5xx responses / all responses, per measurement."
+    )
+    max_p99_latency_ms: Annotated[float, Field(gt=0, le=600_000)] | None = None
+    min_requests: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+        default=None, description="Fewer responses in a measurement window: insufficient_data."
+    )
+    interval_seconds: Annotated[float, Field(gt=0, le=3600)] | None = None
+    failure_limit: Annotated[int, Field(ge=0, le=1000)] | None = Field(
+        default=None, description="The analysis fails when failed measurements exceed this."
+    )
+    consecutive_error_limit: Annotated[int, Field(ge=0, le=1000)] | None = Field(
+        default=None,
+        description="It fails when consecutive measurement errors (metrics unavailable) "
+        "exceed this.",
+    )
+    inconclusive_limit: Annotated[int, Field(ge=0, le=1000)] | None = Field(
+        default=None, description="Inconclusive measurements beyond this pause for a human."
+    )
+    insufficient_data: InsufficientDataPolicy | None = Field(
+        default=None,
+        description="Too little traffic: extend the window, pause for a human, or fail.",
+    )
+    max_extensions: Annotated[int, Field(ge=0, le=1000)] | None = Field(
+        default=None, description="extend: at most this many extra intervals, then fail."
+    )
+    compare_with_stable: bool | None = Field(
+        default=None, description="Also judge the canary against stable over the same window."
+    )
+    max_success_rate_drop: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_p99_latency_ratio: Annotated[float, Field(ge=1, le=1000)] | None = None
+
+
 class CanaryStage(WireModel):
     weight: Annotated[int, Field(ge=0, le=100)] = Field(description="Canary share, percent.")
     duration_seconds: Annotated[float, Field(ge=0, le=86_400)] = 0.0
     pause: bool = Field(
         default=False, description="Hold the stage until POST /deployments/{id}/promote."
     )
+    analysis: AnalysisSettings | None = Field(
+        default=None, description="Overrides the service's [analysis] defaults for this stage."
+    )
+    sticky: bool = Field(
+        default=False,
+        description="Requests with the same key (the manifest's [routing] sticky header or "
+        "cookie) land on the same side; keys only move stable -> canary as the weight rises.",
+    )
 
 
 class CanaryParams(WireModel):
     stages: Annotated[list[CanaryStage], Field(min_length=1, max_length=100)]
+    scale_down_delay_seconds: Annotated[float, Field(ge=0, le=86_400)] = Field(
+        default=30.0,
+        description="How long the stable revision stays warm after promotion (instant rollback).",
+    )
 
 
 IntOrPercent = int | Annotated[str, StringConstraints(pattern=r"^\d{1,3}%$")]
@@ -242,6 +300,8 @@ class DeploymentStatus(StrEnum):
     AWAITING_SWITCH = "AwaitingSwitch"
     SWITCHING = "Switching"
     BAKING = "Baking"
+    ANALYSING = "Analysing"  # a canary stage holds its weight while analysis measures it
+    PAUSED = "Paused"  # waiting for POST /deployments/{id}/promote (or .../abort)
     ROLLING_BACK = "RollingBack"
     SUCCESS = "Success"
     FAILED = "Failed"
@@ -285,6 +345,11 @@ class DeploymentMetrics(ReadModel):
     detection_to_rollback_ms: int | None = Field(
         default=None,
         description="From the unhealthy verdict to 100% of traffic on the previous revision.",
+    )
+    abort_latency_ms: int | None = Field(
+        default=None,
+        description="From the failing analysis verdict (or the abort request) to canary weight 0 "
+        "verified on the router.",
     )
     total_duration_ms: int | None = None
     validation: PerformanceValidation = Field(default_factory=PerformanceValidation)

@@ -3,15 +3,19 @@
 ADR section 3's ``DeploymentPipeline.deploy`` as a durable state machine. Stages:
 ``build`` (Builder) -> ``scan`` (security gate, when configured) -> the strategy's steps
 (strategies/*, executed here through the Runtime/TrafficRouter protocols) -> ``Success``; or
-``rollback`` when the candidate fails its health gate or its bake window.
+``rollback`` when the candidate fails its health gate, its bake window, a canary analysis, or a
+human aborts it (``abort``). Canary stages measure the router's own per-revision metrics
+(analysis/*) and may wait for a human (``promote``); rolling updates scale the two revisions
+batch by batch with weights proportional to their ready replicas, and roll back the same way.
 
 Every deployment is a JSON document in the store, written *before* each action (the step index,
 its start time, the candidate's replicas). A control plane killed at any moment and started again
 calls ``resume_all``: each in-flight deployment continues from its persisted step (every step is
 idempotent) or finishes its rollback, so traffic is never left split and no revision is orphaned.
 
-Called by the API (``submit``, ``rollback``, ``wait``) and by ``shipyard serve`` (``start``/
-``stop``). The janitor loop stops revisions kept warm past their ``scale_down_delay_seconds``.
+Called by the API (``submit``, ``rollback``, ``promote``, ``abort``, ``wait``) and by
+``shipyard serve`` (``start``/``stop``). The janitor loop stops revisions kept warm past their
+``scale_down_delay_seconds``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from shipyard import strategies
+from shipyard.analysis.policy import AnalysisPolicy
+from shipyard.analysis.verdicts import (
+    AnalysisRun,
+    CountersReset,
+    Measurement,
+    Outcome,
+    Verdict,
+    judge,
+    measurement_error,
+    window,
+)
 from shipyard.audit import AuditEvent, AuditLog
 from shipyard.build.base import Artifact, Builder, BuildRequest
 from shipyard.build.digest import verify_artifact
@@ -38,6 +53,7 @@ from shipyard.domain.models import (
     DeploymentRequest,
     DeploymentStatus,
     HealthCheck,
+    strategy_params,
     validate_performance,
 )
 from shipyard.errors import (
@@ -55,14 +71,19 @@ from shipyard.errors import (
 )
 from shipyard.health.probing import Prober, wait_healthy, watch_until_unhealthy
 from shipyard.logs import log_event
-from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime
+from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime, StickyKey
 from shipyard.security.gate import SecurityGate
 from shipyard.store.db import Store
+from shipyard.strategies import rolling
 from shipyard.strategies.steps import (
+    Analyse,
     AwaitHealthy,
+    AwaitPromotion,
     Bake,
     KeepWarm,
     Pause,
+    ScaleCandidate,
+    ScaleStable,
     SetWeight,
     StartCandidate,
     Step,
@@ -71,7 +92,19 @@ from shipyard.strategies.steps import (
 log = logging.getLogger("shipyard.orchestrator")
 
 STEP_TYPES: dict[str, type[Any]] = {
-    cls.__name__: cls for cls in (StartCandidate, AwaitHealthy, Pause, SetWeight, Bake, KeepWarm)
+    cls.__name__: cls
+    for cls in (
+        StartCandidate,
+        AwaitHealthy,
+        Pause,
+        SetWeight,
+        Bake,
+        KeepWarm,
+        Analyse,
+        AwaitPromotion,
+        ScaleCandidate,
+        ScaleStable,
+    )
 }
 STEP_STATUS: dict[type[Any], DeploymentStatus] = {
     StartCandidate: DeploymentStatus.DEPLOYING,
@@ -80,7 +113,13 @@ STEP_STATUS: dict[type[Any], DeploymentStatus] = {
     SetWeight: DeploymentStatus.SWITCHING,
     Bake: DeploymentStatus.BAKING,
     KeepWarm: DeploymentStatus.BAKING,
+    Analyse: DeploymentStatus.ANALYSING,
+    AwaitPromotion: DeploymentStatus.PAUSED,
+    ScaleCandidate: DeploymentStatus.DEPLOYING,
+    ScaleStable: DeploymentStatus.DEPLOYING,
 }
+#: Measurements kept on a stage record (all of them are in the audit log).
+STAGE_MEASUREMENTS_KEPT = 50
 
 
 def _iso(ts: float) -> str:
@@ -94,8 +133,36 @@ def step_to_dict(step: Step) -> dict[str, Any]:
 def step_from_dict(d: Mapping[str, Any]) -> Step:
     fields = dict(d)
     cls = STEP_TYPES[fields.pop("type")]
+    if cls is Analyse:
+        fields["policy"] = AnalysisPolicy.from_dict(fields["policy"])
     step: Step = cls(**fields)
     return step
+
+
+class AnalysisFailed(DeploymentError):
+    """A canary's analysis failed (or could not measure within its limits): it was aborted.
+
+    Belongs in errors.py's tree under DeploymentError (kept here while that file is not ours).
+    """
+
+    code = "analysis_failed"
+
+
+class DeploymentAborted(DeploymentError):
+    """A human aborted the deployment (``POST /deployments/{id}/abort``)."""
+
+    code = "deployment_aborted"
+
+
+class _RestoredError(DeploymentError):
+    """The cause of a rollback resumed after a restart, exactly as it was recorded."""
+
+    def __init__(self, recorded: Mapping[str, Any]) -> None:
+        super().__init__(str(recorded.get("message", "rollback in progress")))
+        self._recorded = dict(recorded)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._recorded)
 
 
 class _Rollback(Exception):
@@ -138,6 +205,9 @@ class Pipeline:
         self._done: dict[str, asyncio.Event] = {}
         self._janitor: asyncio.Task[None] | None = None
         self._service_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        #: Promotions handed to a paused deployment's task: id -> event, and who promoted.
+        self._promotions: dict[str, asyncio.Event] = {}
+        self._promoted_by: dict[str, str] = {}
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -172,7 +242,7 @@ class Pipeline:
         """Validate, persist (taking the per-service lock) and start driving a deployment."""
         self.runtime(request.target.region)
         try:
-            strategies.plan(request.strategy, has_stable=True)
+            strategies.check(request.strategy)
         except strategies.UnsupportedStrategy as exc:
             raise InvalidInput(str(exc)) from exc
         now = self.clock.now()
@@ -265,6 +335,49 @@ class Pipeline:
         self._spawn(doc["id"])
         return doc
 
+    async def promote(self, deployment_id: str, user: str) -> dict[str, Any]:
+        """Let a paused deployment go on (a stage's gate, or an analysis that paused for a
+        human: inconclusive, or too little traffic with the ``pause`` policy)."""
+        doc = self.store.get_deployment(deployment_id)
+        if doc["status"] != DeploymentStatus.PAUSED.value:
+            raise Conflict(
+                f"deployment {deployment_id} is {doc['status']}, not Paused; only a paused "
+                "deployment can be promoted"
+            )
+        self._promoted_by[deployment_id] = user
+        self._promotions.setdefault(deployment_id, asyncio.Event()).set()
+        return doc
+
+    async def abort(self, deployment_id: str, user: str) -> dict[str, Any]:
+        """Abort a deployment in flight: candidate weight to 0 at once, then roll back.
+
+        The driving task is cancelled (everything it did is persisted and every step is
+        idempotent), the abort is persisted as a rollback, and a new task carries it out, so a
+        control plane restarted meanwhile finishes it too.
+        """
+        requested = time.monotonic()
+        doc = self.store.get_deployment(deployment_id)
+        if DeploymentStatus(doc["status"]).terminal:
+            raise Conflict(f"deployment {deployment_id} is already {doc['status']}")
+        task = self._tasks.get(deployment_id)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        doc = self.store.get_deployment(deployment_id)
+        if DeploymentStatus(doc["status"]).terminal:
+            raise Conflict(f"deployment {deployment_id} is already {doc['status']}")
+        progress = doc.setdefault("progress", {})
+        if not progress.get("rolling_back"):
+            cause = DeploymentAborted(f"aborted by {user}", aborted_by=user)
+            progress["rolling_back"] = True
+            progress["abort_requested_monotonic"] = requested
+            doc["error"] = cause.to_dict()
+            self._save(doc)
+            await self._audit(doc, "deployment.abort_requested", by=user)
+        self._spawn(deployment_id)
+        return doc
+
     async def wait(self, deployment_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Until the deployment is terminal (or ``timeout``); returns its document."""
         doc = self.store.get_deployment(deployment_id)
@@ -328,8 +441,8 @@ class Pipeline:
     async def _run(self, doc: dict[str, Any]) -> None:
         progress = doc["progress"]
         if progress.get("rolling_back"):
-            cause = DeploymentError(doc.get("error", {}).get("message", "rollback in progress"))
-            await self._roll_back(doc, cause, None)
+            cause = _RestoredError(doc.get("error") or {"message": "rollback in progress"})
+            await self._roll_back(doc, cause, progress.pop("abort_requested_monotonic", None))
             return
         if progress["phase"] == "build":
             try:
@@ -477,18 +590,66 @@ class Pipeline:
             self.store.upsert_service(
                 doc["service"], doc["region"], warm_revision=None, warm_until=None
             )
+        stable_ready = 0
         if stable:
             state = await runtime.service_state(doc["service"])
             if not state or stable not in state.revisions():
                 log_event(log, "stable.missing", deployment_id=doc["id"], revision=stable)
                 stable = None
-        plan = strategies.plan(request.strategy, has_stable=stable is not None)
+            else:
+                stable_ready = sum(
+                    1 for r in state.replicas if r.revision == stable and r.alive and r.routable
+                )
+        try:
+            plan = strategies.plan(
+                request.strategy,
+                has_stable=stable is not None,
+                analysis_defaults=manifest.analysis,
+                replicas=manifest.run.replicas,
+                stable_replicas=stable_ready or None,
+            )
+        except strategies.InvalidPlan as exc:
+            raise InvalidInput(str(exc)) from exc
+        if any(isinstance(s, SetWeight) and s.sticky for s in plan) and not (
+            manifest.routing.sticky_header or manifest.routing.sticky_cookie
+        ):
+            raise InvalidInput(
+                "a canary stage asks for sticky assignment but shipyard.toml names no key: add "
+                '[routing] sticky_header = "x-user-id" (or sticky_cookie = "session")'
+            )
+        progress: dict[str, Any] = {
+            "phase": "steps",
+            "step": 0,
+            "plan": [step_to_dict(s) for s in plan],
+            "sticky": {
+                "header": manifest.routing.sticky_header,
+                "cookie": manifest.routing.sticky_cookie,
+            },
+        }
+        if request.strategy.kind == "Rolling":
+            params = strategy_params(request.strategy)
+            surge, unavailable = rolling.limits(params, manifest.run.replicas)
+            progress["rolling"] = {
+                "replicas": manifest.run.replicas,
+                "max_surge": surge,
+                "max_unavailable": unavailable,
+            }
         doc["artifact_digest"] = artifact.digest
         doc["commit"] = artifact.commit
         doc["blue_revision"] = stable
         doc["green_revision"] = revision
-        doc["progress"] = {"phase": "steps", "step": 0, "plan": [step_to_dict(s) for s in plan]}
+        doc["progress"] = progress
         self._save(doc)
+        if plan and request.strategy.kind != "BlueGreen":
+            await self._audit(
+                doc,
+                "plan.created",
+                strategy=request.strategy.kind,
+                steps=[s.name for s in plan],
+                stable=stable,
+                candidate=revision,
+                **progress.get("rolling", {}),
+            )
 
     async def _execute_steps(self, doc: dict[str, Any]) -> None:
         progress = doc["progress"]
@@ -569,10 +730,10 @@ class Pipeline:
                 self._stage_end(doc, stage, "succeeded")
             case SetWeight():
                 stage = self._stage_start(doc, step.name, candidate_weight=step.candidate)
-                weights = {candidate: step.candidate}
+                weights = {candidate: step.candidate}  # canary first: sticky ranges follow it
                 if stable and step.candidate < 100:
                     weights[stable] = 100 - step.candidate
-                await self._switch(doc, weights)
+                await self._switch(doc, weights, sticky=step.sticky)
                 if step.candidate == 100:
                     self.store.upsert_service(
                         service, doc["region"], serving_revision=candidate, url=doc.get("url")
@@ -614,12 +775,303 @@ class Pipeline:
                     )
                 elif stable:
                     await self._stop_revision(service, doc["region"], stable)
+            case Analyse():
+                await self._analyse(doc, step, started)
+            case AwaitPromotion():
+                stage = self._stage_start(doc, step.name, stage=step.stage)
+                by = await self._await_promotion(doc, f"stage {step.stage} gate")
+                self._stage_end(doc, stage, "succeeded", promoted_by=by)
+            case ScaleCandidate():
+                stage = self._stage_start(doc, step.name, replicas=step.replicas)
+                doc["url"] = await runtime.ensure_service(service)
+                try:
+                    weights = await self._scale_up(doc, candidate, step.replicas, stable)
+                except DeploymentError as exc:
+                    self._stage_end(doc, stage, "failed", error=exc.message)
+                    raise
+                self._stage_end(doc, stage, "succeeded", weights=weights)
+                await self._audit(
+                    doc,
+                    "replicas.scaled",
+                    revision=candidate,
+                    replicas=step.replicas,
+                    weights=weights,
+                )
+            case ScaleStable():
+                stage = self._stage_start(doc, step.name, replicas=step.replicas)
+                weights = await self._scale_down(doc, stable, step.replicas, candidate)
+                self._stage_end(doc, stage, "succeeded", weights=weights)
+                await self._audit(
+                    doc, "replicas.scaled", revision=stable, replicas=step.replicas, weights=weights
+                )
+
+    # --- canary analysis -------------------------------------------------------------------------
+
+    async def _analyse(self, doc: dict[str, Any], step: Analyse, started: float) -> None:
+        """Hold the stage for ``step.seconds`` measuring every interval; see analysis.verdicts.
+
+        Resumable: the deadline, the tallies and the window's starting snapshot are persisted
+        in ``progress["analysis"]`` after every measurement.
+        """
+        progress, policy = doc["progress"], step.policy
+        service, candidate = doc["service"], doc["green_revision"]
+        stable = doc.get("blue_revision")
+        router = self.runtime(doc["region"]).router
+        stage = self._stage_start(
+            doc, step.name, stage=step.stage, weight=step.weight, seconds=step.seconds
+        )
+        state: dict[str, Any] | None = progress.get("analysis")
+        if state is None or state.get("step") != progress["step"]:
+            state = {
+                "step": progress["step"],
+                "deadline": started + step.seconds,
+                "last_at": self.clock.now(),
+                "baseline": None,
+                "run": AnalysisRun(policy).to_dict(),
+                "paused": None,
+            }
+            progress["analysis"] = state
+            self._save(doc)
+        if not policy.enabled or step.weight == 0:
+            why = "disabled for this stage" if not policy.enabled else "the canary has weight 0"
+            await self._audit(doc, "analysis.skipped", stage=step.stage, reason=why)
+            await self.clock.sleep(state["deadline"] - self.clock.now())
+            self._stage_end(doc, stage, "succeeded", analysis="skipped", reason=why)
+            return
+        run = AnalysisRun.from_dict(state["run"])
+        if state["paused"]:
+            await self._analysis_paused(doc, stage, state, state["paused"])
+            return
+        if state["baseline"] is None:
+            with contextlib.suppress(ShipyardError):  # unavailable: the first window says so
+                state["baseline"] = dict(await router.metrics(service))
+                state["last_at"] = self.clock.now()
+                self._save(doc)
+        while True:
+            at = min(state["last_at"] + policy.interval_seconds, state["deadline"])
+            await self.clock.sleep(at - self.clock.now())
+            now = self.clock.now()
+            at_deadline = now >= state["deadline"]
+            snapshot: dict[str, Any] | None = None
+            try:
+                snapshot = dict(await router.metrics(service))
+                if state["baseline"] is None:
+                    raise CountersReset("no earlier snapshot to measure a window from")
+                m = judge(
+                    window(snapshot, state["baseline"], candidate),
+                    window(snapshot, state["baseline"], stable),
+                    policy,
+                )
+            except CountersReset as exc:
+                m = measurement_error(str(exc))
+                state["baseline"] = snapshot  # start a fresh window from here
+            except ShipyardError as exc:
+                m = measurement_error(f"metrics unavailable: {exc.message}"[:500])
+            decision = run.record(m, at_deadline=at_deadline)
+            decided = time.monotonic()
+            if m.verdict not in (Verdict.ERROR, Verdict.INSUFFICIENT_DATA) and snapshot:
+                state["baseline"] = snapshot  # else the window keeps growing (extend)
+            state["last_at"] = now
+            state["run"] = run.to_dict()
+            await self._record_measurement(doc, stage, step, m, decision.outcome.value)
+            match decision.outcome:
+                case Outcome.FAILED:
+                    self._stage_end(
+                        doc, stage, "failed", error=decision.reason, tallies=state["run"]
+                    )
+                    await self._audit(
+                        doc,
+                        "analysis.failed",
+                        stage=step.stage,
+                        weight=step.weight,
+                        decision="abort",
+                        reason=decision.reason,
+                    )
+                    raise _Rollback(
+                        AnalysisFailed(
+                            f"canary analysis failed at stage {step.stage} "
+                            f"({step.weight}%): {decision.reason}",
+                            stage=step.stage,
+                            verdict=m.verdict.value,
+                        ),
+                        decided,
+                    )
+                case Outcome.PASSED:
+                    self._stage_end(doc, stage, "succeeded", verdict="pass", tallies=state["run"])
+                    await self._audit(
+                        doc,
+                        "analysis.passed",
+                        stage=step.stage,
+                        weight=step.weight,
+                        decision="continue",
+                        reason=decision.reason,
+                    )
+                    return
+                case Outcome.EXTENDED:
+                    state["deadline"] += policy.interval_seconds
+                    self._save(doc)
+                    await self._audit(
+                        doc,
+                        "analysis.extended",
+                        stage=step.stage,
+                        reason=decision.reason,
+                        extensions=run.extensions,
+                    )
+                case Outcome.PAUSED:
+                    state["paused"] = decision.reason
+                    self._save(doc)
+                    await self._analysis_paused(doc, stage, state, decision.reason)
+                    return
+                case Outcome.CONTINUE:
+                    self._save(doc)
+
+    async def _record_measurement(
+        self,
+        doc: dict[str, Any],
+        stage: dict[str, Any],
+        step: Analyse,
+        m: Measurement,
+        outcome: str,
+    ) -> None:
+        kept: list[dict[str, Any]] = stage["detail"].setdefault("measurements", [])
+        kept.append({"at": _iso(self.clock.now()), **m.to_dict()})
+        del kept[:-STAGE_MEASUREMENTS_KEPT]
+        self._save(doc)
+        await self._audit(
+            doc, "analysis.measurement", stage=step.stage, outcome=outcome, **m.to_dict()
+        )
+
+    async def _analysis_paused(
+        self, doc: dict[str, Any], stage: dict[str, Any], state: dict[str, Any], reason: str
+    ) -> None:
+        await self._audit(doc, "analysis.paused", reason=reason)
+        by = await self._await_promotion(doc, reason)
+        state["paused"] = None
+        self._stage_end(doc, stage, "succeeded", verdict="overridden", promoted_by=by)
+        await self._audit(doc, "analysis.overridden", reason=reason, promoted_by=by)
+
+    async def _await_promotion(self, doc: dict[str, Any], reason: str) -> str:
+        """Paused until ``promote`` (``abort`` cancels this task); returns who promoted."""
+        event = self._promotions.setdefault(doc["id"], asyncio.Event())
+        previous = doc["status"]
+        doc["progress"]["paused"] = reason
+        self._set_status(doc, DeploymentStatus.PAUSED)
+        await self._audit(doc, "deployment.paused", reason=reason)
+        await event.wait()
+        event.clear()
+        by = self._promoted_by.pop(doc["id"], "unknown")
+        doc["progress"].pop("paused", None)
+        self._set_status(
+            doc,
+            DeploymentStatus(previous)
+            if previous != DeploymentStatus.PAUSED.value
+            else DeploymentStatus.ANALYSING,
+        )
+        await self._audit(doc, "deployment.promoted", by=by, reason=reason)
+        return by
+
+    # --- rolling ---------------------------------------------------------------------------------
+
+    def _spec(self, revision: str) -> RevisionSpec:
+        stored = self.store.get_revision_spec(revision)
+        return RevisionSpec.from_dict(
+            {k: v for k, v in stored.items() if k not in ("health", "attestation")}
+        )
+
+    async def _ready(self, doc: dict[str, Any]) -> dict[str, list[ReplicaStatus]]:
+        state = await self.runtime(doc["region"]).service_state(doc["service"])
+        out: dict[str, list[ReplicaStatus]] = {}
+        for r in state.replicas if state else []:
+            if r.alive:
+                out.setdefault(r.revision, []).append(r)
+        return out
+
+    async def _scale_up(
+        self, doc: dict[str, Any], revision: str, replicas: int, other: str | None
+    ) -> dict[str, int]:
+        """``revision`` up to ``replicas``: start, health-gate the new ones, route to them, and
+        re-weight both revisions by ready replicas. Idempotent."""
+        runtime = self.runtime(doc["region"])
+        service = doc["service"]
+        alive = await self._ready(doc)
+        if not alive.get(revision):
+            await self._verify_artifact(doc, self.store.get_revision_spec(revision))
+        started = await runtime.start_revision(
+            dataclasses.replace(self._spec(revision), replicas=replicas)
+        )
+        fresh = [r for r in started if not r.routable]
+        if fresh:
+            try:
+                await wait_healthy(
+                    fresh,
+                    self._health_check(revision),
+                    self.prober,
+                    self.clock,
+                    self._states_of(doc),
+                )
+            except HealthCheckFailed as exc:
+                await self._audit(
+                    doc,
+                    "health_check.failed",
+                    revision=revision,
+                    error=exc.message,
+                    attempts=exc.attempts,
+                )
+                raise _Rollback(exc) from exc
+            await runtime.set_routable(service, [r.replica_id for r in fresh], True)
+        return await self._rebalance(doc, revision, other)
+
+    async def _scale_down(
+        self, doc: dict[str, Any], revision: str | None, replicas: int, other: str
+    ) -> dict[str, int]:
+        """``revision`` down to ``replicas``: re-weight first, then drain and stop the rest."""
+        if revision is None:
+            return {}
+        alive = (await self._ready(doc)).get(revision, [])
+        # Stop replicas that take no traffic first, then the newest.
+        order = sorted(alive, key=lambda r: (r.routable, r.replica_id))
+        stop = order[: max(0, len(alive) - replicas)]
+        ready_after = sum(1 for r in alive if r.routable and r not in stop)
+        ready_other = sum(1 for r in (await self._ready(doc)).get(other, []) if r.routable)
+        weights = rolling.weights_for(other, ready_other, revision, ready_after)
+        await self._switch(doc, weights)
+        self._note_serving(doc, weights)
+        if stop:
+            await self.runtime(doc["region"]).stop_replicas(
+                doc["service"], [r.replica_id for r in stop], drain_timeout=self.drain_timeout
+            )
+        return weights
+
+    async def _rebalance(
+        self, doc: dict[str, Any], first: str, other: str | None
+    ) -> dict[str, int]:
+        alive = await self._ready(doc)
+        ready_first = sum(1 for r in alive.get(first, []) if r.routable)
+        ready_other = sum(1 for r in alive.get(other, []) if r.routable) if other else 0
+        weights = rolling.weights_for(first, ready_first, other, ready_other)
+        await self._switch(doc, weights)
+        self._note_serving(doc, weights)
+        return weights
+
+    def _note_serving(self, doc: dict[str, Any], weights: Mapping[str, int]) -> None:
+        """The store's serving revision follows whoever holds 100% of traffic."""
+        full = [rev for rev, w in weights.items() if w == 100]
+        if full:
+            self.store.upsert_service(
+                doc["service"], doc["region"], serving_revision=full[0], url=doc.get("url")
+            )
 
     # --- outcomes --------------------------------------------------------------------------------
 
-    async def _switch(self, doc: dict[str, Any], weights: dict[str, int]) -> None:
+    async def _switch(
+        self, doc: dict[str, Any], weights: dict[str, int], *, sticky: bool = False
+    ) -> None:
         router = self.runtime(doc["region"]).router
-        await router.set_weight(doc["service"], weights)
+        key = None
+        if sticky:
+            names = doc["progress"].get("sticky") or {}
+            key = StickyKey(header=names.get("header"), cookie=names.get("cookie"))
+        await router.set_weight(doc["service"], weights, sticky=key)
         ok = await router.verify_weight(doc["service"], weights)
         if ok is False:
             raise TrafficSwitchFailed(f"router does not serve the weights we set: {weights}")
@@ -636,14 +1088,25 @@ class Pipeline:
         service, region = doc["service"], doc["region"]
         stable, candidate = doc.get("blue_revision"), doc.get("green_revision")
         try:
+            if stable and candidate and doc["progress"].get("rolling"):
+                await self._restore_replicas(doc, stable, candidate)
             if stable:
                 await self._switch(doc, {stable: 100})
                 switched = time.monotonic()
                 self.store.upsert_service(service, region, serving_revision=stable)
                 if verdict_monotonic is not None:
-                    doc["metrics"]["detection_to_rollback_ms"] = int(
-                        (switched - verdict_monotonic) * 1000
-                    )
+                    latency = int((switched - verdict_monotonic) * 1000)
+                    doc["metrics"]["detection_to_rollback_ms"] = latency
+                    if isinstance(cause, AnalysisFailed | DeploymentAborted) or cause.to_dict().get(
+                        "type"
+                    ) in ("AnalysisFailed", "DeploymentAborted"):
+                        doc["metrics"]["abort_latency_ms"] = latency
+                        await self._audit(
+                            doc,
+                            "canary.weight_zero",
+                            weights={stable: 100},
+                            abort_latency_ms=latency,
+                        )
                 doc["metrics"]["rollback_duration_ms"] = int((switched - t0) * 1000)
             if candidate:
                 await self._stop_revision(service, region, candidate)
@@ -664,6 +1127,35 @@ class Pipeline:
         if status is DeploymentStatus.ROLLED_BACK:
             doc["rollback_count"] = doc.get("rollback_count", 0) + 1
         await self._finish(doc, status, cause)
+
+    async def _restore_replicas(self, doc: dict[str, Any], stable: str, candidate: str) -> None:
+        """Rolling rollback: stable back to its full replica count under the same surge and
+        availability limits (the rollout's arithmetic with the roles swapped), candidate
+        replicas that never took traffic stopped first."""
+        spec = doc["progress"]["rolling"]
+        alive = await self._ready(doc)
+        unready = [r.replica_id for r in alive.get(candidate, []) if not r.routable]
+        if unready:
+            await self.runtime(doc["region"]).stop_replicas(
+                doc["service"], unready, drain_timeout=self.drain_timeout
+            )
+        alive = await self._ready(doc)
+        ready_candidate = sum(1 for r in alive.get(candidate, []) if r.routable)
+        ready_stable = sum(1 for r in alive.get(stable, []) if r.routable)
+        steps = rolling.batches(
+            spec["replicas"],
+            spec["max_surge"],
+            spec["max_unavailable"],
+            old=ready_candidate,
+            new=ready_stable,
+        )
+        for step in steps:
+            if isinstance(step, ScaleCandidate):  # roles swapped: scale *stable* up
+                weights = await self._scale_up(doc, stable, step.replicas, candidate)
+            else:
+                assert isinstance(step, ScaleStable)
+                weights = await self._scale_down(doc, candidate, step.replicas, stable)
+            await self._audit(doc, "rollback.batch", step=step.name, weights=weights)
 
     async def _succeed(self, doc: dict[str, Any]) -> None:
         if doc["kind"] == "rollback":

@@ -80,12 +80,37 @@ class ServiceState:
         return {r.revision for r in self.replicas if r.alive}
 
 
+@dataclass(frozen=True)
+class StickyKey:
+    """What identifies a user for sticky canary weights: a header (preferred) and/or a cookie."""
+
+    header: str | None = None
+    cookie: str | None = None
+
+
+class MeteredRouter(TrafficRouter, Protocol):
+    """The router as the orchestrator uses it: weights (optionally sticky) and its own
+    per-revision metrics, which canary analysis judges."""
+
+    async def set_weight(
+        self, service: str, weights: Mapping[str, int], *, sticky: StickyKey | None = None
+    ) -> None:
+        """Route ``weights`` atomically. With ``sticky``, a request carrying the key goes to the
+        revision its hash falls on, by cumulative ranges in the order of ``weights`` (so pass the
+        canary first: raising its weight only moves users stable -> canary). None clears it."""
+        ...
+
+    async def metrics(self, service: str) -> Mapping[str, Mapping[str, Any]]:
+        """``{revision: RevisionMetrics.to_dict()}``: counters since the router started."""
+        ...
+
+
 class Runtime(Protocol):
     kind: str
     region: str
 
     @property
-    def router(self) -> TrafficRouter:
+    def router(self) -> MeteredRouter:
         """The region's traffic router."""
         ...
 

@@ -2,17 +2,24 @@
 agent (tests/runtime/test_contract.py runs one suite against both).
 
 Used by orchestrator unit tests with a ``FakeClock`` (and ``health.fake.FakeProber``): injected
-crashes and start failures, and a log of every weight change to assert invariants on.
+crashes and start failures, a log of every weight change and of every replica count change to
+assert invariants on, and a scripted metrics source for canary analysis: a steady synthetic load
+(``FakeRouter.rps`` requests per second of the injected clock, split by the weights in force)
+where each revision answers per its ``TrafficProfile`` (5xx rate, latency).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from shipyard.errors import RevisionStartFailed, TrafficSwitchFailed
-from shipyard.runtime.base import ReplicaStatus, RevisionSpec, ServiceState
+from shipyard.errors import RevisionStartFailed, ShipyardError, TrafficSwitchFailed
+from shipyard.routing.metrics import BUCKET_BOUNDS_MS, RevisionMetrics
+from shipyard.runtime.base import ReplicaStatus, RevisionSpec, ServiceState, StickyKey
 
 
 @dataclass
@@ -22,6 +29,21 @@ class _Service:
     replicas: dict[str, ReplicaStatus] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TrafficProfile:
+    """How a revision answers the synthetic load: share of 5xx and a fixed latency."""
+
+    error_rate: float = 0.0
+    latency_ms: float = 2.0
+
+
+@dataclass
+class _Served:
+    requests: float = 0.0
+    errors: float = 0.0
+    latency_ms: dict[float, float] = field(default_factory=dict)
+
+
 class FakeRouter:
     type = "fake"
 
@@ -29,8 +51,60 @@ class FakeRouter:
         self._rt = runtime
         #: Every accepted weight change, in order: (service, weights).
         self.history: list[tuple[str, dict[str, int]]] = []
+        #: The sticky key in force per service (None: not sticky).
+        self.sticky: dict[str, StickyKey | None] = {}
+        #: Synthetic load through every service, requests per second of the runtime's clock.
+        self.rps = 0.0
+        self.profiles: dict[str, TrafficProfile] = {}
+        #: When set, ``metrics`` raises it (metrics unavailable).
+        self.metrics_error: ShipyardError | None = None
+        self.metrics_calls = 0
+        self._served: dict[str, dict[str, _Served]] = {}
+        self._last: dict[str, float] = {}
 
-    async def set_weight(self, service: str, weights: Mapping[str, int]) -> None:
+    def _accrue(self, service: str) -> None:
+        """Count the synthetic requests served since the last look, at the weights in force."""
+        now = self._rt.now()
+        svc = self._rt.services.get(service)
+        last = self._last.get(service, now)
+        self._last[service] = now
+        if svc is None or now <= last or not self.rps:
+            return
+        served = self._served.setdefault(service, {})
+        for rev, weight in svc.weights.items():
+            n = self.rps * (now - last) * weight / 100
+            profile = self.profiles.get(rev, TrafficProfile())
+            s = served.setdefault(rev, _Served())
+            s.requests += n
+            s.errors += n * profile.error_rate
+            s.latency_ms[profile.latency_ms] = s.latency_ms.get(profile.latency_ms, 0.0) + n
+
+    async def metrics(self, service: str) -> Mapping[str, Mapping[str, Any]]:
+        self.metrics_calls += 1
+        if self.metrics_error is not None:
+            raise self.metrics_error
+        self._accrue(service)
+        out: dict[str, Mapping[str, Any]] = {}
+        for rev, s in self._served.get(service, {}).items():
+            buckets = [0] * len(BUCKET_BOUNDS_MS)
+            for latency, n in s.latency_ms.items():
+                buckets[bisect_left(BUCKET_BOUNDS_MS, latency)] += int(n)
+            requests = sum(buckets)
+            errors = min(requests, int(s.errors))
+            out[rev] = RevisionMetrics(
+                revision=rev,
+                requests=requests,
+                status_2xx=requests - errors,
+                status_5xx=errors,
+                latency_buckets=tuple(buckets),
+                latency_sum_ms=sum(lat * int(n) for lat, n in s.latency_ms.items()),
+            ).to_dict()
+        return out
+
+    async def set_weight(
+        self, service: str, weights: Mapping[str, int], *, sticky: StickyKey | None = None
+    ) -> None:
+        self._accrue(service)
         svc = self._rt.services.get(service)
         if svc is None:
             raise TrafficSwitchFailed(f"service {service} has no route")
@@ -41,6 +115,9 @@ class FakeRouter:
             if not any(r.revision == rev and r.alive and r.routable for r in svc.replicas.values()):
                 raise TrafficSwitchFailed(f"revision {rev} of {service} has no routable replica")
         svc.weights = positive
+        self.sticky[service] = sticky
+        for rev in positive:  # like the real router: counters exist once a revision is routed
+            self._served.setdefault(service, {}).setdefault(rev, _Served())
         self.history.append((service, dict(positive)))
 
     async def verify_weight(self, service: str, weights: Mapping[str, int]) -> bool | None:
@@ -54,13 +131,18 @@ class FakeRouter:
 class FakeRuntime:
     kind = "fake"
 
-    def __init__(self, region: str = "local") -> None:
+    def __init__(self, region: str = "local", now: Callable[[], float] | None = None) -> None:
         self.region = region
+        #: The clock the synthetic load runs on (a FakeClock's ``now`` in tests).
+        self.now = now or time.monotonic
         self.services: dict[str, _Service] = {}
         self.router = FakeRouter(self)
         self.fail_start: set[str] = set()
         self.started: list[str] = []
         self.stopped: list[str] = []
+        #: (service, running, ready) after every replica change: rolling invariants are
+        #: asserted on this.
+        self.observations: list[tuple[str, int, int]] = []
         self._ids = itertools.count(1)
         self._ports = itertools.count(20000)
 
@@ -80,12 +162,20 @@ class FakeRuntime:
             svc.replicas[rid] = r
             alive.append(r)
             self.started.append(rid)
+            self._observe(spec.service)
         return alive
+
+    def _observe(self, service: str) -> None:
+        svc = self.services[service]
+        running = sum(1 for r in svc.replicas.values() if r.alive)
+        ready = sum(1 for r in svc.replicas.values() if r.alive and r.routable)
+        self.observations.append((service, running, ready))
 
     async def set_routable(self, service: str, replica_ids: Sequence[str], routable: bool) -> None:
         svc = self.services[service]
         for rid in replica_ids:
             svc.replicas[rid] = replace(svc.replicas[rid], routable=routable)
+        self._observe(service)
 
     async def stop_replicas(
         self, service: str, replica_ids: Sequence[str], *, drain_timeout: float = 30.0
@@ -96,6 +186,7 @@ class FakeRuntime:
         for rid in replica_ids:
             if svc.replicas.pop(rid, None) is not None:
                 self.stopped.append(rid)
+                self._observe(service)
 
     async def stop_revision(
         self, service: str, revision: str, *, drain_timeout: float = 30.0

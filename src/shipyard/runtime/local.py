@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from shipyard.errors import AgentUnavailable, InvalidInput, RevisionStartFailed, TrafficSwitchFailed
-from shipyard.runtime.base import ReplicaStatus, RevisionSpec, ServiceState
+from shipyard.runtime.base import ReplicaStatus, RevisionSpec, ServiceState, StickyKey
 
 AGENT_START_TIMEOUT = 15.0
 
@@ -158,11 +158,15 @@ class AgentRouter:
     def __init__(self, agent: AgentClient) -> None:
         self._agent = agent
 
-    async def set_weight(self, service: str, weights: Mapping[str, int]) -> None:
+    async def set_weight(
+        self, service: str, weights: Mapping[str, int], *, sticky: StickyKey | None = None
+    ) -> None:
+        body: dict[str, Any] = {"weights": dict(weights)}  # insertion order matters (sticky)
+        if sticky is not None:
+            body["sticky_header"] = sticky.header
+            body["sticky_cookie"] = sticky.cookie
         try:
-            await self._agent.call(
-                "PUT", f"/v1/services/{service}/weights", {"weights": dict(weights)}
-            )
+            await self._agent.call("PUT", f"/v1/services/{service}/weights", body)
         except _AgentError as exc:
             raise TrafficSwitchFailed(
                 f"router refused weights {dict(weights)}: {exc.message}"

@@ -9,21 +9,36 @@ from collections.abc import Callable
 from typing import Any
 
 from shipyard.domain.models import BlueGreen, Canary, Rolling, strategy_params
-from shipyard.strategies import blue_green
+from shipyard.strategies import blue_green, canary, rolling
+from shipyard.strategies.rolling import InvalidPlan
 from shipyard.strategies.steps import Step
 
 Planner = Callable[..., list[Step]]
 
-#: kind -> planner(params, has_stable=...) ; canary and rolling register here when they land.
-PLANNERS: dict[str, Planner] = {"BlueGreen": blue_green.plan}
+#: kind -> planner(params, has_stable=..., **context). Context the orchestrator passes:
+#: ``analysis_defaults`` (the manifest's [analysis]), ``replicas`` (desired, the manifest's
+#: [run] replicas) and ``stable_replicas`` (stable's ready replicas now); planners ignore the rest.
+PLANNERS: dict[str, Planner] = {
+    "BlueGreen": blue_green.plan,
+    "Canary": canary.plan,
+    "Rolling": rolling.plan,
+}
+
+__all__ = ["PLANNERS", "InvalidPlan", "UnsupportedStrategy", "check", "plan"]
 
 
 class UnsupportedStrategy(ValueError):
     pass
 
 
+def check(strategy: BlueGreen | Canary | Rolling) -> None:
+    """UnsupportedStrategy unless a planner is registered for the strategy's kind."""
+    if strategy.kind not in PLANNERS:
+        raise UnsupportedStrategy(
+            f"strategy {strategy.kind} is not available; use one of {', '.join(PLANNERS)}"
+        )
+
+
 def plan(strategy: BlueGreen | Canary | Rolling, *, has_stable: bool, **context: Any) -> list[Step]:
-    planner = PLANNERS.get(strategy.kind)
-    if planner is None:
-        raise UnsupportedStrategy(f"strategy {strategy.kind} is not available yet; use BlueGreen")
-    return planner(strategy_params(strategy), has_stable=has_stable, **context)
+    check(strategy)
+    return PLANNERS[strategy.kind](strategy_params(strategy), has_stable=has_stable, **context)

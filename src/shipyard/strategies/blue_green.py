@@ -20,7 +20,7 @@ from shipyard.strategies.steps import (
 )
 
 
-def plan(params: BlueGreenParams, *, has_stable: bool) -> list[Step]:
+def plan(params: BlueGreenParams, *, has_stable: bool, **_: object) -> list[Step]:
     if not has_stable:
         return [StartCandidate(), AwaitHealthy(), SetWeight(100)]
     steps: list[Step] = [StartCandidate(), AwaitHealthy()]

@@ -1,8 +1,8 @@
 """The vocabulary of rollout plans: what a strategy asks the orchestrator's executor to do.
 
-A strategy (``blue_green``, later ``canary`` and ``rolling``) is a pure function from its
+A strategy (``blue_green``, ``canary``, ``rolling``) is a pure function from its
 parameters and the service's situation to a list of ``Step``s. The executor
-(``orchestrator/executor.py``) runs them one by one through the Runtime and TrafficRouter
+(``orchestrator/pipeline.py``) runs them one by one through the Runtime and TrafficRouter
 protocols, persisting the index before each, so a restarted control plane resumes at the same
 step: every step is idempotent. "stable" is the revision serving before the deployment (blue),
 "candidate" the one being deployed (green).
@@ -11,6 +11,8 @@ step: every step is idempotent. "stable" is the revision serving before the depl
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from shipyard.analysis.policy import AnalysisPolicy
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,13 @@ class Pause:
 
 @dataclass(frozen=True)
 class SetWeight:
-    """Route ``candidate`` percent of requests to the candidate, the rest to stable; verify it."""
+    """Route ``candidate`` percent of requests to the candidate, the rest to stable; verify it.
+
+    ``sticky``: requests carrying the manifest's sticky key keep their side (canary stages)."""
 
     candidate: int
     name: str = "switch"
+    sticky: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,4 +65,54 @@ class KeepWarm:
     name: str = "scale_down"
 
 
-Step = StartCandidate | AwaitHealthy | Pause | SetWeight | Bake | KeepWarm
+@dataclass(frozen=True)
+class Analyse:
+    """Hold the canary's weight for ``seconds`` while measuring it every interval with
+    ``policy``; a failing analysis aborts (weight 0 at once), ``insufficient_data`` follows the
+    policy (extend / pause / fail), ``inconclusive`` beyond its limit pauses for a human."""
+
+    seconds: float
+    stage: int
+    weight: int
+    policy: AnalysisPolicy
+    name: str = "analysis"
+
+
+@dataclass(frozen=True)
+class AwaitPromotion:
+    """A gate: wait for ``POST /deployments/{id}/promote`` (``.../abort`` rolls back)."""
+
+    stage: int
+    name: str = "gate"
+
+
+@dataclass(frozen=True)
+class ScaleCandidate:
+    """Rolling: bring the candidate up to ``replicas`` replicas, health-gate the new ones, then
+    route to them (weights proportional to each revision's ready replicas)."""
+
+    replicas: int
+    name: str = "scale_up"
+
+
+@dataclass(frozen=True)
+class ScaleStable:
+    """Rolling: shrink stable to ``replicas`` replicas: re-weight first, then drain and stop the
+    extra replicas (the runtime removes them from routing before stopping them)."""
+
+    replicas: int
+    name: str = "scale_down"
+
+
+Step = (
+    StartCandidate
+    | AwaitHealthy
+    | Pause
+    | SetWeight
+    | Bake
+    | KeepWarm
+    | Analyse
+    | AwaitPromotion
+    | ScaleCandidate
+    | ScaleStable
+)

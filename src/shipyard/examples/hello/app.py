@@ -1,12 +1,16 @@
 """Shipyard's example service: answers with its version; ``/health`` for the health check.
 
 Standard library only, so it runs from any artifact directory. Behaviour comes from files in the
-repository, the way a real release changes behaviour: ``version.txt`` holds the version and an
+repository, the way a real release changes behaviour: ``version.txt`` holds the version, an
 optional ``unhealthy_after.txt`` makes ``/health`` fail that many seconds after start (the demo's
-broken release).
+broken release), ``error_rate.txt`` (0..1) makes that share of other requests answer 500, and
+``delay_ms.txt`` makes every other request take that long (the canary tests' bad releases; the
+health check stays fast and green, so only the router's metrics can tell).
 """
 
+import itertools
 import os
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +22,26 @@ UNHEALTHY_AFTER = float(BROKEN.read_text()) if BROKEN.exists() else None
 STARTED = time.monotonic()
 
 
+def _number(name: str) -> float:
+    path = HERE / name
+    return float(path.read_text()) if path.exists() else 0.0
+
+
+ERROR_RATE = _number("error_rate.txt")
+DELAY_S = _number("delay_ms.txt") / 1000
+_COUNTER = itertools.count()
+_LOCK = threading.Lock()
+
+
+def _fails() -> bool:
+    """Deterministic: exactly ERROR_RATE of requests, spread evenly."""
+    if ERROR_RATE <= 0:
+        return False
+    with _LOCK:
+        n = next(_COUNTER)
+    return int((n + 1) * ERROR_RATE) > int(n * ERROR_RATE)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -26,7 +50,12 @@ class Handler(BaseHTTPRequestHandler):
             sick = UNHEALTHY_AFTER is not None and time.monotonic() - STARTED > UNHEALTHY_AFTER
             self._answer(500 if sick else 200, b"unhealthy\n" if sick else b"ok\n")
         else:
-            self._answer(200, f"hello from {VERSION}\n".encode())
+            if DELAY_S:
+                time.sleep(DELAY_S)
+            if _fails():
+                self._answer(500, f"{VERSION} failed\n".encode())
+            else:
+                self._answer(200, f"hello from {VERSION}\n".encode())
 
     def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)

@@ -1,0 +1,503 @@
+"""Router benchmark: the Shipyard router against HAProxy, both in front of the same nginx.
+
+Called by ``bench/run.py`` (``python bench/run.py router``), which writes BENCHMARKS.md. It starts
+nginx (the backend, one worker, a fixed small body), HAProxy (HTTP mode, keep-alive to nginx,
+default threading) and the router (``python -m shipyard.routing.proxy`` under uvloop, one
+process), then runs wrk against nginx directly, the router and HAProxy, alternating them for
+several rounds so that noise on the shared machine hits every contender alike. Everything it
+starts is stopped again, also when a step fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NGINX = "/usr/sbin/nginx"
+HAPROXY = "/usr/sbin/haproxy"
+WRK = "wrk"
+ROUNDS = 5
+DURATION_S = 6
+CONNECTIONS = 50
+TARGET = 0.7
+BODY = "hello from nginx\n"
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu: dict[str, float]  # process (and "wrk") -> CPU cores used during the run
+    machine_busy: float  # share of all cores busy (anything, any process) during the run
+    softirq: float  # share of all cores in softirq (loopback packet processing), unattributed
+    switches: dict[str, float]  # process -> context switches per request
+
+
+@dataclass
+class Contender:
+    name: str
+    url: str
+    runs: list[Run] = field(default_factory=list)
+
+    def median(self, attr: str) -> float:
+        return float(statistics.median(getattr(run, attr) for run in self.runs))
+
+
+def free_port(taken: set[int]) -> int:
+    """A free TCP port below 32768 (outside Linux's ephemeral range, so wrk cannot collide)."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        if port in taken:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        taken.add(port)
+        return port
+    raise RuntimeError("no free port below 32768")
+
+
+def wait_port(
+    port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 15.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+            raise RuntimeError(
+                f"{what} exited with {proc.returncode} before listening on {port}: {tail}"
+            )
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
+
+
+def start(
+    stack: ExitStack, argv: list[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with output to ``log``; ``stack`` stops it (TERM, then KILL) on exit."""
+    out = log.open("wb")
+    stack.callback(out.close)
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    stack.callback(stop)
+    return proc
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its children still alive."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def context_switches(pid: int) -> int:
+    """Context switches so far of ``pid``'s threads and its children's (nginx's worker)."""
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    total = 0
+    for p in pids:
+        tasks = Path(f"/proc/{p}/task")
+        for task in tasks.iterdir() if tasks.exists() else ():
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split(":")[1])
+    return total
+
+
+def parse_ms(value: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", value)
+    if not m:
+        raise ValueError(f"unexpected wrk latency {value!r}")
+    number, unit = float(m[1]), m[2]
+    return number / 1000 if unit == "us" else number * 1000 if unit == "s" else number
+
+
+def machine_cpu() -> tuple[int, int, int]:
+    """(busy, softirq, total) jiffies over all cores, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # user..steal (guest time is already in user)
+    return total - idle, fields[6], total
+
+
+def wrk(url: str, duration: int, pids: dict[str, int]) -> Run:
+    before = {name: process_tree_cpu(pid) for name, pid in pids.items()}
+    switches0 = {name: context_switches(pid) for name, pid in pids.items()}
+    busy0, softirq0, total0 = machine_cpu()
+    children0 = os.times()
+    started = time.monotonic()
+    out = subprocess.run(
+        [WRK, "-t1", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 30,
+    ).stdout
+    elapsed = time.monotonic() - started
+    children1 = os.times()
+    busy1, softirq1, total1 = machine_cpu()
+    cpu = {name: (process_tree_cpu(pid) - before[name]) / elapsed for name, pid in pids.items()}
+    requests = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
+    switches = {
+        name: (context_switches(pid) - switches0[name]) / max(1, requests)
+        for name, pid in pids.items()
+    }
+    cpu["wrk"] = (
+        children1.children_user
+        + children1.children_system
+        - children0.children_user
+        - children0.children_system
+    ) / elapsed
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    p50 = parse_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M)[1])  # type: ignore[index]
+    p99 = parse_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M)[1])  # type: ignore[index]
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(m[1])
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(x) for x in m.groups())
+    span = max(1, total1 - total0)
+    return Run(
+        rps, p50, p99, errors, cpu, (busy1 - busy0) / span, (softirq1 - softirq0) / span, switches
+    )
+
+
+def haproxy_nbthread(sock_path: Path) -> str:
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(sock_path))
+            sock.sendall(b"show info\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        m = re.search(rb"^Nbthread: (\d+)", data, re.M)
+        return m[1].decode() if m else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def haproxy_version() -> str:
+    out = subprocess.run([HAPROXY, "-v"], capture_output=True, text=True).stdout
+    m = re.search(r"version (\S+)", out)
+    return m[1] if m else "unknown"
+
+
+def python_cost_us(batch: int) -> float:
+    """The router's own Python time per request, with fake sockets (no kernel, no uvloop I/O).
+
+    ``batch`` requests on as many connections are handled per event-loop iteration, then the
+    held writes are flushed, as the loop does under load.
+    """
+    import asyncio
+
+    import uvloop
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from shipyard.routing import proxy
+
+    class Sink:
+        def write(self, data: bytes) -> None:
+            pass
+
+        def is_closing(self) -> bool:
+            return False
+
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+    response = (
+        b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 05:56:30 GMT\r\n"
+        b"Content-Type: text/plain\r\nContent-Length: 17\r\nConnection: keep-alive\r\n\r\n"
+        + BODY.encode()
+    )
+
+    async def measure() -> float:
+        router = proxy.ServiceProxy("bench")
+        router._loop = asyncio.get_running_loop()
+        backend = proxy.Backend("r", "v1", "127.0.0.1", 1)
+        router.configure({"v1": 100}, [backend])
+        pool = router._pools[backend]
+        pairs = []
+        for _ in range(batch):
+            upstream = proxy._Upstream(pool, router)
+            upstream.connection_made(Sink())  # type: ignore[arg-type]
+            pool.idle.append(upstream)
+            client = proxy._Client(router)
+            client.connection_made(Sink())  # type: ignore[arg-type]
+            pairs.append(client)
+        rounds, best = 5000 // batch, math.inf
+        for _ in range(60):
+            started = time.perf_counter()
+            for _ in range(rounds):
+                for client in pairs:
+                    client.data_received(request)
+                router._flush()
+                for client in pairs:
+                    assert client.upstream is not None
+                    client.upstream.data_received(response)
+                router._flush()
+            best = min(best, time.perf_counter() - started)
+        assert router.metrics()["v1"].status_2xx == 60 * rounds * batch
+        return best / (rounds * batch) * 1e6
+
+    return uvloop.run(measure())
+
+
+def write_nginx_conf(tmp: Path, port: int) -> Path:
+    for sub in ("logs", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / sub).mkdir(exist_ok=True)
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+master_process on;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            default_type text/plain;
+            return 200 "{BODY.strip()}\\n";
+        }}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def write_haproxy_conf(tmp: Path, port: int, backend_port: int) -> Path:
+    conf = tmp / "haproxy.cfg"
+    conf.write_text(
+        f"""global
+    maxconn 4096
+    stats socket {tmp}/haproxy.sock mode 600 level admin
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+
+backend be
+    server nginx 127.0.0.1:{backend_port}
+"""
+    )
+    return conf
+
+
+def main() -> str:
+    for binary in (NGINX, HAPROXY):
+        if not Path(binary).exists():
+            raise RuntimeError(f"{binary} is not installed")
+    if shutil.which(WRK) is None:
+        raise RuntimeError("wrk is not installed")
+    taken: set[int] = set()
+    nginx_port, haproxy_port, router_port = free_port(taken), free_port(taken), free_port(taken)
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shipyard-bench-")))
+        nginx = start(
+            stack,
+            [NGINX, "-p", str(tmp), "-c", str(write_nginx_conf(tmp, nginx_port)), "-e", "stderr"],
+            tmp / "nginx.out",
+        )
+        wait_port(nginx_port, nginx, "nginx", tmp / "nginx.out")
+        haproxy = start(
+            stack,
+            [HAPROXY, "-db", "-f", str(write_haproxy_conf(tmp, haproxy_port, nginx_port))],
+            tmp / "haproxy.out",
+        )
+        wait_port(haproxy_port, haproxy, "haproxy", tmp / "haproxy.out")
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        router = start(
+            stack,
+            [
+                sys.executable,
+                "-m",
+                "shipyard.routing.proxy",
+                "--listen",
+                f"127.0.0.1:{router_port}",
+                "--backend",
+                f"v1=127.0.0.1:{nginx_port}",
+            ],
+            tmp / "router.out",
+            env=env,
+        )
+        wait_port(router_port, router, "router", tmp / "router.out")
+        nbthread = haproxy_nbthread(tmp / "haproxy.sock")
+
+        pids = {"nginx": nginx.pid, "haproxy": haproxy.pid, "router": router.pid}
+        contenders = [
+            Contender("nginx direct", f"http://127.0.0.1:{nginx_port}/"),
+            Contender("Shipyard router", f"http://127.0.0.1:{router_port}/"),
+            Contender("HAProxy", f"http://127.0.0.1:{haproxy_port}/"),
+        ]
+        direct, routed, haproxied = contenders
+        for contender in contenders:  # warm up: pools, caches, CPU frequency
+            wrk(contender.url, 2, pids)
+        for i in range(ROUNDS):
+            # router and HAProxy run back to back (order flipped every round) so each pair
+            # sees about the same background load on this shared machine
+            pair = [routed, haproxied] if i % 2 == 0 else [haproxied, routed]
+            for contender in [direct, *pair]:
+                contender.runs.append(wrk(contender.url, DURATION_S, pids))
+        for proc, what in ((router, "router"), (haproxy, "haproxy"), (nginx, "nginx")):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} died during the benchmark (exit {proc.returncode})")
+    one = ten = math.inf
+    for _ in range(3):  # interleaved, best of each: the host's noise hits both alike
+        one, ten = min(one, python_cost_us(1)), min(ten, python_cost_us(10))
+    python_us = (one, ten)
+    return report(contenders, nbthread, haproxy_version(), python_us)
+
+
+def report(
+    contenders: list[Contender],
+    nbthread: str,
+    haproxy_version: str,
+    python_us: tuple[float, float],
+) -> str:
+    _direct, router, haproxy = contenders
+    paired = [r.rps / h.rps for r, h in zip(router.runs, haproxy.runs, strict=True)]
+    ratio = statistics.median(paired)
+    own_key = {"nginx direct": "nginx", "Shipyard router": "router", "HAProxy": "haproxy"}
+    rows = []
+    for c in contenders:
+        own = statistics.median(run.cpu[own_key[c.name]] for run in c.runs)
+        per_request = statistics.median(run.cpu[own_key[c.name]] / run.rps * 1e6 for run in c.runs)
+        busy = statistics.median(run.machine_busy for run in c.runs)
+        switches = statistics.median(run.switches[own_key[c.name]] for run in c.runs)
+        rows.append(
+            f"| {c.name} | {c.median('rps'):,.0f} | {c.median('p50_ms'):.2f} | "
+            f"{c.median('p99_ms'):.2f} | {sum(r.errors for r in c.runs)} | {own:.2f} | "
+            f"{per_request:.0f} | {switches:.2f} | {busy:.0%} | "
+            + ", ".join(f"{r.rps:,.0f}" for r in c.runs)
+            + " |"
+        )
+
+    def med(c: Contender, key: str) -> float:
+        return float(statistics.median(run.cpu[key] for run in c.runs))
+
+    def per_req(c: Contender, key: str) -> float:
+        return float(statistics.median(run.cpu[key] / run.rps * 1e6 for run in c.runs))
+
+    softirq = statistics.median(run.softirq for run in router.runs)
+    busy = statistics.median(run.machine_busy for run in router.runs)
+    router_cores = med(router, "router")
+    verdict = "meets" if ratio >= TARGET else "misses"
+    saturation = (
+        f"Both cores are saturated during the router runs ({busy:.0%} busy)"
+        if busy >= 0.9
+        else f"The cores are {busy:.0%} busy during the router runs"
+    )
+    if router_cores >= 0.95:
+        own_core = f"the router's single core is the limit ({router_cores:.2f} cores used)"
+    elif router_cores >= 0.75:
+        own_core = f"the router's single core is nearly saturated ({router_cores:.2f} cores used)"
+    else:
+        own_core = f"the router's own core is not the limit ({router_cores:.2f} cores used)"
+    return f"""## Router
+
+Shipyard's router (`python -m shipyard.routing.proxy`, uvloop, one process) and HAProxy
+{haproxy_version} (HTTP mode, keep-alive and `http-reuse always` to the server, default
+threading: nbthread = {nbthread}) in front of the same nginx (one worker, `return 200` of a
+{len(BODY)}-byte body, access log off). Load: `wrk -t1 -c{CONNECTIONS} -d{DURATION_S}s --latency`,
+keep-alive. After a 2 s warm-up each, {ROUNDS} rounds run nginx direct, then the router and
+HAProxy back to back (their order flipped every round). Medians over the rounds. CPU is the
+process's CPU time over the run's wall time (cores; 1.00 = one core); "µs/req" is that per request;
+"sw/req" its context switches (mostly wake-ups) per request; "busy" is the share of both
+cores busy with anything (any process) during the run.
+
+| Target | req/s | p50 ms | p99 ms | errors | CPU | µs/req | sw/req | busy | req/s per round |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---|
+{chr(10).join(rows)}
+
+**Router / HAProxy = {ratio:.2f}** (median of the per-round ratios
+{", ".join(f"{x:.2f}" for x in paired)}; ratio of the medians
+{router.median("rps") / haproxy.median("rps"):.2f}). Target >= {TARGET}: {verdict} it.
+
+What limits the router: CPU per request on a small, shared machine. {saturation}:
+wrk ({med(router, "wrk"):.2f} cores), nginx ({med(router, "nginx"):.2f}), the router
+({router_cores:.2f}) and loopback packet processing in softirq ({softirq:.0%} of all CPU,
+charged to no process) share two cores with whatever else runs on the host, so throughput
+follows the CPU the whole path spends per request; {own_core}. The router spends
+{per_req(router, "router"):.0f} µs per request where HAProxy spends
+{per_req(haproxy, "haproxy"):.0f}. Most of it is kernel work HAProxy does too: two socket
+reads and two writes per request, a share of an epoll wait, and the TCP loopback processing and
+wake-ups of the peers those writes cause. To keep the wake-ups down the router holds its writes
+and flushes them once per event-loop iteration (measured while building it: writing at once
+made the router, wrk and nginx each wake two to three times as often per request). The
+router's own Python work is {python_us[0]:.1f} µs per request with one request per event-loop
+iteration and {python_us[1]:.1f} µs with ten (measured
+in-process with fake sockets, best of 3 x 60 runs: head parse from a cache of seen heads,
+routing-table pick, header insertion after the status line with one `bytes.replace`, counters;
+no task or dict per request); on top of it come the interpreter and uvloop costs of two
+protocol callbacks and two transport writes. HAProxy runs {nbthread} threads, so under
+contention it also gets a larger share of the scheduler than the router's single thread.
+Run-to-run variation on this shared host is large, which is why router and HAProxy run in
+adjacent pairs and the ratio is taken per pair.
+"""
+
+
+if __name__ == "__main__":
+    print(main())
