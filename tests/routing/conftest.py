@@ -279,10 +279,16 @@ async def proxies() -> AsyncIterator[Callable[..., Awaitable[tuple[ServiceProxy,
     started: list[ServiceProxy] = []
 
     async def make(
-        *, max_body_bytes: int = 10 * 2**20, response_timeout: float = 60.0
+        *,
+        max_body_bytes: int = 10 * 2**20,
+        response_timeout: float = 60.0,
+        max_idle_per_backend: int = 64,
     ) -> tuple[ServiceProxy, int]:
         proxy = ServiceProxy(
-            "svc", max_body_bytes=max_body_bytes, response_timeout=response_timeout
+            "svc",
+            max_body_bytes=max_body_bytes,
+            response_timeout=response_timeout,
+            max_idle_per_backend=max_idle_per_backend,
         )
         port = await proxy.start()
         started.append(proxy)

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import socket
 import struct
+import sys
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -605,6 +607,22 @@ async def test_upstream_connections_are_reused(
     assert app.connections <= 10  # at most a few per concurrent request, never one per request
 
 
+async def test_idle_connections_per_backend_are_capped(
+    upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
+) -> None:
+    app = await upstreams("app")
+    proxy, port = await proxies(max_idle_per_backend=2)
+    proxy.configure({"v1": 100}, [app.backend("v1")])
+    waiting = [await clients(port) for _ in range(5)]
+    for client in waiting:  # five requests in flight at once: five upstream connections
+        await client.send(b"GET /slow HTTP/1.1\r\nhost: t\r\n\r\n")
+    await app.wait_until(lambda: app.slow_waiting == 5)
+    app.gate.set()
+    for client in waiting:
+        assert (await client.response()).status == 200
+    await app.wait_until(lambda: app.open_connections == 2)  # the rest were closed, not pooled
+
+
 async def test_removed_backend_idle_connections_are_closed(
     upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:
@@ -667,6 +685,27 @@ def test_sticky_keys_only_move_from_stable_to_canary_as_canary_grows(
         on_canary = now
     if sorted(steps)[-1] == 100:
         assert on_canary == set(keys)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [{"canary": 10, "stable": 90}, {"canary": 50, "stable": 50}, {"a": 20, "b": 30, "c": 50}],
+    ids=["canary10", "canary50", "three-way"],
+)
+def test_sticky_buckets_are_cumulative_ranges_in_weights_order(weights: dict[str, int]) -> None:
+    """bucket = crc32(key) % 100 (stable across restarts), ranges in the order given."""
+    proxy = ServiceProxy("svc")
+    backends = [Backend(rev, rev, "127.0.0.1", i + 1) for i, rev in enumerate(weights)]
+    proxy.configure(weights, backends, sticky_cookie="uid")
+    bounds, start = [], 0
+    for revision, weight in weights.items():
+        bounds.append((start, start + weight, revision))
+        start += weight
+    for n in range(500):
+        key = f"user-{n}".encode()
+        bucket = zlib.crc32(key) % 100
+        expected = next(rev for lo, hi, rev in bounds if lo <= bucket < hi)
+        assert proxy.sticky_revision(key) == expected
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -807,3 +846,31 @@ async def test_close_cuts_clients_and_is_idempotent(
         assert await refused.closed_by_peer()
         await refused.close()
     await app.wait_until(lambda: app.open_connections == 0)
+
+
+async def test_command_line_router_serves_and_stops_on_sigterm(upstreams: MakeUpstream) -> None:
+    app = await upstreams("app")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shipyard.routing.proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        f"v1=127.0.0.1:{app.port}",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(WAIT):
+            line = (await proc.stdout.readline()).decode()
+        assert "listening on 127.0.0.1:" in line
+        client = await RawClient.open(int(line.rsplit(":", 1)[1]))
+        response = await client.request()
+        assert (response.status, response.body, response.revision) == (200, b"app", "v1")
+        await client.close()
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        async with asyncio.timeout(WAIT):
+            assert await proc.wait() == 0
