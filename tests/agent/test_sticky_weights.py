@@ -3,6 +3,7 @@ agent's router, driven in-process through its API (``httpx.ASGITransport``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -51,10 +52,22 @@ async def start(client: httpx.AsyncClient, tmp: Path, revision: str) -> None:
     r = await client.put(f"/v1/services/hello/revisions/{revision}", json=spec)
     assert r.status_code == 200, r.text
     ids = [x["replica_id"] for x in r.json()["replicas"]]
+    for port in (x["port"] for x in r.json()["replicas"]):
+        await healthy(port)  # what the orchestrator's health gate ensures before routing
     r = await client.post(
         "/v1/services/hello/routable", json={"replica_ids": ids, "routable": True}
     )
     assert r.status_code == 200, r.text
+
+
+async def healthy(port: int) -> None:
+    async with httpx.AsyncClient(timeout=5) as c, asyncio.timeout(15):
+        while True:
+            try:
+                if (await c.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                await asyncio.sleep(0.05)
 
 
 async def served_by(url: str, user: str) -> str:

@@ -874,3 +874,28 @@ async def test_command_line_router_serves_and_stops_on_sigterm(upstreams: MakeUp
             proc.terminate()
         async with asyncio.timeout(WAIT):
             assert await proc.wait() == 0
+
+
+async def test_drain_replica_waits_for_the_request_that_replica_holds(
+    upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
+) -> None:
+    """One replica leaves a revision that keeps serving (a rolling update): the slow request it
+    holds still finishes, and drain_replica returns only then."""
+    a, b = await upstreams("a"), await upstreams("b")
+    proxy, port = await proxies()
+    proxy.configure({"v1": 100}, [a.backend("v1", "r-a"), b.backend("v1", "r-b")])
+    slow_client = await clients(port)
+    await slow_client.send(b"GET /slow HTTP/1.1\r\nhost: t\r\n\r\n")
+    await a.wait_until(lambda: a.slow_waiting == 1)  # round-robin sent the first one to r-a
+
+    proxy.configure({"v1": 100}, [b.backend("v1", "r-b")])  # r-a leaves; v1 stays routed
+    assert not await proxy.drain_replica("r-b", timeout=0.05)  # still routed: not drainable
+    assert not await proxy.drain_replica("r-a", timeout=0.05)  # held by the slow request
+    other = await clients(port)
+    for _ in range(3):
+        assert (await other.request()).body == b"b"
+    a.gate.set()
+    response = await slow_client.response()
+    assert (response.status, response.body) == (200, b"a")
+    assert await proxy.drain_replica("r-a", timeout=WAIT)
+    assert await proxy.drain_replica("never-routed", timeout=0.05)

@@ -326,6 +326,11 @@ def build_app(agent: Agent) -> FastAPI:
             r.routable = False
         if route is not None:
             agent._reconfigure(route)
+            # Each replica finishes the requests it holds (the router counts its open upstream
+            # connections); then a revision-wide drain covers requests still being retried.
+            await asyncio.gather(
+                *(route.proxy.drain_replica(r.replica_id, body.drain_timeout) for r in targets)
+            )
             for rev in {r.spec.revision for r in targets}:
                 if not any(x.routable for x in agent.supervisor.of_revision(service, rev)):
                     await route.proxy.drain(rev, body.drain_timeout)

@@ -305,9 +305,10 @@ class _Chunked:
 
 
 class _Pool:
-    """Idle keep-alive connections to one backend."""
+    """Keep-alive connections to one backend: the idle ones, and a count of all that are open
+    or opening (so a retired backend's drain knows when its last exchange has finished)."""
 
-    __slots__ = ("backend", "down_until", "idle", "max_idle", "retired")
+    __slots__ = ("backend", "conns", "down_until", "drained", "idle", "max_idle", "retired")
 
     def __init__(self, backend: Backend, max_idle: int) -> None:
         self.backend = backend
@@ -315,6 +316,14 @@ class _Pool:
         self.idle: list[_Upstream] = []
         self.retired = False
         self.down_until = 0.0
+        self.conns = 0
+        self.drained: asyncio.Event | None = None
+
+    def closed_one(self) -> None:
+        """A connection of this pool closed (or failed to open)."""
+        self.conns -= 1
+        if self.conns == 0 and self.drained is not None:
+            self.drained.set()
 
     def release(self, up: _Upstream) -> None:
         up.reused = True
@@ -728,6 +737,7 @@ class _Upstream(_Conn):
         c._upstream_broken()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.closed_one()
         c = self.client
         if c is None:
             self.pool.discard(self)
@@ -1346,6 +1356,8 @@ class ServiceProxy:
         self._max_idle = max_idle_per_backend
         self._table = _Table({}, [], None, None)
         self._pools: dict[Backend, _Pool] = {}
+        #: Backends taken out of the table, by replica id, until drained (``drain_replica``).
+        self._retired: dict[str, _Pool] = {}
         self._counters: dict[str, routing_metrics.RevisionCounters] = {}
         self._clients: set[_Client] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -1422,6 +1434,9 @@ class ServiceProxy:
         for backend, pool in self._pools.items():
             if backend not in pools:
                 pool.retire()
+                self._retired[backend.replica_id] = pool
+        for backend in pools:
+            self._retired.pop(backend.replica_id, None)
         self._pools = pools
         self._table = _Table(effective, routes, sticky_header, sticky_cookie)
 
@@ -1470,6 +1485,25 @@ class ServiceProxy:
         except TimeoutError:
             return False
         return c.inflight == 0
+
+    async def drain_replica(self, replica_id: str, timeout: float) -> bool:
+        """After ``configure`` dropped a backend: wait until every connection to it has closed,
+        i.e. the requests it held have been answered (a retired pool keeps no idle connection).
+        False if ``timeout`` passed first, or if the backend is still routed."""
+        if any(b.replica_id == replica_id for b in self._pools):
+            return False
+        pool = self._retired.get(replica_id)
+        if pool is None or pool.conns <= 0:
+            self._retired.pop(replica_id, None)
+            return True
+        pool.drained = pool.drained or asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await pool.drained.wait()
+        except TimeoutError:
+            return False
+        self._retired.pop(replica_id, None)
+        return True
 
     def metrics(self) -> dict[str, routing_metrics.RevisionMetrics]:
         """Snapshots of every revision's counters since the router started."""
@@ -1531,10 +1565,12 @@ class ServiceProxy:
         def factory() -> _Upstream:
             return _Upstream(pool, self)
 
+        pool.conns += 1
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, up = await self._loop.create_connection(factory, backend.host, backend.port)
         except (OSError, TimeoutError) as exc:
+            pool.closed_one()
             if client.gen == gen and client.mode != _CLOSED:
                 client._connect_failed(pool, exc)
             return
