@@ -21,6 +21,8 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │       ├── RevisionStartFailed     could not start (bad command, port in use, ...)
     │       ├── HealthCheckFailed       {attempts}: crashed, never healthy, or unhealthy in bake
     │       ├── TrafficSwitchFailed     the router did not take the weights we asked for
+    │       ├── AnalysisFailed          a canary's metric analysis failed: it was aborted
+    │       ├── DeploymentAborted       a human aborted it (POST /deployments/{id}/abort)
     │       └── RollbackFailed
     └── TransientError                  retry after ``retry_after`` seconds
         └── AgentUnavailable            the region's data plane did not answer
@@ -143,6 +145,18 @@ class HealthCheckFailed(DeploymentError):
 
 class TrafficSwitchFailed(DeploymentError):
     code = "traffic_switch_failed"
+
+
+class AnalysisFailed(DeploymentError):
+    """A canary's analysis failed (or could not measure within its limits): it was aborted."""
+
+    code = "analysis_failed"
+
+
+class DeploymentAborted(DeploymentError):
+    """A human aborted the deployment (``POST /api/v1/deployments/{id}/abort``)."""
+
+    code = "deployment_aborted"
 
 
 class RollbackFailed(DeploymentError):

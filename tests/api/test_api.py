@@ -33,10 +33,11 @@ ALL = ["deployment:create", "deployment:read", "deployment:rollback"]
 class Harness:
     def __init__(self, tmp: Path) -> None:
         self.settings = Settings(data_dir=tmp, max_body_bytes=4096)
-        self.runtime = FakeRuntime()
+        self.clock = FakeClock()
+        self.runtime = FakeRuntime(now=self.clock.now)
+        self.runtime.router.rps = 50.0  # steady synthetic traffic, so canary analysis can measure
         self.builder = FakeBuilder()
         self.prober = FakeProber()
-        self.clock = FakeClock()
         self.tokens = TokenAuthority(b"k" * 32)
         self.store = Store(make_engine(tmp))
         self.audit = MemoryAuditLog(clock=self.clock.now)
@@ -312,3 +313,61 @@ async def test_unknown_deployment_and_service_get_404(
         await client.get("/api/v1/deployments/not-a-uuid", headers=h.headers())
     ).status_code == 422
     assert (await client.get("/api/v1/services/nothere", headers=h.headers())).status_code == 404
+
+
+# --- canary gates: promote / abort ------------------------------------------------------------
+
+
+def canary_body(commit: str) -> dict[str, Any]:
+    return {
+        "source": {"repository": "/repo", "branch": "main", "commit": commit},
+        "target": {"service_name": "api"},
+        "strategy": {"Canary": {"stages": [{"weight": 20, "duration_seconds": 0, "pause": True}]}},
+    }
+
+
+async def _status(client: httpx.AsyncClient, h: Harness, dep_id: str, want: str) -> dict[str, Any]:
+    for _ in range(2000):
+        doc: dict[str, Any] = (
+            await client.get(f"/api/v1/deployments/{dep_id}", headers=h.headers())
+        ).json()
+        if doc["status"] == want:
+            return doc
+        await asyncio.sleep(0)
+    raise AssertionError(f"{dep_id} never reached {want}; last {doc['status']}")
+
+
+async def test_promote_releases_a_paused_canary(client: httpx.AsyncClient, h: Harness) -> None:
+    await client.post("/api/v1/deploy?wait=true", json=body("aaaa"), headers=h.headers())
+    dep = (
+        await client.post("/api/v1/deploy", json=canary_body("bbbb"), headers=h.headers())
+    ).json()
+    paused = await _status(client, h, dep["deployment_id"], "Paused")
+    assert h.runtime.services["api"].weights[paused["green_revision"]] == 20
+    url = f"/api/v1/deployments/{dep['deployment_id']}/promote"
+    assert (await client.post(url, headers=h.headers("deployment:read"))).status_code == 403
+    r = await client.post(url, headers=h.headers("deployment:create"))
+    assert r.status_code == 202, r.text
+    done = await _status(client, h, dep["deployment_id"], "Success")
+    assert h.runtime.services["api"].weights == {done["green_revision"]: 100}
+    again = await client.post(url, headers=h.headers())
+    assert again.status_code == 409
+
+
+async def test_abort_rolls_a_canary_back(client: httpx.AsyncClient, h: Harness) -> None:
+    first = (
+        await client.post("/api/v1/deploy?wait=true", json=body("aaaa"), headers=h.headers())
+    ).json()
+    dep = (
+        await client.post("/api/v1/deploy", json=canary_body("bbbb"), headers=h.headers())
+    ).json()
+    await _status(client, h, dep["deployment_id"], "Paused")
+    url = f"/api/v1/deployments/{dep['deployment_id']}/abort"
+    assert (await client.post(url, headers=h.headers("deployment:create"))).status_code == 403
+    r = await client.post(url, headers=h.headers("deployment:rollback", "deployment:read"))
+    assert r.status_code == 202, r.text
+    done = await _status(client, h, dep["deployment_id"], "RolledBack")
+    assert done["error"]["type"] == "DeploymentAborted"
+    assert h.runtime.services["api"].weights == {first["revision"]: 100}
+    missing = "/api/v1/deployments/0b8f3a56-6c2f-4a53-9d6f-1f2d4c3b2a10/abort"
+    assert (await client.post(missing, headers=h.headers())).status_code == 404

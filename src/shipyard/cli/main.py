@@ -19,6 +19,7 @@ Exit codes: 0 success, 1 the operation failed (deployment not Success, audit tam
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -30,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shipyard.cli.audit import audit_app
+from shipyard.cli.build import build_app
 from shipyard.cli.client import DEFAULT_SERVER, ApiClient, resolve_token, source_defaults
 from shipyard.cli.security import security_app
 from shipyard.cli.token import token_app
@@ -45,6 +47,7 @@ app = typer.Typer(
 app.add_typer(audit_app, name="audit")
 app.add_typer(token_app, name="token")
 app.add_typer(security_app)  # scan, vulndb
+app.add_typer(build_app)  # build
 
 out = Console()
 err = Console(stderr=True)
@@ -162,6 +165,9 @@ def serve(
 def agent(
     data_dir: DataDir = Path(".shipyard"),
     region: Annotated[str, typer.Option(help="Region this agent serves.")] = "local",
+    detach: Annotated[
+        bool, typer.Option(help="Fork into its own session and return at once (used by serve).")
+    ] = False,
 ) -> None:
     """Run the data plane of one region: the traffic router and the app supervisor."""
     import uvloop
@@ -169,6 +175,10 @@ def agent(
     from shipyard.agent.server import run_agent
     from shipyard.logs import configure_logging
 
+    if detach:  # before any event loop or thread exists: fork is safe here
+        if os.fork() > 0:
+            os._exit(0)
+        os.setsid()  # its own session: it outlives the control plane and its terminal
     configure_logging("INFO")
     uvloop.run(run_agent(data_dir.resolve(), region))
 

@@ -57,8 +57,10 @@ from shipyard.domain.models import (
     validate_performance,
 )
 from shipyard.errors import (
+    AnalysisFailed,
     ArtifactVerificationFailed,
     Conflict,
+    DeploymentAborted,
     DeploymentError,
     HealthCheckFailed,
     InvalidInput,
@@ -137,21 +139,6 @@ def step_from_dict(d: Mapping[str, Any]) -> Step:
         fields["policy"] = AnalysisPolicy.from_dict(fields["policy"])
     step: Step = cls(**fields)
     return step
-
-
-class AnalysisFailed(DeploymentError):
-    """A canary's analysis failed (or could not measure within its limits): it was aborted.
-
-    Belongs in errors.py's tree under DeploymentError (kept here while that file is not ours).
-    """
-
-    code = "analysis_failed"
-
-
-class DeploymentAborted(DeploymentError):
-    """A human aborted the deployment (``POST /deployments/{id}/abort``)."""
-
-    code = "deployment_aborted"
 
 
 class _RestoredError(DeploymentError):

@@ -80,35 +80,17 @@ async def attach_or_start_agent(data_dir: Path, region: str) -> tuple[str, str]:
 
 
 def _spawn_agent(data_dir: Path, region: str, d: Path) -> None:
-    """Start ``shipyard agent`` detached, in its own session: it outlives the control plane."""
+    """Start ``shipyard agent --detach``: it forks into its own session (so it outlives the
+    control plane) and the command returns at once, leaving no child for us to reap."""
     d.mkdir(parents=True, exist_ok=True)
     (d / "agent.json").unlink(missing_ok=True)
-    log = open(d / "agent.log", "ab")  # noqa: SIM115 - handed to the child, closed below
-    try:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "shipyard.cli.main",
-                "agent",
-                "--data-dir",
-                str(data_dir),
-                "--region",
-                region,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # survives the control plane being killed
-            close_fds=True,
-        )
-    finally:
-        log.close()
-    # Detached on purpose: keep the handle so it is never reaped (or warned about) as garbage.
-    _DETACHED.append(proc)
-
-
-_DETACHED: list[subprocess.Popen[bytes]] = []
+    argv = [sys.executable, "-m", "shipyard.cli.main", "agent", "--detach",
+            "--data-dir", str(data_dir), "--region", region]  # fmt: skip
+    with open(d / "agent.log", "ab") as log:
+        subprocess.run(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            close_fds=True, check=True, timeout=60,
+        )  # fmt: skip
 
 
 class AgentClient:
