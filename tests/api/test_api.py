@@ -50,6 +50,7 @@ class Harness:
             runtimes={"local": self.runtime},
             prober=self.prober,
             clock=self.clock,
+            logs_dir=settings.data_dir / "deployments",
         )
         return AppContext(
             settings, self.store, self.audit, pipeline, self.tokens, {"local": self.runtime}
@@ -371,3 +372,20 @@ async def test_abort_rolls_a_canary_back(client: httpx.AsyncClient, h: Harness) 
     assert h.runtime.services["api"].weights == {first["revision"]: 100}
     missing = "/api/v1/deployments/0b8f3a56-6c2f-4a53-9d6f-1f2d4c3b2a10/abort"
     assert (await client.post(missing, headers=h.headers())).status_code == 404
+
+
+async def test_build_log_is_kept_and_served_incrementally(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
+    h.builder.fail.add("bad2")
+    r = await client.post("/api/v1/deploy?wait=true", json=body("bad2"), headers=h.headers())
+    dep_id = r.json()["deployment_id"]
+    first = (await client.get(f"/api/v1/deployments/{dep_id}/logs", headers=h.headers())).json()
+    assert "error: tests failed" in first["text"]
+    assert first["building"] is False
+    rest = await client.get(
+        f"/api/v1/deployments/{dep_id}/logs?offset={first['offset']}", headers=h.headers()
+    )
+    assert rest.json()["text"] == ""
+    doc = (await client.get(f"/api/v1/deployments/{dep_id}", headers=h.headers())).json()
+    assert doc["stages"][0]["detail"]["log_tail"] == ["error: tests failed"]

@@ -10,6 +10,7 @@ Errors are mapped to problem+json in ``api/problems.py`` only.
     POST /api/v1/deployments/{id}/abort      deployment:rollback 202: weight 0 now, roll back
     GET  /api/v1/deployments/{id}            deployment:read
     GET  /api/v1/deployments?service=NAME    deployment:read
+    GET  /api/v1/deployments/{id}/logs       deployment:read     build log, from ?offset=
     GET  /api/v1/deployments/{id}/audit      deployment:read
     GET  /api/v1/services                    deployment:read
     GET  /api/v1/services/{name}             deployment:read
@@ -184,6 +185,27 @@ def create_app(
     ) -> dict[str, Any]:
         docs = c.store.list_deployments(service, limit)
         return {"deployments": [_resource(d) for d in docs]}
+
+    @app.get("/api/v1/deployments/{deployment_id}/logs", tags=["deployments"])
+    async def deployment_logs(
+        deployment_id: uuid.UUID,
+        _: CanRead,
+        c: Ctx,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        """The build log from byte ``offset`` (at most 64 KiB); poll with the returned offset."""
+        doc = c.store.get_deployment(str(deployment_id))
+        path = c.pipeline.build_log_path(doc["id"])
+        data = b""
+        if path is not None and path.is_file():
+            with path.open("rb") as f:
+                f.seek(offset)
+                data = f.read(64 * 1024)
+        return {
+            "offset": offset + len(data),
+            "text": data.decode("utf-8", errors="replace"),
+            "building": doc["status"] in ("Pending", "Building"),
+        }
 
     @app.get("/api/v1/deployments/{deployment_id}/audit", tags=["deployments"])
     async def deployment_audit(deployment_id: uuid.UUID, _: CanRead, c: Ctx) -> dict[str, Any]:

@@ -59,6 +59,7 @@ async def build_context(settings: Settings) -> AppContext:
         clock=SystemClock(),
         gate=SecurityGate(data_dir=settings.data_dir, db_path=settings.osv_db),
         attestations_dir=settings.data_dir / "attestations",
+        logs_dir=settings.data_dir / "deployments",
         drain_timeout=settings.drain_timeout_seconds,
     )
     closers.append(_dispose(engine))

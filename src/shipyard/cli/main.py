@@ -28,6 +28,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shipyard.cli.audit import audit_app
@@ -318,12 +319,16 @@ def _strategy(
 
 
 def follow(client: ApiClient, deployment_id: str, *, quiet: bool = False) -> dict[str, Any]:
-    """Poll a deployment, printing each stage as it starts and ends; returns the final document."""
+    """Poll a deployment, streaming its build log and printing each stage as it starts and
+    ends; returns the final document."""
     seen: dict[tuple[str, int], str] = {}
     status = ""
+    log_offset, log_open = 0, True
     while True:
         doc = _check(client.request("GET", f"/api/v1/deployments/{deployment_id}"))
         if not quiet:
+            if log_open:
+                log_offset, log_open = _print_build_log(client, deployment_id, log_offset)
             if doc["status"] != status:
                 status = doc["status"]
                 err.print(f"  status  [cyan]{status}[/cyan]")
@@ -337,6 +342,18 @@ def follow(client: ApiClient, deployment_id: str, *, quiet: bool = False) -> dic
                 _print_outcome(doc)
             return dict(doc)
         time.sleep(0.2)
+
+
+def _print_build_log(client: ApiClient, deployment_id: str, offset: int) -> tuple[int, bool]:
+    """Print the build log written since ``offset``; (new offset, whether more may come)."""
+    resp = client.request("GET", f"/api/v1/deployments/{deployment_id}/logs",
+                          params={"offset": offset})  # fmt: skip
+    if resp.status_code != 200:
+        return offset, False
+    chunk = resp.json()
+    for line in chunk["text"].splitlines():
+        err.print(f"  [dim]build |[/dim] {escape(line)}", highlight=False)
+    return int(chunk["offset"]), bool(chunk["building"] or chunk["text"])
 
 
 def _stage_line(st: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ Called by the API (``submit``, ``rollback``, ``promote``, ``abort``, ``wait``) a
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -29,7 +30,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from shipyard import strategies
 from shipyard.analysis.policy import AnalysisPolicy
@@ -141,6 +142,33 @@ def step_from_dict(d: Mapping[str, Any]) -> Step:
     return step
 
 
+class BuildLogSink:
+    """Receives build output line by line (``BuildRequest.log_sink``): appends it to the
+    deployment's build log as it comes, so ``GET /deployments/{id}/logs`` streams it, and keeps
+    the last lines for the stage record."""
+
+    def __init__(self, path: Path | None, keep: int = 20) -> None:
+        self._lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._file: IO[str] | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8", errors="replace")
+
+    def __call__(self, line: str) -> None:
+        self._lines.append(line)
+        if self._file is not None:
+            self._file.write(line if line.endswith("\n") else line + "\n")
+            self._file.flush()
+
+    def tail(self) -> list[str]:
+        return list(self._lines)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class _RestoredError(DeploymentError):
     """The cause of a rollback resumed after a restart, exactly as it was recorded."""
 
@@ -173,6 +201,7 @@ class Pipeline:
         clock: Clock,
         gate: SecurityGate | None = None,
         attestations_dir: Path | None = None,
+        logs_dir: Path | None = None,
         drain_timeout: float = 30.0,
         janitor_interval: float = 1.0,
     ) -> None:
@@ -188,6 +217,9 @@ class Pipeline:
         #: every start. None only in unit tests that exercise other stages.
         self.gate = gate
         self.attestations_dir = attestations_dir
+        #: Where each deployment's build log is kept (``<logs_dir>/<id>/build.log``); the API
+        #: serves it incrementally so the CLI can stream it. None: kept in memory only.
+        self.logs_dir = logs_dir
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
         self._janitor: asyncio.Task[None] | None = None
@@ -441,17 +473,22 @@ class Pipeline:
                 return
         await self._execute_steps(doc)
 
+    def build_log_path(self, deployment_id: str) -> Path | None:
+        return None if self.logs_dir is None else self.logs_dir / deployment_id / "build.log"
+
     async def _build(self, doc: dict[str, Any]) -> Artifact:
         request = DeploymentRequest.model_validate(doc["request"])
         self._set_status(doc, DeploymentStatus.BUILDING)
         stage = self._stage_start(doc, "build")
-        log_lines: list[str] = []
+        log = BuildLogSink(self.build_log_path(doc["id"]))
         try:
-            artifact = await self.builder.build(BuildRequest(request.source, log_lines.append))
+            artifact = await self.builder.build(BuildRequest(request.source, log))
         except ShipyardError as exc:
-            self._stage_end(doc, stage, "failed", error=exc.message, log_tail=log_lines[-20:])
+            self._stage_end(doc, stage, "failed", error=exc.message, log_tail=log.tail())
             await self._audit(doc, "build.failed", error=exc.message)
             raise
+        finally:
+            log.close()
         doc["metrics"]["build_duration_ms"] = artifact.duration_ms
         self._stage_end(
             doc,
