@@ -376,3 +376,22 @@ async def test_duplicate_request_id_is_refused(world: World) -> None:
     await world.pipeline.wait(doc["id"])
     with pytest.raises(Conflict, match="already exists"):
         await world.pipeline.submit(req, "alice")
+
+
+async def test_an_image_artifact_is_refused_by_a_directory_runtime(world: World) -> None:
+    """builder = "docker" makes an OCI image; the local runtime runs directories: say so."""
+    import dataclasses
+
+    from shipyard.build.base import Artifact
+
+    real_build = world.builder.build
+
+    async def image_build(request: Any) -> Artifact:
+        artifact = await real_build(request)
+        return dataclasses.replace(artifact, kind="oci-image", builder="docker")
+
+    world.builder.build = image_build  # type: ignore[method-assign]
+    doc = await world.deploy("aaaa1111")
+    assert doc["status"] == "Failed"
+    assert "runs directory artifacts" in doc["error"]["message"]
+    assert world.runtime.started == []

@@ -66,6 +66,7 @@ from shipyard.errors import (
     HealthCheckFailed,
     InvalidInput,
     NotFound,
+    RevisionStartFailed,
     RollbackFailed,
     SecurityScanFailed,
     ShipyardError,
@@ -466,6 +467,7 @@ class Pipeline:
         if progress["phase"] == "build":
             try:
                 artifact = await self._build(doc)
+                self._check_runnable(doc, artifact)
                 await self._scan(doc, artifact)
                 await self._prepare(doc, artifact)
             except ShipyardError as exc:  # nothing was started: the deployment simply failed
@@ -508,6 +510,19 @@ class Pipeline:
             commit=artifact.commit,
         )
         return artifact
+
+    def _check_runnable(self, doc: dict[str, Any], artifact: Artifact) -> None:
+        """The region's runtime must be able to run what was built (before scanning it)."""
+        runtime = self.runtime(doc["region"])
+        runs = getattr(runtime, "artifact_kinds", ("directory",))
+        if artifact.kind not in runs:
+            raise RevisionStartFailed(
+                f"the {runtime.kind} runtime of region {doc['region']} runs "
+                f"{' or '.join(runs)} artifacts, but builder {artifact.builder!r} produced an "
+                f'{artifact.kind} ({artifact.digest}); use [build] builder = "local" for this '
+                "region",
+                artifact_kind=artifact.kind,
+            )
 
     async def _scan(self, doc: dict[str, Any], artifact: Artifact) -> None:
         """ADR section 9: SBOM, vulnerability scan, policy, signature (the security gate)."""
