@@ -473,9 +473,14 @@ def rollback(
     client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
     accepted = _check(client.request("POST", f"/api/v1/rollback/{deployment_id}"))
     err.print(f"rollback [bold]{accepted['deployment_id']}[/bold] of {deployment_id}")
+    _follow_and_exit(client, accepted["deployment_id"], wait, success="Success")
+
+
+def _follow_and_exit(client: ApiClient, deployment_id: str, wait: bool, *, success: str) -> None:
+    """With ``wait``, follow the deployment to its end; exit 0 only if it ends ``success``."""
     if wait:
-        final = follow(client, accepted["deployment_id"])
-        raise typer.Exit(0 if final["status"] == "Success" else 1)
+        final = follow(client, deployment_id)
+        raise typer.Exit(0 if final["status"] == success else 1)
 
 
 @app.command()
@@ -490,9 +495,7 @@ def promote(
     client = _client(server, token, data_dir, "deployment:create", "deployment:read")
     _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/promote"))
     err.print(f"promoted [bold]{deployment_id}[/bold]")
-    if wait:
-        final = follow(client, deployment_id)
-        raise typer.Exit(0 if final["status"] == "Success" else 1)
+    _follow_and_exit(client, deployment_id, wait, success="Success")
 
 
 @app.command()
@@ -507,9 +510,7 @@ def abort(
     client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
     _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/abort"))
     err.print(f"aborting [bold]{deployment_id}[/bold]")
-    if wait:
-        final = follow(client, deployment_id)
-        raise typer.Exit(0 if final["status"] == "RolledBack" else 1)
+    _follow_and_exit(client, deployment_id, wait, success="RolledBack")
 
 
 @app.command()
