@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     header = (
-        f"# Benchmarks\n\nProduced by `make bench` (`python bench/run.py {' '.join(argv)}`".rstrip()
+        f"# Benchmarks\n\nProduced by `make bench` (`python bench/run.py{''.join(' ' + a for a in argv)}`"
         + f") on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
         f"commit {commit or 'uncommitted'}.\n\n"
         f"Machine: {machine()}. The machine is shared; numbers vary run to run, so each "
