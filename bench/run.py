@@ -58,8 +58,9 @@ def main(argv: list[str]) -> int:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
+    args = "".join(" " + a for a in argv)
     header = (
-        f"# Benchmarks\n\nProduced by `make bench` (`python bench/run.py{''.join(' ' + a for a in argv)}`"
+        f"# Benchmarks\n\nProduced by `make bench` (`python bench/run.py{args}`"
         + f") on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
         f"commit {commit or 'uncommitted'}.\n\n"
         f"Machine: {machine()}. The machine is shared; numbers vary run to run, so each "
