@@ -115,3 +115,16 @@ async def test_policy_blocks_a_vulnerable_artifact_and_nothing_is_deployed(tmp_p
     records = await w.audit.records(deployment_id=doc["id"])
     blocked = next(r for r in records if r.event_type == "security_scan.failed")
     assert any(a.startswith(("PYSEC", "GHSA", "CVE")) for a in blocked.detail["advisories"])
+
+
+async def test_an_unsigned_artifact_is_refused(world: World) -> None:
+    first, second = await _cold_previous_revision(world)
+    spec = world.store.get_revision_spec(first["green_revision"])
+    Path(spec["attestation"]["envelope"]).unlink()
+    started_before = list(world.runtime.started)
+    rb = await world.pipeline.rollback(second["id"], "bob")
+    final = await world.pipeline.wait(rb["id"])
+    assert final["error"]["type"] == "ArtifactVerificationFailed"
+    assert final["error"]["reason"] == "unsigned"
+    assert world.runtime.started == started_before
+    assert world.weights() == {second["green_revision"]: 100}
