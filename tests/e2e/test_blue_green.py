@@ -156,3 +156,35 @@ def test_cli_deploy_status_history_and_audit_verify(server: Server, repo: Path) 
     )
     assert bad.returncode == 2
     assert "service_name" in bad.stderr
+
+
+def test_a_killed_agent_is_restarted_with_the_same_services_ports_and_revisions(
+    server: Server, repo: Path
+) -> None:
+    import json
+    import os
+    import signal
+
+    first = server.wait_final(server.deploy(repo, head(repo)))
+    url = first["result"]["url"]
+    info = server.data_dir / "agents" / "local" / "agent.json"
+    old_pid = int(json.loads(info.read_text())["pid"])
+    os.kill(old_pid, signal.SIGKILL)
+
+    def serving_again() -> bool:
+        try:
+            return httpx.get(url, timeout=2).text == "hello from v1\n"
+        except httpx.HTTPError:
+            return False
+
+    # The control plane's heartbeat notices, starts the agent again, which restores the region.
+    wait_until(serving_again, 30, "the service URL to answer again after the agent was killed")
+    assert int(json.loads(info.read_text())["pid"]) != old_pid
+    svc = server.service()
+    assert svc["url"] == url
+    assert svc["weights"] == {first["green_revision"]: 100}
+    assert len(svc["replicas"]) == 1  # the orphaned replica was replaced, not duplicated
+    v2 = commit_version(repo, "v2")
+    second = server.wait_final(server.deploy(repo, v2))
+    assert second["status"] == "Success", second.get("error")
+    assert httpx.get(url).text == "hello from v2\n"

@@ -1248,9 +1248,13 @@ class Pipeline:
     # --- janitor ---------------------------------------------------------------------------------
 
     async def _janitor_loop(self) -> None:
+        """Every ``janitor_interval``: stop revisions whose warm window ended, and call each
+        data plane (a heartbeat: the local runtime restarts an agent that has gone away)."""
         while True:
             try:
                 await self.retire_expired()
+                for runtime in self.runtimes.values():
+                    await runtime.list_services()
             except ShipyardError as exc:
                 log_event(log, "janitor.error", error=exc.message)
             await self.clock.sleep(self.janitor_interval)

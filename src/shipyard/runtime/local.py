@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,7 +22,10 @@ from typing import Any
 import httpx
 
 from shipyard.errors import AgentUnavailable, InvalidInput, RevisionStartFailed, TrafficSwitchFailed
+from shipyard.logs import log_event
 from shipyard.runtime.base import ReplicaStatus, RevisionSpec, ServiceState, StickyKey
+
+log = logging.getLogger("shipyard.runtime.local")
 
 AGENT_START_TIMEOUT = 15.0
 
@@ -94,11 +98,22 @@ def _spawn_agent(data_dir: Path, region: str, d: Path) -> None:
 
 
 class AgentClient:
-    """Thin authenticated HTTP client for one agent; maps transport errors to AgentUnavailable."""
+    """Thin authenticated HTTP client for one agent; maps transport errors to AgentUnavailable.
 
-    def __init__(self, api_url: str, token: str, region: str) -> None:
+    With ``data_dir``, an agent that is gone (nothing listening) is started again and the call
+    retried once: the new agent restores the region from its state file (same service ports,
+    same revisions and weights), so the data plane heals itself on the control plane's next
+    call (the orchestrator's janitor makes one every second).
+    """
+
+    def __init__(self, api_url: str, token: str, region: str, data_dir: Path | None = None) -> None:
         self.region = region
-        self._client = httpx.AsyncClient(
+        self.data_dir = data_dir
+        self._client = self._make_client(api_url, token)
+
+    @staticmethod
+    def _make_client(api_url: str, token: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             base_url=api_url,
             headers={"authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(10.0, read=120.0),
@@ -107,10 +122,21 @@ class AgentClient:
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         try:
             r = await self._client.request(method, path, json=body)
+        except httpx.ConnectError as exc:
+            if self.data_dir is None:
+                raise self._unavailable(exc) from exc
+            # Nothing listening: the request was never sent, so starting the agent again and
+            # retrying cannot do anything twice.
+            log_event(log, "agent.restarting", region=self.region, error=repr(exc)[:200])
+            url, token = await attach_or_start_agent(self.data_dir, self.region)
+            await self._client.aclose()
+            self._client = self._make_client(url, token)
+            try:
+                r = await self._client.request(method, path, json=body)
+            except httpx.HTTPError as again:
+                raise self._unavailable(again) from again
         except httpx.HTTPError as exc:
-            raise AgentUnavailable(
-                f"agent for region {self.region} did not answer: {exc!r}"[:500], retry_after=1.0
-            ) from exc
+            raise self._unavailable(exc) from exc
         if r.status_code >= 400:
             try:
                 detail = r.json()
@@ -121,6 +147,11 @@ class AgentClient:
                 raise RevisionStartFailed(message)
             raise _AgentError(r.status_code, message)
         return r.json()
+
+    def _unavailable(self, exc: Exception) -> AgentUnavailable:
+        return AgentUnavailable(
+            f"agent for region {self.region} did not answer: {exc!r}"[:500], retry_after=1.0
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -181,7 +212,7 @@ class LocalRuntime:
     @classmethod
     async def connect(cls, data_dir: Path, region: str) -> LocalRuntime:
         url, token = await attach_or_start_agent(data_dir, region)
-        return cls(region, AgentClient(url, token, region))
+        return cls(region, AgentClient(url, token, region, data_dir))
 
     async def ensure_service(self, service: str) -> str:
         state = await self.agent.call("PUT", f"/v1/services/{service}")
