@@ -389,3 +389,30 @@ async def test_build_log_is_kept_and_served_incrementally(
     assert rest.json()["text"] == ""
     doc = (await client.get(f"/api/v1/deployments/{dep_id}", headers=h.headers())).json()
     assert doc["stages"][0]["detail"]["log_tail"] == ["error: tests failed"]
+
+
+async def test_metrics_expose_deployments_and_router_traffic(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
+    assert (await client.get("/metrics")).status_code == 401
+    done = (await client.post("/api/v1/deploy?wait=true", json=body(), headers=h.headers())).json()
+    await h.clock.sleep(10)  # 10 s of the fake router's synthetic traffic (50 req/s)
+    r = await client.get("/metrics", headers=h.headers("deployment:read"))
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    lines = r.text.splitlines()
+    assert 'shipyard_deployments{kind="deploy",status="Success"} 1' in lines
+    rev = done["revision"]
+    lab = f'service="api",region="local",revision="{rev}"'
+    assert f"shipyard_router_weight_percent{{{lab}}} 100" in lines
+    requests = next(
+        line for line in lines if line.startswith(f"shipyard_router_requests_total{{{lab}}}")
+    )
+    assert int(requests.split()[-1]) >= 400
+    buckets = [
+        float(line.split()[-1])
+        for line in lines
+        if line.startswith(f"shipyard_router_request_duration_seconds_bucket{{{lab}")
+    ]
+    assert buckets == sorted(buckets) and buckets[-1] == float(requests.split()[-1])
+    assert 'shipyard_scrape_errors{region="local"} 0' in lines

@@ -141,6 +141,12 @@ def test_cli_deploy_status_history_and_audit_verify(server: Server, repo: Path) 
         timeout=60,
     )
     assert hist.returncode == 0 and '"Success"' in hist.stdout
+    assert server.client is not None
+    url = server.service()["url"]
+    assert httpx.get(url).status_code == 200
+    metrics = server.client.get("/metrics").text
+    assert 'shipyard_deployments{kind="deploy",status="Success"} 1' in metrics
+    assert "shipyard_router_requests_total{service=\"hello\"" in metrics
     verify = subprocess.run(
         [*cli, "audit", "verify", "--data-dir", str(server.data_dir)],
         capture_output=True,

@@ -14,6 +14,7 @@ Errors are mapped to problem+json in ``api/problems.py`` only.
     GET  /api/v1/deployments/{id}/audit      deployment:read
     GET  /api/v1/services                    deployment:read
     GET  /api/v1/services/{name}             deployment:read
+    GET  /metrics                            deployment:read     Prometheus exposition
     GET  /healthz                            no auth
 """
 
@@ -25,9 +26,10 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from shipyard import __version__
+from shipyard.api import metrics as metrics_mod
 from shipyard.api import problems
 from shipyard.api.auth import Claims, require_permission
 from shipyard.api.context import AppContext, build_context
@@ -118,6 +120,13 @@ def create_app(
     app = FastAPI(title="Shipyard", version=__version__, lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     problems.install(app)
+
+    @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
+    async def metrics(_: CanRead, c: Ctx) -> PlainTextResponse:
+        """Prometheus exposition; scrape with a token holding ``deployment:read``."""
+        return PlainTextResponse(
+            await metrics_mod.render(c), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     @app.get("/healthz", tags=["meta"])
     async def healthz() -> dict[str, str]:

@@ -189,6 +189,15 @@ class Store:
             ).all()
         return [json.loads(r[0]) for r in rows]
 
+    def count_deployments(self) -> dict[tuple[str, str], int]:
+        """(kind, status) -> number of deployments, for ``/metrics``."""
+        from sqlalchemy import func
+
+        kind = func.json_extract(deployments.c.doc, "$.kind")
+        q = select(kind, deployments.c.status, func.count()).group_by(kind, deployments.c.status)
+        with self.engine.connect() as conn:
+            return {(str(k), str(s)): int(n) for k, s, n in conn.execute(q).all()}
+
     def list_deployments(self, service: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         q = select(deployments.c.doc).order_by(deployments.c.created_at.desc()).limit(limit)
         if service is not None:
