@@ -12,45 +12,19 @@ then:
 
 from __future__ import annotations
 
-import re
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from rich.console import Console
 
+import wrk_load
 from shipyard.cli.demo import Demo, _git, commit_version, make_example_repo
 
 SWITCHES = 4
 BROKEN_RELEASES = 5
-
-
-def _wrk(url: str, seconds: int) -> subprocess.Popen[str]:
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        raise RuntimeError("wrk is not installed; run scripts/bootstrap.sh")
-    return subprocess.Popen(
-        [wrk, "-t2", "-c32", f"-d{seconds}s", "--timeout", "10s", url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _parse(out: str) -> tuple[int, int, int]:
-    m = re.search(r"(\d+) requests in", out)
-    if not m:
-        raise RuntimeError(f"cannot parse wrk output:\n{out}")
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return (
-        int(m.group(1)),
-        int(non2xx.group(1)) if non2xx else 0,
-        sum(int(g) for g in sock.groups()) if sock else 0,
-    )
 
 
 def main() -> str:
@@ -64,7 +38,7 @@ def main() -> str:
         assert first["status"] == "Success", first.get("error")
         url = first["result"]["url"]
 
-        load = _wrk(url, seconds=8 * SWITCHES + 6)
+        load = wrk_load.start(url, seconds=8 * SWITCHES + 6)
         time.sleep(2)
         statuses = []
         t0 = time.monotonic()
@@ -77,8 +51,7 @@ def main() -> str:
             )  # the previous revision's warm window (2 s) ends and it is stopped under load
         switching_s = time.monotonic() - t0
         out, _ = load.communicate(timeout=600)
-        requests, non2xx, sock = _parse(out)
-        rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        requests, non2xx, sock, rps = wrk_load.parse(out)
 
         rollbacks: list[int] = []
         for i in range(BROKEN_RELEASES):
@@ -102,7 +75,7 @@ def main() -> str:
         "| requests made | non-2xx | socket errors | failed | requests/s | deployments |\n"
         "|---:|---:|---:|---:|---:|---|\n"
         f"| {requests} | {non2xx} | {sock} | **{non2xx + sock}** "
-        f"| {rps.group(1) if rps else '?'} | "
+        f"| {rps} | "
         f"{', '.join(statuses)} |\n\n"
         f"Zero downtime: {'**met**' if ok else '**NOT met**'} (target: 0 failed requests).\n\n"
         f"Rollback, {BROKEN_RELEASES} broken releases "

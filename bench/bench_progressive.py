@@ -15,10 +15,8 @@ Run by ``bench/run.py progressive``; ``main()`` returns the Markdown section.
 
 from __future__ import annotations
 
-import re
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -26,39 +24,13 @@ from typing import Any
 
 from rich.console import Console
 
+import wrk_load
 from shipyard.cli.demo import Demo, _git, commit_version, make_example_repo, set_replicas
 
 CANARIES = 3
 ROLLING_UPDATES = 3
 BAD_CANARIES = 5
 ANALYSIS = {"interval_seconds": 1, "min_requests": 20, "min_success_rate": 0.99}
-
-
-def _wrk(url: str, seconds: int) -> subprocess.Popen[str]:
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        raise RuntimeError("wrk is not installed; run scripts/bootstrap.sh")
-    return subprocess.Popen(
-        [wrk, "-t2", "-c32", f"-d{seconds}s", "--timeout", "10s", url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _parse(out: str) -> tuple[int, int, int, str]:
-    m = re.search(r"(\d+) requests in", out)
-    if not m:
-        raise RuntimeError(f"cannot parse wrk output:\n{out}")
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    return (
-        int(m.group(1)),
-        int(non2xx.group(1)) if non2xx else 0,
-        sum(int(g) for g in sock.groups()) if sock else 0,
-        rps.group(1) if rps else "?",
-    )
 
 
 def _canary(*weights: int, seconds: float = 2) -> dict[str, Any]:
@@ -69,7 +41,7 @@ def _canary(*weights: int, seconds: float = 2) -> dict[str, Any]:
 def _under_load(
     url: str, seconds: int, deploys: list[tuple[str, dict[str, Any]]], demo: Demo, repo: Path
 ) -> tuple[list[str], tuple[int, int, int, str], float]:
-    load = _wrk(url, seconds)
+    load = wrk_load.start(url, seconds)
     time.sleep(2)
     t0 = time.monotonic()
     statuses = []
@@ -79,7 +51,7 @@ def _under_load(
         time.sleep(2)  # the previous revision is retired (stopped) while the load runs
     elapsed = time.monotonic() - t0
     out, _ = load.communicate(timeout=900)
-    return statuses, _parse(out), elapsed
+    return statuses, wrk_load.parse(out), elapsed
 
 
 def main() -> str:
@@ -105,7 +77,7 @@ def main() -> str:
 
         set_replicas(repo, 1)
         demo.deploy(repo, commit_version(repo, "base"), bake=0)
-        load = _wrk(url, 25 * BAD_CANARIES)
+        load = wrk_load.start(url, 25 * BAD_CANARIES)
         aborts: list[int] = []
         for i in range(BAD_CANARIES):
             bad = commit_version(repo, f"bad-{i}", error_rate=0.5)

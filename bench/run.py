@@ -36,6 +36,7 @@ def machine() -> str:
 
 def main(argv: list[str]) -> int:
     only = set(argv)
+    sys.path.insert(0, str(ROOT / "bench"))  # shared helpers such as wrk_load.py
     modules = sorted((ROOT / "bench").glob("bench_*.py"))
     sections: list[str] = []
     failed = 0
@@ -70,7 +71,12 @@ def main(argv: list[str]) -> int:
     if only and out.exists():
         # Partial run: replace only the sections that ran, keep the others.
         text = out.read_text()
-        for sec in sections:
+        stamp = (
+            f"\n_This section was re-run alone (`python bench/run.py{args}`) on "
+            f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {commit or 'uncommitted'}, "
+            "on the machine above._\n"
+        )
+        for sec in (sec.rstrip() + "\n" + stamp for sec in sections):
             title = sec.splitlines()[0]
             start = text.find(title)
             if start == -1:
