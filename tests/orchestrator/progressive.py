@@ -6,15 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shipyard.audit import MemoryAuditLog
 from shipyard.build.fake import FakeBuilder
-from shipyard.domain.clock import FakeClock
 from shipyard.domain.manifest import parse_manifest
 from shipyard.domain.models import DeploymentRequest
-from shipyard.health.fake import FakeProber
-from shipyard.orchestrator.pipeline import Pipeline
-from shipyard.runtime.fake import FakeRuntime, TrafficProfile
-from shipyard.store.db import Store, make_engine
+from shipyard.runtime.fake import TrafficProfile
+from tests.orchestrator.world import PipelineWorld
 
 MANIFEST = """
 [service]
@@ -37,26 +33,10 @@ sticky_header = "x-user"
 """
 
 
-class World:
+class World(PipelineWorld):
     def __init__(self, tmp: Path, replicas: int = 1, rps: float = 100.0) -> None:
-        self.clock = FakeClock()
-        self.runtime = FakeRuntime("local", now=self.clock.now)
-        self.runtime.router.rps = rps
-        self.prober = FakeProber()
-        self.builder = FakeBuilder(manifest=parse_manifest(MANIFEST.format(replicas=replicas)))
-        self.audit = MemoryAuditLog(clock=self.clock.now)
-        self.store = Store(make_engine(tmp))
-        self.pipeline = self.new_pipeline()
-
-    def new_pipeline(self) -> Pipeline:
-        return Pipeline(
-            store=self.store,
-            audit=self.audit,
-            builder=self.builder,
-            runtimes={"local": self.runtime},
-            prober=self.prober,
-            clock=self.clock,
-        )
+        manifest = parse_manifest(MANIFEST.format(replicas=replicas))
+        super().__init__(tmp, builder=FakeBuilder(manifest=manifest), rps=rps)
 
     async def submit(self, commit: str, strategy: dict[str, Any]) -> dict[str, Any]:
         req = DeploymentRequest.model_validate(
@@ -82,12 +62,6 @@ class World:
 
     def profile(self, revision: str, error_rate: float = 0.0, latency_ms: float = 2.0) -> None:
         self.runtime.router.profiles[revision] = TrafficProfile(error_rate, latency_ms)
-
-    def weights(self) -> dict[str, int]:
-        return self.runtime.services["api"].weights
-
-    def history(self) -> list[dict[str, int]]:
-        return [w for s, w in self.runtime.router.history if s == "api"]
 
     async def events(self, deployment_id: str) -> list[Any]:
         return list(await self.audit.records(deployment_id=deployment_id))

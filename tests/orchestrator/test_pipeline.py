@@ -13,37 +13,13 @@ from typing import Any
 
 import pytest
 
-from shipyard.audit import MemoryAuditLog
-from shipyard.build.fake import FakeBuilder
-from shipyard.domain.clock import FakeClock
 from shipyard.domain.models import DeploymentRequest
 from shipyard.errors import Conflict, DeploymentInProgress, UnknownRegion
-from shipyard.health.fake import FakeProber
-from shipyard.orchestrator.pipeline import Pipeline
-from shipyard.runtime.fake import FakeRuntime
-from shipyard.store.db import Store, make_engine
+from shipyard.store.db import Store
+from tests.orchestrator.world import PipelineWorld
 
 
-class World:
-    def __init__(self, tmp: Path) -> None:
-        self.clock = FakeClock()
-        self.runtime = FakeRuntime("local")
-        self.prober = FakeProber()
-        self.builder = FakeBuilder()
-        self.audit = MemoryAuditLog(clock=self.clock.now)
-        self.store = Store(make_engine(tmp))
-        self.pipeline = self.new_pipeline()
-
-    def new_pipeline(self) -> Pipeline:
-        return Pipeline(
-            store=self.store,
-            audit=self.audit,
-            builder=self.builder,
-            runtimes={"local": self.runtime},
-            prober=self.prober,
-            clock=self.clock,
-        )
-
+class World(PipelineWorld):
     async def deploy(self, commit: str, *, wait: bool = True, **bg: Any) -> dict[str, Any]:
         params = {
             "switch_delay_seconds": 30,
@@ -62,12 +38,6 @@ class World:
         if not wait:
             return doc
         return await self.pipeline.wait(doc["id"])
-
-    def weights(self) -> dict[str, int]:
-        return self.runtime.services["api"].weights
-
-    def history(self) -> list[dict[str, int]]:
-        return [w for s, w in self.runtime.router.history if s == "api"]
 
 
 @pytest.fixture
