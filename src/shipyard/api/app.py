@@ -101,6 +101,15 @@ def _final(doc: dict[str, Any]) -> JSONResponse:
     )
 
 
+async def _answer(
+    request: Request, c: AppContext, doc: dict[str, Any], wait: bool, timeout: float
+) -> JSONResponse:
+    """202 with the status URL, or with ``wait`` the final answer (``_final``)."""
+    if wait:
+        return _final(await c.pipeline.wait(doc["id"], timeout))
+    return _accepted(request, doc)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -142,9 +151,7 @@ def create_app(
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
         doc = await c.pipeline.submit(body, claims.subject)
-        if wait:
-            return _final(await c.pipeline.wait(doc["id"], timeout))
-        return _accepted(request, doc)
+        return await _answer(request, c, doc, wait, timeout)
 
     @app.post("/api/v1/rollback/{deployment_id}", status_code=202, tags=["deployments"])
     async def rollback(
@@ -156,9 +163,7 @@ def create_app(
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
         doc = await c.pipeline.rollback(str(deployment_id), claims.subject)
-        if wait:
-            return _final(await c.pipeline.wait(doc["id"], timeout))
-        return _accepted(request, doc)
+        return await _answer(request, c, doc, wait, timeout)
 
     @app.post("/api/v1/deployments/{deployment_id}/promote", status_code=202, tags=["deployments"])
     async def promote(
@@ -177,9 +182,7 @@ def create_app(
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
         doc = await c.pipeline.abort(str(deployment_id), claims.subject)
-        if wait:
-            return _final(await c.pipeline.wait(doc["id"], timeout))
-        return _accepted(request, doc)
+        return await _answer(request, c, doc, wait, timeout)
 
     @app.get("/api/v1/deployments/{deployment_id}", name="get_deployment", tags=["deployments"])
     async def get_deployment(deployment_id: uuid.UUID, _: CanRead, c: Ctx) -> dict[str, Any]:
