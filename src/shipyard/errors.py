@@ -11,6 +11,7 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │   ├── NotFound                    no such deployment / service (HTTP 404)
     │   ├── Conflict                    (HTTP 409)
     │   │   └── DeploymentInProgress    one deployment per service at a time
+    │   ├── InvariantViolation          a write that would make a record say something false
     │   ├── AuthError
     │   │   ├── Unauthenticated         missing/invalid/expired/forged token (HTTP 401)
     │   │   └── PermissionDenied        valid token without the claim (HTTP 403)
@@ -22,6 +23,7 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │       ├── HealthCheckFailed       {attempts}: crashed, never healthy, or unhealthy in bake
     │       ├── TrafficSwitchFailed     the router did not take the weights we asked for
     │       ├── AnalysisFailed          a canary's metric analysis failed: it was aborted
+    │       ├── StableRevisionMissing   the store names a serving revision the data plane lacks
     │       ├── DeploymentAborted       a human aborted it (POST /deployments/{id}/abort)
     │       └── RollbackFailed
     └── TransientError                  retry after ``retry_after`` seconds
@@ -97,6 +99,13 @@ class DeploymentInProgress(Conflict):
     code = "deployment_in_progress"
 
 
+class InvariantViolation(PermanentError):
+    """A write refused because the record would then say something false (a Shipyard bug:
+    e.g. the serving revision also marked warm, which the janitor would later retire)."""
+
+    code = "invariant_violation"
+
+
 class AuthError(PermanentError):
     code = "auth_error"
 
@@ -151,6 +160,13 @@ class AnalysisFailed(DeploymentError):
     """A canary's analysis failed (or could not measure within its limits): it was aborted."""
 
     code = "analysis_failed"
+
+
+class StableRevisionMissing(DeploymentError):
+    """The store says a revision serves, but the data plane runs no ready replica of it and it
+    could not be restarted: the deployment refuses to proceed (nothing was changed)."""
+
+    code = "stable_revision_missing"
 
 
 class DeploymentAborted(DeploymentError):

@@ -65,16 +65,19 @@ from shipyard.errors import (
     DeploymentError,
     HealthCheckFailed,
     InvalidInput,
+    InvariantViolation,
     NotFound,
     RevisionStartFailed,
     RollbackFailed,
     SecurityScanFailed,
     ShipyardError,
+    StableRevisionMissing,
     TrafficSwitchFailed,
     UnknownRegion,
 )
 from shipyard.health.probing import Prober, wait_healthy, watch_until_unhealthy
 from shipyard.logs import log_event
+from shipyard.orchestrator.reconciler import Reconciler
 from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime, StickyKey
 from shipyard.security.gate import SecurityGate
 from shipyard.store.db import Store
@@ -228,6 +231,16 @@ class Pipeline:
         #: Promotions handed to a paused deployment's task: id -> event, and who promoted.
         self._promotions: dict[str, asyncio.Event] = {}
         self._promoted_by: dict[str, str] = {}
+        self.reconciler = Reconciler(
+            store=store,
+            audit=audit,
+            runtimes=self.runtimes,
+            prober=prober,
+            clock=clock,
+            locks=self._service_locks,
+            verify=self._verify_artifact,
+            drain_timeout=drain_timeout,
+        )
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -266,6 +279,8 @@ class Pipeline:
         except strategies.UnsupportedStrategy as exc:
             raise InvalidInput(str(exc)) from exc
         now = self.clock.now()
+        svc = self.store.get_service(request.target.service_name, request.target.region)
+        serving = svc.serving_revision if svc else None
         doc: dict[str, Any] = {
             "id": str(request.id),
             "kind": "deploy",
@@ -282,6 +297,10 @@ class Pipeline:
             "stages": [],
             "metrics": {},
             "progress": {"phase": "build"},
+            # Recorded at submit, never guessed later: a deployment that expects a stable
+            # revision and finds none refuses to run rather than becoming a "first deploy".
+            "first_deploy": serving is None,
+            "stable_at_submit": serving,
         }
         with contextlib.suppress(NotFound):
             self.store.get_deployment(doc["id"])
@@ -298,30 +317,37 @@ class Pipeline:
         return doc
 
     async def rollback(self, deployment_id: str, user: str) -> dict[str, Any]:
-        """Put the service back on the revision that served before ``deployment_id``."""
+        """Serve again the revision that served before ``deployment_id``.
+
+        Any successful deployment can be rolled back, the latest or an earlier one: the service
+        goes back to that deployment's previous revision, whatever serves now. Instant while that
+        revision is still warm (running and routable); otherwise it is started again from its
+        signed artifact and health-gated before it takes traffic (a cold rollback).
+        """
         target = self.store.get_deployment(deployment_id)
         if target.get("kind") != "deploy":
             raise Conflict("only deployments can be rolled back, not rollbacks")
         if target["status"] != DeploymentStatus.SUCCESS.value:
             raise Conflict(
                 f"deployment {deployment_id} is {target['status']}; only a successful deployment "
-                "can be rolled back (a failed one never took traffic)"
+                "can be rolled back (a failed one never took traffic, a rolled-back one is undone)"
             )
-        blue, green = target.get("blue_revision"), target.get("green_revision")
-        if not blue:
+        restore = target.get("blue_revision")
+        if not restore:
             raise Conflict(
                 f"deployment {deployment_id} was the service's first; there is no earlier revision"
             )
         svc = self.store.get_service(target["service"], target["region"])
-        if svc is None or svc.serving_revision != green:
+        serving = svc.serving_revision if svc else None
+        if serving == restore:
             raise Conflict(
-                f"service {target['service']} now serves {svc.serving_revision if svc else None}, "
-                f"not this deployment's {green}; roll back the latest deployment instead"
+                f"service {target['service']} already serves {restore}, the revision before "
+                f"deployment {deployment_id}; nothing to roll back"
             )
         runtime = self.runtime(target["region"])
         state = await runtime.service_state(target["service"])
         warm = bool(
-            state and any(r.revision == blue and r.alive and r.routable for r in state.replicas)
+            state and any(r.revision == restore and r.alive and r.routable for r in state.replicas)
         )
         now = self.clock.now()
         plan = strategies.blue_green.plan_instant_switch(warm=warm)
@@ -338,9 +364,14 @@ class Pipeline:
             "created_at": _iso(now),
             "updated_at": _iso(now),
             "rollback_of": deployment_id,
-            "blue_revision": green,
-            "green_revision": blue,
-            "artifact_digest": self.store.get_revision_spec(blue)["artifact_digest"],
+            # The revision serving now is this rollback's "blue" (what a failed rollback keeps);
+            # the restored one is its "green". For the latest deployment they are its green and
+            # blue swapped; for an earlier one, whatever serves now.
+            "blue_revision": serving,
+            "green_revision": restore,
+            "first_deploy": serving is None,
+            "stable_at_submit": serving,
+            "artifact_digest": self.store.get_revision_spec(restore)["artifact_digest"],
             "stages": [],
             "metrics": {},
             "progress": {
@@ -351,7 +382,14 @@ class Pipeline:
             },
         }
         self.store.create_deployment(doc)
-        await self._audit(doc, "rollback.requested", rollback_of=deployment_id, instant=warm)
+        await self._audit(
+            doc,
+            "rollback.requested",
+            rollback_of=deployment_id,
+            instant=warm,
+            restore=restore,
+            replacing=serving,
+        )
         self._spawn(doc["id"])
         return doc
 
@@ -598,7 +636,6 @@ class Pipeline:
         """Name the candidate revision, find the stable one, plan the strategy's steps."""
         request = DeploymentRequest.model_validate(doc["request"])
         manifest: Manifest = artifact.manifest
-        runtime = self.runtime(doc["region"])
         revision = f"{artifact.commit[:7]}-{doc['id'][:8]}"
         spec = RevisionSpec(
             service=doc["service"],
@@ -623,22 +660,17 @@ class Pipeline:
         )
         svc = self.store.get_service(doc["service"], doc["region"])
         stable = svc.serving_revision if svc else None
-        if svc and svc.warm_revision:
-            # A newer deployment supersedes the previous one's instant-rollback window.
-            await self._stop_revision(doc["service"], doc["region"], svc.warm_revision)
-            self.store.upsert_service(
-                doc["service"], doc["region"], warm_revision=None, warm_until=None
+        expected = doc.get("stable_at_submit", stable)  # documents from before it was recorded
+        if stable != expected:
+            raise StableRevisionMissing(
+                f"service {doc['service']} served {expected} when this deployment was submitted "
+                f"and {stable} now; submit the deployment again",
+                expected=expected,
+                found=stable,
             )
         stable_ready = 0
         if stable:
-            state = await runtime.service_state(doc["service"])
-            if not state or stable not in state.revisions():
-                log_event(log, "stable.missing", deployment_id=doc["id"], revision=stable)
-                stable = None
-            else:
-                stable_ready = sum(
-                    1 for r in state.replicas if r.revision == stable and r.alive and r.routable
-                )
+            stable_ready = await self._require_stable(doc, stable)
         try:
             plan = strategies.plan(
                 request.strategy,
@@ -656,6 +688,13 @@ class Pipeline:
                 "a canary stage asks for sticky assignment but shipyard.toml names no key: add "
                 '[routing] sticky_header = "x-user-id" (or sticky_cookie = "session")'
             )
+        # Only now, with a plan that will run, does this deployment change anything: it ends the
+        # previous deployment's instant-rollback window (a refused one leaves it as it was).
+        if svc and svc.warm_revision:
+            await self._stop_revision(doc["service"], doc["region"], svc.warm_revision)
+            self.store.upsert_service(
+                doc["service"], doc["region"], warm_revision=None, warm_until=None
+            )
         progress: dict[str, Any] = {
             "phase": "steps",
             "step": 0,
@@ -670,6 +709,11 @@ class Pipeline:
             surge, unavailable = rolling.limits(params, manifest.run.replicas)
             progress["rolling"] = {
                 "replicas": manifest.run.replicas,
+                # What a rollback restores: the stable revision's own replica count, which a
+                # release that also changes [run] replicas does not change.
+                "stable_replicas": (
+                    int(self.store.get_revision_spec(stable).get("replicas", 1)) if stable else 0
+                ),
                 "max_surge": surge,
                 "max_unavailable": unavailable,
             }
@@ -689,6 +733,28 @@ class Pipeline:
                 candidate=revision,
                 **progress.get("rolling", {}),
             )
+
+    async def _require_stable(self, doc: dict[str, Any], stable: str) -> int:
+        """Ready replicas of the revision the store says serves; StableRevisionMissing if none.
+
+        A deployment that finds no ready stable revision refuses to run: carrying it out as a
+        first deploy would drop its bake, its canary stages and anything to roll back to.
+        """
+        state = await self.runtime(doc["region"]).service_state(doc["service"])
+        replicas = [r for r in (state.replicas if state else []) if r.revision == stable]
+        ready = sum(1 for r in replicas if r.alive and r.routable)
+        if ready == 0:
+            seen = ", ".join(f"{r.replica_id} {r.state}" for r in replicas) or "no replicas"
+            log_event(log, "stable.missing", deployment_id=doc["id"], revision=stable, seen=seen)
+            raise StableRevisionMissing(
+                f"service {doc['service']} should be serving {stable}, but region "
+                f"{doc['region']} runs no ready replica of it ({seen}); nothing was changed. "
+                f"Shipyard restarts crashed replicas and repairs the region on its own: check "
+                f"`shipyard status {doc['service']}`, then deploy again",
+                revision=stable,
+                replicas=seen,
+            )
+        return ready
 
     async def _execute_steps(self, doc: dict[str, Any]) -> None:
         progress = doc["progress"]
@@ -774,9 +840,7 @@ class Pipeline:
                     weights[stable] = 100 - step.candidate
                 await self._switch(doc, weights, sticky=step.sticky)
                 if step.candidate == 100:
-                    self.store.upsert_service(
-                        service, doc["region"], serving_revision=candidate, url=doc.get("url")
-                    )
+                    self._mark_serving(doc, candidate)
                 self._stage_end(doc, stage, "succeeded", weights=weights)
                 await self._audit(doc, "traffic.switched", weights=weights)
             case Bake():
@@ -1096,9 +1160,22 @@ class Pipeline:
         """The store's serving revision follows whoever holds 100% of traffic."""
         full = [rev for rev, w in weights.items() if w == 100]
         if full:
-            self.store.upsert_service(
-                doc["service"], doc["region"], serving_revision=full[0], url=doc.get("url")
-            )
+            self._mark_serving(doc, full[0])
+
+    def _mark_serving(self, doc: dict[str, Any], revision: str) -> None:
+        """Record that ``revision`` now takes 100% of the service's traffic.
+
+        A warm revision that serves again (an instant rollback) stops being warm in the same
+        write: left marked warm, the janitor would retire it when the window ends, or the next
+        deployment would stop it before its own candidate is up.
+        """
+        svc = self.store.get_service(doc["service"], doc["region"])
+        values: dict[str, Any] = {"serving_revision": revision}
+        if doc.get("url"):
+            values["url"] = doc["url"]
+        if svc is not None and svc.warm_revision == revision:
+            values.update(warm_revision=None, warm_until=None)
+        self.store.upsert_service(doc["service"], doc["region"], **values)
 
     # --- outcomes --------------------------------------------------------------------------------
 
@@ -1132,7 +1209,7 @@ class Pipeline:
             if stable:
                 await self._switch(doc, {stable: 100})
                 switched = time.monotonic()
-                self.store.upsert_service(service, region, serving_revision=stable)
+                self._mark_serving(doc, stable)
                 if verdict_monotonic is not None:
                     latency = int((switched - verdict_monotonic) * 1000)
                     doc["metrics"]["detection_to_rollback_ms"] = latency
@@ -1147,12 +1224,12 @@ class Pipeline:
                             abort_latency_ms=latency,
                         )
                 doc["metrics"]["rollback_duration_ms"] = int((switched - t0) * 1000)
-            if candidate:
-                await self._stop_revision(service, region, candidate)
             if not stable:
                 svc = self.store.get_service(service, region)
                 if svc and svc.serving_revision == candidate:
                     self.store.upsert_service(service, region, serving_revision=None)
+            if candidate:
+                await self._stop_revision(service, region, candidate)
         except ShipyardError as exc:
             self._stage_end(doc, stage, "failed", error=exc.message)
             await self._finish(
@@ -1172,6 +1249,7 @@ class Pipeline:
         availability limits (the rollout's arithmetic with the roles swapped), candidate
         replicas that never took traffic stopped first."""
         spec = doc["progress"]["rolling"]
+        desired = int(spec.get("stable_replicas") or spec["replicas"])
         alive = await self._ready(doc)
         unready = [r.replica_id for r in alive.get(candidate, []) if not r.routable]
         if unready:
@@ -1182,7 +1260,7 @@ class Pipeline:
         ready_candidate = sum(1 for r in alive.get(candidate, []) if r.routable)
         ready_stable = sum(1 for r in alive.get(stable, []) if r.routable)
         steps = rolling.batches(
-            spec["replicas"],
+            desired,
             spec["max_surge"],
             spec["max_unavailable"],
             old=ready_candidate,
@@ -1248,54 +1326,21 @@ class Pipeline:
     # --- janitor ---------------------------------------------------------------------------------
 
     async def _janitor_loop(self) -> None:
-        """Every ``janitor_interval``: stop revisions whose warm window ended, and call each
-        data plane (a heartbeat: the local runtime restarts an agent that has gone away)."""
+        """Every ``janitor_interval``: stop revisions whose warm window ended, then one
+        reconciler pass (which is also each data plane's heartbeat: the local runtime restarts
+        an agent that has gone away, and replicas are watched after their bake window)."""
         while True:
             try:
                 await self.retire_expired()
-                for runtime in self.runtimes.values():
-                    await runtime.list_services()
+                await self.reconciler.reconcile_all()
             except ShipyardError as exc:
                 log_event(log, "janitor.error", error=exc.message)
             await self.clock.sleep(self.janitor_interval)
 
     async def reconcile_data_planes(self) -> None:
-        """After a restart: no split traffic without a deployment driving it, no orphan revision.
-
-        Revisions that are neither serving, kept warm, nor part of an in-flight deployment are
-        stopped; a service with no deployment in flight is routed 100% to its serving revision.
-        """
-        active = {(d["service"], d["region"]): d for d in self.store.active_deployments()}
-        for region, runtime in self.runtimes.items():
-            for service in await runtime.list_services():
-                state = await runtime.service_state(service)
-                if state is None:
-                    continue
-                svc = self.store.get_service(service, region)
-                dep = active.get((service, region))
-                keep = {svc.serving_revision, svc.warm_revision} if svc else set()
-                if dep:
-                    keep |= {dep.get("blue_revision"), dep.get("green_revision")}
-                for revision in state.revisions() - keep:
-                    log_event(
-                        log,
-                        "revision.orphan_stopped",
-                        service=service,
-                        region=region,
-                        revision=revision,
-                    )
-                    await runtime.stop_revision(service, revision, drain_timeout=self.drain_timeout)
-                serving = svc.serving_revision if svc else None
-                if dep is None and serving and dict(state.weights) != {serving: 100}:
-                    log_event(
-                        log,
-                        "traffic.reconciled",
-                        service=service,
-                        region=region,
-                        weights=dict(state.weights),
-                        serving=serving,
-                    )
-                    await runtime.router.set_weight(service, {serving: 100})
+        """After a restart: no split traffic without a deployment driving it, no orphan
+        revision, the serving revision running (see orchestrator/reconciler.py)."""
+        await self.reconciler.reconcile_all()
 
     async def retire_expired(self) -> None:
         """Stop revisions whose warm window ended and that nothing else needs."""
@@ -1306,7 +1351,11 @@ class Pipeline:
                 if lock.locked():
                     continue
                 async with lock:
-                    await self._stop_revision(svc.service, svc.region, svc.warm_revision)
+                    row = self.store.get_service(svc.service, svc.region)
+                    if row is None or row.warm_revision != svc.warm_revision:
+                        continue  # changed while we waited for the lock
+                    if row.warm_revision != row.serving_revision:
+                        await self._stop_revision(svc.service, svc.region, svc.warm_revision)
                     self.store.upsert_service(
                         svc.service, svc.region, warm_revision=None, warm_until=None
                     )
@@ -1324,6 +1373,15 @@ class Pipeline:
     # --- helpers ---------------------------------------------------------------------------------
 
     async def _stop_revision(self, service: str, region: str, revision: str) -> None:
+        """Drain and stop ``revision``; never the one the store says serves (that would be an
+        outage Shipyard made itself), whoever asks."""
+        svc = self.store.get_service(service, region)
+        if svc is not None and svc.serving_revision == revision:
+            raise InvariantViolation(
+                f"refusing to stop {revision}: it is the revision {service}@{region} serves",
+                service=service,
+                revision=revision,
+            )
         await self.runtime(region).stop_revision(
             service, revision, drain_timeout=self.drain_timeout
         )

@@ -12,6 +12,7 @@ one is kept warm until when).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from shipyard.errors import DeploymentInProgress, NotFound
+from shipyard.errors import DeploymentInProgress, InvariantViolation, NotFound
 
 metadata = MetaData()
 
@@ -251,13 +252,29 @@ class Store:
         with self.engine.connect() as conn:
             return [ServiceRow(**r._mapping) for r in conn.execute(select(services)).all()]
 
-    def upsert_service(self, service: str, region: str, **values: Any) -> None:
+    def upsert_service(self, service: str, region: str, **values: Any) -> ServiceRow:
+        """Create or change a service's record in one transaction; returns the new record.
+
+        The record may never say something false, so the write is refused
+        (``InvariantViolation``) when it would leave the serving revision also marked warm: the
+        janitor retires warm revisions when their window ends, and retiring the one that serves
+        is an outage. Callers that make a warm revision serve again clear ``warm_revision`` in
+        the same call (``Pipeline._mark_serving``).
+        """
+        unknown = set(values) - set(ServiceRow.__dataclass_fields__) - {"service", "region"}
+        if unknown:
+            raise TypeError(f"unknown service fields: {sorted(unknown)}")
         with self._tx() as conn:
             found = conn.execute(
-                select(services.c.service).where(
-                    services.c.service == service, services.c.region == region
-                )
+                select(services).where(services.c.service == service, services.c.region == region)
             ).first()
+            current = (
+                ServiceRow(**found._mapping)
+                if found
+                else ServiceRow(service, region, None, None, None, None)
+            )
+            row = dataclasses.replace(current, **values)
+            check_service_row(row)
             if found:
                 conn.execute(
                     update(services)
@@ -266,3 +283,20 @@ class Store:
                 )
             else:
                 conn.execute(insert(services).values(service=service, region=region, **values))
+        return row
+
+
+def check_service_row(row: ServiceRow) -> None:
+    """The service record's invariants (see ``Store.upsert_service``)."""
+    if row.warm_revision is not None and row.warm_revision == row.serving_revision:
+        raise InvariantViolation(
+            f"service {row.service}@{row.region}: revision {row.serving_revision} cannot be both "
+            "serving and warm (the janitor would retire the revision that serves)",
+            service=row.service,
+            revision=row.serving_revision,
+        )
+    if row.warm_revision is None and row.warm_until is not None:
+        raise InvariantViolation(
+            f"service {row.service}@{row.region}: a warm window without a warm revision",
+            service=row.service,
+        )

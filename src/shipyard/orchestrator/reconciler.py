@@ -1,0 +1,299 @@
+"""The reconciler: makes each region's data plane agree with the store, and says so when it acts.
+
+The store is the truth about what should serve (``services``: serving and warm revisions); the
+data plane (the agent) is what does. They can drift apart: an agent that lost its state, replicas
+that crashed while the control plane was away, a record written by an older Shipyard. For every
+service no deployment is driving, a pass (``reconcile_all``)
+
+- repairs a record that says something false (a serving revision also marked warm);
+- stops orphan revisions: alive on the data plane, but neither serving, warm, nor part of a
+  deployment in flight;
+- starts the serving revision again from its signed artifact, health-gated, when the data plane
+  runs no replica of it at all (crashed replicas are the agent's to restart, with backoff);
+- routes 100% to the serving revision when the router says otherwise;
+- watches replicas: every restart the agent made is audited (``replica.restarted``), a replica
+  that keeps crashing is reported (``replica.crash_loop``), and a service left with no routable
+  replica is reported when it goes down and when it comes back (``service.unavailable`` /
+  ``service.available``).
+
+Every repair is a log line and an audit record. Called by ``Pipeline.start`` (once, before
+in-flight deployments resume) and by the pipeline's janitor every ``janitor_interval`` seconds,
+which also makes it the data planes' heartbeat (the local runtime restarts an agent that is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from shipyard.audit import AuditEvent, AuditLog
+from shipyard.domain.clock import Clock
+from shipyard.domain.models import HealthCheck
+from shipyard.errors import ShipyardError
+from shipyard.health.probing import Prober, wait_healthy
+from shipyard.logs import log_event
+from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime, ServiceState
+from shipyard.store.db import ServiceRow, Store
+
+log = logging.getLogger("shipyard.orchestrator.reconciler")
+
+#: A replica restarted this many times and not serving is reported as crash-looping.
+CRASH_LOOP_RESTARTS = 3
+#: After a failed attempt to start the serving revision again, wait this long before the next.
+REPAIR_RETRY_SECONDS = 30.0
+
+#: ``verify(doc, stored_spec)``: the pipeline's signature and digest check before any start.
+Verify = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        audit: AuditLog,
+        runtimes: Mapping[str, Runtime],
+        prober: Prober,
+        clock: Clock,
+        locks: dict[tuple[str, str], asyncio.Lock],
+        verify: Verify,
+        drain_timeout: float,
+    ) -> None:
+        self.store = store
+        self.audit = audit
+        self.runtimes = runtimes
+        self.prober = prober
+        self.clock = clock
+        #: The pipeline's per-service locks: a service a deployment is driving is left alone.
+        self.locks = locks
+        self.verify = verify
+        self.drain_timeout = drain_timeout
+        self._restarts_seen: dict[str, int] = {}
+        self._crash_looping: set[str] = set()
+        self._unavailable: set[tuple[str, str]] = set()
+        self._repair_after: dict[tuple[str, str], float] = {}
+
+    async def reconcile_all(self) -> None:
+        """One pass over every region and service (see the module docstring)."""
+        for region, runtime in self.runtimes.items():
+            try:
+                names = set(await runtime.list_services())
+            except ShipyardError as exc:
+                log_event(log, "reconcile.region_unavailable", region=region, error=exc.message)
+                continue
+            names |= {s.service for s in self.store.list_services() if s.region == region}
+            for service in sorted(names):
+                lock = self.locks.setdefault((service, region), asyncio.Lock())
+                if lock.locked():
+                    continue  # a deployment is driving it
+                async with lock:
+                    try:
+                        await self.reconcile_service(runtime, service)
+                    except ShipyardError as exc:
+                        log_event(
+                            log,
+                            "reconcile.failed",
+                            service=service,
+                            region=region,
+                            error=exc.message,
+                        )
+
+    async def reconcile_service(self, runtime: Runtime, service: str) -> None:
+        region = runtime.region
+        svc = self.store.get_service(service, region)
+        if svc is not None and svc.warm_revision and svc.warm_revision == svc.serving_revision:
+            # Written by a Shipyard before the record's invariants were enforced.
+            self.store.upsert_service(service, region, warm_revision=None, warm_until=None)
+            await self._record(
+                "service.repaired",
+                service,
+                region,
+                problem="the serving revision was also marked warm (the janitor would retire it)",
+                action="no longer warm",
+                revision=svc.serving_revision,
+            )
+            svc = self.store.get_service(service, region)
+        dep = self.store.active_deployment(service, region)
+        state = await runtime.service_state(service)
+        await self._stop_orphans(runtime, service, state, svc, dep)
+        if dep is not None:
+            return  # the deployment's own steps converge the rest
+        serving = svc.serving_revision if svc else None
+        if serving is None:
+            return
+        if state is None or not any(r.revision == serving for r in state.replicas):
+            state = await self._start_serving(runtime, service, serving, state)
+        if state is None:
+            return
+        await self._watch_replicas(service, region, state, serving)
+        routable = any(r.revision == serving and r.alive and r.routable for r in state.replicas)
+        if routable and {k: v for k, v in state.weights.items() if v} != {serving: 100}:
+            await runtime.router.set_weight(service, {serving: 100})
+            await self._record(
+                "traffic.reconciled",
+                service,
+                region,
+                problem=f"the router had weights {dict(state.weights)}",
+                action=f"100% to the serving revision {serving}",
+                revision=serving,
+            )
+
+    # --- the steps -------------------------------------------------------------------------
+
+    async def _stop_orphans(
+        self,
+        runtime: Runtime,
+        service: str,
+        state: ServiceState | None,
+        svc: ServiceRow | None,
+        dep: dict[str, Any] | None,
+    ) -> None:
+        if state is None:
+            return
+        keep = {svc.serving_revision, svc.warm_revision} if svc else set()
+        if dep is not None:
+            keep |= {dep.get("blue_revision"), dep.get("green_revision")}
+        for revision in sorted(state.revisions() - keep):
+            await runtime.stop_revision(service, revision, drain_timeout=self.drain_timeout)
+            await self._record(
+                "revision.orphan_stopped",
+                service,
+                runtime.region,
+                problem=f"{revision} ran, but nothing serves, keeps or deploys it",
+                action="drained and stopped",
+                revision=revision,
+            )
+
+    async def _start_serving(
+        self, runtime: Runtime, service: str, serving: str, state: ServiceState | None
+    ) -> ServiceState | None:
+        """The data plane runs nothing of the serving revision: start it again from its
+        artifact (verified), health-gate it, route to it. Retried every REPAIR_RETRY_SECONDS."""
+        region = runtime.region
+        key = (service, region)
+        if self.clock.now() < self._repair_after.get(key, 0.0):
+            return state
+        stored = self.store.get_revision_spec(serving)
+        spec = RevisionSpec.from_dict(
+            {
+                k: v
+                for k, v in stored.items()
+                if k in {f.name for f in dataclasses.fields(RevisionSpec)}
+            }
+        )
+        doc = {
+            "id": None,
+            "service": service,
+            "region": region,
+            "triggered_by": "shipyard",
+            "status": "reconciling",
+        }
+        log_event(log, "service.repairing", service=service, region=region, revision=serving)
+        try:
+            await self.verify(doc, stored)
+            url = await runtime.ensure_service(service)
+            replicas = await runtime.start_revision(spec)
+            fresh = [r for r in replicas if not r.routable]
+            if fresh:
+
+                async def states() -> dict[str, ReplicaStatus]:
+                    now = await runtime.service_state(service)
+                    return {r.replica_id: r for r in (now.replicas if now else [])}
+
+                await wait_healthy(
+                    fresh,
+                    HealthCheck.model_validate(stored.get("health", {})),
+                    self.prober,
+                    self.clock,
+                    states,
+                )
+                await runtime.set_routable(service, [r.replica_id for r in fresh], True)
+            await runtime.router.set_weight(service, {serving: 100})
+        except ShipyardError as exc:
+            self._repair_after[key] = self.clock.now() + REPAIR_RETRY_SECONDS
+            await self._record(
+                "service.repair_failed",
+                service,
+                region,
+                problem=f"the data plane runs no replica of the serving revision {serving}",
+                action=f"restart failed: {exc.message}"[:500],
+                revision=serving,
+                retry_in_seconds=REPAIR_RETRY_SECONDS,
+            )
+            return await runtime.service_state(service)
+        self._repair_after.pop(key, None)
+        self.store.upsert_service(service, region, url=url)
+        await self._record(
+            "service.repaired",
+            service,
+            region,
+            problem=f"the data plane ran no replica of the serving revision {serving}",
+            action=f"started {len(replicas)} replica(s) from its verified artifact, 100% to it",
+            revision=serving,
+        )
+        return await runtime.service_state(service)
+
+    async def _watch_replicas(
+        self, service: str, region: str, state: ServiceState, serving: str
+    ) -> None:
+        """Audit the agent's restarts, report crash loops and a service that cannot answer."""
+        for r in state.replicas:
+            seen = self._restarts_seen.get(r.replica_id)
+            if r.restarts > (seen or 0):
+                await self._record(
+                    "replica.restarted",
+                    service,
+                    region,
+                    revision=r.revision,
+                    replica=r.replica_id,
+                    restarts=r.restarts,
+                    exit_code=r.exit_code,
+                    state=r.state,
+                )
+            self._restarts_seen[r.replica_id] = r.restarts
+            looping = r.restarts >= CRASH_LOOP_RESTARTS and not (r.alive and r.routable)
+            if looping and r.replica_id not in self._crash_looping:
+                self._crash_looping.add(r.replica_id)
+                await self._record(
+                    "replica.crash_loop",
+                    service,
+                    region,
+                    problem=f"{r.replica_id} keeps exiting ({r.restarts} restarts, last exit "
+                    f"code {r.exit_code}); the agent keeps restarting it with backoff",
+                    revision=r.revision,
+                    replica=r.replica_id,
+                    restarts=r.restarts,
+                )
+            elif not looping:
+                self._crash_looping.discard(r.replica_id)
+        key = (service, region)
+        up = any(r.revision == serving and r.alive and r.routable for r in state.replicas)
+        if not up and key not in self._unavailable:
+            self._unavailable.add(key)
+            await self._record(
+                "service.unavailable",
+                service,
+                region,
+                problem=f"no routable replica of the serving revision {serving}",
+                revision=serving,
+                replicas={r.replica_id: r.state for r in state.replicas},
+            )
+        elif up and key in self._unavailable:
+            self._unavailable.discard(key)
+            await self._record("service.available", service, region, revision=serving)
+
+    async def _record(self, event_type: str, service: str, region: str, **detail: Any) -> None:
+        """One log line (via the audit log's structured event) and one audit record."""
+        await self.audit.append(
+            AuditEvent(
+                event_type=event_type,
+                service=service,
+                region=region,
+                user="shipyard",
+                status="reconciled",
+                detail={k: v for k, v in detail.items() if v is not None},
+            )
+        )
