@@ -6,13 +6,17 @@ outside the build (which also shows what the escape check does not cover: absolu
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from shipyard.build.base import BuildRequest
+from shipyard.build.cache import BuildCache
+from shipyard.build.digest import digest_tree
 from shipyard.build.local import LocalBuilder, LocalBuilderConfig, verify_artifact
 from shipyard.errors import BuildFailed
 
@@ -57,7 +61,9 @@ async def test_identical_inputs_are_a_cache_hit_that_runs_nothing(
     assert _runs(tmp_path / "deps-runs") == 1
     assert any("cache hit" in line for line in lines)
     assert second.cache.dependencies_key == first.cache.dependencies_key
-    assert second.cache.durations_ms.keys() == {"fetch", "total"}  # no checkout, no hashing
+    # No checkout, no command: only the stored artifact is re-hashed ("verify").
+    assert second.cache.durations_ms.keys() == {"fetch", "verify", "total"}
+    assert second.cache.artifact_rejected is None
 
 
 async def test_another_commit_with_the_same_tree_is_a_hit(
@@ -261,6 +267,170 @@ async def test_copied_dependencies_can_be_modified_without_touching_the_cache(
     entry = data_dir / "cache" / "deps" / artifact.cache.dependencies_key
     assert (entry / ".deps" / "lib.txt").read_text() == "v1\n"
     assert (Path(artifact.location) / ".deps" / "lib.txt").read_text() == "v1\npatched\n"
+
+
+# --- a cached artifact that no longer verifies; no_cache ------------------------------------
+
+
+def _writable(path: Path) -> None:
+    """Undo the seal the way an app might (root ignores it anyway: the tests may run as root)."""
+    path.chmod(stat.S_IMODE(path.stat().st_mode) | stat.S_IWUSR)
+
+
+def _add_pycache(artifact: Path) -> None:
+    _writable(artifact)
+    (artifact / "__pycache__").mkdir()
+    (artifact / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"\x00bytecode")
+
+
+def _edit_dependency_in_place(artifact: Path) -> None:
+    target = artifact / ".deps" / "installed.txt"
+    _writable(target)
+    with target.open("r+") as f:  # same inode: with hard links, the cache entry's file too
+        f.write("evil")
+
+
+def _add_fifo(artifact: Path) -> None:
+    _writable(artifact)
+    os.mkfifo(artifact / "pipe")
+
+
+TAMPERINGS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "pycache-written": (_add_pycache, "modified after the build: it now hashes to sha256:"),
+    "dependency-edited-in-place": (
+        _edit_dependency_in_place,
+        "modified after the build: it now hashes to sha256:",
+    ),
+    "unreadable-fifo": (_add_fifo, "cannot be read: pipe is not a file"),
+}
+
+
+@pytest.mark.parametrize("link", ["hardlink", "copy"])
+@pytest.mark.parametrize("tampering", list(TAMPERINGS))
+async def test_a_cached_artifact_that_does_not_verify_is_dropped_and_rebuilt(
+    tampering: str, link: str, repo: GitRepo, data_dir: Path, tmp_path: Path
+) -> None:
+    tamper, reason = TAMPERINGS[tampering]
+    commit = _python_app(repo, tmp_path)
+    builder = LocalBuilder(data_dir, LocalBuilderConfig.model_validate({"link_dependencies": link}))
+    first = await builder.build(BuildRequest(repo.source(commit)))
+    tamper(Path(first.location))
+
+    lines: list[str] = []
+    again = await builder.build(BuildRequest(repo.source(commit), log_sink=lines.append))
+
+    said = [line for line in lines if "failed verification" in line]
+    assert len(said) == 1, lines
+    assert said[0].startswith(f"[shipyard] cached artifact {first.digest} failed verification (")
+    assert reason in said[0] and said[0].endswith("; rebuilding")
+    assert not any(line.startswith("[shipyard] cache hit") for line in lines)
+    assert again.cache.artifact_hit is False
+    assert again.cache.artifact_rejected is not None and reason in again.cache.artifact_rejected
+    # The same inputs build the same content again, and what is stored now is exactly that.
+    assert again.digest == first.digest and again.location == first.location
+    verify_artifact(Path(again.location), again.digest)
+    assert (Path(again.location) / ".deps" / "installed.txt").read_text() == "requests==2.0\n"
+    assert (Path(again.location) / "bundled.txt").read_text() == "requests==2.0\n"
+    assert _runs(tmp_path / "build-runs") == 2
+    # Hard-linked dependency files may have been edited through the artifact: that entry is
+    # dropped and the step runs again; a copied entry cannot have been touched and is reused.
+    assert _runs(tmp_path / "deps-runs") == (2 if link == "hardlink" else 1)
+    assert again.cache.dependencies_hit is (link == "copy")
+    assert list((data_dir / "artifacts").glob(".trash-*")) == []
+    # The index points at the fresh artifact again: the next build is a plain hit.
+    third = await builder.build(BuildRequest(repo.source(commit)))
+    assert third.cache.artifact_hit and third.cache.artifact_rejected is None
+    assert _runs(tmp_path / "build-runs") == 2
+
+
+async def test_no_cache_runs_every_step_again_and_replaces_the_dependency_entry(
+    repo: GitRepo, data_dir: Path, tmp_path: Path
+) -> None:
+    commit = _python_app(repo, tmp_path)
+    builder = LocalBuilder(data_dir)
+    first = await builder.build(BuildRequest(repo.source(commit)))
+    assert first.cache.dependencies_key is not None
+    entry = data_dir / "cache" / "deps" / first.cache.dependencies_key
+    entry_inode, artifact_inode = entry.stat().st_ino, Path(first.location).stat().st_ino
+
+    lines: list[str] = []
+    fresh = await builder.build(
+        BuildRequest(repo.source(commit), log_sink=lines.append, no_cache=True)
+    )
+
+    assert fresh.cache.no_cache is True
+    assert fresh.cache.artifact_hit is False and fresh.cache.dependencies_hit is False
+    misses = [line for line in lines if "dependency cache miss" in line]
+    assert len(misses) == 1 and "no_cache" in misses[0]
+    assert lines.count("installed") == 1  # the dependency command's own output: it ran
+    assert _runs(tmp_path / "deps-runs") == 2 and _runs(tmp_path / "build-runs") == 2
+    assert entry.stat().st_ino != entry_inode  # the entry is this build's output now
+    # Same content: the stored artifact verified, so it was kept (an app may run from it).
+    assert fresh.digest == first.digest
+    assert Path(fresh.location).stat().st_ino == artifact_inode
+    verify_artifact(Path(fresh.location), fresh.digest)
+    # Still published and indexed: a normal build afterwards is a hit.
+    again = await builder.build(BuildRequest(repo.source(commit)))
+    assert again.cache.artifact_hit and again.cache.dependencies_key == fresh.cache.dependencies_key
+
+
+async def test_no_cache_replaces_a_stored_artifact_that_does_not_verify(
+    repo: GitRepo, data_dir: Path, tmp_path: Path
+) -> None:
+    commit = _python_app(repo, tmp_path)
+    builder = LocalBuilder(data_dir)
+    first = await builder.build(BuildRequest(repo.source(commit)))
+    _add_pycache(Path(first.location))
+    lines: list[str] = []
+    fresh = await builder.build(
+        BuildRequest(repo.source(commit), log_sink=lines.append, no_cache=True)
+    )
+    assert any(
+        line.startswith(f"[shipyard] replaced the stored copy of {first.digest}") for line in lines
+    ), lines
+    assert not (Path(fresh.location) / "__pycache__").exists()
+    verify_artifact(Path(fresh.location), fresh.digest)
+
+
+def _sealed_tree(root: Path, text: str) -> tuple[Path, str]:
+    root.mkdir(parents=True)
+    (root / "app.py").write_text(text)
+    return root, digest_tree(root)
+
+
+def test_publish_keeps_a_stored_copy_that_verifies_and_replaces_one_that_does_not(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    cache = BuildCache(data_dir, max_bytes=10**9)
+    tree, digest = _sealed_tree(tmp_path / "one", "print(1)\n")
+    stored = cache.publish_artifact(tree, digest)
+    assert stored.replaced is None and stored.size == len("print(1)\n")
+    inode = stored.path.stat().st_ino
+
+    same, _ = _sealed_tree(tmp_path / "two", "print(1)\n")
+    kept = cache.publish_artifact(same, digest)
+    assert kept.replaced is None and kept.path.stat().st_ino == inode
+    assert not same.exists()  # the duplicate was dropped
+
+    _writable(stored.path / "app.py")
+    (stored.path / "app.py").write_text("print('changed')\n")
+    fresh, _ = _sealed_tree(tmp_path / "three", "print(1)\n")
+    replaced = cache.publish_artifact(fresh, digest)
+    assert replaced.replaced is not None and "modified after the build" in replaced.replaced
+    verify_artifact(replaced.path, digest)
+    assert cache.artifact_bytes(digest) == len("print(1)\n")
+
+
+def test_drop_artifact_leaves_one_that_verifies_now(data_dir: Path, tmp_path: Path) -> None:
+    cache = BuildCache(data_dir, max_bytes=10**9)
+    tree, digest = _sealed_tree(tmp_path / "one", "print(1)\n")
+    stored = cache.publish_artifact(tree, digest)
+    # A concurrent build already replaced it: nothing to drop.
+    assert cache.drop_artifact(digest) is False and stored.path.is_dir()
+    _writable(stored.path)
+    (stored.path / "extra.txt").write_text("x")
+    assert cache.drop_artifact(digest) is True
+    assert not stored.path.exists() and cache.artifact_bytes(digest) == 0
 
 
 # --- eviction ---------------------------------------------------------------------------------

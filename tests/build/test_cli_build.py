@@ -48,6 +48,42 @@ def test_json_output_defaults_to_the_branch_head(repo: GitRepo, data_dir: Path) 
     assert again["digest"] == built["digest"]
 
 
+def test_no_cache_builds_afresh(repo: GitRepo, data_dir: Path, tmp_path: Path) -> None:
+    counter = tmp_path / "build-runs"
+    commit = _with_build(repo, f"command = \"sh -c 'echo run >> {counter}'\"")
+    args = [str(repo.path), "--commit", commit, "--data-dir", str(data_dir)]
+    first = runner.invoke(build_app, [*args, "--format", "json"])
+    assert first.exit_code == 0, first.output
+
+    result = runner.invoke(build_app, [*args, "--format", "json", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    fresh = json.loads(result.stdout)
+    assert fresh["cache"]["artifact_hit"] is False and fresh["cache"]["no_cache"] is True
+    assert fresh["digest"] == json.loads(first.stdout)["digest"]
+    assert len(counter.read_text().splitlines()) == 2  # the build command ran again
+
+    table = runner.invoke(build_app, [*args, "--no-cache"])
+    assert table.exit_code == 0, table.output
+    assert "not used (--no-cache)" in table.stdout
+    assert "no_cache requested" in table.stderr  # the build log says so too
+
+
+def test_a_modified_cached_artifact_is_rebuilt_and_the_table_says_why(
+    repo: GitRepo, data_dir: Path
+) -> None:
+    args = [str(repo.path), "--data-dir", str(data_dir)]
+    built = json.loads(runner.invoke(build_app, [*args, "--format", "json"]).stdout)
+    location = Path(built["location"])
+    location.chmod(0o755)
+    (location / "__pycache__").mkdir()
+
+    result = runner.invoke(build_app, args)
+    assert result.exit_code == 0, result.output
+    assert "rejected, rebuilt:" in result.stdout  # the reason follows (wrapped at 80 columns)
+    assert f"cached artifact {built['digest']} failed verification" in result.stderr
+    assert not (location / "__pycache__").exists()
+
+
 def test_failed_build_exits_1_with_the_cause(repo: GitRepo, data_dir: Path) -> None:
     commit = _with_build(repo, "command = \"sh -c 'echo missing header >&2; exit 4'\"")
     result = runner.invoke(

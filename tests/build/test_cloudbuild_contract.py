@@ -298,6 +298,24 @@ async def test_builder_submits_the_adr_build_and_reads_the_digest(
     assert clock.now() > 1_700_000_000.0  # polled with the injected clock, not wall time
 
 
+async def test_no_cache_restores_no_cache_and_turns_off_kanikos_layer_cache(
+    fake: FakeCloudBuild, remote: tuple[GitRepo, str], data_dir: Path
+) -> None:
+    lines: list[str] = []
+    artifact = await _builder(fake, data_dir, FakeClock()).build(
+        BuildRequest(_source(remote), log_sink=lines.append, no_cache=True)
+    )
+    steps = fake.requests[0].body["steps"]
+    assert [s["name"] for s in steps] == [KANIKO, "gcr.io/cloud-builders/gsutil"]
+    assert "--cache=false" in steps[0]["args"] and "--cache=true" not in steps[0]["args"]
+    assert steps[1]["args"][0] == "cp"  # the save step still refreshes the bucket's cache
+    # The digest is still read from the kaniko step's output, now step 0.
+    outputs = fake.build(fake.build_ids[0])["results"]["buildStepOutputs"]
+    assert artifact.digest == base64.b64decode(outputs[0]).decode()
+    assert artifact.cache.no_cache is True
+    assert any("no_cache requested" in line for line in lines)
+
+
 async def test_builder_reports_a_failed_build(
     fake: FakeCloudBuild, remote: tuple[GitRepo, str], data_dir: Path
 ) -> None:

@@ -83,6 +83,25 @@ async def test_no_op_rebuild_is_answered_from_the_engine(
     assert not any(line.startswith("Step ") for line in lines)  # nothing sent to the engine
 
 
+async def test_no_cache_builds_every_step_again(
+    image_repo: GitRepo, data_dir: Path, docker_engine: str
+) -> None:
+    builder = _builder(docker_engine, data_dir)
+    first = await builder.build(BuildRequest(image_repo.source()))
+    lines: list[str] = []
+    fresh = await builder.build(
+        BuildRequest(image_repo.source(), log_sink=lines.append, no_cache=True)
+    )
+    assert fresh.cache.artifact_hit is False and fresh.cache.no_cache is True
+    assert fresh.cache.layers_cached == 0  # the engine was asked for nocache
+    assert fresh.cache.layers_built is not None and fresh.cache.layers_built >= 3
+    assert "hello from RUN" in lines and "---> Using cache" not in [s.strip() for s in lines]
+    assert fresh.digest != first.digest  # a new RUN layer: a new image
+    # Both images carry the input key; a later build reuses the newest, the one just built.
+    again = await builder.build(BuildRequest(image_repo.source()))
+    assert again.cache.artifact_hit is True and again.digest == fresh.digest
+
+
 async def test_source_change_reuses_the_layer_cache(
     image_repo: GitRepo, data_dir: Path, docker_engine: str
 ) -> None:

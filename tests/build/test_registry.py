@@ -101,7 +101,9 @@ async def test_fake_builder_keeps_the_contract() -> None:
     b = await fake.build(BuildRequest(SOURCE))
     assert a.digest == b.digest and a.digest.startswith("sha256:")
     assert b.cache.artifact_hit and not a.cache.artifact_hit
+    fresh = await fake.build(BuildRequest(SOURCE, no_cache=True))
+    assert not fresh.cache.artifact_hit and fresh.cache.no_cache and fresh.digest == a.digest
     fake.fail_with = BuildFailed("exit 1")
     with pytest.raises(BuildFailed):
         await fake.build(BuildRequest(SOURCE))
-    assert len(fake.requests) == 3
+    assert len(fake.requests) == 4 and fake.requests[2].no_cache

@@ -77,6 +77,19 @@ def test_request_id_and_metadata_are_optional() -> None:
     assert a.id != b.id
 
 
+def test_rebuild_is_an_optional_extension() -> None:
+    # The ADR's own request has no "rebuild": it parses, and means "reuse the build cache".
+    assert DeploymentRequest.model_validate(ADR_REQUEST).rebuild is False
+    req = DeploymentRequest.model_validate({**ADR_REQUEST, "rebuild": True})
+    assert req.rebuild is True
+    wire = json.loads(req.model_dump_json())
+    assert wire["rebuild"] is True
+    assert DeploymentRequest.model_validate(wire) == req
+    # Documented in the schema the API publishes (OpenAPI is generated from this model).
+    schema = DeploymentRequest.model_json_schema()["properties"]["rebuild"]
+    assert schema["default"] is False and "afresh" in schema["description"]
+
+
 def _error_fields(body: dict[str, Any]) -> list[str]:
     with pytest.raises(ValidationError) as exc:
         DeploymentRequest.model_validate(body)
@@ -104,6 +117,7 @@ def _error_fields(body: dict[str, Any]) -> list[str]:
         ({"source": {**ADR_REQUEST["source"], "dockerfile": "/etc/passwd"}}, "dockerfile"),
         ({"source": {**ADR_REQUEST["source"], "extra": 1}}, "extra"),
         ({"target": None}, "target"),
+        ({"rebuild": "sometimes"}, "rebuild"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

@@ -22,6 +22,11 @@ class BuildRequest:
     source: SourceConfig
     #: Where build logs stream line by line (the CLI shows them live); None = only kept on disk.
     log_sink: LogSink | None = None
+    #: Build afresh: reuse no earlier result (``shipyard build --no-cache``, ``shipyard deploy
+    #: --rebuild``). The local builder skips its input index and dependency cache (and replaces
+    #: the cached entries with this build's), Docker builds with ``nocache``, Cloud Build
+    #: restores no cache. The result is still cached for later builds.
+    no_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,14 @@ class CacheReport:
     #: Docker builds: build steps answered from / not from the engine's layer cache.
     layers_cached: int | None = None
     layers_built: int | None = None
-    #: Wall time per phase: "fetch", "checkout", "dependencies", "command", "digest", "total".
+    #: Wall time per phase: "fetch", "verify" (a cached artifact re-checked), "checkout",
+    #: "dependencies", "command", "digest", "publish", "total".
     durations_ms: dict[str, int] = field(default_factory=dict)
+    #: The request asked for no cache (``BuildRequest.no_cache``): nothing was looked up.
+    no_cache: bool = False
+    #: Why the artifact cached for these inputs was not reused although the index had it (it
+    #: failed ``verify_artifact``: modified, missing or unreadable); it was dropped and rebuilt.
+    artifact_rejected: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,16 @@ builder runs through ``asyncio.to_thread``. Layout under the data directory::
     cache/index/<key>.json             inputs (commit tree + build configuration) -> digest
     cache/lock                         flock held while publishing or evicting
 
-Why three parts: the input index makes a rebuild of already-built inputs a lookup (no checkout,
-no hashing); the dependency cache makes a source-only change skip the expensive dependency step;
-the artifact store holds exactly one copy of every digest. Dependency entries and artifacts are
-evicted least-recently-used first when their byte budgets are exceeded; index entries whose
-artifact is gone are dropped on lookup.
+Why three parts: the input index makes a rebuild of already-built inputs a lookup plus one
+verification hash of the stored tree (no checkout, no command); the dependency cache makes a
+source-only change skip the expensive dependency step; the artifact store holds exactly one copy
+of every digest. Dependency entries and artifacts are evicted least-recently-used first when
+their byte budgets are exceeded; index entries whose artifact is gone are dropped on lookup.
+
+A sealed artifact can still be changed on disk (by root, or by an app that made its directory
+writable, e.g. to write ``__pycache__``). The builder verifies an index hit before reusing it and
+calls ``drop_artifact`` when it does not verify; ``publish_artifact`` keeps an existing directory
+for the digest only if it verifies, and replaces it otherwise.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shipyard.build.digest import artifact_dirname, tree_size
+from shipyard.build.digest import artifact_dirname, tree_size, verify_artifact
+from shipyard.errors import ArtifactVerificationFailed
 
 _META = ".meta.json"
 
@@ -43,6 +49,14 @@ class IndexEntry:
     commit: str
     manifest: dict[str, Any]
     dependencies_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Published:
+    path: Path
+    size: int
+    #: Why the directory already stored for this digest was replaced (it did not verify).
+    replaced: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,20 +121,51 @@ class BuildCache:
     def artifact_bytes(self, digest: str) -> int:
         return _meta_size(self._artifact_meta(digest))
 
-    def publish_artifact(self, tree: Path, digest: str) -> tuple[Path, int]:
-        """Move ``tree`` into the store as ``digest`` (or drop it: an identical tree is already
-        there), make it read-only, return (path, bytes)."""
+    def publish_artifact(self, tree: Path, digest: str) -> Published:
+        """Move ``tree`` (already hashed to ``digest``) into the store, read-only.
+
+        If a directory for ``digest`` is already there and verifies, it is kept and ``tree``
+        dropped: same content, and a revision may be running from it. If it does not verify (it
+        was modified after its build), it is replaced and ``Published.replaced`` says why.
+        """
+        dest = self.artifact_path(digest)
+        meta = self._artifact_meta(digest)
+        replaced = None
+        with self._locked():
+            if dest.is_dir():
+                replaced = _verification_error(dest, digest)
+                if replaced is None:
+                    _remove_tree(tree)
+                    if not meta.is_file():
+                        _write_meta(meta, tree_size(dest))
+                    _touch(meta)
+                    return Published(dest, self.artifact_bytes(digest))
+                meta.unlink(missing_ok=True)
+                _remove_tree(dest)
+            size = tree_size(tree)
+            os.rename(tree, dest)  # before chmod: moving a directory needs it writable
+            _make_read_only(dest)
+            _write_meta(meta, size)
+            _touch(meta)
+        return Published(dest, size, replaced)
+
+    def drop_artifact(self, digest: str, inputs_key: str | None = None) -> bool:
+        """Remove the artifact ``digest`` (and the index entry ``inputs_key``) if it still fails
+        verification; False if it verifies now (a concurrent build already replaced it).
+
+        Removal unlinks the files: a process running from the directory keeps its open files
+        only. Callers drop an artifact only after it failed verification, when it can no longer
+        be deployed, restarted or rolled back to anyway.
+        """
         dest = self.artifact_path(digest)
         with self._locked():
-            if not dest.is_dir():
-                size = tree_size(tree)
-                os.rename(tree, dest)  # before chmod: moving a directory needs it writable
-                _make_read_only(dest)
-                _write_meta(self._artifact_meta(digest), size)
-            else:
-                _remove_tree(tree)
-            _touch(self._artifact_meta(digest))
-        return dest, self.artifact_bytes(digest)
+            if dest.is_dir() and _verification_error(dest, digest) is None:
+                return False
+            if inputs_key is not None:
+                (self.index_dir / f"{inputs_key}.json").unlink(missing_ok=True)
+            self._artifact_meta(digest).unlink(missing_ok=True)  # first: never half looked up
+            _remove_tree(dest)
+        return True
 
     def _artifact_meta(self, digest: str) -> Path:
         return self.artifacts_dir / (artifact_dirname(digest) + _META)
@@ -138,17 +183,22 @@ class BuildCache:
     def dependencies_bytes(self, key: str) -> int:
         return _meta_size(self.deps_dir / (key + _META))
 
-    def publish_dependencies(self, key: str, tree: Path) -> Path:
+    def publish_dependencies(self, key: str, tree: Path, *, replace: bool = False) -> Path:
+        """Move ``tree`` into the store as entry ``key``, read-only. An existing entry is kept
+        (``tree`` dropped) unless ``replace`` (a no-cache build: its fresh output wins)."""
         entry = self.deps_dir / key
+        meta = self.deps_dir / (key + _META)
         with self._locked():
-            if entry.is_dir():
+            if entry.is_dir() and not replace:
                 _remove_tree(tree)
             else:
+                meta.unlink(missing_ok=True)
+                _remove_tree(entry)  # hard-linked artifacts keep their own links to its files
                 size = tree_size(tree)
                 os.rename(tree, entry)
                 _make_read_only(entry)
-                _write_meta(self.deps_dir / (key + _META), size)
-            _touch(self.deps_dir / (key + _META))
+                _write_meta(meta, size)
+            _touch(meta)
         return entry
 
     def drop_dependencies(self, key: str) -> None:
@@ -226,6 +276,14 @@ def _touch(meta: Path) -> None:
     _last_touch = now
     with contextlib.suppress(FileNotFoundError):
         os.utime(meta, ns=(now, now))
+
+
+def _verification_error(path: Path, digest: str) -> str | None:
+    try:
+        verify_artifact(path, digest)
+    except ArtifactVerificationFailed as exc:
+        return exc.message
+    return None
 
 
 def _write_meta(meta: Path, size: int) -> None:

@@ -20,6 +20,10 @@ comes back in ``results.build_step_outputs`` (kaniko pushes the image itself, so
 ``results.images`` stays empty). ``COMMIT_SHA`` is passed as a substitution as well, so the tag is
 right whichever way the build was started.
 
+``BuildRequest.no_cache`` leaves out step 1 (nothing restored from the bucket) and runs kaniko
+with ``--cache=false`` (no layer read from, or pushed to, its cache repository); step 3 still
+saves, so the bucket's cache is refreshed from this build.
+
 The long-running operation is polled with the injected ``Clock``; tests point the client at
 ``cloudbuild_fake.FakeCloudBuild`` (``api_endpoint`` + anonymous credentials).
 """
@@ -130,7 +134,9 @@ class CloudBuildBuilder:
                     request.source.dockerfile or manifest.build.dockerfile or "Dockerfile",
                     what="dockerfile",
                 )
-                build = self.build_config(resolved, manifest, dockerfile)
+                build = self.build_config(resolved, manifest, dockerfile, no_cache=request.no_cache)
+                if request.no_cache:
+                    log.note("no_cache requested: no cache restore step, kaniko --cache=false")
                 log.note(
                     f"submitting Cloud Build for {resolved.commit} to {self.config.project_id}"
                 )
@@ -146,7 +152,7 @@ class CloudBuildBuilder:
                     manifest=manifest,
                     builder=self.kind,
                     duration_ms=duration,
-                    cache=CacheReport(durations_ms={"total": duration}),
+                    cache=CacheReport(durations_ms={"total": duration}, no_cache=request.no_cache),
                     log_path=log_path,
                     tree=resolved.tree,
                 )
@@ -156,37 +162,42 @@ class CloudBuildBuilder:
                 raise
 
     def build_config(
-        self, resolved: ResolvedSource, manifest: Manifest, dockerfile: str
+        self,
+        resolved: ResolvedSource,
+        manifest: Manifest,
+        dockerfile: str,
+        *,
+        no_cache: bool = False,
     ) -> cb.Build:
-        """The ADR §5 build for this commit (pure; the contract tests inspect it)."""
+        """The ADR §5 build for this commit (pure; the contract tests inspect it). With
+        ``no_cache`` the restore step is left out and kaniko runs with ``--cache=false``."""
         cfg = self.config
         bucket = f"gs://{cfg.cache_bucket}"
+        restore = cb.BuildStep(
+            name=GSUTIL,
+            args=["cp", f"{bucket}/cache.tar.gz", "cache.tar.gz"],
+            allow_failure=True,
+        )
+        kaniko = cb.BuildStep(
+            name=KANIKO,
+            args=[
+                f"--dockerfile={dockerfile}",
+                "--cache=false" if no_cache else "--cache=true",
+                "--cache-ttl=168h",
+                f"--destination={self._repository(manifest)}:$COMMIT_SHA",
+                f"--digest-file={DIGEST_OUTPUT}",
+            ],
+        )
+        save = cb.BuildStep(
+            name=GSUTIL,
+            args=["cp", cfg.cache_save_path, f"{bucket}/"],
+            allow_failure=True,
+        )
         return cb.Build(
             source=cb.Source(
                 git_source=cb.GitSource(url=resolved.location, revision=resolved.commit)
             ),
-            steps=[
-                cb.BuildStep(
-                    name=GSUTIL,
-                    args=["cp", f"{bucket}/cache.tar.gz", "cache.tar.gz"],
-                    allow_failure=True,
-                ),
-                cb.BuildStep(
-                    name=KANIKO,
-                    args=[
-                        f"--dockerfile={dockerfile}",
-                        "--cache=true",
-                        "--cache-ttl=168h",
-                        f"--destination={self._repository(manifest)}:$COMMIT_SHA",
-                        f"--digest-file={DIGEST_OUTPUT}",
-                    ],
-                ),
-                cb.BuildStep(
-                    name=GSUTIL,
-                    args=["cp", cfg.cache_save_path, f"{bucket}/"],
-                    allow_failure=True,
-                ),
-            ],
+            steps=[kaniko, save] if no_cache else [restore, kaniko, save],
             options=cb.BuildOptions(
                 machine_type=getattr(cb.BuildOptions.MachineType, cfg.machine_type),
                 disk_size_gb=cfg.disk_size_gb,

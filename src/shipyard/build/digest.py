@@ -2,7 +2,8 @@
 
 ``digest_tree`` is called by the local builder when it seals an artifact; ``verify_artifact`` by
 the deploy stage right before it runs one (only the exact digest that was built, scanned and
-signed may be deployed). Also re-exported from ``shipyard.build.local``.
+signed may be deployed), and by the local builder and its cache before they reuse a stored
+artifact. Also re-exported from ``shipyard.build.local``.
 
 The digest is ``sha256:<hex>`` over a canonical listing of the tree, walked depth-first with
 entries sorted by their byte names: for every directory its relative path; for every regular file
@@ -56,7 +57,8 @@ def verify_artifact(path: Path, digest: str) -> None:
     if actual != digest:
         raise ArtifactVerificationFailed(
             f"artifact at {path} has digest {actual}, expected {digest}: it was modified after "
-            "the build; rebuild it",
+            "the build; rebuild it (deploying the commit again rebuilds it, `shipyard deploy "
+            "--rebuild` forces a fresh build)",
             digest=digest,
             actual=actual,
         )

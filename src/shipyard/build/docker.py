@@ -10,6 +10,9 @@ Chosen by ``[build] builder = "docker"`` through ``registry.builder_for``. Steps
    ``Dockerfile``) inside the tree: symlinks are followed and must stay inside it.
 4. Build with the engine's build API; every output line goes to the request's log sink and the
    per-build log; Docker's own layer cache does the caching ("Using cache" lines are counted).
+   ``BuildRequest.no_cache`` skips step 1's lookup and builds with ``nocache`` (no layer from
+   the cache; base images are still those the engine has unless ``pull`` is set). The new image
+   carries the input key too; the newest image with a key is the one a later build reuses.
 5. The image id (``sha256:...``, the digest of the image configuration) is the artifact digest;
    the image is tagged ``<repository_prefix>/<service>:<commit[:12]>``.
 
@@ -94,14 +97,24 @@ class DockerBuilder:
                 durations["fetch"] = _ms(started)
                 dockerfile_hint = request.source.dockerfile
                 key = self._inputs_key(resolved.tree, dockerfile_hint)
-                hit = await self._call(self._find_image, key)
+                if request.no_cache:
+                    log.note("no_cache requested: not reusing an image or the layer cache")
+                hit = None if request.no_cache else await self._call(self._find_image, key)
                 if hit is not None:
                     manifest = await read_manifest_at(resolved)
                     tag = await self._call(self._tag, hit, manifest, resolved.commit)
                     log.note(f"cache hit: tree {resolved.tree} was already built as {hit}")
                     durations["total"] = _ms(started)
                     return self._artifact(hit, tag, resolved, manifest, durations, log, hit=True)
-                return await self._build(resolved, dockerfile_hint, key, log, started, durations)
+                return await self._build(
+                    resolved,
+                    dockerfile_hint,
+                    key,
+                    log,
+                    started,
+                    durations,
+                    no_cache=request.no_cache,
+                )
             except ShipyardError as exc:
                 log.note(f"build failed: {exc.message}")
                 exc.detail.setdefault("log_path", str(log_path))
@@ -115,6 +128,8 @@ class DockerBuilder:
         log: BuildLog,
         started: float,
         durations: dict[str, int],
+        *,
+        no_cache: bool = False,
     ) -> Artifact:
         root = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="d-", dir=self._builds))
         context = root / "context"
@@ -129,7 +144,9 @@ class DockerBuilder:
             )
             durations["checkout"] = _ms(t)
             t = time.monotonic()
-            outcome = await self._stream_build(context, dockerfile, key, manifest, log)
+            outcome = await self._stream_build(
+                context, dockerfile, key, manifest, log, no_cache=no_cache
+            )
             durations["build"] = _ms(t)
         finally:
             await asyncio.to_thread(shutil.rmtree, root, ignore_errors=True)
@@ -147,11 +164,26 @@ class DockerBuilder:
             f"({outcome.cached_steps}/{outcome.steps} steps from the layer cache)"
         )
         return self._artifact(
-            outcome.image_id, tag, resolved, manifest, durations, log, hit=False, outcome=outcome
+            outcome.image_id,
+            tag,
+            resolved,
+            manifest,
+            durations,
+            log,
+            hit=False,
+            outcome=outcome,
+            no_cache=no_cache,
         )
 
     async def _stream_build(
-        self, context: Path, dockerfile: str, key: str, manifest: Manifest, log: BuildLog
+        self,
+        context: Path,
+        dockerfile: str,
+        key: str,
+        manifest: Manifest,
+        log: BuildLog,
+        *,
+        no_cache: bool,
     ) -> _Outcome:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
@@ -175,6 +207,7 @@ class DockerBuilder:
                     forcerm=True,
                     decode=True,
                     pull=self.config.pull,
+                    nocache=no_cache,
                     labels={INPUTS_LABEL: key},
                     use_config_proxy=False,  # nothing from the server's docker config
                     timeout=manifest.build.timeout_seconds,
@@ -234,7 +267,10 @@ class DockerBuilder:
             images = client.images.list(filters={"label": f"{INPUTS_LABEL}={key}"})
         finally:
             client.close()
-        return str(images[0].id) if images else None
+        if not images:
+            return None
+        # Several after a no-cache rebuild: the newest is what the last build produced.
+        return str(max(images, key=_created).id)
 
     def _tag(self, image_id: str, manifest: Manifest, commit: str) -> str:
         repository = f"{self.config.repository_prefix}/{manifest.service.name}"
@@ -274,6 +310,7 @@ class DockerBuilder:
         *,
         hit: bool,
         outcome: _Outcome | None = None,
+        no_cache: bool = False,
     ) -> Artifact:
         return Artifact(
             digest=image_id,
@@ -288,6 +325,7 @@ class DockerBuilder:
                 layers_cached=None if outcome is None else outcome.cached_steps,
                 layers_built=None if outcome is None else outcome.steps - outcome.cached_steps,
                 durations_ms=durations,
+                no_cache=no_cache,
             ),
             log_path=log.path,
             tree=resolved.tree,
@@ -330,6 +368,12 @@ def _absorb(chunk: Any, outcome: _Outcome, emit: Any) -> None:
         detail = chunk.get("errorDetail") or {}
         outcome.error = str(detail.get("message") or chunk["error"])
         emit(f"error: {outcome.error}")
+
+
+def _created(image: Any) -> tuple[str, str]:
+    """Sort key of an image's ``Created`` (RFC 3339 in UTC, fraction trimmed of zeros by Go)."""
+    head, _, fraction = str(image.attrs.get("Created", "")).removesuffix("Z").partition(".")
+    return head, fraction.ljust(9, "0")
 
 
 def _response_of(stream: Any) -> requests.Response | None:

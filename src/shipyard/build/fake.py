@@ -2,11 +2,12 @@
 the API's and the build registry's tests.
 
 It honours what callers rely on: the same source always yields the same ``sha256:`` digest (a
-rebuild is an artifact cache hit), the artifact names the full commit it was built from, a failure
-is a ``BuildFailed`` (commits listed in ``fail``, or the error in ``fail_with``), and every request
-is recorded. With ``root`` it materialises a real artifact directory digested like the real
-builders do, so the security gate and the deploy-time digest check work on it. It does not check
-that the commit exists; use ``LocalBuilder`` with a real repository for that.
+rebuild is an artifact cache hit, unless the request says ``no_cache``), the artifact names the
+full commit it was built from, a failure is a ``BuildFailed`` (commits listed in ``fail``, or the
+error in ``fail_with``), and every request is recorded. With ``root`` it materialises a real
+artifact directory digested like the real builders do, so the security gate and the deploy-time
+digest check work on it. It does not check that the commit exists; use ``LocalBuilder`` with a
+real repository for that.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class FakeBuilder:
                 (tree / name).parent.mkdir(parents=True, exist_ok=True)
                 (tree / name).write_text(text)
             digest, location = digest_tree(tree), str(tree)
-        hit = digest in self._digests
+        hit = digest in self._digests and not request.no_cache
         self._digests.add(digest)
         return Artifact(
             digest=digest,
@@ -87,5 +88,5 @@ class FakeBuilder:
             manifest=self.manifest,
             builder=self.kind,
             duration_ms=0 if hit else self.duration_ms,
-            cache=CacheReport(artifact_hit=hit),
+            cache=CacheReport(artifact_hit=hit, no_cache=request.no_cache),
         )

@@ -6,6 +6,10 @@ The lead's main CLI mounts ``build_app`` (``app.add_typer(build_app)``: its one 
 (``--format table``), and prints the artifact digest, cache hits and duration::
 
     shipyard build ./myapp --branch main [--commit SHA] [--data-dir DIR] [--format json]
+                           [--no-cache]
+
+``--no-cache`` builds afresh (``BuildRequest.no_cache``): no cached artifact, dependency
+environment or Docker layer is reused; the result is cached for the next build.
 
 Exit codes: 0 built; 1 the build failed (the cause is printed); 2 bad input (unknown
 repository/branch/commit, invalid manifest or flags).
@@ -65,6 +69,14 @@ def build(
             help='JSON file of builder settings per kind, e.g. {"docker": {"base_url": "..."}}.',
         ),
     ] = None,
+    no_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-cache",
+            help="Build afresh: reuse no cached artifact, dependency environment or image layer "
+            "(the result is still cached).",
+        ),
+    ] = False,
 ) -> None:
     """Build REPO at --commit (default: the head of --branch); print digest, cache hits, time."""
     out = Console(highlight=False)
@@ -74,7 +86,12 @@ def build(
         config = BuildConfig(data_dir=data_dir, builders=builders)
         artifact = asyncio.run(
             _build(
-                repository, branch, commit, config, err if output is OutputFormat.table else None
+                repository,
+                branch,
+                commit,
+                config,
+                err if output is OutputFormat.table else None,
+                no_cache=no_cache,
             )
         )
     except ValidationError as exc:
@@ -95,7 +112,13 @@ def build(
 
 
 async def _build(
-    repository: str, branch: str, commit: str | None, config: BuildConfig, logs: Console | None
+    repository: str,
+    branch: str,
+    commit: str | None,
+    config: BuildConfig,
+    logs: Console | None,
+    *,
+    no_cache: bool,
 ) -> Artifact:
     if commit is None:
         commit = await branch_head(repository, branch, cache_dir=config.data_dir)
@@ -106,7 +129,8 @@ async def _build(
         logs.print(escape(line))
 
     return await build_source(
-        BuildRequest(source=source, log_sink=sink if logs is not None else None), config
+        BuildRequest(source=source, log_sink=sink if logs is not None else None, no_cache=no_cache),
+        config,
     )
 
 
@@ -158,7 +182,12 @@ def _table(artifact: Artifact) -> Table:
     table.add_row("artifact", f"{artifact.kind} {escape(artifact.location)}")
     table.add_row("commit", artifact.commit)
     table.add_row("builder", artifact.builder)
-    table.add_row("artifact cache", _hit(cache.artifact_hit))
+    if cache.no_cache:
+        table.add_row("artifact cache", "not used (--no-cache)")
+    elif cache.artifact_rejected is not None:
+        table.add_row("artifact cache", f"rejected, rebuilt: {escape(cache.artifact_rejected)}")
+    else:
+        table.add_row("artifact cache", _hit(cache.artifact_hit))
     table.add_row("dependency cache", _hit(cache.dependencies_hit))
     if cache.layers_cached is not None:
         table.add_row("layer cache", f"{cache.layers_cached} cached, {cache.layers_built} built")

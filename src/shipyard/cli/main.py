@@ -217,6 +217,13 @@ def deploy(
         float, typer.Option(help="Keep the old revision warm, seconds.")
     ] = 30.0,
     wait: Annotated[bool, typer.Option(help="Follow progress until the deployment ends.")] = True,
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild",
+            help="Build afresh: reuse no cached artifact, dependency environment or image layer.",
+        ),
+    ] = False,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
     data_dir: OptDataDir = None,
@@ -240,11 +247,13 @@ def deploy(
         )
     except (InvalidInput, ManifestError) as exc:
         raise fail(exc.message) from exc
-    body = {
+    body: dict[str, Any] = {
         "source": {"repository": repo, "branch": branch, "commit": commit},
         "target": {"service_name": service, "region": region},
         "strategy": strategy_body,
     }
+    if rebuild:  # only when asked: servers that predate the field accept the body unchanged
+        body["rebuild"] = True
     client = _client(server, token, data_dir, "deployment:create", "deployment:read")
     accepted = _check(client.request("POST", "/api/v1/deploy", json=body))
     dep_id = accepted["deployment_id"]
@@ -418,16 +427,19 @@ def status(
         f"[bold]{doc['service']}[/bold]@{doc['region']} {doc['url']} serving "
         f"{doc['serving_revision']} weights {doc['weights']}"
     )
-    table = Table("replica", "revision", "state", "ready", "port")
+    table = Table("replica", "revision", "state", "ready", "restarts", "port")
     for r in doc["replicas"]:
         table.add_row(
-            r["replica_id"],
-            r["revision"],
+            escape(r["replica_id"]),
+            escape(r["revision"]),
             r["state"],
-            "yes" if r["ready"] else "no",
+            "yes" if r["ready"] else "[red]no[/red]",
+            str(r.get("restarts", 0)),
             str(r["port"]),
         )
     out.print(table)
+    for warning in doc.get("warnings", []):
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 @app.command()

@@ -287,6 +287,12 @@ class DeploymentRequest(WireModel):
     target: TargetEnvironment
     strategy: DeploymentStrategy
     metadata: DeploymentMetadata = Field(default_factory=DeploymentMetadata)
+    #: Shipyard extension (``shipyard deploy --rebuild``).
+    rebuild: bool = Field(
+        default=False,
+        description="Build afresh: reuse no cached artifact, dependency environment or image "
+        "layer (the build's BuildRequest.no_cache). Optional; default false.",
+    )
 
 
 # --- deployment resource -------------------------------------------------------------------------
