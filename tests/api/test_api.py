@@ -7,6 +7,7 @@ Covers the ADR endpoints, auth (401/403 shapes), bad input (clear 4xx, nothing s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -416,3 +417,22 @@ async def test_metrics_expose_deployments_and_router_traffic(
     ]
     assert buckets == sorted(buckets) and buckets[-1] == float(requests.split()[-1])
     assert 'shipyard_scrape_errors{region="local"} 0' in lines
+
+
+async def test_service_status_warns_when_nothing_can_answer(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
+    r = await client.post("/api/v1/deploy?wait=true", json=body("aaa111"), headers=h.headers())
+    assert r.json()["status"] == "Success", r.text
+    svc = (await client.get("/api/v1/services/api", headers=h.headers())).json()
+    assert svc["warnings"] == []
+    assert [r["restarts"] for r in svc["replicas"]] == [0]
+    replicas = h.runtime.services["api"].replicas
+    (rid,) = replicas
+    replicas[rid] = dataclasses.replace(
+        replicas[rid], state="crashed", routable=False, restarts=4, exit_code=137
+    )
+    svc = (await client.get("/api/v1/services/api", headers=h.headers())).json()
+    assert svc["replicas"][0]["restarts"] == 4
+    assert svc["warnings"][0].startswith("no routable replica: the service answers 503")
+    assert f"replica {rid} is crashed after 4 restart(s), last exit code 137" in svc["warnings"]

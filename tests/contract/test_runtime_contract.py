@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from shipyard.errors import RevisionStartFailed, TrafficSwitchFailed
-from shipyard.runtime.base import RevisionSpec, Runtime
+from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime
 from shipyard.runtime.fake import FakeRuntime
 from shipyard.runtime.local import LocalRuntime, read_agent_info
 
@@ -64,7 +65,14 @@ def spec(
     if not loc.exists():
         _artifact(tmp, revision)
     return RevisionSpec(
-        "svc", revision, "sha256:" + "0" * 64, str(loc), argv or ["python3", "app.py"], {}, replicas
+        "svc",
+        revision,
+        "sha256:" + "0" * 64,
+        str(loc),
+        argv or ["python3", "app.py"],
+        {},
+        replicas,
+        health_endpoint="/health",
     )
 
 
@@ -129,3 +137,46 @@ async def test_a_command_that_cannot_start_is_refused(runtime: Runtime, tmp_path
         await runtime.start_revision(spec(tmp_path, "bad", argv=["/nonexistent/binary"]))
     state = await runtime.service_state("svc")
     assert state is None or "bad" not in state.revisions()
+
+
+def kill_replica(runtime: Runtime, replica: ReplicaStatus) -> None:
+    """``kill -9`` the replica: its process on the agent, the fake's test hook on the fake."""
+    if isinstance(runtime, FakeRuntime):
+        runtime.kill_replica(replica.replica_id)
+    else:
+        assert replica.pid is not None
+        os.kill(replica.pid, signal.SIGKILL)
+
+
+async def test_a_replica_that_dies_is_restarted_and_counted(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    [before] = await runtime.start_revision(spec(tmp_path, "v1"))
+    if isinstance(runtime, LocalRuntime):
+        await asyncio.wait_for(_listening(before.port), 15)
+    await runtime.set_routable("svc", [before.replica_id], True)
+    await runtime.router.set_weight("svc", {"v1": 100})
+    kill_replica(runtime, before)
+
+    deadline = time.monotonic() + 20
+    while True:  # the runtime's first backoff is half a second
+        state = await runtime.service_state("svc")
+        assert state is not None
+        [after] = state.replicas
+        if after.restarts and after.routable:
+            break
+        assert time.monotonic() < deadline, f"not restarted: {after}"
+        await asyncio.sleep(0.05)
+    assert (after.replica_id, after.revision, after.restarts) == (before.replica_id, "v1", 1)
+    assert (after.state, after.exit_code, after.last_exit_code) == ("running", None, -9)
+    assert after.next_restart_in is None
+    assert await runtime.router.verify_weight("svc", {"v1": 100}) is True
+    # Starting the revision again does not add a replica beside the restarted one.
+    assert [r.replica_id for r in await runtime.start_revision(spec(tmp_path, "v1"))] == [
+        before.replica_id
+    ]
+    if isinstance(runtime, LocalRuntime):
+        assert after.pid != before.pid
+        async with httpx.AsyncClient() as c:
+            r = await c.get(state.url)
+        assert r.text == "hello from v1\n"

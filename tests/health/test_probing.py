@@ -114,6 +114,42 @@ async def test_crash_fails_without_waiting_for_thresholds() -> None:
     assert script.calls == 0
 
 
+RESTARTED = ReplicaStatus(
+    "r1", "v1", "127.0.0.1", 2, "running", restarts=1, last_exit_code=137
+)  # killed between two polls and already running again, on another port
+
+
+async def _restarted() -> dict[str, ReplicaStatus]:
+    return {"r1": RESTARTED}
+
+
+async def test_a_crash_the_runtime_already_restarted_still_fails_the_gate() -> None:
+    with pytest.raises(HealthCheckFailed, match=r"crashed and was restarted \(exit code 137\)"):
+        await wait_healthy([REPLICA], CHECK, Script(REFUSED), FakeClock(), _restarted)
+
+
+async def test_a_crash_the_runtime_already_restarted_ends_the_bake() -> None:
+    verdict = await watch_until_unhealthy(
+        [REPLICA], CHECK, Script(OK), FakeClock(start=0), _restarted, until=60
+    )
+    assert verdict is not None and "crashed and was restarted" in verdict.reason
+
+
+async def test_probes_follow_the_port_the_replica_listens_on_now() -> None:
+    moved = ReplicaStatus("r1", "v1", "127.0.0.1", 7, "running")
+    ports: list[int] = []
+
+    async def prober(replica: ReplicaStatus, check: HealthCheck) -> ProbeResult:
+        ports.append(replica.port)
+        return OK
+
+    async def states() -> dict[str, ReplicaStatus]:
+        return {"r1": moved}
+
+    await wait_healthy([REPLICA], CHECK, prober, FakeClock(), states)
+    assert ports == [7, 7]
+
+
 async def test_watch_returns_the_unhealthy_verdict_inside_the_window() -> None:
     clock = FakeClock(start=0)
     verdict = await watch_until_unhealthy(

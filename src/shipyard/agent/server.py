@@ -8,7 +8,14 @@ is down or restarting, and it persists what it runs (``state.json``) so a restar
 the same services back on the same ports.
 
 Files in ``<data_dir>/agents/<region>/``: ``agent.json`` (pid, api url), ``agent.token``,
-``state.json``, ``agent.log``; replica logs under ``logs/<service>/``.
+``state.json``, ``agent.log``; replica logs under ``logs/<service>/``; each replica's writable
+state (HOME, TMPDIR, its overlay's upper layer) under ``run/<replica_id>/``, removed when it
+stops, and a previous agent's left-overs removed on ``restore``.
+
+Replicas that exit on their own are restarted by the supervisor (``agent.supervisor``) with a
+backoff; each change it reports reconfigures the service's router (a restarted replica comes
+back on a new port, and into rotation only if it was routable and has passed its readiness
+probe) and rewrites ``state.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +38,13 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from shipyard.agent.supervisor import Replica, Supervisor, kill_orphan_group
+from shipyard.agent.supervisor import (
+    Isolation,
+    Replica,
+    RestartPolicy,
+    Supervisor,
+    kill_orphan_group,
+)
 from shipyard.errors import RevisionStartFailed, ShipyardError
 from shipyard.routing.proxy import Backend, ServiceProxy
 from shipyard.runtime.base import RevisionSpec
@@ -85,13 +98,27 @@ class ServiceRoute:
 
 
 class Agent:
-    def __init__(self, data_dir: Path, region: str, listen_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        region: str,
+        listen_host: str = "127.0.0.1",
+        *,
+        restart: RestartPolicy | None = None,
+        isolation: Isolation = "auto",
+    ) -> None:
         self.region = region
         self.dir = agent_dir(data_dir, region)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.listen_host = listen_host
         self.routes: dict[str, ServiceRoute] = {}
-        self.supervisor = Supervisor(self.dir / "logs", self._replica_changed)
+        self.supervisor = Supervisor(
+            self.dir / "logs",
+            self._replica_changed,
+            run_dir=self.dir / "run",
+            restart=restart,
+            isolation=isolation,
+        )
         self.token = secrets.token_urlsafe(32)
         self._state_dirty = asyncio.Event()
 
@@ -123,10 +150,11 @@ class Agent:
         self._save_state()
 
     def _reconfigure(self, route: ServiceRoute) -> None:
+        # Built from each replica's current port: a restarted replica's Backend follows it.
         backends = [
             Backend(r.replica_id, r.spec.revision, "127.0.0.1", r.port)
             for r in self.supervisor.of_service(route.service)
-            if r.alive and r.routable
+            if r.serving
         ]
         route.proxy.configure(
             route.weights,
@@ -149,7 +177,7 @@ class Agent:
         if positive and sum(positive.values()) != 100:
             raise HTTPException(422, f"weights must sum to 100, got {sum(positive.values())}")
         for rev in positive:
-            if not any(r.alive and r.routable for r in self.supervisor.of_revision(service, rev)):
+            if not any(r.serving for r in self.supervisor.of_revision(service, rev)):
                 raise HTTPException(
                     409, f"revision {rev} of {service} has no routable replica; start it first"
                 )
@@ -182,17 +210,18 @@ class Agent:
     def _snapshot(self) -> dict[str, Any]:
         specs: dict[str, dict[str, Any]] = {}
         for r in self.supervisor.replicas.values():
-            if r.alive:
+            # A replica waiting out its restart backoff is still one the revision should have.
+            if r.wanted:
                 s = specs.setdefault(
                     r.spec.revision, {"spec": r.spec.to_dict(), "routable": False, "pids": []}
                 )
                 s["spec"]["replicas"] = sum(
                     1
                     for x in self.supervisor.of_revision(r.spec.service, r.spec.revision)
-                    if x.alive
+                    if x.wanted
                 )
                 s["routable"] = s["routable"] or r.routable
-                if r.process:
+                if r.process and r.process.returncode is None:
                     s["pids"].append([r.process.pid, r.replica_id])
         return {
             "services": {
@@ -211,18 +240,23 @@ class Agent:
         write_private(self.dir / "state.json", json.dumps(self._snapshot(), indent=1))
 
     async def restore(self) -> None:
-        """Put back what a previous agent ran: same ports, same revisions, same weights."""
+        """Put back what a previous agent ran: same ports, same revisions, same weights.
+
+        Its replicas' state directories go first (after its orphaned replicas): the restored
+        replicas are new ones, with new ids and fresh state.
+        """
         path = self.dir / "state.json"
-        if not path.exists():
-            return
         try:
-            state = json.loads(path.read_text())
+            state = json.loads(path.read_text()) if path.exists() else {}
         except (OSError, ValueError) as exc:
             log.error("cannot read %s (%s); starting empty", path, exc)
-            return
+            state = {}
         for rev in state.get("revisions", []):
             for pid, replica_id in rev.get("pids", []):
                 kill_orphan_group(pid, replica_id)
+        self.supervisor.clean_stale()
+        if not state:
+            return
         for name, svc in state.get("services", {}).items():
             await self.ensure_service(name, int(svc.get("port", 0)))
         for rev in state.get("revisions", []):

@@ -21,7 +21,7 @@ Errors are mapped to problem+json in ``api/problems.py`` only.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -36,6 +36,7 @@ from shipyard.api.context import AppContext, build_context
 from shipyard.api.limits import BodySizeLimit
 from shipyard.domain.models import DNS_LABEL, Deployment, DeploymentRequest, DeploymentStatus
 from shipyard.errors import NotFound, UnknownRegion
+from shipyard.runtime.base import ReplicaStatus
 from shipyard.settings import Settings
 
 CanCreate = Annotated[Claims, Depends(require_permission("deployment:create"))]
@@ -255,6 +256,7 @@ def create_app(
         if row is None and state is None:
             raise NotFound(f"service {name} has never been deployed in region {region}")
         active = c.store.active_deployment(name, region)
+        replicas = list(state.replicas) if state else []
         return {
             "service": name,
             "region": region,
@@ -262,7 +264,7 @@ def create_app(
             "serving_revision": row.serving_revision if row else None,
             "warm_revision": row.warm_revision if row else None,
             "warm_until": row.warm_until if row else None,
-            "weights": dict(state.weights) if state else {},
+            "weights": {k: v for k, v in state.weights.items() if v} if state else {},
             "replicas": [
                 {
                     "replica_id": r.replica_id,
@@ -272,13 +274,44 @@ def create_app(
                     "port": r.port,
                     "pid": r.pid,
                     "exit_code": r.exit_code,
+                    "restarts": r.restarts,
                 }
-                for r in (state.replicas if state else [])
+                for r in replicas
             ],
             "active_deployment": active["id"] if active else None,
+            "warnings": service_warnings(
+                row.serving_revision if row else None, replicas, active is not None
+            ),
         }
 
     return app
+
+
+def service_warnings(
+    serving: str | None, replicas: Sequence[ReplicaStatus], in_flight: bool
+) -> list[str]:
+    """What a user must know about a service at a glance (``shipyard status`` prints these)."""
+    warnings: list[str] = []
+    if serving is not None and not any(r.alive and r.routable for r in replicas):
+        warnings.append(
+            f"no routable replica: the service answers 503 (serving revision {serving}); "
+            "Shipyard restarts crashed replicas and repairs the region on its own"
+        )
+    elif (
+        serving is not None
+        and not in_flight
+        and not any(r.revision == serving and r.alive and r.routable for r in replicas)
+    ):
+        warnings.append(f"the serving revision {serving} has no routable replica")
+    for r in replicas:
+        if r.restarts and not (r.alive and r.routable):
+            warnings.append(
+                f"replica {r.replica_id} is {r.state} after {r.restarts} restart(s)"
+                + (f", last exit code {r.exit_code}" if r.exit_code is not None else "")
+            )
+        elif r.restarts >= 3:
+            warnings.append(f"replica {r.replica_id} has restarted {r.restarts} times")
+    return warnings
 
 
 def _service_name(name: str) -> str:

@@ -139,11 +139,16 @@ class HealthReport:
     duration_ms: int
 
 
-def _crashed(status: ReplicaStatus | None) -> str | None:
+def _crashed(status: ReplicaStatus | None, restarts: int) -> str | None:
+    """Why the replica counts as crashed, or None. ``restarts`` is its count when watching
+    began: a runtime that restarts exited replicas may have done so between two polls, so a
+    higher count is a crash too, even if the replica is running again."""
     if status is None:
         return "disappeared"
     if not status.alive:
         return f"{status.state} (exit code {status.exit_code})"
+    if status.restarts > restarts:
+        return f"crashed and was restarted (exit code {status.last_exit_code})"
     return None
 
 
@@ -157,17 +162,19 @@ async def wait_healthy(
     """Probe every replica until all are healthy; HealthCheckFailed on the first that is not."""
     started = clock.now()
     trackers = {r.replica_id: ThresholdTracker(check, started) for r in replicas}
+    restarts = {r.replica_id: r.restarts for r in replicas}
     pending = {r.replica_id: r for r in replicas}
     while pending:
         states = await replica_states()
         for rid in list(pending):
-            dead = _crashed(states.get(rid))
+            dead = _crashed(states.get(rid), restarts[rid])
             if dead:
                 raise HealthCheckFailed(
                     f"replica {rid} {dead} before becoming healthy",
                     attempts=trackers[rid].attempts,
                     replica=rid,
                 )
+            pending[rid] = states.get(rid, pending[rid])  # probe where it listens now
         results = await asyncio.gather(*(prober(r, check) for r in pending.values()))
         now = clock.now()
         for (rid, _), result in zip(list(pending.items()), results, strict=True):
@@ -216,10 +223,11 @@ async def watch_until_unhealthy(
     }
     for t in trackers.values():
         t.ever_succeeded = True  # they passed the gate: a refused connection now is a failure
+    restarts = {r.replica_id: r.restarts for r in replicas}
     while clock.now() < until:
         states = await replica_states()
         for r in replicas:
-            dead = _crashed(states.get(r.replica_id))
+            dead = _crashed(states.get(r.replica_id), restarts[r.replica_id])
             if dead:
                 return UnhealthyVerdict(
                     r.replica_id,

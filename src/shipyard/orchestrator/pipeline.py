@@ -77,7 +77,7 @@ from shipyard.errors import (
 )
 from shipyard.health.probing import Prober, wait_healthy, watch_until_unhealthy
 from shipyard.logs import log_event
-from shipyard.orchestrator.reconciler import Reconciler
+from shipyard.orchestrator.reconciler import Reconciler, revision_spec
 from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime, StickyKey
 from shipyard.security.gate import SecurityGate
 from shipyard.store.db import Store
@@ -522,7 +522,9 @@ class Pipeline:
         stage = self._stage_start(doc, "build")
         log = BuildLogSink(self.build_log_path(doc["id"]))
         try:
-            artifact = await self.builder.build(BuildRequest(request.source, log))
+            artifact = await self.builder.build(
+                BuildRequest(request.source, log, no_cache=request.rebuild)
+            )
         except ShipyardError as exc:
             self._stage_end(doc, stage, "failed", error=exc.message, log_tail=log.tail())
             await self._audit(doc, "build.failed", error=exc.message)
@@ -645,6 +647,7 @@ class Pipeline:
             argv=manifest.run.argv,
             env=manifest.run.env,
             replicas=manifest.run.replicas,
+            health_endpoint=manifest.health.endpoint,
         )
         self.store.save_revision(
             revision,
@@ -785,9 +788,7 @@ class Pipeline:
             case StartCandidate():
                 stage = self._stage_start(doc, step.name)
                 stored = self.store.get_revision_spec(candidate)
-                spec = RevisionSpec.from_dict(
-                    {k: v for k, v in stored.items() if k not in ("health", "attestation")}
-                )
+                spec = revision_spec(stored)
                 doc["url"] = await runtime.ensure_service(service)
                 try:
                     await self._verify_artifact(doc, stored)
@@ -1076,10 +1077,7 @@ class Pipeline:
     # --- rolling ---------------------------------------------------------------------------------
 
     def _spec(self, revision: str) -> RevisionSpec:
-        stored = self.store.get_revision_spec(revision)
-        return RevisionSpec.from_dict(
-            {k: v for k, v in stored.items() if k not in ("health", "attestation")}
-        )
+        return revision_spec(self.store.get_revision_spec(revision))
 
     async def _ready(self, doc: dict[str, Any]) -> dict[str, list[ReplicaStatus]]:
         state = await self.runtime(doc["region"]).service_state(doc["service"])

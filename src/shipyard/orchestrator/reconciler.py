@@ -49,6 +49,17 @@ REPAIR_RETRY_SECONDS = 30.0
 Verify = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
 
 
+def revision_spec(stored: Mapping[str, Any]) -> RevisionSpec:
+    """The ``RevisionSpec`` of a stored revision (``Store.get_revision_spec``): its runtime
+    fields, and the health endpoint (a runtime probes it before routing to a restarted replica;
+    revisions stored before ``health_endpoint`` existed take it from their health check)."""
+    names = {f.name for f in dataclasses.fields(RevisionSpec)}
+    fields = {k: v for k, v in stored.items() if k in names}
+    if fields.get("health_endpoint") is None:
+        fields["health_endpoint"] = (stored.get("health") or {}).get("endpoint")
+    return RevisionSpec.from_dict(fields)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -177,13 +188,7 @@ class Reconciler:
         if self.clock.now() < self._repair_after.get(key, 0.0):
             return state
         stored = self.store.get_revision_spec(serving)
-        spec = RevisionSpec.from_dict(
-            {
-                k: v
-                for k, v in stored.items()
-                if k in {f.name for f in dataclasses.fields(RevisionSpec)}
-            }
-        )
+        spec = revision_spec(stored)
         doc = {
             "id": None,
             "service": service,

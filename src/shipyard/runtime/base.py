@@ -29,6 +29,10 @@ class RevisionSpec:
     argv: Sequence[str]
     env: Mapping[str, str] = field(default_factory=dict)
     replicas: int = 1
+    #: The manifest's ``[health] endpoint`` (a path such as ``/health``). A runtime that restarts
+    #: a crashed replica sends it traffic again only once this answers 2xx; None: once its port
+    #: accepts a connection.
+    health_endpoint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -52,8 +56,15 @@ class ReplicaStatus:
     routable: bool = True
     pid: int | None = None
     exit_code: int | None = None
+    #: How many times the runtime started this replica again after it exited on its own (the
+    #: replica keeps its id; its pid and port change). Never reset, like Kubernetes'.
     restarts: int = 0
     log_path: str | None = None
+    #: The exit code of the process before the latest restart (None: never restarted).
+    last_exit_code: int | None = None
+    #: Seconds until a pending restart (the replica is then ``crashed`` or ``exited``, waiting
+    #: out its backoff); None when no restart is pending.
+    next_restart_in: float | None = None
 
     @property
     def alive(self) -> bool:

@@ -1,11 +1,13 @@
 """In-memory ``Runtime`` + ``TrafficRouter`` + ``Prober`` honouring the same contract as the local
-agent (tests/runtime/test_contract.py runs one suite against both).
+agent (tests/contract/test_runtime_contract.py runs one suite against both).
 
 Used by orchestrator unit tests with a ``FakeClock`` (and ``health.fake.FakeProber``): injected
-crashes and start failures, a log of every weight change and of every replica count change to
-assert invariants on, and a scripted metrics source for canary analysis: a steady synthetic load
-(``FakeRouter.rps`` requests per second of the injected clock, split by the weights in force)
-where each revision answers per its ``TrafficProfile`` (5xx rate, latency).
+crashes (``crash``: the replica stays down; ``kill_replica``: it is restarted after a backoff on
+the injected clock, as the agent's supervisor does) and start failures, a log of every weight
+change and of every replica count change to assert invariants on, and a scripted metrics source
+for canary analysis: a steady synthetic load (``FakeRouter.rps`` requests per second of the
+injected clock, split by the weights in force) where each revision answers per its
+``TrafficProfile`` (5xx rate, latency).
 """
 
 from __future__ import annotations
@@ -128,10 +130,25 @@ class FakeRouter:
         self._rt.services.pop(service, None)
 
 
+@dataclass
+class _PendingRestart:
+    service: str
+    due: float
+    #: Whether the replica was routable before it died (set_routable(False) clears it).
+    routable: bool
+
+
 class FakeRuntime:
     kind = "fake"
 
-    def __init__(self, region: str = "local", now: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        region: str = "local",
+        now: Callable[[], float] | None = None,
+        *,
+        restart_delay: float = 0.5,
+        restart_delay_max: float = 30.0,
+    ) -> None:
         self.region = region
         #: The clock the synthetic load runs on (a FakeClock's ``now`` in tests).
         self.now = now or time.monotonic
@@ -143,6 +160,15 @@ class FakeRuntime:
         #: (service, running, ready) after every replica change: rolling invariants are
         #: asserted on this.
         self.observations: list[tuple[str, int, int]] = []
+        #: The agent's backoff for ``kill_replica``: ``restart_delay`` doubling with every kill
+        #: of the same replica, at most ``restart_delay_max`` (seconds of ``now``; the agent's
+        #: reset after a long run is not modelled).
+        self.restart_delay = restart_delay
+        self.restart_delay_max = restart_delay_max
+        #: Replica ids in the order they were restarted.
+        self.restarted: list[str] = []
+        self._pending: dict[str, _PendingRestart] = {}
+        self._kills: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._ports = itertools.count(20000)
 
@@ -154,8 +180,14 @@ class FakeRuntime:
         if spec.revision in self.fail_start:
             raise RevisionStartFailed(f"cannot start {spec.argv[0]!r} for revision {spec.revision}")
         await self.ensure_service(spec.service)
+        self._restart_due(spec.service)
         svc = self.services[spec.service]
-        alive = [r for r in svc.replicas.values() if r.revision == spec.revision and r.alive]
+        # Like the agent: a replica waiting for its restart still counts.
+        alive = [
+            r
+            for r in svc.replicas.values()
+            if r.revision == spec.revision and (r.alive or r.replica_id in self._pending)
+        ]
         for _ in range(spec.replicas - len(alive)):
             rid = f"{spec.revision}-{next(self._ids)}"
             r = ReplicaStatus(rid, spec.revision, "127.0.0.1", next(self._ports), "running", False)
@@ -175,6 +207,9 @@ class FakeRuntime:
         svc = self.services[service]
         for rid in replica_ids:
             svc.replicas[rid] = replace(svc.replicas[rid], routable=routable)
+            pending = self._pending.get(rid)
+            if pending is not None and not routable:
+                pending.routable = False
         self._observe(service)
 
     async def stop_replicas(
@@ -184,6 +219,7 @@ class FakeRuntime:
         if svc is None:
             return
         for rid in replica_ids:
+            self._pending.pop(rid, None)  # a stopped replica is never restarted
             if svc.replicas.pop(rid, None) is not None:
                 self.stopped.append(rid)
                 self._observe(service)
@@ -200,6 +236,7 @@ class FakeRuntime:
         svc = self.services.get(service)
         if svc is None:
             return None
+        self._restart_due(service)
         return ServiceState(service, svc.url, dict(svc.weights), list(svc.replicas.values()))
 
     async def list_services(self) -> list[str]:
@@ -213,6 +250,46 @@ class FakeRuntime:
                 svc.replicas[replica_id] = replace(
                     svc.replicas[replica_id], state="crashed", exit_code=exit_code, routable=False
                 )
+
+    def kill_replica(self, replica_id: str, exit_code: int = -9) -> None:
+        """The replica dies (``kill -9``); it is restarted once its backoff has passed on
+        ``now``, with the same id, a new port, ``restarts`` + 1, and routable again only if it
+        was before. The restart is seen by the next ``service_state`` / ``start_revision``."""
+        for name, svc in self.services.items():
+            r = svc.replicas.get(replica_id)
+            if r is None or not r.alive:
+                continue
+            kills = self._kills[replica_id] = self._kills.get(replica_id, 0) + 1
+            delay = min(self.restart_delay_max, self.restart_delay * 2.0 ** min(kills - 1, 60))
+            self._pending[replica_id] = _PendingRestart(name, self.now() + delay, r.routable)
+            svc.replicas[replica_id] = replace(
+                r, state="crashed", exit_code=exit_code, routable=False, next_restart_in=delay
+            )
+            self._observe(name)
+
+    def _restart_due(self, service: str) -> None:
+        svc = self.services[service]
+        now = self.now()
+        for rid, pending in list(self._pending.items()):
+            r = svc.replicas.get(rid)
+            if pending.service != service or r is None:
+                continue
+            if now < pending.due:
+                svc.replicas[rid] = replace(r, next_restart_in=pending.due - now)
+                continue
+            del self._pending[rid]
+            svc.replicas[rid] = replace(
+                r,
+                state="running",
+                port=next(self._ports),
+                routable=pending.routable,
+                exit_code=None,
+                last_exit_code=r.exit_code,
+                restarts=r.restarts + 1,
+                next_restart_in=None,
+            )
+            self.restarted.append(rid)
+            self._observe(service)
 
     def running_revisions(self, service: str) -> set[str]:
         svc = self.services.get(service)

@@ -1,0 +1,103 @@
+"""What the agent's supervisor tests share: artifacts of ``replica_app.py``, waiting for a
+condition with a deadline, and looking at processes from the outside."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from shipyard.runtime.base import RevisionSpec
+
+T = TypeVar("T")
+
+REPLICA_APP = Path(__file__).with_name("replica_app.py")
+
+#: Polling interval for conditions; the deadline is what bounds a test, not this.
+POLL = 0.02
+
+
+def make_artifact(root: Path, version: str) -> Path:
+    """An artifact directory holding the replica app, read-only like the builder leaves it."""
+    d = root / f"artifact-{version}"
+    d.mkdir(parents=True)
+    (d / "app.py").write_text(REPLICA_APP.read_text())
+    (d / "helper.py").write_text(f"VALUE = {version!r}\n")
+    for p in (d / "app.py", d / "helper.py", d):
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    return d
+
+
+def spec_for(
+    artifact: Path,
+    revision: str = "v1",
+    *,
+    service: str = "svc",
+    argv: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    health_endpoint: str | None = None,
+) -> RevisionSpec:
+    return RevisionSpec(
+        service=service,
+        revision=revision,
+        artifact_digest="sha256:" + "0" * 64,
+        artifact_location=str(artifact),
+        argv=argv or ["python3", "app.py"],
+        env=env or {},
+        health_endpoint=health_endpoint,
+    )
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], *, timeout: float = 30.0, what: str = "condition"
+) -> T:
+    """Poll ``check`` until it returns something other than None (or False); fail at the
+    deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:g}s")
+        await asyncio.sleep(POLL)
+
+
+async def get_info(port: int) -> dict[str, Any] | None:
+    """The replica app's ``/info``, or None while it does not answer."""
+    try:
+        async with httpx.AsyncClient(timeout=2, trust_env=False) as c:
+            r = await c.get(f"http://127.0.0.1:{port}/info")
+    except httpx.TransportError:
+        return None
+    info: dict[str, Any] = json.loads(r.text)
+    return info
+
+
+def process_gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped yet counts: it holds nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def wait_gone_blocking(pid: int, timeout: float = 10.0) -> None:
+    """Wait until ``pid`` has exited *without yielding to the event loop*, so an in-process
+    supervisor cannot react to the exit before the caller has acted on it."""
+    deadline = time.monotonic() + timeout
+    while not process_gone(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} still running after {timeout:g}s")
+        time.sleep(0.005)
+
+
+#: The overlay needs CAP_SYS_ADMIN; without root the supervisor runs replicas directly.
+NOT_ROOT = os.geteuid() != 0

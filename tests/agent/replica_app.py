@@ -1,0 +1,73 @@
+"""The app the agent's tests run as replicas (copied into an artifact as ``app.py``; stdlib only).
+
+At start it imports ``helper`` (a ``.py`` module beside it, so Python would write bytecode next to
+it), writes ``written.txt`` into its working directory and ``state.txt`` under ``$HOME`` and a
+file under ``$TMPDIR``, noting whether each was already there. ``GET /info`` answers what it saw
+as JSON; ``GET /`` answers ``<helper.VALUE> <pid>``; ``GET /health`` answers 200, or 500 when
+``SICK_AFTER_FIRST=1`` and the file named by ``START_LOG`` shows an earlier start. With
+``SPAWN_CHILD=<file>`` it starts a child in its own process group (as gunicorn does with its
+workers) and writes the child's pid to that file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+helper = importlib.import_module("helper")
+
+_cwd_file = Path("written.txt")
+_home_file = Path(os.environ["HOME"]) / "state.txt"
+SEEN: dict[str, object] = {
+    "fresh_cwd": not _cwd_file.exists(),
+    "fresh_home": not _home_file.exists(),
+    "cwd": os.getcwd(),
+    "pid": os.getpid(),
+    "env": {
+        k: os.environ.get(k)
+        for k in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "PYTHONDONTWRITEBYTECODE", "PORT")
+    },
+}
+_cwd_file.write_text(f"written by {os.getpid()}\n")
+_home_file.write_text(f"written by {os.getpid()}\n")
+with tempfile.NamedTemporaryFile(delete=False) as tmp:
+    SEEN["tmpfile"] = tmp.name
+
+_starts = 0
+if os.environ.get("START_LOG"):
+    with open(os.environ["START_LOG"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    _starts = len(Path(os.environ["START_LOG"]).read_text().splitlines())
+SICK = os.environ.get("SICK_AFTER_FIRST") == "1" and _starts > 1
+
+if os.environ.get("SPAWN_CHILD"):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    Path(os.environ["SPAWN_CHILD"]).write_text(str(child.pid))
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/info":
+            self._answer(200, json.dumps(SEEN).encode())
+        elif self.path == "/health":
+            self._answer(500 if SICK else 200, b"sick\n" if SICK else b"ok\n")
+        else:
+            self._answer(200, f"{helper.VALUE} {os.getpid()}\n".encode())
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
