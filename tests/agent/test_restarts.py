@@ -373,6 +373,66 @@ async def test_the_leaders_whole_process_group_is_killed_when_it_dies(tmp_path: 
         await sup.stop_all()
 
 
+async def test_the_orphans_of_a_dead_leader_finish_their_requests_before_they_are_killed(
+    tmp_path: Path,
+) -> None:
+    """gunicorn workers outlive a SIGKILLed master: the router's in-flight requests to them are
+    drained (the replica is out of rotation by then) before the group is killed."""
+    pid_file = tmp_path / "child.pid"
+    drained: list[tuple[str, str, bool, float]] = []
+
+    async def drain(replica: Replica, timeout: float) -> bool:
+        child = int(pid_file.read_text())
+        drained.append((replica.replica_id, replica.state, process_gone(child), timeout))
+        return True
+
+    sup = Supervisor(
+        tmp_path / "logs", lambda r: None, run_dir=tmp_path / "run", restart=NEVER, drain=drain
+    )
+    spec = spec_for(make_artifact(tmp_path, "v1"), env={"SPAWN_CHILD": str(pid_file)})
+    try:
+        [replica] = await sup.start_revision(spec)
+        await eventually(lambda: get_info(replica.port), what="the app answering")
+        child = int(pid_file.read_text())
+        assert replica.process is not None
+        os.kill(replica.process.pid, signal.SIGKILL)
+
+        async def child_gone() -> bool:
+            return process_gone(child)
+
+        await eventually(child_gone, timeout=10, what="the orphaned worker killed")
+        # Drained once, while the worker still lived and the replica was already out of
+        # rotation (crashed), with the policy's bound.
+        assert drained == [(replica.replica_id, "crashed", False, NEVER.orphan_drain)]
+    finally:
+        await sup.stop_all()
+
+
+async def test_a_leader_that_dies_alone_is_not_drained(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    async def drain(replica: Replica, timeout: float) -> bool:
+        calls.append(replica.replica_id)
+        return True
+
+    sup = Supervisor(
+        tmp_path / "logs", lambda r: None, run_dir=tmp_path / "run", restart=NEVER, drain=drain
+    )
+    try:
+        [replica] = await sup.start_revision(spec_for(make_artifact(tmp_path, "v1")))
+        await eventually(lambda: get_info(replica.port), what="the app answering")
+        assert replica.process is not None
+        os.kill(replica.process.pid, signal.SIGKILL)
+
+        async def backing_off() -> bool:  # set once the group has been dealt with
+            return replica.state == "crashed" and replica.interruptible
+
+        await eventually(backing_off, timeout=10, what="the keeper waiting out its backoff")
+        assert calls == []
+    finally:
+        await sup.stop_all()
+
+
 async def test_start_revision_counts_a_replica_waiting_for_its_restart(tmp_path: Path) -> None:
     sup = _supervisor(tmp_path, NEVER)
     spec = spec_for(make_artifact(tmp_path, "v1"), argv=CRASH_AT_ONCE)

@@ -116,6 +116,7 @@ class Agent:
             self.dir / "logs",
             self._replica_changed,
             run_dir=self.dir / "run",
+            drain=self._drain_replica,
             restart=restart,
             isolation=isolation,
         )
@@ -142,6 +143,13 @@ class Agent:
 
     def url(self, route: ServiceRoute) -> str:
         return f"http://{self.listen_host}:{route.port}"
+
+    async def _drain_replica(self, replica: Replica, timeout: float) -> bool:
+        """Wait until the router has answered every request it sent ``replica``."""
+        route = self.routes.get(replica.spec.service)
+        if route is None:
+            return True
+        return await route.proxy.drain_replica(replica.replica_id, timeout)
 
     def _replica_changed(self, replica: Replica) -> None:
         route = self.routes.get(replica.spec.service)

@@ -14,10 +14,11 @@ artifact's read-only mode bits protect from a non-root agent. The mode is decide
 supervisor by a probe, and logged.
 
 Replicas are kept running. A keeper task per replica waits for its process; when the process
-exits without ``stop`` having been asked, the keeper kills what is left of its process group
-(gunicorn workers of a killed master would keep the port), waits out an exponential backoff
-(``RestartPolicy``, after Kubernetes' CrashLoopBackOff), starts the same replica again (same
-replica id, a new port, ``restarts`` + 1) and waits until it is ready (its health endpoint
+exits without ``stop`` having been asked, the keeper takes the replica out of the router's
+rotation, lets the requests still held by what is left of its process group finish (gunicorn
+workers of a killed master), kills that group (it would keep the port), waits out an exponential
+backoff (``RestartPolicy``, after Kubernetes' CrashLoopBackOff), starts the same replica again
+(same replica id, a new port, ``restarts`` + 1) and waits until it is ready (its health endpoint
 answers 2xx, or its port accepts a connection) before it may take traffic again, and then only
 if it was routable before. Every state change is reported through ``on_change``, which the agent
 uses to reconfigure the router and persist its state.
@@ -35,7 +36,7 @@ import socket
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -82,6 +83,10 @@ class RestartPolicy:
     #: Pause between readiness probes, and the timeout of one probe.
     ready_interval: float = 0.15
     probe_timeout: float = 1.0
+    #: When the leader dies but other processes of its group live on (gunicorn workers of a
+    #: killed master), the requests they hold may finish for this long before the group is
+    #: killed: the router stops sending the replica new requests at once.
+    orphan_drain: float = 5.0
 
     def calculate_backoff(self, failures: int, ran_for: float) -> tuple[int, float]:
         """``(consecutive failures counting this exit, delay before the restart)``."""
@@ -166,12 +171,16 @@ class Supervisor:
         on_change: Callable[[Replica], None],
         *,
         run_dir: Path,
+        drain: Callable[[Replica, float], Awaitable[object]] | None = None,
         restart: RestartPolicy | None = None,
         isolation: Isolation = "auto",
     ) -> None:
         self._logs_dir = logs_dir
         self._run_dir = run_dir
         self._on_change = on_change
+        #: Waits until the router has finished the requests a replica holds (the agent passes
+        #: the proxy's ``drain_replica``); used before killing the orphans of a dead leader.
+        self._drain = drain
         self.policy = restart or RestartPolicy()
         self._isolation: Isolation = isolation
         self._mode: Mode | None = None
@@ -391,10 +400,10 @@ class Supervisor:
                 code: int | None = None
                 if proc is not None:
                     code = await proc.wait()
-                    # Whatever the leader left behind (workers, helpers) goes with it.
-                    _signal_group(proc.pid, signal.SIGKILL)
                 replica.exit_code = code
                 if replica.stopping:
+                    if proc is not None:  # stop() drained it already
+                        _signal_group(proc.pid, signal.SIGKILL)
                     self._log_exit(replica, "stopped", None)
                     return
                 ran_for = time.monotonic() - replica.spawned_at
@@ -403,7 +412,9 @@ class Supervisor:
                 replica.restart_delay = delay
                 replica.restart_at = time.monotonic() + delay
                 self._log_exit(replica, reason, delay)
-                self._on_change(replica)
+                self._on_change(replica)  # out of the router's rotation first
+                if proc is not None:
+                    await self._reap_group(replica, proc.pid)
                 replica.interruptible = True
                 try:
                     await asyncio.sleep(delay)
@@ -415,6 +426,18 @@ class Supervisor:
             log.exception(
                 "supervising replica %s failed; it is no longer restarted", replica.replica_id
             )
+
+    async def _reap_group(self, replica: Replica, pgid: int) -> None:
+        """Kill what the dead leader left behind, after the requests it still holds finished.
+
+        Workers that outlive their master (gunicorn's) keep serving the connections they have:
+        cutting them would fail requests the router already forwarded. The router stopped
+        sending new ones when the replica left its rotation; ``orphan_drain`` bounds the wait.
+        """
+        if self._drain is not None and _group_exists(pgid):
+            with contextlib.suppress(Exception):  # a drain that fails must not stop the keeper
+                await self._drain(replica, self.policy.orphan_drain)
+        _signal_group(pgid, signal.SIGKILL)
 
     async def _restart(self, replica: Replica) -> str:
         """Start the replica again and wait until it is ready; returns why it is going down if
@@ -605,6 +628,17 @@ def _check_command(argv: list[str], workdir: Path, env: dict[str, str], revision
             f"{env.get('PATH', os.defpath)!r}",
             command=command,
         )
+
+
+def _group_exists(pgid: int) -> bool:
+    """Whether any process of the group is left (signal 0 checks without sending)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
