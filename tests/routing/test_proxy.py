@@ -151,6 +151,36 @@ async def test_dead_backend_is_retried_on_a_live_one(
     assert live.requests == 20
 
 
+async def test_a_backend_that_hangs_up_without_answering_is_left_for_a_live_one(
+    upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
+) -> None:
+    """A replica being killed accepts the request and drops the connection: the request goes to
+    another backend at once instead of being sent to the dying one again."""
+    hangups = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal hangups
+        await reader.readuntil(b"\r\n\r\n")
+        hangups += 1
+        writer.transport.abort()
+
+    dying = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    live = await upstreams("live")
+    proxy, port = await proxies()
+    doomed = Backend("dying-r", "v1", "127.0.0.1", dying.sockets[0].getsockname()[1])
+    proxy.configure({"v1": 100}, [doomed, live.backend("v1")])
+    client = await clients(port)
+    try:
+        for _ in range(20):
+            response = await client.request()
+            assert (response.status, response.body) == (200, b"live")
+    finally:
+        dying.close()
+    assert hangups >= 1
+    metrics = proxy.metrics()["v1"]
+    assert (metrics.status_2xx, metrics.status_5xx) == (20, 0)
+
+
 async def test_dead_revision_falls_back_to_another_routed_revision(
     upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:

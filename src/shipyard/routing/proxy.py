@@ -1170,10 +1170,22 @@ class _Client(_Conn):
         self._retry(pool, elsewhere=True)
 
     def _upstream_lost(self, up: _Upstream, exc: BaseException | None) -> None:
-        """The upstream closed before any response byte: retry if the request was not consumed."""
+        """The upstream closed before any response byte: retry if the request was not consumed.
+
+        A pooled keep-alive connection the backend had already closed is the ordinary race:
+        try the same backend on a fresh connection. A *fresh* connection lost means the
+        backend itself is going away (a killed replica): it counts as failed and the retry goes
+        to another backend, as nginx's ``proxy_next_upstream error`` does.
+        """
         self.upstream = None
-        if up.reused or self.method in _IDEMPOTENT:
-            self._retry(up.pool, elsewhere=False)
+        pool = up.pool
+        if up.reused and not pool.retired:
+            self._retry(pool, elsewhere=False)
+        elif up.reused or self.method in _IDEMPOTENT:
+            if self.failed is None:
+                self.failed = set()
+            self.failed.add(pool)
+            self._retry(pool, elsewhere=True)
         else:
             self._local(502, b"upstream closed the connection\n", upstream_error=True)
 
