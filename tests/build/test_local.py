@@ -101,7 +101,9 @@ async def test_environment_is_scrubbed(
 ) -> None:
     monkeypatch.setenv("SHIPYARD_API_TOKEN", "s3cret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
-    commit = _with_build(repo, "command = \"sh -c 'env > env.txt; pwd > pwd.txt'\"")
+    commit = _with_build(
+        repo, "command = \"sh -c 'env > env.txt; pwd > pwd.txt; echo x > $HOME/.toolrc'\""
+    )
     artifact = await LocalBuilder(data_dir).build(BuildRequest(repo.source(commit)))
     env = dict(
         line.split("=", 1)
@@ -109,7 +111,11 @@ async def test_environment_is_scrubbed(
         if "=" in line
     )
     assert "s3cret" not in (Path(artifact.location) / "env.txt").read_text()
-    assert env["HOME"] == (Path(artifact.location) / "pwd.txt").read_text().strip()
+    # HOME is scratch space outside the workspace: what tools leave there (settings, caches)
+    # never becomes part of the artifact.
+    workspace = (Path(artifact.location) / "pwd.txt").read_text().strip()
+    assert not env["HOME"].startswith(workspace)
+    assert not (Path(artifact.location) / ".toolrc").exists()
     assert env["LANG"] == "C.UTF-8"
     assert set(env) <= {
         "PATH",

@@ -20,8 +20,9 @@ orchestrator's build stage calls ``build``. Steps:
 5. The workspace is checked (nothing written beside it, no symlink pointing out of it), hashed
    (``digest.digest_tree``) and moved, read-only, to ``<data>/artifacts/sha256-<hex>``.
 
-Commands run from argv lists (never a shell) with a scrubbed environment: ``PATH``, ``HOME`` (the
-workspace), ``LANG``, ``TMPDIR`` / ``XDG_CACHE_HOME`` (a scratch directory that is thrown away) and
+Commands run from argv lists (never a shell) with a scrubbed environment: ``PATH``, ``HOME``,
+``LANG``, ``TMPDIR`` / ``XDG_CACHE_HOME`` (all in a scratch directory that is thrown away, so
+what tools leave in HOME -- pip's and rustup's settings, caches -- never enters an artifact) and
 ``SOURCE_DATE_EPOCH``; nothing else of the server's environment (no tokens). One time budget,
 ``[build] timeout_seconds``, covers both commands; on expiry the whole process group is killed.
 
@@ -80,7 +81,7 @@ DEFAULT_CACHE_KEY_FILES = (
     "go.sum",
 )
 #: Bump when the build procedure changes in a way that must not reuse older cache entries.
-_CACHE_FORMAT = "local-v1"
+_CACHE_FORMAT = "local-v2"  # v2: HOME moved out of the workspace and the recipe
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 # 1980-01-01: a fixed SOURCE_DATE_EPOCH makes timestamp-embedding tools (zip, pyc) reproducible.
 _SOURCE_DATE_EPOCH = "315532800"
@@ -264,6 +265,7 @@ class LocalBuilder:
             await export_commit(resolved, workspace)
             manifest = await asyncio.to_thread(load_manifest, workspace)
             await asyncio.to_thread((scratch / "cache").mkdir, parents=True)
+            await asyncio.to_thread((scratch / "home").mkdir)
             durations["checkout"] = _ms(t)
             limit = manifest.build.timeout_seconds
             deadline = time.monotonic() + limit
@@ -278,7 +280,7 @@ class LocalBuilder:
                 code = await run_command(
                     argv,
                     cwd=workspace,
-                    env=self._env(home=workspace, scratch=scratch),
+                    env=self._env(scratch=scratch),
                     limit_s=_remaining(deadline, limit, log),
                     budget_s=limit,
                     log=log,
@@ -354,7 +356,7 @@ class LocalBuilder:
             return _Dependencies(hit=None)
         workspace, scratch = root / _WORKSPACE, root / _SCRATCH
         patterns = manifest.build.cache_key_files or list(DEFAULT_CACHE_KEY_FILES)
-        env = self._env(home=root / _RECIPE, scratch=scratch)
+        env = self._env(scratch=scratch)
         key, files = await asyncio.to_thread(_dependency_key, workspace, patterns, argv, env)
         entry = None if no_cache else await asyncio.to_thread(self.cache.lookup_dependencies, key)
         hit = entry is not None
@@ -422,10 +424,10 @@ class LocalBuilder:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _env(self, *, home: Path, scratch: Path) -> dict[str, str]:
+    def _env(self, *, scratch: Path) -> dict[str, str]:
         return {
             "PATH": self.config.path or os.environ.get("PATH", _DEFAULT_PATH),
-            "HOME": str(home),
+            "HOME": str(scratch / "home"),
             "LANG": "C.UTF-8",
             "TMPDIR": str(scratch),
             "XDG_CACHE_HOME": str(scratch / "cache"),
