@@ -248,3 +248,35 @@ async def test_a_failed_rolling_update_that_changed_replicas_restores_stable_cap
         assert world.weights() == {old: 100}
     finally:
         await world.pipeline.stop()
+
+
+async def test_a_failed_deployment_keeps_the_instant_rollback_window(world: World) -> None:
+    first = await world.deploy("aaaa1111")
+    second = await world.deploy("bbbb2222", bake_seconds=0, scale_down_delay_seconds=300)
+    v1, v2 = first["green_revision"], second["green_revision"]
+    doc = await world.deploy("cccc3333", wait=False, bake_seconds=30)
+    world.prober.scripts[f"cccc333-{doc['id'][:8]}"] = lambda r, n: n < 3  # fails in the bake
+    failed = await world.pipeline.wait(doc["id"])
+    assert failed["status"] == "RolledBack"
+    svc = world.store.get_service("api", "local")
+    assert svc is not None and (svc.serving_revision, svc.warm_revision) == (v2, v1)
+    assert world.runtime.running_revisions("api") == {v1, v2}
+    rb = await world.pipeline.wait((await world.pipeline.rollback(second["id"], "bob"))["id"])
+    assert rb["strategy"] == {"Rollback": {"instant": True}}
+    assert world.weights() == {v1: 100}
+
+
+async def test_a_successful_deployment_retires_the_revision_kept_warm_before(
+    world: World,
+) -> None:
+    first = await world.deploy("aaaa1111")
+    second = await world.deploy("bbbb2222", bake_seconds=0, scale_down_delay_seconds=300)
+    third = await world.deploy("cccc3333", bake_seconds=0, scale_down_delay_seconds=300)
+    svc = world.store.get_service("api", "local")
+    assert svc is not None and svc.warm_revision == second["green_revision"]
+    assert world.runtime.running_revisions("api") == {
+        second["green_revision"],
+        third["green_revision"],
+    }
+    retired = await audited(world, "revision.retired")
+    assert retired == [{"revision": first["green_revision"], "reason": "superseded"}]

@@ -691,13 +691,6 @@ class Pipeline:
                 "a canary stage asks for sticky assignment but shipyard.toml names no key: add "
                 '[routing] sticky_header = "x-user-id" (or sticky_cookie = "session")'
             )
-        # Only now, with a plan that will run, does this deployment change anything: it ends the
-        # previous deployment's instant-rollback window (a refused one leaves it as it was).
-        if svc and svc.warm_revision:
-            await self._stop_revision(doc["service"], doc["region"], svc.warm_revision)
-            self.store.upsert_service(
-                doc["service"], doc["region"], warm_revision=None, warm_until=None
-            )
         progress: dict[str, Any] = {
             "phase": "steps",
             "step": 0,
@@ -870,15 +863,7 @@ class Pipeline:
                     )
                 self._stage_end(doc, stage, "succeeded")
             case KeepWarm():
-                if stable and step.seconds > 0:
-                    self.store.upsert_service(
-                        service,
-                        doc["region"],
-                        warm_revision=stable,
-                        warm_until=self.clock.now() + step.seconds,
-                    )
-                elif stable:
-                    await self._stop_revision(service, doc["region"], stable)
+                await self._keep_warm(doc, stable, step.seconds)
             case Analyse():
                 await self._analyse(doc, step, started)
             case AwaitPromotion():
@@ -908,6 +893,29 @@ class Pipeline:
                 await self._audit(
                     doc, "replicas.scaled", revision=stable, replicas=step.replicas, weights=weights
                 )
+
+    async def _keep_warm(self, doc: dict[str, Any], stable: str | None, seconds: float) -> None:
+        """The revision this deployment replaced stays warm for ``seconds`` (instant rollback),
+        and takes over the window of the one kept warm before, which is stopped now.
+
+        Only a deployment that got this far ends the previous window: one that fails or is
+        rolled back leaves it as it was, so the service can still go back instantly.
+        """
+        service, region = doc["service"], doc["region"]
+        svc = self.store.get_service(service, region)
+        previous = svc.warm_revision if svc else None
+        if stable and seconds > 0:
+            self.store.upsert_service(
+                service, region, warm_revision=stable, warm_until=self.clock.now() + seconds
+            )
+        else:
+            if previous is not None:
+                self.store.upsert_service(service, region, warm_revision=None, warm_until=None)
+            if stable:
+                await self._stop_revision(service, region, stable)
+        if previous is not None and previous not in (stable, doc.get("green_revision")):
+            await self._stop_revision(service, region, previous)
+            await self._audit(doc, "revision.retired", revision=previous, reason="superseded")
 
     # --- canary analysis -------------------------------------------------------------------------
 
