@@ -1,8 +1,10 @@
 """Helpers for end-to-end tests: a real ``shipyard serve`` (and its agent), the example app's git
-repository, and wrk as the load generator."""
+repository, wrk as the load generator, and ``Recorder``: load that remembers which version
+answered every request (``tests/e2e/test_real_app.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -11,16 +13,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 
 from shipyard.api.auth import TokenAuthority
 
 ALL = ["deployment:create", "deployment:read", "deployment:rollback"]
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -38,6 +45,21 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_for_state(
+    observe: Callable[[], T], accept: Callable[[T], bool], timeout: float, what: str
+) -> T:
+    """Poll ``observe()`` until ``accept`` takes its value; on timeout the failure shows the last
+    value seen, so it says what the state was instead of only that it never changed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = observe()
+        if accept(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
+        time.sleep(0.05)
 
 
 class Server:
@@ -129,6 +151,34 @@ class Server:
         assert r.status_code == 202, r.text
         return str(r.json()["deployment_id"])
 
+    def deploy_with(
+        self, repo: Path, commit: str, strategy: dict[str, Any], service: str = "hello"
+    ) -> str:
+        """Submit a deployment with any strategy (the request body's ``strategy``)."""
+        assert self.client is not None
+        r = self.client.post(
+            "/api/v1/deploy",
+            json={
+                "source": {"repository": str(repo), "branch": "main", "commit": commit},
+                "target": {"service_name": service, "region": "local"},
+                "strategy": strategy,
+            },
+        )
+        assert r.status_code == 202, r.text
+        return str(r.json()["deployment_id"])
+
+    def rollback(self, dep_id: str) -> str:
+        """``POST /api/v1/rollback/{dep_id}``; returns the rollback's own deployment id."""
+        assert self.client is not None
+        r = self.client.post(f"/api/v1/rollback/{dep_id}")
+        assert r.status_code == 202, r.text
+        return str(r.json()["deployment_id"])
+
+    def promote(self, dep_id: str) -> None:
+        assert self.client is not None
+        r = self.client.post(f"/api/v1/deployments/{dep_id}/promote")
+        assert r.status_code == 202, r.text
+
     def deployment(self, dep_id: str) -> dict[str, Any]:
         assert self.client is not None
         doc: dict[str, Any] = self.client.get(f"/api/v1/deployments/{dep_id}").json()
@@ -200,3 +250,157 @@ class Wrk:
             socket_errors=sum(int(g) for g in sock.groups()) if sock else 0,
             output=out,
         )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request the ``Recorder`` made: ``status`` None means no HTTP answer (``body`` then
+    names the error)."""
+
+    sent: float  # time.monotonic() when the request was written
+    done: float
+    step: str  # the recorder's step label when it was sent
+    status: int | None
+    body: str  # stripped
+    revision: str  # x-shipyard-revision, "" if absent
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+class Recorder:
+    """Steady keep-alive GET load through a service URL from its own thread, remembering every
+    answer: when it was sent, in which step of the test, its status, its body (the example apps
+    answer with their version) and the revision the router says served it.
+
+    Unlike wrk it can tell *which version* answered at every moment, so a test can assert that
+    exactly the right one served between two points (``answers(since=...)``), and it counts a
+    reset connection or a timeout as a failed request, like a user would.
+    """
+
+    def __init__(self, url: str, connections: int = 4, timeout: float = 10.0) -> None:
+        u = urlsplit(url)
+        self.host, self.port, self.path = u.hostname or "127.0.0.1", u.port or 80, u.path or "/"
+        self.connections = connections
+        self.timeout = timeout
+        self._answers: list[Answer] = []
+        self._step = "start"
+        self._stop = threading.Event()
+        self._crash: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="recorder", daemon=True)
+
+    def start(self) -> Recorder:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.timeout + 5)
+        assert not self._thread.is_alive(), "the recorder did not stop"
+        if self._crash is not None:
+            raise AssertionError(f"the recorder crashed: {self._crash!r}") from self._crash
+
+    def step(self, name: str) -> float:
+        """Label the requests sent from now on; returns now (``time.monotonic()``)."""
+        self._step = name
+        return time.monotonic()
+
+    def answers(self, since: float | None = None, until: float | None = None) -> list[Answer]:
+        """Answers to requests sent at or after ``since`` and finished by ``until``."""
+        return [
+            a
+            for a in list(self._answers)
+            if (since is None or a.sent >= since) and (until is None or a.done <= until)
+        ]
+
+    def bodies(self, since: float | None = None, until: float | None = None) -> Counter[str]:
+        return Counter(
+            a.body if a.ok else f"FAILED {a.status}: {a.body}" for a in self.answers(since, until)
+        )
+
+    def failures(self) -> list[Answer]:
+        return [a for a in list(self._answers) if not a.ok]
+
+    def describe_failures(self, limit: int = 10) -> str:
+        """Failed requests grouped by step and cause, with the first few in full."""
+        failed = self.failures()
+        if not failed:
+            return "no failed requests"
+        groups = Counter(f"{a.step}: {a.status or 'no answer'} {a.body[:80]}" for a in failed)
+        t0 = self._answers[0].sent if self._answers else 0.0
+        first = "; ".join(
+            f"+{a.sent - t0:.2f}s {a.step} -> {a.status or 'no answer'} {a.body[:80]!r}"
+            for a in failed[:limit]
+        )
+        return f"{len(failed)} failed requests: {dict(groups)}; first: {first}"
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # surfaced by stop()
+            self._crash = exc
+
+    async def _run(self) -> None:
+        await asyncio.gather(*(self._connection() for _ in range(self.connections)))
+
+    async def _connection(self) -> None:
+        request = f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode()
+        reader: asyncio.StreamReader | None = None
+        writer: asyncio.StreamWriter | None = None
+        while not self._stop.is_set():
+            step, sent = self._step, time.monotonic()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(self.host, self.port)
+                assert reader is not None
+                writer.write(request)
+                async with asyncio.timeout(self.timeout):
+                    status, body, revision, close = await _read_response(reader)
+                self._answers.append(Answer(sent, time.monotonic(), step, status, body, revision))
+                if close:
+                    writer.close()
+                    writer = None
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+                self._answers.append(
+                    Answer(sent, time.monotonic(), step, None, f"{type(exc).__name__}: {exc}", "")
+                )
+                if writer is not None:
+                    writer.close()
+                writer = None
+                await asyncio.sleep(0.01)  # do not spin on a refused connection
+        if writer is not None:
+            writer.close()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str, str, bool]:
+    """(status, stripped body, revision header, server closes) of one HTTP/1.1 response."""
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionResetError("connection closed before a response")
+    status = int(status_line.split()[1])
+    length: int | None = None
+    chunked = close = False
+    revision = ""
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        key, value = name.strip().lower(), value.strip()
+        if key == "content-length":
+            length = int(value)
+        elif key == "transfer-encoding" and "chunked" in value.lower():
+            chunked = True
+        elif key == "x-shipyard-revision":
+            revision = value
+        elif key == "connection" and value.lower() == "close":
+            close = True
+    if chunked:
+        body = b""
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        await reader.readline()
+    elif length is not None:
+        body = await reader.readexactly(length)
+    else:
+        body, close = await reader.read(), True
+    return status, body.decode("utf-8", errors="replace").strip(), revision, close

@@ -8,7 +8,14 @@
    of the router's own metrics (success rate, p99), then promoted to 100%;
 5. deploys a broken v4 (its health check starts failing during the bake window): it is rolled
    back automatically; reports how long detection and the rollback took;
-6. verifies the audit trail; stops everything it started.
+6. waits until v2's warm window has ended and the agent no longer runs it, then rolls v3 back
+   to v2 under load: a cold rollback (v2 restarted from its artifact, verified, health-gated,
+   then switched); reports how long it took and that no request failed;
+7. verifies the audit trail; stops everything it started.
+
+``shipyard demo`` (``make demo``) runs it. The helpers that make the example repositories
+(``make_example_repo``, ``make_notes_repo``, ``commit_version``) are shared with the end-to-end
+tests (``tests/e2e``).
 """
 
 from __future__ import annotations
@@ -53,16 +60,34 @@ def _git(repo: Path, *args: str) -> str:
     ).stdout.strip()
 
 
-def make_example_repo(path: Path) -> Path:
-    """A git repository holding the example app at v1 on branch main."""
-    src = resources.files("shipyard.examples") / "hello"
+#: The files of each bundled example (``shipyard/examples/<name>/``) that make its repository.
+EXAMPLE_FILES = {
+    "hello": ("app.py", "shipyard.toml", "version.txt"),
+    "notes": ("app.py", "gunicorn.conf.py", "requirements.txt", "shipyard.toml", "version.txt"),
+}
+
+
+def _example_repo(example: str, path: Path) -> Path:
+    """A git repository holding the bundled ``example`` at v1 on branch main."""
+    src = resources.files("shipyard.examples") / example
     path.mkdir(parents=True, exist_ok=True)
-    for name in ("app.py", "shipyard.toml", "version.txt"):
+    for name in EXAMPLE_FILES[example]:
         (path / name).write_text((src / name).read_text())
     _git(path, "init", "-q", "-b", "main")
     _git(path, "add", ".")
     _git(path, "commit", "-q", "-m", "v1")
     return path
+
+
+def make_example_repo(path: Path) -> Path:
+    """A git repository holding the example app (stdlib ``hello``) at v1 on branch main."""
+    return _example_repo("hello", path)
+
+
+def make_notes_repo(path: Path) -> Path:
+    """A git repository holding the Flask + gunicorn ``notes`` example at v1 on branch main
+    (service ``notes``; its build installs flask and gunicorn from PyPI into ``.deps``)."""
+    return _example_repo("notes", path)
 
 
 def commit_version(
@@ -73,7 +98,8 @@ def commit_version(
     error_rate: float | None = None,
     delay_ms: float | None = None,
 ) -> str:
-    """Commit ``version`` of the example app; the keywords make it a bad release (see app.py)."""
+    """Commit ``version`` of an example app (hello or notes: both read these files); the
+    keywords make it a bad release (see the examples' app.py)."""
     (repo / "version.txt").write_text(version + "\n")
     for name, value in (
         ("unhealthy_after.txt", unhealthy_after),
@@ -93,8 +119,10 @@ def _stage_summary(stage: dict[str, Any]) -> str:
     """One line per finished stage; analysis stages show their verdicts."""
     detail = stage.get("detail") or {}
     line = f"{stage['name']}: {stage['status']}"
-    if "candidate_weight" in detail:
+    if "candidate_weight" in detail and stage["name"].startswith(("canary", "promote")):
         line += f", canary weight {detail['candidate_weight']}% -> {detail.get('weights')}"
+    elif "candidate_weight" in detail:  # a rollback's switch
+        line += f" -> {detail.get('weights')}"
     measurements = detail.get("measurements") or []
     if measurements:
         verdicts = ", ".join(m["verdict"] for m in measurements)
@@ -178,7 +206,7 @@ class Demo:
     def deploy_with(
         self, repo: Path, commit: str, strategy: dict[str, Any], *, show_stages: bool = False
     ) -> dict[str, Any]:
-        """Deploy with any strategy and print each status (and, if asked, each stage) it takes."""
+        """Deploy with any strategy and follow it (``follow``)."""
         assert self.client is not None
         body = {
             "source": {"repository": str(repo), "branch": "main", "commit": commit},
@@ -187,7 +215,24 @@ class Demo:
         }
         r = self.client.post("/api/v1/deploy", json=body)
         r.raise_for_status()
-        dep_id = r.json()["deployment_id"]
+        return self.follow(r.json()["deployment_id"], show_stages=show_stages)
+
+    def rollback(self, deployment_id: str) -> dict[str, Any]:
+        """``POST /api/v1/rollback/{id}`` and follow the rollback to its end."""
+        assert self.client is not None
+        r = self.client.post(f"/api/v1/rollback/{deployment_id}")
+        r.raise_for_status()
+        return self.follow(r.json()["deployment_id"], show_stages=True)
+
+    def running_revisions(self) -> set[str]:
+        """The revisions the agent runs replicas of (``GET /api/v1/services/hello``)."""
+        assert self.client is not None
+        svc = self.client.get("/api/v1/services/hello").json()
+        return {r["revision"] for r in svc["replicas"]}
+
+    def follow(self, dep_id: str, *, show_stages: bool) -> dict[str, Any]:
+        """Print each status (and, if asked, each finished stage) until the end; the document."""
+        assert self.client is not None
         last = ""
         shown: set[tuple[int, str]] = set()
         while True:
@@ -317,7 +362,44 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         say(f"    the service answers: {now_serving!r}")
         ok &= d3["status"] == "RolledBack" and "v3" in now_serving
 
-        say("[bold]6.[/bold] verifying the audit trail")
+        v2_revision = d2["green_revision"]
+        say(
+            "[bold]6.[/bold] cold rollback: once v2's warm window has ended and the agent no "
+            "longer runs it, roll v3 back to v2 under load (restarted from its artifact, "
+            "verified and health-gated before it takes traffic)"
+        )
+        waited = time.monotonic()
+        while v2_revision in demo.running_revisions():
+            if time.monotonic() - waited > 30:
+                raise RuntimeError(f"v2 ({v2_revision}) still runs 30 s after its window ended")
+            time.sleep(0.2)
+        say(f"    v2 is no longer running; the service runs {sorted(demo.running_revisions())}")
+        load = LoadGenerator(url, connections=8).start()
+        time.sleep(0.5)
+        asked = time.monotonic()
+        rb = demo.rollback(dc["id"])
+        took_ms = int((time.monotonic() - asked) * 1000)
+        time.sleep(0.5)
+        report = load.stop()
+        instant = rb["strategy"].get("Rollback", {}).get("instant")
+        now_serving = httpx.get(url).text.strip()
+        say(
+            f"    rollback: {rb['status']} ({'instant' if instant else 'cold'}) in {took_ms} ms "
+            f"(rollback stage {rb['metrics'].get('rollback_duration_ms')} ms); load: "
+            f"{report.requests} requests, [{'green' if report.failed == 0 else 'red'}]"
+            f"{report.failed} failed[/]{' ' + str(dict(report.reasons)) if report.failed else ''}"
+            f"; the service answers {now_serving!r}"
+        )
+        if rb.get("error"):
+            say(f"    [red]{escape(str(rb['error'].get('message')))}[/red]")
+        ok &= (
+            rb["status"] == "Success"
+            and instant is False
+            and report.failed == 0
+            and "v2" in now_serving
+        )
+
+        say("[bold]7.[/bold] verifying the audit trail")
         result = verify_database(demo.data_dir / "shipyard.db", demo.data_dir / "audit.head")
         say(
             f"    {'intact' if result.ok else 'TAMPERED'}: {result.records} hash-chained records"
