@@ -7,7 +7,8 @@ whose ``[build] command`` imports them. Each round uses a fresh data directory:
 
 1. cold: nothing cached (dependency step and build command run);
 2. source-only: ``app.py`` changed in a new commit (dependency cache hit, build command runs);
-3. no-op: the same commit again (input-index hit: no checkout, no command, no hashing).
+3. no-op: the same commit again (input-index hit: no checkout, no command; the cached artifact
+   is re-hashed once to verify it was not modified since it was built).
 
 Targets: source-only <= 10% of cold; no-op < 0.5 s. Run: ``.venv/bin/python bench/run.py build``.
 """
@@ -193,8 +194,8 @@ def main() -> str:
         f"| source-only change, `hardlink` (default) | {cell('source_only', runs['hardlink'])} "
         "| same, "
         "cached files hard-linked |\n"
-        f"| no-op rebuild | {cell('noop', every)} | fetch + input-index lookup (artifact hit, "
-        "nothing checked out or hashed) |\n\n"
+        f"| no-op rebuild | {cell('noop', every)} | fetch + input-index lookup + re-hash of the "
+        "cached artifact (verified before reuse; nothing checked out or run) |\n\n"
         f"- Source-only rebuild / cold, `copy`: **{ratios['copy']:.1%}**, `hardlink`: "
         f"**{ratios['hardlink']:.1%}** (target <= {SOURCE_ONLY_TARGET:.0%}): "
         f"copy {verdict['copy']}, hardlink {verdict['hardlink']}.\n"
