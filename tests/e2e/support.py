@@ -197,6 +197,26 @@ class Server:
             )
         )
 
+    def router_requests(self, service: str = "hello") -> float:
+        """Requests the service's router has routed so far (``GET /metrics``, every revision)."""
+        assert self.client is not None
+        text = self.client.get("/metrics").text
+        pattern = re.compile(
+            r'^shipyard_router_requests_total\{[^}]*service="' + re.escape(service) + r'"[^}]*\}'
+            r" (\S+)$",
+            re.M,
+        )
+        return sum(float(v) for v in pattern.findall(text))
+
+    def wait_for_traffic(self, above: float, service: str = "hello", requests: int = 20) -> None:
+        """Until the router has routed ``requests`` more than ``above`` (the count read before
+        the load generator started): the load really reaches the service, no guessing."""
+        wait_until(
+            lambda: self.router_requests(service) >= above + requests,
+            30,
+            f"{requests} requests through {service}'s router",
+        )
+
     def service(self, name: str = "hello") -> dict[str, Any]:
         assert self.client is not None
         doc: dict[str, Any] = self.client.get(f"/api/v1/services/{name}").json()

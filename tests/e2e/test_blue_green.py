@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -26,8 +25,9 @@ def test_blue_green_switches_under_load_with_zero_failed_requests(
     assert httpx.get(url).text == "hello from v1\n"
 
     v2 = commit_version(repo, "v2")
+    before = server.router_requests()
     load = Wrk(url, seconds=10)
-    time.sleep(1)
+    server.wait_for_traffic(before)
     second = server.wait_final(
         server.deploy(repo, v2, switch_delay_seconds=1, bake_seconds=1, scale_down_delay_seconds=1)
     )

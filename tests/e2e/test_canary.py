@@ -6,7 +6,6 @@ check (they fail only on real requests), so only the analysis can catch them.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +59,9 @@ def test_healthy_canary_with_a_gate_is_promoted_with_zero_failed_requests(
 ) -> None:
     url = first(server, repo)
     v2 = commit_version(repo, "v2")
+    before = server.router_requests()
     load = Wrk(url, seconds=20, connections=8)
-    time.sleep(1)
+    server.wait_for_traffic(before)
     dep = deploy(
         server,
         repo,
@@ -95,8 +95,9 @@ def test_healthy_canary_with_a_gate_is_promoted_with_zero_failed_requests(
 def test_canary_returning_5xx_is_aborted_by_analysis(server: Server, repo: Path) -> None:
     url = first(server, repo)
     bad = commit_version(repo, "v-5xx", error_rate=0.3)
+    before = server.router_requests()
     load = Wrk(url, seconds=30, connections=8)
-    time.sleep(1)
+    server.wait_for_traffic(before)
     dep = deploy(
         server, repo, bad, canary({"weight": 30, "duration_seconds": 20, "analysis": FAST})
     )
@@ -117,8 +118,9 @@ def test_canary_returning_5xx_is_aborted_by_analysis(server: Server, repo: Path)
 def test_slow_canary_is_aborted_on_latency(server: Server, repo: Path) -> None:
     url = first(server, repo)
     slow = commit_version(repo, "v-slow", delay_ms=300)
+    before = server.router_requests()
     load = Wrk(url, seconds=30, connections=16)
-    time.sleep(1)
+    server.wait_for_traffic(before)
     analysis = {**FAST, "max_p99_latency_ms": 150, "min_requests": 10}
     dep = deploy(
         server, repo, slow, canary({"weight": 50, "duration_seconds": 20, "analysis": analysis})

@@ -73,8 +73,9 @@ def four_replicas(server: Server, repo: Path) -> str:
 def test_rolling_update_of_4_replicas_with_zero_failed_requests(server: Server, repo: Path) -> None:
     url = four_replicas(server, repo)
     v2 = commit_version(repo, "v2")
+    before = server.router_requests()
     load = Wrk(url, seconds=12, connections=8)
-    time.sleep(1)
+    server.wait_for_traffic(before)
     watcher = Watcher(server)
     doc = server.wait_final(deploy(server, repo, v2, ROLLING))
     seen = watcher.stop()
