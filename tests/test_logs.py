@@ -99,20 +99,56 @@ def test_log_event_level_and_the_configured_threshold(stream: io.StringIO) -> No
     assert [line["event"] for line in lines(stream)] == ["loud"]
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        "token",
-        "api_token",
-        "Authorization",
-        "password",
-        "db_password",
-        "client_secret",
-        "signing_key",
-        "cookie",
-        "Set-Cookie",
-    ],
-)
+#: Keys whose values are secrets, as callers and HTTP libraries spell them.
+SECRET_KEYS = [
+    "token",
+    "api_token",
+    "access_token",
+    "X-Auth-Token",
+    "Authorization",
+    "Proxy-Authorization",
+    "password",
+    "db_password",
+    "passwd",
+    "passphrase",
+    "client_secret",
+    "aws_secret_access_key",
+    "credentials",
+    "signing_key",
+    "private_key",
+    "private_key_pem",
+    "api_key",
+    "apiKey",
+    "X-Api-Key",
+    "access_key",
+    "session_key",
+    "session_id",
+    "sessionid",
+    "cookie",
+    "Set-Cookie",
+    "session_cookie",
+]
+
+#: Keys that contain a secret-sounding word but hold ids, cache keys or names: they stay readable.
+READABLE_KEYS = [
+    "keyid",  # a signing key's public id (shown by `shipyard security`, in provenance)
+    "keyId",
+    "signing_keyid",
+    "inputs_key",  # build cache keys
+    "dependencies_key",
+    "sticky_key",
+    "sticky_header",  # the *name* of the header the router hashes
+    "sticky_cookie",  # the *name* of the cookie the router hashes, not a cookie value
+    "cookie_name",
+    "token_type",  # metadata about a secret, not the secret
+    "password_file",
+    "secret_name",
+    "key",  # a bare "key" names nothing secret
+    "monkey",
+]
+
+
+@pytest.mark.parametrize("key", SECRET_KEYS, ids=SECRET_KEYS)
 def test_values_under_secret_looking_keys_are_redacted(stream: io.StringIO, key: str) -> None:
     fields: dict[str, Any] = {
         "service": "web",
@@ -126,6 +162,53 @@ def test_values_under_secret_looking_keys_are_redacted(stream: io.StringIO, key:
     assert line[key.replace("-", "_")] == REDACTED
     assert line["payload"] == {key: REDACTED, "nested": [{key: REDACTED, "ok": "visible"}]}
     assert line["service"] == "web"
+
+
+@pytest.mark.parametrize("key", READABLE_KEYS, ids=READABLE_KEYS)
+def test_values_under_keys_that_name_no_secret_stay_readable(stream: io.StringIO, key: str) -> None:
+    value = "sha256:4f2a9c"
+    fields: dict[str, Any] = {
+        "payload": {key: value, "nested": [{key: value}]},
+        key.replace("-", "_"): value,
+    }
+    log_event(logging.getLogger("shipyard.test"), "event", **fields)
+    logging.getLogger("shipyard.test").info("plain", extra={key.replace("-", "_"): value})
+
+    line, plain = lines(stream)
+    assert line[key.replace("-", "_")] == value
+    assert line["payload"] == {key: value, "nested": [{key: value}]}
+    assert plain[key.replace("-", "_")] == value
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        pytest.param(
+            {"sticky": {"header": "x-user", "cookie": "session"}},
+            {"sticky": {"header": "x-user", "cookie": "session"}},
+            id="sticky-cookie-name-nested",
+        ),
+        pytest.param(
+            {"request": {"cookie": "session=abc123"}},
+            {"request": {"cookie": REDACTED}},
+            id="cookie-header-value-nested",
+        ),
+        pytest.param(
+            {"api": {"key": "abc123", "url": "https://api"}},
+            {"api": {"key": REDACTED, "url": "https://api"}},
+            id="api-key-nested",
+        ),
+        pytest.param(
+            {"cache": {"key": "abc123"}},
+            {"cache": {"key": "abc123"}},
+            id="cache-key-nested",
+        ),
+    ],
+)
+def test_the_enclosing_key_decides_for_a_bare_one(
+    fields: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    assert redact(fields) == expected
 
 
 def test_secret_keys_in_plain_extra_are_redacted(stream: io.StringIO) -> None:

@@ -12,6 +12,7 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │   ├── Conflict                    (HTTP 409)
     │   │   └── DeploymentInProgress    one deployment per service at a time
     │   ├── InvariantViolation          a write that would make a record say something false
+    │   ├── PrivateFileUnsafe           a secret's directory others may write, or a symlink
     │   ├── AuthError
     │   │   ├── Unauthenticated         missing/invalid/expired/forged token (HTTP 401)
     │   │   └── PermissionDenied        valid token without the claim (HTTP 403)
@@ -104,6 +105,14 @@ class InvariantViolation(PermanentError):
     e.g. the serving revision also marked warm, which the janitor would later retire)."""
 
     code = "invariant_violation"
+
+
+class PrivateFileUnsafe(PermanentError):
+    """A key or token file would sit where someone else could read or replace it (a directory
+    writable by group or others, or owned by another user) or behind a symlink
+    (``private_files``): nothing was written; fix the directory."""
+
+    code = "private_file_unsafe"
 
 
 class AuthError(PermanentError):

@@ -10,9 +10,16 @@ A line looks like::
      "event": "audit_record", "deployment_id": "...", ...}
 
 Redaction (``RedactionFilter``, installed on the handler so it applies in text mode too): values
-under keys that look secret (token, authorization, password, secret, key, cookie, credential) become
-``"[redacted]"`` at any depth, and bearer tokens, JWT-shaped strings and ``password=...``-style
-pairs inside messages and string values are masked.
+under keys that name a secret become ``"[redacted]"`` at any depth, and bearer tokens, JWT-shaped
+strings and ``password=...``-style pairs inside messages and string values are masked. A key names
+a secret when one of its words (split at ``_``, ``-``, ``.`` and camelCase) is a secret word
+(token, password, passwd, passphrase, secret, authorization, credential(s), cookie(s)), or when
+"key" follows a word that makes it one (api, private, signing, access, secret, session, ...).
+Everything else stays readable, because a log that hides ids is a log nobody can debug with:
+``keyid`` (a public key's id), ``inputs_key`` / ``dependencies_key`` (cache keys),
+``sticky_key``, ``sticky_header`` and ``sticky_cookie`` (the *name* of the cookie the router
+hashes, also as ``{"sticky": {"cookie": ...}}``) and metadata about a secret such as
+``token_type``, ``password_file`` or ``secret_name``.
 """
 
 from __future__ import annotations
@@ -29,8 +36,39 @@ from shipyard.errors import InvalidInput
 
 REDACTED = "[redacted]"
 
-#: Key names whose values are never written (substring match, case-insensitive).
-_SECRET_KEY = re.compile(r"token|authorization|password|passwd|secret|key|cookie|credential", re.I)
+#: Words that make a key name a secret wherever they appear in it.
+_SECRET_WORDS = frozenset(
+    {
+        "token",
+        "tokens",
+        "password",
+        "passwords",
+        "passwd",
+        "passphrase",
+        "secret",
+        "secrets",
+        "authorization",
+        "credential",
+        "credentials",
+        "cookie",
+        "cookies",
+        "apikey",
+        "privatekey",
+        "sessionid",
+    }
+)
+#: "key" after one of these is a secret (``api_key``, ``signing_key``, ``X-Api-Key``); after
+#: anything else it is an id or a cache key (``inputs_key``, ``sticky_key``) and stays readable.
+_SECRET_KEY_QUALIFIERS = frozenset(
+    {"api", "private", "signing", "access", "secret", "session", "encryption", "master", "hmac"}
+)
+#: A last word that makes the key *about* a secret rather than the secret itself.
+_METADATA_WORDS = frozenset(
+    {"name", "names", "type", "path", "file", "dir", "id", "ids", "header", "count", "ttl"}
+)
+#: Words that make a following cookie word a cookie *name*: the router's sticky cookie.
+_NAMING_QUALIFIERS = frozenset({"sticky"})
+_WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
 _BEARER = re.compile(r"\b(bearer)\s+[A-Za-z0-9._~+/=-]+", re.I)
 # base64url('{"') is "eyJ": every JWT header starts with it; the signature may be empty (alg none).
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
@@ -55,14 +93,44 @@ def redact_text(text: str) -> str:
     return _SECRET_PAIR.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
 
 
-def redact(value: Any) -> Any:
-    """A copy of ``value`` with secret-looking keys blanked and strings masked, at any depth."""
+def _words(key: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(key)]
+
+
+def names_secret(key: str, *, within: str | None = None) -> bool:
+    """Whether the value under ``key`` is a secret. ``within`` is the key of the mapping that
+    holds it: ``{"sticky": {"cookie": "session"}}`` names a cookie, ``{"api": {"key": ...}}``
+    is one."""
+    words = _words(key)
+    if words[-2:] == ["session", "id"]:  # a session id is a bearer credential, not metadata
+        return True
+    if not words or words[-1] in _METADATA_WORDS:
+        return False
+    context = _words(within)[-1:] if within else []
+    before = [*context, *words]
+    for i, word in enumerate(before[len(context) :], start=len(context)):
+        previous = before[i - 1] if i else None
+        if word in ("key", "keys") and previous in _SECRET_KEY_QUALIFIERS:
+            return True
+        if word in _SECRET_WORDS:
+            if word.startswith("cookie") and previous in _NAMING_QUALIFIERS:
+                continue
+            return True
+    return False
+
+
+def redact(value: Any, *, within: str | None = None) -> Any:
+    """A copy of ``value`` with the values of secret-naming keys blanked and strings masked, at
+    any depth. ``within``: the key ``value`` sits under, if any (see :func:`names_secret`)."""
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, Mapping):
-        return {k: REDACTED if _SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
+        return {
+            k: REDACTED if names_secret(str(k), within=within) else redact(v, within=str(k))
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple | set | frozenset):
-        return [redact(v) for v in value]
+        return [redact(v, within=within) for v in value]
     return value
 
 
@@ -91,7 +159,7 @@ class RedactionFilter(logging.Filter):
             if key in _RECORD_ATTRS or key == _FIELDS_ATTR:
                 continue
             value = record.__dict__[key]
-            record.__dict__[key] = REDACTED if _SECRET_KEY.search(key) else redact(value)
+            record.__dict__[key] = REDACTED if names_secret(key) else redact(value, within=key)
         fields = getattr(record, _FIELDS_ATTR, None)
         if fields:
             setattr(record, _FIELDS_ATTR, redact(fields))

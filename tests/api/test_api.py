@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shipyard.api.app import create_app
 from shipyard.api.auth import TokenAuthority
@@ -24,7 +25,7 @@ from shipyard.build.fake import FakeBuilder
 from shipyard.domain.clock import FakeClock
 from shipyard.health.fake import FakeProber
 from shipyard.orchestrator.pipeline import Pipeline
-from shipyard.runtime.fake import FakeRuntime
+from shipyard.runtime.fake import FakeRuntime, TrafficProfile
 from shipyard.settings import Settings
 from shipyard.store.db import Store, make_engine
 
@@ -401,22 +402,45 @@ async def test_metrics_expose_deployments_and_router_traffic(
     r = await client.get("/metrics", headers=h.headers("deployment:read"))
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    lines = r.text.splitlines()
-    assert 'shipyard_deployments{kind="deploy",status="Success"} 1' in lines
-    rev = done["revision"]
-    lab = f'service="api",region="local",revision="{rev}"'
-    assert f"shipyard_router_weight_percent{{{lab}}} 100" in lines
-    requests = next(
-        line for line in lines if line.startswith(f"shipyard_router_requests_total{{{lab}}}")
-    )
-    assert int(requests.split()[-1]) >= 400
+    samples = exposition(r.text)
+    assert samples[("shipyard_deployments", (("kind", "deploy"), ("status", "Success")))] == 1
+    lab = (("region", "local"), ("revision", done["revision"]), ("service", "api"))
+    assert samples[("shipyard_router_weight_ratio", lab)] == 1.0
+    requests = samples[("shipyard_router_requests_total", lab)]
+    assert requests >= 400
     buckets = [
-        float(line.split()[-1])
-        for line in lines
-        if line.startswith(f"shipyard_router_request_duration_seconds_bucket{{{lab}")
+        value
+        for (name, labels), value in samples.items()
+        if name == "shipyard_router_request_duration_seconds_bucket"
+        and tuple(kv for kv in labels if kv[0] != "le") == lab
     ]
-    assert buckets == sorted(buckets) and buckets[-1] == float(requests.split()[-1])
-    assert 'shipyard_scrape_errors{region="local"} 0' in lines
+    assert len(buckets) == 14 and buckets == sorted(buckets) and buckets[-1] == requests
+    assert samples[("shipyard_router_request_duration_seconds_count", lab)] == requests
+    assert samples[("shipyard_scrape_errors", (("region", "local"),))] == 0
+
+
+async def test_metrics_keep_every_digit_of_a_float(client: httpx.AsyncClient, h: Harness) -> None:
+    done = (await client.post("/api/v1/deploy?wait=true", json=body(), headers=h.headers())).json()
+    rev = done["revision"]
+    h.runtime.router.profiles[rev] = TrafficProfile(latency_ms=1.2345678)
+    await h.clock.sleep(10)
+    router = await h.runtime.router.metrics("api")
+    exact = router[rev]["latency_ms"]["sum"] / 1000
+    assert f"{exact:g}" != repr(exact)  # more digits than %g keeps: the case that matters
+
+    r = await client.get("/metrics", headers=h.headers("deployment:read"))
+
+    lab = (("region", "local"), ("revision", rev), ("service", "api"))
+    assert exposition(r.text)[("shipyard_router_request_duration_seconds_sum", lab)] == exact
+
+
+def exposition(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value, parsed by prometheus-client's own parser."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 async def test_service_status_warns_when_nothing_can_answer(

@@ -1,4 +1,5 @@
-"""Fixtures for the audit tests: a WAL-mode SQLite engine like the store's, a stepping clock."""
+"""Fixtures for the audit tests: a WAL-mode SQLite engine like the store's, a stepping clock, a
+sample event (also used by tests/contract/test_audit_contract.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, event
+
+from shipyard.audit import AuditEvent
 
 
 class Ticker:
@@ -32,6 +35,22 @@ def make_engine(db_path: Path) -> Engine:
         cur.close()
 
     return engine
+
+
+def sample_event(n: int, deployment_id: str = "dep-1", **overrides: Any) -> AuditEvent:
+    """A stage-completed event; ``n`` makes each one different."""
+    fields: dict[str, Any] = {
+        "event_type": "deployment.stage_completed",
+        "deployment_id": deployment_id,
+        "service": "web",
+        "region": "eu-west",
+        "user": "alice",
+        "status": "InProgress",
+        "duration_ms": 100 + n,
+        "detail": {"stage": f"stage-{n}", "attempt": n},
+    }
+    fields.update(overrides)
+    return AuditEvent(**fields)
 
 
 @pytest.fixture

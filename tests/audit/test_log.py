@@ -1,4 +1,5 @@
-"""The audit trail: one contract for both backends, then tampering the way an attacker would.
+"""The SQLite audit trail: triggers, anchor, restarts, two processes, and tampering the way an
+attacker would (the behaviour both backends share is tests/contract/test_audit_contract.py).
 
 Tampering goes through raw sqlite3 (dropping the append-only triggers first) and must be named by
 ``verify`` (the log's own and the CLI's read-only ``verify_database``) at the right seq.
@@ -7,19 +8,16 @@ Tampering goes through raw sqlite3 (dropping the append-only triggers first) and
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import fcntl
 import hashlib
-import io
 import json
-import logging
 import os
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -29,12 +27,8 @@ from sqlalchemy.exc import IntegrityError
 
 from shipyard.audit import (
     ANCHOR_FILENAME,
-    GENESIS_HASH,
-    AuditEvent,
-    AuditLog,
     AuditRecord,
     CorruptRecord,
-    MemoryAuditLog,
     SqlAuditLog,
     VerifyReport,
     read_records,
@@ -42,190 +36,9 @@ from shipyard.audit import (
 )
 from shipyard.audit.chain import canonical_json, format_timestamp, parse_anchor
 from shipyard.errors import InvalidInput, NotFound
-from shipyard.logs import JsonFormatter, RedactionFilter
 
 from .conftest import Ticker, make_engine
-
-
-class VerifiableLog(AuditLog, Protocol):
-    def verify(self) -> VerifyReport: ...
-
-
-def event(n: int, deployment_id: str = "dep-1", **overrides: Any) -> AuditEvent:
-    fields: dict[str, Any] = {
-        "event_type": "deployment.stage_completed",
-        "deployment_id": deployment_id,
-        "service": "web",
-        "region": "eu-west",
-        "user": "alice",
-        "status": "InProgress",
-        "duration_ms": 100 + n,
-        "detail": {"stage": f"stage-{n}", "attempt": n},
-    }
-    fields.update(overrides)
-    return AuditEvent(**fields)
-
-
-# --- the contract, for both backends -------------------------------------------------------------
-
-
-@pytest.fixture(params=["memory", "sql"])
-def audit_log(request: pytest.FixtureRequest, engine: Engine, data_dir: Path) -> VerifiableLog:
-    if request.param == "memory":
-        return MemoryAuditLog(clock=Ticker())
-    return SqlAuditLog(engine, data_dir / ANCHOR_FILENAME, clock=Ticker())
-
-
-async def test_appends_are_numbered_from_one_and_chained(audit_log: VerifiableLog) -> None:
-    records = [await audit_log.append(event(n)) for n in range(3)]
-
-    assert [r.seq for r in records] == [1, 2, 3]
-    assert records[0].prev_hash == GENESIS_HASH
-    assert records[1].prev_hash == records[0].hash
-    assert records[2].prev_hash == records[1].hash
-    assert len({r.hash for r in records}) == 3
-    assert audit_log.verify() == VerifyReport(ok=True, records=3)
-
-
-async def test_a_record_carries_the_event_and_the_clock_time(audit_log: VerifiableLog) -> None:
-    ev = event(7, detail={"image": "sha256:abc", "nested": {"ok": True, "list": [1, 2.5, None]}})
-
-    record = await audit_log.append(ev)
-
-    assert record.timestamp == dt.datetime.fromtimestamp(1_700_000_001.25, dt.UTC)
-    assert (record.event_type, record.deployment_id, record.service, record.region) == (
-        ev.event_type,
-        "dep-1",
-        "web",
-        "eu-west",
-    )
-    assert (record.user, record.status, record.duration_ms) == ("alice", "InProgress", 107)
-    assert record.detail == {"image": "sha256:abc", "nested": {"ok": True, "list": [1, 2.5, None]}}
-
-
-async def test_records_reads_back_exactly_what_append_returned(audit_log: VerifiableLog) -> None:
-    appended = [await audit_log.append(event(n)) for n in range(4)]
-    assert await audit_log.records() == appended
-
-
-async def test_records_filter_by_deployment_and_limit_keeps_the_newest(
-    audit_log: VerifiableLog,
-) -> None:
-    for n in range(6):
-        await audit_log.append(event(n, deployment_id="a" if n % 2 == 0 else "b"))
-
-    assert [r.seq for r in await audit_log.records(deployment_id="a")] == [1, 3, 5]
-    assert [r.seq for r in await audit_log.records(deployment_id="b", limit=2)] == [4, 6]
-    assert [r.seq for r in await audit_log.records(limit=4)] == [3, 4, 5, 6]
-    assert await audit_log.records(limit=0) == []
-    assert await audit_log.records(deployment_id="nope") == []
-    with pytest.raises(InvalidInput):
-        await audit_log.records(limit=-1)
-
-
-async def test_minimal_event_has_empty_optional_fields(audit_log: VerifiableLog) -> None:
-    record = await audit_log.append(AuditEvent("service.created"))
-    assert record.to_dict() == {
-        "seq": 1,
-        "timestamp": "2023-11-14T22:13:21.250000+00:00",
-        "event_type": "service.created",
-        "deployment_id": None,
-        "service": None,
-        "region": None,
-        "user": None,
-        "status": None,
-        "duration_ms": None,
-        "detail": {},
-        "prev_hash": GENESIS_HASH,
-        "hash": record.hash,
-    }
-
-
-async def test_detail_is_stored_as_plain_json(audit_log: VerifiableLog) -> None:
-    record = await audit_log.append(event(1, detail={"weights": (90, 10)}))
-
-    assert record.detail == {"weights": [90, 10]}
-    assert (await audit_log.records())[0].detail == {"weights": [90, 10]}
-    assert json.loads(json.dumps(record.to_dict())) == record.to_dict()
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        pytest.param(AuditEvent(""), id="empty-event-type"),
-        pytest.param(event(1, duration_ms=-1), id="negative-duration"),
-        pytest.param(event(1, duration_ms=True), id="bool-duration"),
-        pytest.param(event(1, duration_ms=1.5), id="float-duration"),
-        pytest.param(event(1, service=42), id="non-text-service"),
-        pytest.param(event(1, detail={"x": object()}), id="detail-not-json"),
-        pytest.param(event(1, detail={"x": float("nan")}), id="detail-nan"),
-        pytest.param(event(1, detail={1: "x"}), id="detail-int-key"),
-        pytest.param(event(1, detail={"a": [{2: "x"}]}), id="detail-nested-int-key"),
-        pytest.param(event(1, detail=["not", "a", "mapping"]), id="detail-not-mapping"),
-    ],
-)
-async def test_invalid_events_are_refused_and_nothing_is_stored(
-    audit_log: VerifiableLog, bad: AuditEvent
-) -> None:
-    with pytest.raises(InvalidInput):
-        await audit_log.append(bad)
-    assert await audit_log.records() == []
-    assert (await audit_log.append(event(1))).seq == 1
-
-
-async def test_concurrent_appends_get_contiguous_seqs(audit_log: VerifiableLog) -> None:
-    records = await asyncio.gather(*(audit_log.append(event(n)) for n in range(25)))
-
-    assert sorted(r.seq for r in records) == list(range(1, 26))
-    assert audit_log.verify() == VerifyReport(ok=True, records=25)
-
-
-@pytest.fixture
-def audit_lines() -> Iterator[io.StringIO]:
-    """What the ``shipyard.audit`` logger writes, as configure_logging would format it."""
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.addFilter(RedactionFilter())
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("shipyard.audit")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield buf
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
-
-
-async def test_each_append_logs_one_json_line_with_the_adr_fields(
-    audit_log: VerifiableLog, audit_lines: io.StringIO
-) -> None:
-    record = await audit_log.append(event(3, detail={"api_token": "s3cr3t", "stage": "build"}))
-
-    lines = audit_lines.getvalue().splitlines()
-    assert len(lines) == 1
-    line = json.loads(lines[0])
-    assert line["logger"] == "shipyard.audit"
-    assert line["level"] == "INFO"
-    assert line["event"] == "audit_record"
-    for key in ("event_type", "deployment_id", "service", "region", "user", "status"):
-        assert line[key] == getattr(record, key)
-    assert line["duration_ms"] == 103
-    assert line["timestamp"] == format_timestamp(record.timestamp)
-    assert (line["seq"], line["hash"]) == (1, record.hash)
-    assert line["detail"] == {"api_token": "[redacted]", "stage": "build"}
-    assert "s3cr3t" not in audit_lines.getvalue()
-
-
-async def test_the_memory_fake_detects_an_edit_too() -> None:
-    log = MemoryAuditLog(clock=Ticker())
-    for n in range(3):
-        await log.append(event(n))
-    log.rows[1] = dataclasses.replace(log.rows[1], status="Succeeded")
-
-    report = log.verify()
-
-    assert (report.ok, report.first_bad_seq) == (False, 2)
-
+from .conftest import sample_event as event
 
 # --- SQLite: triggers, anchor, restart, two processes --------------------------------------------
 

@@ -28,11 +28,11 @@ from google.protobuf import json_format
 
 from shipyard.build.base import BuildRequest
 from shipyard.build.cloudbuild import KANIKO, CloudBuildBuilder, CloudBuildBuilderConfig
-from shipyard.build.cloudbuild_fake import FakeCloudBuild
 from shipyard.domain.clock import FakeClock
 from shipyard.domain.models import SourceConfig
 from shipyard.errors import BuildFailed, SourceError, TransientError
 
+from .cloudbuild_fake import FakeCloudBuild
 from .helpers import GitRepo, GitServer
 
 

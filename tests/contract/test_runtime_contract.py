@@ -1,5 +1,13 @@
 """One contract, every Runtime: the in-memory fake the orchestrator tests rely on must behave like
-the real local agent (started here for real, running the example app)."""
+the real local agent (started here for real, running ``contract_app.py`` as its replicas).
+
+A harness per backend gives the suite what it needs besides the ``Runtime`` protocol: sending a
+request through the service's stable URL (and seeing which revision and replica answered),
+holding one there until released, and making a replica's process exit. The assertions are the
+same for both: weights and their verification, sticky assignment, per-revision metrics, draining
+on stop, ``set_routable``, restarts and crash loops with their exit codes, and what serves after
+a revision loses its replicas.
+"""
 
 from __future__ import annotations
 
@@ -7,39 +15,215 @@ import asyncio
 import json
 import os
 import signal
-import time
-from collections.abc import AsyncIterator
-from importlib import resources
+import uuid
+import zlib
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import pytest
 
-from shipyard.errors import RevisionStartFailed, TrafficSwitchFailed
-from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime
-from shipyard.runtime.fake import FakeRuntime
+from shipyard.errors import InvalidInput, RevisionStartFailed, TrafficSwitchFailed
+from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime, StickyKey
+from shipyard.runtime.fake import FakeExchange, FakeRuntime
 from shipyard.runtime.local import LocalRuntime, read_agent_info
+from tests.agent.helpers import eventually
+
+APP = Path(__file__).with_name("contract_app.py")
+SERVICE = "svc"
 
 
-def _artifact(tmp: Path, version: str) -> Path:
-    d = tmp / f"artifact-{version}"
-    d.mkdir()
-    src = resources.files("shipyard.examples") / "hello"
-    for name in ("app.py", "shipyard.toml"):
-        (d / name).write_text((src / name).read_text())
-    (d / "version.txt").write_text(version)
-    return d
+@dataclass(frozen=True)
+class Answer:
+    """What a client of the service's stable URL saw."""
+
+    status: int
+    #: Which revision and replica answered; None when the router answered itself (503).
+    revision: str | None
+    replica_id: str | None
+
+
+class Held(Protocol):
+    replica_id: str
+
+    async def release(self) -> Answer: ...
+
+
+class Harness(Protocol):
+    @property
+    def runtime(self) -> Runtime: ...
+
+    async def start(self, revision: str, replicas: int = 1) -> list[ReplicaStatus]:
+        """Start the revision and wait until its replicas answer (the health gate's job)."""
+        ...
+
+    async def send(self, *, headers: Mapping[str, str] | None = None, status: int = 200) -> Answer:
+        """One request through the service URL; the replica answers ``status``."""
+        ...
+
+    async def hold(self) -> Held:
+        """A request that has reached a replica and is held there until released."""
+        ...
+
+    async def exit(self, replica: ReplicaStatus, code: int, *, for_good: bool = False) -> None:
+        """The replica's process exits with ``code``; ``for_good``: every restart fails too."""
+        ...
+
+
+def spec(revision: str, replicas: int, location: str, env: Mapping[str, str]) -> RevisionSpec:
+    return RevisionSpec(
+        SERVICE,
+        revision,
+        "sha256:" + "0" * 64,
+        location,
+        ["python3", "app.py"],
+        env,
+        replicas,
+        health_endpoint="/health",
+    )
+
+
+class FakeHarness:
+    def __init__(self) -> None:
+        self.runtime = FakeRuntime()  # on the wall clock, with the agent's 0.5 s first backoff
+
+    async def start(self, revision: str, replicas: int = 1) -> list[ReplicaStatus]:
+        return await self.runtime.start_revision(spec(revision, replicas, "/nowhere", {}))
+
+    async def send(self, *, headers: Mapping[str, str] | None = None, status: int = 200) -> Answer:
+        return _answer(self.runtime.router.send(SERVICE, headers=headers, status=status))
+
+    async def hold(self) -> Held:
+        exchange = self.runtime.router.open(SERVICE)
+        assert exchange.replica_id is not None, "nothing serves the held request"
+        return _FakeHeld(exchange.replica_id, exchange)
+
+    async def exit(self, replica: ReplicaStatus, code: int, *, for_good: bool = False) -> None:
+        if for_good:
+            self.runtime.crashing[replica.revision] = code
+        self.runtime.kill_replica(replica.replica_id, exit_code=code)
+
+
+@dataclass
+class _FakeHeld:
+    replica_id: str
+    exchange: FakeExchange
+
+    async def release(self) -> Answer:
+        self.exchange.finish(200)
+        return _answer(self.exchange)
+
+
+def _answer(exchange: FakeExchange) -> Answer:
+    assert exchange.status is not None
+    return Answer(exchange.status, exchange.revision, exchange.replica_id)
+
+
+class LocalHarness:
+    def __init__(self, runtime: LocalRuntime, tmp: Path) -> None:
+        self.runtime = runtime
+        self._tmp = tmp
+        self.state = tmp / "state"
+        self.state.mkdir()
+        self.client = httpx.AsyncClient(timeout=60, trust_env=False)
+
+    async def start(self, revision: str, replicas: int = 1) -> list[ReplicaStatus]:
+        artifact = self._tmp / f"artifact-{revision}"
+        if not artifact.exists():
+            artifact.mkdir()
+            (artifact / "app.py").write_text(APP.read_text())
+        env = {"CONTRACT_STATE": str(self.state)}
+        started = await self.runtime.start_revision(spec(revision, replicas, str(artifact), env))
+        for r in started:
+
+            async def answering(port: int = r.port) -> bool:
+                return await self._healthy(port)
+
+            await eventually(answering, what=f"{r.replica_id} to answer")
+        return started
+
+    async def _healthy(self, port: int) -> bool:
+        try:
+            return (await self.client.get(f"http://127.0.0.1:{port}/health")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def _url(self) -> str:
+        state = await self.runtime.service_state(SERVICE)
+        assert state is not None
+        return state.url
+
+    async def send(self, *, headers: Mapping[str, str] | None = None, status: int = 200) -> Answer:
+        path = "/" if status == 200 else f"/status/{status}"
+        r = await self.client.get(await self._url() + path, headers=dict(headers or {}))
+        return _http_answer(r)
+
+    async def hold(self) -> Held:
+        hold_id = uuid.uuid4().hex
+        request = asyncio.create_task(self.client.get(f"{await self._url()}/hold/{hold_id}"))
+
+        async def holder() -> ReplicaStatus | None:
+            assert not request.done(), request
+            state = await self.runtime.service_state(SERVICE)
+            assert state is not None
+            for r in state.replicas:
+                try:
+                    held = await self.client.get(f"http://127.0.0.1:{r.port}/holding")
+                except httpx.TransportError:
+                    continue
+                if hold_id in json.loads(held.text):
+                    return r
+            return None
+
+        replica = await eventually(holder, what="the held request to reach a replica")
+        return _LocalHeld(replica.replica_id, replica.port, hold_id, request, self.client)
+
+    async def exit(self, replica: ReplicaStatus, code: int, *, for_good: bool = False) -> None:
+        if for_good:
+            (self.state / f"crash-{replica.revision}").touch()
+        with pytest.raises(httpx.TransportError):  # it dies without answering
+            await self.client.get(f"http://127.0.0.1:{replica.port}/exit/{code}")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+@dataclass
+class _LocalHeld:
+    replica_id: str
+    port: int
+    hold_id: str
+    request: asyncio.Task[httpx.Response]
+    client: httpx.AsyncClient
+
+    async def release(self) -> Answer:
+        await self.client.get(f"http://127.0.0.1:{self.port}/release/{self.hold_id}")
+        return _http_answer(await self.request)
+
+
+def _http_answer(r: httpx.Response) -> Answer:
+    revision = r.headers.get("x-shipyard-revision")
+    parts = r.text.split()
+    if revision is None or len(parts) != 2:  # the router's own answer
+        return Answer(r.status_code, None, None)
+    assert parts[0] == revision
+    return Answer(r.status_code, revision, parts[1])
 
 
 @pytest.fixture(params=["fake", "local"])
-async def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Runtime]:
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     if request.param == "fake":
-        yield FakeRuntime()
+        yield FakeHarness()
         return
     rt = await LocalRuntime.connect(tmp_path / "data", "local")
+    local = LocalHarness(rt, tmp_path)
     try:
-        yield rt
+        yield local
     finally:
+        await local.aclose()
         await rt.aclose()
         found = read_agent_info(tmp_path / "data", "local")
         info = tmp_path / "data" / "agents" / "local" / "agent.json"
@@ -47,136 +231,319 @@ async def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             os.kill(int(json.loads(info.read_text())["pid"]), signal.SIGTERM)
 
 
-async def _listening(port: int) -> None:
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
+async def replica(runtime: Runtime, replica_id: str) -> ReplicaStatus | None:
+    state = await runtime.service_state(SERVICE)
+    assert state is not None
+    return next((r for r in state.replicas if r.replica_id == replica_id), None)
 
 
-def spec(
-    tmp: Path, revision: str, replicas: int = 1, argv: list[str] | None = None
-) -> RevisionSpec:
-    loc = tmp / f"artifact-{revision}"
-    if not loc.exists():
-        _artifact(tmp, revision)
-    return RevisionSpec(
-        "svc",
-        revision,
-        "sha256:" + "0" * 64,
-        str(loc),
-        argv or ["python3", "app.py"],
-        {},
-        replicas,
-        health_endpoint="/health",
+async def serve(h: Harness, weights: dict[str, int], **sticky: str) -> dict[str, ReplicaStatus]:
+    """Start one routable replica of each revision and route ``weights``; revision -> replica."""
+    out = {}
+    for rev in weights:
+        [r] = await h.start(rev)
+        await h.runtime.set_routable(SERVICE, [r.replica_id], True)
+        out[rev] = r
+    await h.runtime.router.set_weight(
+        SERVICE, weights, sticky=StickyKey(**sticky) if sticky else None
     )
+    return out
 
 
-async def test_service_endpoint_is_stable_and_idempotent(runtime: Runtime) -> None:
-    url = await runtime.ensure_service("svc")
-    assert url == await runtime.ensure_service("svc")
-    assert "svc" in await runtime.list_services()
+async def answers(h: Harness, n: int) -> Counter[str | None]:
+    """Where ``n`` requests went, by replica id (None: the router answered 503 itself)."""
+    seen: Counter[str | None] = Counter()
+    for _ in range(n):
+        a = await h.send()
+        assert a.status == (200 if a.replica_id else 503), a
+        seen[a.replica_id] += 1
+    return seen
+
+
+# --- the service, starting, weights ---------------------------------------------------------------
+
+
+async def test_service_endpoint_is_stable_and_idempotent(harness: Harness) -> None:
+    runtime = harness.runtime
+    url = await runtime.ensure_service(SERVICE)
+    assert url == await runtime.ensure_service(SERVICE)
+    assert SERVICE in await runtime.list_services()
     assert await runtime.service_state("nothere") is None
 
 
-async def test_start_is_idempotent_and_not_routable_until_told(
-    runtime: Runtime, tmp_path: Path
-) -> None:
-    first = await runtime.start_revision(spec(tmp_path, "v1", replicas=2))
-    again = await runtime.start_revision(spec(tmp_path, "v1", replicas=2))
+async def test_start_is_idempotent_and_not_routable_until_told(harness: Harness) -> None:
+    first = await harness.start("v1", replicas=2)
+    again = await harness.start("v1", replicas=2)
     assert len(first) == 2
     assert {r.replica_id for r in first} == {r.replica_id for r in again}
     assert all(not r.routable for r in first)
-    state = await runtime.service_state("svc")
+    state = await harness.runtime.service_state(SERVICE)
     assert state is not None and state.revisions() == {"v1"}
+    assert (await harness.send()).status == 503  # nothing routed yet: the router answers
 
 
+@pytest.mark.parametrize(
+    "weights",
+    [
+        pytest.param({"v1": 60}, id="sum-below-100"),
+        pytest.param({"v1": 100, "v2": -5}, id="negative"),
+        pytest.param({"v1": 150}, id="above-100"),
+    ],
+)
 async def test_weights_need_routable_replicas_and_sum_to_100(
-    runtime: Runtime, tmp_path: Path
+    harness: Harness, weights: dict[str, int]
 ) -> None:
-    replicas = await runtime.start_revision(spec(tmp_path, "v1"))
+    runtime = harness.runtime
+    replicas = await harness.start("v1")
     with pytest.raises(TrafficSwitchFailed):
-        await runtime.router.set_weight("svc", {"v1": 100})  # not routable yet
-    await runtime.set_routable("svc", [r.replica_id for r in replicas], True)
+        await runtime.router.set_weight(SERVICE, {"v1": 100})  # not routable yet
+    await runtime.set_routable(SERVICE, [r.replica_id for r in replicas], True)
     with pytest.raises(TrafficSwitchFailed):
-        await runtime.router.set_weight("svc", {"v1": 60})
-    await runtime.router.set_weight("svc", {"v1": 100})
-    assert await runtime.router.verify_weight("svc", {"v1": 100}) is True
-    assert await runtime.router.verify_weight("svc", {"v1": 50, "v2": 50}) is False
-    state = await runtime.service_state("svc")
+        await runtime.router.set_weight(SERVICE, weights)
+    await runtime.router.set_weight(SERVICE, {"v1": 100})
+    assert await runtime.router.verify_weight(SERVICE, {"v1": 100}) is True
+    assert await runtime.router.verify_weight(SERVICE, {"v1": 50, "v2": 50}) is False
+    state = await runtime.service_state(SERVICE)
     assert state is not None and dict(state.weights) == {"v1": 100}
 
 
-async def test_switch_and_stop_revision(runtime: Runtime, tmp_path: Path) -> None:
-    for rev in ("v1", "v2"):
-        reps = await runtime.start_revision(spec(tmp_path, rev))
-        if isinstance(runtime, LocalRuntime):  # what the orchestrator's health gate ensures
-            await asyncio.wait_for(_listening(reps[0].port), 15)
-        await runtime.set_routable("svc", [r.replica_id for r in reps], True)
-    await runtime.router.set_weight("svc", {"v1": 100})
-    await runtime.router.set_weight("svc", {"v2": 100})
-    await runtime.stop_revision("svc", "v1", drain_timeout=5)
-    await runtime.stop_revision("svc", "v1", drain_timeout=5)  # idempotent
-    state = await runtime.service_state("svc")
+async def test_weighted_round_robin_is_exact_over_a_cycle(harness: Harness) -> None:
+    reps = await serve(harness, {"v2": 30, "v1": 70})
+
+    seen = await answers(harness, 20)
+
+    assert seen == {reps["v2"].replica_id: 6, reps["v1"].replica_id: 14}
+
+
+async def test_switch_and_stop_revision(harness: Harness) -> None:
+    runtime = harness.runtime
+    reps = await serve(harness, {"v1": 100})
+    [v2] = await harness.start("v2")
+    await runtime.set_routable(SERVICE, [v2.replica_id], True)
+    await runtime.router.set_weight(SERVICE, {"v2": 100})
+    await runtime.stop_revision(SERVICE, "v1", drain_timeout=5)
+    await runtime.stop_revision(SERVICE, "v1", drain_timeout=5)  # idempotent
+    state = await runtime.service_state(SERVICE)
     assert state is not None and state.revisions() == {"v2"}
-    if isinstance(runtime, LocalRuntime):
-        async with httpx.AsyncClient() as c:
-            r = await c.get(state.url)
-        assert r.text == "hello from v2\n"
-        assert r.headers["x-shipyard-revision"] == "v2"
+    assert await replica(runtime, reps["v1"].replica_id) is None
+    assert await harness.send() == Answer(200, "v2", v2.replica_id)
 
 
-async def test_a_command_that_cannot_start_is_refused(runtime: Runtime, tmp_path: Path) -> None:
+async def test_a_command_that_cannot_start_is_refused(harness: Harness, tmp_path: Path) -> None:
+    runtime = harness.runtime
     if isinstance(runtime, FakeRuntime):
         runtime.fail_start.add("bad")
+    bad = spec("bad", 1, str(tmp_path), {})
     with pytest.raises(RevisionStartFailed):
-        await runtime.start_revision(spec(tmp_path, "bad", argv=["/nonexistent/binary"]))
-    state = await runtime.service_state("svc")
+        await runtime.start_revision(RevisionSpec(**{**bad.to_dict(), "argv": ["/no/binary"]}))
+    state = await runtime.service_state(SERVICE)
     assert state is None or "bad" not in state.revisions()
 
 
-def kill_replica(runtime: Runtime, replica: ReplicaStatus) -> None:
-    """``kill -9`` the replica: its process on the agent, the fake's test hook on the fake."""
-    if isinstance(runtime, FakeRuntime):
-        runtime.kill_replica(replica.replica_id)
-    else:
-        assert replica.pid is not None
-        os.kill(replica.pid, signal.SIGKILL)
+# --- sticky assignment -------------------------------------------------------------------------
 
 
-async def test_a_replica_that_dies_is_restarted_and_counted(
-    runtime: Runtime, tmp_path: Path
+def bucket_of(key: str, canary_percent: int) -> str:
+    """The documented rule: crc32 of the key, mod 100, below the canary's share -> canary."""
+    return "v2" if zlib.crc32(key.encode()) % 100 < canary_percent else "v1"
+
+
+async def test_sticky_users_stay_on_their_revision(harness: Harness) -> None:
+    reps = await serve(harness, {"v2": 30, "v1": 70}, header="x-user")
+    by_replica = {r.replica_id: rev for rev, r in reps.items()}
+    users = [f"user-{n}" for n in range(40)]
+
+    async def revision_of(user: str, header: str = "x-user") -> str:
+        a = await harness.send(headers={header: user})
+        assert a.status == 200 and a.replica_id is not None, a
+        return by_replica[a.replica_id]
+
+    first = {u: await revision_of(u, "X-User") for u in users}
+    again = {u: await revision_of(u) for u in users}
+
+    assert first == again == {u: bucket_of(u, 30) for u in users}
+    assert set(first.values()) == {"v1", "v2"}  # the sample covers both
+    # Raising the canary only moves users onto it.
+    await harness.runtime.router.set_weight(
+        SERVICE, {"v2": 60, "v1": 40}, sticky=StickyKey(header="x-user")
+    )
+    later = {u: await revision_of(u) for u in users}
+    assert later == {u: bucket_of(u, 60) for u in users}
+    assert {u for u in users if first[u] == "v2"} < {u for u in users if later[u] == "v2"}
+    # Without the key, requests are spread by weight as usual.
+    assert await answers(harness, 10) == {reps["v2"].replica_id: 6, reps["v1"].replica_id: 4}
+
+
+async def test_a_sticky_cookie_names_the_cookie_whose_value_is_hashed(harness: Harness) -> None:
+    reps = await serve(harness, {"v2": 50, "v1": 50}, cookie="session")
+    by_replica = {r.replica_id: rev for rev, r in reps.items()}
+
+    for n in range(20):
+        user = f"u{n}"
+        a = await harness.send(headers={"cookie": f"theme=dark; session={user}; x=1"})
+        assert a.replica_id is not None and by_replica[a.replica_id] == bucket_of(user, 50)
+
+
+async def test_an_invalid_sticky_name_is_refused_and_changes_nothing(harness: Harness) -> None:
+    await serve(harness, {"v1": 100})
+    [v2] = await harness.start("v2")
+    await harness.runtime.set_routable(SERVICE, [v2.replica_id], True)
+
+    with pytest.raises(TrafficSwitchFailed):
+        await harness.runtime.router.set_weight(
+            SERVICE, {"v2": 50, "v1": 50}, sticky=StickyKey(header="x user")
+        )
+
+    assert await harness.runtime.router.verify_weight(SERVICE, {"v1": 100}) is True
+
+
+# --- per-revision metrics ----------------------------------------------------------------------
+
+
+async def test_requests_are_counted_per_revision(harness: Harness) -> None:
+    await serve(harness, {"v1": 100})
+    for status in (200, 200, 200, 404, 503, 503):
+        assert (await harness.send(status=status)).status == status
+
+    m = (await harness.runtime.router.metrics(SERVICE))["v1"]
+    assert (m["requests"], m["status_2xx"], m["status_4xx"], m["status_5xx"]) == (6, 3, 1, 2)
+    assert (m["status_3xx"], m["upstream_errors"], m["inflight"]) == (0, 0, 0)
+    assert sum(m["latency_ms"]["buckets"].values()) == 6
+    assert m["success_rate"] == pytest.approx(4 / 6)
+
+    held = await harness.hold()
+    during = (await harness.runtime.router.metrics(SERVICE))["v1"]
+    assert (during["requests"], during["inflight"]) == (6, 1)
+    assert (await held.release()).status == 200
+    after = (await harness.runtime.router.metrics(SERVICE))["v1"]
+    assert (after["requests"], after["status_2xx"], after["inflight"]) == (7, 4, 0)
+
+
+# --- routable, draining ------------------------------------------------------------------------
+
+
+async def test_an_unroutable_replica_gets_no_new_requests(harness: Harness) -> None:
+    runtime = harness.runtime
+    a, b = await harness.start("v1", replicas=2)
+    await runtime.set_routable(SERVICE, [a.replica_id, b.replica_id], True)
+    await runtime.router.set_weight(SERVICE, {"v1": 100})
+
+    await runtime.set_routable(SERVICE, [a.replica_id], False)
+
+    assert await answers(harness, 6) == {b.replica_id: 6}
+    after = await replica(runtime, a.replica_id)
+    assert after is not None and (after.state, after.routable) == ("running", False)
+    await runtime.set_routable(SERVICE, [a.replica_id], True)
+    assert await answers(harness, 4) == {a.replica_id: 2, b.replica_id: 2}
+
+
+async def test_set_routable_refuses_a_replica_it_does_not_run(harness: Harness) -> None:
+    [a] = await harness.start("v1")
+
+    with pytest.raises(InvalidInput):
+        await harness.runtime.set_routable(SERVICE, [a.replica_id, "v1-nope"], True)
+
+    after = await replica(harness.runtime, a.replica_id)
+    assert after is not None and not after.routable  # nothing changed, not even the known one
+
+
+async def test_stopping_a_replica_lets_its_requests_finish_and_sends_it_no_new_ones(
+    harness: Harness,
 ) -> None:
-    [before] = await runtime.start_revision(spec(tmp_path, "v1"))
-    if isinstance(runtime, LocalRuntime):
-        await asyncio.wait_for(_listening(before.port), 15)
-    await runtime.set_routable("svc", [before.replica_id], True)
-    await runtime.router.set_weight("svc", {"v1": 100})
-    kill_replica(runtime, before)
+    runtime = harness.runtime
+    a, b = await harness.start("v1", replicas=2)
+    await runtime.set_routable(SERVICE, [a.replica_id], True)
+    await runtime.router.set_weight(SERVICE, {"v1": 100})
+    held = await harness.hold()
+    assert held.replica_id == a.replica_id  # the only one in rotation
+    await runtime.set_routable(SERVICE, [b.replica_id], True)
 
-    deadline = time.monotonic() + 20
-    while True:  # the runtime's first backoff is half a second
-        state = await runtime.service_state("svc")
-        assert state is not None
-        [after] = state.replicas
-        if after.restarts and after.routable:
-            break
-        assert time.monotonic() < deadline, f"not restarted: {after}"
-        await asyncio.sleep(0.05)
-    assert (after.replica_id, after.revision, after.restarts) == (before.replica_id, "v1", 1)
-    assert (after.state, after.exit_code, after.last_exit_code) == ("running", None, -9)
+    stopping = asyncio.create_task(runtime.stop_replicas(SERVICE, [a.replica_id], drain_timeout=30))
+
+    async def out_of_rotation() -> bool:
+        r = await replica(runtime, a.replica_id)
+        return r is not None and not r.routable
+
+    await eventually(out_of_rotation, what="the stopping replica to leave rotation")
+    assert await answers(harness, 4) == {b.replica_id: 4}
+    assert await replica(runtime, a.replica_id) is not None  # still there: draining
+    assert not stopping.done()
+    assert await held.release() == Answer(200, "v1", a.replica_id)
+    await asyncio.wait_for(stopping, 30)
+    assert await replica(runtime, a.replica_id) is None
+
+
+# --- replicas that die -------------------------------------------------------------------------
+
+
+async def test_a_replica_that_dies_is_restarted_and_counted(harness: Harness) -> None:
+    runtime = harness.runtime
+    reps = await serve(harness, {"v2": 50, "v1": 50})
+    before = reps["v2"]
+    await harness.exit(before, 7)
+
+    async def restarted() -> ReplicaStatus | None:
+        r = await replica(runtime, before.replica_id)
+        assert r is not None
+        return r if r.restarts and r.routable else None
+
+    after = await eventually(restarted, what="the replica to be restarted")
+    assert (after.replica_id, after.revision, after.restarts) == (before.replica_id, "v2", 1)
+    assert (after.state, after.exit_code, after.last_exit_code) == ("running", None, 7)
     assert after.next_restart_in is None
-    assert await runtime.router.verify_weight("svc", {"v1": 100}) is True
+    # The weights asked for serve again, and the restarted replica answers.
+    assert await runtime.router.verify_weight(SERVICE, {"v2": 50, "v1": 50}) is True
+    assert before.replica_id in await answers(harness, 4)
     # Starting the revision again does not add a replica beside the restarted one.
-    assert [r.replica_id for r in await runtime.start_revision(spec(tmp_path, "v1"))] == [
-        before.replica_id
-    ]
-    if isinstance(runtime, LocalRuntime):
-        assert after.pid != before.pid
-        async with httpx.AsyncClient() as c:
-            r = await c.get(state.url)
-        assert r.text == "hello from v1\n"
+    assert [r.replica_id for r in await harness.start("v2")] == [before.replica_id]
+
+
+async def test_a_crash_loop_is_reported_with_its_exit_code(harness: Harness) -> None:
+    runtime = harness.runtime
+    reps = await serve(harness, {"v1": 100})
+    a = reps["v1"]
+    await harness.exit(a, 3, for_good=True)
+
+    async def looping() -> ReplicaStatus | None:
+        r = await replica(runtime, a.replica_id)
+        assert r is not None
+        waiting = r.next_restart_in is not None and r.next_restart_in >= 1.0
+        return r if r.state == "crashed" and r.restarts >= 2 and waiting else None
+
+    down = await eventually(looping, what="two failed restarts")
+    assert (down.exit_code, down.last_exit_code, down.routable, down.alive) == (3, 3, False, False)
+    with pytest.raises(InvalidInput):
+        await runtime.set_routable(SERVICE, [a.replica_id], True)  # it cannot take traffic
+    assert (await harness.send()).status == 503
+    assert await runtime.router.verify_weight(SERVICE, {"v1": 100}) is False
+    with pytest.raises(TrafficSwitchFailed):
+        await runtime.router.set_weight(SERVICE, {"v1": 100})
+    state = await runtime.service_state(SERVICE)
+    assert state is not None and dict(state.weights) == {"v1": 0}
+
+
+@pytest.mark.parametrize("how", ["stopped", "crash-looping"])
+async def test_what_serves_after_a_revision_loses_its_replicas(harness: Harness, how: str) -> None:
+    runtime = harness.runtime
+    reps = await serve(harness, {"v2": 50, "v1": 50})
+    lost = reps["v2"]
+    if how == "stopped":
+        await runtime.stop_replicas(SERVICE, [lost.replica_id], drain_timeout=5)
+    else:
+        await harness.exit(lost, 3, for_good=True)
+
+        async def down() -> bool:
+            r = await replica(runtime, lost.replica_id)
+            return r is not None and r.state == "crashed"
+
+        await eventually(down, what="the replica to crash")
+
+    state = await runtime.service_state(SERVICE)
+    assert state is not None and dict(state.weights) == {"v2": 0, "v1": 100}
+    assert await runtime.router.verify_weight(SERVICE, {"v2": 50, "v1": 50}) is False
+    assert await runtime.router.verify_weight(SERVICE, {"v1": 100}) is True
+    assert await answers(harness, 6) == {reps["v1"].replica_id: 6}
+    with pytest.raises(TrafficSwitchFailed):
+        await runtime.router.set_weight(SERVICE, {"v2": 50, "v1": 50})
+    await runtime.router.set_weight(SERVICE, {"v1": 100})
+    assert await runtime.router.verify_weight(SERVICE, {"v1": 100}) is True

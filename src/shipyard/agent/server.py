@@ -46,6 +46,7 @@ from shipyard.agent.supervisor import (
     kill_orphan_group,
 )
 from shipyard.errors import RevisionStartFailed, ShipyardError
+from shipyard.private_files import write_private
 from shipyard.routing.proxy import Backend, ServiceProxy
 from shipyard.runtime.base import RevisionSpec
 
@@ -54,17 +55,6 @@ log = logging.getLogger("shipyard.agent")
 
 def agent_dir(data_dir: Path, region: str) -> Path:
     return data_dir / "agents" / region
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, atomically."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class WeightsBody(BaseModel):
@@ -109,7 +99,8 @@ class Agent:
     ) -> None:
         self.region = region
         self.dir = agent_dir(data_dir, region)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # It holds the agent's token: no one else may list or replace what is in it.
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.listen_host = listen_host
         self.routes: dict[str, ServiceRoute] = {}
         self.supervisor = Supervisor(

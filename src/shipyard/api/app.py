@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from shipyard import __version__
 from shipyard.api import metrics as metrics_mod
@@ -130,13 +130,13 @@ def create_app(
     app = FastAPI(title="Shipyard", version=__version__, lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     problems.install(app)
+    exposition = metrics_mod.MetricsEndpoint()
 
     @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
-    async def metrics(_: CanRead, c: Ctx) -> PlainTextResponse:
+    async def metrics(_: CanRead, c: Ctx) -> Response:
         """Prometheus exposition; scrape with a token holding ``deployment:read``."""
-        return PlainTextResponse(
-            await metrics_mod.render(c), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        body = await exposition.render(c.store, c.runtimes)
+        return Response(body, media_type=metrics_mod.CONTENT_TYPE)
 
     @app.get("/healthz", tags=["meta"])
     async def healthz() -> dict[str, str]:

@@ -13,9 +13,7 @@ nor a token ever appears in an error message or a log line.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import os
 import secrets
 import stat
 import time
@@ -30,6 +28,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from jwt.exceptions import InvalidSubjectError
 
 from shipyard.errors import InvalidInput, PermissionDenied, Unauthenticated
+from shipyard.private_files import create_private
 
 PERMISSIONS: frozenset[str] = frozenset(
     {"deployment:create", "deployment:rollback", "deployment:read"}
@@ -219,31 +218,18 @@ def bearer_token(authorization_header: str | None) -> str:
 
 
 def load_or_create_key(data_dir: Path) -> bytes:
-    """``<data_dir>/keys/jwt.key``: read it, or create it atomically (0600) if it is missing.
+    """``<data_dir>/keys/jwt.key``: read it, or create it (0600) if it is missing.
 
-    Creation links a fully written temp file into place, so two processes starting together agree
-    on one key (the loser reads the winner's). A key readable by group or others is refused.
+    ``private_files.create_private`` links a fully written temp file into place, so two processes
+    starting together agree on one key (the loser reads the winner's). A key readable by group or
+    others is refused.
     """
     if not data_dir.is_dir():
         raise InvalidInput(f"data directory {data_dir} does not exist")
     path = data_dir / KEY_RELATIVE_PATH
     if not path.exists():
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        fd, tmp = _temp_key_file(path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(KEY_BYTES))
-                f.flush()
-                os.fsync(f.fileno())
-            with contextlib.suppress(FileExistsError):  # another process won the race
-                os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        create_private(path, secrets.token_bytes(KEY_BYTES))
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise InvalidInput(
@@ -255,11 +241,6 @@ def load_or_create_key(data_dir: Path) -> bytes:
             f"token key {path} is shorter than {KEY_BYTES} bytes; delete it to regenerate"
         )
     return key
-
-
-def _temp_key_file(directory: Path) -> tuple[int, str]:
-    name = str(directory / f".jwt.key.{secrets.token_hex(8)}.tmp")
-    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), name
 
 
 # --- FastAPI -------------------------------------------------------------------------------------

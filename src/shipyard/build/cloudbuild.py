@@ -25,7 +25,7 @@ with ``--cache=false`` (no layer read from, or pushed to, its cache repository);
 saves, so the bucket's cache is refreshed from this build.
 
 The long-running operation is polled with the injected ``Clock``; tests point the client at
-``cloudbuild_fake.FakeCloudBuild`` (``api_endpoint`` + anonymous credentials).
+``tests/build/cloudbuild_fake.FakeCloudBuild`` (``api_endpoint`` + anonymous credentials).
 """
 
 from __future__ import annotations

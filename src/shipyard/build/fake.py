@@ -3,11 +3,14 @@ the API's and the build registry's tests.
 
 It honours what callers rely on: the same source always yields the same ``sha256:`` digest (a
 rebuild is an artifact cache hit, unless the request says ``no_cache``), the artifact names the
-full commit it was built from, a failure is a ``BuildFailed`` (commits listed in ``fail``, or the
-error in ``fail_with``), and every request is recorded. With ``root`` it materialises a real
-artifact directory digested like the real builders do, so the security gate and the deploy-time
-digest check work on it. It does not check that the commit exists; use ``LocalBuilder`` with a
-real repository for that.
+full commit it was built from, a failure is a ``BuildFailed`` like the local builder's (commits
+listed in ``fail``: exit code 1, the log tail in its detail; or the error in ``fail_with``), and
+every request is recorded. With ``root`` it materialises a real artifact directory digested like
+the real builders do, so the security gate and the deploy-time digest check work on it; without,
+its ``location`` names no directory (the fake runtime never looks). It does not check that the
+commit exists, nor share an artifact between two commits of the same tree as the local builder
+does; use ``LocalBuilder`` with a real repository for that. tests/contract/test_builder_contract.py
+runs one suite against both.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ interval_seconds = 1
 success_threshold = 2
 failure_threshold = 3
 """
+
+#: The last line a failing fake build prints.
+FAILURE_LINE = "error: tests failed"
 
 
 class FakeBuilder:
@@ -63,9 +69,15 @@ class FakeBuilder:
             err, self.fail_with = self.fail_with, None
             raise err
         if commit in self.fail:
+            # What LocalBuilder raises for a build command that printed this line and exited 1
+            # (tests/contract/test_builder_contract.py holds the two to it).
             if request.log_sink:
-                request.log_sink("error: tests failed")
-            raise BuildFailed(f"build command exited with 1 for {commit}", exit_code=1)
+                request.log_sink(FAILURE_LINE)
+            raise BuildFailed(
+                f"build command exited with code 1; last output:\n{FAILURE_LINE}",
+                exit_code=1,
+                log_tail=[FAILURE_LINE],
+            )
         self.built.append(commit)
         full = (commit * 10)[:40]
         digest = (

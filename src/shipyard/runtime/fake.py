@@ -1,32 +1,67 @@
-"""In-memory ``Runtime`` + ``TrafficRouter`` + ``Prober`` honouring the same contract as the local
-agent (tests/contract/test_runtime_contract.py runs one suite against both).
+"""In-memory ``Runtime`` + ``TrafficRouter`` honouring the same contract as the local agent
+(tests/contract/test_runtime_contract.py runs one suite against both, the agent for real).
 
-Used by orchestrator unit tests with a ``FakeClock`` (and ``health.fake.FakeProber``): injected
-crashes (``crash``: the replica stays down; ``kill_replica``: it is restarted after a backoff on
-the injected clock, as the agent's supervisor does) and start failures, a log of every weight
-change and of every replica count change to assert invariants on, and a scripted metrics source
-for canary analysis: a steady synthetic load (``FakeRouter.rps`` requests per second of the
-injected clock, split by the weights in force) where each revision answers per its
-``TrafficProfile`` (5xx rate, latency).
+Used by orchestrator and API unit tests with a ``FakeClock`` (and ``health.fake.FakeProber``).
+
+What it models as the agent does (the contract suite is the proof):
+
+- Routing: what serves is the requested weights with the share of a revision that has no serving
+  replica (alive and routable) moved to the others, as the agent's router does; that is what
+  ``service_state().weights`` reports and ``verify_weight`` compares. ``FakeRouter.open`` sends
+  one request through it: a sticky key's crc32 bucket (canary first), else smooth weighted
+  round-robin, then round-robin over the revision's serving replicas; 503 when nothing serves.
+  Requests are counted per revision like the router's counters.
+- ``stop_replicas`` takes the replicas out of rotation at once, waits (up to ``drain_timeout``)
+  for the requests they hold, then stops them.
+- A replica that dies (``kill_replica``) is restarted after a doubling backoff on the injected
+  clock, with the same id, a new port, ``restarts`` + 1, routable again only if it was; one of a
+  revision in ``crashing`` dies again at every restart, its exit code reported each time.
+- ``set_routable`` refuses an unknown replica and, to take traffic, a replica that is not alive.
+
+Test controls beyond that: ``crash`` (the replica stays down with no restart pending: something
+the local agent never reports, kept for tests of callers), start failures (``fail_start``), a log
+of every weight change and every replica count change to assert invariants on, and a steady
+synthetic load for canary analysis (``FakeRouter.rps`` requests per second of the injected clock,
+split by the weights that serve) where each revision answers per its ``TrafficProfile``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import math
+import re
 import time
+import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shipyard.errors import RevisionStartFailed, ShipyardError, TrafficSwitchFailed
-from shipyard.routing.metrics import BUCKET_BOUNDS_MS, RevisionMetrics
-from shipyard.runtime.base import ReplicaStatus, RevisionSpec, ServiceState, StickyKey
+from shipyard.errors import (
+    InvalidInput,
+    NotFound,
+    RevisionStartFailed,
+    ShipyardError,
+    TrafficSwitchFailed,
+)
+from shipyard.routing.metrics import BUCKET_BOUNDS_MS, RevisionCounters, RevisionMetrics
+from shipyard.runtime.base import (
+    ReplicaState,
+    ReplicaStatus,
+    RevisionSpec,
+    ServiceState,
+    StickyKey,
+)
+
+#: What the agent's router accepts as a sticky header or cookie name (an HTTP token).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 @dataclass
 class _Service:
     url: str
+    #: What was asked for (revision -> percent, positive only, in the order given).
     weights: dict[str, int] = field(default_factory=dict)
     replicas: dict[str, ReplicaStatus] = field(default_factory=dict)
 
@@ -46,6 +81,78 @@ class _Served:
     latency_ms: dict[float, float] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class FakeExchange:
+    """One request through the fake router: routed when opened, in flight until ``finish``.
+
+    ``revision`` and ``replica_id`` say where it went; None when nothing served it (the router
+    answered 503 itself, already finished).
+    """
+
+    service: str
+    revision: str | None
+    replica_id: str | None
+    status: int | None = None
+    _router: FakeRouter | None = field(default=None, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.status is not None
+
+    def finish(self, status: int = 200, latency_ms: float = 2.0) -> None:
+        """The replica answered ``status`` after ``latency_ms``."""
+        if self.status is not None:
+            raise RuntimeError(f"request to {self.replica_id} already finished ({self.status})")
+        self.status = status
+        if self._router is not None:
+            self._router._finished(self, latency_ms)
+
+
+@dataclass
+class _Table:
+    """What one service routes now (rebuilt when its weights or serving replicas change)."""
+
+    weights: dict[str, int]
+    backends: dict[str, list[str]]
+    sticky: StickyKey | None
+    schedule: list[str]
+    buckets: list[str]
+    next: int = 0
+    rr: dict[str, int] = field(default_factory=dict)
+
+    def pick(self, key: str | None) -> str | None:
+        if key is not None and self.buckets:
+            return self.buckets[zlib.crc32(key.encode()) % 100]
+        if not self.schedule:
+            return None
+        revision = self.schedule[self.next]
+        self.next = (self.next + 1) % len(self.schedule)
+        return revision
+
+    def replica(self, revision: str) -> str:
+        replicas = self.backends[revision]
+        i = self.rr.get(revision, 0)
+        self.rr[revision] = (i + 1) % len(replicas)
+        return replicas[i]
+
+    def sticky_key(self, headers: Mapping[str, str]) -> str | None:
+        """The sticky header's value (preferred), else the sticky cookie's, if the request has
+        one (header names are case-insensitive, as in the agent's router)."""
+        if self.sticky is None:
+            return None
+        lowered = {k.lower(): v for k, v in headers.items()}
+        if self.sticky.header is not None:
+            value = lowered.get(self.sticky.header.lower(), "").strip()
+            if value:
+                return value
+        if self.sticky.cookie is not None:
+            for part in lowered.get("cookie", "").split(";"):
+                name, sep, value = part.strip().partition("=")
+                if sep and name == self.sticky.cookie and value.strip('"'):
+                    return value.strip('"')
+        return None
+
+
 class FakeRouter:
     type = "fake"
 
@@ -61,11 +168,130 @@ class FakeRouter:
         #: When set, ``metrics`` raises it (metrics unavailable).
         self.metrics_error: ShipyardError | None = None
         self.metrics_calls = 0
+        #: Requests answered 503 because nothing served (as the agent's router counts them).
+        self.unrouted = 0
         self._served: dict[str, dict[str, _Served]] = {}
         self._last: dict[str, float] = {}
+        self._counters: dict[str, dict[str, RevisionCounters]] = {}
+        self._tables: dict[str, tuple[tuple[Any, ...], _Table]] = {}
+        self._held: dict[str, int] = {}  # replica id -> requests in flight
+        self._drained: dict[str, asyncio.Event] = {}
+
+    # --- what serves --------------------------------------------------------------------------
+
+    def serving(self, service: str) -> dict[str, int]:
+        """Revision -> percent that serves now: the requested weights, the share of revisions
+        with no serving replica moved to the others (a zero left for those), as the agent's
+        router reports it."""
+        svc = self._rt.services.get(service)
+        if svc is None:
+            return {}
+        self._rt._restart_due(service)
+        return _effective_weights(svc.weights, set(self._backends(svc)))
+
+    @staticmethod
+    def _backends(svc: _Service) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for rid, r in svc.replicas.items():
+            if r.state == "running" and r.routable:
+                out.setdefault(r.revision, []).append(rid)
+        return out
+
+    def _table(self, service: str) -> _Table:
+        svc = self._rt.services[service]
+        weights = self.serving(service)
+        backends = self._backends(svc)
+        sticky = self.sticky.get(service)
+        signature = (
+            tuple(weights.items()),
+            tuple((k, tuple(v)) for k, v in backends.items()),
+            sticky,
+        )
+        cached = self._tables.get(service)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        routed = [(rev, w) for rev, w in weights.items() if w > 0]
+        table = _Table(
+            weights=weights,
+            backends=backends,
+            sticky=sticky,
+            schedule=_smooth_schedule(routed),
+            # Buckets 0..99 by cumulative ranges in the order of the weights (canary first).
+            buckets=[rev for rev, w in routed for _ in range(w)] if sticky else [],
+        )
+        self._tables[service] = (signature, table)
+        return table
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def open(self, service: str, *, headers: Mapping[str, str] | None = None) -> FakeExchange:
+        """Send one request to ``service``'s stable URL; it stays in flight until ``finish``."""
+        if service not in self._rt.services:
+            raise NotFound(f"service {service} has no route")
+        self._accrue(service)
+        table = self._table(service)
+        revision = table.pick(table.sticky_key(headers or {}))
+        if revision is None:
+            self.unrouted += 1
+            return FakeExchange(service, None, None, status=503)
+        replica_id = table.replica(revision)
+        self._counter(service, revision).inflight += 1
+        self._held[replica_id] = self._held.get(replica_id, 0) + 1
+        return FakeExchange(service, revision, replica_id, _router=self)
+
+    def send(
+        self,
+        service: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        status: int = 200,
+        latency_ms: float = 2.0,
+    ) -> FakeExchange:
+        """One request, answered at once with ``status`` (503 when nothing serves)."""
+        exchange = self.open(service, headers=headers)
+        if not exchange.done:
+            exchange.finish(status, latency_ms)
+        return exchange
+
+    def _counter(self, service: str, revision: str) -> RevisionCounters:
+        per_service = self._counters.setdefault(service, {})
+        counter = per_service.get(revision)
+        if counter is None:
+            counter = per_service[revision] = RevisionCounters(revision)
+        return counter
+
+    def _finished(self, exchange: FakeExchange, latency_ms: float) -> None:
+        assert exchange.revision is not None and exchange.replica_id is not None
+        assert exchange.status is not None
+        counter = self._counter(exchange.service, exchange.revision)
+        counter.observe(exchange.status, latency_ms / 1000)
+        counter.inflight -= 1
+        left = self._held[exchange.replica_id] = self._held[exchange.replica_id] - 1
+        if left == 0:
+            self._held.pop(exchange.replica_id)
+            drained = self._drained.pop(exchange.replica_id, None)
+            if drained is not None:
+                drained.set()
+
+    async def drain(self, replica_ids: Sequence[str], timeout: float) -> bool:
+        """Wait until the replicas hold no request; False if ``timeout`` passed first."""
+        waits = []
+        for rid in replica_ids:
+            if self._held.get(rid):
+                waits.append(self._drained.setdefault(rid, asyncio.Event()).wait())
+        if not waits:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- metrics ------------------------------------------------------------------------------
 
     def _accrue(self, service: str) -> None:
-        """Count the synthetic requests served since the last look, at the weights in force."""
+        """Count the synthetic requests served since the last look, at the weights serving."""
         now = self._rt.now()
         svc = self._rt.services.get(service)
         last = self._last.get(service, now)
@@ -73,7 +299,7 @@ class FakeRouter:
         if svc is None or now <= last or not self.rps:
             return
         served = self._served.setdefault(service, {})
-        for rev, weight in svc.weights.items():
+        for rev, weight in self.serving(service).items():
             n = self.rps * (now - last) * weight / 100
             profile = self.profiles.get(rev, TrafficProfile())
             s = served.setdefault(rev, _Served())
@@ -86,22 +312,31 @@ class FakeRouter:
         if self.metrics_error is not None:
             raise self.metrics_error
         self._accrue(service)
+        synthetic = self._served.get(service, {})
+        counted = self._counters.get(service, {})
         out: dict[str, Mapping[str, Any]] = {}
-        for rev, s in self._served.get(service, {}).items():
+        for rev in [*synthetic, *(r for r in counted if r not in synthetic)]:
             buckets = [0] * len(BUCKET_BOUNDS_MS)
+            s = synthetic.get(rev, _Served())
             for latency, n in s.latency_ms.items():
                 buckets[bisect_left(BUCKET_BOUNDS_MS, latency)] += int(n)
             requests = sum(buckets)
             errors = min(requests, int(s.errors))
-            out[rev] = RevisionMetrics(
+            m = RevisionMetrics(
                 revision=rev,
                 requests=requests,
                 status_2xx=requests - errors,
                 status_5xx=errors,
                 latency_buckets=tuple(buckets),
                 latency_sum_ms=sum(lat * int(n) for lat, n in s.latency_ms.items()),
-            ).to_dict()
+            )
+            c = counted.get(rev)
+            if c is not None:
+                m = _plus(m, c.snapshot())
+            out[rev] = m.to_dict()
         return out
+
+    # --- TrafficRouter ------------------------------------------------------------------------
 
     async def set_weight(
         self, service: str, weights: Mapping[str, int], *, sticky: StickyKey | None = None
@@ -110,21 +345,33 @@ class FakeRouter:
         svc = self._rt.services.get(service)
         if svc is None:
             raise TrafficSwitchFailed(f"service {service} has no route")
+        bad = {k: v for k, v in weights.items() if not 0 <= v <= 100}
+        if bad:
+            raise TrafficSwitchFailed(f"weights must be within 0..100, got {bad}")
         positive = {k: v for k, v in weights.items() if v > 0}
         if positive and sum(positive.values()) != 100:
             raise TrafficSwitchFailed(f"weights must sum to 100, got {sum(positive.values())}")
+        self._rt._restart_due(service)
+        serving = self._backends(svc)
         for rev in positive:
-            if not any(r.revision == rev and r.alive and r.routable for r in svc.replicas.values()):
+            if rev not in serving:
                 raise TrafficSwitchFailed(f"revision {rev} of {service} has no routable replica")
+        names = (sticky.header, sticky.cookie) if sticky is not None else (None, None)
+        for what, name in zip(("header", "cookie"), names, strict=True):
+            if name is not None and not _TOKEN.fullmatch(name):
+                raise TrafficSwitchFailed(f"sticky {what} {name!r} is not a valid name")
         svc.weights = positive
-        self.sticky[service] = sticky
+        self.sticky[service] = sticky if sticky and (sticky.header or sticky.cookie) else None
         for rev in positive:  # like the real router: counters exist once a revision is routed
             self._served.setdefault(service, {}).setdefault(rev, _Served())
+            self._counter(service, rev)
         self.history.append((service, dict(positive)))
 
     async def verify_weight(self, service: str, weights: Mapping[str, int]) -> bool | None:
-        svc = self._rt.services.get(service)
-        return svc is not None and svc.weights == {k: v for k, v in weights.items() if v > 0}
+        if service not in self._rt.services:
+            return False
+        have = {k: v for k, v in self.serving(service).items() if v > 0}
+        return have == {k: v for k, v in weights.items() if v > 0}
 
     async def remove_managed_routes(self, service: str) -> None:
         self._rt.services.pop(service, None)
@@ -150,11 +397,14 @@ class FakeRuntime:
         restart_delay_max: float = 30.0,
     ) -> None:
         self.region = region
-        #: The clock the synthetic load runs on (a FakeClock's ``now`` in tests).
+        #: The clock the synthetic load and the restart backoff run on (a FakeClock's ``now``).
         self.now = now or time.monotonic
         self.services: dict[str, _Service] = {}
         self.router = FakeRouter(self)
         self.fail_start: set[str] = set()
+        #: Revision -> exit code: its replicas die again at every restart (an app that fails at
+        #: start), as the agent reports a crash loop: restarts counted, the exit code each time.
+        self.crashing: dict[str, int] = {}
         self.started: list[str] = []
         self.stopped: list[str] = []
         #: (service, running, ready) after every replica change: rolling invariants are
@@ -165,7 +415,7 @@ class FakeRuntime:
         #: reset after a long run is not modelled).
         self.restart_delay = restart_delay
         self.restart_delay_max = restart_delay_max
-        #: Replica ids in the order they were restarted.
+        #: Replica ids in the order they were restarted (and came up).
         self.restarted: list[str] = []
         self._pending: dict[str, _PendingRestart] = {}
         self._kills: dict[str, int] = {}
@@ -204,6 +454,18 @@ class FakeRuntime:
         self.observations.append((service, running, ready))
 
     async def set_routable(self, service: str, replica_ids: Sequence[str], routable: bool) -> None:
+        svc = self.services.get(service)
+        self._restart_due(service)
+        # Like the agent: every id is checked before any is changed.
+        for rid in replica_ids:
+            r = svc.replicas.get(rid) if svc else None
+            if r is None:
+                raise InvalidInput(f"replica {rid} not found in {service}", status=404)
+            if routable and not r.alive:
+                raise InvalidInput(
+                    f"replica {rid} is {r.state}; it cannot take traffic", status=409
+                )
+        await self.ensure_service(service)
         svc = self.services[service]
         for rid in replica_ids:
             svc.replicas[rid] = replace(svc.replicas[rid], routable=routable)
@@ -218,8 +480,16 @@ class FakeRuntime:
         svc = self.services.get(service)
         if svc is None:
             return
-        for rid in replica_ids:
+        targets = [rid for rid in replica_ids if rid in svc.replicas]
+        for rid in targets:
             self._pending.pop(rid, None)  # a stopped replica is never restarted
+            svc.replicas[rid] = replace(svc.replicas[rid], routable=False)  # no new requests
+        if targets:
+            self._observe(service)
+        # The requests they hold finish first (like the agent, a drain that times out stops
+        # them anyway).
+        await self.router.drain(targets, drain_timeout)
+        for rid in targets:
             if svc.replicas.pop(rid, None) is not None:
                 self.stopped.append(rid)
                 self._observe(service)
@@ -230,14 +500,15 @@ class FakeRuntime:
         svc = self.services.get(service)
         if svc is not None:
             ids = [rid for rid, r in svc.replicas.items() if r.revision == revision]
-            await self.stop_replicas(service, ids)
+            await self.stop_replicas(service, ids, drain_timeout=drain_timeout)
 
     async def service_state(self, service: str) -> ServiceState | None:
         svc = self.services.get(service)
         if svc is None:
             return None
         self._restart_due(service)
-        return ServiceState(service, svc.url, dict(svc.weights), list(svc.replicas.values()))
+        weights = self.router.serving(service)
+        return ServiceState(service, svc.url, weights, list(svc.replicas.values()))
 
     async def list_services(self) -> list[str]:
         return sorted(self.services)
@@ -245,52 +516,153 @@ class FakeRuntime:
     # --- test controls ---------------------------------------------------------------------------
 
     def crash(self, replica_id: str, exit_code: int = 1) -> None:
+        """The replica dies and nothing restarts it (the agent would; see ``kill_replica``)."""
         for svc in self.services.values():
             if replica_id in svc.replicas:
                 svc.replicas[replica_id] = replace(
-                    svc.replicas[replica_id], state="crashed", exit_code=exit_code, routable=False
+                    svc.replicas[replica_id],
+                    state=_dead_state(exit_code),
+                    exit_code=exit_code,
+                    routable=False,
                 )
 
     def kill_replica(self, replica_id: str, exit_code: int = -9) -> None:
-        """The replica dies (``kill -9``); it is restarted once its backoff has passed on
-        ``now``, with the same id, a new port, ``restarts`` + 1, and routable again only if it
-        was before. The restart is seen by the next ``service_state`` / ``start_revision``."""
+        """The replica dies (``kill -9`` by default); it is restarted once its backoff has
+        passed on ``now``, with the same id, a new port, ``restarts`` + 1, and routable again
+        only if it was before. The restart is seen by the next ``service_state`` /
+        ``start_revision`` / request."""
         for name, svc in self.services.items():
             r = svc.replicas.get(replica_id)
             if r is None or not r.alive:
                 continue
-            kills = self._kills[replica_id] = self._kills.get(replica_id, 0) + 1
-            delay = min(self.restart_delay_max, self.restart_delay * 2.0 ** min(kills - 1, 60))
-            self._pending[replica_id] = _PendingRestart(name, self.now() + delay, r.routable)
-            svc.replicas[replica_id] = replace(
-                r, state="crashed", exit_code=exit_code, routable=False, next_restart_in=delay
-            )
-            self._observe(name)
+            self._died(name, svc, r, exit_code, routable=r.routable, at=self.now())
+
+    def _died(
+        self,
+        service: str,
+        svc: _Service,
+        r: ReplicaStatus,
+        exit_code: int,
+        *,
+        routable: bool,
+        at: float,
+    ) -> None:
+        kills = self._kills[r.replica_id] = self._kills.get(r.replica_id, 0) + 1
+        delay = min(self.restart_delay_max, self.restart_delay * 2.0 ** min(kills - 1, 60))
+        self._pending[r.replica_id] = _PendingRestart(service, at + delay, routable)
+        svc.replicas[r.replica_id] = replace(
+            r,
+            state=_dead_state(exit_code),
+            exit_code=exit_code,
+            routable=False,
+            next_restart_in=delay,
+        )
+        self._observe(service)
 
     def _restart_due(self, service: str) -> None:
-        svc = self.services[service]
-        now = self.now()
-        for rid, pending in list(self._pending.items()):
-            r = svc.replicas.get(rid)
-            if pending.service != service or r is None:
-                continue
-            if now < pending.due:
-                svc.replicas[rid] = replace(r, next_restart_in=pending.due - now)
-                continue
-            del self._pending[rid]
-            svc.replicas[rid] = replace(
-                r,
-                state="running",
-                port=next(self._ports),
-                routable=pending.routable,
-                exit_code=None,
-                last_exit_code=r.exit_code,
-                restarts=r.restarts + 1,
-                next_restart_in=None,
-            )
-            self.restarted.append(rid)
-            self._observe(service)
+        svc = self.services.get(service)
+        if svc is None:
+            return
+        # A replica of a crashing revision may die again at once and be due again later: loop
+        # until no restart is due now.
+        while True:
+            now = self.now()
+            due = [
+                (rid, p)
+                for rid, p in self._pending.items()
+                if p.service == service and rid in svc.replicas and p.due <= now
+            ]
+            for rid, p in self._pending.items():
+                r = svc.replicas.get(rid)
+                if p.service == service and r is not None and p.due > now:
+                    svc.replicas[rid] = replace(r, next_restart_in=p.due - now)
+            if not due:
+                return
+            for rid, pending in due:
+                del self._pending[rid]
+                r = svc.replicas[rid]
+                restarted = replace(
+                    r,
+                    state="running",
+                    port=next(self._ports),
+                    routable=pending.routable,
+                    exit_code=None,
+                    last_exit_code=r.exit_code,
+                    restarts=r.restarts + 1,
+                    next_restart_in=None,
+                )
+                svc.replicas[rid] = restarted
+                code = self.crashing.get(r.revision)
+                if code is not None:  # it exits again before it is ever ready
+                    self._died(
+                        service, svc, restarted, code, routable=pending.routable, at=pending.due
+                    )
+                    continue
+                self.restarted.append(rid)
+                self._observe(service)
 
     def running_revisions(self, service: str) -> set[str]:
         svc = self.services.get(service)
         return {r.revision for r in svc.replicas.values() if r.alive} if svc else set()
+
+
+def _dead_state(exit_code: int) -> ReplicaState:
+    # The agent's supervisor: a clean exit is "exited", anything else "crashed".
+    return "exited" if exit_code == 0 else "crashed"
+
+
+def _effective_weights(requested: Mapping[str, int], served: set[str]) -> dict[str, int]:
+    """The agent's router's rule: the share of revisions without a serving replica goes to the
+    others, proportionally, in whole percents (largest remainders first, then request order)."""
+    live = {rev: w for rev, w in requested.items() if w > 0 and rev in served}
+    total = sum(live.values())
+    if total in (0, 100):
+        return {rev: live.get(rev, 0) for rev in requested}
+    share = {rev: w * 100 // total for rev, w in live.items()}
+    order = list(requested)
+    by_remainder = sorted(live, key=lambda rev: (-(live[rev] * 100 % total), order.index(rev)))
+    for rev in by_remainder[: 100 - sum(share.values())]:
+        share[rev] += 1
+    return {rev: share.get(rev, 0) for rev in requested}
+
+
+def _smooth_schedule(weighted: list[tuple[str, int]]) -> list[str]:
+    """nginx's smooth weighted round-robin over one cycle, as the agent's router picks."""
+    if not weighted:
+        return []
+    g = 0
+    for _, w in weighted:
+        g = math.gcd(g, w)
+    ws = [w // g for _, w in weighted]
+    total = sum(ws)
+    current = [0] * len(ws)
+    out: list[str] = []
+    for _ in range(total):
+        best = 0
+        for i, w in enumerate(ws):
+            current[i] += w
+            if current[i] > current[best]:
+                best = i
+        current[best] -= total
+        out.append(weighted[best][0])
+    return out
+
+
+def _plus(a: RevisionMetrics, b: RevisionMetrics) -> RevisionMetrics:
+    """Synthetic and counted traffic of one revision together."""
+    return RevisionMetrics(
+        revision=a.revision,
+        requests=a.requests + b.requests,
+        status_2xx=a.status_2xx + b.status_2xx,
+        status_3xx=a.status_3xx + b.status_3xx,
+        status_4xx=a.status_4xx + b.status_4xx,
+        status_5xx=a.status_5xx + b.status_5xx,
+        upstream_errors=a.upstream_errors + b.upstream_errors,
+        client_aborts=a.client_aborts + b.client_aborts,
+        retries=a.retries + b.retries,
+        latency_buckets=tuple(
+            x + y for x, y in zip(a.latency_buckets, b.latency_buckets, strict=True)
+        ),
+        latency_sum_ms=a.latency_sum_ms + b.latency_sum_ms,
+        inflight=a.inflight + b.inflight,
+    )

@@ -86,7 +86,7 @@ async def attach_or_start_agent(data_dir: Path, region: str) -> tuple[str, str]:
 def _spawn_agent(data_dir: Path, region: str, d: Path) -> None:
     """Start ``shipyard agent --detach``: it forks into its own session (so it outlives the
     control plane) and the command returns at once, leaving no child for us to reap."""
-    d.mkdir(parents=True, exist_ok=True)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)  # the agent keeps its token in it
     (d / "agent.json").unlink(missing_ok=True)
     argv = [sys.executable, "-m", "shipyard.cli.main", "agent", "--detach",
             "--data-dir", str(data_dir), "--region", region]  # fmt: skip

@@ -174,6 +174,12 @@ def merge_aliases(
     return findings
 
 
+def worst_first(finding: Finding) -> tuple[Any, ...]:
+    """The order scan results are reported in: highest severity first, then package, version and
+    advisory id (so PYSEC-2021-99 comes before PYSEC-2021-100)."""
+    return (-finding.severity.rank, finding.package, finding.version, _natural(finding.advisory_id))
+
+
 def _natural(text: str) -> tuple[Any, ...]:
     # PYSEC-2021-99 before PYSEC-2021-100: numbers compare as numbers.
     parts: list[Any] = []
@@ -236,9 +242,7 @@ class OsvScanner:
         findings: list[Finding] = []
         for package in inventory.packages:
             findings.extend(self.findings_for(package))
-        findings.sort(
-            key=lambda f: (-f.severity.rank, f.package, f.version, _natural(f.advisory_id))
-        )
+        findings.sort(key=worst_first)
         return ScanResult(
             scanner=self.name,
             inventory=inventory,

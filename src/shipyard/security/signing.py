@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shipyard.errors import ArtifactVerificationFailed, InvalidInput
+from shipyard.private_files import create_private
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -173,12 +173,6 @@ class Signer(Protocol):
     def sign_envelope(self, payload_type: str, payload: bytes) -> dict[str, Any]: ...
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-
-
 class Ed25519Signer:
     """Signs DSSE envelopes with an Ed25519 key."""
 
@@ -219,8 +213,8 @@ class Ed25519Signer:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            with contextlib.suppress(FileExistsError):  # another process was first: use theirs
-                _write_private(key_path, pem)
+            # Another process may be first: then its key is the one both of us use.
+            create_private(key_path, pem)
         signer = cls(_load_private(key_path))
         pem_pub = signer.public_key_pem()
         try:

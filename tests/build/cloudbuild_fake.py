@@ -23,8 +23,8 @@ standard ``{"error": {"code", "message", "status"}}`` body. A successful kaniko 
 ``results.buildStepOutputs`` (base64), which is where the real service puts a step's
 ``$BUILDER_OUTPUT/output``. Tests decide which builds fail with ``fail_when``.
 
-Used by ``tests/build/test_cloudbuild_contract.py`` and ``bench`` / demo wiring; never in
-production.
+Used by ``tests/build/test_cloudbuild_contract.py`` only, so it lives under ``tests/`` and never
+ships in the wheel.
 """
 
 from __future__ import annotations
