@@ -31,10 +31,14 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
 
 Adapters translate foreign exceptions at their boundary (``raise ... from exc``) so nothing from
 subprocess, httpx or sqlite escapes into the orchestrator.
+
+Every class has its own ``code``; ``from_dict`` rebuilds an error stored with ``to_dict`` (the
+cause of a rollback resumed after a restart) as its real class, through ``ERRORS_BY_CODE``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -181,3 +185,31 @@ class RollbackFailed(DeploymentError):
 
 class AgentUnavailable(TransientError):
     code = "agent_unavailable"
+
+
+def _tree(root: type[ShipyardError]) -> list[type[ShipyardError]]:
+    found = [root]
+    for sub in root.__subclasses__():
+        found.extend(_tree(sub))
+    return found
+
+
+#: ``code`` -> class, for every error in the tree above (codes are unique: a test checks it).
+ERRORS_BY_CODE: dict[str, type[ShipyardError]] = {cls.code: cls for cls in _tree(ShipyardError)}
+
+_ENVELOPE = ("type", "code", "message")
+
+
+def from_dict(stored: Mapping[str, Any]) -> ShipyardError:
+    """The error ``to_dict`` wrote, as its own class again (``isinstance`` works on it).
+
+    A code this Shipyard does not know (written by a newer one) comes back as a
+    ``DeploymentError`` with the same message and detail.
+    """
+    cls = ERRORS_BY_CODE.get(str(stored.get("code")), DeploymentError)
+    message = str(stored.get("message", ""))
+    detail = {k: v for k, v in stored.items() if k not in _ENVELOPE}
+    try:
+        return cls(message, **detail)
+    except TypeError:  # detail without a field the class requires (e.g. attempts)
+        return DeploymentError(message, **detail)
