@@ -20,10 +20,27 @@ def _all(root: type[ShipyardError]) -> list[type[ShipyardError]]:
     return [root, *(c for sub in root.__subclasses__() for c in _all(sub))]
 
 
-def test_every_class_has_its_own_code() -> None:
-    classes = _all(ShipyardError)
-    assert len({c.code for c in classes}) == len(classes)
-    assert set(ERRORS_BY_CODE.values()) == set(classes)
+def test_every_error_with_its_own_code_is_registered() -> None:
+    own = [c for c in _all(ShipyardError) if "code" in c.__dict__]
+    assert {c.code: c for c in own} == ERRORS_BY_CODE
+    in_errors = [c for c in _all(ShipyardError) if c.__module__ == "shipyard.errors"]
+    assert all("code" in c.__dict__ for c in in_errors)  # the tree in errors.py: all of them
+
+
+def test_a_code_can_be_taken_once() -> None:
+    with pytest.raises(TypeError, match="'build_failed' of Imposter is BuildFailed's"):
+
+        class Imposter(DeploymentError):
+            code = "build_failed"
+
+
+def test_a_subclass_that_keeps_its_parents_code_comes_back_as_the_parent() -> None:
+    class Quiet(errors.InvalidInput):
+        pass
+
+    restored = errors.from_dict(Quiet("bad flag", flag="x").to_dict())
+    assert type(restored) is errors.InvalidInput
+    assert restored.detail == {"flag": "x"}
 
 
 @pytest.mark.parametrize(

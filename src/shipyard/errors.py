@@ -32,8 +32,11 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
 Adapters translate foreign exceptions at their boundary (``raise ... from exc``) so nothing from
 subprocess, httpx or sqlite escapes into the orchestrator.
 
-Every class has its own ``code``; ``from_dict`` rebuilds an error stored with ``to_dict`` (the
-cause of a rollback resumed after a restart) as its real class, through ``ERRORS_BY_CODE``.
+Every class here has its own ``code``, and so does any subclass elsewhere that says something
+new (``PolicyError``, ``SigningKeyError``, ...): defining it registers it in ``ERRORS_BY_CODE``,
+and a code already taken is refused. ``from_dict`` rebuilds an error stored with ``to_dict`` (the
+cause of a rollback resumed after a restart) as its real class through that registry; a subclass
+that keeps its parent's code comes back as the parent.
 """
 
 from __future__ import annotations
@@ -41,12 +44,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+#: ``code`` -> class, for every error that has a code of its own (see the module docstring).
+ERRORS_BY_CODE: dict[str, type[ShipyardError]] = {}
+
 
 class ShipyardError(Exception):
     """Root of every error Shipyard raises on purpose."""
 
     #: Machine-readable name used in API problems and audit records.
     code: str = "shipyard_error"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            return  # keeps its parent's code, and is restored as its parent
+        taken = ERRORS_BY_CODE.get(cls.code)
+        if taken is not None and taken.__qualname__ != cls.__qualname__:
+            raise TypeError(f"error code {cls.code!r} of {cls.__name__} is {taken.__name__}'s")
+        ERRORS_BY_CODE[cls.code] = cls
 
     def __init__(self, message: str, **detail: Any) -> None:
         super().__init__(message)
@@ -187,15 +202,7 @@ class AgentUnavailable(TransientError):
     code = "agent_unavailable"
 
 
-def _tree(root: type[ShipyardError]) -> list[type[ShipyardError]]:
-    found = [root]
-    for sub in root.__subclasses__():
-        found.extend(_tree(sub))
-    return found
-
-
-#: ``code`` -> class, for every error in the tree above (codes are unique: a test checks it).
-ERRORS_BY_CODE: dict[str, type[ShipyardError]] = {cls.code: cls for cls in _tree(ShipyardError)}
+ERRORS_BY_CODE[ShipyardError.code] = ShipyardError
 
 _ENVELOPE = ("type", "code", "message")
 
