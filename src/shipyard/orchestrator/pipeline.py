@@ -675,12 +675,14 @@ class Pipeline:
         if stable:
             stable_ready = await self._require_stable(doc, stable)
         try:
-            plan = strategies.plan(
-                request.strategy,
-                has_stable=stable is not None,
-                analysis_defaults=manifest.analysis,
-                replicas=manifest.run.replicas,
-                stable_replicas=stable_ready or None,
+            plan = list(
+                strategies.plan(
+                    request.strategy,
+                    has_stable=stable is not None,
+                    analysis_defaults=manifest.analysis,
+                    replicas=manifest.run.replicas,
+                    stable_replicas=stable_ready or None,
+                ).steps
             )
         except strategies.InvalidPlan as exc:
             raise InvalidInput(str(exc)) from exc
