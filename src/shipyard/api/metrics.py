@@ -46,7 +46,7 @@ class _Family:
 
 async def render(ctx: AppContext) -> str:
     deployments = _Family("shipyard_deployments", "gauge", "Deployments by kind and status.")
-    for (kind, status), n in sorted(ctx.store.count_deployments().items()):
+    for (kind, status), n in sorted((await ctx.store.count_deployments()).items()):
         deployments.add(n, kind=kind, status=status)
     requests = _Family(
         "shipyard_router_requests_total", "counter", "Requests routed, per revision."
