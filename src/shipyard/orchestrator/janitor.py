@@ -2,6 +2,11 @@
 reconciler pass (which is also each data plane's heartbeat: the local runtime starts again an
 agent that has gone away).
 
+It must never die: whatever a pass raises is logged, with its traceback when it is not one of
+Shipyard's own errors, and the loop goes on. After an unexpected failure (the store failing,
+say) the interval doubles up to ``MAX_INTERVAL_SECONDS``, and returns to ``interval`` after a
+pass that succeeds.
+
 One pass at a time: the loop's, or one asked for through ``retire_expired`` / ``reconcile``
 (``Pipeline.retire_expired``, ``Pipeline.reconcile_data_planes``), which waits for a pass under
 way rather than finding its services locked and skipping them. Started and stopped by
@@ -22,6 +27,9 @@ from shipyard.orchestrator.reconciler import Reconciler
 
 log = logging.getLogger("shipyard.orchestrator.janitor")
 
+#: The longest wait between two passes while they keep failing.
+MAX_INTERVAL_SECONDS = 30.0
+
 
 class Janitor:
     def __init__(
@@ -39,6 +47,8 @@ class Janitor:
         #: The pipeline's per-service locks: a service a deployment is driving is left alone.
         self.locks = locks
         self.interval = interval
+        #: The wait before the next pass (``interval``, or more while passes fail).
+        self.delay = interval
         self._turn = asyncio.Lock()
 
     async def run(self) -> None:
@@ -48,9 +58,14 @@ class Janitor:
                 async with self._turn:
                     await self._retire_expired()
                     await self.reconciler.reconcile_all()
-            except ShipyardError as exc:
+            except ShipyardError as exc:  # translated at its boundary: the message says it all
                 log_event(log, "janitor.error", error=exc.message)
-            await self.clock.sleep(self.interval)
+            except Exception:
+                self.delay = min(self.delay * 2, MAX_INTERVAL_SECONDS)
+                log.exception("janitor pass failed; next pass in %g s", self.delay)
+            else:
+                self.delay = self.interval
+            await self.clock.sleep(self.delay)
 
     async def retire_expired(self) -> None:
         """Stop revisions whose warm window ended and that nothing else needs."""
