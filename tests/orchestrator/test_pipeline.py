@@ -320,3 +320,16 @@ async def test_an_image_artifact_is_refused_by_a_directory_runtime(world: Pipeli
     assert doc["status"] == "Failed"
     assert "runs directory artifacts" in doc["error"]["message"]
     assert world.runtime.started == []
+
+
+async def test_an_unexpected_error_ends_the_deployment_failed_not_dangling(
+    world: PipelineWorld,
+) -> None:
+    async def broken_build(request: Any) -> Any:
+        raise RuntimeError("bug in a builder")
+
+    world.builder.build = broken_build  # type: ignore[method-assign]
+    doc = await world.deploy("aaaa1111")
+    assert doc["status"] == "Failed"
+    assert doc["error"]["message"] == "internal error: RuntimeError('bug in a builder')"
+    assert world.store.active_deployments() == []

@@ -38,7 +38,7 @@ from shipyard.api.context import AppContext, build_context
 from shipyard.api.limits import BodySizeLimit
 from shipyard.domain.models import DNS_LABEL, Deployment, DeploymentRequest, DeploymentStatus
 from shipyard.errors import NotFound, UnknownRegion
-from shipyard.orchestrator.record import DeploymentRecord, RollbackRecord, dump_record
+from shipyard.orchestrator.record import Record, dump_record
 from shipyard.runtime.base import ReplicaStatus
 from shipyard.settings import Settings
 
@@ -56,9 +56,6 @@ def ctx(request: Request) -> AppContext:
 
 
 Ctx = Annotated[AppContext, Depends(ctx)]
-
-
-Record = DeploymentRecord | RollbackRecord
 
 
 def _resource(record: Record) -> dict[str, Any]:

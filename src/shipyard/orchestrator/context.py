@@ -20,19 +20,14 @@ from shipyard.domain.clock import Clock
 from shipyard.domain.models import DeploymentStatus, HealthCheck
 from shipyard.errors import HealthCheckFailed, InvariantViolation, UnknownRegion
 from shipyard.health.probing import Prober
-from shipyard.orchestrator.record import (
-    DeploymentRecord,
-    Records,
-    RollbackRecord,
-    utc,
-)
+from shipyard.orchestrator.record import Record, Records, utc
 from shipyard.runtime.base import MeteredRouter, ReplicaStatus, Runtime
 from shipyard.security.gate import SecurityGate
 from shipyard.store.db import AsyncStore
 
 
 def audit_event(
-    record: DeploymentRecord | RollbackRecord,
+    record: Record,
     event_type: str,
     detail: Mapping[str, object],
     duration_ms: int | None = None,
@@ -86,7 +81,7 @@ class DeploymentContext:
     """One deployment being driven: its record, and everything its steps act through."""
 
     deps: Deps
-    record: DeploymentRecord | RollbackRecord
+    record: Record
     #: Set by ``Pipeline.promote`` after it persisted the promotion in the record.
     promoted: asyncio.Event = field(default_factory=asyncio.Event)
     #: A ``clock.monotonic()`` reading handed over in memory by whoever started this run: when

@@ -42,6 +42,7 @@ from shipyard.orchestrator.janitor import Janitor
 from shipyard.orchestrator.reconciler import Reconciler
 from shipyard.orchestrator.record import (
     DeploymentRecord,
+    Record,
     RecordedError,
     Records,
     RollbackRecord,
@@ -53,8 +54,6 @@ from shipyard.security.gate import SecurityGate
 from shipyard.store.db import AsyncStore
 
 log = logging.getLogger("shipyard.orchestrator")
-
-Record = DeploymentRecord | RollbackRecord
 
 
 class Pipeline:
@@ -283,17 +282,18 @@ class Pipeline:
         first = await self.records.get(deployment_id)
         lock = self._service_locks.setdefault((first.service, first.region), asyncio.Lock())
         ctx: DeploymentContext | None = None
+        live: DeploymentContext | None = None
         async with lock:
             try:
                 async with self._record_lock(deployment_id):
-                    ctx = DeploymentContext(
+                    ctx = live = DeploymentContext(
                         self.deps,
                         await self.records.get(deployment_id),  # as commands left it
                         requested_at=requested_at,
                         on_finished=self._done.setdefault(deployment_id, asyncio.Event()).set,
                     )
-                    self._live[deployment_id] = ctx
-                await self._carry_out(ctx)
+                    self._live[deployment_id] = live
+                await self._carry_out(live)
             except asyncio.CancelledError:
                 raise  # shutting down: the next control plane resumes from the persisted step
             except Exception as exc:  # last line of defence: never leave a deployment dangling
@@ -311,8 +311,8 @@ class Pipeline:
                     )
                     await outcome.finish(ctx, DeploymentStatus.FAILED, err)
             finally:
-                if self._live.get(deployment_id) is ctx:
-                    self._live.pop(deployment_id, None)
+                if live is not None and self._live.get(deployment_id) is live:
+                    del self._live[deployment_id]
                 if ctx is not None and ctx.record.terminal:
                     self._done[deployment_id].set()
                     self._record_locks.pop(deployment_id, None)

@@ -33,7 +33,7 @@ from shipyard.health.probing import wait_healthy
 from shipyard.logs import log_event
 from shipyard.orchestrator import artifacts
 from shipyard.orchestrator.context import Deps
-from shipyard.orchestrator.record import DeploymentRecord, RollbackRecord
+from shipyard.orchestrator.record import Record
 from shipyard.runtime.base import ReplicaStatus, Runtime, ServiceState
 from shipyard.store.db import ServiceRow
 
@@ -135,7 +135,7 @@ class Reconciler:
         service: str,
         state: ServiceState | None,
         svc: ServiceRow | None,
-        dep: DeploymentRecord | RollbackRecord | None,
+        dep: Record | None,
     ) -> None:
         if state is None:
             return

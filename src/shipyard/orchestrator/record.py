@@ -271,8 +271,9 @@ class RollbackRecord(RecordBase):
     strategy: RollbackStrategy
 
 
+#: A stored record of either kind (``kind`` says which).
 Record = Annotated[DeploymentRecord | RollbackRecord, Field(discriminator="kind")]
-_RECORD: TypeAdapter[DeploymentRecord | RollbackRecord] = TypeAdapter(Record)
+_RECORD: TypeAdapter[Record] = TypeAdapter(Record)
 
 
 class RevisionRecord(_Model):
@@ -311,7 +312,7 @@ class RevisionRecord(_Model):
 # --- reading and writing -------------------------------------------------------------------------
 
 
-def load_record(doc: Mapping[str, Any]) -> DeploymentRecord | RollbackRecord:
+def load_record(doc: Mapping[str, Any]) -> Record:
     """A stored document as its record, migrated from older versions."""
     version = doc.get("schema_version", 0)
     if version == 0:
@@ -325,7 +326,7 @@ def load_record(doc: Mapping[str, Any]) -> DeploymentRecord | RollbackRecord:
     return _RECORD.validate_python(doc)
 
 
-def dump_record(record: DeploymentRecord | RollbackRecord) -> dict[str, Any]:
+def dump_record(record: Record) -> dict[str, Any]:
     """The document the store keeps (JSON-ready)."""
     return record.model_dump(mode="json")
 
@@ -376,7 +377,7 @@ class Records:
     def __init__(self, store: AsyncStore) -> None:
         self.store = store
 
-    async def get(self, deployment_id: str) -> DeploymentRecord | RollbackRecord:
+    async def get(self, deployment_id: str) -> Record:
         return load_record(await self.store.get_deployment(deployment_id))
 
     async def exists(self, deployment_id: str) -> bool:
@@ -386,26 +387,22 @@ class Records:
             return False
         return True
 
-    async def create(self, record: DeploymentRecord | RollbackRecord) -> None:
+    async def create(self, record: Record) -> None:
         """Insert; ``DeploymentInProgress`` if the service already has an active one."""
         await self.store.create_deployment(dump_record(record), active=not record.terminal)
 
-    async def save(self, record: DeploymentRecord | RollbackRecord) -> None:
+    async def save(self, record: Record) -> None:
         """Write the record; it stays active (resumed after a restart) until it is terminal."""
         await self.store.save_deployment(dump_record(record), active=not record.terminal)
 
-    async def active(self) -> list[DeploymentRecord | RollbackRecord]:
+    async def active(self) -> list[Record]:
         return [load_record(d) for d in await self.store.active_deployments()]
 
-    async def active_for(
-        self, service: str, region: str
-    ) -> DeploymentRecord | RollbackRecord | None:
+    async def active_for(self, service: str, region: str) -> Record | None:
         doc = await self.store.active_deployment(service, region)
         return None if doc is None else load_record(doc)
 
-    async def history(
-        self, service: str | None = None, limit: int = 50
-    ) -> list[DeploymentRecord | RollbackRecord]:
+    async def history(self, service: str | None = None, limit: int = 50) -> list[Record]:
         return [load_record(d) for d in await self.store.list_deployments(service, limit)]
 
     async def revision(self, revision: str) -> RevisionRecord:
