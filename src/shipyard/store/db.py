@@ -268,7 +268,7 @@ class Store:
         (``InvariantViolation``) when it would leave the serving revision also marked warm: the
         janitor retires warm revisions when their window ends, and retiring the one that serves
         is an outage. Callers that make a warm revision serve again clear ``warm_revision`` in
-        the same call (``Pipeline._mark_serving``).
+        the same call (``orchestrator.serving.mark_serving``).
         """
         unknown = set(values) - set(ServiceRow.__dataclass_fields__) - {"service", "region"}
         if unknown:

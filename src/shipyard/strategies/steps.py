@@ -1,4 +1,4 @@
-"""The vocabulary of rollout plans: what a strategy asks the orchestrator's executor to do.
+"""The vocabulary of rollout plans: what a strategy asks the orchestrator's executors to do.
 
 A strategy (``blue_green``, ``canary``, ``rolling``) is a pure function from its
 parameters and the service's situation to a ``Plan``: a list of ``Step``s, plus what the strategy
