@@ -32,11 +32,21 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
 
 Adapters translate foreign exceptions at their boundary (``raise ... from exc``) so nothing from
 subprocess, httpx or sqlite escapes into the orchestrator.
+
+Every class here has its own ``code``, and so does any subclass elsewhere that says something
+new (``PolicyError``, ``SigningKeyError``, ...): defining it registers it in ``ERRORS_BY_CODE``,
+and a code already taken is refused. ``from_dict`` rebuilds an error stored with ``to_dict`` (the
+cause of a rollback resumed after a restart) as its real class through that registry; a subclass
+that keeps its parent's code comes back as the parent.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+#: ``code`` -> class, for every error that has a code of its own (see the module docstring).
+ERRORS_BY_CODE: dict[str, type[ShipyardError]] = {}
 
 
 class ShipyardError(Exception):
@@ -44,6 +54,15 @@ class ShipyardError(Exception):
 
     #: Machine-readable name used in API problems and audit records.
     code: str = "shipyard_error"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            return  # keeps its parent's code, and is restored as its parent
+        taken = ERRORS_BY_CODE.get(cls.code)
+        if taken is not None and taken.__qualname__ != cls.__qualname__:
+            raise TypeError(f"error code {cls.code!r} of {cls.__name__} is {taken.__name__}'s")
+        ERRORS_BY_CODE[cls.code] = cls
 
     def __init__(self, message: str, **detail: Any) -> None:
         super().__init__(message)
@@ -190,3 +209,23 @@ class RollbackFailed(DeploymentError):
 
 class AgentUnavailable(TransientError):
     code = "agent_unavailable"
+
+
+ERRORS_BY_CODE[ShipyardError.code] = ShipyardError
+
+_ENVELOPE = ("type", "code", "message")
+
+
+def from_dict(stored: Mapping[str, Any]) -> ShipyardError:
+    """The error ``to_dict`` wrote, as its own class again (``isinstance`` works on it).
+
+    A code this Shipyard does not know (written by a newer one) comes back as a
+    ``DeploymentError`` with the same message and detail.
+    """
+    cls = ERRORS_BY_CODE.get(str(stored.get("code")), DeploymentError)
+    message = str(stored.get("message", ""))
+    detail = {k: v for k, v in stored.items() if k not in _ENVELOPE}
+    try:
+        return cls(message, **detail)
+    except TypeError:  # detail without a field the class requires (e.g. attempts)
+        return DeploymentError(message, **detail)

@@ -6,7 +6,6 @@ Covers the ADR endpoints, auth (401/403 shapes), bad input (clear 4xx, nothing s
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -28,6 +27,7 @@ from shipyard.orchestrator.pipeline import Pipeline
 from shipyard.runtime.fake import FakeRuntime, TrafficProfile
 from shipyard.settings import Settings
 from shipyard.store.db import Store, make_engine
+from tests.orchestrator.world import ObservedStore
 
 ALL = ["deployment:create", "deployment:read", "deployment:rollback"]
 
@@ -41,12 +41,14 @@ class Harness:
         self.builder = FakeBuilder()
         self.prober = FakeProber()
         self.tokens = TokenAuthority(b"k" * 32)
+        #: What the tests read (synchronously); the app and its pipeline use ``astore``.
         self.store = Store(make_engine(tmp))
+        self.astore = ObservedStore(self.store)
         self.audit = MemoryAuditLog(clock=self.clock.now)
 
     async def context(self, settings: Settings) -> AppContext:
         pipeline = Pipeline(
-            store=self.store,
+            store=self.astore,
             audit=self.audit,
             builder=self.builder,
             runtimes={"local": self.runtime},
@@ -55,8 +57,15 @@ class Harness:
             logs_dir=settings.data_dir / "deployments",
         )
         return AppContext(
-            settings, self.store, self.audit, pipeline, self.tokens, {"local": self.runtime}
+            settings, self.astore, self.audit, pipeline, self.tokens, {"local": self.runtime}
         )
+
+    async def until(self, deployment_id: str, status: str) -> None:
+        """Until the deployment's stored status is ``status`` (woken by every write of it)."""
+        async with self.astore.changed:
+            while (now := self.store.get_deployment(deployment_id)["status"]) != status:
+                assert now not in ("Success", "Failed", "RolledBack"), f"ended {now}, not {status}"
+                await self.astore.changed.wait()
 
     def headers(self, *perms: str) -> dict[str, str]:
         return {"authorization": f"Bearer {self.tokens.issue('alice', list(perms or ALL))}"}
@@ -97,15 +106,10 @@ async def test_deploy_202_then_status_shows_stages_and_result(
     accepted = r.json()
     assert accepted["status_url"].endswith(f"/api/v1/deployments/{accepted['deployment_id']}")
     assert r.headers["location"] == accepted["status_url"]
-    for _ in range(1000):
-        doc = (
-            await client.get(
-                f"/api/v1/deployments/{accepted['deployment_id']}", headers=h.headers()
-            )
-        ).json()
-        if doc["status"] == "Success":
-            break
-        await asyncio.sleep(0)
+    await h.until(accepted["deployment_id"], "Success")
+    doc = (
+        await client.get(f"/api/v1/deployments/{accepted['deployment_id']}", headers=h.headers())
+    ).json()
     assert doc["status"] == "Success"
     assert [s["name"] for s in doc["stages"]] == ["build", "start", "health_check", "switch"]
     assert all(s["duration_ms"] is not None for s in doc["stages"])
@@ -330,14 +334,12 @@ def canary_body(commit: str) -> dict[str, Any]:
 
 
 async def _status(client: httpx.AsyncClient, h: Harness, dep_id: str, want: str) -> dict[str, Any]:
-    for _ in range(2000):
-        doc: dict[str, Any] = (
-            await client.get(f"/api/v1/deployments/{dep_id}", headers=h.headers())
-        ).json()
-        if doc["status"] == want:
-            return doc
-        await asyncio.sleep(0)
-    raise AssertionError(f"{dep_id} never reached {want}; last {doc['status']}")
+    await h.until(dep_id, want)
+    doc: dict[str, Any] = (
+        await client.get(f"/api/v1/deployments/{dep_id}", headers=h.headers())
+    ).json()
+    assert doc["status"] == want
+    return doc
 
 
 async def test_promote_releases_a_paused_canary(client: httpx.AsyncClient, h: Harness) -> None:

@@ -15,7 +15,7 @@ from shipyard.domain.clock import FakeClock
 from shipyard.errors import AgentUnavailable
 from shipyard.runtime.base import RevisionSpec, Runtime
 from shipyard.runtime.fake import FakeRuntime, TrafficProfile
-from shipyard.store.db import Store, make_engine
+from shipyard.store.db import AsyncStore, Store, make_engine
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -35,8 +35,8 @@ def labels(revision: str, region: str = "eu", **extra: str) -> tuple[tuple[str, 
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(make_engine(tmp_path))
+def store(tmp_path: Path) -> AsyncStore:
+    return AsyncStore(Store(make_engine(tmp_path)))
 
 
 async def serving(clock: FakeClock, weights: dict[str, int], region: str = "eu") -> FakeRuntime:
@@ -51,7 +51,7 @@ async def serving(clock: FakeClock, weights: dict[str, int], region: str = "eu")
     return rt
 
 
-async def test_weights_are_ratios_and_counters_follow_the_router(store: Store) -> None:
+async def test_weights_are_ratios_and_counters_follow_the_router(store: AsyncStore) -> None:
     clock = FakeClock()
     rt = await serving(clock, {"v2": 10, "v1": 90})
     rt.router.profiles["v2"] = TrafficProfile(error_rate=0.5)
@@ -69,7 +69,7 @@ async def test_weights_are_ratios_and_counters_follow_the_router(store: Store) -
     assert samples[("shipyard_scrape_errors", (("region", "eu"),))] == 0
 
 
-async def test_the_latency_histogram_is_cumulative_in_seconds(store: Store) -> None:
+async def test_the_latency_histogram_is_cumulative_in_seconds(store: AsyncStore) -> None:
     clock = FakeClock()
     rt = await serving(clock, {"v1": 100})
     rt.router.profiles["v1"] = TrafficProfile(latency_ms=30.0)  # the 50 ms bucket
@@ -94,7 +94,7 @@ async def test_the_latency_histogram_is_cumulative_in_seconds(store: Store) -> N
     assert samples[("shipyard_router_request_duration_seconds_sum", labels("v1"))] == 15.0
 
 
-async def test_an_unreadable_region_is_marked_and_the_others_still_served(store: Store) -> None:
+async def test_an_unreadable_region_is_marked_and_the_others_still_served(store: AsyncStore) -> None:
     clock = FakeClock()
     healthy = await serving(clock, {"v1": 100}, region="eu")
     broken = await serving(clock, {"v9": 100}, region="us")
@@ -112,7 +112,7 @@ async def test_an_unreadable_region_is_marked_and_the_others_still_served(store:
     assert samples[("shipyard_router_weight_ratio", labels("v9", region="us"))] == 1.0
 
 
-async def test_each_app_has_its_own_registry_never_the_global_one(store: Store) -> None:
+async def test_each_app_has_its_own_registry_never_the_global_one(store: AsyncStore) -> None:
     clock = FakeClock()
     first, second = MetricsEndpoint(), MetricsEndpoint()
     rt = await serving(clock, {"v1": 100})

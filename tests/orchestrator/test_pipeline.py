@@ -15,40 +15,20 @@ import pytest
 
 from shipyard.domain.models import DeploymentRequest
 from shipyard.errors import Conflict, DeploymentInProgress, UnknownRegion
-from shipyard.store.db import Store
-from tests.orchestrator.world import PipelineWorld
-
-
-class World(PipelineWorld):
-    async def deploy(self, commit: str, *, wait: bool = True, **bg: Any) -> dict[str, Any]:
-        params = {
-            "switch_delay_seconds": 30,
-            "bake_seconds": 60,
-            "scale_down_delay_seconds": 30,
-            **bg,
-        }
-        req = DeploymentRequest.model_validate(
-            {
-                "source": {"repository": "/repo", "branch": "main", "commit": commit},
-                "target": {"service_name": "api", "region": "local"},
-                "strategy": {"BlueGreen": params},
-            }
-        )
-        doc = await self.pipeline.submit(req, "alice")
-        if not wait:
-            return doc
-        return await self.pipeline.wait(doc["id"])
+from tests.orchestrator.world import PipelineWorld, crash_when_persisted, restart
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    w = World(tmp_path)
+async def world(tmp_path: Path) -> AsyncIterator[PipelineWorld]:
+    w = PipelineWorld(tmp_path)
     await w.pipeline.start()
     yield w
     await w.pipeline.stop()
 
 
-async def test_first_deployment_routes_everything_to_the_only_revision(world: World) -> None:
+async def test_first_deployment_routes_everything_to_the_only_revision(
+    world: PipelineWorld,
+) -> None:
     doc = await world.deploy("aaaa1111")
     assert doc["status"] == "Success", doc.get("error")
     green = doc["green_revision"]
@@ -61,7 +41,7 @@ async def test_first_deployment_routes_everything_to_the_only_revision(world: Wo
 
 
 async def test_blue_green_switches_after_health_and_delay_then_keeps_blue_warm(
-    world: World,
+    world: PipelineWorld,
 ) -> None:
     first = await world.deploy("aaaa1111")
     blue = first["green_revision"]
@@ -90,13 +70,13 @@ async def test_blue_green_switches_after_health_and_delay_then_keeps_blue_warm(
     assert world.runtime.running_revisions("api") == {green}
 
 
-async def test_green_that_never_gets_healthy_never_receives_traffic(world: World) -> None:
+async def test_green_that_never_gets_healthy_never_receives_traffic(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     blue = first["green_revision"]
     switches_before = len(world.history())
     doc = await world.deploy("cccc3333", wait=False)
     world.prober.scripts[f"cccc333-{doc['id'][:8]}"] = lambda r, n: False
-    final = await world.pipeline.wait(doc["id"])
+    final = await world.wait(doc["id"])
     assert final["status"] == "RolledBack"
     assert final["error"]["type"] == "HealthCheckFailed"
     assert final["error"]["attempts"] == 3  # failure_threshold consecutive failures
@@ -106,7 +86,7 @@ async def test_green_that_never_gets_healthy_never_receives_traffic(world: World
     assert world.runtime.running_revisions("api") == {blue}
 
 
-async def test_crashing_green_fails_at_once(world: World) -> None:
+async def test_crashing_green_fails_at_once(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     blue = first["green_revision"]
     doc = await world.deploy("dddd4444", wait=False)
@@ -117,20 +97,20 @@ async def test_crashing_green_fails_at_once(world: World) -> None:
         return False
 
     world.prober.scripts[green] = crash_on_probe
-    final = await world.pipeline.wait(doc["id"])
+    final = await world.wait(doc["id"])
     assert final["status"] == "RolledBack"
     assert "crashed (exit code 3)" in final["error"]["message"]
     assert world.weights() == {blue: 100}
 
 
-async def test_unhealthy_during_bake_switches_back_to_blue(world: World) -> None:
+async def test_unhealthy_during_bake_switches_back_to_blue(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     blue = first["green_revision"]
     doc = await world.deploy("eeee5555", wait=False)
     green = f"eeee555-{doc['id'][:8]}"
     # Healthy through the gate (2 probes), then failing from the 5th probe on (inside the bake).
     world.prober.scripts[green] = lambda r, n: n < 5
-    final = await world.pipeline.wait(doc["id"])
+    final = await world.wait(doc["id"])
     assert final["status"] == "RolledBack"
     assert world.history()[-2:] == [{green: 100}, {blue: 100}]
     assert world.runtime.running_revisions("api") == {blue}
@@ -143,7 +123,7 @@ async def test_unhealthy_during_bake_switches_back_to_blue(world: World) -> None
 
 
 async def test_start_failure_and_build_failure_end_failed_without_touching_traffic(
-    world: World,
+    world: PipelineWorld,
 ) -> None:
     first = await world.deploy("aaaa1111")
     blue = first["green_revision"]
@@ -155,16 +135,16 @@ async def test_start_failure_and_build_failure_end_failed_without_touching_traff
     assert world.runtime.running_revisions("api") == {blue}
 
 
-async def test_one_deployment_per_service_at_a_time(world: World) -> None:
+async def test_one_deployment_per_service_at_a_time(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111", wait=False)
     with pytest.raises(DeploymentInProgress) as exc:
         await world.deploy("bbbb2222", wait=False)
     assert exc.value.detail["running_deployment_id"] == first["id"]
-    assert (await world.pipeline.wait(first["id"]))["status"] == "Success"
+    assert (await world.wait(first["id"]))["status"] == "Success"
 
 
 async def test_unknown_region_is_refused_before_anything(
-    world: World,
+    world: PipelineWorld,
 ) -> None:
     req = DeploymentRequest.model_validate(
         {
@@ -174,16 +154,16 @@ async def test_unknown_region_is_refused_before_anything(
         }
     )
     with pytest.raises(UnknownRegion, match="mars"):
-        await world.pipeline.submit(req, "alice")
+        await world.submit_request(req)
     assert world.store.list_deployments() == []
     assert world.builder.built == []
 
 
-async def test_manual_rollback_is_instant_while_blue_is_warm(world: World) -> None:
+async def test_manual_rollback_is_instant_while_blue_is_warm(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     second = await world.deploy("bbbb2222", bake_seconds=0)
-    rb = await world.pipeline.rollback(second["id"], "bob")
-    final = await world.pipeline.wait(rb["id"])
+    rb = await world.rollback(second["id"], "bob")
+    final = await world.wait(rb["id"])
     assert final["status"] == "Success", final.get("error")
     assert final["strategy"] == {"Rollback": {"instant": True}}
     assert world.weights() == {first["green_revision"]: 100}
@@ -192,62 +172,37 @@ async def test_manual_rollback_is_instant_while_blue_is_warm(world: World) -> No
     assert undone["status"] == "RolledBack"
     assert undone["rolled_back_by"] == rb["id"]
     with pytest.raises(Conflict):
-        await world.pipeline.rollback(second["id"], "bob")
+        await world.rollback(second["id"], "bob")
 
 
-async def test_manual_rollback_restarts_a_cold_revision_health_gated(world: World) -> None:
+async def test_manual_rollback_restarts_a_cold_revision_health_gated(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     second = await world.deploy("bbbb2222", bake_seconds=0, scale_down_delay_seconds=5)
     await world.clock.sleep(6)
     await world.pipeline.retire_expired()
     assert world.runtime.running_revisions("api") == {second["green_revision"]}
-    rb = await world.pipeline.rollback(second["id"], "bob")
-    final = await world.pipeline.wait(rb["id"])
+    rb = await world.rollback(second["id"], "bob")
+    final = await world.wait(rb["id"])
     assert final["status"] == "Success"
     assert final["strategy"] == {"Rollback": {"instant": False}}
     assert [s["name"] for s in final["stages"]] == ["start", "health_check", "switch"]
     assert world.weights() == {first["green_revision"]: 100}
 
 
-async def test_first_deployment_cannot_be_rolled_back(world: World) -> None:
+async def test_first_deployment_cannot_be_rolled_back(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     with pytest.raises(Conflict, match="first"):
-        await world.pipeline.rollback(first["id"], "bob")
+        await world.rollback(first["id"], "bob")
 
 
-def crash_when_persisted(world: World, status: str) -> asyncio.Event:
-    """Kill the pipeline's task right after it persists ``status`` (what kill -9 does to a
-    control plane between two actions); the event is set when that happened."""
-    crashed = asyncio.Event()
-    save = world.store.save_deployment
-
-    def save_then_die(doc: dict[str, Any], *, active: bool) -> None:
-        save(doc, active=active)
-        if doc["status"] == status and not crashed.is_set() and doc["id"] != "":
-            crashed.set()
-            task = asyncio.current_task()
-            assert task is not None
-            task.cancel()
-
-    world.store.save_deployment = save_then_die  # type: ignore[method-assign]
-    return crashed
-
-
-async def restart(world: World) -> None:
-    await world.pipeline.stop()
-    world.store.save_deployment = Store.save_deployment.__get__(world.store)  # type: ignore[method-assign]
-    world.pipeline = world.new_pipeline()
-    await world.pipeline.start()
-
-
-async def test_control_plane_restart_resumes_mid_bake_and_finishes(world: World) -> None:
+async def test_control_plane_restart_resumes_mid_bake_and_finishes(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     crashed = crash_when_persisted(world, "Baking")
     doc = await world.deploy("bbbb2222", wait=False)
     await asyncio.wait_for(crashed.wait(), 5)
     assert world.store.get_deployment(doc["id"])["status"] == "Baking"
     await restart(world)
-    final = await world.pipeline.wait(doc["id"])
+    final = await world.wait(doc["id"])
     assert final["status"] == "Success"
     assert world.weights() == {final["green_revision"]: 100}
     assert world.runtime.running_revisions("api") == {
@@ -261,14 +216,14 @@ async def test_control_plane_restart_resumes_mid_bake_and_finishes(world: World)
 @pytest.mark.parametrize(
     "stop_at", ["Pending", "Building", "Deploying", "AwaitingSwitch", "Switching", "Baking"]
 )
-async def test_restart_at_any_stage_ends_cleanly(world: World, stop_at: str) -> None:
+async def test_restart_at_any_stage_ends_cleanly(world: PipelineWorld, stop_at: str) -> None:
     await world.deploy("aaaa1111")
     crashed = crash_when_persisted(world, stop_at)
     doc = await world.deploy("bbbb2222", wait=False, bake_seconds=5)
     if stop_at != "Pending":
         await asyncio.wait_for(crashed.wait(), 5)
     await restart(world)
-    final = await world.pipeline.wait(doc["id"])
+    final = await world.wait(doc["id"])
     assert final["status"] == "Success"
     # Never split, never an orphan: exactly the two expected revisions run, all traffic on green.
     assert world.weights() == {final["green_revision"]: 100}
@@ -278,20 +233,20 @@ async def test_restart_at_any_stage_ends_cleanly(world: World, stop_at: str) -> 
     }
 
 
-async def test_restart_during_rollback_finishes_the_rollback(world: World) -> None:
+async def test_restart_during_rollback_finishes_the_rollback(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     crashed = crash_when_persisted(world, "RollingBack")
     doc = await world.deploy("bbbb2222", wait=False)
     world.prober.scripts[f"bbbb222-{doc['id'][:8]}"] = lambda r, n: n < 4
     await asyncio.wait_for(crashed.wait(), 5)
     await restart(world)
-    final = await world.pipeline.wait(doc["id"])
+    final = await world.wait(doc["id"])
     assert final["status"] == "RolledBack"
     assert world.weights() == {first["green_revision"]: 100}
     assert world.runtime.running_revisions("api") == {first["green_revision"]}
 
 
-async def test_restart_reconciles_orphans_and_split_traffic(world: World) -> None:
+async def test_restart_reconciles_orphans_and_split_traffic(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     blue = first["green_revision"]
     from shipyard.runtime.base import RevisionSpec
@@ -308,7 +263,7 @@ async def test_restart_reconciles_orphans_and_split_traffic(world: World) -> Non
     assert world.runtime.running_revisions("api") == {blue}
 
 
-async def test_every_action_is_audited_with_the_adr_fields(world: World) -> None:
+async def test_every_action_is_audited_with_the_adr_fields(world: PipelineWorld) -> None:
     doc = await world.deploy("aaaa1111")
     records = await world.audit.records(deployment_id=doc["id"])
     types = [r.event_type for r in records]
@@ -332,7 +287,7 @@ async def test_every_action_is_audited_with_the_adr_fields(world: World) -> None
     assert world.audit.verify().ok
 
 
-async def test_duplicate_request_id_is_refused(world: World) -> None:
+async def test_duplicate_request_id_is_refused(world: PipelineWorld) -> None:
     rid = uuid.uuid4()
     req = DeploymentRequest.model_validate(
         {
@@ -342,13 +297,13 @@ async def test_duplicate_request_id_is_refused(world: World) -> None:
             "strategy": {"BlueGreen": {"switch_delay_seconds": 0, "bake_seconds": 0}},
         }
     )
-    doc = await world.pipeline.submit(req, "alice")
-    await world.pipeline.wait(doc["id"])
+    doc = await world.submit_request(req)
+    await world.wait(doc["id"])
     with pytest.raises(Conflict, match="already exists"):
-        await world.pipeline.submit(req, "alice")
+        await world.submit_request(req)
 
 
-async def test_an_image_artifact_is_refused_by_a_directory_runtime(world: World) -> None:
+async def test_an_image_artifact_is_refused_by_a_directory_runtime(world: PipelineWorld) -> None:
     """builder = "docker" makes an OCI image; the local runtime runs directories: say so."""
     import dataclasses
 
@@ -365,3 +320,16 @@ async def test_an_image_artifact_is_refused_by_a_directory_runtime(world: World)
     assert doc["status"] == "Failed"
     assert "runs directory artifacts" in doc["error"]["message"]
     assert world.runtime.started == []
+
+
+async def test_an_unexpected_error_ends_the_deployment_failed_not_dangling(
+    world: PipelineWorld,
+) -> None:
+    async def broken_build(request: Any) -> Any:
+        raise RuntimeError("bug in a builder")
+
+    world.builder.build = broken_build  # type: ignore[method-assign]
+    doc = await world.deploy("aaaa1111")
+    assert doc["status"] == "Failed"
+    assert doc["error"]["message"] == "internal error: RuntimeError('bug in a builder')"
+    assert world.store.active_deployments() == []

@@ -18,15 +18,12 @@ from shipyard.domain.manifest import parse_manifest
 from shipyard.errors import Conflict, InvariantViolation
 from shipyard.runtime.base import ReplicaStatus
 from shipyard.store import db
-from tests.orchestrator import progressive
-from tests.orchestrator.progressive import MANIFEST
-from tests.orchestrator.test_pipeline import World
-from tests.orchestrator.world import PipelineWorld
+from tests.orchestrator.world import PipelineWorld, progressive
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    w = World(tmp_path)
+async def world(tmp_path: Path) -> AsyncIterator[PipelineWorld]:
+    w = PipelineWorld(tmp_path)
     await w.pipeline.start()
     yield w
     await w.pipeline.stop()
@@ -45,15 +42,17 @@ def routable(world: PipelineWorld, revision: str) -> int:
     )
 
 
-async def audited(world: World, event_type: str) -> list[dict[str, object]]:
+async def audited(world: PipelineWorld, event_type: str) -> list[dict[str, object]]:
     return [dict(r.detail) for r in await world.audit.records() if r.event_type == event_type]
 
 
-async def test_instant_rollback_is_not_retired_when_the_warm_window_ends(world: World) -> None:
+async def test_instant_rollback_is_not_retired_when_the_warm_window_ends(
+    world: PipelineWorld,
+) -> None:
     first = await world.deploy("aaaa1111")
     second = await world.deploy("bbbb2222", bake_seconds=0, scale_down_delay_seconds=30)
     v1 = first["green_revision"]
-    rb = await world.pipeline.wait((await world.pipeline.rollback(second["id"], "bob"))["id"])
+    rb = await world.wait((await world.rollback(second["id"], "bob"))["id"])
     assert rb["status"] == "Success", rb.get("error")
     svc = world.store.get_service("api", "local")
     assert svc is not None
@@ -68,11 +67,11 @@ async def test_instant_rollback_is_not_retired_when_the_warm_window_ends(world: 
 
 
 async def test_the_deployment_after_an_instant_rollback_bakes_and_keeps_stable_up(
-    world: World,
+    world: PipelineWorld,
 ) -> None:
     first = await world.deploy("aaaa1111")
     second = await world.deploy("bbbb2222", bake_seconds=0)
-    await world.pipeline.wait((await world.pipeline.rollback(second["id"], "bob"))["id"])
+    await world.wait((await world.rollback(second["id"], "bob"))["id"])
     v1 = first["green_revision"]
     switches = len(world.history())
     third = await world.deploy("cccc3333", bake_seconds=10)
@@ -85,7 +84,7 @@ async def test_the_deployment_after_an_instant_rollback_bakes_and_keeps_stable_u
     assert svc is not None and svc.warm_revision == v1
 
 
-async def test_an_earlier_deployment_can_be_rolled_back_cold(world: World) -> None:
+async def test_an_earlier_deployment_can_be_rolled_back_cold(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111", scale_down_delay_seconds=1)
     second = await world.deploy("bbbb2222", bake_seconds=0, scale_down_delay_seconds=1)
     third = await world.deploy("cccc3333", bake_seconds=0, scale_down_delay_seconds=1)
@@ -94,7 +93,7 @@ async def test_an_earlier_deployment_can_be_rolled_back_cold(world: World) -> No
     v1, v3 = first["green_revision"], third["green_revision"]
     assert world.runtime.running_revisions("api") == {v3}
     # Rolling back the *second* deployment puts back what served before it: v1, cold.
-    rb = await world.pipeline.wait((await world.pipeline.rollback(second["id"], "bob"))["id"])
+    rb = await world.wait((await world.rollback(second["id"], "bob"))["id"])
     assert rb["status"] == "Success", rb.get("error")
     assert rb["strategy"] == {"Rollback": {"instant": False}}
     assert (rb["blue_revision"], rb["green_revision"]) == (v3, v1)
@@ -103,14 +102,14 @@ async def test_an_earlier_deployment_can_be_rolled_back_cold(world: World) -> No
     assert world.runtime.running_revisions("api") == {v1}
     assert serving(world) == v1
     with pytest.raises(Conflict, match="RolledBack"):
-        await world.pipeline.rollback(second["id"], "bob")  # undone already
+        await world.rollback(second["id"], "bob")  # undone already
     # The third deployment's rollback restores v2 (cold), the one that served before it.
-    rb3 = await world.pipeline.wait((await world.pipeline.rollback(third["id"], "bob"))["id"])
+    rb3 = await world.wait((await world.rollback(third["id"], "bob"))["id"])
     assert rb3["status"] == "Success", rb3.get("error")
     assert world.weights() == {second["green_revision"]: 100}
 
 
-async def test_a_deployment_refused_at_planning_changes_nothing(world: World) -> None:
+async def test_a_deployment_refused_at_planning_changes_nothing(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     second = await world.deploy("bbbb2222", bake_seconds=0, scale_down_delay_seconds=60)
     before = world.store.get_service("api", "local")
@@ -126,7 +125,7 @@ async def test_a_deployment_refused_at_planning_changes_nothing(world: World) ->
             },
         }
     )
-    doc = await world.pipeline.wait((await world.pipeline.submit(sticky, "alice"))["id"])
+    doc = await world.wait((await world.submit_request(sticky))["id"])
     assert doc["status"] == "Failed"
     assert "sticky" in doc["error"]["message"]
     assert world.store.get_service("api", "local") == before
@@ -136,7 +135,7 @@ async def test_a_deployment_refused_at_planning_changes_nothing(world: World) ->
     }
 
 
-async def test_a_deployment_that_finds_no_ready_stable_refuses_to_run(world: World) -> None:
+async def test_a_deployment_that_finds_no_ready_stable_refuses_to_run(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     v1 = first["green_revision"]
     for r in list(world.runtime.services["api"].replicas.values()):
@@ -152,7 +151,7 @@ async def test_a_deployment_that_finds_no_ready_stable_refuses_to_run(world: Wor
     assert serving(world) == v1
 
 
-async def test_the_store_refuses_a_serving_revision_that_is_also_warm(world: World) -> None:
+async def test_the_store_refuses_a_serving_revision_that_is_also_warm(world: PipelineWorld) -> None:
     await world.deploy("aaaa1111")
     rev = serving(world)
     with pytest.raises(InvariantViolation, match="both serving and warm"):
@@ -161,7 +160,9 @@ async def test_the_store_refuses_a_serving_revision_that_is_also_warm(world: Wor
     assert svc is not None and svc.warm_revision is None  # nothing was written
 
 
-async def test_the_reconciler_repairs_a_record_written_by_an_older_shipyard(world: World) -> None:
+async def test_the_reconciler_repairs_a_record_written_by_an_older_shipyard(
+    world: PipelineWorld,
+) -> None:
     first = await world.deploy("aaaa1111")
     v1 = first["green_revision"]
     with world.store.engine.begin() as conn:  # what the old instant rollback left behind
@@ -176,7 +177,7 @@ async def test_the_reconciler_repairs_a_record_written_by_an_older_shipyard(worl
 
 
 async def test_the_reconciler_starts_the_serving_revision_when_the_region_lost_it(
-    world: World,
+    world: PipelineWorld,
 ) -> None:
     first = await world.deploy("aaaa1111")
     v1 = first["green_revision"]
@@ -191,7 +192,7 @@ async def test_the_reconciler_starts_the_serving_revision_when_the_region_lost_i
 
 
 async def test_the_reconciler_routes_all_traffic_back_to_the_serving_revision(
-    world: World,
+    world: PipelineWorld,
 ) -> None:
     first = await world.deploy("aaaa1111")
     v1 = first["green_revision"]
@@ -201,7 +202,7 @@ async def test_the_reconciler_routes_all_traffic_back_to_the_serving_revision(
     assert [d["revision"] for d in await audited(world, "traffic.reconciled")] == [v1]
 
 
-async def test_restarts_crash_loops_and_outages_are_audited(world: World) -> None:
+async def test_restarts_crash_loops_and_outages_are_audited(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     v1 = first["green_revision"]
     replicas = world.runtime.services["api"].replicas
@@ -224,12 +225,12 @@ async def test_restarts_crash_loops_and_outages_are_audited(world: World) -> Non
 async def test_a_failed_rolling_update_that_changed_replicas_restores_stable_capacity(
     tmp_path: Path,
 ) -> None:
-    world = progressive.World(tmp_path, replicas=4)
+    world = PipelineWorld(tmp_path, replicas=4, rps=100.0)
     await world.pipeline.start()
     try:
         old = await world.first()
         assert routable(world, old) == 4
-        world.builder.manifest = parse_manifest(MANIFEST.format(replicas=2))
+        world.builder.manifest = parse_manifest(progressive(replicas=2))
         doc = await world.submit("dddd4444", {"Rolling": {"max_surge": 1, "max_unavailable": 1}})
         new = world.revision("dddd4444", doc)
         healthy: set[str] = set()
@@ -242,7 +243,7 @@ async def test_a_failed_rolling_update_that_changed_replicas_restores_stable_cap
             return False
 
         world.prober.scripts[new] = script
-        final = await world.pipeline.wait(doc["id"])
+        final = await world.wait(doc["id"])
         assert final["status"] == "RolledBack", final.get("error")
         assert routable(world, old) == 4  # as it was, not the release's 2
         assert world.weights() == {old: 100}
@@ -250,24 +251,24 @@ async def test_a_failed_rolling_update_that_changed_replicas_restores_stable_cap
         await world.pipeline.stop()
 
 
-async def test_a_failed_deployment_keeps_the_instant_rollback_window(world: World) -> None:
+async def test_a_failed_deployment_keeps_the_instant_rollback_window(world: PipelineWorld) -> None:
     first = await world.deploy("aaaa1111")
     second = await world.deploy("bbbb2222", bake_seconds=0, scale_down_delay_seconds=300)
     v1, v2 = first["green_revision"], second["green_revision"]
     doc = await world.deploy("cccc3333", wait=False, bake_seconds=30)
     world.prober.scripts[f"cccc333-{doc['id'][:8]}"] = lambda r, n: n < 3  # fails in the bake
-    failed = await world.pipeline.wait(doc["id"])
+    failed = await world.wait(doc["id"])
     assert failed["status"] == "RolledBack"
     svc = world.store.get_service("api", "local")
     assert svc is not None and (svc.serving_revision, svc.warm_revision) == (v2, v1)
     assert world.runtime.running_revisions("api") == {v1, v2}
-    rb = await world.pipeline.wait((await world.pipeline.rollback(second["id"], "bob"))["id"])
+    rb = await world.wait((await world.rollback(second["id"], "bob"))["id"])
     assert rb["strategy"] == {"Rollback": {"instant": True}}
     assert world.weights() == {v1: 100}
 
 
 async def test_a_successful_deployment_retires_the_revision_kept_warm_before(
-    world: World,
+    world: PipelineWorld,
 ) -> None:
     first = await world.deploy("aaaa1111")
     second = await world.deploy("bbbb2222", bake_seconds=0, scale_down_delay_seconds=300)

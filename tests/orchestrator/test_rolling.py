@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from tests.orchestrator.progressive import World
+from tests.orchestrator.world import PipelineWorld
 
 DESIRED = 4
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    w = World(tmp_path, replicas=DESIRED)
+async def world(tmp_path: Path) -> AsyncIterator[PipelineWorld]:
+    w = PipelineWorld(tmp_path, replicas=DESIRED, rps=100.0)
     await w.pipeline.start()
     yield w
     await w.pipeline.stop()
@@ -26,13 +26,13 @@ def rolling_strategy(surge: int | str, unavailable: int | str) -> dict[str, Any]
     return {"Rolling": {"max_surge": surge, "max_unavailable": unavailable}}
 
 
-def assert_invariants(world: World, since: int, surge: int, unavailable: int) -> None:
+def assert_invariants(world: PipelineWorld, since: int, surge: int, unavailable: int) -> None:
     for _, running, ready in world.runtime.observations[since:]:
         assert running <= DESIRED + surge, world.runtime.observations[since:]
         assert ready >= DESIRED - unavailable, world.runtime.observations[since:]
 
 
-def replicas_by_revision(world: World) -> dict[str, int]:
+def replicas_by_revision(world: PipelineWorld) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in world.runtime.services["api"].replicas.values():
         if r.alive and r.routable:
@@ -46,7 +46,7 @@ def replicas_by_revision(world: World) -> dict[str, int]:
     ids=["surge-1", "unavailable-1", "surge-2-unavailable-1", "25%-25%", "50%-surge"],
 )
 async def test_rolling_update_keeps_the_invariants_and_ends_on_the_new_revision(
-    world: World, surge: Any, unavailable: Any, surge_n: int, unavailable_n: int
+    world: PipelineWorld, surge: Any, unavailable: Any, surge_n: int, unavailable_n: int
 ) -> None:
     old = await world.first()
     assert replicas_by_revision(world) == {old: DESIRED}
@@ -65,7 +65,7 @@ async def test_rolling_update_keeps_the_invariants_and_ends_on_the_new_revision(
     assert svc is not None and svc.serving_revision == new
 
 
-async def test_weights_are_proportional_to_ready_replicas(world: World) -> None:
+async def test_weights_are_proportional_to_ready_replicas(world: PipelineWorld) -> None:
     old = await world.first()
     doc = await world.deploy("cccc3333", rolling_strategy(1, 0))
     new = doc["green_revision"]
@@ -82,7 +82,7 @@ async def test_weights_are_proportional_to_ready_replicas(world: World) -> None:
 
 
 async def test_a_new_replica_that_never_gets_healthy_rolls_back_to_full_strength(
-    world: World,
+    world: PipelineWorld,
 ) -> None:
     old = await world.first()
     mark = len(world.runtime.observations)
@@ -98,7 +98,7 @@ async def test_a_new_replica_that_never_gets_healthy_rolls_back_to_full_strength
         return False
 
     world.prober.scripts[new] = script
-    final = await world.pipeline.wait(doc["id"])
+    final = await world.wait(doc["id"])
     assert final["status"] == "RolledBack", final.get("error")
     assert final["error"]["type"] == "HealthCheckFailed"
     assert replicas_by_revision(world) == {old: DESIRED}
@@ -110,7 +110,7 @@ async def test_a_new_replica_that_never_gets_healthy_rolls_back_to_full_strength
 
 
 async def test_percentages_resolving_to_zero_are_refused_before_anything_starts(
-    world: World,
+    world: PipelineWorld,
 ) -> None:
     old = await world.first()
     started = len(world.runtime.started)
@@ -121,7 +121,7 @@ async def test_percentages_resolving_to_zero_are_refused_before_anything_starts(
     assert world.weights() == {old: 100}
 
 
-async def test_first_rolling_deployment_starts_every_replica(world: World) -> None:
+async def test_first_rolling_deployment_starts_every_replica(world: PipelineWorld) -> None:
     doc = await world.deploy("ffff6666", rolling_strategy(1, 0))
     assert doc["status"] == "Success", doc.get("error")
     assert replicas_by_revision(world) == {doc["green_revision"]: DESIRED}

@@ -15,7 +15,7 @@ from shipyard.build.fake import DEFAULT_MANIFEST, FakeBuilder
 from shipyard.domain.manifest import parse_manifest
 from shipyard.security.gate import SecurityGate
 from shipyard.security.signing import Ed25519Signer, read_envelope, sign_statement, write_envelope
-from tests.orchestrator.test_pipeline import World
+from tests.orchestrator.world import PipelineWorld
 from tests.shared_data import find_pypa_db
 
 OSV_DB = find_pypa_db()
@@ -26,18 +26,17 @@ VULNERABLE_PYYAML = {
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    w = World(tmp_path)
-    w.builder = FakeBuilder(root=tmp_path / "artifacts")
+async def world(tmp_path: Path) -> AsyncIterator[PipelineWorld]:
+    w = PipelineWorld(tmp_path, builder=FakeBuilder(root=tmp_path / "artifacts"))
+    w.gate = SecurityGate(data_dir=tmp_path, db_path=None)
+    w.attestations_dir = tmp_path / "attestations"
     w.pipeline = w.new_pipeline()
-    w.pipeline.gate = SecurityGate(data_dir=tmp_path, db_path=None)
-    w.pipeline.attestations_dir = tmp_path / "attestations"
     await w.pipeline.start()
     yield w
     await w.pipeline.stop()
 
 
-async def test_every_artifact_gets_an_sbom_and_signed_provenance(world: World) -> None:
+async def test_every_artifact_gets_an_sbom_and_signed_provenance(world: PipelineWorld) -> None:
     doc = await world.deploy("aaaa1111")
     assert doc["status"] == "Success", doc.get("error")
     scan = next(s for s in doc["stages"] if s["name"] == "scan")
@@ -57,7 +56,7 @@ async def test_every_artifact_gets_an_sbom_and_signed_provenance(world: World) -
     )
 
 
-async def _cold_previous_revision(world: World) -> tuple[dict[str, Any], dict[str, Any]]:
+async def _cold_previous_revision(world: PipelineWorld) -> tuple[dict[str, Any], dict[str, Any]]:
     first = await world.deploy("aaaa1111")
     second = await world.deploy("bbbb2222", bake_seconds=0, scale_down_delay_seconds=1)
     await world.clock.sleep(2)
@@ -65,13 +64,13 @@ async def _cold_previous_revision(world: World) -> tuple[dict[str, Any], dict[st
     return first, second
 
 
-async def test_a_tampered_artifact_is_refused_before_it_starts(world: World) -> None:
+async def test_a_tampered_artifact_is_refused_before_it_starts(world: PipelineWorld) -> None:
     first, second = await _cold_previous_revision(world)
     spec = world.store.get_revision_spec(first["green_revision"])
     (Path(spec["artifact_location"]) / "app.py").write_text("print('backdoor')\n")
     started_before = list(world.runtime.started)
-    rb = await world.pipeline.rollback(second["id"], "bob")
-    final = await world.pipeline.wait(rb["id"])
+    rb = await world.rollback(second["id"], "bob")
+    final = await world.wait(rb["id"])
     assert final["status"] == "RolledBack"  # back on the revision that was serving: v2
     assert final["error"]["type"] == "ArtifactVerificationFailed"
     assert "was modified after the build" in final["error"]["message"]
@@ -79,7 +78,7 @@ async def test_a_tampered_artifact_is_refused_before_it_starts(world: World) -> 
     assert world.weights() == {second["green_revision"]: 100}
 
 
-async def test_a_foreign_signature_is_refused(world: World, tmp_path: Path) -> None:
+async def test_a_foreign_signature_is_refused(world: PipelineWorld, tmp_path: Path) -> None:
     first, second = await _cold_previous_revision(world)
     spec = world.store.get_revision_spec(first["green_revision"])
     path = Path(spec["attestation"]["envelope"])
@@ -87,8 +86,8 @@ async def test_a_foreign_signature_is_refused(world: World, tmp_path: Path) -> N
     assert envelope is not None
     statement = json.loads(base64.b64decode(envelope["payload"]))
     write_envelope(sign_statement(Ed25519Signer.generate(), statement), path)
-    rb = await world.pipeline.rollback(second["id"], "bob")
-    final = await world.pipeline.wait(rb["id"])
+    rb = await world.rollback(second["id"], "bob")
+    final = await world.wait(rb["id"])
     assert final["error"]["type"] == "ArtifactVerificationFailed"
     assert final["error"]["reason"] == "foreign_key"
     assert world.weights() == {second["green_revision"]: 100}
@@ -96,12 +95,12 @@ async def test_a_foreign_signature_is_refused(world: World, tmp_path: Path) -> N
 
 async def test_policy_blocks_a_vulnerable_artifact_and_nothing_is_deployed(tmp_path: Path) -> None:
     assert OSV_DB is not None, "shared/data/pypa-advisory-db not found; set SHIPYARD_TEST_OSV_DB"
-    w = World(tmp_path)
     manifest = parse_manifest(DEFAULT_MANIFEST + '\n[security]\nunknown = "block"\n')
-    w.builder = FakeBuilder(manifest=manifest, root=tmp_path / "artifacts", files=VULNERABLE_PYYAML)
+    builder = FakeBuilder(manifest=manifest, root=tmp_path / "artifacts", files=VULNERABLE_PYYAML)
+    w = PipelineWorld(tmp_path, builder=builder)
+    w.gate = SecurityGate(data_dir=tmp_path, db_path=OSV_DB)
+    w.attestations_dir = tmp_path / "attestations"
     w.pipeline = w.new_pipeline()
-    w.pipeline.gate = SecurityGate(data_dir=tmp_path, db_path=OSV_DB)
-    w.pipeline.attestations_dir = tmp_path / "attestations"
     await w.pipeline.start()
     try:
         doc = await w.deploy("aaaa1111")
@@ -117,13 +116,13 @@ async def test_policy_blocks_a_vulnerable_artifact_and_nothing_is_deployed(tmp_p
     assert any(a.startswith(("PYSEC", "GHSA", "CVE")) for a in blocked.detail["advisories"])
 
 
-async def test_an_unsigned_artifact_is_refused(world: World) -> None:
+async def test_an_unsigned_artifact_is_refused(world: PipelineWorld) -> None:
     first, second = await _cold_previous_revision(world)
     spec = world.store.get_revision_spec(first["green_revision"])
     Path(spec["attestation"]["envelope"]).unlink()
     started_before = list(world.runtime.started)
-    rb = await world.pipeline.rollback(second["id"], "bob")
-    final = await world.pipeline.wait(rb["id"])
+    rb = await world.rollback(second["id"], "bob")
+    final = await world.wait(rb["id"])
     assert final["error"]["type"] == "ArtifactVerificationFailed"
     assert final["error"]["reason"] == "unsigned"
     assert world.runtime.started == started_before

@@ -23,10 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shipyard.errors import Conflict
-from shipyard.store.db import Store
-from tests.orchestrator.progressive import World
-from tests.orchestrator.test_canary import wait_for_status
-from tests.orchestrator.test_pipeline import crash_when_persisted
+from tests.orchestrator.world import PipelineWorld, crash_when_persisted, restart
 
 Action = tuple[Any, ...]
 
@@ -50,7 +47,7 @@ actions = st.one_of(
 
 class Scenario:
     def __init__(self, tmp: Path) -> None:
-        self.world = World(tmp)
+        self.world = PipelineWorld(tmp, replicas=1, rps=100.0)
         self.n = 0
         self.succeeded: list[str] = []
 
@@ -85,16 +82,16 @@ class Scenario:
                 )
                 if await self._reaches(doc["id"], "Paused"):
                     if verdict == "promote":
-                        await w.pipeline.promote(doc["id"], "bob")
+                        await w.promote(doc["id"], "bob")
                     else:
-                        await w.pipeline.abort(doc["id"], "bob")
+                        await w.abort(doc["id"], "bob")
                 await self.finish(doc)
             case ("rollback", index):
                 if not self.succeeded:
                     return
                 target = self.succeeded[index % len(self.succeeded)]
                 try:
-                    doc = await w.pipeline.rollback(target, "bob")
+                    doc = await w.rollback(target, "bob")
                 except Conflict:
                     return  # first deployment, already undone, or already serving
                 await self.finish(doc)
@@ -105,12 +102,12 @@ class Scenario:
             case ("restart",):
                 await self.restart()
             case ("crash_at", status):
-                crashed = crash_when_persisted(w, status)  # type: ignore[arg-type]
+                crashed = crash_when_persisted(w, status)
                 commit = self.commit()
                 doc = await w.submit(commit, {"BlueGreen": _bg(5, 10)})
                 if status == "RollingBack":
                     w.prober.scripts[w.revision(commit, doc)] = lambda r, n: n < 3
-                done = asyncio.ensure_future(w.pipeline.wait(doc["id"]))
+                done = asyncio.ensure_future(w.wait(doc["id"]))
                 died = asyncio.ensure_future(crashed.wait())
                 await asyncio.wait([done, died], return_when=asyncio.FIRST_COMPLETED)
                 done.cancel()
@@ -120,8 +117,8 @@ class Scenario:
 
     async def _reaches(self, deployment_id: str, status: str) -> bool:
         try:
-            await wait_for_status(self.world, deployment_id, status)
-        except AssertionError:
+            await self.world.until(deployment_id, status)
+        except AssertionError:  # it ended first (e.g. refused before its gate)
             return False
         return True
 
@@ -130,17 +127,13 @@ class Scenario:
         await self.finish(doc)
 
     async def finish(self, doc: dict[str, Any]) -> None:
-        final = await self.world.pipeline.wait(doc["id"])
+        final = await self.world.wait(doc["id"])
         assert final["status"] in ("Success", "Failed", "RolledBack"), final["status"]
         if final["status"] == "Success" and final["kind"] == "deploy":
             self.succeeded.append(final["id"])
 
     async def restart(self) -> None:
-        w = self.world
-        await w.pipeline.stop()
-        w.store.save_deployment = Store.save_deployment.__get__(w.store)  # type: ignore[method-assign]
-        w.pipeline = w.new_pipeline()
-        await w.pipeline.start()
+        await restart(self.world)
 
     async def check(self, step: Action) -> None:
         w = self.world

@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shipyard.analysis.policy import AnalysisPolicy
-from shipyard.domain.models import AnalysisSettings, CanaryParams, CanaryStage
-from shipyard.strategies import canary
+from shipyard.domain.models import AnalysisSettings, BlueGreenParams, CanaryParams, CanaryStage
+from shipyard.strategies import blue_green, canary
 from shipyard.strategies.steps import (
     Analyse,
     AwaitHealthy,
@@ -77,3 +77,10 @@ def test_weight_sequence_is_the_stages_then_full_promotion(weights: list[int]) -
     analyses = [s for s in plan if isinstance(s, Analyse)]
     assert [a.weight for a in analyses] == weights
     assert [a.stage for a in analyses] == list(range(1, len(weights) + 1))
+
+
+def test_blue_green_plans_are_not_announced_canary_plans_are() -> None:
+    stages = params({"weight": 10, "duration_seconds": 60})
+    assert canary.rollout(stages, has_stable=True).announce is True
+    bg = BlueGreenParams(switch_delay_seconds=0)
+    assert blue_green.rollout(bg, has_stable=True).announce is False

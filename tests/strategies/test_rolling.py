@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from shipyard.domain.models import RollingParams
 from shipyard.strategies import rolling
-from shipyard.strategies.steps import ScaleCandidate, ScaleStable, SetWeight
+from shipyard.strategies.steps import RollingLimits, ScaleCandidate, ScaleStable, SetWeight
 
 
 @pytest.mark.parametrize(
@@ -100,3 +100,12 @@ def test_weights_follow_ready_replicas(new: int, old: int) -> None:
         assert 0 < w["new"] < 100
     if old == 0:
         assert w == {"new": 100}
+
+
+def test_the_plan_keeps_the_limits_and_stables_own_count_for_the_rollback() -> None:
+    params = RollingParams(max_surge="25%", max_unavailable="25%")
+    plan = rolling.rollout(params, has_stable=True, replicas=4, stable_replicas=2, stable_desired=6)
+    assert plan.rolling == RollingLimits(
+        replicas=4, stable_replicas=6, max_surge=1, max_unavailable=1
+    )
+    assert list(plan.steps) == rolling.plan(params, has_stable=True, replicas=4, stable_replicas=2)

@@ -3,7 +3,7 @@ stage's ``analysis``.
 
 ``AnalysisPolicy`` is a frozen value carried inside the canary plan's ``Analyse`` steps (so a
 resumed deployment judges with exactly the thresholds it started with). Built by
-``strategies.canary.plan``; read by ``analysis.verdicts`` and the orchestrator's executor.
+``strategies.canary.plan``; read by ``analysis.verdicts`` and the orchestrator's Analyse executor.
 """
 
 from __future__ import annotations

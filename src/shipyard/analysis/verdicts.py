@@ -14,7 +14,8 @@ the window since the previous snapshot (``later.minus(earlier)``) for the canary
 passed, fail (failed measurements exceed ``failure_limit``; consecutive errors exceed
 ``consecutive_error_limit``), pause for a human (inconclusive beyond ``inconclusive_limit``, or
 the ``pause`` insufficient-data policy), or extend the stage by one interval (the ``extend``
-policy, bounded by ``max_extensions``). Called by ``orchestrator.pipeline``.
+policy, bounded by ``max_extensions``). Called by the orchestrator's Analyse executor
+(``orchestrator/steps/analysis.py``).
 """
 
 from __future__ import annotations

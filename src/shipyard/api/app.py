@@ -1,8 +1,10 @@
 """The HTTP API (ADR section 6), FastAPI. ``create_app`` is what ``shipyard serve`` runs and what
 in-process tests drive through ``httpx.ASGITransport``.
 
-Routes are thin: they check the permission claim, validate, and call the pipeline or the store.
-Errors are mapped to problem+json in ``api/problems.py`` only.
+Routes are thin: they check the permission claim, validate, and call the pipeline (deployments,
+as typed records) or the store (services). Both are awaited without blocking the event loop
+(``store.db.AsyncStore`` runs SQLite in worker threads). Errors are mapped to problem+json in
+``api/problems.py`` only.
 
     POST /api/v1/deploy                      deployment:create   202 (or ?wait=true: final result)
     POST /api/v1/rollback/{deployment_id}    deployment:rollback 202 (or ?wait=true)
@@ -36,6 +38,7 @@ from shipyard.api.context import AppContext, build_context
 from shipyard.api.limits import BodySizeLimit
 from shipyard.domain.models import DNS_LABEL, Deployment, DeploymentRequest, DeploymentStatus
 from shipyard.errors import NotFound, UnknownRegion
+from shipyard.orchestrator.record import Record, dump_record
 from shipyard.runtime.base import ReplicaStatus
 from shipyard.settings import Settings
 
@@ -55,60 +58,62 @@ def ctx(request: Request) -> AppContext:
 Ctx = Annotated[AppContext, Depends(ctx)]
 
 
-def _resource(doc: dict[str, Any]) -> dict[str, Any]:
-    return Deployment.model_validate(doc).model_dump(mode="json")
+def _resource(record: Record) -> dict[str, Any]:
+    """``GET /deployments/{id}``: the ADR's deployment resource (``domain.models.Deployment``)."""
+    return Deployment.model_validate(dump_record(record)).model_dump(mode="json")
 
 
-def _accepted(request: Request, doc: dict[str, Any]) -> JSONResponse:
-    url = str(request.url_for("get_deployment", deployment_id=doc["id"]))
+def _accepted(request: Request, record: Record) -> JSONResponse:
+    url = str(request.url_for("get_deployment", deployment_id=record.id))
     return JSONResponse(
         {
-            "deployment_id": doc["id"],
-            "status": doc["status"],
+            "deployment_id": record.id,
+            "status": record.status.value,
             "status_url": url,
-            "service": doc["service"],
-            "region": doc["region"],
-            "kind": doc["kind"],
+            "service": record.service,
+            "region": record.region,
+            "kind": record.kind,
         },
         status_code=202,
         headers={"Location": url},
     )
 
 
-def _final(doc: dict[str, Any]) -> JSONResponse:
+def _final(record: Record) -> JSONResponse:
     """The ADR handler's answer: 200 with the result, or 500 deployment_failed."""
-    if doc["status"] == DeploymentStatus.SUCCESS.value:
-        return JSONResponse(doc["result"], status_code=200)
-    if not DeploymentStatus(doc["status"]).terminal:
+    result = record.result.model_dump(mode="json") if record.result is not None else None
+    if record.status is DeploymentStatus.SUCCESS:
+        return JSONResponse(result, status_code=200)
+    if not record.terminal:
         return JSONResponse(
             {
-                "deployment_id": doc["id"],
-                "status": doc["status"],
+                "deployment_id": record.id,
+                "status": record.status.value,
                 "detail": "still running after the wait timeout; poll the status URL",
             },
             status_code=202,
         )
-    err = doc.get("error") or {}
+    err = record.error.model_dump(mode="json") if record.error is not None else {}
     return JSONResponse(
         {
             "error": "deployment_failed",
-            "message": err.get("message", doc["status"]),
-            "deployment_id": doc["id"],
-            "status": doc["status"],
+            "message": err.get("message", record.status.value),
+            "deployment_id": record.id,
+            "status": record.status.value,
             "cause": err,
-            "result": doc.get("result"),
+            "result": result,
         },
         status_code=500,
     )
 
 
 async def _answer(
-    request: Request, c: AppContext, doc: dict[str, Any], wait: bool, timeout: float
+    request: Request, c: AppContext, record: Record, wait: bool, timeout: float
 ) -> JSONResponse:
     """202 with the status URL, or with ``wait`` the final answer (``_final``)."""
     if wait:
-        return _final(await c.pipeline.wait(doc["id"], timeout))
-    return _accepted(request, doc)
+        return _final(await c.pipeline.wait(record.id, timeout))
+    return _accepted(request, record)
 
 
 def create_app(
@@ -151,8 +156,8 @@ def create_app(
         wait: Wait = False,
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
-        doc = await c.pipeline.submit(body, claims.subject)
-        return await _answer(request, c, doc, wait, timeout)
+        record = await c.pipeline.submit(body, claims.subject)
+        return await _answer(request, c, record, wait, timeout)
 
     @app.post("/api/v1/rollback/{deployment_id}", status_code=202, tags=["deployments"])
     async def rollback(
@@ -163,15 +168,15 @@ def create_app(
         wait: Wait = False,
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
-        doc = await c.pipeline.rollback(str(deployment_id), claims.subject)
-        return await _answer(request, c, doc, wait, timeout)
+        record = await c.pipeline.rollback(str(deployment_id), claims.subject)
+        return await _answer(request, c, record, wait, timeout)
 
     @app.post("/api/v1/deployments/{deployment_id}/promote", status_code=202, tags=["deployments"])
     async def promote(
         deployment_id: uuid.UUID, request: Request, claims: CanCreate, c: Ctx
     ) -> JSONResponse:
-        doc = await c.pipeline.promote(str(deployment_id), claims.subject)
-        return _accepted(request, doc)
+        record = await c.pipeline.promote(str(deployment_id), claims.subject)
+        return _accepted(request, record)
 
     @app.post("/api/v1/deployments/{deployment_id}/abort", status_code=202, tags=["deployments"])
     async def abort(
@@ -182,12 +187,12 @@ def create_app(
         wait: Wait = False,
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
-        doc = await c.pipeline.abort(str(deployment_id), claims.subject)
-        return await _answer(request, c, doc, wait, timeout)
+        record = await c.pipeline.abort(str(deployment_id), claims.subject)
+        return await _answer(request, c, record, wait, timeout)
 
     @app.get("/api/v1/deployments/{deployment_id}", name="get_deployment", tags=["deployments"])
     async def get_deployment(deployment_id: uuid.UUID, _: CanRead, c: Ctx) -> dict[str, Any]:
-        return _resource(c.store.get_deployment(str(deployment_id)))
+        return _resource(await c.pipeline.get(str(deployment_id)))
 
     @app.get("/api/v1/deployments", tags=["deployments"])
     async def list_deployments(
@@ -196,8 +201,8 @@ def create_app(
         service: ServiceName | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> dict[str, Any]:
-        docs = c.store.list_deployments(service, limit)
-        return {"deployments": [_resource(d) for d in docs]}
+        records = await c.pipeline.history(service, limit)
+        return {"deployments": [_resource(r) for r in records]}
 
     @app.get("/api/v1/deployments/{deployment_id}/logs", tags=["deployments"])
     async def deployment_logs(
@@ -207,8 +212,8 @@ def create_app(
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
         """The build log from byte ``offset`` (at most 64 KiB); poll with the returned offset."""
-        doc = c.store.get_deployment(str(deployment_id))
-        path = c.pipeline.build_log_path(doc["id"])
+        record = await c.pipeline.get(str(deployment_id))
+        path = c.pipeline.build_log_path(record.id)
         data = b""
         if path is not None and path.is_file():
             with path.open("rb") as f:
@@ -217,12 +222,12 @@ def create_app(
         return {
             "offset": offset + len(data),
             "text": data.decode("utf-8", errors="replace"),
-            "building": doc["status"] in ("Pending", "Building"),
+            "building": record.status in (DeploymentStatus.PENDING, DeploymentStatus.BUILDING),
         }
 
     @app.get("/api/v1/deployments/{deployment_id}/audit", tags=["deployments"])
     async def deployment_audit(deployment_id: uuid.UUID, _: CanRead, c: Ctx) -> dict[str, Any]:
-        c.store.get_deployment(str(deployment_id))
+        await c.pipeline.get(str(deployment_id))  # 404 for an unknown deployment
         records = await c.audit.records(deployment_id=str(deployment_id))
         return {"records": [r.to_dict() for r in records]}
 
@@ -236,7 +241,7 @@ def create_app(
                     "serving_revision": s.serving_revision,
                     "url": s.url,
                 }
-                for s in c.store.list_services()
+                for s in await c.store.list_services()
             ]
         }
 
@@ -251,11 +256,11 @@ def create_app(
             raise UnknownRegion(
                 f"unknown region {region!r}; this server runs: {', '.join(c.runtimes)}"
             )
-        row = c.store.get_service(name, region)
+        row = await c.store.get_service(name, region)
         state = await c.runtimes[region].service_state(name)
         if row is None and state is None:
             raise NotFound(f"service {name} has never been deployed in region {region}")
-        active = c.store.active_deployment(name, region)
+        active = await c.store.active_deployment(name, region)
         replicas = list(state.replicas) if state else []
         return {
             "service": name,

@@ -19,13 +19,13 @@ from shipyard.runtime.base import Runtime
 from shipyard.runtime.local import LocalRuntime
 from shipyard.security.gate import SecurityGate
 from shipyard.settings import Settings
-from shipyard.store.db import Store, make_engine
+from shipyard.store.db import AsyncStore, Store, make_engine
 
 
 @dataclass
 class AppContext:
     settings: Settings
-    store: Store
+    store: AsyncStore
     audit: AuditLog
     pipeline: Pipeline
     tokens: TokenAuthority
@@ -40,7 +40,7 @@ class AppContext:
 
 async def build_context(settings: Settings) -> AppContext:
     engine = make_engine(settings.data_dir)
-    store = Store(engine)
+    store = AsyncStore(Store(engine))
     audit = SqlAuditLog(engine, settings.audit_anchor)
     runtimes: dict[str, Runtime] = {}
     closers: list[Any] = []

@@ -46,7 +46,7 @@ from prometheus_client.utils import floatToGoString
 
 from shipyard.errors import ShipyardError
 from shipyard.runtime.base import Runtime
-from shipyard.store.db import Store
+from shipyard.store.db import AsyncStore
 
 #: The exposition format ``generate_latest`` writes.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -84,7 +84,7 @@ class Scrape:
     unreadable: Mapping[str, bool] = field(default_factory=dict)
 
 
-async def read(store: Store, runtimes: Mapping[str, Runtime]) -> Scrape:
+async def read(store: AsyncStore, runtimes: Mapping[str, Runtime]) -> Scrape:
     """Read the store and every region's router; a region that fails is marked, not fatal."""
     weights: list[tuple[str, str, str, int]] = []
     traffic: list[RevisionTraffic] = []
@@ -101,7 +101,7 @@ async def read(store: Store, runtimes: Mapping[str, Runtime]) -> Scrape:
                     traffic.append(RevisionTraffic(service, region, revision, counters))
         except ShipyardError:
             unreadable[region] = True
-    return Scrape(store.count_deployments(), weights, traffic, unreadable)
+    return Scrape(await store.count_deployments(), weights, traffic, unreadable)
 
 
 class ShipyardCollector(Collector):
@@ -189,7 +189,7 @@ class MetricsEndpoint:
         self.collector = ShipyardCollector()
         self.registry.register(self.collector)
 
-    async def render(self, store: Store, runtimes: Mapping[str, Runtime]) -> bytes:
+    async def render(self, store: AsyncStore, runtimes: Mapping[str, Runtime]) -> bytes:
         scrape = await read(store, runtimes)
         # No await from here on: a concurrent scrape cannot swap the data while this one renders.
         self.collector.scrape = scrape

@@ -66,6 +66,7 @@ from shipyard.audit.chain import (
     verify_rows,
 )
 from shipyard.audit.fake import MemoryAuditLog
+from shipyard.domain.clock import to_thread
 from shipyard.errors import InvalidInput, NotFound
 
 # The brief's names all importable from here too (chain and fake hold the shared parts).
@@ -155,7 +156,7 @@ class SqlAuditLog:
     async def append(self, event: AuditEvent) -> AuditRecord:
         check_event(event)  # fail before taking any lock
         async with self._lock:
-            record = await asyncio.to_thread(self._append_blocking, event)
+            record = await to_thread(self._append_blocking, event)
         emit_log(record)
         return record
 
@@ -163,7 +164,7 @@ class SqlAuditLog:
         self, *, deployment_id: str | None = None, limit: int | None = None
     ) -> list[AuditRecord]:
         _check_limit(limit)
-        rows = await asyncio.to_thread(_load_rows, self._engine, deployment_id, limit)
+        rows = await to_thread(_load_rows, self._engine, deployment_id, limit)
         return [to_record(row) for row in rows]
 
     def verify(self) -> VerifyReport:

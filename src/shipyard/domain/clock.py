@@ -1,5 +1,13 @@
-"""Time, injected: the orchestrator, probes and planners read ``now()`` and ``sleep()`` from a
-``Clock`` so tests can run a ten-minute canary in milliseconds with ``FakeClock``."""
+"""Time, injected: the orchestrator, probes and planners read ``now()``, ``monotonic()`` and
+``sleep()`` from a ``Clock`` so tests can run a ten-minute canary in milliseconds with
+``FakeClock``.
+
+Also ``to_thread``: ``asyncio.to_thread`` that a ``FakeClock`` accounts for. Blocking work (the
+store's SQLite calls, artifact digests, the security gate) runs in worker threads; while such a
+call is out, fake time does not move, so a store write that waits on SQLite's lock never sees a
+deadline pass under it. Called by ``store.db.AsyncStore``, the orchestrator, the security gate
+and the SQL audit log.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +15,22 @@ import asyncio
 import heapq
 import itertools
 import time
-from typing import Protocol
+import weakref
+from collections.abc import Callable
+from typing import ParamSpec, Protocol, TypeVar
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 class Clock(Protocol):
     def now(self) -> float:
         """Seconds since the epoch (wall clock, persisted in deadlines)."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back: latencies within one process. Never
+        persisted (another process's reading means nothing)."""
         ...
 
     async def sleep(self, seconds: float) -> None: ...
@@ -24,13 +42,67 @@ class SystemClock:
     def now(self) -> float:
         return time.time()
 
+    def monotonic(self) -> float:
+        return time.monotonic()
+
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
 
 
+class _ThreadWork:
+    """Calls of ``to_thread`` still running on one event loop."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def started(self) -> None:
+        self.running += 1
+        self.idle.clear()
+
+    def finished(self) -> None:
+        self.running -= 1
+        if self.running == 0:
+            self.idle.set()
+
+
+_work: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _ThreadWork] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _work_on(loop: asyncio.AbstractEventLoop) -> _ThreadWork:
+    work = _work.get(loop)
+    if work is None:
+        work = _work[loop] = _ThreadWork()
+    return work
+
+
+async def to_thread(fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """``asyncio.to_thread``, counted until the thread is done (a FakeClock waits for it).
+
+    The count drops when the *thread* ends, not when the caller stops waiting: a caller that
+    is cancelled (an aborted deployment) leaves its thread running, and fake time must not
+    jump while it does.
+    """
+    work = _work_on(asyncio.get_running_loop())
+    work.started()
+    call = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+
+    def done(task: asyncio.Future[_T]) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved here when the caller was cancelled meanwhile
+        work.finished()
+
+    call.add_done_callback(done)
+    return await asyncio.shield(call)
+
+
 class FakeClock:
     """A clock that only moves when every sleeper is waiting: ``sleep`` parks the caller, and
-    time jumps straight to the earliest wake-up once the event loop has nothing else to run.
+    time jumps straight to the earliest wake-up once the event loop has nothing else to run and
+    no ``to_thread`` call is out.
 
     Tests drive async code with it exactly as with the real clock, without waiting on wall time.
     """
@@ -42,6 +114,9 @@ class FakeClock:
         self._driver: asyncio.Task[None] | None = None
 
     def now(self) -> float:
+        return self._now
+
+    def monotonic(self) -> float:
         return self._now
 
     def advance(self, seconds: float) -> None:
@@ -64,10 +139,16 @@ class FakeClock:
                 fut.set_result(None)
 
     async def _drive(self) -> None:
-        # Let every runnable task run (a few loop turns) before jumping time forward.
+        work = _work_on(asyncio.get_running_loop())
         while self._sleepers:
-            for _ in range(20):
-                await asyncio.sleep(0)
+            # Let every runnable task run (a few loop turns), and every thread call finish
+            # (then the tasks it wakes), before jumping time forward.
+            while True:
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                if not work.running:
+                    break
+                await work.idle.wait()
             self._sleepers = [s for s in self._sleepers if not s[2].done()]
             heapq.heapify(self._sleepers)
             if not self._sleepers:

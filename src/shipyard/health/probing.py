@@ -7,8 +7,9 @@
 
 ``ThresholdTracker`` is the pure counting part (tested with a fake clock). ``wait_healthy`` gates a
 new revision; ``watch_until_unhealthy`` monitors one during the bake window. Both are called by the
-orchestrator's executor with a ``Prober`` (``HttpProber`` for real, a scripted one in tests) and a
-``replica_states`` callback so a crashed process fails at once instead of after its thresholds.
+orchestrator's step executors with a ``Prober`` (``HttpProber`` for real, a scripted one in tests)
+and a ``replica_states`` callback so a crashed process fails at once instead of after its
+thresholds.
 """
 
 from __future__ import annotations
@@ -203,8 +204,8 @@ class UnhealthyVerdict:
     replica_id: str
     reason: str
     attempts: int
-    #: ``time.monotonic()`` when the verdict was reached: rollback latency is measured from here.
-    at_monotonic: float
+    #: ``clock.monotonic()`` when the verdict was reached: rollback latency is measured from here.
+    at: float
 
 
 async def watch_until_unhealthy(
@@ -233,7 +234,7 @@ async def watch_until_unhealthy(
                     r.replica_id,
                     f"replica {dead}",
                     trackers[r.replica_id].attempts,
-                    time.monotonic(),
+                    clock.monotonic(),
                 )
         results = await asyncio.gather(*(prober(r, check) for r in replicas))
         now = clock.now()
@@ -245,7 +246,7 @@ async def watch_until_unhealthy(
                     f"{t.failures} consecutive failed probes of {check.endpoint}, last: "
                     f"{result.detail or result.outcome}",
                     t.attempts,
-                    time.monotonic(),
+                    clock.monotonic(),
                 )
         await clock.sleep(min(check.interval_seconds, max(0.0, until - clock.now())))
     return None

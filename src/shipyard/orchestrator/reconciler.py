@@ -17,26 +17,25 @@ service no deployment is driving, a pass (``reconcile_all``)
   ``service.available``).
 
 Every repair is a log line and an audit record. Called by ``Pipeline.start`` (once, before
-in-flight deployments resume) and by the pipeline's janitor every ``janitor_interval`` seconds,
-which also makes it the data planes' heartbeat (the local runtime restarts an agent that is gone).
+in-flight deployments resume) and by the janitor (``janitor.py``) every ``janitor_interval``
+seconds, which also makes it the data planes' heartbeat (the local runtime restarts an agent
+that is gone).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
-from shipyard.audit import AuditEvent, AuditLog
-from shipyard.domain.clock import Clock
-from shipyard.domain.models import HealthCheck
+from shipyard.audit import AuditEvent
 from shipyard.errors import ShipyardError
-from shipyard.health.probing import Prober, wait_healthy
+from shipyard.health.probing import wait_healthy
 from shipyard.logs import log_event
-from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime, ServiceState
-from shipyard.store.db import ServiceRow, Store
+from shipyard.orchestrator import artifacts
+from shipyard.orchestrator.context import Deps
+from shipyard.orchestrator.record import Record
+from shipyard.runtime.base import ReplicaStatus, Runtime, ServiceState
+from shipyard.store.db import ServiceRow
 
 log = logging.getLogger("shipyard.orchestrator.reconciler")
 
@@ -45,43 +44,19 @@ CRASH_LOOP_RESTARTS = 3
 #: After a failed attempt to start the serving revision again, wait this long before the next.
 REPAIR_RETRY_SECONDS = 30.0
 
-#: ``verify(doc, stored_spec)``: the pipeline's signature and digest check before any start.
-Verify = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
-
-
-def revision_spec(stored: Mapping[str, Any]) -> RevisionSpec:
-    """The ``RevisionSpec`` of a stored revision (``Store.get_revision_spec``): its runtime
-    fields, and the health endpoint (a runtime probes it before routing to a restarted replica;
-    revisions stored before ``health_endpoint`` existed take it from their health check)."""
-    names = {f.name for f in dataclasses.fields(RevisionSpec)}
-    fields = {k: v for k, v in stored.items() if k in names}
-    if fields.get("health_endpoint") is None:
-        fields["health_endpoint"] = (stored.get("health") or {}).get("endpoint")
-    return RevisionSpec.from_dict(fields)
-
 
 class Reconciler:
-    def __init__(
-        self,
-        *,
-        store: Store,
-        audit: AuditLog,
-        runtimes: Mapping[str, Runtime],
-        prober: Prober,
-        clock: Clock,
-        locks: dict[tuple[str, str], asyncio.Lock],
-        verify: Verify,
-        drain_timeout: float,
-    ) -> None:
-        self.store = store
-        self.audit = audit
-        self.runtimes = runtimes
-        self.prober = prober
-        self.clock = clock
+    def __init__(self, *, deps: Deps, locks: dict[tuple[str, str], asyncio.Lock]) -> None:
+        self.deps = deps
+        self.store = deps.store
+        self.records = deps.records
+        self.audit = deps.audit
+        self.runtimes = deps.runtimes
+        self.prober = deps.prober
+        self.clock = deps.clock
         #: The pipeline's per-service locks: a service a deployment is driving is left alone.
         self.locks = locks
-        self.verify = verify
-        self.drain_timeout = drain_timeout
+        self.drain_timeout = deps.drain_timeout
         self._restarts_seen: dict[str, int] = {}
         self._crash_looping: set[str] = set()
         self._unavailable: set[tuple[str, str]] = set()
@@ -95,7 +70,7 @@ class Reconciler:
             except ShipyardError as exc:
                 log_event(log, "reconcile.region_unavailable", region=region, error=exc.message)
                 continue
-            names |= {s.service for s in self.store.list_services() if s.region == region}
+            names |= {s.service for s in await self.store.list_services() if s.region == region}
             for service in sorted(names):
                 lock = self.locks.setdefault((service, region), asyncio.Lock())
                 if lock.locked():
@@ -114,10 +89,10 @@ class Reconciler:
 
     async def reconcile_service(self, runtime: Runtime, service: str) -> None:
         region = runtime.region
-        svc = self.store.get_service(service, region)
+        svc = await self.store.get_service(service, region)
         if svc is not None and svc.warm_revision and svc.warm_revision == svc.serving_revision:
             # Written by a Shipyard before the record's invariants were enforced.
-            self.store.upsert_service(service, region, warm_revision=None, warm_until=None)
+            await self.store.upsert_service(service, region, warm_revision=None, warm_until=None)
             await self._record(
                 "service.repaired",
                 service,
@@ -126,8 +101,8 @@ class Reconciler:
                 action="no longer warm",
                 revision=svc.serving_revision,
             )
-            svc = self.store.get_service(service, region)
-        dep = self.store.active_deployment(service, region)
+            svc = await self.store.get_service(service, region)
+        dep = await self.records.active_for(service, region)
         state = await runtime.service_state(service)
         await self._stop_orphans(runtime, service, state, svc, dep)
         if dep is not None:
@@ -160,13 +135,13 @@ class Reconciler:
         service: str,
         state: ServiceState | None,
         svc: ServiceRow | None,
-        dep: dict[str, Any] | None,
+        dep: Record | None,
     ) -> None:
         if state is None:
             return
         keep = {svc.serving_revision, svc.warm_revision} if svc else set()
         if dep is not None:
-            keep |= {dep.get("blue_revision"), dep.get("green_revision")}
+            keep |= {dep.blue_revision, dep.green_revision}
         for revision in sorted(state.revisions() - keep):
             await runtime.stop_revision(service, revision, drain_timeout=self.drain_timeout)
             await self._record(
@@ -187,20 +162,22 @@ class Reconciler:
         key = (service, region)
         if self.clock.now() < self._repair_after.get(key, 0.0):
             return state
-        stored = self.store.get_revision_spec(serving)
-        spec = revision_spec(stored)
-        doc = {
-            "id": None,
-            "service": service,
-            "region": region,
-            "triggered_by": "shipyard",
-            "status": "reconciling",
-        }
+        stored = await self.records.revision(serving)
         log_event(log, "service.repairing", service=service, region=region, revision=serving)
         try:
-            await self.verify(doc, stored)
+            if await artifacts.verify(self.deps.gate, stored):
+                await self.audit.append(
+                    AuditEvent(
+                        event_type="artifact.verified",
+                        service=service,
+                        region=region,
+                        user="shipyard",
+                        status="reconciling",
+                        detail={"digest": stored.artifact_digest},
+                    )
+                )
             url = await runtime.ensure_service(service)
-            replicas = await runtime.start_revision(spec)
+            replicas = await runtime.start_revision(stored.spec())
             fresh = [r for r in replicas if not r.routable]
             if fresh:
 
@@ -210,7 +187,7 @@ class Reconciler:
 
                 await wait_healthy(
                     fresh,
-                    HealthCheck.model_validate(stored.get("health", {})),
+                    stored.health_check(),
                     self.prober,
                     self.clock,
                     states,
@@ -230,7 +207,7 @@ class Reconciler:
             )
             return await runtime.service_state(service)
         self._repair_after.pop(key, None)
-        self.store.upsert_service(service, region, url=url)
+        await self.store.upsert_service(service, region, url=url)
         await self._record(
             "service.repaired",
             service,
@@ -290,7 +267,7 @@ class Reconciler:
             self._unavailable.discard(key)
             await self._record("service.available", service, region, revision=serving)
 
-    async def _record(self, event_type: str, service: str, region: str, **detail: Any) -> None:
+    async def _record(self, event_type: str, service: str, region: str, **detail: object) -> None:
         """One log line (via the audit log's structured event) and one audit record."""
         await self.audit.append(
             AuditEvent(

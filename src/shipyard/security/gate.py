@@ -6,8 +6,9 @@ and, only if nothing blocks, signed (in-toto/SLSA provenance in a DSSE envelope)
 The orchestrator's scan stage calls ``SecurityGate.check``; a blocked artifact raises
 ``SecurityScanFailed`` (``vulnerabilities`` = blocking findings, ``findings`` = their details), so
 the deployment ends Failed with the reason on record. Blocking work (file walks, YAML, crypto)
-runs in ``asyncio.to_thread``; the database is loaded once per process (``osv.load_shared``) and
-its parsed form cached under ``<data_dir>/cache/osv``.
+runs in worker threads (``domain.clock.to_thread``, which a FakeClock waits for); the database
+is loaded once per process (``osv.load_shared``) and its parsed form cached under
+``<data_dir>/cache/osv``.
 
 The gate takes any object shaped like ``shipyard.build.base.Artifact`` (``ArtifactLike``): build
 and security are sibling layers and do not import each other.
@@ -15,7 +16,6 @@ and security are sibling layers and do not import each other.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import threading
 import time
@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from shipyard.domain.clock import Clock, SystemClock
+from shipyard.domain.clock import Clock, SystemClock, to_thread
 from shipyard.domain.manifest import Manifest
 from shipyard.errors import InvalidInput, SecurityScanFailed
 from shipyard.security import inventory as inv
@@ -158,7 +158,7 @@ class SecurityGate:
             return self._signer
 
     async def public_key_pem(self) -> str:
-        return (await asyncio.to_thread(self.signer)).public_key_pem()
+        return (await to_thread(self.signer)).public_key_pem()
 
     # -- the gate --
 
@@ -203,7 +203,7 @@ class SecurityGate:
 
         effective = policy or manifest_policy(artifact.manifest) or self.policy
         t = started
-        inventory = await asyncio.to_thread(self.inventory_of, artifact, rootfs)
+        inventory = await to_thread(self.inventory_of, artifact, rootfs)
         t = lap("inventory", t)
         subject = sbom.SbomSubject(
             digest=artifact.digest,
@@ -212,14 +212,14 @@ class SecurityGate:
             commit=artifact.commit,
             builder=artifact.builder,
         )
-        sbom_path = await asyncio.to_thread(sbom.write_sbom, inventory, subject, sbom_dir)
+        sbom_path = await to_thread(sbom.write_sbom, inventory, subject, sbom_dir)
         t = lap("sbom", t)
         if self.db_path is None and self._injected_scanner is None:
             return await self._signed_without_scan(
                 artifact, inventory, sbom_path, sbom_dir, source_repository, durations, started, t
             )
         try:
-            scanner = await asyncio.to_thread(self.scanner)
+            scanner = await to_thread(self.scanner)
         except osv.DatabaseError as exc:
             # Without its database the gate cannot vouch for anything: fail closed.
             raise SecurityScanFailed(
@@ -227,7 +227,7 @@ class SecurityGate:
                 vulnerabilities=0,
                 reason="no_database",
             ) from exc
-        result = await asyncio.to_thread(scanner.scan, inventory)
+        result = await to_thread(scanner.scan, inventory)
         t = lap("scan", t)
         today = dt.datetime.fromtimestamp(self.clock.now(), dt.UTC).date()
         evaluation = policies.evaluate(effective, result.findings, today=today)
@@ -243,7 +243,7 @@ class SecurityGate:
                 sbom=str(sbom_path),
             )
         envelope_path = envelope_path_for(sbom_dir, artifact.digest)
-        keyid = await asyncio.to_thread(
+        keyid = await to_thread(
             self._sign, artifact, sbom_path, envelope_path, source_repository, today
         )
         lap("sign", t)
@@ -276,7 +276,7 @@ class SecurityGate:
         the deploy stage can verify the digest), and the report says the scan was skipped."""
         today = dt.datetime.fromtimestamp(self.clock.now(), dt.UTC).date()
         envelope_path = envelope_path_for(sbom_dir, artifact.digest)
-        keyid = await asyncio.to_thread(
+        keyid = await to_thread(
             self._sign, artifact, sbom_path, envelope_path, source_repository, today
         )
         durations["sign"] = round((time.perf_counter() - t) * 1000)
@@ -342,4 +342,4 @@ class SecurityGate:
         """``verify_before_deploy`` for callers that hold only the digest (the orchestrator's
         start step reads it from the stored revision)."""
         pem = await self.public_key_pem()
-        return await asyncio.to_thread(signing.verify_file, envelope_path, digest, pem)
+        return await to_thread(signing.verify_file, envelope_path, digest, pem)

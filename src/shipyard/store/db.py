@@ -7,18 +7,23 @@ two requests race. The audit log (audit/log.py) keeps its own table in the same 
 
 Tables: ``deployments`` (one JSON document per deployment plus the columns we query by),
 ``revisions`` (what ran, so a rollback can restart it), ``services`` (which revision serves, which
-one is kept warm until when).
+one is kept warm until when). What the documents say is the orchestrator's business
+(``orchestrator/record.py`` types and versions them); here they are JSON.
+
+``Store`` is synchronous; the event loop uses ``AsyncStore``, which runs every call in a worker
+thread, so the API keeps answering while SQLite waits on a lock (``busy_timeout``, up to 5 s).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Boolean,
@@ -40,7 +45,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
+from shipyard.domain.clock import to_thread
 from shipyard.errors import DeploymentInProgress, InvariantViolation, NotFound
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 metadata = MetaData()
 
@@ -259,7 +268,7 @@ class Store:
         (``InvariantViolation``) when it would leave the serving revision also marked warm: the
         janitor retires warm revisions when their window ends, and retiring the one that serves
         is an outage. Callers that make a warm revision serve again clear ``warm_revision`` in
-        the same call (``Pipeline._mark_serving``).
+        the same call (``orchestrator.serving.mark_serving``).
         """
         unknown = set(values) - set(ServiceRow.__dataclass_fields__) - {"service", "region"}
         if unknown:
@@ -300,3 +309,74 @@ def check_service_row(row: ServiceRow) -> None:
             f"service {row.service}@{row.region}: a warm window without a warm revision",
             service=row.service,
         )
+
+
+class AsyncStore:
+    """``Store`` for the event loop: the same calls, each in a worker thread
+    (``domain.clock.to_thread``, which a FakeClock waits for). Used by the orchestrator, the
+    reconciler and the API routes; documents cross as JSON-ready dicts, serialised by the caller
+    on the loop, so a thread never reads an object the loop is changing.
+
+    A write, once issued, completes before its caller goes on, even when the caller is cancelled
+    meanwhile (an abort, a shutdown): a thread cannot be stopped, and a write landing after the
+    next control plane's writes would put back a state older than theirs.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.sync = store
+
+    async def _write(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        call = asyncio.ensure_future(to_thread(fn, *args, **kwargs))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await asyncio.wait({call})
+            raise
+
+    async def create_deployment(self, doc: dict[str, Any], *, active: bool = True) -> None:
+        await self._write(self.sync.create_deployment, doc, active=active)
+
+    async def save_deployment(self, doc: dict[str, Any], *, active: bool) -> None:
+        await self._write(self.sync.save_deployment, doc, active=active)
+
+    async def get_deployment(self, deployment_id: str) -> dict[str, Any]:
+        return await to_thread(self.sync.get_deployment, deployment_id)
+
+    async def active_deployment(self, service: str, region: str) -> dict[str, Any] | None:
+        return await to_thread(self.sync.active_deployment, service, region)
+
+    async def active_deployments(self) -> list[dict[str, Any]]:
+        return await to_thread(self.sync.active_deployments)
+
+    async def count_deployments(self) -> dict[tuple[str, str], int]:
+        return await to_thread(self.sync.count_deployments)
+
+    async def list_deployments(
+        self, service: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        return await to_thread(self.sync.list_deployments, service, limit)
+
+    async def save_revision(
+        self,
+        revision: str,
+        service: str,
+        region: str,
+        deployment_id: str,
+        spec: dict[str, Any],
+        ts: float,
+    ) -> None:
+        await self._write(
+            self.sync.save_revision, revision, service, region, deployment_id, spec, ts
+        )
+
+    async def get_revision_spec(self, revision: str) -> dict[str, Any]:
+        return await to_thread(self.sync.get_revision_spec, revision)
+
+    async def get_service(self, service: str, region: str) -> ServiceRow | None:
+        return await to_thread(self.sync.get_service, service, region)
+
+    async def list_services(self) -> list[ServiceRow]:
+        return await to_thread(self.sync.list_services)
+
+    async def upsert_service(self, service: str, region: str, **values: Any) -> ServiceRow:
+        return await self._write(self.sync.upsert_service, service, region, **values)

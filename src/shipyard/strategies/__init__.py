@@ -1,6 +1,7 @@
 """Rollout strategies as pure planners; ``plan`` dispatches on the request's strategy kind.
 
-Called by the orchestrator; imports nothing that does I/O (import-linter enforces it).
+Called by the orchestrator's pre-flight; imports nothing that does I/O (import-linter enforces
+it).
 """
 
 from __future__ import annotations
@@ -11,20 +12,21 @@ from typing import Any
 from shipyard.domain.models import BlueGreen, Canary, Rolling, strategy_params
 from shipyard.strategies import blue_green, canary, rolling
 from shipyard.strategies.rolling import InvalidPlan
-from shipyard.strategies.steps import Step
+from shipyard.strategies.steps import Plan
 
-Planner = Callable[..., list[Step]]
+Planner = Callable[..., Plan]
 
 #: kind -> planner(params, has_stable=..., **context). Context the orchestrator passes:
 #: ``analysis_defaults`` (the manifest's [analysis]), ``replicas`` (desired, the manifest's
-#: [run] replicas) and ``stable_replicas`` (stable's ready replicas now); planners ignore the rest.
+#: [run] replicas), ``stable_replicas`` (stable's ready replicas now) and ``stable_desired``
+#: (stable's own replica count); planners ignore the rest.
 PLANNERS: dict[str, Planner] = {
-    "BlueGreen": blue_green.plan,
-    "Canary": canary.plan,
-    "Rolling": rolling.plan,
+    "BlueGreen": blue_green.rollout,
+    "Canary": canary.rollout,
+    "Rolling": rolling.rollout,
 }
 
-__all__ = ["PLANNERS", "InvalidPlan", "UnsupportedStrategy", "check", "plan"]
+__all__ = ["PLANNERS", "InvalidPlan", "Plan", "UnsupportedStrategy", "check", "plan"]
 
 
 class UnsupportedStrategy(ValueError):
@@ -39,6 +41,7 @@ def check(strategy: BlueGreen | Canary | Rolling) -> None:
         )
 
 
-def plan(strategy: BlueGreen | Canary | Rolling, *, has_stable: bool, **context: Any) -> list[Step]:
+def plan(strategy: BlueGreen | Canary | Rolling, *, has_stable: bool, **context: Any) -> Plan:
+    """The strategy's plan; ``InvalidPlan`` when it cannot be planned for this service."""
     check(strategy)
     return PLANNERS[strategy.kind](strategy_params(strategy), has_stable=has_stable, **context)

@@ -3,7 +3,8 @@
 Start green with no traffic, gate on health, wait ``switch_delay_seconds``, switch 100%, verify,
 monitor for ``bake_seconds``, keep blue warm for ``scale_down_delay_seconds``. The first
 deployment of a service has no blue: health-gate and route 100% (no bake: there is nothing to roll
-back to). Called by ``strategies.plan``.
+back to). ``rollout`` is what ``strategies.plan`` calls; ``plan_instant_switch`` is a manual
+rollback's plan.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from shipyard.strategies.steps import (
     Bake,
     KeepWarm,
     Pause,
+    Plan,
     SetWeight,
     StartCandidate,
     Step,
@@ -31,6 +33,11 @@ def plan(params: BlueGreenParams, *, has_stable: bool, **_: object) -> list[Step
         steps.append(Bake(params.bake_seconds))
     steps.append(KeepWarm(params.scale_down_delay_seconds))
     return steps
+
+
+def rollout(params: BlueGreenParams, *, has_stable: bool, **_: object) -> Plan:
+    """The plan, unannounced: blue-green's steps are always the same."""
+    return Plan(tuple(plan(params, has_stable=has_stable)), announce=False)
 
 
 def plan_instant_switch(*, warm: bool) -> list[Step]:

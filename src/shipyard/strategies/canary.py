@@ -4,7 +4,8 @@ Start the canary with no traffic, gate on health, then for each stage: set the c
 (sticky when the stage asks), hold it for ``duration_seconds`` while analysis measures it, and
 wait for a human when the stage has ``pause``. Passing the last stage promotes to 100% and keeps
 stable warm for ``scale_down_delay_seconds``. A first deployment has no stable to compare with or
-fall back to: it skips the stages (health gate, then 100%). Called by ``strategies.plan``.
+fall back to: it skips the stages (health gate, then 100%). ``rollout`` is what
+``strategies.plan`` calls.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from shipyard.strategies.steps import (
     AwaitHealthy,
     AwaitPromotion,
     KeepWarm,
+    Plan,
     SetWeight,
     StartCandidate,
     Step,
@@ -41,6 +43,16 @@ def plan(
     steps.append(SetWeight(100, name="promote"))
     steps.append(KeepWarm(params.scale_down_delay_seconds))
     return steps
+
+
+def rollout(
+    params: CanaryParams,
+    *,
+    has_stable: bool,
+    analysis_defaults: AnalysisSettings | None = None,
+    **_: object,
+) -> Plan:
+    return Plan(tuple(plan(params, has_stable=has_stable, analysis_defaults=analysis_defaults)))
 
 
 def weight_sequence(steps: list[Step]) -> list[int]:

@@ -9,8 +9,10 @@ allows, so that at every moment
     running <= desired + max_surge    and    ready >= desired - max_unavailable.
 
 The same arithmetic with the roles swapped rolls a failed update back (``batches`` from the
-candidate's side), so the service gets its full replica count back under the same invariants.
-Called by ``strategies.plan`` and by the orchestrator's rollback.
+candidate's side), so the service gets its full replica count back under the same invariants;
+``rollout`` keeps the resolved limits and stable's own replica count in the plan
+(``RollingLimits``) for that. ``rollout`` is what ``strategies.plan`` calls; ``batches`` and
+``weights_for`` are also called by the orchestrator's rollback and scale executors.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import math
 from shipyard.domain.models import RollingParams
 from shipyard.strategies.steps import (
     AwaitHealthy,
+    Plan,
+    RollingLimits,
     ScaleCandidate,
     ScaleStable,
     SetWeight,
@@ -88,6 +92,31 @@ def plan(
     surge, unavailable = limits(params, replicas)
     old = replicas if stable_replicas is None else stable_replicas
     return batches(replicas, surge, unavailable, old)
+
+
+def rollout(
+    params: RollingParams,
+    *,
+    has_stable: bool,
+    replicas: int = 1,
+    stable_replicas: int | None = None,
+    stable_desired: int = 0,
+    **_: object,
+) -> Plan:
+    """The batches, and the limits the rollback needs. ``stable_replicas``: stable's ready
+    replicas now (where the rollout starts from); ``stable_desired``: stable's own replica count
+    (what a rollback restores); ``replicas``: the candidate's."""
+    surge, unavailable = limits(params, replicas)
+    steps = plan(params, has_stable=has_stable, replicas=replicas, stable_replicas=stable_replicas)
+    return Plan(
+        tuple(steps),
+        rolling=RollingLimits(
+            replicas=replicas,
+            stable_replicas=stable_desired if has_stable else 0,
+            max_surge=surge,
+            max_unavailable=unavailable,
+        ),
+    )
 
 
 def weights_for(

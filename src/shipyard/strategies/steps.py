@@ -1,11 +1,14 @@
-"""The vocabulary of rollout plans: what a strategy asks the orchestrator's executor to do.
+"""The vocabulary of rollout plans: what a strategy asks the orchestrator's executors to do.
 
 A strategy (``blue_green``, ``canary``, ``rolling``) is a pure function from its
-parameters and the service's situation to a list of ``Step``s. The executor
-(``orchestrator/pipeline.py``) runs them one by one through the Runtime and TrafficRouter
-protocols, persisting the index before each, so a restarted control plane resumes at the same
-step: every step is idempotent. "stable" is the revision serving before the deployment (blue),
-"candidate" the one being deployed (green).
+parameters and the service's situation to a ``Plan``: a list of ``Step``s, plus what the strategy
+alone knows and the rest of the deployment needs (``RollingLimits``: how a rolling update rolls
+back). The orchestrator's executors (``orchestrator/steps/``, one per step type) run the steps
+one by one through the Runtime and TrafficRouter protocols, persisting the index before each, so
+a restarted control plane resumes at the same step: every step is idempotent. "stable" is the
+revision serving before the deployment (blue), "candidate" the one being deployed (green).
+
+A new step type is a dataclass here (and in ``Step``), its planner, and one executor module.
 """
 
 from __future__ import annotations
@@ -116,3 +119,27 @@ Step = (
     | ScaleCandidate
     | ScaleStable
 )
+
+
+@dataclass(frozen=True)
+class RollingLimits:
+    """A rolling update's arithmetic, kept with its plan for the rollback: stable goes back to
+    ``stable_replicas`` (its own count, which a release changing ``[run] replicas`` does not
+    change) under the same ``max_surge`` / ``max_unavailable``, resolved to replica counts."""
+
+    replicas: int
+    stable_replicas: int
+    max_surge: int
+    max_unavailable: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a strategy planned: the steps, and the parameters the rest of the deployment needs."""
+
+    steps: tuple[Step, ...]
+    #: Rolling updates: how the rollback restores stable (None: the rollback is a switch back).
+    rolling: RollingLimits | None = None
+    #: Whether the plan is worth announcing (``plan.created``): canary stages and rolling batches
+    #: are; blue-green's steps are always the same.
+    announce: bool = True

@@ -1,0 +1,205 @@
+"""What a deployment's code works with: the pipeline's collaborators (``Deps``) and, per
+deployment, a ``DeploymentContext`` (the record, its region's runtime and router, the service, its
+candidate and stable revisions, the clock, the store) with the few things every step does:
+``save`` the record, change its status, ``audit`` an action, look at the service's replicas.
+
+Built by ``pipeline.Pipeline`` when it drives a deployment; read by pre-flight, the step
+executors (``steps/``), the rollback and the outcome. Nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shipyard.audit import AuditEvent, AuditLog
+from shipyard.build.base import Builder
+from shipyard.domain.clock import Clock
+from shipyard.domain.models import DeploymentStatus, HealthCheck
+from shipyard.errors import HealthCheckFailed, InvariantViolation, UnknownRegion
+from shipyard.health.probing import Prober
+from shipyard.orchestrator.record import Record, Records, utc
+from shipyard.runtime.base import MeteredRouter, ReplicaStatus, Runtime
+from shipyard.security.gate import SecurityGate
+from shipyard.store.db import AsyncStore
+
+
+def audit_event(
+    record: Record,
+    event_type: str,
+    detail: Mapping[str, object],
+    duration_ms: int | None = None,
+) -> AuditEvent:
+    """An audit event about ``record``: who asked for it, where, and its status now."""
+    return AuditEvent(
+        event_type=event_type,
+        deployment_id=record.id,
+        service=record.service,
+        region=record.region,
+        user=record.triggered_by,
+        status=record.status.value,
+        duration_ms=duration_ms,
+        detail={k: v for k, v in detail.items() if v is not None},
+    )
+
+
+@dataclass
+class Deps:
+    """The pipeline's collaborators, shared by every deployment it drives."""
+
+    store: AsyncStore
+    records: Records
+    audit: AuditLog
+    builder: Builder
+    runtimes: Mapping[str, Runtime]
+    prober: Prober
+    clock: Clock
+    #: SBOM, scan, policy and signing after the build; signature + digest checked before
+    #: every start. None only in unit tests that exercise other stages.
+    gate: SecurityGate | None = None
+    attestations_dir: Path | None = None
+    #: Where each deployment's build log is kept (``<logs_dir>/<id>/build.log``); the API
+    #: serves it incrementally so the CLI can stream it. None: kept in memory only.
+    logs_dir: Path | None = None
+    drain_timeout: float = 30.0
+
+    def runtime(self, region: str) -> Runtime:
+        try:
+            return self.runtimes[region]
+        except KeyError:
+            known = ", ".join(sorted(self.runtimes))
+            raise UnknownRegion(f"unknown region {region!r}; this server runs: {known}") from None
+
+    def build_log_path(self, deployment_id: str) -> Path | None:
+        return None if self.logs_dir is None else self.logs_dir / deployment_id / "build.log"
+
+
+@dataclass
+class DeploymentContext:
+    """One deployment being driven: its record, and everything its steps act through."""
+
+    deps: Deps
+    record: Record
+    #: Set by ``Pipeline.promote`` after it persisted the promotion in the record.
+    promoted: asyncio.Event = field(default_factory=asyncio.Event)
+    #: A ``clock.monotonic()`` reading handed over in memory by whoever started this run: when
+    #: a manual rollback or an abort was asked for (latencies are measured from it). None after
+    #: a restart: another process's reading means nothing.
+    requested_at: float | None = None
+    #: Called once the record is terminal and saved (wakes ``Pipeline.wait``).
+    on_finished: Callable[[], None] = lambda: None
+    #: Saves of this record, one at a time and in order: a ``promote`` saving from another
+    #: task must not land before (and be overwritten by) an older write still in its thread.
+    _saving: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    # --- who and where ---------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def service(self) -> str:
+        return self.record.service
+
+    @property
+    def region(self) -> str:
+        return self.record.region
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.deps.runtime(self.record.region)
+
+    @property
+    def router(self) -> MeteredRouter:
+        return self.runtime.router
+
+    @property
+    def clock(self) -> Clock:
+        return self.deps.clock
+
+    @property
+    def store(self) -> AsyncStore:
+        return self.deps.store
+
+    @property
+    def records(self) -> Records:
+        return self.deps.records
+
+    @property
+    def stable(self) -> str | None:
+        """The revision serving before this deployment (blue); None for a first deploy."""
+        return self.record.blue_revision
+
+    @property
+    def candidate(self) -> str:
+        """The revision being deployed (green); named by pre-flight, before any step runs."""
+        if self.record.green_revision is None:
+            raise InvariantViolation(f"deployment {self.id} has no candidate revision yet")
+        return self.record.green_revision
+
+    # --- the record --------------------------------------------------------------------------
+
+    async def save(self) -> None:
+        """Persist the record as it is now (before acting on it)."""
+        async with self._saving:
+            self.record.updated_at = utc(self.clock.now())
+            await self.records.save(self.record)
+
+    async def set_status(self, status: DeploymentStatus) -> None:
+        self.record.status = status
+        await self.save()
+
+    @property
+    def step_started_at(self) -> float:
+        """When the running step began (set by the plan's loop before the step runs)."""
+        started = self.record.progress.step_started_at
+        if started is None:
+            raise InvariantViolation(f"deployment {self.id} runs a step it did not start")
+        return started
+
+    async def audit(
+        self, event_type: str, duration_ms: int | None = None, **detail: object
+    ) -> None:
+        """One audit record (the audit log also writes the structured log line for it)."""
+        await self.audit_detail(event_type, detail, duration_ms)
+
+    async def audit_detail(
+        self, event_type: str, detail: Mapping[str, object], duration_ms: int | None = None
+    ) -> None:
+        """``audit`` with the detail as one mapping."""
+        await self.deps.audit.append(audit_event(self.record, event_type, detail, duration_ms))
+
+    # --- the service's replicas --------------------------------------------------------------
+
+    async def alive(self) -> dict[str, list[ReplicaStatus]]:
+        """Alive replicas of the service, by revision."""
+        state = await self.runtime.service_state(self.service)
+        out: dict[str, list[ReplicaStatus]] = {}
+        for r in state.replicas if state else []:
+            if r.alive:
+                out.setdefault(r.revision, []).append(r)
+        return out
+
+    async def replicas_of(self, revision: str) -> list[ReplicaStatus]:
+        """Every replica of ``revision``; HealthCheckFailed when it has none."""
+        state = await self.runtime.service_state(self.service)
+        replicas = [r for r in (state.replicas if state else []) if r.revision == revision]
+        if not replicas:
+            raise HealthCheckFailed(f"revision {revision} has no replicas running", attempts=0)
+        return replicas
+
+    def replica_states(self) -> Callable[[], Awaitable[Mapping[str, ReplicaStatus]]]:
+        """For the health gates: the service's replicas now, by id."""
+        runtime, service = self.runtime, self.service
+
+        async def states() -> Mapping[str, ReplicaStatus]:
+            state = await runtime.service_state(service)
+            return {r.replica_id: r for r in (state.replicas if state else [])}
+
+        return states
+
+    async def health_check(self, revision: str) -> HealthCheck:
+        return (await self.records.revision(revision)).health_check()

@@ -1,0 +1,312 @@
+"""Pre-flight: everything a deployment does before it touches the data plane.
+
+1. ``build``: the ``Builder`` resolves the source and builds it (the log streams to
+   ``<logs_dir>/<id>/build.log``), returning a content-addressed artifact;
+2. ``check_runnable``: the region's runtime must be able to run that kind of artifact;
+3. ``scan``: the security gate writes the SBOM, scans, applies the policy and signs (ADR
+   section 9);
+4. ``observe``: the stable revision is the one recorded at submit, and the data plane runs a
+   ready replica of it (``StableRevisionMissing`` otherwise: carrying on as a "first deploy"
+   would drop the bake, the canary stages and anything to roll back to);
+5. ``calculate_plan``: the strategy's plan, computed purely from the request, the manifest and
+   what ``observe`` saw; a plan refused here (e.g. a sticky stage without a key) changes nothing;
+6. ``apply_plan``: only then are the revision and the plan persisted, and the plan announced.
+
+A failure anywhere ends the deployment Failed, with nothing started. Called by the pipeline's
+driver for a deployment in its ``build`` phase.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from shipyard import strategies
+from shipyard.build.base import Artifact, BuildRequest
+from shipyard.domain.manifest import Manifest
+from shipyard.domain.models import DeploymentRequest, DeploymentStatus
+from shipyard.errors import (
+    InvalidInput,
+    NotFound,
+    RevisionStartFailed,
+    SecurityScanFailed,
+    ShipyardError,
+    StableRevisionMissing,
+)
+from shipyard.logs import log_event
+from shipyard.orchestrator.context import DeploymentContext
+from shipyard.orchestrator.record import (
+    Attestation,
+    DeploymentRecord,
+    PlanRecord,
+    Progress,
+    RevisionRecord,
+)
+from shipyard.orchestrator.stage import stage
+from shipyard.runtime.base import StickyKey
+from shipyard.strategies.steps import Plan, SetWeight
+
+log = logging.getLogger("shipyard.orchestrator")
+
+
+class BuildLogSink:
+    """Receives build output line by line (``BuildRequest.log_sink``): appends it to the
+    deployment's build log as it comes, so ``GET /deployments/{id}/logs`` streams it, and keeps
+    the last lines for the stage record."""
+
+    def __init__(self, path: Path | None, keep: int = 20) -> None:
+        self._lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._file: IO[str] | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8", errors="replace")
+
+    def __call__(self, line: str) -> None:
+        self._lines.append(line)
+        if self._file is not None:
+            self._file.write(line if line.endswith("\n") else line + "\n")
+            self._file.flush()
+
+    def tail(self) -> list[str]:
+        return list(self._lines)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass(frozen=True)
+class Situation:
+    """What pre-flight found on the data plane, for the planner."""
+
+    #: The revision serving now (the one recorded at submit); None: a first deploy.
+    stable: str | None = None
+    #: Its ready replicas now: where a rolling update starts from.
+    stable_ready: int = 0
+    #: Its own replica count: what a rolling rollback restores.
+    stable_desired: int = 0
+
+
+async def run(ctx: DeploymentContext, record: DeploymentRecord) -> None:
+    """Build, scan, verify the situation, plan; the record ends in its ``steps`` phase."""
+    artifact = await build(ctx, record)
+    check_runnable(ctx, artifact)
+    await scan(ctx, record, artifact)
+    situation = await observe(ctx, record)
+    plan = calculate_plan(record.request, artifact.manifest, situation)
+    await apply_plan(ctx, record, artifact, plan, situation)
+
+
+async def build(ctx: DeploymentContext, record: DeploymentRecord) -> Artifact:
+    request = record.request
+    await ctx.set_status(DeploymentStatus.BUILDING)
+    async with stage(ctx, "build", audit="build") as st:
+        sink = BuildLogSink(ctx.deps.build_log_path(record.id))
+        try:
+            artifact = await ctx.deps.builder.build(
+                BuildRequest(request.source, sink, no_cache=request.rebuild)
+            )
+        except ShipyardError as exc:
+            st.fail(exc.message, audit={"error": exc.message}, log_tail=sink.tail())
+            raise
+        finally:
+            sink.close()
+        record.metrics.build_duration_ms = artifact.duration_ms
+        st.done(
+            digest=artifact.digest,
+            commit=artifact.commit,
+            builder=artifact.builder,
+            cache_hit=artifact.cache.artifact_hit,
+            log_path=str(artifact.log_path) if artifact.log_path else None,
+        )
+    await ctx.audit(
+        "build.succeeded",
+        duration_ms=artifact.duration_ms,
+        digest=artifact.digest,
+        commit=artifact.commit,
+    )
+    return artifact
+
+
+def check_runnable(ctx: DeploymentContext, artifact: Artifact) -> None:
+    """The region's runtime must be able to run what was built (before scanning it)."""
+    runtime = ctx.runtime
+    runs: tuple[str, ...] = getattr(runtime, "artifact_kinds", ("directory",))
+    if artifact.kind not in runs:
+        raise RevisionStartFailed(
+            f"the {runtime.kind} runtime of region {ctx.region} runs "
+            f"{' or '.join(runs)} artifacts, but builder {artifact.builder!r} produced an "
+            f'{artifact.kind} ({artifact.digest}); use [build] builder = "local" for this '
+            "region",
+            artifact_kind=artifact.kind,
+        )
+
+
+async def scan(ctx: DeploymentContext, record: DeploymentRecord, artifact: Artifact) -> None:
+    """ADR section 9: SBOM, vulnerability scan, policy, signature (the security gate)."""
+    gate = ctx.deps.gate
+    if gate is None:
+        return
+    assert ctx.deps.attestations_dir is not None, "a security gate needs attestations_dir"
+    await ctx.set_status(DeploymentStatus.SCANNING)
+    async with stage(ctx, "scan", audit="security_scan") as st:
+        try:
+            report = await gate.check(
+                artifact,
+                ctx.deps.attestations_dir,
+                source_repository=record.request.source.repository,
+            )
+        except SecurityScanFailed as exc:
+            findings = exc.detail.get("findings")
+            st.fail(
+                exc.message,
+                audit={
+                    "error": exc.message,
+                    "vulnerabilities": exc.vulnerabilities,
+                    "advisories": [f.get("advisory_id") for f in findings or []],
+                },
+                vulnerabilities=exc.vulnerabilities,
+                findings=findings,
+            )
+            raise
+        record.attestation = Attestation(
+            envelope=str(report.envelope_path), sbom=str(report.sbom_path)
+        )
+        summary = report.to_dict()
+        st.done(
+            packages=report.packages,
+            findings=len(report.findings),
+            evaluation=summary["evaluation"],
+            scan_skipped=report.scan_skipped,
+            sbom=summary["sbom"],
+            provenance=summary["provenance"],
+            durations_ms=summary["durations_ms"],
+        )
+    await ctx.audit(
+        "security_scan.passed",
+        duration_ms=report.durations_ms.get("total"),
+        packages=report.packages,
+        findings=len(report.findings),
+        scan_skipped=report.scan_skipped,
+        keyid=report.keyid,
+    )
+
+
+async def observe(ctx: DeploymentContext, record: DeploymentRecord) -> Situation:
+    """The stable revision, checked against what was recorded at submit and against the data
+    plane (``require_stable``)."""
+    svc = await ctx.store.get_service(ctx.service, ctx.region)
+    stable = svc.serving_revision if svc else None
+    expected = record.stable_at_submit
+    if stable != expected:
+        raise StableRevisionMissing(
+            f"service {ctx.service} served {expected} when this deployment was submitted "
+            f"and {stable} now; submit the deployment again",
+            expected=expected,
+            found=stable,
+        )
+    if stable is None:
+        return Situation()
+    ready = await require_stable(ctx, stable)
+    try:
+        desired = (await ctx.records.revision(stable)).replicas
+    except NotFound:  # a service record older than its revision's: restore what runs now
+        desired = ready
+    return Situation(stable, ready, desired)
+
+
+async def require_stable(ctx: DeploymentContext, stable: str) -> int:
+    """Ready replicas of the revision the store says serves; StableRevisionMissing if none.
+
+    A deployment that finds no ready stable revision refuses to run: carrying it out as a
+    first deploy would drop its bake, its canary stages and anything to roll back to.
+    """
+    state = await ctx.runtime.service_state(ctx.service)
+    replicas = [r for r in (state.replicas if state else []) if r.revision == stable]
+    ready = sum(1 for r in replicas if r.alive and r.routable)
+    if ready == 0:
+        seen = ", ".join(f"{r.replica_id} {r.state}" for r in replicas) or "no replicas"
+        log_event(log, "stable.missing", deployment_id=ctx.id, revision=stable, seen=seen)
+        raise StableRevisionMissing(
+            f"service {ctx.service} should be serving {stable}, but region "
+            f"{ctx.region} runs no ready replica of it ({seen}); nothing was changed. "
+            f"Shipyard restarts crashed replicas and repairs the region on its own: check "
+            f"`shipyard status {ctx.service}`, then deploy again",
+            revision=stable,
+            replicas=seen,
+        )
+    return ready
+
+
+def calculate_plan(request: DeploymentRequest, manifest: Manifest, situation: Situation) -> Plan:
+    """The strategy's plan for this situation (pure); ``InvalidInput`` when it cannot run."""
+    try:
+        plan = strategies.plan(
+            request.strategy,
+            has_stable=situation.stable is not None,
+            analysis_defaults=manifest.analysis,
+            replicas=manifest.run.replicas,
+            stable_replicas=situation.stable_ready or None,
+            stable_desired=situation.stable_desired,
+        )
+    except strategies.InvalidPlan as exc:
+        raise InvalidInput(str(exc)) from exc
+    if any(isinstance(s, SetWeight) and s.sticky for s in plan.steps) and not (
+        manifest.routing.sticky_header or manifest.routing.sticky_cookie
+    ):
+        raise InvalidInput(
+            "a canary stage asks for sticky assignment but shipyard.toml names no key: add "
+            '[routing] sticky_header = "x-user-id" (or sticky_cookie = "session")'
+        )
+    return plan
+
+
+async def apply_plan(
+    ctx: DeploymentContext,
+    record: DeploymentRecord,
+    artifact: Artifact,
+    plan: Plan,
+    situation: Situation,
+) -> None:
+    """Persist the candidate revision and the plan (the deployment enters its steps phase)."""
+    manifest = artifact.manifest
+    revision = f"{artifact.commit[:7]}-{record.id[:8]}"
+    await ctx.records.save_revision(
+        RevisionRecord(
+            service=record.service,
+            revision=revision,
+            artifact_digest=artifact.digest,
+            artifact_location=artifact.location,
+            argv=list(manifest.run.argv),
+            env=dict(manifest.run.env),
+            replicas=manifest.run.replicas,
+            health_endpoint=manifest.health.endpoint,
+            health=manifest.health,
+            attestation=record.attestation or Attestation(),
+        ),
+        region=record.region,
+        deployment_id=record.id,
+        now=ctx.clock.now(),
+    )
+    sticky = StickyKey(manifest.routing.sticky_header, manifest.routing.sticky_cookie)
+    record.artifact_digest = artifact.digest
+    record.commit = artifact.commit
+    record.blue_revision = situation.stable
+    record.green_revision = revision
+    record.progress = Progress(phase="steps", plan=PlanRecord.of(plan, sticky))
+    await ctx.save()
+    if plan.steps and plan.announce:
+        limits = dataclasses.asdict(plan.rolling) if plan.rolling else {}
+        await ctx.audit(
+            "plan.created",
+            strategy=record.request.strategy.kind,
+            steps=[s.name for s in plan.steps],
+            stable=situation.stable,
+            candidate=revision,
+            **limits,
+        )

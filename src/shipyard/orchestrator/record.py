@@ -1,0 +1,417 @@
+"""The deployment record: what the orchestrator persists about each deployment, typed and versioned.
+
+A record is the durable half of a deployment's state machine (the store's ``deployments.doc``):
+``DeploymentRecord`` for a deployment, ``RollbackRecord`` for a manual rollback, both from
+``RecordBase`` and told apart by ``kind``. ``Progress`` is where the executor stands (the plan,
+the step index, a promotion, a canary stage's analysis); ``Stage`` is one line of the history the
+API shows. ``RevisionRecord`` is a revision as the store keeps it (what a rollback restarts).
+
+Documents carry ``schema_version``. ``load_record`` reads every version this Shipyard knows:
+version 0 is what Shipyard wrote before records were typed (no version field), migrated on read;
+every write is the current version. JSON stays at this module's edge (``load_record``,
+``Record.model_dump``); the rest of the orchestrator sees models. ``Records`` is the typed
+repository over ``store.db.AsyncStore`` that the pipeline, its steps and the reconciler use.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    TypeAdapter,
+)
+
+from shipyard import errors
+from shipyard.analysis.verdicts import AnalysisRun
+from shipyard.domain.models import (
+    DeploymentMetrics,
+    DeploymentRequest,
+    DeploymentResult,
+    DeploymentStatus,
+    DeploymentStrategy,
+    HealthCheck,
+    SourceConfig,
+)
+from shipyard.errors import NotFound, PermanentError, ShipyardError
+from shipyard.runtime.base import RevisionSpec, StickyKey
+from shipyard.store.db import AsyncStore
+from shipyard.strategies.steps import Plan, RollingLimits, Step
+
+#: The version every record is written with.
+SCHEMA_VERSION = 1
+
+
+def utc(ts: float) -> datetime:
+    """A clock reading (seconds since the epoch) as the UTC time records show."""
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class _Model(BaseModel):
+    # Fields a newer Shipyard added are ignored rather than refused: the record stays readable.
+    model_config = ConfigDict(extra="ignore")
+
+
+# --- steps: dataclasses in strategies/steps.py, stored as {"type": name, **fields} -------------
+
+STEP_TYPES: dict[str, type[Step]] = {cls.__name__: cls for cls in typing.get_args(Step)}
+_STEP_ADAPTERS: dict[type[Step], TypeAdapter[Step]] = {
+    cls: TypeAdapter(cls) for cls in STEP_TYPES.values()
+}
+
+
+def _load_step(value: object) -> Step:
+    if isinstance(value, tuple(STEP_TYPES.values())):
+        return typing.cast(Step, value)
+    if not isinstance(value, Mapping) or value.get("type") not in STEP_TYPES:
+        raise ValueError(f"not a stored step: {value!r}")
+    cls = STEP_TYPES[value["type"]]
+    fields = {k: v for k, v in value.items() if k != "type"}
+    return _STEP_ADAPTERS[cls].validate_python(fields)
+
+
+def _dump_step(step: Step) -> dict[str, object]:
+    fields = _STEP_ADAPTERS[type(step)].dump_python(step, mode="json")
+    return {"type": type(step).__name__, **fields}
+
+
+StoredStep = Annotated[Step, PlainValidator(_load_step), PlainSerializer(_dump_step)]
+
+
+# --- parts of a record ---------------------------------------------------------------------------
+
+
+class RecordedError(_Model):
+    """An error as ``ShipyardError.to_dict`` wrote it: its class, code and message, and its
+    detail fields beside them (``attempts``, ``aborted_by``, ...)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: str
+    code: str
+    message: str
+
+    @classmethod
+    def of(cls, error: ShipyardError) -> RecordedError:
+        return cls.model_validate(error.to_dict())
+
+    def error(self) -> ShipyardError:
+        """The error again, as its own class (``errors.from_dict``)."""
+        return errors.from_dict(self.model_dump())
+
+
+StageStatus = Literal["running", "succeeded", "failed", "skipped"]
+
+
+class Stage(_Model):
+    """One stage of the history (``GET /deployments/{id}`` shows them): a step, build, scan or
+    rollback, with what it found. ``detail`` is free-form JSON for people."""
+
+    name: str
+    status: StageStatus = "running"
+    started_at: datetime
+    #: ``started_at`` as a clock reading, for durations.
+    started_ts: float
+    detail: dict[str, object] = Field(default_factory=dict)
+    finished_at: datetime | None = None
+    duration_ms: int | None = None
+
+
+class PlanRecord(_Model):
+    """A strategy's ``Plan`` as persisted, with the manifest's sticky key (canary stages)."""
+
+    steps: list[StoredStep]
+    rolling: RollingLimits | None = None
+    sticky: StickyKey = Field(default_factory=StickyKey)
+
+    @classmethod
+    def of(cls, plan: Plan, sticky: StickyKey | None = None) -> PlanRecord:
+        return cls(steps=list(plan.steps), rolling=plan.rolling, sticky=sticky or StickyKey())
+
+
+#: A router metrics snapshot, ``{revision: RevisionMetrics.to_dict()}`` as the agent answers it.
+MetricsSnapshot = dict[str, dict[str, object]]
+
+
+class AnalysisState(_Model):
+    """A canary stage's analysis between two measurements, persisted after each so a restarted
+    control plane resumes the same stage with the same deadline and tallies."""
+
+    #: The index of the ``Analyse`` step it belongs to.
+    step: int
+    deadline: float
+    last_at: float
+    #: The snapshot the next window is measured from (None: none taken yet).
+    baseline: MetricsSnapshot | None = None
+    run: AnalysisRun
+    #: Why the analysis paused for a human (None: not paused).
+    paused: str | None = None
+
+
+class Progress(_Model):
+    """Where the deployment stands: written before every action."""
+
+    phase: Literal["build", "steps"] = "build"
+    plan: PlanRecord | None = None
+    #: Index into ``plan.steps`` of the step running (or next).
+    step: int = 0
+    #: When the running step began (a clock reading): deadlines are computed from it.
+    step_started_at: float | None = None
+    candidate_replicas: list[str] = Field(default_factory=list)
+    #: Why the deployment waits for a human (while Paused).
+    paused: str | None = None
+    #: Who promoted the running step (a gate, or a paused analysis). Persisted before
+    #: ``promote`` answers, cleared when the step is done: a restart in between keeps it.
+    promoted_by: str | None = None
+    analysis: AnalysisState | None = None
+    rolling_back: bool = False
+
+
+class Attestation(_Model):
+    """Where the signed provenance (DSSE envelope) and the SBOM of an artifact are."""
+
+    envelope: str | None = None
+    sbom: str | None = None
+
+
+# --- records -------------------------------------------------------------------------------------
+
+
+class RecordBase(_Model):
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    service: str
+    region: str
+    status: DeploymentStatus = DeploymentStatus.PENDING
+    triggered_by: str
+    #: ``created_at`` as a clock reading (durations, the store's ordering column).
+    created_ts: float
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    source: SourceConfig | None = None
+    #: Stable (serving before) and candidate revisions.
+    blue_revision: str | None = None
+    green_revision: str | None = None
+    #: Recorded when the record is made, never guessed later: a deployment that expects a
+    #: stable revision and finds none refuses to run rather than becoming a "first deploy".
+    first_deploy: bool
+    stable_at_submit: str | None
+    artifact_digest: str | None = None
+    url: str | None = None
+    stages: list[Stage] = Field(default_factory=list)
+    metrics: DeploymentMetrics = Field(default_factory=DeploymentMetrics)
+    progress: Progress = Field(default_factory=Progress)
+    error: RecordedError | None = None
+    result: DeploymentResult | None = None
+    rollback_count: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status.terminal
+
+
+class DeploymentRecord(RecordBase):
+    """A deployment of a built, scanned and signed revision, carried out by its strategy."""
+
+    kind: Literal["deploy"] = "deploy"
+    request: DeploymentRequest
+    strategy: DeploymentStrategy
+    commit: str | None = None
+    attestation: Attestation | None = None
+    #: The manual rollback that undid it.
+    rolled_back_by: str | None = None
+
+    @classmethod
+    def submitted(
+        cls, request: DeploymentRequest, user: str, now: float, serving: str | None
+    ) -> DeploymentRecord:
+        return cls(
+            id=str(request.id),
+            service=request.target.service_name,
+            region=request.target.region,
+            strategy=request.strategy,
+            source=request.source,
+            request=request,
+            triggered_by=user,
+            created_ts=now,
+            created_at=utc(now),
+            updated_at=utc(now),
+            first_deploy=serving is None,
+            stable_at_submit=serving,
+        )
+
+
+class RollbackParams(_Model):
+    #: Whether the restored revision was still warm (no restart, no health gate).
+    instant: bool
+
+
+class RollbackStrategy(_Model):
+    """Shown as ``{"Rollback": {"instant": true}}`` beside the ADR's strategies."""
+
+    Rollback: RollbackParams
+
+
+class RollbackRecord(RecordBase):
+    """A manual rollback: serve again the revision that served before ``rollback_of``.
+
+    Its ``blue_revision`` is what served when it was asked for (what a failed rollback keeps),
+    its ``green_revision`` the revision it restores."""
+
+    kind: Literal["rollback"] = "rollback"
+    rollback_of: str
+    strategy: RollbackStrategy
+
+
+#: A stored record of either kind (``kind`` says which).
+Record = Annotated[DeploymentRecord | RollbackRecord, Field(discriminator="kind")]
+_RECORD: TypeAdapter[Record] = TypeAdapter(Record)
+
+
+class RevisionRecord(_Model):
+    """A revision as the store keeps it: its ``RevisionSpec``, health check and attestation."""
+
+    service: str
+    revision: str
+    artifact_digest: str
+    artifact_location: str
+    argv: list[str]
+    env: dict[str, str] = Field(default_factory=dict)
+    replicas: int = 1
+    health_endpoint: str | None = None
+    health: HealthCheck | None = None
+    attestation: Attestation = Field(default_factory=Attestation)
+
+    def spec(self) -> RevisionSpec:
+        """What a runtime runs. Revisions stored before ``health_endpoint`` existed take it
+        from their health check (a runtime probes it before routing to a restarted replica)."""
+        endpoint = self.health_endpoint or (self.health.endpoint if self.health else None)
+        return RevisionSpec(
+            service=self.service,
+            revision=self.revision,
+            artifact_digest=self.artifact_digest,
+            artifact_location=self.artifact_location,
+            argv=list(self.argv),
+            env=dict(self.env),
+            replicas=self.replicas,
+            health_endpoint=endpoint,
+        )
+
+    def health_check(self) -> HealthCheck:
+        return self.health or HealthCheck()
+
+
+# --- reading and writing -------------------------------------------------------------------------
+
+
+def load_record(doc: Mapping[str, Any]) -> Record:
+    """A stored document as its record, migrated from older versions."""
+    version = doc.get("schema_version", 0)
+    if version == 0:
+        doc = _migrate_v0(doc)
+    elif version != SCHEMA_VERSION:
+        raise PermanentError(
+            f"deployment {doc.get('id')} was stored with schema_version {version}; this Shipyard "
+            f"reads versions up to {SCHEMA_VERSION} (it was written by a newer Shipyard)",
+            deployment_id=doc.get("id"),
+        )
+    return _RECORD.validate_python(doc)
+
+
+def dump_record(record: Record) -> dict[str, Any]:
+    """The document the store keeps (JSON-ready)."""
+    return record.model_dump(mode="json")
+
+
+def _migrate_v0(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Version 0: the untyped document of Shipyard before issue 8.
+
+    - the plan was a bare list of steps, with the manifest's sticky key and a rolling update's
+      limits beside it in ``progress``; they are one ``PlanRecord`` now;
+    - ``progress`` kept ``time.monotonic()`` readings (``manual_rollback_started``,
+      ``abort_requested_monotonic``), meaningless in another process: dropped;
+    - a stage's start as a clock reading was ``_t0``;
+    - documents older than ``stable_at_submit`` take the stable revision they planned with.
+    """
+    out = dict(doc)
+    out["schema_version"] = SCHEMA_VERSION
+    out.setdefault("stable_at_submit", out.get("blue_revision"))
+    out.setdefault("first_deploy", out["stable_at_submit"] is None)
+    out["stages"] = [_stage_v0(s) for s in out.get("stages") or []]
+    progress = dict(out.get("progress") or {})
+    progress.pop("manual_rollback_started", None)
+    progress.pop("abort_requested_monotonic", None)
+    sticky = progress.pop("sticky", None) or {}
+    rolling = progress.pop("rolling", None)
+    if rolling is not None:
+        rolling = dict(rolling)
+        rolling["stable_replicas"] = rolling.get("stable_replicas") or rolling["replicas"]
+    if isinstance(progress.get("plan"), list):
+        progress["plan"] = {"steps": progress["plan"], "sticky": sticky, "rolling": rolling}
+    out["progress"] = progress
+    return out
+
+
+def _stage_v0(stage: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(stage)
+    t0 = out.pop("_t0", None)
+    out["started_ts"] = (
+        t0 if t0 is not None else datetime.fromisoformat(out["started_at"]).timestamp()
+    )
+    return out
+
+
+class Records:
+    """The orchestrator's typed view of the store: deployment records and revisions. Every call
+    goes through ``AsyncStore`` (a worker thread); a record is serialised here, on the loop,
+    before it is handed over."""
+
+    def __init__(self, store: AsyncStore) -> None:
+        self.store = store
+
+    async def get(self, deployment_id: str) -> Record:
+        return load_record(await self.store.get_deployment(deployment_id))
+
+    async def exists(self, deployment_id: str) -> bool:
+        try:
+            await self.store.get_deployment(deployment_id)
+        except NotFound:
+            return False
+        return True
+
+    async def create(self, record: Record) -> None:
+        """Insert; ``DeploymentInProgress`` if the service already has an active one."""
+        await self.store.create_deployment(dump_record(record), active=not record.terminal)
+
+    async def save(self, record: Record) -> None:
+        """Write the record; it stays active (resumed after a restart) until it is terminal."""
+        await self.store.save_deployment(dump_record(record), active=not record.terminal)
+
+    async def active(self) -> list[Record]:
+        return [load_record(d) for d in await self.store.active_deployments()]
+
+    async def active_for(self, service: str, region: str) -> Record | None:
+        doc = await self.store.active_deployment(service, region)
+        return None if doc is None else load_record(doc)
+
+    async def history(self, service: str | None = None, limit: int = 50) -> list[Record]:
+        return [load_record(d) for d in await self.store.list_deployments(service, limit)]
+
+    async def revision(self, revision: str) -> RevisionRecord:
+        return RevisionRecord.model_validate(await self.store.get_revision_spec(revision))
+
+    async def save_revision(
+        self, rev: RevisionRecord, *, region: str, deployment_id: str, now: float
+    ) -> None:
+        """Keep a revision (the first write wins: a revision never changes)."""
+        await self.store.save_revision(
+            rev.revision, rev.service, region, deployment_id, rev.model_dump(mode="json"), now
+        )

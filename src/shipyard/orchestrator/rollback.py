@@ -1,0 +1,178 @@
+"""Rolling back: a deployment that failed (or was aborted) puts its stable revision back, and a
+manual rollback serves again the revision that served before an earlier deployment.
+
+``roll_back`` is idempotent and resumable (the record says ``rolling_back`` before anything is
+done): a rolling update first restores stable's replicas batch by batch under its own limits
+(``restore_replicas``, the rollout's arithmetic with the roles swapped, read from the plan's
+``RollingLimits``), then stable takes 100% (verified on the router) and becomes the serving
+revision, then the candidate is drained and stopped. Latencies are measured on the clock:
+``detection_to_rollback_ms`` from the verdict (or the abort request) to stable at 100%,
+``abort_latency_ms`` the same for a failed analysis or an abort, ``rollback_duration_ms`` the
+switch itself.
+
+``request`` checks and builds a manual rollback (``RollbackRecord``): any successful deployment
+can be rolled back, the latest or an earlier one. It is instant while the revision to restore is
+still warm (running and routable); otherwise that revision is started again from its signed
+artifact and health-gated first (a cold rollback). Called by the pipeline.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from shipyard import strategies
+from shipyard.domain.models import DeploymentStatus
+from shipyard.errors import (
+    AnalysisFailed,
+    Conflict,
+    DeploymentAborted,
+    RollbackFailed,
+    ShipyardError,
+)
+from shipyard.orchestrator import outcome, serving
+from shipyard.orchestrator.context import DeploymentContext, Deps
+from shipyard.orchestrator.record import (
+    DeploymentRecord,
+    PlanRecord,
+    Progress,
+    RecordedError,
+    RollbackParams,
+    RollbackRecord,
+    RollbackStrategy,
+    utc,
+)
+from shipyard.orchestrator.stage import Rollback, stage
+from shipyard.orchestrator.steps.scale import scale_down, scale_up
+from shipyard.strategies import rolling
+from shipyard.strategies.steps import RollingLimits, ScaleCandidate, ScaleStable
+
+
+async def roll_back(
+    ctx: DeploymentContext, cause: ShipyardError, detected_at: float | None
+) -> None:
+    """Stable back to 100%, candidate drained and stopped; the deployment ends RolledBack
+    (Failed when there was no stable to go back to, or the rollback itself failed)."""
+    record = ctx.record
+    record.progress.rolling_back = True
+    record.error = RecordedError.of(cause)
+    await ctx.set_status(DeploymentStatus.ROLLING_BACK)
+    stable, candidate = record.blue_revision, record.green_revision
+    plan = record.progress.plan
+    limits = plan.rolling if plan is not None else None
+    try:
+        async with stage(ctx, "rollback") as st:
+            t0 = ctx.clock.monotonic()
+            if stable and candidate and limits is not None:
+                await restore_replicas(ctx, stable, candidate, limits)
+            if stable:
+                await serving.switch(ctx, {stable: 100})
+                switched = ctx.clock.monotonic()
+                await serving.mark_serving(ctx, stable)
+                if detected_at is not None:
+                    latency = int((switched - detected_at) * 1000)
+                    record.metrics.detection_to_rollback_ms = latency
+                    if isinstance(cause, AnalysisFailed | DeploymentAborted):
+                        record.metrics.abort_latency_ms = latency
+                        await ctx.audit(
+                            "canary.weight_zero",
+                            weights={stable: 100},
+                            abort_latency_ms=latency,
+                        )
+                record.metrics.rollback_duration_ms = int((switched - t0) * 1000)
+            else:
+                svc = await ctx.store.get_service(ctx.service, ctx.region)
+                if svc and svc.serving_revision == candidate:
+                    await ctx.store.upsert_service(ctx.service, ctx.region, serving_revision=None)
+            if candidate:
+                await serving.stop(ctx, candidate)
+            st.done(restored=stable)
+    except (ShipyardError, Rollback) as exc:
+        failed = exc.cause if isinstance(exc, Rollback) else exc
+        await outcome.finish(
+            ctx,
+            DeploymentStatus.FAILED,
+            RollbackFailed(f"{failed.message} (while rolling back: {cause.message})"),
+        )
+        return
+    status = DeploymentStatus.ROLLED_BACK if stable else DeploymentStatus.FAILED
+    if status is DeploymentStatus.ROLLED_BACK:
+        record.rollback_count += 1
+    await outcome.finish(ctx, status, cause)
+
+
+async def restore_replicas(
+    ctx: DeploymentContext, stable: str, candidate: str, limits: RollingLimits
+) -> None:
+    """Rolling rollback: stable back to its own replica count under the same surge and
+    availability limits (the rollout's arithmetic with the roles swapped), candidate replicas
+    that never took traffic stopped first."""
+    desired = limits.stable_replicas or limits.replicas
+    alive = await ctx.alive()
+    unready = [r.replica_id for r in alive.get(candidate, []) if not r.routable]
+    if unready:
+        await ctx.runtime.stop_replicas(ctx.service, unready, drain_timeout=ctx.deps.drain_timeout)
+    alive = await ctx.alive()
+    ready_candidate = sum(1 for r in alive.get(candidate, []) if r.routable)
+    ready_stable = sum(1 for r in alive.get(stable, []) if r.routable)
+    steps = rolling.batches(
+        desired, limits.max_surge, limits.max_unavailable, old=ready_candidate, new=ready_stable
+    )
+    for step in steps:
+        if isinstance(step, ScaleCandidate):  # roles swapped: scale *stable* up
+            weights = await scale_up(ctx, stable, step.replicas, candidate)
+        else:
+            assert isinstance(step, ScaleStable)
+            weights = await scale_down(ctx, candidate, step.replicas, stable)
+        await ctx.audit("rollback.batch", step=step.name, weights=weights)
+
+
+async def request(deps: Deps, deployment_id: str, user: str) -> RollbackRecord:
+    """The manual rollback of ``deployment_id`` (see the module docstring), not yet stored;
+    ``Conflict`` when there is nothing to roll back."""
+    target = await deps.records.get(deployment_id)
+    if not isinstance(target, DeploymentRecord):
+        raise Conflict("only deployments can be rolled back, not rollbacks")
+    if target.status is not DeploymentStatus.SUCCESS:
+        raise Conflict(
+            f"deployment {deployment_id} is {target.status.value}; only a successful deployment "
+            "can be rolled back (a failed one never took traffic, a rolled-back one is undone)"
+        )
+    restore = target.blue_revision
+    if not restore:
+        raise Conflict(
+            f"deployment {deployment_id} was the service's first; there is no earlier revision"
+        )
+    svc = await deps.store.get_service(target.service, target.region)
+    serving_now = svc.serving_revision if svc else None
+    if serving_now == restore:
+        raise Conflict(
+            f"service {target.service} already serves {restore}, the revision before "
+            f"deployment {deployment_id}; nothing to roll back"
+        )
+    state = await deps.runtime(target.region).service_state(target.service)
+    warm = bool(
+        state and any(r.revision == restore and r.alive and r.routable for r in state.replicas)
+    )
+    now = deps.clock.now()
+    plan = strategies.blue_green.plan_instant_switch(warm=warm)
+    return RollbackRecord(
+        id=str(uuid.uuid4()),
+        service=target.service,
+        region=target.region,
+        strategy=RollbackStrategy(Rollback=RollbackParams(instant=warm)),
+        source=target.source,
+        triggered_by=user,
+        created_ts=now,
+        created_at=utc(now),
+        updated_at=utc(now),
+        rollback_of=deployment_id,
+        # The revision serving now is this rollback's "blue" (what a failed rollback keeps);
+        # the restored one is its "green". For the latest deployment they are its green and
+        # blue swapped; for an earlier one, whatever serves now.
+        blue_revision=serving_now,
+        green_revision=restore,
+        first_deploy=serving_now is None,
+        stable_at_submit=serving_now,
+        artifact_digest=(await deps.records.revision(restore)).artifact_digest,
+        progress=Progress(phase="steps", plan=PlanRecord(steps=plan)),
+    )

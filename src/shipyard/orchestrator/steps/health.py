@@ -1,0 +1,31 @@
+"""``AwaitHealthy``: the candidate's health gate. Every replica must pass its health check (a
+crash fails at once) before it is made routable, still at weight 0; a failure rolls back."""
+
+from __future__ import annotations
+
+from shipyard.domain.models import DeploymentStatus
+from shipyard.errors import HealthCheckFailed
+from shipyard.health.probing import wait_healthy
+from shipyard.orchestrator.context import DeploymentContext
+from shipyard.orchestrator.stage import Rollback, stage
+from shipyard.orchestrator.steps.registry import executes
+from shipyard.strategies.steps import AwaitHealthy
+
+
+@executes(AwaitHealthy, status=DeploymentStatus.DEPLOYING)
+async def await_healthy(ctx: DeploymentContext, step: AwaitHealthy) -> None:
+    candidate = ctx.candidate
+    async with stage(ctx, step.name, audit="health_check") as st:
+        check = await ctx.health_check(candidate)
+        replicas = await ctx.replicas_of(candidate)
+        try:
+            report = await wait_healthy(
+                replicas, check, ctx.deps.prober, ctx.clock, ctx.replica_states()
+            )
+        except HealthCheckFailed as exc:
+            st.fail(exc.message, attempts=exc.attempts)
+            raise Rollback(exc) from exc
+        await ctx.runtime.set_routable(ctx.service, [r.replica_id for r in replicas], True)
+        ctx.record.metrics.health_check_duration_ms = report.duration_ms
+        st.done(attempts=report.attempts)
+    await ctx.audit("health_check.passed", duration_ms=report.duration_ms, attempts=report.attempts)
