@@ -94,7 +94,9 @@ async def test_the_latency_histogram_is_cumulative_in_seconds(store: AsyncStore)
     assert samples[("shipyard_router_request_duration_seconds_sum", labels("v1"))] == 15.0
 
 
-async def test_an_unreadable_region_is_marked_and_the_others_still_served(store: AsyncStore) -> None:
+async def test_an_unreadable_region_is_marked_and_the_others_still_served(
+    store: AsyncStore,
+) -> None:
     clock = FakeClock()
     healthy = await serving(clock, {"v1": 100}, region="eu")
     broken = await serving(clock, {"v9": 100}, region="us")
