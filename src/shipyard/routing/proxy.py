@@ -29,15 +29,33 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import signal
 import sys
 import time
-import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from shipyard.routing import metrics as routing_metrics
+from shipyard.routing.http1 import (
+    MAX_HEAD,
+    BadFraming,
+    BodyTooLarge,
+    ChunkedScanner,
+    MalformedMessage,
+    local_response,
+    parse_request_head,
+    parse_response_head,
+    request_cache,
+    response_cache,
+)
+from shipyard.routing.table import (
+    Backend,
+    Route,
+    Table,
+    effective_weights,
+    group_backends,
+    validate_sticky_names,
+    validate_weights,
+)
 
 __all__ = [
     "Backend",
@@ -55,8 +73,6 @@ _now = time.perf_counter
 
 #: Request bodies up to this size are buffered before the request is sent, so it can be retried.
 BUFFER_LIMIT = 64 * 1024
-#: Longest request or response head accepted.
-MAX_HEAD = 64 * 1024
 #: Pipelined bytes held per client while a request is in flight before reading pauses.
 _PIPELINE_LIMIT = 256 * 1024
 #: Streamed request-body bytes held while the upstream connection is being opened.
@@ -67,22 +83,6 @@ MAX_ATTEMPTS = 3
 _DOWN_SECONDS = 2.0
 
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
-
-_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
-# The whole request head: request line and header lines, CRLF line ends, no obs-fold, no
-# whitespace before a colon, no control bytes. Anything else is answered 400: what the upstream
-# would make of it can differ from what we did (request smuggling).
-_REQUEST_HEAD = re.compile(
-    rb"(" + _TCHAR + rb"+) ([!-~\x80-\xff]+) HTTP/1\.([01])\r\n"
-    rb"(?:" + _TCHAR + rb"+:[\t -~\x80-\xff]*\r\n)*\r\n"
-)
-_TOKEN = re.compile(_TCHAR + rb"+")
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])[ \r]")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
-_REQUEST_HEADERS = re.compile(
-    rb"\r\n(content-length|transfer-encoding|connection|expect):[ \t]*([^\r]*)"
-)
-_RESPONSE_HEADERS = re.compile(rb"\r\n(content-length|transfer-encoding|connection):[ \t]*([^\r]*)")
 
 # client modes
 _IDLE = 0  # waiting for a request head
@@ -103,205 +103,6 @@ _R_TUNNEL = 5
 # why reading from a client is paused (bit flags)
 _PAUSE_PIPELINE = 1
 _PAUSE_UPSTREAM = 2
-
-_REASONS = {
-    400: b"Bad Request",
-    405: b"Method Not Allowed",
-    413: b"Content Too Large",
-    431: b"Request Header Fields Too Large",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Backend:
-    """One running replica of a revision, reachable at ``host:port``."""
-
-    replica_id: str
-    revision: str
-    host: str
-    port: int
-
-
-class _BadFraming(Exception):
-    """A chunked body that does not parse."""
-
-
-class _TooLarge(Exception):
-    """A chunked request body over the size limit."""
-
-
-class MalformedMessage(ValueError):
-    """A request or response head the router refuses; ``status`` is what the client gets.
-
-    Raised by :func:`parse_request_head` / :func:`parse_response_head`; the proxy turns it into
-    a 400/405/502 answer, it never reaches callers of :class:`ServiceProxy`.
-    """
-
-    def __init__(self, status: int, reason: bytes) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
-
-
-# Parsed heads, keyed by the exact head bytes: parsing is a pure function of them, and clients and
-# apps repeat the same heads over and over. Bounded; only short heads are kept.
-_HEAD_CACHE_SIZE = 1024
-_HEAD_CACHE_MAX_BYTES = 2048
-_request_cache: dict[bytes, tuple[bytes, bool, int, bytes | None, bool]] = {}
-_response_cache: dict[bytes, tuple[int, bool, int, bytes | None]] = {}
-
-
-def parse_request_head(head: bytes) -> tuple[bytes, bool, int, bytes | None, bool]:
-    """``(method, keep_alive, content_length or -1, final transfer coding or None, expect_100)``.
-
-    ``head`` runs through the blank line. Raises :class:`MalformedMessage` for what we refuse to
-    forward: anything the upstream might frame differently than we do (request smuggling).
-    """
-    parsed = _request_cache.get(head)
-    if parsed is not None:
-        return parsed
-    m = _REQUEST_HEAD.fullmatch(head)
-    if m is None:
-        raise MalformedMessage(400, b"malformed request\n")
-    method, minor = m.group(1, 3)
-    length = -1
-    te: bytes | None = None
-    close = keep_alive = expect = False
-    for name, raw in _REQUEST_HEADERS.findall(head.lower()):
-        value = raw.rstrip(b" \t")
-        if name == b"content-length":
-            if not value.isdigit():
-                raise MalformedMessage(400, b"invalid Content-Length\n")
-            if length >= 0 and int(value) != length:
-                raise MalformedMessage(400, b"conflicting Content-Length\n")
-            length = int(value)
-        elif name == b"transfer-encoding":
-            te = value if te is None else te + b"," + value
-        elif name == b"connection":
-            tokens = {t.strip() for t in value.split(b",")}
-            close = close or b"close" in tokens
-            keep_alive = keep_alive or b"keep-alive" in tokens
-        else:
-            expect = value == b"100-continue"
-    if method == b"CONNECT":
-        raise MalformedMessage(405, b"CONNECT is not supported\n")
-    if te is not None:
-        te = te.rsplit(b",", 1)[-1].strip()  # the final coding decides the framing
-        if length >= 0 or te != b"chunked":
-            raise MalformedMessage(400, b"unsupported Transfer-Encoding\n")
-    parsed = (method, not close and (keep_alive or minor == b"1"), length, te, expect)
-    if len(head) <= _HEAD_CACHE_MAX_BYTES:
-        if len(_request_cache) >= _HEAD_CACHE_SIZE:
-            _request_cache.clear()
-        _request_cache[head] = parsed
-    return parsed
-
-
-def parse_response_head(head: bytes) -> tuple[int, bool, int, bytes | None]:
-    """``(status, keep_alive, content_length or -1, final transfer coding or None)``.
-
-    ``head`` runs through the blank line. Raises :class:`MalformedMessage` (502) if unusable.
-    """
-    parsed = _response_cache.get(head)
-    if parsed is not None:
-        return parsed
-    m = _STATUS_LINE.match(head)
-    if m is None:
-        raise MalformedMessage(502, b"malformed response status line\n")
-    length = -1
-    te: bytes | None = None
-    close = keep_alive = False
-    for name, raw in _RESPONSE_HEADERS.findall(head.lower()):
-        value = raw.rstrip(b" \t")
-        if name == b"content-length":
-            if not value.isdigit() or (length >= 0 and int(value) != length):
-                raise MalformedMessage(502, b"invalid Content-Length in response\n")
-            length = int(value)
-        elif name == b"transfer-encoding":
-            te = value if te is None else te + b"," + value
-        else:
-            tokens = {t.strip() for t in value.split(b",")}
-            close = close or b"close" in tokens
-            keep_alive = keep_alive or b"keep-alive" in tokens
-    if te is not None:
-        te = te.rsplit(b",", 1)[-1].strip()  # the final coding decides the framing
-    parsed = (int(m[2]), not close and (keep_alive or m[1] == b"1"), length, te)
-    if len(head) <= _HEAD_CACHE_MAX_BYTES:
-        if len(_response_cache) >= _HEAD_CACHE_SIZE:
-            _response_cache.clear()
-        _response_cache[head] = parsed
-    return parsed
-
-
-# chunked scanner states
-_CS_SIZE = 0
-_CS_DATA = 1
-_CS_DATA_END = 2
-_CS_TRAILER = 3
-
-
-class _Chunked:
-    """Finds where a chunked body ends, scanning the raw bytes as they arrive (nothing decoded)."""
-
-    __slots__ = ("left", "limit", "line", "state", "total")
-
-    def __init__(self, limit: int) -> None:
-        self.state = _CS_SIZE
-        self.left = 0
-        self.line = b""
-        self.total = 0
-        self.limit = limit
-
-    def scan(self, data: bytes | bytearray, pos: int) -> int:
-        """Advance over ``data[pos:]``; the index just past the body's end, or -1 (need more)."""
-        n = len(data)
-        while pos < n:
-            state = self.state
-            if state == _CS_DATA:
-                if n - pos < self.left:
-                    self.left -= n - pos
-                    return -1
-                pos += self.left
-                self.left = 0
-                self.state = _CS_DATA_END
-                continue
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                self.line += bytes(data[pos:])
-                if len(self.line) > 8192:
-                    raise _BadFraming("chunk line too long")
-                return -1
-            line = bytes(data[pos:nl])
-            if self.line:
-                line = self.line + line
-                self.line = b""
-            pos = nl + 1
-            if not line.endswith(b"\r"):
-                raise _BadFraming("chunk line without CRLF")
-            line = line[:-1]
-            if state == _CS_SIZE:
-                token = line.split(b";", 1)[0].rstrip(b" \t")
-                if not _HEX.fullmatch(token):
-                    raise _BadFraming("bad chunk size")
-                size = int(token, 16)
-                if size == 0:
-                    self.state = _CS_TRAILER
-                else:
-                    self.total += size
-                    if self.total > self.limit:
-                        raise _TooLarge
-                    self.left = size
-                    self.state = _CS_DATA
-            elif state == _CS_DATA_END:
-                if line:
-                    raise _BadFraming("chunk data longer than its size")
-                self.state = _CS_SIZE
-            elif not line:  # the empty line after the trailers: done
-                return pos
-        return -1
 
 
 class _Pool:
@@ -341,180 +142,6 @@ class _Pool:
         for up in self.idle:
             up._close_transport()
         self.idle.clear()
-
-
-class _Route:
-    """One revision in a routing table: its backends' pools, round-robin over them."""
-
-    __slots__ = ("counters", "crlf_header", "header", "pools", "revision", "rr")
-
-    def __init__(
-        self, revision: str, pools: list[_Pool], counters: routing_metrics.RevisionCounters
-    ) -> None:
-        self.revision = revision
-        self.pools = pools
-        self.counters = counters
-        self.header = b"x-shipyard-revision: " + revision.encode() + b"\r\n"
-        self.crlf_header = b"\r\n" + self.header  # replaces the status line's CRLF
-        self.rr = 0
-
-    def next_pool(self) -> _Pool:
-        pools = self.pools
-        i = self.rr
-        self.rr = i + 1 if i + 1 < len(pools) else 0
-        pool = pools[i]
-        if pool.down_until:
-            return self._skip_down(i)
-        return pool
-
-    def _skip_down(self, i: int) -> _Pool:
-        pools = self.pools
-        now = time.monotonic()
-        for k in range(len(pools)):
-            pool = pools[(i + k) % len(pools)]
-            if pool.down_until <= now:
-                pool.down_until = 0.0
-                return pool
-        return pools[i]  # all marked down: try anyway rather than fail without trying
-
-
-class _Table:
-    """An immutable routing decision (plus pick cursors); ``configure`` swaps in a new one."""
-
-    __slots__ = (
-        "by_revision",
-        "next",
-        "routes",
-        "schedule",
-        "sticky",
-        "sticky_cookie",
-        "sticky_re",
-        "weights",
-    )
-
-    def __init__(
-        self,
-        weights: dict[str, int],
-        routes: list[_Route],
-        sticky_header: str | None,
-        sticky_cookie: str | None,
-    ) -> None:
-        self.weights = weights
-        self.routes = routes
-        self.by_revision = {r.revision: r for r in routes}
-        self.schedule = _smooth_schedule([(r, weights[r.revision]) for r in routes])
-        self.next = 0
-        self.sticky_cookie = sticky_cookie.encode() if sticky_cookie else None
-        self.sticky: list[_Route] | None = None
-        self.sticky_re: re.Pattern[bytes] | None = None
-        names = []
-        if sticky_header:
-            names.append(re.escape(sticky_header.encode()))
-        if sticky_cookie:
-            names.append(b"cookie")
-        if names:
-            # Buckets 0..99 map to revisions by cumulative ranges in the order of ``weights``, so
-            # raising the first revision's share only moves keys onto it, never off it.
-            self.sticky = [r for r in routes for _ in range(weights[r.revision])] or None
-            self.sticky_re = re.compile(
-                rb"\r\n(" + b"|".join(names) + rb"):[ \t]*([^\r]*)", re.IGNORECASE
-            )
-
-    def pick(self, key: bytes | None) -> _Route | None:
-        if key is not None and self.sticky is not None:
-            return self.sticky[zlib.crc32(key) % 100]
-        schedule = self.schedule
-        if not schedule:
-            return None
-        i = self.next
-        self.next = i + 1 if i + 1 < len(schedule) else 0
-        return schedule[i]
-
-    def sticky_key(self, head: bytes) -> bytes | None:
-        """The value of the sticky header (preferred) or cookie in a request head, if any."""
-        assert self.sticky_re is not None
-        cookie = None
-        for name, value in self.sticky_re.findall(head):
-            if name.lower() != b"cookie":
-                return value.strip() or None
-            if cookie is None and self.sticky_cookie is not None:
-                cookie = _cookie(value, self.sticky_cookie)
-        return cookie
-
-
-def _smooth_schedule(weighted: list[tuple[_Route, int]]) -> list[_Route]:
-    """nginx's smooth weighted round-robin, unrolled over one cycle (at most 100 picks)."""
-    weighted = [(r, w) for r, w in weighted if w > 0]
-    if not weighted:
-        return []
-    g = 0
-    for _, w in weighted:
-        g = math.gcd(g, w)
-    ws = [w // g for _, w in weighted]
-    total = sum(ws)
-    current = [0] * len(ws)
-    out: list[_Route] = []
-    for _ in range(total):
-        best = 0
-        for i, w in enumerate(ws):
-            current[i] += w
-            if current[i] > current[best]:
-                best = i
-        current[best] -= total
-        out.append(weighted[best][0])
-    return out
-
-
-def _validate_weights(weights: Mapping[str, int]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for revision, weight in weights.items():
-        if not isinstance(revision, str) or not revision:
-            raise ValueError(f"revision names must be non-empty strings, got {revision!r}")
-        if any(ord(ch) < 0x21 or ord(ch) > 0x7E for ch in revision):
-            raise ValueError(f"revision {revision!r} must be printable ASCII without spaces")
-        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
-            raise ValueError(f"weight of {revision!r} must be an int in 0..100, got {weight!r}")
-        out[revision] = weight
-    total = sum(out.values())
-    if total not in (0, 100):
-        raise ValueError(f"weights must sum to 100 (or be empty for no traffic), got {total}")
-    return out
-
-
-def _effective_weights(requested: dict[str, int], served: set[str]) -> dict[str, int]:
-    """Give the share of revisions without backends to the others, proportionally, in ints."""
-    live = {rev: w for rev, w in requested.items() if w > 0 and rev in served}
-    total = sum(live.values())
-    if total in (0, 100):
-        return {rev: live.get(rev, 0) for rev in requested}
-    share = {rev: w * 100 // total for rev, w in live.items()}
-    left = 100 - sum(share.values())
-    order = list(requested)
-    by_remainder = sorted(live, key=lambda rev: (-(live[rev] * 100 % total), order.index(rev)))
-    for rev in by_remainder[:left]:
-        share[rev] += 1
-    return {rev: share.get(rev, 0) for rev in requested}
-
-
-def _cookie(header: bytes, name: bytes) -> bytes | None:
-    for part in header.split(b";"):
-        key, sep, value = part.strip().partition(b"=")
-        if sep and key == name:
-            return value.strip(b'"') or None
-    return None
-
-
-def _local_response(status: int, body: bytes, extra: bytes, keep: bool, head_only: bool) -> bytes:
-    return b"".join(
-        (
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
-            b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % len(body),
-            extra,
-            b"" if keep else b"connection: close\r\n",
-            b"\r\n",
-            b"" if head_only else body,
-        )
-    )
 
 
 class _Conn(asyncio.Protocol):
@@ -586,7 +213,7 @@ class _Upstream(_Conn):
         self.keep = True
         self.left = 0
         self.status = 0
-        self.chunks: _Chunked | None = None
+        self.chunks: ChunkedScanner | None = None
         self.hbuf = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -634,7 +261,7 @@ class _Upstream(_Conn):
             return
         hend = end + 4
         head = data if hend == len(data) else data[:hend]
-        parsed = _response_cache.get(head)  # inlined from parse_response_head: the hot path
+        parsed = response_cache.get(head)  # inlined from parse_response_head: the hot path
         if parsed is None:
             try:
                 parsed = parse_response_head(head)
@@ -667,7 +294,7 @@ class _Upstream(_Conn):
                 c._send(data.replace(b"\r\n", header, 1))
                 return
             self.keep = keep
-            self.chunks = _Chunked(sys.maxsize)
+            self.chunks = ChunkedScanner(sys.maxsize)
             self.state = _R_CHUNKED
             c._send(data[:hend].replace(b"\r\n", header, 1))
             self._on_chunked(c, data, hend)
@@ -695,7 +322,7 @@ class _Upstream(_Conn):
         assert self.chunks is not None
         try:
             end = self.chunks.scan(data, pos)
-        except _BadFraming:
+        except BadFraming:
             self._bad(c, "malformed chunked response body")
             return
         if end < 0:
@@ -818,8 +445,8 @@ class _Client(_Conn):
         self.body_left = 0
         self.head_len = 0
         self.scan_pos = 0
-        self.chunks: _Chunked | None = None
-        self.route: _Route | None = None
+        self.chunks: ChunkedScanner | None = None
+        self.route: Route[_Pool] | None = None
         self.header = b""
         self.counters: routing_metrics.RevisionCounters | None = None
         self.t0 = 0.0
@@ -929,7 +556,7 @@ class _Client(_Conn):
                     self._reject(431, b"request head too large\n")
                     return
                 head = data if hend == len(data) else data[:hend]
-                parsed = _request_cache.get(head)  # inlined from parse_request_head: hot path
+                parsed = request_cache.get(head)  # inlined from parse_request_head: hot path
                 if parsed is None:
                     try:
                         parsed = parse_request_head(head)
@@ -946,13 +573,13 @@ class _Client(_Conn):
                 table = self.proxy._table
                 self.key = table.sticky_key(head) if table.sticky is not None else None
                 if te is not None:
-                    chunks = _Chunked(self.proxy._max_body)
+                    chunks = ChunkedScanner(self.proxy._max_body)
                     try:
                         body_end = chunks.scan(data, hend)
-                    except _TooLarge:
+                    except BodyTooLarge:
                         self._reject(413, b"request body too large\n")
                         return
-                    except _BadFraming:
+                    except BadFraming:
                         self._reject(400, b"malformed chunked body\n")
                         return
                     if body_end >= 0:
@@ -1002,10 +629,10 @@ class _Client(_Conn):
         else:
             try:
                 end = chunks.scan(buf, self.scan_pos)
-            except _TooLarge:
+            except BodyTooLarge:
                 self._reject(413, b"request body too large\n")
                 return
-            except _BadFraming:
+            except BadFraming:
                 self._reject(400, b"malformed chunked body\n")
                 return
             if end < 0:
@@ -1043,10 +670,10 @@ class _Client(_Conn):
         else:
             try:
                 end = chunks.scan(data, 0)
-            except _TooLarge:
+            except BodyTooLarge:
                 self._body_error(413, b"request body too large\n")
                 return
-            except _BadFraming:
+            except BadFraming:
                 self._body_error(400, b"malformed chunked body\n")
                 return
             if end < 0:
@@ -1224,7 +851,7 @@ class _Client(_Conn):
                     return pool
         return None
 
-    def _move(self, route: _Route) -> None:
+    def _move(self, route: Route[_Pool]) -> None:
         old = self.counters
         if old is not None:
             self._leave(old)
@@ -1279,16 +906,14 @@ class _Client(_Conn):
         self._drop_upstream()
         keep = self.keep and self.req_done and not close
         route = self.route
-        self._send(
-            _local_response(status, body, route.header if route else b"", keep, self.is_head)
-        )
+        self._send(local_response(status, body, route.header if route else b"", keep, self.is_head))
         self.keep = keep
         self.started = True
         self._done(status, upstream_error)
 
     def _reject(self, status: int, body: bytes) -> None:
         """Answer a request that cannot be routed (malformed, too large) and close."""
-        self._send(_local_response(status, body, b"", False, False))
+        self._send(local_response(status, body, b"", False, False))
         self._close()
 
     def _done(self, status: int, upstream_error: bool = False) -> None:
@@ -1366,7 +991,7 @@ class ServiceProxy:
         self._connect_timeout = connect_timeout
         self._response_timeout = response_timeout
         self._max_idle = max_idle_per_backend
-        self._table = _Table({}, [], None, None)
+        self._table: Table[_Pool] = Table({}, [], None, None)
         self._pools: dict[Backend, _Pool] = {}
         #: Backends taken out of the table, by replica id, until drained (``drain_replica``).
         self._retired: dict[str, _Pool] = {}
@@ -1417,20 +1042,12 @@ class ServiceProxy:
         traffic). A revision with weight but no backend gives its share to the others. Requests
         already routed finish where they are; new ones follow the new table.
         """
-        requested = _validate_weights(weights)
-        for what, name in (("sticky_header", sticky_header), ("sticky_cookie", sticky_cookie)):
-            if name is not None and not _TOKEN.fullmatch(name.encode()):
-                raise ValueError(f"{what} {name!r} is not a valid header/cookie name")
-        by_revision: dict[str, list[Backend]] = {}
-        for backend in backends:
-            if not isinstance(backend, Backend):
-                raise TypeError(f"expected Backend, got {backend!r}")
-            group = by_revision.setdefault(backend.revision, [])
-            if backend not in group:
-                group.append(backend)
-        effective = _effective_weights(requested, set(by_revision))
+        requested = validate_weights(weights)
+        validate_sticky_names(sticky_header, sticky_cookie)
+        by_revision = group_backends(backends)
+        effective = effective_weights(requested, set(by_revision))
         pools: dict[Backend, _Pool] = {}
-        routes: list[_Route] = []
+        routes: list[Route[_Pool]] = []
         for revision, weight in effective.items():
             counters = self._counters.get(revision)
             if counters is None:
@@ -1442,7 +1059,7 @@ class ServiceProxy:
                 pool = self._pools.get(backend) or _Pool(backend, self._max_idle)
                 pools[backend] = pool
                 route_pools.append(pool)
-            routes.append(_Route(revision, route_pools, counters))
+            routes.append(Route(revision, route_pools, counters))
         for backend, pool in self._pools.items():
             if backend not in pools:
                 pool.retire()
@@ -1450,7 +1067,7 @@ class ServiceProxy:
         for backend in pools:
             self._retired.pop(backend.replica_id, None)
         self._pools = pools
-        self._table = _Table(effective, routes, sticky_header, sticky_cookie)
+        self._table = Table(effective, routes, sticky_header, sticky_cookie)
 
     @property
     def weights(self) -> dict[str, int]:
@@ -1535,7 +1152,7 @@ class ServiceProxy:
             client._abort_transport()
         for pool in self._pools.values():
             pool.retire()
-        self._table = _Table({}, [], None, None)
+        self._table = Table({}, [], None, None)
         for waiters in list(self._drain_waiters.values()):
             for fut in waiters:
                 if not fut.done():
