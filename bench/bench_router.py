@@ -239,7 +239,7 @@ def python_cost_us(batch: int) -> float:
     import uvloop
 
     sys.path.insert(0, str(ROOT / "src"))
-    from shipyard.routing import proxy
+    from shipyard.routing import client, context, metrics, pool, table, upstream
 
     class Sink:
         def write(self, data: bytes) -> None:
@@ -256,32 +256,33 @@ def python_cost_us(batch: int) -> float:
     )
 
     async def measure() -> float:
-        router = proxy.ServiceProxy("bench")
-        router._loop = asyncio.get_running_loop()
-        backend = proxy.Backend("r", "v1", "127.0.0.1", 1)
-        router.configure({"v1": 100}, [backend])
-        pool = router._pools[backend]
+        # the pieces ServiceProxy.configure and start put together, minus the sockets
+        ctx = context.ProxyContext(max_body=10 * 2**20, connect_timeout=2.0)
+        ctx.bind(asyncio.get_running_loop())
+        backend = pool.Pool(table.Backend("r", "v1", "127.0.0.1", 1), max_idle=64)
+        counters = metrics.RevisionCounters("v1")
+        ctx.table = table.Table({"v1": 100}, [table.Route("v1", [backend], counters)], None, None)
         pairs = []
         for _ in range(batch):
-            upstream = proxy._Upstream(pool, router)
-            upstream.connection_made(Sink())  # type: ignore[arg-type]
-            pool.idle.append(upstream)
-            client = proxy._Client(router)
-            client.connection_made(Sink())  # type: ignore[arg-type]
-            pairs.append(client)
+            up = upstream.Upstream(backend, ctx.batcher)
+            up.connection_made(Sink())  # type: ignore[arg-type]
+            backend.idle.append(up)
+            conn = client.Client(ctx)
+            conn.connection_made(Sink())  # type: ignore[arg-type]
+            pairs.append(conn)
         rounds, best = 5000 // batch, math.inf
         for _ in range(60):
             started = time.perf_counter()
             for _ in range(rounds):
-                for client in pairs:
-                    client.data_received(request)
-                router._flush()
-                for client in pairs:
-                    assert client.upstream is not None
-                    client.upstream.data_received(response)
-                router._flush()
+                for conn in pairs:
+                    conn.data_received(request)
+                ctx.batcher.flush()
+                for conn in pairs:
+                    assert conn.upstream is not None
+                    conn.upstream.data_received(response)
+                ctx.batcher.flush()
             best = min(best, time.perf_counter() - started)
-        assert router.metrics()["v1"].status_2xx == 60 * rounds * batch
+        assert counters.snapshot().status_2xx == 60 * rounds * batch
         return best / (rounds * batch) * 1e6
 
     return uvloop.run(measure())

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shipyard.routing import metrics as routing_metrics
-from shipyard.routing.proxy import Backend, ServiceProxy, parse_request_head
+from shipyard.routing.http1 import parse_request_head
+from shipyard.routing.proxy import Backend, ServiceProxy
 
 from .conftest import WAIT, RawClient, Upstream
 

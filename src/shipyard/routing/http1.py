@@ -21,7 +21,6 @@ and chunk sizes that are not hex.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
 
 __all__ = [
     "MAX_HEAD",
@@ -90,23 +89,13 @@ class BodyTooLarge(Exception):
     """A chunked body over the scanner's size limit."""
 
 
-class RequestHead(NamedTuple):
-    """What the router needs from a request head (a tuple: it is unpacked on the hot path)."""
-
-    method: bytes
-    keep_alive: bool
-    content_length: int  # -1: no Content-Length
-    transfer_coding: bytes | None  # the final coding (always b"chunked" when accepted), or None
-    expect_continue: bool
-
-
-class ResponseHead(NamedTuple):
-    """What the router needs from a response head."""
-
-    status: int
-    keep_alive: bool
-    content_length: int  # -1: no Content-Length
-    transfer_coding: bytes | None  # the final coding, or None
+# What the router needs from a head. Plain tuples, not NamedTuples: the connections unpack one per
+# request, and CPython unpacks an exact tuple about twice as fast as a tuple subclass (30 ns).
+#: ``(method, keep_alive, content_length or -1, final transfer coding or None, expect_100)``;
+#: the transfer coding is always ``b"chunked"`` when there is one (anything else is refused).
+RequestHead = tuple[bytes, bool, int, bytes | None, bool]
+#: ``(status, keep_alive, content_length or -1, final transfer coding or None)``.
+ResponseHead = tuple[int, bool, int, bytes | None]
 
 
 # Parsed heads, keyed by the exact head bytes: parsing is a pure function of them. Bounded; only
@@ -119,7 +108,7 @@ response_cache: dict[bytes, ResponseHead] = {}
 
 
 def parse_request_head(head: bytes) -> RequestHead:
-    """Parse ``head`` (through the blank line) into a :class:`RequestHead`.
+    """Parse ``head`` (through the blank line) into a :data:`RequestHead`.
 
     Raises :class:`MalformedMessage` for what we refuse to forward: anything the upstream might
     frame differently than we do (request smuggling).
@@ -156,7 +145,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         te = te.rsplit(b",", 1)[-1].strip()  # the final coding decides the framing
         if length >= 0 or te != b"chunked":
             raise MalformedMessage(400, b"unsupported Transfer-Encoding\n")
-    parsed = RequestHead(method, not close and (keep_alive or minor == b"1"), length, te, expect)
+    parsed = (method, not close and (keep_alive or minor == b"1"), length, te, expect)
     if len(head) <= _HEAD_CACHE_MAX_BYTES:
         if len(request_cache) >= _HEAD_CACHE_SIZE:
             request_cache.clear()
@@ -165,7 +154,7 @@ def parse_request_head(head: bytes) -> RequestHead:
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
-    """Parse ``head`` (through the blank line) into a :class:`ResponseHead`.
+    """Parse ``head`` (through the blank line) into a :data:`ResponseHead`.
 
     Raises :class:`MalformedMessage` (502) if unusable.
     """
@@ -192,7 +181,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
             keep_alive = keep_alive or b"keep-alive" in tokens
     if te is not None:
         te = te.rsplit(b",", 1)[-1].strip()  # the final coding decides the framing
-    parsed = ResponseHead(int(m[2]), not close and (keep_alive or m[1] == b"1"), length, te)
+    parsed = (int(m[2]), not close and (keep_alive or m[1] == b"1"), length, te)
     if len(head) <= _HEAD_CACHE_MAX_BYTES:
         if len(response_cache) >= _HEAD_CACHE_SIZE:
             response_cache.clear()
