@@ -11,40 +11,59 @@ its pool or is closed.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import sys
 from typing import TYPE_CHECKING
 
+from shipyard.routing import http1
 from shipyard.routing.batching import BatchedConnection, WriteBatcher
+from shipyard.routing.client import PAUSE_UPSTREAM, STREAMING_BODY
 from shipyard.routing.http1 import (
     MAX_HEAD,
     BadFraming,
     ChunkedScanner,
     MalformedMessage,
     parse_response_head,
-    response_cache,
 )
 
 if TYPE_CHECKING:
     from shipyard.routing.client import Client
     from shipyard.routing.pool import Pool
 
-__all__ = ["Upstream"]
+__all__ = ["ResponsePhase", "Upstream"]
+
+# Bound by assignment, not imported by name: CPython 3.11 compiles ``name.get(...)`` on a name that
+# came from ``from ... import`` as an attribute load plus a call, which creates a bound method on
+# every request (about 450 machine instructions each, measured with cachegrind), where an assigned
+# global gets LOAD_METHOD.
+_response_cache = http1.response_cache
 
 # The router's log lines keep the name they had when it was one module.
 log = logging.getLogger("shipyard.routing.proxy")
 
-# upstream (response) states
-R_IDLE = 0
-R_HEAD = 1
-R_LENGTH = 2
-R_CHUNKED = 3
-R_CLOSE = 4  # body delimited by the upstream closing the connection
-R_TUNNEL = 5
 
-# why reading from a client is paused (bit flags)
-PAUSE_PIPELINE = 1
-PAUSE_UPSTREAM = 2
+class ResponsePhase(enum.Enum):
+    """Where an upstream connection is in the response it reads.
+
+    ``HEAD`` until a final status arrives (also while idle in its pool: an idle connection
+    that receives anything is closed), then one of the body framings until the response is
+    complete, and ``HEAD`` again for the next request on the connection.
+    """
+
+    HEAD = "head"  # awaiting a response head (1xx interim responses pass through)
+    LENGTH = "length"  # relaying a Content-Length body
+    CHUNKED = "chunked"  # relaying a chunked body
+    UNTIL_CLOSE = "until close"  # body delimited by the upstream closing the connection
+    TUNNEL = "tunnel"  # after 101 Switching Protocols: bytes pass unparsed
+
+
+# Module globals for the hot path (see routing.client: Enum member lookups are slow on 3.11).
+HEAD = ResponsePhase.HEAD
+LENGTH = ResponsePhase.LENGTH
+CHUNKED = ResponsePhase.CHUNKED
+UNTIL_CLOSE = ResponsePhase.UNTIL_CLOSE
+TUNNEL = ResponsePhase.TUNNEL
 
 
 class Upstream(BatchedConnection):
@@ -67,9 +86,9 @@ class Upstream(BatchedConnection):
         super().__init__(batcher)
         self.pool = pool
         self.client: Client | None = None
-        self.state = R_IDLE
-        self.reused = False
-        self.got = False
+        self.state = HEAD
+        self.reused = False  # served a request before: its close may mean "idle too long"
+        self.got = False  # a byte of the current response arrived
         self.keep = True
         self.left = 0
         self.status = 0
@@ -86,7 +105,7 @@ class Upstream(BatchedConnection):
             return
         c.idle_ticks = 0
         state = self.state
-        if state == R_LENGTH:
+        if state is LENGTH:
             left = self.left
             n = len(data)
             if n < left:
@@ -99,11 +118,11 @@ class Upstream(BatchedConnection):
             self.left = 0
             c.send(data)
             self._complete(c)
-        elif state == R_HEAD:
+        elif state is HEAD:
             self._on_head(c, data)
-        elif state == R_CHUNKED:
+        elif state is CHUNKED:
             self._on_chunked(c, data, 0)
-        else:  # R_CLOSE, R_TUNNEL
+        else:  # UNTIL_CLOSE, TUNNEL
             c.send(data)
 
     def _on_head(self, c: Client, data: bytes) -> None:
@@ -121,7 +140,7 @@ class Upstream(BatchedConnection):
             return
         hend = end + 4
         head = data if hend == len(data) else data[:hend]
-        parsed = response_cache.get(head)  # inlined from parse_response_head: the hot path
+        parsed = _response_cache.get(head)  # inlined from parse_response_head: the hot path
         if parsed is None:
             try:
                 parsed = parse_response_head(head)
@@ -144,18 +163,18 @@ class Upstream(BatchedConnection):
             c.send((data if n == hend else data[:hend]).replace(b"\r\n", header, 1))
             self._complete(c)
         elif status == 101:
-            self.state = R_TUNNEL
+            self.state = TUNNEL
             c.send(data.replace(b"\r\n", header, 1))
             c.tunnel(self)
         elif te is not None:
             if te != b"chunked":
                 self.keep = False
-                self.state = R_CLOSE
+                self.state = UNTIL_CLOSE
                 c.send(data.replace(b"\r\n", header, 1))
                 return
             self.keep = keep
             self.chunks = ChunkedScanner(sys.maxsize)
-            self.state = R_CHUNKED
+            self.state = CHUNKED
             c.send(data[:hend].replace(b"\r\n", header, 1))
             self._on_chunked(c, data, hend)
         elif length >= 0:
@@ -171,11 +190,11 @@ class Upstream(BatchedConnection):
             else:
                 self.keep = keep
                 self.left = length - have
-                self.state = R_LENGTH
+                self.state = LENGTH
                 c.send(data.replace(b"\r\n", header, 1))
         else:
             self.keep = False
-            self.state = R_CLOSE
+            self.state = UNTIL_CLOSE
             c.send(data.replace(b"\r\n", header, 1))
 
     def _on_chunked(self, c: Client, data: bytes, pos: int) -> None:
@@ -196,7 +215,9 @@ class Upstream(BatchedConnection):
         self._complete(c)
 
     def _complete(self, c: Client) -> None:
-        self.state = R_IDLE
+        # ready for the next exchange on this connection, if it is kept
+        self.state = HEAD
+        self.got = False
         self.client = None
         if self.chunks is not None:
             self.chunks = None
@@ -205,7 +226,7 @@ class Upstream(BatchedConnection):
         if not self.keep:
             c.keep = False
             self.close_transport()
-        elif c.keep and c.req_done:
+        elif c.keep and c.phase is not STREAMING_BODY:  # the request was sent whole
             pool = self.pool  # Pool.release, inlined: this runs once per request
             self.reused = True
             if pool.retired or len(pool.idle) >= pool.max_idle:
@@ -219,7 +240,6 @@ class Upstream(BatchedConnection):
     def _bad(self, c: Client, why: str) -> None:
         log.warning("upstream %s:%s: %s", self.pool.backend.host, self.pool.backend.port, why)
         self.client = None
-        self.state = R_IDLE
         self.abort_transport()
         c.upstream_broken()
 
@@ -231,10 +251,10 @@ class Upstream(BatchedConnection):
             return
         self.client = None
         state = self.state
-        if state == R_CLOSE and exc is None:
+        if state is UNTIL_CLOSE and exc is None:
             c.keep = False
             c.done(self.status)
-        elif state == R_TUNNEL:
+        elif state is TUNNEL:
             c.close()
         elif not self.got:
             c.upstream_lost(self, exc)
