@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shipyard.routing import metrics as routing_metrics
-from shipyard.routing.http1 import parse_request_head
 from shipyard.routing.proxy import Backend, ServiceProxy
 
 from .conftest import WAIT, RawClient, Upstream
@@ -828,28 +827,6 @@ def test_minus_refuses_other_revisions() -> None:
 
 
 # -- parsing and lifecycle -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("head", "expected"),
-    [
-        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", (b"GET", True, -1, None, False)),
-        (b"GET / HTTP/1.0\r\n\r\n", (b"GET", False, -1, None, False)),
-        (b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", (b"GET", True, -1, None, False)),
-        (b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", (b"GET", False, -1, None, False)),
-        (b"POST / HTTP/1.1\r\nContent-Length: 12 \r\n\r\n", (b"POST", True, 12, None, False)),
-        (
-            b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
-            (b"PUT", True, -1, b"chunked", True),
-        ),
-    ],
-    ids=["get", "http10", "http10-keepalive", "close", "length", "chunked-expect"],
-)
-def test_request_head_parsing(
-    head: bytes, expected: tuple[bytes, bool, int, bytes | None, bool]
-) -> None:
-    assert parse_request_head(head) == expected
-    assert parse_request_head(head) == expected  # and again from the cache
 
 
 async def test_port_in_use_is_a_clear_error(proxies: MakeProxy) -> None:
