@@ -7,14 +7,24 @@ with fake transports to check its request phases.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import struct
+from typing import cast
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from shipyard.routing.client import TRANSITIONS, Client, RequestPhase
+from shipyard.routing.context import ProxyContext
 from shipyard.routing.proxy import Backend
 
+from . import fakes
 from .conftest import WAIT, MakeClient, MakeProxy, MakeUpstream, dead_port
+from .fakes import FakeTransport
+from .test_http1 import ours, requests
 
 
 async def test_no_backends_is_503_with_a_text_body(
@@ -317,3 +327,287 @@ async def test_client_half_close_still_gets_the_response(
     assert (await client.response()).body == b"app"
     assert await client.closed_by_peer()
     assert await proxy.drain("v1", timeout=WAIT)
+
+
+# -- one connection by hand (tests/routing/fakes.py) ----------------------------------------------
+
+
+def _fake(transport: asyncio.BaseTransport) -> FakeTransport:
+    return cast(FakeTransport, transport)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=requests())
+def test_the_connection_forwards_exactly_what_the_parser_frames(stream: bytes) -> None:
+    """The client inlines the head cache and frames bodies itself: it must forward exactly the
+    request test_http1.py's decision (held against llhttp) says, and refuse what it refuses."""
+    ctx, loop, pool = fakes.router()
+    pool.add_idle(ctx, 1)
+    client = Client(ctx)
+    out = fakes.connect(client)
+    client.data_received(stream)
+    loop.run_ready()
+    verdict = ours(stream)
+    forwarded = b"".join(_fake(up.transport).written for up in pool.opened)
+    message = stream.lstrip(b"\r\n")
+    if verdict.outcome == "accept":
+        assert verdict.end is not None
+        assert forwarded == stream[len(stream) - len(message) : verdict.end]
+        assert out.writes == []
+    elif verdict.outcome == "reject":
+        assert forwarded == b""
+        assert out.written.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 405 ", b"HTTP/1.1 413 "))
+        assert out.closing
+    else:
+        assert message.startswith(forwarded)  # (a streamed request may have begun)
+        assert out.writes == []
+
+
+_PHASE = Client.__dict__["phase"]  # the slot behind Client.phase
+
+
+class TracingClient(Client):
+    """A Client that records every change of its request phase."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.steps: list[tuple[RequestPhase, RequestPhase]] = []
+        super().__init__(ctx)
+
+    @property
+    def phase(self) -> RequestPhase:
+        return cast(RequestPhase, _PHASE.__get__(self, Client))
+
+    @phase.setter
+    def phase(self, new: RequestPhase) -> None:
+        try:
+            old = _PHASE.__get__(self, Client)
+        except AttributeError:  # the first one, in __init__
+            old = None
+        if old is not None and old is not new:
+            self.steps.append((old, new))
+        _PHASE.__set__(self, new)
+
+
+_CLIENT_SENDS = {
+    "get": b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+    "head": b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n",
+    "post": b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+    "post-head-only": b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+    "chunked": b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "chunked-head-only": b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "chunk": b"5\r\nhello\r\n",
+    "big-chunk": b"%x\r\n%s\r\n" % (70000, b"x" * 70000),  # outgrows the buffer: streamed
+    "last-chunk": b"0\r\n\r\n",
+    "expect": b"PUT / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    "body": b"hello",
+    "big": b"PUT / HTTP/1.1\r\nContent-Length: 70000\r\n\r\n" + b"x" * 1000,
+    "more": b"x" * 30000,
+    "close": b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+    "http10": b"GET / HTTP/1.0\r\n\r\n",
+    "upgrade": b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
+    "malformed": b"GARBAGE\r\n\r\n",
+    "crlf": b"\r\n",
+    "half-head": b"GET / HTTP/1.1\r\nHo",
+    "rest-of-head": b"st: t\r\n\r\n",
+}
+_UPSTREAM_SENDS = {
+    "200": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "200-close": b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "204": b"HTTP/1.1 204 No Content\r\n\r\n",
+    "100": b"HTTP/1.1 100 Continue\r\n\r\n",
+    "101": b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
+    "until-close": b"HTTP/1.1 200 OK\r\n\r\nsome",
+    "head-only": b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n",
+    "rest": b"abcd",
+    "half-head": b"HTTP/1.1 200 OK\r\nConte",
+    "garbage": b"NOT HTTP\r\n\r\n",
+}
+
+
+class ClientPhases(RuleBasedStateMachine):
+    """One client connection, its upstreams and the loop, doing what asyncio allows in any order.
+
+    Whatever happens, the request phase only takes the steps RequestPhase draws (checked after
+    every step), and once the client is gone nothing stays counted in flight.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ctx, self.loop, self.pool = fakes.router()
+        self.pool.add_idle(self.ctx, 1)
+        self.client = TracingClient(self.ctx)
+        self.out = fakes.connect(self.client)
+
+    def _deliver_losses(self) -> None:
+        for up in self.pool.opened:
+            _fake(up.transport).deliver_loss()
+        self.out.deliver_loss()
+
+    def _reading(self) -> bool:
+        return not self.out.closing and not self.client.eof
+
+    def _upstream_open(self) -> bool:
+        up = self.client.upstream
+        return up is not None and not _fake(up.transport).closing
+
+    @precondition(_reading)
+    @rule(sends=st.sampled_from(sorted(_CLIENT_SENDS)), cut=st.integers(0, 40))
+    def client_sends(self, sends: str, cut: int) -> None:
+        data = _CLIENT_SENDS[sends]
+        for piece in (data[:cut], data[cut:]):
+            if piece and not self.out.closing:
+                self.client.data_received(piece)
+
+    @precondition(_upstream_open)
+    @rule(answers=st.sampled_from(sorted(_UPSTREAM_SENDS)))
+    def upstream_sends(self, answers: str) -> None:
+        assert self.client.upstream is not None
+        self.client.upstream.data_received(_UPSTREAM_SENDS[answers])
+
+    @precondition(_upstream_open)
+    @rule()
+    def upstream_hangs_up(self) -> None:
+        assert self.client.upstream is not None
+        _fake(self.client.upstream.transport).abort()
+        self._deliver_losses()
+
+    @precondition(lambda self: bool(self.pool.connecting))
+    @rule(ok=st.booleans())
+    def connect_finishes(self, ok: bool) -> None:
+        self.pool.finish_connect(ok)
+
+    @rule()
+    def loop_iteration(self) -> None:
+        self.loop.run_ready()
+        self._deliver_losses()
+
+    @precondition(_reading)
+    @rule()
+    def client_half_closes(self) -> None:
+        if not self.client.eof_received():
+            self.out.close()  # asyncio closes the transport when eof_received says so
+
+    @precondition(lambda self: not self.out.lost)
+    @rule()
+    def client_resets(self) -> None:
+        self.out.abort()
+        self._deliver_losses()
+
+    @precondition(lambda self: not self.out.closing)
+    @rule(slow=st.booleans())
+    def client_reads(self, slow: bool) -> None:
+        if slow:
+            self.client.pause_writing()
+        else:
+            self.client.resume_writing()
+
+    @rule()
+    def timeout_tick(self) -> None:
+        self.client.tick(0)
+
+    @invariant()
+    def phases_follow_the_transitions(self) -> None:
+        for old, new in self.client.steps:
+            assert new in TRANSITIONS[old], f"{old} -> {new}"
+
+    def teardown(self) -> None:
+        self.out.abort()  # the client goes away at the end
+        while self.pool.connecting:
+            self.pool.finish_connect()
+        self.loop.run_ready()
+        self._deliver_losses()
+        assert self.client.phase is RequestPhase.CLOSED
+        assert self.ctx.clients == set()
+        assert self.ctx.table.routes[0].counters.inflight == 0
+
+
+ClientPhases.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_client_phases_follow_the_transitions_whatever_happens = ClientPhases.TestCase
+
+
+IDLE, BUFFERING, STREAMING, AWAITING, TUNNEL, CLOSED = (
+    RequestPhase.IDLE,
+    RequestPhase.BUFFERING_BODY,
+    RequestPhase.STREAMING_BODY,
+    RequestPhase.AWAITING_RESPONSE,
+    RequestPhase.TUNNEL,
+    RequestPhase.CLOSED,
+)
+#: name -> (steps: client sends / upstream sends / client resets / client half-closes, phases)
+SCENARIOS: dict[str, tuple[list[tuple[str, str]], list[RequestPhase]]] = {
+    "get-answered": ([("client", "get"), ("upstream", "200")], [IDLE, AWAITING, IDLE]),
+    "body-in-two-reads": (
+        [("client", "post-head-only"), ("client", "body"), ("upstream", "200")],
+        [IDLE, BUFFERING, AWAITING, IDLE],
+    ),
+    "chunked-body-outgrows-the-buffer": (
+        [
+            ("client", "chunked-head-only"),
+            ("client", "big-chunk"),
+            ("client", "last-chunk"),
+            ("upstream", "200"),
+        ],
+        [IDLE, BUFFERING, STREAMING, AWAITING, IDLE],
+    ),
+    "expect-100-continue": (
+        [("client", "expect"), ("upstream", "100"), ("client", "body"), ("upstream", "200")],
+        [IDLE, STREAMING, AWAITING, IDLE],
+    ),
+    "upgraded": (
+        [("client", "upgrade"), ("upstream", "101"), ("reset", "")],
+        [IDLE, AWAITING, TUNNEL, CLOSED],
+    ),
+    "switched-mid-body": (
+        [("client", "expect"), ("upstream", "101"), ("reset", "")],
+        [IDLE, STREAMING, TUNNEL, CLOSED],
+    ),
+    "answered-before-the-body-ended": (
+        [("client", "big"), ("upstream", "200")],
+        [IDLE, STREAMING, CLOSED],
+    ),
+    "malformed": ([("client", "malformed")], [IDLE, CLOSED]),
+    "reset-while-buffering": (
+        [("client", "post-head-only"), ("reset", "")],
+        [IDLE, BUFFERING, CLOSED],
+    ),
+    "connection-close": ([("client", "close"), ("upstream", "200")], [IDLE, AWAITING, CLOSED]),
+    "http10-half-closed": (
+        [("client", "http10"), ("half-close", ""), ("upstream", "200")],
+        [IDLE, AWAITING, CLOSED],
+    ),
+}
+
+
+def _walk(steps: list[tuple[str, str]]) -> list[RequestPhase]:
+    machine = ClientPhases()
+    for who, what in steps:
+        if who == "client":
+            machine.client_sends(what, 0)
+        elif who == "upstream":
+            machine.upstream_sends(what)
+        elif who == "reset":
+            machine.client_resets()
+        else:
+            machine.client_half_closes()
+        machine.loop_iteration()
+    steps_taken = machine.client.steps
+    return [RequestPhase.IDLE] + [new for _, new in steps_taken]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_client_phase_scenarios(name: str) -> None:
+    steps, phases = SCENARIOS[name]
+    assert _walk(steps) == phases
+
+
+def test_the_scenarios_take_every_allowed_step() -> None:
+    taken = {(a, b) for _, phases in SCENARIOS.values() for a, b in itertools.pairwise(phases)}
+    assert taken == {(a, b) for a, targets in TRANSITIONS.items() for b in targets}

@@ -6,14 +6,19 @@ who answered; the others ask the table directly.
 
 from __future__ import annotations
 
+import math
+import time
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shipyard.routing import metrics as routing_metrics
 from shipyard.routing.proxy import Backend, ServiceProxy
+from shipyard.routing.table import Route, Table, effective_weights, smooth_schedule
 
 from .conftest import MakeClient, MakeProxy, MakeUpstream
 
@@ -162,3 +167,85 @@ def test_sticky_buckets_are_cumulative_ranges_in_weights_order(weights: dict[str
         bucket = zlib.crc32(key) % 100
         expected = next(rev for lo, hi, rev in bounds if lo <= bucket < hi)
         assert proxy.sticky_revision(key) == expected
+
+
+# -- the table itself, without sockets -------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """What the table routes to, as far as it cares."""
+
+    down_until: float = 0.0
+
+
+def _route(revision: str, *targets: Target) -> Route[Target]:
+    return Route(revision, list(targets), routing_metrics.RevisionCounters(revision))
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        ({"a": 5, "b": 1, "c": 1}, "aabacaa"),  # nginx's own example
+        ({"a": 60, "b": 40}, "ababa"),
+        ({"a": 50, "b": 50}, "ab"),
+        ({"a": 100}, "a"),
+        ({"a": 0, "b": 100}, "b"),
+        ({}, ""),
+    ],
+    ids=["nginx-5-1-1", "60-40", "even", "one", "zero-weight-skipped", "nothing"],
+)
+def test_smooth_weighted_round_robin_schedule(weights: dict[str, int], expected: str) -> None:
+    assert "".join(smooth_schedule(list(weights.items()))) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(weights=st.dictionaries(st.sampled_from("abcde"), st.integers(0, 100), max_size=5))
+def test_a_schedule_cycle_gives_each_revision_its_exact_share(weights: dict[str, int]) -> None:
+    schedule = smooth_schedule(list(weights.items()))
+    live = {rev: w for rev, w in weights.items() if w}
+    g = math.gcd(*live.values()) if live else 1
+    assert Counter(schedule) == Counter({rev: w // g for rev, w in live.items()})
+
+
+@pytest.mark.parametrize(
+    ("requested", "served", "expected"),
+    [
+        ({"a": 50, "b": 30, "c": 20}, {"a", "b"}, {"a": 63, "b": 37, "c": 0}),
+        ({"a": 33, "b": 33, "c": 34}, {"a", "b"}, {"a": 50, "b": 50, "c": 0}),
+        ({"a": 10, "b": 0, "c": 90}, {"a", "b"}, {"a": 100, "b": 0, "c": 0}),
+        ({"a": 50, "b": 50}, {"a", "b"}, {"a": 50, "b": 50}),
+        ({"a": 50, "b": 50}, set(), {"a": 0, "b": 0}),
+    ],
+    ids=[
+        "largest-remainder",
+        "even-split",
+        "zero-weight-gets-nothing",
+        "all-served",
+        "none-served",
+    ],
+)
+def test_effective_weights(
+    requested: dict[str, int], served: set[str], expected: dict[str, int]
+) -> None:
+    assert effective_weights(requested, served) == expected
+    assert list(effective_weights(requested, served)) == list(requested)  # order kept
+
+
+def test_sticky_key_prefers_the_header_then_the_cookie() -> None:
+    table = Table({"v1": 100}, [_route("v1", Target())], "X-User", "uid")
+    both = b'GET / HTTP/1.1\r\nCookie: a=1; uid="bob"\r\nx-user: alice\r\n\r\n'
+    assert table.sticky_key(both) == b"alice"
+    assert table.sticky_key(b'GET / HTTP/1.1\r\nCookie: a=1; uid="bob"\r\n\r\n') == b"bob"
+    assert table.sticky_key(b"GET / HTTP/1.1\r\nX-User:  \r\nCookie: uid=\r\n\r\n") is None
+
+
+def test_a_backend_marked_down_is_skipped_until_its_time_is_up() -> None:
+    up, down = Target(), Target(down_until=time.monotonic() + 60)
+    route = _route("v1", down, up)
+    assert [route.next_pool() for _ in range(4)] == [up] * 4
+    down.down_until = time.monotonic() - 1
+    assert [route.next_pool() for _ in range(4)] == [down, up, down, up]
+    assert down.down_until == 0.0
+    up.down_until = down.down_until = time.monotonic() + 60  # all down: try the scheduled one
+    assert [route.next_pool() for _ in range(2)] == [down, up]
