@@ -15,7 +15,8 @@ This module is the façade. The router is one concept per module in ``shipyard.r
 - ``pool``: keep-alive connections per backend, and opening new ones;
 - ``batching``: writes held and flushed once per event-loop iteration;
 - ``table``: the routing table (weighted round-robin, sticky buckets), no sockets;
-- ``http1``: HTTP/1.1 heads and chunked framing, no sockets.
+- ``http1``: HTTP/1.1 heads and chunked framing, no sockets;
+- ``metrics``: per-revision counters, and the snapshots canary analysis reads.
 
 Why it looks the way it does: the router's own Python time per request is the budget (the rest is
 kernel loopback work), so it is built on asyncio Protocols under uvloop with no task per request.
