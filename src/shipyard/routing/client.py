@@ -74,8 +74,9 @@ class RequestPhase(enum.Enum):
           └─head, Expect or a large body─▶ STREAMING_BODY                          │
         any ─error, close, reset, or the response ends the connection─▶ CLOSED ◀───┘
 
-    A response that ends while the body is still streaming closes the connection (the rest of the
-    body cannot be told from the next request). :data:`TRANSITIONS` lists every allowed step;
+    A 101 may also come while the body still streams (STREAMING_BODY to TUNNEL); a response that
+    ends before the body did closes the connection (the rest of the body cannot be told from the
+    next request). :data:`TRANSITIONS` lists every allowed step;
     ``tests/routing/test_client.py`` holds the connection to it.
     """
 
