@@ -6,6 +6,11 @@ default threading) and the router (``python -m shipyard.routing.proxy`` under uv
 process), then runs wrk against nginx directly, the router and HAProxy, alternating them for
 several rounds so that noise on the shared machine hits every contender alike. Everything it
 starts is stopped again, also when a step fails.
+
+To compare a change with the code it replaces, point ``SHIPYARD_BENCH_BASELINE`` at a checkout of
+the old code (e.g. ``git worktree add --detach /tmp/router-before main``): its router runs as a
+fourth contender in the same rounds, and the in-process cost is measured with its own
+bench_router.py. ``SHIPYARD_BENCH_ROUNDS`` sets the number of rounds (default 5).
 """
 
 from __future__ import annotations
@@ -29,7 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 NGINX = "/usr/sbin/nginx"
 HAPROXY = "/usr/sbin/haproxy"
 WRK = "wrk"
-ROUNDS = 5
+ROUNDS = int(os.environ.get("SHIPYARD_BENCH_ROUNDS", "5"))
+#: A checkout of older code whose router runs alongside (see the module docstring), or None.
+BASELINE = (
+    Path(os.environ["SHIPYARD_BENCH_BASELINE"])
+    if os.environ.get("SHIPYARD_BENCH_BASELINE")
+    else None
+)
 DURATION_S = 6
 CONNECTIONS = 50
 TARGET = 0.7
@@ -239,7 +250,7 @@ def python_cost_us(batch: int) -> float:
     import uvloop
 
     sys.path.insert(0, str(ROOT / "src"))
-    from shipyard.routing import proxy
+    from shipyard.routing import client, context, metrics, pool, table, upstream
 
     class Sink:
         def write(self, data: bytes) -> None:
@@ -256,35 +267,79 @@ def python_cost_us(batch: int) -> float:
     )
 
     async def measure() -> float:
-        router = proxy.ServiceProxy("bench")
-        router._loop = asyncio.get_running_loop()
-        backend = proxy.Backend("r", "v1", "127.0.0.1", 1)
-        router.configure({"v1": 100}, [backend])
-        pool = router._pools[backend]
+        # the pieces ServiceProxy.configure and start put together, minus the sockets
+        ctx = context.ProxyContext(max_body=10 * 2**20, connect_timeout=2.0)
+        ctx.bind(asyncio.get_running_loop())
+        backend = pool.Pool(table.Backend("r", "v1", "127.0.0.1", 1), max_idle=64)
+        counters = metrics.RevisionCounters("v1")
+        ctx.table = table.Table({"v1": 100}, [table.Route("v1", [backend], counters)], None, None)
         pairs = []
         for _ in range(batch):
-            upstream = proxy._Upstream(pool, router)
-            upstream.connection_made(Sink())  # type: ignore[arg-type]
-            pool.idle.append(upstream)
-            client = proxy._Client(router)
-            client.connection_made(Sink())  # type: ignore[arg-type]
-            pairs.append(client)
+            up = upstream.Upstream(backend, ctx.batcher)
+            up.connection_made(Sink())  # type: ignore[arg-type]
+            backend.idle.append(up)
+            conn = client.Client(ctx)
+            conn.connection_made(Sink())  # type: ignore[arg-type]
+            pairs.append(conn)
         rounds, best = 5000 // batch, math.inf
         for _ in range(60):
             started = time.perf_counter()
             for _ in range(rounds):
-                for client in pairs:
-                    client.data_received(request)
-                router._flush()
-                for client in pairs:
-                    assert client.upstream is not None
-                    client.upstream.data_received(response)
-                router._flush()
+                for conn in pairs:
+                    conn.data_received(request)
+                ctx.batcher.flush()
+                for conn in pairs:
+                    assert conn.upstream is not None
+                    conn.upstream.data_received(response)
+                ctx.batcher.flush()
             best = min(best, time.perf_counter() - started)
-        assert router.metrics()["v1"].status_2xx == 60 * rounds * batch
+        assert counters.snapshot().status_2xx == 60 * rounds * batch
         return best / (rounds * batch) * 1e6
 
     return uvloop.run(measure())
+
+
+def baseline_python_cost_us(batch: int) -> float:
+    """``python_cost_us(batch)`` of the baseline checkout, measured by its own bench module."""
+    assert BASELINE is not None
+    out = subprocess.run(
+        [sys.executable, "-c", f"import bench_router; print(bench_router.python_cost_us({batch}))"],
+        cwd=BASELINE / "bench",
+        env=dict(os.environ, PYTHONPATH=str(BASELINE / "src")),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.split()[-1])
+
+
+def describe(checkout: Path) -> str:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True
+    ).stdout.strip()
+    return commit or str(checkout)
+
+
+def start_router(
+    stack: ExitStack, checkout: Path, port: int, backend_port: int, log: Path
+) -> subprocess.Popen[bytes]:
+    """``python -m shipyard.routing.proxy`` from ``checkout``'s sources, in front of nginx."""
+    env = dict(os.environ, PYTHONPATH=str(checkout / "src"))
+    router = start(
+        stack,
+        [
+            sys.executable,
+            "-m",
+            "shipyard.routing.proxy",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--backend",
+            f"v1=127.0.0.1:{backend_port}",
+        ],
+        log,
+        env=env,
+    )
+    return router
 
 
 def write_nginx_conf(tmp: Path, port: int) -> Path:
@@ -354,6 +409,7 @@ def main() -> str:
         raise RuntimeError("wrk is not installed")
     taken: set[int] = set()
     nginx_port, haproxy_port, router_port = free_port(taken), free_port(taken), free_port(taken)
+    baseline_port = free_port(taken)
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shipyard-bench-")))
         nginx = start(
@@ -368,47 +424,47 @@ def main() -> str:
             tmp / "haproxy.out",
         )
         wait_port(haproxy_port, haproxy, "haproxy", tmp / "haproxy.out")
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-        router = start(
-            stack,
-            [
-                sys.executable,
-                "-m",
-                "shipyard.routing.proxy",
-                "--listen",
-                f"127.0.0.1:{router_port}",
-                "--backend",
-                f"v1=127.0.0.1:{nginx_port}",
-            ],
-            tmp / "router.out",
-            env=env,
-        )
+        router = start_router(stack, ROOT, router_port, nginx_port, tmp / "router.out")
         wait_port(router_port, router, "router", tmp / "router.out")
+        procs = {"router": router, "haproxy": haproxy, "nginx": nginx}
+        if BASELINE is not None:
+            procs["baseline"] = start_router(
+                stack, BASELINE, baseline_port, nginx_port, tmp / "baseline.out"
+            )
+            wait_port(baseline_port, procs["baseline"], "baseline router", tmp / "baseline.out")
         nbthread = haproxy_nbthread(tmp / "haproxy.sock")
 
-        pids = {"nginx": nginx.pid, "haproxy": haproxy.pid, "router": router.pid}
-        contenders = [
-            Contender("nginx direct", f"http://127.0.0.1:{nginx_port}/"),
+        pids = {what: proc.pid for what, proc in procs.items()}
+        direct = Contender("nginx direct", f"http://127.0.0.1:{nginx_port}/")
+        compared = [
             Contender("Shipyard router", f"http://127.0.0.1:{router_port}/"),
             Contender("HAProxy", f"http://127.0.0.1:{haproxy_port}/"),
         ]
-        direct, routed, haproxied = contenders
+        if BASELINE is not None:
+            compared.insert(1, Contender(BASELINE_NAME, f"http://127.0.0.1:{baseline_port}/"))
+        contenders = [direct, *compared]
         for contender in contenders:  # warm up: pools, caches, CPU frequency
             wrk(contender.url, 2, pids)
         for i in range(ROUNDS):
-            # router and HAProxy run back to back (order flipped every round) so each pair
+            # the compared contenders run back to back (order rotated every round) so each
             # sees about the same background load on this shared machine
-            pair = [routed, haproxied] if i % 2 == 0 else [haproxied, routed]
-            for contender in [direct, *pair]:
+            k = i % len(compared)
+            for contender in [direct, *compared[k:], *compared[:k]]:
                 contender.runs.append(wrk(contender.url, DURATION_S, pids))
-        for proc, what in ((router, "router"), (haproxy, "haproxy"), (nginx, "nginx")):
+        for what, proc in procs.items():
             if proc.poll() is not None:
                 raise RuntimeError(f"{what} died during the benchmark (exit {proc.returncode})")
-    one = ten = math.inf
+    one = ten = base_one = base_ten = math.inf
     for _ in range(3):  # interleaved, best of each: the host's noise hits both alike
         one, ten = min(one, python_cost_us(1)), min(ten, python_cost_us(10))
-    python_us = (one, ten)
-    return report(contenders, nbthread, haproxy_version(), python_us)
+        if BASELINE is not None:
+            base_one = min(base_one, baseline_python_cost_us(1))
+            base_ten = min(base_ten, baseline_python_cost_us(10))
+    baseline_us = (base_one, base_ten) if BASELINE is not None else None
+    return report(contenders, nbthread, haproxy_version(), (one, ten), baseline_us)
+
+
+BASELINE_NAME = "Shipyard router, baseline"
 
 
 def report(
@@ -416,11 +472,18 @@ def report(
     nbthread: str,
     haproxy_version: str,
     python_us: tuple[float, float],
+    baseline_us: tuple[float, float] | None = None,
 ) -> str:
-    _direct, router, haproxy = contenders
+    by_name = {c.name: c for c in contenders}
+    router, haproxy = by_name["Shipyard router"], by_name["HAProxy"]
     paired = [r.rps / h.rps for r, h in zip(router.runs, haproxy.runs, strict=True)]
     ratio = statistics.median(paired)
-    own_key = {"nginx direct": "nginx", "Shipyard router": "router", "HAProxy": "haproxy"}
+    own_key = {
+        "nginx direct": "nginx",
+        "Shipyard router": "router",
+        "HAProxy": "haproxy",
+        BASELINE_NAME: "baseline",
+    }
     rows = []
     for c in contenders:
         own = statistics.median(run.cpu[own_key[c.name]] for run in c.runs)
@@ -456,14 +519,32 @@ def report(
         own_core = f"the router's single core is nearly saturated ({router_cores:.2f} cores used)"
     else:
         own_core = f"the router's own core is not the limit ({router_cores:.2f} cores used)"
+    order = "the router and HAProxy back to back (their order flipped every round)"
+    against = ""
+    baseline = by_name.get(BASELINE_NAME)
+    if baseline is not None and baseline_us is not None and BASELINE is not None:
+        order = (
+            f"the router, the baseline router (commit {describe(BASELINE)}) and HAProxy back to "
+            "back (their order rotated every round)"
+        )
+        vs = [r.rps / b.rps for r, b in zip(router.runs, baseline.runs, strict=True)]
+        vs_haproxy = [b.rps / h.rps for b, h in zip(baseline.runs, haproxy.runs, strict=True)]
+        against = f"""
+**Router / baseline router = {statistics.median(vs):.2f}** (median of the per-round ratios
+{", ".join(f"{x:.2f}" for x in vs)}); baseline / HAProxy = {statistics.median(vs_haproxy):.2f}.
+The baseline is commit {describe(BASELINE)} run from `{BASELINE}`; in-process Python work per
+request, measured by each checkout's own bench_router.py and interleaved: baseline
+{baseline_us[0]:.1f} µs (one request per iteration) and {baseline_us[1]:.1f} µs (ten), this
+commit {python_us[0]:.1f} and {python_us[1]:.1f}.
+"""
     return f"""## Router
 
 Shipyard's router (`python -m shipyard.routing.proxy`, uvloop, one process) and HAProxy
 {haproxy_version} (HTTP mode, keep-alive and `http-reuse always` to the server, default
 threading: nbthread = {nbthread}) in front of the same nginx (one worker, `return 200` of a
 {len(BODY)}-byte body, access log off). Load: `wrk -t1 -c{CONNECTIONS} -d{DURATION_S}s --latency`,
-keep-alive. After a 2 s warm-up each, {ROUNDS} rounds run nginx direct, then the router and
-HAProxy back to back (their order flipped every round). Medians over the rounds. CPU is the
+keep-alive. After a 2 s warm-up each, {ROUNDS} rounds run nginx direct, then
+{order}. Medians over the rounds. CPU is the
 process's CPU time over the run's wall time (cores; 1.00 = one core); "µs/req" is that per request;
 "sw/req" its context switches (mostly wake-ups) per request; "busy" is the share of both
 cores busy with anything (any process) during the run.
@@ -475,7 +556,7 @@ cores busy with anything (any process) during the run.
 **Router / HAProxy = {ratio:.2f}** (median of the per-round ratios
 {", ".join(f"{x:.2f}" for x in paired)}; ratio of the medians
 {router.median("rps") / haproxy.median("rps"):.2f}). Target >= {TARGET}: {verdict} it.
-
+{against}
 What limits the router: CPU per request on a small, shared machine. {saturation}:
 wrk ({med(router, "wrk"):.2f} cores), nginx ({med(router, "nginx"):.2f}), the router
 ({router_cores:.2f}) and loopback packet processing in softirq ({softirq:.0%} of all CPU,

@@ -59,9 +59,13 @@ def main(argv: list[str]) -> int:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
+    # the SHIPYARD_BENCH_* settings (baseline, rounds) belong to the command that made the numbers
+    settings = "".join(
+        f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("SHIPYARD_BENCH_")
+    )
     args = "".join(" " + a for a in argv)
     header = (
-        f"# Benchmarks\n\nProduced by `make bench` (`python bench/run.py{args}`"
+        f"# Benchmarks\n\nProduced by `make bench` (`{settings}python bench/run.py{args}`"
         + f") on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
         f"commit {commit or 'uncommitted'}.\n\n"
         f"Machine: {machine()}. The machine is shared; numbers vary run to run, so each "
@@ -72,9 +76,9 @@ def main(argv: list[str]) -> int:
         # Partial run: replace only the sections that ran, keep the others.
         text = out.read_text()
         stamp = (
-            f"\n_This section was re-run alone (`python bench/run.py{args}`) on "
+            f"\n_This section was re-run alone (`{settings}python bench/run.py{args}`) on "
             f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {commit or 'uncommitted'}, "
-            "on the machine above._\n"
+            f"on {machine()}._\n"
         )
         for sec in (sec.rstrip() + "\n" + stamp for sec in sections):
             title = sec.splitlines()[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,13 @@ import pytest
 from shipyard.routing.proxy import Backend, ServiceProxy
 
 WAIT = 15.0  # upper bound for any single wait; tests never rely on it passing time
+
+
+def dead_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -311,3 +319,8 @@ async def clients() -> AsyncIterator[Callable[[int], Awaitable[RawClient]]]:
     yield make
     for client in opened:
         await client.close()
+
+
+MakeUpstream = Callable[..., Awaitable[Upstream]]
+MakeProxy = Callable[..., Awaitable[tuple[ServiceProxy, int]]]
+MakeClient = Callable[[int], Awaitable[RawClient]]

@@ -1,6 +1,6 @@
 """Per-revision traffic metrics of the router: live counters and the snapshots read from them.
 
-``routing.proxy`` updates a :class:`RevisionCounters` on every request (plain int attributes and a
+``routing.client`` updates a :class:`RevisionCounters` on every request (plain int attributes and a
 bucket list, so the hot path stays cheap); ``ServiceProxy.metrics()`` hands out
 :class:`RevisionMetrics` snapshots. The agent exposes them, and canary analysis compares two
 snapshots taken some time apart (``later.minus(earlier)``) to judge a window of traffic.
