@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import re
 import time
 import zlib
@@ -45,6 +44,7 @@ from shipyard.errors import (
     ShipyardError,
     TrafficSwitchFailed,
 )
+from shipyard.routing import table as routing_table
 from shipyard.routing.metrics import BUCKET_BOUNDS_MS, RevisionCounters, RevisionMetrics
 from shipyard.runtime.base import (
     ReplicaState,
@@ -187,7 +187,7 @@ class FakeRouter:
         if svc is None:
             return {}
         self._rt._restart_due(service)
-        return _effective_weights(svc.weights, set(self._backends(svc)))
+        return routing_table.effective_weights(dict(svc.weights), set(self._backends(svc)))
 
     @staticmethod
     def _backends(svc: _Service) -> dict[str, list[str]]:
@@ -215,7 +215,7 @@ class FakeRouter:
             weights=weights,
             backends=backends,
             sticky=sticky,
-            schedule=_smooth_schedule(routed),
+            schedule=routing_table.smooth_schedule(routed),
             # Buckets 0..99 by cumulative ranges in the order of the weights (canary first).
             buckets=[rev for rev, w in routed for _ in range(w)] if sticky else [],
         )
@@ -609,43 +609,6 @@ class FakeRuntime:
 def _dead_state(exit_code: int) -> ReplicaState:
     # The agent's supervisor: a clean exit is "exited", anything else "crashed".
     return "exited" if exit_code == 0 else "crashed"
-
-
-def _effective_weights(requested: Mapping[str, int], served: set[str]) -> dict[str, int]:
-    """The agent's router's rule: the share of revisions without a serving replica goes to the
-    others, proportionally, in whole percents (largest remainders first, then request order)."""
-    live = {rev: w for rev, w in requested.items() if w > 0 and rev in served}
-    total = sum(live.values())
-    if total in (0, 100):
-        return {rev: live.get(rev, 0) for rev in requested}
-    share = {rev: w * 100 // total for rev, w in live.items()}
-    order = list(requested)
-    by_remainder = sorted(live, key=lambda rev: (-(live[rev] * 100 % total), order.index(rev)))
-    for rev in by_remainder[: 100 - sum(share.values())]:
-        share[rev] += 1
-    return {rev: share.get(rev, 0) for rev in requested}
-
-
-def _smooth_schedule(weighted: list[tuple[str, int]]) -> list[str]:
-    """nginx's smooth weighted round-robin over one cycle, as the agent's router picks."""
-    if not weighted:
-        return []
-    g = 0
-    for _, w in weighted:
-        g = math.gcd(g, w)
-    ws = [w // g for _, w in weighted]
-    total = sum(ws)
-    current = [0] * len(ws)
-    out: list[str] = []
-    for _ in range(total):
-        best = 0
-        for i, w in enumerate(ws):
-            current[i] += w
-            if current[i] > current[best]:
-                best = i
-        current[best] -= total
-        out.append(weighted[best][0])
-    return out
 
 
 def _plus(a: RevisionMetrics, b: RevisionMetrics) -> RevisionMetrics:
