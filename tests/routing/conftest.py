@@ -324,3 +324,14 @@ async def clients() -> AsyncIterator[Callable[[int], Awaitable[RawClient]]]:
 MakeUpstream = Callable[..., Awaitable[Upstream]]
 MakeProxy = Callable[..., Awaitable[tuple[ServiceProxy, int]]]
 MakeClient = Callable[[int], Awaitable[RawClient]]
+
+
+async def one_app(
+    upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
+) -> tuple[Upstream, ServiceProxy, RawClient]:
+    """The common setup: one upstream ``app`` as the only backend of revision ``v1`` (100%),
+    a proxy in front of it and a client connected to the proxy."""
+    app = await upstreams("app")
+    proxy, port = await proxies()
+    proxy.configure({"v1": 100}, [app.backend("v1")])
+    return app, proxy, await clients(port)

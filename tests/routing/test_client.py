@@ -22,7 +22,7 @@ from shipyard.routing.context import ProxyContext
 from shipyard.routing.proxy import Backend
 
 from . import fakes
-from .conftest import WAIT, MakeClient, MakeProxy, MakeUpstream, dead_port
+from .conftest import WAIT, MakeClient, MakeProxy, MakeUpstream, dead_port, one_app
 from .fakes import FakeTransport
 from .test_http1 import ours, requests
 
@@ -139,10 +139,7 @@ async def test_response_timeout_is_504(
 async def test_chunked_request_and_response_bodies(
     upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:
-    app = await upstreams("app")
-    proxy, port = await proxies()
-    proxy.configure({"v1": 100}, [app.backend("v1")])
-    client = await clients(port)
+    _app, _proxy, client = await one_app(upstreams, proxies, clients)
 
     body = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in (b"hello ", b"chunked ", b"world"))
     await client.send(
@@ -227,10 +224,7 @@ async def test_body_over_the_limit_is_413_and_closes(
 async def test_malformed_requests_are_400_and_close(
     raw: bytes, upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:
-    app = await upstreams("app")
-    proxy, port = await proxies()
-    proxy.configure({"v1": 100}, [app.backend("v1")])
-    client = await clients(port)
+    app, _proxy, client = await one_app(upstreams, proxies, clients)
     await client.send(raw)
     assert (await client.response()).status == 400
     assert await client.closed_by_peer()
@@ -271,10 +265,7 @@ async def test_pipelined_requests_are_answered_in_order(
 async def test_http10_client_gets_its_response_and_a_close(
     upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:
-    app = await upstreams("app")
-    proxy, port = await proxies()
-    proxy.configure({"v1": 100}, [app.backend("v1")])
-    client = await clients(port)
+    _app, _proxy, client = await one_app(upstreams, proxies, clients)
     await client.send(b"GET / HTTP/1.0\r\n\r\n")
     response = await client.response()
     assert (response.status, response.body, response.revision) == (200, b"app", "v1")
@@ -284,10 +275,7 @@ async def test_http10_client_gets_its_response_and_a_close(
 async def test_client_connection_close_is_honoured(
     upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:
-    app = await upstreams("app")
-    proxy, port = await proxies()
-    proxy.configure({"v1": 100}, [app.backend("v1")])
-    client = await clients(port)
+    _app, _proxy, client = await one_app(upstreams, proxies, clients)
     response = await client.request(headers="connection: close\r\n")
     assert response.status == 200
     assert await client.closed_by_peer()
@@ -296,10 +284,7 @@ async def test_client_connection_close_is_honoured(
 async def test_client_reset_mid_request_is_counted_and_releases_the_revision(
     upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:
-    app = await upstreams("app")
-    proxy, port = await proxies()
-    proxy.configure({"v1": 100}, [app.backend("v1")])
-    client = await clients(port)
+    app, proxy, client = await one_app(upstreams, proxies, clients)
     await client.send(b"GET /slow HTTP/1.1\r\nhost: t\r\n\r\n")
     await app.wait_until(lambda: app.slow_waiting == 1)
     sock = client.writer.get_extra_info("socket")
@@ -315,10 +300,7 @@ async def test_client_reset_mid_request_is_counted_and_releases_the_revision(
 async def test_client_half_close_still_gets_the_response(
     upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:
-    app = await upstreams("app")
-    proxy, port = await proxies()
-    proxy.configure({"v1": 100}, [app.backend("v1")])
-    client = await clients(port)
+    app, proxy, client = await one_app(upstreams, proxies, clients)
     await client.send(b"GET /slow HTTP/1.1\r\nhost: t\r\n\r\n")
     client.writer.write_eof()
     await app.wait_until(lambda: app.slow_waiting == 1)

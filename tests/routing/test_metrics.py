@@ -6,16 +6,13 @@ import pytest
 
 from shipyard.routing import metrics as routing_metrics
 
-from .conftest import MakeClient, MakeProxy, MakeUpstream
+from .conftest import MakeClient, MakeProxy, MakeUpstream, one_app
 
 
 async def test_metrics_count_statuses_latency_and_windows(
     upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:
-    app = await upstreams("app")
-    proxy, port = await proxies()
-    proxy.configure({"v1": 100}, [app.backend("v1")])
-    client = await clients(port)
+    _app, proxy, client = await one_app(upstreams, proxies, clients)
     for path in ["/"] * 6 + ["/status/301", "/status/404", "/status/500", "/status/503"]:
         await client.request("GET", path)
     first = proxy.metrics()["v1"]

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from .conftest import WAIT, MakeClient, MakeProxy, MakeUpstream
+from .conftest import WAIT, MakeClient, MakeProxy, MakeUpstream, one_app
 
 
 async def test_head_204_304_and_close_delimited_framing(
     upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:
-    app = await upstreams("app")
-    proxy, port = await proxies()
-    proxy.configure({"v1": 100}, [app.backend("v1")])
-    client = await clients(port)
+    _app, _proxy, client = await one_app(upstreams, proxies, clients)
 
     response = await client.request("HEAD", "/")
     assert (response.status, response.headers["content-length"], response.body) == (200, "3", b"")
@@ -32,10 +29,7 @@ async def test_head_204_304_and_close_delimited_framing(
 async def test_large_response_to_a_slow_reader_arrives_intact(
     upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:
-    app = await upstreams("app")
-    proxy, port = await proxies()
-    proxy.configure({"v1": 100}, [app.backend("v1")])
-    client = await clients(port)
+    _app, _proxy, client = await one_app(upstreams, proxies, clients)
     size = 16 * 2**20  # far more than socket buffers: the router must pause the upstream
     await client.send(b"GET /big/%d HTTP/1.1\r\nhost: t\r\n\r\n" % size)
     head = await client.reader.readuntil(b"\r\n\r\n")
@@ -50,10 +44,7 @@ async def test_large_response_to_a_slow_reader_arrives_intact(
 async def test_expect_100_continue_is_relayed(
     upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:
-    app = await upstreams("app")
-    proxy, port = await proxies()
-    proxy.configure({"v1": 100}, [app.backend("v1")])
-    client = await clients(port)
+    _app, _proxy, client = await one_app(upstreams, proxies, clients)
     await client.send(
         b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n"
     )
@@ -68,10 +59,7 @@ async def test_expect_100_continue_is_relayed(
 async def test_upgrade_switches_to_a_raw_tunnel(
     upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
 ) -> None:
-    app = await upstreams("app")
-    proxy, port = await proxies()
-    proxy.configure({"v1": 100}, [app.backend("v1")])
-    client = await clients(port)
+    _app, proxy, client = await one_app(upstreams, proxies, clients)
     await client.send(b"GET /upgrade HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\n\r\n")
     async with asyncio.timeout(WAIT):
         head = await client.reader.readuntil(b"\r\n\r\n")
