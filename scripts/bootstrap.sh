@@ -8,8 +8,9 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 # Debian packages: git (sources), wrk (load generator), haproxy + nginx (router benchmark),
-# docker.io + busybox-static (Docker builder/runtime tests), sqlite3 (inspecting the store).
-want=(git wrk haproxy nginx-light docker.io busybox-static sqlite3 ca-certificates)
+# docker.io + busybox-static (Docker builder/runtime tests), sqlite3 (inspecting the store),
+# bubblewrap (the sandbox every build command and app replica runs in).
+want=(git wrk haproxy nginx-light docker.io busybox-static sqlite3 ca-certificates bubblewrap)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

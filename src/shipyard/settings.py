@@ -11,11 +11,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shipyard.sandbox import SandboxPolicy
+
 DEFAULT_REGION = "local"
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     data_dir: Path = Field(
         default_factory=lambda: Path(os.environ.get("SHIPYARD_DATA_DIR", ".shipyard"))
@@ -28,6 +30,13 @@ class Settings(BaseModel):
     drain_timeout_seconds: float = 30.0
     #: OSV database for the security gate (issue 4); None = gate disabled.
     osv_db: Path | None = None
+    #: How build commands are confined (``shipyard.sandbox``); None: sandboxed with the defaults
+    #: (``SandboxPolicy(data_dir)``). Only ``--insecure-no-sandbox`` turns it off.
+    sandbox: SandboxPolicy | None = None
+
+    @property
+    def sandbox_policy(self) -> SandboxPolicy:
+        return self.sandbox or SandboxPolicy(data_dir=self.data_dir)
 
     @property
     def db_path(self) -> Path:

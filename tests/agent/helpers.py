@@ -80,6 +80,27 @@ async def get_info(port: int) -> dict[str, Any] | None:
     return info
 
 
+def app_host_pid(group: int, marker: str = "app.py") -> int:
+    """The host pid of the app in replica process group ``group`` (the supervisor's process is
+    the sandbox's monitor; the app inside has its own PID namespace and reports pid 2)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if (
+            int(fields[2]) == group
+            and b"bwrap" not in cmdline[0]
+            and any(marker.encode() in arg for arg in cmdline)
+        ):
+            return int(entry.name)
+    raise AssertionError(f"no process running {marker} in process group {group}")
+
+
 def process_gone(pid: int) -> bool:
     """The process has exited (a zombie nobody reaped yet counts: it holds nothing)."""
     try:

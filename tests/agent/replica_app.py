@@ -3,7 +3,9 @@
 At start it imports ``helper`` (a ``.py`` module beside it, so Python would write bytecode next to
 it), writes ``written.txt`` into its working directory and ``state.txt`` under ``$HOME`` and a
 file under ``$TMPDIR``, noting whether each was already there. ``GET /info`` answers what it saw
-as JSON; ``GET /`` answers ``<helper.VALUE> <pid>``; ``GET /health`` answers 200, or 500 when
+as JSON; ``GET /`` answers ``<helper.VALUE> <instance>`` (a random id per process start: in a
+sandbox every app is pid 2 of its own PID namespace, so a pid cannot tell two starts apart);
+``GET /health`` answers 200, or 500 when
 ``SICK_AFTER_FIRST=1`` and the file named by ``START_LOG`` shows an earlier start. With
 ``SPAWN_CHILD=<file>`` it starts a child in its own process group (as gunicorn does with its
 workers) and writes the child's pid to that file.
@@ -21,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 helper = importlib.import_module("helper")
+INSTANCE = f"{os.getpid()}-{os.urandom(4).hex()}"
 
 _cwd_file = Path("written.txt")
 _home_file = Path(os.environ["HOME"]) / "state.txt"
@@ -29,6 +32,7 @@ SEEN: dict[str, object] = {
     "fresh_home": not _home_file.exists(),
     "cwd": os.getcwd(),
     "pid": os.getpid(),
+    "instance": INSTANCE,
     "env": {
         k: os.environ.get(k)
         for k in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "PYTHONDONTWRITEBYTECODE", "PORT")
@@ -58,7 +62,7 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/health":
             self._answer(500 if SICK else 200, b"sick\n" if SICK else b"ok\n")
         else:
-            self._answer(200, f"{helper.VALUE} {os.getpid()}\n".encode())
+            self._answer(200, f"{helper.VALUE} {INSTANCE}\n".encode())
 
     def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from shipyard.agent import launch
 from shipyard.agent.supervisor import Replica, Supervisor
 from shipyard.build.digest import digest_tree
 from shipyard.errors import RevisionStartFailed
 from shipyard.runtime.base import RevisionSpec
+from shipyard.sandbox import launch
 from tests.agent.helpers import NOT_ROOT, eventually, get_info, make_artifact, spec_for
 
 root_only = pytest.mark.skipif(NOT_ROOT, reason="the overlay needs root (CAP_SYS_ADMIN)")
@@ -73,7 +73,7 @@ async def _start_restart_stop(sup: Supervisor, spec: RevisionSpec, artifact: Pat
     os.kill(replica.process.pid, signal.SIGKILL)
     await eventually(lambda: _running(sup, replica.replica_id, 1), what="the restart")
     again = await eventually(lambda: get_info(replica.port), what="the restarted app")
-    assert again["pid"] != info["pid"]
+    assert again["instance"] != info["instance"]
     assert again["fresh_cwd"] and again["fresh_home"]
 
     await sup.stop(replica, grace=2)
@@ -151,16 +151,14 @@ def test_the_launcher_exits_with_one_line_saying_why(tmp_path: Path) -> None:
     lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
     for d in (lower, upper, work):
         d.mkdir()
-    paths = ["--lower", str(lower), "--upper", str(upper), "--work", str(work)]
+    paths = ["--overlay", str(lower), str(upper), str(work)]
+    gone = ["--overlay", str(tmp_path / "gone"), str(upper), str(work)]
     cases = [
         ([*paths, "--", "no-such-command"], 127, "command 'no-such-command' not found on PATH"),
-        (
-            ["--lower", str(tmp_path / "gone"), *paths[2:], "--", "true"],
-            125,
-            f"cannot mount an overlay on {tmp_path / 'gone'}",
-        ),
+        ([*gone, "--", "true"], 125, f"cannot mount overlay on {tmp_path / 'gone'}"),
         (paths, 125, "no command after '--'"),
-        (["--lower", "relative", *paths[2:], "--", "true"], 125, "must be absolute"),
+        (["--overlay", "relative", *paths[2:], "--", "true"], 125, "must be an absolute path"),
+        (["--user", "0:0", "--", "true"], 125, "neither of them 0"),
     ]
     for args, code, says in cases:
         done = _launch(*args)
@@ -173,16 +171,18 @@ def test_the_launcher_exits_with_one_line_saying_why(tmp_path: Path) -> None:
     assert (upper / "f").read_text() == "changed\n"
 
 
-_PATHS = ["--upper", "/u", "--work", "/w"]
+_OVERLAY = ["--overlay", "/a", "/u", "/w"]
 
 
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        pytest.param([*_PATHS, "--", "x"], "missing --lower", id="no-lower"),
-        pytest.param(["--lower", "/a,b", *_PATHS, "--", "x"], "without ','", id="comma"),
-        pytest.param(["--lower", "/a:b", *_PATHS, "--", "x"], "without ','", id="colon"),
-        pytest.param(["--lower", "/a", *_PATHS], "no command after '--'", id="no-command"),
+        pytest.param(["--overlay", "/a,b", "/u", "/w", "--", "x"], "must not hold ','", id="comma"),
+        pytest.param(["--overlay", "/a:b", "/u", "/w", "--", "x"], "must not hold ','", id="colon"),
+        pytest.param(_OVERLAY, "no command after '--'", id="no-command"),
+        pytest.param(["--check"], "--check needs --overlay", id="check-no-overlay"),
+        pytest.param(["--hide", "rel", "--", "x"], "must be an absolute path", id="relative"),
+        pytest.param(["--user", "x:1", "--", "x"], "must be UID:GID", id="bad-user"),
         pytest.param(["--bogus"], "unexpected argument '--bogus'", id="unknown-flag"),
     ],
 )
@@ -192,18 +192,23 @@ def test_launcher_arguments_are_refused_before_any_mount(args: list[str], says: 
 
 
 def test_launcher_arguments_parse() -> None:
-    paths, check, argv = launch.parse(
-        ["--lower", "/a", "--upper", "/u", "--work", "/w", "--", "python3", "--", "-x"]
+    opts = launch.parse(
+        [*_OVERLAY, "--hide", "/d", "--bind", "/b", "--expose", "/e", "--user", "7000:7001",
+         "--bwrap", "/usr/bin/bwrap", "--chdir", "/a", "--", "python3", "--", "-x"]
+    )  # fmt: skip
+    assert (opts.overlay, opts.hide, opts.bind, opts.expose) == (
+        ("/a", "/u", "/w"),
+        ["/d"],
+        ["/b"],
+        ["/e"],
     )
-    assert (paths, check, argv) == (
-        {"lower": "/a", "upper": "/u", "work": "/w"},
+    assert (opts.user, opts.bwrap, opts.chdir, opts.check) == (
+        (7000, 7001),
+        "/usr/bin/bwrap",
+        "/a",
         False,
-        ["python3", "--", "-x"],
     )
-    assert launch.parse(["--check", "--lower", "/a", "--upper", "/u", "--work", "/w"])[1:] == (
-        True,
-        [],
-    )
+    assert opts.argv == ["python3", "--", "-x"]
 
 
 async def test_paths_the_overlay_options_cannot_carry_fall_back_to_direct(

@@ -23,6 +23,7 @@ from shipyard.agent.server import Agent, build_app
 from shipyard.agent.supervisor import Replica, RestartPolicy, Supervisor
 from shipyard.runtime.base import RevisionSpec
 from tests.agent.helpers import (
+    app_host_pid,
     eventually,
     get_info,
     make_artifact,
@@ -89,7 +90,8 @@ async def _start(
     )
     assert r.status_code == 200, r.text
     [replica] = r.json()["replicas"]
-    await eventually(lambda: get_info(replica["port"]), what="the replica answering")
+    info = await eventually(lambda: get_info(replica["port"]), what="the replica answering")
+    replica = {**replica, "instance": info["instance"], "host_pid": app_host_pid(replica["pid"])}
     if routable:
         r = await client.post(
             f"/v1/services/{spec.service}/routable",
@@ -126,12 +128,12 @@ async def test_a_killed_replica_comes_back_on_a_new_port_and_serves_through_the_
     before = await _start(client, spec, routable=True)
     url = a.url(a.routes["svc"])
     async with httpx.AsyncClient(timeout=5, trust_env=False) as c:
-        assert (await c.get(url)).text == f"v1 {before['pid']}\n"
+        assert (await c.get(url)).text == f"v1 {before['instance']}\n"
 
-        os.kill(before["pid"], signal.SIGKILL)
+        os.kill(before["host_pid"], signal.SIGKILL)
         # Hold the old port before the agent can even notice the exit: the restarted replica
         # must then get another one, and the router must follow it there.
-        wait_gone_blocking(before["pid"])
+        wait_gone_blocking(before["host_pid"])
         with socket.socket() as holder:
             holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             holder.bind(("127.0.0.1", before["port"]))
@@ -145,15 +147,17 @@ async def test_a_killed_replica_comes_back_on_a_new_port_and_serves_through_the_
             assert after["state"] == "running"
             assert after["pid"] != before["pid"]
             assert after["port"] != before["port"]
-            assert (after["last_exit_code"], after["exit_code"]) == (-signal.SIGKILL, None)
-            assert (await c.get(url)).text == f"v1 {after['pid']}\n"
+            # Sandboxed, the app's monitor reports a signal death as shells do (128 + signal).
+            killed = 128 + signal.SIGKILL if a.supervisor.sandbox.enabled else -signal.SIGKILL
+            assert (after["last_exit_code"], after["exit_code"]) == (killed, None)
+            assert (await c.get(url)).text == f"v1 {(await get_info(after['port']))['instance']}\n"
 
     [exited] = _events(caplog, "replica.exited")
     assert exited == {
         "service": "svc",
         "revision": "v1",
         "replica": before["replica_id"],
-        "exit_code": -signal.SIGKILL,
+        "exit_code": killed,
         "reason": "exited",
         "restarts": 0,
         "next_restart_in": FAST.initial_delay,
@@ -169,7 +173,7 @@ async def test_a_replica_that_was_not_routable_does_not_become_routable(
 ) -> None:
     _, client = agent
     before = await _start(client, spec_for(make_artifact(tmp_path, "v1")), routable=False)
-    os.kill(before["pid"], signal.SIGKILL)
+    os.kill(before["host_pid"], signal.SIGKILL)
 
     async def running_again() -> dict[str, Any] | None:
         r = await _replica(client, before["replica_id"])
@@ -195,7 +199,7 @@ async def test_a_restarted_replica_that_fails_its_readiness_probe_gets_no_traffi
     )
     try:
         before = await _start(client, spec, routable=True)
-        os.kill(before["pid"], signal.SIGKILL)
+        os.kill(before["host_pid"], signal.SIGKILL)
 
         async def gave_up() -> bool:
             return any(
@@ -224,7 +228,7 @@ async def test_state_json_keeps_a_replica_in_backoff_and_a_new_agent_restores_it
     spec = spec_for(make_artifact(tmp_path, "v1"), health_endpoint="/health")
     try:
         before = await _start(client, spec, routable=True)
-        os.kill(before["pid"], signal.SIGKILL)
+        os.kill(before["host_pid"], signal.SIGKILL)
 
         async def waiting() -> dict[str, Any] | None:
             r = await _replica(client, before["replica_id"])

@@ -19,25 +19,31 @@ from shipyard.build.cache import BuildCache
 from shipyard.build.digest import digest_tree
 from shipyard.build.local import LocalBuilder, LocalBuilderConfig, verify_artifact
 from shipyard.errors import BuildFailed
+from shipyard.sandbox import Sandbox, SandboxPolicy
 
 from .helpers import GitRepo, manifest
 
 
-def _runs(counter: Path) -> int:
-    return len(counter.read_text().splitlines()) if counter.exists() else 0
+def _runs(data_dir: Path, what: str) -> int:
+    """How many times the ``what`` ("build" or "dependency") command ran in ``data_dir``'s
+    builds, from the build logs (a sandboxed command cannot leave a counter outside its tree)."""
+    note = f"[shipyard] {what} command: "
+    return sum(
+        line.startswith(note)
+        for log in (data_dir / "logs").glob("*.log")
+        for line in log.read_text().splitlines()
+    )
 
 
 def _python_app(repo: GitRepo, tmp_path: Path, *, requirements: str = "requests==2.0\n") -> str:
     """An app whose dependency step 'installs' requirements.txt into .deps and counts itself."""
-    deps_counter = tmp_path / "deps-runs"
-    build_counter = tmp_path / "build-runs"
     repo.write("requirements.txt", requirements)
     repo.write(
         "shipyard.toml",
         manifest(
-            f"dependencies = \"sh -c 'echo run >> {deps_counter}; mkdir -p .deps; "
-            f"cp requirements.txt .deps/installed.txt; echo installed'\"\n"
-            f"command = \"sh -c 'echo run >> {build_counter}; cat .deps/installed.txt "
+            "dependencies = \"sh -c 'mkdir -p .deps; "
+            "cp requirements.txt .deps/installed.txt; echo installed'\"\n"
+            "command = \"sh -c 'cat .deps/installed.txt "
             "> bundled.txt'\""
         ),
     )
@@ -57,8 +63,8 @@ async def test_identical_inputs_are_a_cache_hit_that_runs_nothing(
     assert second.location == first.location
     assert second.cache.artifact_hit is True
     assert first.cache.artifact_hit is False
-    assert _runs(tmp_path / "build-runs") == 1
-    assert _runs(tmp_path / "deps-runs") == 1
+    assert _runs(data_dir, "build") == 1
+    assert _runs(data_dir, "dependency") == 1
     assert any("cache hit" in line for line in lines)
     assert second.cache.dependencies_key == first.cache.dependencies_key
     # No checkout, no command: only the stored artifact is re-hashed ("verify").
@@ -77,7 +83,7 @@ async def test_another_commit_with_the_same_tree_is_a_hit(
     assert second.cache.artifact_hit
     assert second.commit == empty
     assert second.digest == first.digest
-    assert _runs(tmp_path / "build-runs") == 1
+    assert _runs(data_dir, "build") == 1
 
 
 async def test_a_new_builder_on_the_same_data_dir_hits_too(
@@ -97,7 +103,7 @@ async def test_a_different_builder_configuration_is_a_miss(
     other = LocalBuilder(data_dir, LocalBuilderConfig(path="/usr/bin:/bin"))
     again = await other.build(BuildRequest(repo.source(commit)))
     assert not again.cache.artifact_hit
-    assert _runs(tmp_path / "build-runs") == 2
+    assert _runs(data_dir, "build") == 2
 
 
 async def test_hit_is_dropped_when_the_artifact_was_removed(
@@ -134,8 +140,8 @@ async def test_dependencies_are_reused_when_only_the_source_changes(
     assert warm.cache.dependencies_hit is True
     assert warm.cache.artifact_hit is False
     assert warm.digest != cold.digest
-    assert _runs(tmp_path / "deps-runs") == 1
-    assert _runs(tmp_path / "build-runs") == 2
+    assert _runs(data_dir, "dependency") == 1
+    assert _runs(data_dir, "build") == 2
     out = Path(warm.location)
     assert (out / ".deps" / "installed.txt").read_text() == "requests==2.0\n"
     assert (out / "bundled.txt").read_text() == "requests==2.0\n"  # deps were there for the build
@@ -155,7 +161,7 @@ async def test_dependencies_are_rebuilt_when_requirements_change(
 
     assert again.cache.dependencies_hit is False
     assert again.cache.dependencies_key != cold.cache.dependencies_key
-    assert _runs(tmp_path / "deps-runs") == 2
+    assert _runs(data_dir, "dependency") == 2
     assert (Path(again.location) / ".deps" / "installed.txt").read_text() == "requests==2.1\n"
 
 
@@ -172,14 +178,13 @@ async def test_dependencies_are_rebuilt_when_the_command_changes(
 
 
 async def test_explicit_cache_key_files(repo: GitRepo, data_dir: Path, tmp_path: Path) -> None:
-    counter = tmp_path / "deps-runs"
     repo.write("deps/list.txt", "a\n")
     repo.write("notes.txt", "1\n")
     repo.write(
         "shipyard.toml",
         manifest(
             'cache_key_files = ["deps/*.txt"]\n'
-            f"dependencies = \"sh -c 'echo run >> {counter}; mkdir -p vendor; "
+            "dependencies = \"sh -c 'mkdir -p vendor; "
             "cp deps/list.txt vendor/'\""
         ),
     )
@@ -192,17 +197,20 @@ async def test_explicit_cache_key_files(repo: GitRepo, data_dir: Path, tmp_path:
     cold = await builder.build(BuildRequest(repo.source(repo.commit("key changed"))))
     assert cold.cache.dependencies_hit is False
     assert (Path(cold.location) / "vendor" / "list.txt").read_text() == "b\n"
-    assert _runs(counter) == 2
+    assert _runs(data_dir, "dependency") == 2
 
 
 async def test_dependency_step_sees_only_the_key_files(
     repo: GitRepo, data_dir: Path, tmp_path: Path
 ) -> None:
-    listing = tmp_path / "listing"
     repo.write("requirements.txt", "x\n")
-    repo.write("shipyard.toml", manifest(f"dependencies = \"sh -c 'ls -A > {listing}'\""))
-    await LocalBuilder(data_dir).build(BuildRequest(repo.source(repo.commit("deps"))))
-    assert listing.read_text().split() == ["requirements.txt"]
+    repo.write("shipyard.toml", manifest('dependencies = "ls -A"'))
+    lines: list[str] = []
+    source = repo.source(repo.commit("deps"))
+    await LocalBuilder(data_dir).build(BuildRequest(source, log_sink=lines.append))
+    start = lines.index("[shipyard] dependency command: ls -A")
+    assert lines[start + 1 : start + 2] == ["requirements.txt"]
+    assert lines[start + 2].startswith("[shipyard] ")
 
 
 async def test_failing_dependency_step(repo: GitRepo, data_dir: Path) -> None:
@@ -233,9 +241,11 @@ async def test_dependency_entries_are_read_only(
     assert not mode & 0o222
 
 
-async def test_hardlinked_dependencies_modified_in_place_fail_and_are_dropped(
+@pytest.mark.skipif(os.geteuid() != 0, reason="uids are per service only when root")
+async def test_sandboxed_builds_cannot_modify_hardlinked_dependencies_in_place(
     repo: GitRepo, data_dir: Path
 ) -> None:
+    """The cache entry's files stay the server's: the build's uid may not change them at all."""
     repo.write("requirements.txt", "x\n")
     repo.write(
         "shipyard.toml",
@@ -245,6 +255,28 @@ async def test_hardlinked_dependencies_modified_in_place_fail_and_are_dropped(
         ),
     )
     builder = LocalBuilder(data_dir, LocalBuilderConfig(link_dependencies="hardlink"))
+    with pytest.raises(BuildFailed, match=r"(?s)exited with code.*Permission denied"):
+        await builder.build(BuildRequest(repo.source(repo.commit("patching"))))
+    [entry] = [p for p in (data_dir / "cache" / "deps").iterdir() if p.is_dir()]
+    assert (entry / ".deps" / "lib.txt").read_text() == "v1\n"
+
+
+async def test_hardlinked_dependencies_modified_in_place_fail_and_are_dropped(
+    repo: GitRepo, data_dir: Path
+) -> None:
+    """Without a sandbox (``--insecure-no-sandbox``) a build may edit them: that is caught."""
+    repo.write("requirements.txt", "x\n")
+    repo.write(
+        "shipyard.toml",
+        manifest(
+            "dependencies = \"sh -c 'mkdir .deps; echo v1 > .deps/lib.txt'\"\n"
+            "command = \"sh -c 'chmod u+w .deps/lib.txt; echo patched >> .deps/lib.txt'\""
+        ),
+    )
+    insecure = Sandbox(SandboxPolicy(data_dir, insecure=True))
+    builder = LocalBuilder(
+        data_dir, LocalBuilderConfig(link_dependencies="hardlink"), sandbox=insecure
+    )
     with pytest.raises(BuildFailed, match=r"modified the cached dependency file \.deps/lib\.txt"):
         await builder.build(BuildRequest(repo.source(repo.commit("patching"))))
     assert [p for p in (data_dir / "cache" / "deps").iterdir() if not p.name.startswith(".")] == []
@@ -331,16 +363,16 @@ async def test_a_cached_artifact_that_does_not_verify_is_dropped_and_rebuilt(
     verify_artifact(Path(again.location), again.digest)
     assert (Path(again.location) / ".deps" / "installed.txt").read_text() == "requests==2.0\n"
     assert (Path(again.location) / "bundled.txt").read_text() == "requests==2.0\n"
-    assert _runs(tmp_path / "build-runs") == 2
+    assert _runs(data_dir, "build") == 2
     # Hard-linked dependency files may have been edited through the artifact: that entry is
     # dropped and the step runs again; a copied entry cannot have been touched and is reused.
-    assert _runs(tmp_path / "deps-runs") == (2 if link == "hardlink" else 1)
+    assert _runs(data_dir, "dependency") == (2 if link == "hardlink" else 1)
     assert again.cache.dependencies_hit is (link == "copy")
     assert list((data_dir / "artifacts").glob(".trash-*")) == []
     # The index points at the fresh artifact again: the next build is a plain hit.
     third = await builder.build(BuildRequest(repo.source(commit)))
     assert third.cache.artifact_hit and third.cache.artifact_rejected is None
-    assert _runs(tmp_path / "build-runs") == 2
+    assert _runs(data_dir, "build") == 2
 
 
 async def test_no_cache_runs_every_step_again_and_replaces_the_dependency_entry(
@@ -363,7 +395,7 @@ async def test_no_cache_runs_every_step_again_and_replaces_the_dependency_entry(
     misses = [line for line in lines if "dependency cache miss" in line]
     assert len(misses) == 1 and "no_cache" in misses[0]
     assert lines.count("installed") == 1  # the dependency command's own output: it ran
-    assert _runs(tmp_path / "deps-runs") == 2 and _runs(tmp_path / "build-runs") == 2
+    assert _runs(data_dir, "dependency") == 2 and _runs(data_dir, "build") == 2
     assert entry.stat().st_ino != entry_inode  # the entry is this build's output now
     # Same content: the stored artifact verified, so it was kept (an app may run from it).
     assert fresh.digest == first.digest

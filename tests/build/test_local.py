@@ -11,6 +11,7 @@ import pytest
 from shipyard.build.base import Builder, BuildRequest
 from shipyard.build.local import LocalBuilder, LocalBuilderConfig, digest_tree, verify_artifact
 from shipyard.errors import ArtifactVerificationFailed, BuildFailed, ManifestError, SourceError
+from shipyard.sandbox import Sandbox, SandboxPolicy
 
 from .helpers import GitRepo, manifest
 
@@ -75,25 +76,28 @@ async def test_missing_build_tool(repo: GitRepo, data_dir: Path) -> None:
 async def test_timeout_kills_the_whole_process_group(
     repo: GitRepo, data_dir: Path, tmp_path: Path
 ) -> None:
-    pidfile = tmp_path / "child.pid"
-    commit = _with_build(
-        repo,
-        f"timeout_seconds = 1\ncommand = \"sh -c 'sleep 60 & echo $! > {pidfile}; wait'\"",
-    )
+    # A duration no other process uses: the background sleep is found by its command line
+    # (sandboxed, its pid inside the build's PID namespace means nothing out here).
+    commit = _with_build(repo, "timeout_seconds = 1\ncommand = \"sh -c 'sleep 61.4242 & wait'\"")
     with pytest.raises(BuildFailed, match=r"timed out.*timeout of 1 s") as info:
         await LocalBuilder(data_dir).build(BuildRequest(repo.source(commit)))
     assert info.value.detail["timeout_seconds"] == 1
-    child = int(pidfile.read_text())
     # The background sleep was in the build's process group: it is gone (or a zombie of init).
-    assert not _alive(child)
+    assert _running("sleep\x0061.4242") == []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return status.rsplit(")", 1)[1].split()[0] != "Z"
+def _running(cmdline: str) -> list[int]:
+    """Pids (not zombies) whose NUL-separated command line starts with ``cmdline``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_text().startswith(cmdline):
+                status = (entry / "stat").read_text()
+                if status.rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 async def test_environment_is_scrubbed(
@@ -131,12 +135,28 @@ async def test_environment_is_scrubbed(
 
 
 async def test_writing_beside_the_workspace_fails_the_build(repo: GitRepo, data_dir: Path) -> None:
-    # Detected, not prevented: the build root holds only the workspace and a scratch dir, so
-    # anything else there was written by the build through "..".
+    # Unsandboxed (--insecure-no-sandbox) it is detected, not prevented: the build root holds
+    # only the workspace and a scratch dir, so anything else there came through "..".
     commit = _with_build(repo, "command = \"sh -c 'echo x > ../escape'\"")
+    insecure = Sandbox(SandboxPolicy(data_dir, insecure=True))
     with pytest.raises(BuildFailed, match=r"wrote outside its workspace: \.\./escape"):
-        await LocalBuilder(data_dir).build(BuildRequest(repo.source(commit)))
+        await LocalBuilder(data_dir, sandbox=insecure).build(BuildRequest(repo.source(commit)))
     assert list((data_dir / "artifacts").glob("sha256-*")) == []
+
+
+async def test_a_sandboxed_build_writes_nowhere_outside_its_tree(
+    repo: GitRepo, data_dir: Path, tmp_path: Path
+) -> None:
+    """Beside the workspace, into the data directory, next to the repository: every write
+    outside the tree and its scratch space lands in the sandbox's throwaway view or fails."""
+    targets = [data_dir / "escape", tmp_path / "escape", Path("/var/tmp/shipyard-escape")]
+    writes = "; ".join(f"echo x > {t}" for t in ["../escape", *targets])
+    commit = _with_build(repo, f"command = \"sh -c '{writes}; true'\"")
+    artifact = await LocalBuilder(data_dir).build(BuildRequest(repo.source(commit)))
+    assert artifact.digest.startswith("sha256:")
+    for target in targets:
+        assert not target.exists(), target
+    assert not (data_dir / "builds").exists() or not list((data_dir / "builds").rglob("escape"))
 
 
 async def test_symlink_pointing_outside_fails_the_build(repo: GitRepo, data_dir: Path) -> None:

@@ -49,6 +49,7 @@ from shipyard.errors import RevisionStartFailed, ShipyardError
 from shipyard.private_files import write_private
 from shipyard.routing.proxy import Backend, ServiceProxy
 from shipyard.runtime.base import RevisionSpec
+from shipyard.sandbox import Sandbox, SandboxPolicy
 
 log = logging.getLogger("shipyard.agent")
 
@@ -96,6 +97,7 @@ class Agent:
         *,
         restart: RestartPolicy | None = None,
         isolation: Isolation = "auto",
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.region = region
         self.dir = agent_dir(data_dir, region)
@@ -110,6 +112,8 @@ class Agent:
             drain=self._drain_replica,
             restart=restart,
             isolation=isolation,
+            # Secure by default: replicas never see the data directory this agent lives in.
+            sandbox=sandbox or Sandbox(SandboxPolicy(data_dir=data_dir)),
         )
         self.token = secrets.token_urlsafe(32)
         self._state_dirty = asyncio.Event()
@@ -389,9 +393,11 @@ def build_app(agent: Agent) -> FastAPI:
     return app
 
 
-async def run_agent(data_dir: Path, region: str, api_port: int = 0) -> None:
+async def run_agent(
+    data_dir: Path, region: str, api_port: int = 0, *, sandbox: Sandbox | None = None
+) -> None:
     """Run the agent until SIGTERM/SIGINT; writes agent.json once the API listens."""
-    agent = Agent(data_dir, region)
+    agent = Agent(data_dir, region, sandbox=sandbox)
     write_private(agent.dir / "agent.token", agent.token)
     await agent.restore()
     config = uvicorn.Config(

@@ -53,7 +53,9 @@ async def build_context(settings: Settings) -> AppContext:
     pipeline = Pipeline(
         store=store,
         audit=audit,
-        builder=RegistryBuilder(BuildConfig(data_dir=settings.data_dir)),
+        builder=RegistryBuilder(
+            BuildConfig(data_dir=settings.data_dir, sandbox=settings.sandbox_policy)
+        ),
         runtimes=runtimes,
         prober=prober,
         clock=SystemClock(),

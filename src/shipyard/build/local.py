@@ -59,6 +59,7 @@ from shipyard.build.source import ResolvedSource, export_commit, resolve_source
 from shipyard.domain.manifest import Manifest, load_manifest
 from shipyard.domain.models import BUILD_TIME_TARGET_MS
 from shipyard.errors import ArtifactVerificationFailed, BuildFailed, ShipyardError
+from shipyard.sandbox import Sandbox, SandboxPolicy
 
 __all__ = [
     "DEFAULT_CACHE_KEY_FILES",
@@ -126,8 +127,16 @@ class _Rejected:
 class LocalBuilder:
     kind = "local"
 
-    def __init__(self, data_dir: Path, config: LocalBuilderConfig | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        config: LocalBuilderConfig | None = None,
+        *,
+        sandbox: Sandbox | None = None,
+    ) -> None:
         self.data_dir = data_dir
+        #: Every command runs in it (secure by default: the data directory's own sandbox).
+        self.sandbox = sandbox or Sandbox(SandboxPolicy(data_dir=data_dir))
         self.config = config or LocalBuilderConfig()
         self.cache = cache_mod.BuildCache(
             data_dir,
@@ -266,12 +275,18 @@ class LocalBuilder:
             manifest = await asyncio.to_thread(load_manifest, workspace)
             await asyncio.to_thread((scratch / "cache").mkdir, parents=True)
             await asyncio.to_thread((scratch / "home").mkdir)
+            service = manifest.service.name
+            await asyncio.to_thread(self.sandbox.hand_over, service, workspace, scratch)
             durations["checkout"] = _ms(t)
             limit = manifest.build.timeout_seconds
             deadline = time.monotonic() + limit
 
             t = time.monotonic()
             deps = await self._dependencies(manifest, root, log, deadline, no_cache=no_cache)
+            if deps.linked:  # the directories _place made; hard-linked cache files stay ours
+                await asyncio.to_thread(self.sandbox.hand_over_dirs, service, workspace)
+            elif deps.entry is not None:  # copies: the build's to change
+                await asyncio.to_thread(self.sandbox.hand_over, service, workspace)
             durations["dependencies"] = _ms(t)
 
             argv = manifest.build.argv
@@ -280,6 +295,9 @@ class LocalBuilder:
                 code = await run_command(
                     argv,
                     cwd=workspace,
+                    sandbox=self.sandbox,
+                    service=service,
+                    writable=[workspace, scratch],
                     env=self._env(scratch=scratch),
                     limit_s=_remaining(deadline, limit, log),
                     budget_s=limit,
@@ -293,6 +311,7 @@ class LocalBuilder:
                 log.note("no [build] command: the artifact is the checked-out tree")
 
             t = time.monotonic()
+            await asyncio.to_thread(self.sandbox.take_back, workspace)
             digest = await asyncio.to_thread(self._seal, root, deps, log)
             durations["digest"] = _ms(t)
             t = time.monotonic()
@@ -368,15 +387,22 @@ class LocalBuilder:
             log.note(f"dependency cache miss {key[:16]} ({why}{key_files})")
             recipe = root / _RECIPE
             await asyncio.to_thread(_copy_key_files, workspace, recipe, files)
+            service = manifest.service.name
+            await asyncio.to_thread(self.sandbox.hand_over, service, recipe)
             code = await run_command(
                 argv,
                 cwd=recipe,
+                sandbox=self.sandbox,
+                service=service,
+                writable=[recipe, scratch],
                 env=env,
                 limit_s=_remaining(deadline, manifest.build.timeout_seconds, log),
                 budget_s=manifest.build.timeout_seconds,
                 log=log,
                 what="dependency command",
             )
+            # The cached entry is the server's, read-only to every later workload.
+            await asyncio.to_thread(self.sandbox.take_back, recipe)
             if code != 0:
                 raise self._failed(f"dependency command exited with code {code}", code, log)
             await asyncio.to_thread(_drop_key_files, recipe, files)

@@ -28,14 +28,17 @@ from shipyard.build.source import read_manifest_at, resolve_source
 from shipyard.domain.manifest import Manifest
 from shipyard.domain.models import SourceConfig
 from shipyard.errors import BuildFailed, ManifestError
+from shipyard.sandbox import Sandbox, SandboxPolicy
 
 
 class BuildConfig(BaseModel):
     """Server-side build settings: where builds live and each builder kind's own settings."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     data_dir: Path
+    #: How build commands are confined; None: the default sandbox for ``data_dir``.
+    sandbox: SandboxPolicy | None = None
     #: kind -> settings for that kind's config model, e.g.
     #: ``{"cloudbuild": {"project_id": "p", "registry": "gcr.io/p", "cache_bucket": "b"}}``.
     builders: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -44,24 +47,32 @@ class BuildConfig(BaseModel):
 @dataclass(frozen=True)
 class BuilderKind:
     config_model: type[BaseModel]
-    factory: Callable[[Path, Any], Builder]
+    factory: Callable[..., Builder]
+    #: Whether the factory takes ``sandbox=`` (builders that run the repository's commands on
+    #: this machine must; those that hand the build to an engine or a cloud do not).
+    sandboxed: bool = False
 
 
 _REGISTRY: dict[str, BuilderKind] = {}
 
 
 def register(
-    kind: str, config_model: type[BaseModel], factory: Callable[[Path, Any], Builder]
+    kind: str,
+    config_model: type[BaseModel],
+    factory: Callable[..., Builder],
+    *,
+    sandboxed: bool = False,
 ) -> None:
-    """Add (or replace, e.g. with a fake in tests) the builder for ``[build] builder = kind``."""
-    _REGISTRY[kind] = BuilderKind(config_model=config_model, factory=factory)
+    """Add (or replace, e.g. with a fake in tests) the builder for ``[build] builder = kind``;
+    ``sandboxed``: the factory is called ``factory(data_dir, settings, sandbox=Sandbox)``."""
+    _REGISTRY[kind] = BuilderKind(config_model=config_model, factory=factory, sandboxed=sandboxed)
 
 
 def kinds() -> Mapping[str, BuilderKind]:
     return dict(_REGISTRY)
 
 
-register("local", LocalBuilderConfig, LocalBuilder)
+register("local", LocalBuilderConfig, LocalBuilder, sandboxed=True)
 register("docker", DockerBuilderConfig, DockerBuilder)
 register("cloudbuild", CloudBuildBuilderConfig, CloudBuildBuilder)
 
@@ -94,6 +105,9 @@ def builder_for(manifest: Manifest, source: SourceConfig, config: BuildConfig) -
             f"the {kind!r} builder is not configured on this server ({problems}); "
             f"set builders.{kind} in the server settings"
         ) from exc
+    if entry.sandboxed:
+        policy = config.sandbox or SandboxPolicy(data_dir=config.data_dir)
+        return entry.factory(config.data_dir, settings, sandbox=Sandbox(policy))
     return entry.factory(config.data_dir, settings)
 
 

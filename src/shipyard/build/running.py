@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from types import TracebackType
 
 from shipyard.build.base import LogSink
 from shipyard.errors import BuildFailed
+from shipyard.sandbox import Sandbox
 
 #: Seconds to keep reading output after the command exited (a daemon that left its own session
 #: may still hold the pipe; we stop listening rather than wait for it).
@@ -71,20 +73,29 @@ async def run_command(
     argv: Sequence[str],
     *,
     cwd: Path,
+    sandbox: Sandbox,
+    service: str,
+    writable: Sequence[Path],
     env: Mapping[str, str],
     limit_s: float,
     log: BuildLog,
     what: str,
     budget_s: float | None = None,
 ) -> int:
-    """Run ``argv`` in ``cwd``; return its exit code. ``BuildFailed`` when it cannot start or
+    """Run ``argv`` in ``cwd`` inside ``sandbox`` as ``service``'s identity, writable only in
+    ``writable``; return its exit code. ``BuildFailed`` when it cannot start or
     runs longer than ``limit_s`` (the whole process group is killed first). ``budget_s`` is the
     configured build timeout the message names (``limit_s`` may be what is left of it)."""
     budget = limit_s if budget_s is None else budget_s
     log.note(f"{what}: {' '.join(argv)}")
+    # Checked here, with the message users know: inside the sandbox only bubblewrap would say it.
+    path = env.get("PATH", "")
+    tool = argv[0]
+    if "/" not in tool and shutil.which(tool, path=path) is None:
+        raise BuildFailed(f"{what} {tool!r} not found (PATH={path})", command=list(argv))
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *sandbox.command(argv, service=service, cwd=cwd, writable=writable),
             cwd=cwd,
             env=dict(env),
             stdin=asyncio.subprocess.DEVNULL,

@@ -38,6 +38,7 @@ from shipyard.cli.security import security_app
 from shipyard.cli.token import token_app
 from shipyard.domain.manifest import parse_manifest
 from shipyard.errors import InvalidInput, ManifestError, ShipyardError
+from shipyard.sandbox import Sandbox, SandboxPolicy, SandboxUnavailable, UidRange
 
 app = typer.Typer(
     name="shipyard",
@@ -107,6 +108,49 @@ def _parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
+InsecureNoSandbox = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-no-sandbox",
+        envvar="SHIPYARD_INSECURE_NO_SANDBOX",
+        help="Run build commands and apps unsandboxed, as this server's own user, able to read "
+        "its keys, tokens and database. Only for a trusted local experiment.",
+    ),
+]
+SandboxUids = Annotated[
+    str,
+    typer.Option(
+        "--sandbox-uids",
+        envvar="SHIPYARD_SANDBOX_UIDS",
+        help="FIRST-LAST: uids given to services' workloads, one per service (when root).",
+    ),
+]
+
+
+def _sandbox(data_dir: Path, insecure: bool, uids: str) -> Sandbox:
+    """The server's sandbox, checked once; exits 2 saying why when none can be made. Passes the
+    choice on (environment) to the agent ``serve`` starts."""
+    try:
+        sandbox = Sandbox(
+            SandboxPolicy(data_dir, uid_range=UidRange.parse(uids), insecure=insecure)
+        )
+        sandbox.check()
+    except (SandboxUnavailable, InvalidInput) as exc:
+        raise fail(exc.message) from exc
+    os.environ["SHIPYARD_SANDBOX_UIDS"] = uids
+    if insecure:
+        os.environ["SHIPYARD_INSECURE_NO_SANDBOX"] = "1"
+        err.print(
+            "[bold red]WARNING: --insecure-no-sandbox: build commands and apps run as this "
+            f"server's user (uid {os.geteuid()}) and can read {data_dir}: the signing and token "
+            "keys, the agent token, the database and the audit trail. Never use this for code "
+            "you do not trust.[/bold red]"
+        )
+    else:
+        err.print(f"shipyard: {sandbox.describe()}")
+    return sandbox
+
+
 @app.command()
 def serve(
     data_dir: DataDir = Path(".shipyard"),
@@ -123,6 +167,8 @@ def serve(
             help="Offline OSV database (dir or zip) for the security gate's scan.",
         ),
     ] = None,
+    insecure_no_sandbox: InsecureNoSandbox = False,
+    sandbox_uids: SandboxUids = "200000-299999",
 ) -> None:
     """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
     import uvicorn
@@ -139,12 +185,14 @@ def serve(
         except OSError as exc:
             raise fail(f"cannot listen on {listen}: {exc.strerror}; pick another --listen") from exc
     configure_logging(log_level.upper())
+    sandbox = _sandbox(data_dir.resolve(), insecure_no_sandbox, sandbox_uids)
     if osv_db is not None and not osv_db.exists():
         raise fail(f"--osv-db {osv_db} does not exist; pass an OSV database directory or zip")
     settings = Settings(
         data_dir=data_dir.resolve(),
         regions=tuple(region or ["local"]),
         osv_db=osv_db.resolve() if osv_db else None,
+        sandbox=sandbox.policy,
     )
     if osv_db is None:
         err.print(
@@ -169,6 +217,8 @@ def agent(
     detach: Annotated[
         bool, typer.Option(help="Fork into its own session and return at once (used by serve).")
     ] = False,
+    insecure_no_sandbox: InsecureNoSandbox = False,
+    sandbox_uids: SandboxUids = "200000-299999",
 ) -> None:
     """Run the data plane of one region: the traffic router and the app supervisor."""
     import uvloop
@@ -181,7 +231,8 @@ def agent(
             os._exit(0)
         os.setsid()  # its own session: it outlives the control plane and its terminal
     configure_logging("INFO")
-    uvloop.run(run_agent(data_dir.resolve(), region))
+    sandbox = _sandbox(data_dir.resolve(), insecure_no_sandbox, sandbox_uids)
+    uvloop.run(run_agent(data_dir.resolve(), region, sandbox=sandbox))
 
 
 # --- deployments ---------------------------------------------------------------------------------
