@@ -150,7 +150,9 @@ async def test_a_killed_replica_comes_back_on_a_new_port_and_serves_through_the_
             # Sandboxed, the app's monitor reports a signal death as shells do (128 + signal).
             killed = 128 + signal.SIGKILL if a.supervisor.sandbox.enabled else -signal.SIGKILL
             assert (after["last_exit_code"], after["exit_code"]) == (killed, None)
-            assert (await c.get(url)).text == f"v1 {(await get_info(after['port']))['instance']}\n"
+            restarted_app = await get_info(after["port"])
+            assert restarted_app is not None and restarted_app["instance"] != before["instance"]
+            assert (await c.get(url)).text == f"v1 {restarted_app['instance']}\n"
 
     [exited] = _events(caplog, "replica.exited")
     assert exited == {
