@@ -5,8 +5,10 @@ Every answer's body is ``<revision> <replica id>`` (from the agent's ``SHIPYARD_
 a test sees where the router sent each request. ``GET /status/<code>`` answers that status;
 ``GET /hold/<id>`` is held until ``GET /release/<id>`` (sent to this replica's own port) and
 ``GET /holding`` lists what is held; ``GET /exit/<code>`` ends the process with that exit code.
-At start, a file ``crash-<revision>`` in ``$CONTRACT_STATE`` makes it exit 3 at once (a release
-that cannot start), so the agent's restarts keep failing. ``GET /health`` answers 200.
+At start it asks the harness (``$CONTRACT_STATE_URL``: the app runs sandboxed and shares no
+files with the test, only the network) whether its revision is marked to crash; if so it exits 3
+at once (a release that cannot start), so the agent's restarts keep failing. ``GET /health``
+answers 200.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ import json
 import os
 import sys
 import threading
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 REVISION = os.environ["SHIPYARD_REVISION"]
 REPLICA = os.environ["SHIPYARD_REPLICA"]
-if (Path(os.environ["CONTRACT_STATE"]) / f"crash-{REVISION}").exists():
-    sys.exit(3)
+try:
+    url = f"{os.environ['CONTRACT_STATE_URL']}/crash/{REVISION}"  # http://127.0.0.1:port
+    with urllib.request.urlopen(url, timeout=5):  # noqa: S310 - the harness, plain http
+        sys.exit(3)  # 200: marked
+except urllib.error.HTTPError:
+    pass  # 404: not marked
 
 _HELD: dict[str, threading.Event] = {}
 _LOCK = threading.Lock()

@@ -12,9 +12,11 @@ a revision loses its replicas.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import signal
+import threading
 import uuid
 import zlib
 from collections import Counter
@@ -126,8 +128,8 @@ class LocalHarness:
     def __init__(self, runtime: LocalRuntime, tmp: Path) -> None:
         self.runtime = runtime
         self._tmp = tmp
-        self.state = tmp / "state"
-        self.state.mkdir()
+        self.crashing: set[str] = set()
+        self._state = _StateServer(self.crashing)
         self.client = httpx.AsyncClient(timeout=60, trust_env=False)
 
     async def start(self, revision: str, replicas: int = 1) -> list[ReplicaStatus]:
@@ -135,7 +137,7 @@ class LocalHarness:
         if not artifact.exists():
             artifact.mkdir()
             (artifact / "app.py").write_text(APP.read_text())
-        env = {"CONTRACT_STATE": str(self.state)}
+        env = {"CONTRACT_STATE_URL": self._state.url}
         started = await self.runtime.start_revision(spec(revision, replicas, str(artifact), env))
         for r in started:
 
@@ -183,12 +185,38 @@ class LocalHarness:
 
     async def exit(self, replica: ReplicaStatus, code: int, *, for_good: bool = False) -> None:
         if for_good:
-            (self.state / f"crash-{replica.revision}").touch()
+            self.crashing.add(replica.revision)
         with pytest.raises(httpx.TransportError):  # it dies without answering
             await self.client.get(f"http://127.0.0.1:{replica.port}/exit/{code}")
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        self._state.close()
+
+
+class _StateServer:
+    """What the harness tells the sandboxed contract app: ``GET /crash/<revision>`` is 200 for a
+    revision in ``crashing``, else 404 (a thread: the app asks while the test awaits)."""
+
+    def __init__(self, crashing: set[str]) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                revision = self.path.removeprefix("/crash/")
+                self.send_response(200 if revision in crashing else 404)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 @dataclass
