@@ -532,12 +532,14 @@ class _GitResult:
 
 def git_env() -> dict[str, str]:
     """The server's environment minus anything that points git elsewhere, plus safe transports
-    and no interactive prompts (a missing credential fails instead of hanging)."""
+    and no interactive prompts (a missing credential fails instead of hanging). An operator's
+    own ``GIT_ASKPASS`` is kept: it is one of the ways README's 'Private repositories' gives the
+    server credentials (credentials in URLs are refused)."""
     env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATION_VARS}
     env.update(
         GIT_ALLOW_PROTOCOL=ALLOWED_PROTOCOLS,
         GIT_TERMINAL_PROMPT="0",
-        GIT_ASKPASS="true",
+        GIT_ASKPASS=os.environ.get("GIT_ASKPASS") or "true",
         LC_ALL="C",
     )
     return env
