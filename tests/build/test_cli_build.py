@@ -150,3 +150,13 @@ def test_builders_config_file(repo: GitRepo, data_dir: Path, tmp_path: Path) -> 
         build_app, [str(repo.path), "--data-dir", str(data_dir), "--builders-config", str(good)]
     )
     assert result.exit_code == 0, result.output
+
+
+def test_a_url_with_credentials_exits_2_without_echoing_it(data_dir: Path) -> None:
+    secret = "ghp_buildNeverEchoes"
+    url = f"https://{secret}@git.example.invalid/org/repo.git"
+    result = runner.invoke(build_app, [url, "--data-dir", str(data_dir)])
+    assert result.exit_code == 2, result.output
+    assert "https://***@git.example.invalid/org/repo.git" in result.stderr
+    assert secret not in result.output
+    assert not (data_dir / "git").exists()

@@ -205,6 +205,16 @@ def test_normalize_repository(tmp_path: Path) -> None:
     assert normalize_repository("git@github.com:org/repo.git") == "git@github.com:org/repo.git"
 
 
+async def test_a_url_with_credentials_is_refused_before_git_runs(data_dir: Path) -> None:
+    secret = "glpat-neverInAMirror"
+    url = f"https://oauth2:{secret}@git.example.invalid/org/repo.git"
+    with pytest.raises(SourceError, match="credential helper") as info:
+        await branch_head(url, "main", cache_dir=data_dir)
+    assert "https://***@git.example.invalid/org/repo.git" in info.value.message
+    assert secret not in str(info.value)
+    assert not (data_dir / "git").exists()  # no mirror was made (it records its location)
+
+
 # --- manifests --------------------------------------------------------------------------------
 
 

@@ -74,3 +74,17 @@ def test_without_rebuild_the_body_is_the_adr_request(sent: list[dict[str, Any]])
     [body] = sent
     assert set(body) == {"source", "target", "strategy"}
     assert DeploymentRequest.model_validate(body).rebuild is False
+
+
+def test_a_url_with_credentials_is_refused_before_anything_is_sent(
+    sent: list[dict[str, Any]],
+) -> None:
+    secret = "ghp_cliNeverSendsThis"
+    args = [*ARGS]
+    args[1] = f"https://ci:{secret}@git.example.invalid/hello.git"
+    result = runner.invoke(main.app, args)
+    assert result.exit_code == 2
+    assert "https://***@git.example.invalid/hello.git" in result.stderr
+    assert "credential helper" in result.stderr
+    assert secret not in result.output
+    assert sent == []

@@ -145,3 +145,22 @@ def test_performance_validation_against_adr_targets() -> None:
     )
     none = validate_performance(DeploymentMetrics())
     assert none.rollback_time_ok is None
+
+
+def test_repository_with_credentials_is_refused_without_repeating_them() -> None:
+    secret = "glpat-Sup3rS3cret"
+    body = {
+        **ADR_REQUEST,
+        "source": {
+            **ADR_REQUEST["source"],
+            "repository": f"https://oauth2:{secret}@git.example.invalid/org/app.git",
+        },
+    }
+    with pytest.raises(ValidationError) as info:
+        DeploymentRequest.model_validate(body)
+    (error,) = info.value.errors()
+    assert error["loc"] == ("source", "repository")
+    assert "https://***@git.example.invalid/org/app.git" in error["msg"]
+    assert "credential helper" in error["msg"]
+    assert secret not in str(info.value) and secret not in repr(info.value)
+    assert secret not in error["msg"]

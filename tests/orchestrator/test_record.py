@@ -219,3 +219,20 @@ def test_a_revision_stored_before_health_endpoint_takes_it_from_its_health_check
     assert rev.spec().health_endpoint == "/ready"
     assert rev.health_check().endpoint == "/ready"
     assert rev.attestation.envelope is None
+
+
+def test_a_record_stored_with_credentials_in_its_url_loads_redacted() -> None:
+    # Written before such URLs were refused: it must still load, and never show the secret.
+    secret = "ghp_storedBeforeTheRule"
+    stored = dump_record(load_record(V0_DEPLOY))
+    leaky = f"https://ci:{secret}@git.example.invalid/org/api.git"
+    stored["source"] = {**stored["source"], "repository": leaky}
+    stored["request"] = {**stored["request"], "source": stored["source"]}
+    record = load_record(stored)
+    assert isinstance(record, DeploymentRecord)
+    assert record.request.source.repository == "https://***@git.example.invalid/org/api.git"
+    assert record.source is not None and record.source.repository == (
+        "https://***@git.example.invalid/org/api.git"
+    )
+    assert secret not in str(dump_record(record))
+    assert stored["source"]["repository"] == leaky  # the caller's document is not changed

@@ -16,6 +16,7 @@ as typed records) or the store (services). Both are awaited without blocking the
     GET  /api/v1/deployments/{id}/audit      deployment:read
     GET  /api/v1/services                    deployment:read
     GET  /api/v1/services/{name}             deployment:read
+    GET  /api/v1/keys                        deployment:read     signing public keys (?format=pem)
     GET  /metrics                            deployment:read     Prometheus exposition
     GET  /healthz                            no auth
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -40,6 +41,7 @@ from shipyard.domain.models import DNS_LABEL, Deployment, DeploymentRequest, Dep
 from shipyard.errors import NotFound, UnknownRegion
 from shipyard.orchestrator.record import Record, dump_record
 from shipyard.runtime.base import ReplicaStatus
+from shipyard.security import signing
 from shipyard.settings import Settings
 
 CanCreate = Annotated[Claims, Depends(require_permission("deployment:create"))]
@@ -230,6 +232,23 @@ def create_app(
         await c.pipeline.get(str(deployment_id))  # 404 for an unknown deployment
         records = await c.audit.records(deployment_id=str(deployment_id))
         return {"records": [r.to_dict() for r in records]}
+
+    @app.get("/api/v1/keys", tags=["keys"], response_model=None)
+    async def signing_keys(
+        _: CanRead, c: Ctx, format: Annotated[Literal["json", "pem"], Query()] = "json"
+    ) -> dict[str, Any] | Response:
+        """The public key(s) that verify this server's DSSE provenance envelopes, with the
+        key id written into each signature (``security.signing.export_key``)."""
+        # A public key is no secret, yet this route wants a token like every route but /healthz:
+        # one rule with no exception to review, and the weakest permission suffices. Verifiers
+        # without a token get the same key from `shipyard keys export`, published by the operator.
+        gate = c.pipeline.deps.gate
+        if gate is None:
+            raise NotFound("this server signs no artifacts: it runs without a security gate")
+        pem = await gate.public_key_pem()
+        if format == "pem":
+            return Response(pem, media_type="application/x-pem-file")
+        return {"keys": [signing.export_key(signing.load_public_key(pem))]}
 
     @app.get("/api/v1/services", tags=["services"])
     async def list_services(_: CanRead, c: Ctx) -> dict[str, Any]:

@@ -9,8 +9,9 @@ into a fresh workspace straight from the object database (``git ls-tree`` + ``gi
 
 Safety: git only ever runs from argv lists (never a shell); user input is validated before it
 reaches git (no leading ``-``, no transport-helper syntax such as ``ext::``), options end with
-``--`` / ``--end-of-options``, only the file/git/http(s)/ssh transports are allowed, and fetched
-objects are fsck-checked. Every git call runs with a timeout.
+``--`` / ``--end-of-options``, only the file/git/http(s)/ssh transports are allowed, URLs with
+credentials in them are refused (``domain.repository_urls``), and fetched objects are
+fsck-checked. Every git call runs with a timeout.
 
 Two levels of API: ``fetch_source`` does everything; ``resolve_source`` + ``export_commit`` +
 ``read_manifest_at`` let a builder decide from the commit's tree id alone that the work was
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+from shipyard.domain import repository_urls
 from shipyard.domain.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest
 from shipyard.domain.models import SourceConfig
 from shipyard.errors import ManifestError, SourceError
@@ -323,6 +325,10 @@ def normalize_repository(repository: str) -> str:
     """The URL or absolute path git fetches from; rejects anything git could read as an option
     or as a transport helper (``ext::sh -c ...``)."""
     repo = repository.strip()
+    # First, so no message below repeats a credential (and no mirror records one).
+    refusal = repository_urls.credentials_refusal(repo)
+    if refusal is not None:
+        raise SourceError(refusal)
     if not repo or repo.startswith("-") or "\x00" in repo or "\n" in repo:
         raise SourceError(f"repository {repository!r} is not a git URL or a path")
     if "://" in repo:
@@ -526,12 +532,14 @@ class _GitResult:
 
 def git_env() -> dict[str, str]:
     """The server's environment minus anything that points git elsewhere, plus safe transports
-    and no interactive prompts (a missing credential fails instead of hanging)."""
+    and no interactive prompts (a missing credential fails instead of hanging). An operator's
+    own ``GIT_ASKPASS`` is kept: it is one of the ways README's 'Private repositories' gives the
+    server credentials (credentials in URLs are refused)."""
     env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATION_VARS}
     env.update(
         GIT_ALLOW_PROTOCOL=ALLOWED_PROTOCOLS,
         GIT_TERMINAL_PROMPT="0",
-        GIT_ASKPASS="true",
+        GIT_ASKPASS=os.environ.get("GIT_ASKPASS") or "true",
         LC_ALL="C",
     )
     return env

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from shipyard.domain import repository_urls
 from shipyard.errors import InvalidInput
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
@@ -52,7 +53,11 @@ def is_local(repository: str) -> bool:
 def source_defaults(
     repository: str, branch: str | None, commit: str | None
 ) -> tuple[str, str, str, str | None]:
-    """(repository, branch, commit, manifest text or None) with defaults from the repository."""
+    """(repository, branch, commit, manifest text or None) with defaults from the repository.
+    A URL with credentials is refused before git sees it (git would echo it in its errors)."""
+    refusal = repository_urls.credentials_refusal(repository)
+    if refusal is not None:
+        raise InvalidInput(refusal)
     if is_local(repository):
         path = Path(repository).expanduser().resolve()
         if not (path / ".git").exists() and not (path / "HEAD").exists():

@@ -10,6 +10,7 @@
     shipyard abort     abort a deployment in flight: traffic back on stable at once
     shipyard audit     verify / show the hash-chained audit trail
     shipyard token     create API tokens
+    shipyard keys      export the artifact-signing public key (for verifiers)
     shipyard demo      the whole story on this machine in under a minute
 
 Exit codes: 0 success, 1 the operation failed (deployment not Success, audit tampered, ...),
@@ -34,6 +35,7 @@ from rich.table import Table
 from shipyard.cli.audit import audit_app
 from shipyard.cli.build import build_app
 from shipyard.cli.client import DEFAULT_SERVER, ApiClient, resolve_token, source_defaults
+from shipyard.cli.keys import keys_app
 from shipyard.cli.security import security_app
 from shipyard.cli.token import token_app
 from shipyard.domain.manifest import parse_manifest
@@ -48,6 +50,7 @@ app = typer.Typer(
 )
 app.add_typer(audit_app, name="audit")
 app.add_typer(token_app, name="token")
+app.add_typer(keys_app, name="keys")
 app.add_typer(security_app)  # scan, vulndb
 app.add_typer(build_app)  # build
 

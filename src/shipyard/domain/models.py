@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from shipyard.domain import repository_urls
+
 #: ADR section 8 targets.
 BUILD_TIME_TARGET_MS = 240_000
 ROLLBACK_TIME_TARGET_MS = 30_000
@@ -41,7 +43,11 @@ DnsLabel = Annotated[
 class WireModel(BaseModel):
     """Strict edge model: unknown fields are errors, so typos never pass silently."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    # hide_input_in_errors: a refused value may be a secret (a repository URL with a token), so
+    # a ValidationError's text never repeats what was sent; the API answers with messages only.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, str_strip_whitespace=True, hide_input_in_errors=True
+    )
 
 
 # --- source and target ---------------------------------------------------------------------------
@@ -49,7 +55,9 @@ class WireModel(BaseModel):
 
 class SourceConfig(WireModel):
     repository: Annotated[str, Field(min_length=1, max_length=2048)] = Field(
-        description="A git URL (https://, ssh://, git://, file://) or a local path to a repository."
+        description="A git URL (https://, ssh://, git://, file://) or a local path to a "
+        "repository. Credentials in the URL (https://user:token@...) are refused: configure "
+        "git credentials for the server's user instead."
     )
     branch: Annotated[str, Field(min_length=1, max_length=255)]
     commit: Annotated[str, Field(min_length=4, max_length=64)] = Field(
@@ -58,6 +66,14 @@ class SourceConfig(WireModel):
     dockerfile: str | None = Field(
         default=None, max_length=1024, description="Dockerfile path inside the repository."
     )
+
+    @field_validator("repository")
+    @classmethod
+    def _repository_has_no_credentials(cls, v: str) -> str:
+        refusal = repository_urls.credentials_refusal(v)
+        if refusal is not None:
+            raise ValueError(refusal)
+        return v
 
     @field_validator("branch")
     @classmethod

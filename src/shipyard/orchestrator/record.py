@@ -31,6 +31,7 @@ from pydantic import (
 
 from shipyard import errors
 from shipyard.analysis.verdicts import AnalysisRun
+from shipyard.domain import repository_urls
 from shipyard.domain.models import (
     DeploymentMetrics,
     DeploymentRequest,
@@ -323,7 +324,27 @@ def load_record(doc: Mapping[str, Any]) -> Record:
             f"reads versions up to {SCHEMA_VERSION} (it was written by a newer Shipyard)",
             deployment_id=doc.get("id"),
         )
-    return _RECORD.validate_python(doc)
+    return _RECORD.validate_python(_without_credentials(doc))
+
+
+def _without_credentials(doc: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A record stored before repository URLs with credentials were refused reads with the
+    credential replaced by ``***`` (``domain.repository_urls``): it loads, and the API never
+    returns the secret. The row keeps it until the record is next written."""
+
+    def scrub(source: Any) -> Any:
+        repo = source.get("repository") if isinstance(source, Mapping) else None
+        if isinstance(repo, str) and repository_urls.has_credentials(repo):
+            return {**source, "repository": repository_urls.redacted(repo)}
+        return source
+
+    out = dict(doc)
+    if "source" in out:
+        out["source"] = scrub(out["source"])
+    request = out.get("request")
+    if isinstance(request, Mapping) and "source" in request:
+        out["request"] = {**request, "source": scrub(request["source"])}
+    return out
 
 
 def dump_record(record: Record) -> dict[str, Any]:

@@ -303,7 +303,9 @@ class SecurityGate:
         today: dt.date,
     ) -> str:
         signer = self.signer()
-        source_uri = f"git+{source_repository}@{artifact.commit}" if source_repository else None
+        source_uri = (
+            signing.source_uri(source_repository, artifact.commit) if source_repository else None
+        )
         statement = signing.provenance_statement(
             subject_name=subject_name(artifact),
             subject_digest=artifact.digest,

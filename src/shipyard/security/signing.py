@@ -2,8 +2,15 @@
 Ed25519 in a DSSE envelope, and the check that runs before every deploy.
 
 * Keys: ``Ed25519Signer.load_or_create(data_dir)`` keeps ``<data_dir>/keys/signing.key``
-  (PKCS#8 PEM, mode 0600, refused if group/other can read it) and ``signing.pub`` (PEM). The key id
-  is the SHA-256 of the raw public key, hex.
+  (PKCS#8 PEM, mode 0600, refused if group/other can read it) and ``signing.pub`` (PEM).
+* Key id: the one securesystemslib (in-toto, python-tuf) computes for an Ed25519 key, so its DSSE
+  ``Envelope.verify`` matches our signatures to the exported key with no extra argument: SHA-256,
+  hex, of the OLPC canonical JSON of ``{"keytype": "ed25519", "scheme": "ed25519", "keyval":
+  {"public": "<raw key, hex>"}}`` (``compute_default_keyid`` in securesystemslib >= 0.26; older
+  releases also hashed a ``keyid_hash_algorithms`` list, which its signer API dropped). Envelopes
+  signed before this change carry the *legacy* id, SHA-256 of the raw key bytes; ``verify``
+  accepts both for the same key, so artifacts already stored in a data directory still deploy.
+  ``export_key`` is the key as securesystemslib's ``Key.to_dict()`` writes it, plus ``keyid``.
 * Envelope: ``{"payloadType": "application/vnd.in-toto+json", "payload": b64(statement),
   "signatures": [{"keyid", "sig"}]}``; the signature covers the DSSE v1 pre-authentication
   encoding ``PAE(type, body) = "DSSEv1" SP LEN(type) SP type SP LEN(body) SP body``.
@@ -11,8 +18,9 @@ Ed25519 in a DSSE envelope, and the check that runs before every deploy.
   malformed envelope, signed by a foreign key, bad signature (payload tampered), or a statement
   about another digest than the artifact about to be deployed.
 
-Called by the gate (sign after a passing scan, verify before deploy) and the CLI (export the
-public key). ``Signer`` is the plug-point; ``fake.FakeSigner`` keeps the contract for tests.
+Called by the gate (sign after a passing scan, verify before deploy), the API (``GET
+/api/v1/keys``) and the CLI (``shipyard keys export``). ``Signer`` is the plug-point;
+``fake.FakeSigner`` keeps the contract for tests.
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ import binascii
 import hashlib
 import json
 import os
+import re
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote, unquote, urlsplit
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -40,6 +50,8 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PROVENANCE_TYPE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "urn:shipyard:buildtype:artifact:v1"
 KEY_FILE = "signing.key"
+KEY_TYPE = "ed25519"
+KEY_SCHEME = "ed25519"
 PUB_FILE = "signing.pub"
 
 
@@ -55,9 +67,58 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %b %d %b" % (len(t), t, len(payload), payload)
 
 
+def canonical_json(value: Any) -> bytes:
+    """OLPC canonical JSON (what securesystemslib's ``encode_canonical`` writes): keys sorted,
+    no whitespace, only ``"`` and ``\\`` escaped in strings, integers only (no floats)."""
+    return _canonical(value).encode("utf-8")
+
+
+def _canonical(value: Any) -> str:
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_canonical(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError("canonical JSON object keys must be strings")
+        return (
+            "{" + ",".join(f"{_canonical(k)}:{_canonical(value[k])}" for k in sorted(value)) + "}"
+        )
+    raise TypeError(f"canonical JSON cannot encode {type(value).__name__}")
+
+
+def _raw(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_dict(public_key: Ed25519PublicKey) -> dict[str, Any]:
+    """The public key as securesystemslib serializes it (``SSlibKey.to_dict()``)."""
+    return {"keytype": KEY_TYPE, "scheme": KEY_SCHEME, "keyval": {"public": _raw(public_key).hex()}}
+
+
 def keyid_for(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
+    """The standard key id (securesystemslib's default): sha256(canonical JSON of key_dict)."""
+    return hashlib.sha256(canonical_json(key_dict(public_key))).hexdigest()
+
+
+def legacy_keyid_for(public_key: Ed25519PublicKey) -> str:
+    """The key id Shipyard wrote before it used the standard one: sha256 of the raw key."""
+    return hashlib.sha256(_raw(public_key)).hexdigest()
+
+
+def export_key(public_key: Ed25519PublicKey) -> dict[str, Any]:
+    """``key_dict`` plus its ``keyid``: what ``shipyard keys export --format json`` prints and
+    ``GET /api/v1/keys`` lists. securesystemslib reads it as
+    ``Key.from_dict(d.pop("keyid"), d)``."""
+    return {"keyid": keyid_for(public_key), **key_dict(public_key)}
 
 
 def public_key_pem(public_key: Ed25519PublicKey) -> str:
@@ -117,6 +178,34 @@ def _hex(digest: str) -> str:
     except ValueError as exc:
         raise InvalidInput(f"artifact digest {digest!r} is not hex") from exc
     return value.lower()
+
+
+def source_uri(repository: str, commit: str) -> str:
+    """The SLSA ResourceDescriptor ``uri`` of a git source at ``commit`` (SPDX's VCS form):
+    ``git+https://host/repo@sha``, ``git+ssh://user@host/repo@sha``, and for a local repository
+    (a path or a ``file://`` URL) ``git+file:///abs/path@sha``, percent-encoded, so the URI is
+    valid RFC 3986 and passes the SLSA schema. A relative path resolves against this process's
+    working directory, as the build resolved it (``build.source.normalize_repository``)."""
+    repo = repository.strip()
+    if "://" in repo:
+        parts = urlsplit(repo)
+        scheme = parts.scheme.lower()
+        if scheme == "file":
+            url = Path(unquote(parts.path)).expanduser().resolve().as_uri()
+        else:
+            url = parts._replace(scheme=scheme).geturl().rstrip("/")
+        if scheme.startswith("git+"):
+            return f"{url}@{commit}"
+        return f"git+{url}@{commit}"
+    scp = _SCP_LIKE.match(repo)
+    if scp and not repo.startswith(".") and not Path(repo).expanduser().exists():
+        path = scp["path"] if scp["path"].startswith("/") else "/" + scp["path"]
+        return f"git+ssh://{scp['user'] or ''}{scp['host']}{quote(path)}@{commit}"
+    return f"git+{Path(repo).expanduser().resolve().as_uri()}@{commit}"
+
+
+#: ``user@host:path``, git's scp-like ssh syntax (no slash before the colon).
+_SCP_LIKE = re.compile(r"^(?P<user>[A-Za-z0-9._~-]+@)?(?P<host>[A-Za-z0-9.-]+):(?!//)(?P<path>.*)$")
 
 
 def provenance_statement(
@@ -201,6 +290,18 @@ class Ed25519Signer:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
+    def load(cls, data_dir: Path) -> Ed25519Signer:
+        """The server's existing key from ``<data_dir>/keys``; SigningKeyError when there is none
+        (``shipyard keys export`` never makes a key in a directory it was merely pointed at)."""
+        key_path = data_dir / "keys" / KEY_FILE
+        if not key_path.exists():
+            raise SigningKeyError(
+                f"no signing key at {key_path}: the server makes it when it first signs an "
+                "artifact; check --data-dir, or deploy once first"
+            )
+        return cls(_load_private(key_path))
+
+    @classmethod
     def load_or_create(cls, data_dir: Path) -> Ed25519Signer:
         """The server's key from ``<data_dir>/keys``, generated on first use."""
         keys = data_dir / "keys"
@@ -283,6 +384,8 @@ def verify(
     ``expected_digest``; returns the verified statement, else ArtifactVerificationFailed."""
     key = load_public_key(public_key)
     ours = keyid_for(key)
+    # Envelopes stored before the standard key id carry the legacy one: same key, still ours.
+    accepted = {ours, legacy_keyid_for(key)}
     want = _hex(expected_digest)
     if envelope is None:
         raise ArtifactVerificationFailed(
@@ -320,7 +423,7 @@ def verify(
                 f"malformed DSSE envelope: signatures[{i}] is not an object"
             )
         keyid = sig.get("keyid") or ""
-        if keyid and keyid != ours:
+        if keyid and keyid not in accepted:
             foreign.append(str(keyid))
             continue
         try:
