@@ -28,6 +28,12 @@ class Settings(BaseModel):
     drain_timeout_seconds: float = 30.0
     #: OSV database for the security gate (issue 4); None = gate disabled.
     osv_db: Path | None = None
+    #: The longest lifetime a token may have (``--max-token-ttl-days``): longer ones are
+    #: neither issued nor accepted.
+    max_token_ttl_seconds: int = Field(default=90 * 24 * 3600, gt=0)
+    #: Four eyes: a paused deployment must be promoted by another subject than the one who
+    #: deployed it (``--four-eyes``).
+    four_eyes: bool = False
 
     @property
     def db_path(self) -> Path:

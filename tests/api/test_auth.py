@@ -7,7 +7,7 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +25,10 @@ from shipyard.api.auth import (
     bearer_token,
     require_permission,
 )
+from shipyard.api.tokens import TokenService, registry_row
 from shipyard.errors import InvalidInput, PermissionDenied, Unauthenticated
+from shipyard.store.db import make_engine
+from shipyard.store.tokens import TokenStore
 
 NOW = 1_700_000_000
 
@@ -63,6 +66,7 @@ def claims_payload(**overrides: Any) -> dict[str, Any]:
         "iat": NOW,
         "exp": NOW + 3600,
         "iss": "shipyard",
+        "jti": "hand-made-token-id-0001",
         "permissions": ["deployment:read"],
     }
     payload.update(overrides)
@@ -95,8 +99,10 @@ def test_a_valid_token_gives_its_claims(authority: TokenAuthority) -> None:
         "iat": NOW,
         "exp": NOW + 600,
         "iss": "shipyard",
+        "jti": claims.token_id,
         "permissions": ["deployment:create", "deployment:read"],
     }
+    assert len(claims.token_id) == 22  # 16 random bytes, urlsafe base64
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
 
 
@@ -335,9 +341,23 @@ def test_a_missing_data_dir_is_refused_not_created(tmp_path: Path) -> None:
 # --- FastAPI wiring, in process ------------------------------------------------------------------
 
 
-def make_app(authority: TokenAuthority) -> FastAPI:
+@pytest.fixture
+def service(authority: TokenAuthority, tmp_path: Path) -> Iterator[TokenService]:
+    tokens = TokenService(authority, TokenStore(make_engine(tmp_path)), None)
+    yield tokens
+    tokens.close()
+
+
+def recorded(service: TokenService, subject: str, permissions: list[str], ttl: int = 3600) -> str:
+    """A token the registry knows (what ``TokenService.issue`` records), without a loop."""
+    issued = service.authority.mint(subject, permissions, ttl)
+    service.store.record(registry_row(issued, "test"))
+    return issued.token
+
+
+def make_app(service: TokenService) -> FastAPI:
     app = FastAPI()
-    app.state.token_authority = authority
+    app.state.tokens = service
 
     @app.exception_handler(Unauthenticated)
     async def _401(_: Request, exc: Unauthenticated) -> JSONResponse:
@@ -363,16 +383,16 @@ def make_app(authority: TokenAuthority) -> FastAPI:
 
 
 @pytest.fixture
-async def client(authority: TokenAuthority) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=make_app(authority))
+async def client(service: TokenService) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=make_app(service))
     async with httpx.AsyncClient(transport=transport, base_url="http://shipyard") as c:
         yield c
 
 
 async def test_a_permitted_token_reaches_the_route(
-    client: httpx.AsyncClient, authority: TokenAuthority
+    client: httpx.AsyncClient, service: TokenService
 ) -> None:
-    token = authority.issue("alice", ["deployment:read", "deployment:create"])
+    token = recorded(service, "alice", ["deployment:read", "deployment:create"])
     headers = {"Authorization": f"Bearer {token}"}
 
     assert (await client.get("/deployments", headers=headers)).json() == {"subject": "alice"}
@@ -381,12 +401,12 @@ async def test_a_permitted_token_reaches_the_route(
 
 
 async def test_no_or_bad_credentials_get_401(
-    client: httpx.AsyncClient, authority: TokenAuthority, clock: Clock
+    client: httpx.AsyncClient, service: TokenService, clock: Clock
 ) -> None:
     no_header = await client.get("/deployments")
     garbage = await client.get("/deployments", headers={"Authorization": "Bearer garbage"})
     basic = await client.get("/deployments", headers={"Authorization": "Basic YTpi"})
-    token = authority.issue("alice", ["deployment:read"], ttl_seconds=10)
+    token = recorded(service, "alice", ["deployment:read"], ttl=10)
     clock.now += 10
     expired = await client.get("/deployments", headers={"Authorization": f"Bearer {token}"})
 
@@ -401,9 +421,9 @@ async def test_no_or_bad_credentials_get_401(
 
 
 async def test_a_token_without_the_permission_gets_403(
-    client: httpx.AsyncClient, authority: TokenAuthority
+    client: httpx.AsyncClient, service: TokenService
 ) -> None:
-    token = authority.issue("viewer", ["deployment:read"])
+    token = recorded(service, "viewer", ["deployment:read"])
 
     response = await client.post("/deployments", headers={"Authorization": f"Bearer {token}"})
 
@@ -414,8 +434,8 @@ async def test_a_token_without_the_permission_gets_403(
     }
 
 
-def test_the_openapi_schema_declares_bearer_auth(authority: TokenAuthority) -> None:
-    schema = make_app(authority).openapi()
+def test_the_openapi_schema_declares_bearer_auth(service: TokenService) -> None:
+    schema = make_app(service).openapi()
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert schema["paths"]["/deployments"]["get"]["security"] == [{"HTTPBearer": []}]
 

@@ -68,7 +68,7 @@ def test_an_unknown_permission_exits_2_listing_the_valid_ones(tmp_path: Path) ->
     )
 
     assert result.exit_code == 2
-    assert "unknown permission(s): admin" in result.stderr
+    assert "unknown permission 'admin'" in result.stderr
     for valid in ("deployment:create", "deployment:rollback", "deployment:read"):
         assert valid in result.stderr
     assert result.stdout == ""
