@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shipyard.api.app import create_app
 from shipyard.api.auth import IssuedToken, TokenAuthority
-from shipyard.api.tokens import TokenService, registry_row
 from shipyard.api.context import AppContext
+from shipyard.api.tokens import TokenService, registry_row
 from shipyard.audit import MemoryAuditLog
 from shipyard.build.fake import FakeBuilder
 from shipyard.domain.clock import FakeClock

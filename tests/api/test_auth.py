@@ -267,6 +267,105 @@ def test_permissions_this_version_does_not_know_grant_nothing(
     assert authority.verify(token).permissions == {"deployment:read"}
 
 
+# --- token ids and the lifetime limit ------------------------------------------------------------
+
+
+def test_every_token_gets_its_own_random_id(authority: TokenAuthority) -> None:
+    ids = {authority.mint("alice", ["deployment:read"]).claims.token_id for _ in range(50)}
+    assert len(ids) == 50
+
+
+def test_a_token_without_an_id_is_refused_with_a_message_to_reissue(
+    authority: TokenAuthority, key: bytes
+) -> None:
+    token = jwt.encode(claims_payload(jti=None), key, algorithm="HS256")
+    with pytest.raises(Unauthenticated) as caught:
+        authority.verify(token)
+    assert caught.value.detail["reason"] == "missing_token_id"
+    assert "issue a new one with `shipyard token create`" in caught.value.message
+
+
+@pytest.mark.parametrize("jti", [7, "short", "has spaces in the id!", "x" * 65])
+def test_a_token_with_an_ill_formed_id_is_refused(
+    authority: TokenAuthority, key: bytes, jti: object
+) -> None:
+    token = jwt.encode(claims_payload(jti=jti), key, algorithm="HS256")
+    assert reason_of(authority, token) == "invalid_claim"
+
+
+def test_the_default_maximum_lifetime_is_ninety_days(authority: TokenAuthority) -> None:
+    ninety_days = 90 * 24 * 3600
+    assert authority.verify(authority.issue("a", ["deployment:read"], ninety_days))
+    with pytest.raises(InvalidInput) as caught:
+        authority.issue("a", ["deployment:read"], ninety_days + 1)
+    assert "maximum token lifetime, 7776000 s (90 days)" in caught.value.message
+    assert "--max-token-ttl-days" in caught.value.message
+
+
+def test_a_lifetime_over_the_limit_is_refused_at_issue(key: bytes, clock: Clock) -> None:
+    authority = TokenAuthority(key, clock=clock, max_ttl_seconds=3600)
+    with pytest.raises(InvalidInput) as caught:
+        authority.issue("a", ["deployment:read"], 3601)
+    assert caught.value.detail["max_ttl_seconds"] == 3600
+    assert authority.verify(authority.issue("a", ["deployment:read"], 3600)).subject == "a"
+
+
+def test_a_ten_year_token_signed_with_the_right_key_is_refused_at_verify(
+    authority: TokenAuthority, key: bytes
+) -> None:
+    # What a stolen key mints: a valid signature, a lifetime no server of ours would issue.
+    token = jwt.encode(claims_payload(exp=NOW + 10 * 365 * 86400), key, algorithm="HS256")
+
+    with pytest.raises(Unauthenticated) as caught:
+        authority.verify(token)
+
+    assert caught.value.detail["reason"] == "lifetime_too_long"
+    assert "longer than this server's maximum, 7776000 s (90 days)" in caught.value.message
+
+
+def test_a_lower_limit_refuses_tokens_issued_under_a_higher_one(key: bytes, clock: Clock) -> None:
+    token = TokenAuthority(key, clock=clock).issue("a", ["deployment:read"], 7200)
+    assert reason_of(TokenAuthority(key, clock=clock, max_ttl_seconds=3600), token) == (
+        "lifetime_too_long"
+    )
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 1.5])
+def test_a_bad_limit_is_refused(key: bytes, limit: Any) -> None:
+    with pytest.raises(InvalidInput):
+        TokenAuthority(key, max_ttl_seconds=limit)
+
+
+def test_scoped_permissions_are_validated_at_issue(authority: TokenAuthority) -> None:
+    with pytest.raises(InvalidInput, match="not a service name or a glob"):
+        authority.issue("ci", ["deployment:create:Payments"])
+    with pytest.raises(InvalidInput, match="cannot be narrowed"):
+        authority.issue("ci", ["token:admin:web-*"])
+
+
+def test_claims_answer_per_service(authority: TokenAuthority) -> None:
+    claims = authority.verify(
+        authority.issue("ci", ["deployment:create:web-*", "deployment:create:payments"])
+    )
+
+    assert claims.has_permission("deployment:create")
+    assert claims.may("deployment:create", "web-api") and claims.may(
+        "deployment:create", "payments"
+    )
+    assert not claims.may("deployment:create", "billing")
+    assert not claims.everywhere("deployment:create")
+    assert claims.scopes("deployment:create") == ["payments", "web-*"]
+    claims.require("deployment:create", "web-api")
+    with pytest.raises(PermissionDenied) as caught:
+        claims.require("deployment:create", "billing")
+    assert caught.value.message == (
+        "token for 'ci' may create and promote deployments only for services matching "
+        "'payments', 'web-*', not 'billing'"
+    )
+    with pytest.raises(PermissionDenied, match="for every service"):
+        claims.require_everywhere("deployment:create")
+
+
 # --- permissions and the header ------------------------------------------------------------------
 
 

@@ -19,8 +19,8 @@ import pytest
 
 from shipyard.api.app import create_app
 from shipyard.api.auth import TokenAuthority
-from shipyard.api.tokens import TokenService, registry_row
 from shipyard.api.context import AppContext
+from shipyard.api.tokens import TokenService, registry_row
 from shipyard.runtime.base import ReplicaStatus
 from shipyard.settings import Settings
 from shipyard.store.tokens import TokenStore

@@ -36,7 +36,7 @@ from typing import Annotated, Any, Protocol, TypeGuard
 import jwt
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from jwt.exceptions import InvalidSubjectError
+from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
 from shipyard.api import permissions as perms_mod
 from shipyard.api.permissions import DESCRIPTIONS, PERMISSIONS, Permission
@@ -281,6 +281,10 @@ class TokenAuthority:
         except InvalidSubjectError as exc:
             raise _unauthenticated(
                 "the token's 'sub' claim is not a name", "invalid_claim"
+            ) from exc
+        except InvalidJTIError as exc:
+            raise _unauthenticated(
+                "the token's 'jti' claim is not a token id", "invalid_claim"
             ) from exc
         except jwt.DecodeError as exc:
             raise _unauthenticated("the bearer token is malformed", "malformed") from exc
