@@ -156,7 +156,7 @@ def test_the_limit_the_server_started_with_is_obeyed(tmp_path: Path) -> None:
     within = create(tmp_path, *base, "86400")
 
     assert over.exit_code == 2
-    assert "maximum token lifetime, 86400 s (1 days)" in over.stderr
+    assert "maximum token lifetime, 86400 s (1 day)" in over.stderr
     assert within.exit_code == 0, within.output
 
 

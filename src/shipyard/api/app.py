@@ -30,6 +30,7 @@ service.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -98,8 +99,6 @@ def _token(row: TokenRow) -> dict[str, Any]:
 
 
 def _utc(ts: float) -> str:
-    import datetime as dt
-
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
 
 

@@ -329,7 +329,8 @@ class TokenAuthority:
 
 def describe_ttl(seconds: int) -> str:
     """``7776000 s (90 days)``: a lifetime limit as people and flags say it."""
-    return f"{seconds} s ({seconds / 86400:g} days)"
+    days = seconds / 86400
+    return f"{seconds} s ({days:g} day{'' if days == 1 else 's'})"
 
 
 def _is_time(value: object) -> TypeGuard[int | float]:
