@@ -34,6 +34,13 @@ class Settings(BaseModel):
     #: (``SandboxPolicy(data_dir)``). Only ``--insecure-no-sandbox`` turns it off.
     sandbox: SandboxPolicy | None = None
 
+    #: The longest lifetime a token may have (``--max-token-ttl-days``): longer ones are
+    #: neither issued nor accepted.
+    max_token_ttl_seconds: int = Field(default=90 * 24 * 3600, gt=0)
+    #: Four eyes: a paused deployment must be promoted by another subject than the one who
+    #: deployed it (``--four-eyes``).
+    four_eyes: bool = False
+
     @property
     def sandbox_policy(self) -> SandboxPolicy:
         return self.sandbox or SandboxPolicy(data_dir=self.data_dir)

@@ -17,8 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shipyard.api.app import create_app
-from shipyard.api.auth import TokenAuthority
+from shipyard.api.auth import IssuedToken, TokenAuthority
 from shipyard.api.context import AppContext
+from shipyard.api.tokens import TokenService, registry_row
 from shipyard.audit import MemoryAuditLog
 from shipyard.build.fake import FakeBuilder
 from shipyard.domain.clock import FakeClock
@@ -27,6 +28,7 @@ from shipyard.orchestrator.pipeline import Pipeline
 from shipyard.runtime.fake import FakeRuntime, TrafficProfile
 from shipyard.settings import Settings
 from shipyard.store.db import Store, make_engine
+from shipyard.store.tokens import TokenStore
 from tests.orchestrator.world import ObservedStore
 
 ALL = ["deployment:create", "deployment:read", "deployment:rollback"]
@@ -40,11 +42,15 @@ class Harness:
         self.runtime.router.rps = 50.0  # steady synthetic traffic, so canary analysis can measure
         self.builder = FakeBuilder()
         self.prober = FakeProber()
-        self.tokens = TokenAuthority(b"k" * 32)
         #: What the tests read (synchronously); the app and its pipeline use ``astore``.
         self.store = Store(make_engine(tmp))
         self.astore = ObservedStore(self.store)
         self.audit = MemoryAuditLog(clock=self.clock.now)
+        self.tokens = TokenService(
+            TokenAuthority(b"k" * 32), TokenStore(self.store.engine), self.audit
+        )
+        #: Four eyes for the pipeline the next ``context`` builds.
+        self.four_eyes = False
 
     async def context(self, settings: Settings) -> AppContext:
         pipeline = Pipeline(
@@ -55,6 +61,7 @@ class Harness:
             prober=self.prober,
             clock=self.clock,
             logs_dir=settings.data_dir / "deployments",
+            four_eyes=self.four_eyes,
         )
         return AppContext(
             settings, self.astore, self.audit, pipeline, self.tokens, {"local": self.runtime}
@@ -67,8 +74,14 @@ class Harness:
                 assert now not in ("Success", "Failed", "RolledBack"), f"ended {now}, not {status}"
                 await self.astore.changed.wait()
 
-    def headers(self, *perms: str) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.tokens.issue('alice', list(perms or ALL))}"}
+    def issue(self, *perms: str, subject: str = "alice") -> IssuedToken:
+        """A token recorded in the registry (as ``shipyard token create`` records it)."""
+        issued = self.tokens.authority.mint(subject, list(perms or ALL))
+        self.tokens.store.record(registry_row(issued, "test"))
+        return issued
+
+    def headers(self, *perms: str, subject: str = "alice") -> dict[str, str]:
+        return {"authorization": f"Bearer {self.issue(*perms, subject=subject).token}"}
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +25,10 @@ from shipyard.api.auth import (
     bearer_token,
     require_permission,
 )
+from shipyard.api.tokens import TokenService, registry_row
 from shipyard.errors import InvalidInput, PermissionDenied, Unauthenticated
+from shipyard.store.db import make_engine
+from shipyard.store.tokens import TokenStore
 
 NOW = 1_700_000_000
 
@@ -63,6 +66,7 @@ def claims_payload(**overrides: Any) -> dict[str, Any]:
         "iat": NOW,
         "exp": NOW + 3600,
         "iss": "shipyard",
+        "jti": "hand-made-token-id-0001",
         "permissions": ["deployment:read"],
     }
     payload.update(overrides)
@@ -95,8 +99,10 @@ def test_a_valid_token_gives_its_claims(authority: TokenAuthority) -> None:
         "iat": NOW,
         "exp": NOW + 600,
         "iss": "shipyard",
+        "jti": claims.token_id,
         "permissions": ["deployment:create", "deployment:read"],
     }
+    assert len(claims.token_id) == 22  # 16 random bytes, urlsafe base64
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
 
 
@@ -261,6 +267,105 @@ def test_permissions_this_version_does_not_know_grant_nothing(
     assert authority.verify(token).permissions == {"deployment:read"}
 
 
+# --- token ids and the lifetime limit ------------------------------------------------------------
+
+
+def test_every_token_gets_its_own_random_id(authority: TokenAuthority) -> None:
+    ids = {authority.mint("alice", ["deployment:read"]).claims.token_id for _ in range(50)}
+    assert len(ids) == 50
+
+
+def test_a_token_without_an_id_is_refused_with_a_message_to_reissue(
+    authority: TokenAuthority, key: bytes
+) -> None:
+    token = jwt.encode(claims_payload(jti=None), key, algorithm="HS256")
+    with pytest.raises(Unauthenticated) as caught:
+        authority.verify(token)
+    assert caught.value.detail["reason"] == "missing_token_id"
+    assert "issue a new one with `shipyard token create`" in caught.value.message
+
+
+@pytest.mark.parametrize("jti", [7, "short", "has spaces in the id!", "x" * 65])
+def test_a_token_with_an_ill_formed_id_is_refused(
+    authority: TokenAuthority, key: bytes, jti: object
+) -> None:
+    token = jwt.encode(claims_payload(jti=jti), key, algorithm="HS256")
+    assert reason_of(authority, token) == "invalid_claim"
+
+
+def test_the_default_maximum_lifetime_is_ninety_days(authority: TokenAuthority) -> None:
+    ninety_days = 90 * 24 * 3600
+    assert authority.verify(authority.issue("a", ["deployment:read"], ninety_days))
+    with pytest.raises(InvalidInput) as caught:
+        authority.issue("a", ["deployment:read"], ninety_days + 1)
+    assert "maximum token lifetime, 7776000 s (90 days)" in caught.value.message
+    assert "--max-token-ttl-days" in caught.value.message
+
+
+def test_a_lifetime_over_the_limit_is_refused_at_issue(key: bytes, clock: Clock) -> None:
+    authority = TokenAuthority(key, clock=clock, max_ttl_seconds=3600)
+    with pytest.raises(InvalidInput) as caught:
+        authority.issue("a", ["deployment:read"], 3601)
+    assert caught.value.detail["max_ttl_seconds"] == 3600
+    assert authority.verify(authority.issue("a", ["deployment:read"], 3600)).subject == "a"
+
+
+def test_a_ten_year_token_signed_with_the_right_key_is_refused_at_verify(
+    authority: TokenAuthority, key: bytes
+) -> None:
+    # What a stolen key mints: a valid signature, a lifetime no server of ours would issue.
+    token = jwt.encode(claims_payload(exp=NOW + 10 * 365 * 86400), key, algorithm="HS256")
+
+    with pytest.raises(Unauthenticated) as caught:
+        authority.verify(token)
+
+    assert caught.value.detail["reason"] == "lifetime_too_long"
+    assert "longer than this server's maximum, 7776000 s (90 days)" in caught.value.message
+
+
+def test_a_lower_limit_refuses_tokens_issued_under_a_higher_one(key: bytes, clock: Clock) -> None:
+    token = TokenAuthority(key, clock=clock).issue("a", ["deployment:read"], 7200)
+    assert reason_of(TokenAuthority(key, clock=clock, max_ttl_seconds=3600), token) == (
+        "lifetime_too_long"
+    )
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 1.5])
+def test_a_bad_limit_is_refused(key: bytes, limit: Any) -> None:
+    with pytest.raises(InvalidInput):
+        TokenAuthority(key, max_ttl_seconds=limit)
+
+
+def test_scoped_permissions_are_validated_at_issue(authority: TokenAuthority) -> None:
+    with pytest.raises(InvalidInput, match="not a service name or a glob"):
+        authority.issue("ci", ["deployment:create:Payments"])
+    with pytest.raises(InvalidInput, match="cannot be narrowed"):
+        authority.issue("ci", ["token:admin:web-*"])
+
+
+def test_claims_answer_per_service(authority: TokenAuthority) -> None:
+    claims = authority.verify(
+        authority.issue("ci", ["deployment:create:web-*", "deployment:create:payments"])
+    )
+
+    assert claims.has_permission("deployment:create")
+    assert claims.may("deployment:create", "web-api") and claims.may(
+        "deployment:create", "payments"
+    )
+    assert not claims.may("deployment:create", "billing")
+    assert not claims.everywhere("deployment:create")
+    assert claims.scopes("deployment:create") == ["payments", "web-*"]
+    claims.require("deployment:create", "web-api")
+    with pytest.raises(PermissionDenied) as caught:
+        claims.require("deployment:create", "billing")
+    assert caught.value.message == (
+        "token for 'ci' may create and promote deployments only for services matching "
+        "'payments', 'web-*', not 'billing'"
+    )
+    with pytest.raises(PermissionDenied, match="for every service"):
+        claims.require_everywhere("deployment:create")
+
+
 # --- permissions and the header ------------------------------------------------------------------
 
 
@@ -335,9 +440,23 @@ def test_a_missing_data_dir_is_refused_not_created(tmp_path: Path) -> None:
 # --- FastAPI wiring, in process ------------------------------------------------------------------
 
 
-def make_app(authority: TokenAuthority) -> FastAPI:
+@pytest.fixture
+def service(authority: TokenAuthority, tmp_path: Path) -> Iterator[TokenService]:
+    tokens = TokenService(authority, TokenStore(make_engine(tmp_path)), None)
+    yield tokens
+    tokens.close()
+
+
+def recorded(service: TokenService, subject: str, permissions: list[str], ttl: int = 3600) -> str:
+    """A token the registry knows (what ``TokenService.issue`` records), without a loop."""
+    issued = service.authority.mint(subject, permissions, ttl)
+    service.store.record(registry_row(issued, "test"))
+    return issued.token
+
+
+def make_app(service: TokenService) -> FastAPI:
     app = FastAPI()
-    app.state.token_authority = authority
+    app.state.tokens = service
 
     @app.exception_handler(Unauthenticated)
     async def _401(_: Request, exc: Unauthenticated) -> JSONResponse:
@@ -363,16 +482,16 @@ def make_app(authority: TokenAuthority) -> FastAPI:
 
 
 @pytest.fixture
-async def client(authority: TokenAuthority) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=make_app(authority))
+async def client(service: TokenService) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=make_app(service))
     async with httpx.AsyncClient(transport=transport, base_url="http://shipyard") as c:
         yield c
 
 
 async def test_a_permitted_token_reaches_the_route(
-    client: httpx.AsyncClient, authority: TokenAuthority
+    client: httpx.AsyncClient, service: TokenService
 ) -> None:
-    token = authority.issue("alice", ["deployment:read", "deployment:create"])
+    token = recorded(service, "alice", ["deployment:read", "deployment:create"])
     headers = {"Authorization": f"Bearer {token}"}
 
     assert (await client.get("/deployments", headers=headers)).json() == {"subject": "alice"}
@@ -381,12 +500,12 @@ async def test_a_permitted_token_reaches_the_route(
 
 
 async def test_no_or_bad_credentials_get_401(
-    client: httpx.AsyncClient, authority: TokenAuthority, clock: Clock
+    client: httpx.AsyncClient, service: TokenService, clock: Clock
 ) -> None:
     no_header = await client.get("/deployments")
     garbage = await client.get("/deployments", headers={"Authorization": "Bearer garbage"})
     basic = await client.get("/deployments", headers={"Authorization": "Basic YTpi"})
-    token = authority.issue("alice", ["deployment:read"], ttl_seconds=10)
+    token = recorded(service, "alice", ["deployment:read"], ttl=10)
     clock.now += 10
     expired = await client.get("/deployments", headers={"Authorization": f"Bearer {token}"})
 
@@ -401,9 +520,9 @@ async def test_no_or_bad_credentials_get_401(
 
 
 async def test_a_token_without_the_permission_gets_403(
-    client: httpx.AsyncClient, authority: TokenAuthority
+    client: httpx.AsyncClient, service: TokenService
 ) -> None:
-    token = authority.issue("viewer", ["deployment:read"])
+    token = recorded(service, "viewer", ["deployment:read"])
 
     response = await client.post("/deployments", headers={"Authorization": f"Bearer {token}"})
 
@@ -414,8 +533,8 @@ async def test_a_token_without_the_permission_gets_403(
     }
 
 
-def test_the_openapi_schema_declares_bearer_auth(authority: TokenAuthority) -> None:
-    schema = make_app(authority).openapi()
+def test_the_openapi_schema_declares_bearer_auth(service: TokenService) -> None:
+    schema = make_app(service).openapi()
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert schema["paths"]["/deployments"]["get"]["security"] == [{"HTTPBearer": []}]
 

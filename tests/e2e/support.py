@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from shipyard.api.auth import TokenAuthority
+from shipyard.cli.token import issue_local
 
 ALL = ["deployment:create", "deployment:read", "deployment:rollback"]
 T = TypeVar("T")
@@ -103,7 +103,7 @@ class Server:
                 return False
 
         wait_until(up, 30, "shipyard serve to answer /healthz")
-        token = TokenAuthority.from_data_dir(self.data_dir).issue("e2e", ALL)
+        token = issue_local(self.data_dir, "e2e", ALL, ttl_seconds=12 * 3600)
         if self.client is not None:
             self.client.close()
         self.client = httpx.Client(

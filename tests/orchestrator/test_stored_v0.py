@@ -20,8 +20,10 @@ import pytest
 from shipyard.api.app import create_app
 from shipyard.api.auth import TokenAuthority
 from shipyard.api.context import AppContext
+from shipyard.api.tokens import TokenService, registry_row
 from shipyard.runtime.base import ReplicaStatus
 from shipyard.settings import Settings
+from shipyard.store.tokens import TokenStore
 from tests.orchestrator.world import PipelineWorld
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -55,14 +57,16 @@ async def world(tmp_path: Path) -> AsyncIterator[PipelineWorld]:
 
 async def test_every_stored_document_reads_as_it_did(world: PipelineWorld, tmp_path: Path) -> None:
     """Through the HTTP API, before anything resumes: the listing and each document."""
-    tokens = TokenAuthority(b"k" * 32)
+    tokens = TokenService(TokenAuthority(b"k" * 32), TokenStore(world.store.engine), world.audit)
     settings = Settings(data_dir=tmp_path)
     app = create_app(settings)
     app.state.context = AppContext(
         settings, world.astore, world.audit, world.pipeline, tokens, {"local": world.runtime}
     )
-    app.state.token_authority = tokens
-    headers = {"authorization": f"Bearer {tokens.issue('alice', ['deployment:read'])}"}
+    app.state.tokens = tokens
+    issued = tokens.authority.mint("alice", ["deployment:read"])
+    tokens.store.record(registry_row(issued, "test"))
+    headers = {"authorization": f"Bearer {issued.token}"}
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://shipyard") as client:
         listing = (await client.get("/api/v1/deployments?limit=500", headers=headers)).json()

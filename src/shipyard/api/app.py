@@ -18,17 +18,26 @@ as typed records) or the store (services). Both are awaited without blocking the
     GET  /api/v1/services/{name}             deployment:read
     GET  /api/v1/keys                        deployment:read     signing public keys (?format=pem)
     GET  /metrics                            deployment:read     Prometheus exposition
+    GET  /api/v1/tokens                      token:admin         every issued token (no secrets)
+    DELETE /api/v1/tokens/{token_id}         token:admin         revoke: 401 from the next request
     GET  /healthz                            no auth
+
+Deployment permissions may be scoped to services (``deployment:create:web-*``, see
+api/permissions.py): a route acting on a deployment or service checks the scope against that
+service once it knows it (``claims.require(permission, service)``), list routes show only what
+the token may read, and ``/metrics`` (every service's numbers) needs ``deployment:read`` for every
+service.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from shipyard import __version__
@@ -43,10 +52,13 @@ from shipyard.orchestrator.record import Record, dump_record
 from shipyard.runtime.base import ReplicaStatus
 from shipyard.security import signing
 from shipyard.settings import Settings
+from shipyard.store.tokens import TokenRow
 
 CanCreate = Annotated[Claims, Depends(require_permission("deployment:create"))]
 CanRollback = Annotated[Claims, Depends(require_permission("deployment:rollback"))]
 CanRead = Annotated[Claims, Depends(require_permission("deployment:read"))]
+CanAdminTokens = Annotated[Claims, Depends(require_permission("token:admin"))]
+TokenId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 ServiceName = Annotated[str, Query(pattern=DNS_LABEL, max_length=63)]
 Wait = Annotated[bool, Query(description="Answer when the deployment is final.")]
 WaitTimeout = Annotated[float, Query(gt=0, le=3600)]
@@ -63,6 +75,33 @@ Ctx = Annotated[AppContext, Depends(ctx)]
 def _resource(record: Record) -> dict[str, Any]:
     """``GET /deployments/{id}``: the ADR's deployment resource (``domain.models.Deployment``)."""
     return Deployment.model_validate(dump_record(record)).model_dump(mode="json")
+
+
+async def _deployment(
+    c: AppContext, claims: Claims, permission: str, deployment_id: uuid.UUID
+) -> Record:
+    """The deployment, once ``claims`` are known to hold ``permission`` for its service."""
+    record = await c.pipeline.get(str(deployment_id))
+    claims.require(permission, record.service)
+    return record
+
+
+def _token(row: TokenRow) -> dict[str, Any]:
+    """A registry row as the API shows it: everything but the token, which is never kept."""
+    return {
+        "id": row.id,
+        "subject": row.subject,
+        "permissions": list(row.permissions),
+        "issued_at": _utc(row.issued_at),
+        "expires_at": _utc(row.expires_at),
+        "issued_by": row.issued_by,
+        "revoked_at": _utc(row.revoked_at) if row.revoked_at is not None else None,
+        "revoked_by": row.revoked_by,
+    }
+
+
+def _utc(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
 
 
 def _accepted(request: Request, record: Record) -> JSONResponse:
@@ -127,7 +166,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         context = await context_factory(settings)
         app.state.context = context
-        app.state.token_authority = context.tokens
+        app.state.tokens = context.tokens
         await context.pipeline.start()
         try:
             yield
@@ -140,8 +179,9 @@ def create_app(
     exposition = metrics_mod.MetricsEndpoint()
 
     @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
-    async def metrics(_: CanRead, c: Ctx) -> Response:
-        """Prometheus exposition; scrape with a token holding ``deployment:read``."""
+    async def metrics(claims: CanRead, c: Ctx) -> Response:
+        """Prometheus exposition; scrape with a token holding ``deployment:read`` (unscoped)."""
+        claims.require_everywhere("deployment:read")
         body = await exposition.render(c.store, c.runtimes)
         return Response(body, media_type=metrics_mod.CONTENT_TYPE)
 
@@ -158,7 +198,8 @@ def create_app(
         wait: Wait = False,
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
-        record = await c.pipeline.submit(body, claims.subject)
+        claims.require("deployment:create", body.target.service_name)
+        record = await c.pipeline.submit(body, claims.subject, token_id=claims.token_id)
         return await _answer(request, c, record, wait, timeout)
 
     @app.post("/api/v1/rollback/{deployment_id}", status_code=202, tags=["deployments"])
@@ -170,14 +211,20 @@ def create_app(
         wait: Wait = False,
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
-        record = await c.pipeline.rollback(str(deployment_id), claims.subject)
+        await _deployment(c, claims, "deployment:rollback", deployment_id)
+        record = await c.pipeline.rollback(
+            str(deployment_id), claims.subject, token_id=claims.token_id
+        )
         return await _answer(request, c, record, wait, timeout)
 
     @app.post("/api/v1/deployments/{deployment_id}/promote", status_code=202, tags=["deployments"])
     async def promote(
         deployment_id: uuid.UUID, request: Request, claims: CanCreate, c: Ctx
     ) -> JSONResponse:
-        record = await c.pipeline.promote(str(deployment_id), claims.subject)
+        await _deployment(c, claims, "deployment:create", deployment_id)
+        record = await c.pipeline.promote(
+            str(deployment_id), claims.subject, token_id=claims.token_id
+        )
         return _accepted(request, record)
 
     @app.post("/api/v1/deployments/{deployment_id}/abort", status_code=202, tags=["deployments"])
@@ -189,32 +236,39 @@ def create_app(
         wait: Wait = False,
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
-        record = await c.pipeline.abort(str(deployment_id), claims.subject)
+        await _deployment(c, claims, "deployment:rollback", deployment_id)
+        record = await c.pipeline.abort(
+            str(deployment_id), claims.subject, token_id=claims.token_id
+        )
         return await _answer(request, c, record, wait, timeout)
 
     @app.get("/api/v1/deployments/{deployment_id}", name="get_deployment", tags=["deployments"])
-    async def get_deployment(deployment_id: uuid.UUID, _: CanRead, c: Ctx) -> dict[str, Any]:
-        return _resource(await c.pipeline.get(str(deployment_id)))
+    async def get_deployment(deployment_id: uuid.UUID, claims: CanRead, c: Ctx) -> dict[str, Any]:
+        return _resource(await _deployment(c, claims, "deployment:read", deployment_id))
 
     @app.get("/api/v1/deployments", tags=["deployments"])
     async def list_deployments(
-        _: CanRead,
+        claims: CanRead,
         c: Ctx,
         service: ServiceName | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> dict[str, Any]:
-        records = await c.pipeline.history(service, limit)
+        """The newest deployments the token may read (of ``service``, if given)."""
+        if service is not None:
+            claims.require("deployment:read", service)
+        matching = claims.scopes("deployment:read")
+        records = await c.pipeline.history(service, limit, matching=matching)
         return {"deployments": [_resource(r) for r in records]}
 
     @app.get("/api/v1/deployments/{deployment_id}/logs", tags=["deployments"])
     async def deployment_logs(
         deployment_id: uuid.UUID,
-        _: CanRead,
+        claims: CanRead,
         c: Ctx,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
         """The build log from byte ``offset`` (at most 64 KiB); poll with the returned offset."""
-        record = await c.pipeline.get(str(deployment_id))
+        record = await _deployment(c, claims, "deployment:read", deployment_id)
         path = c.pipeline.build_log_path(record.id)
         data = b""
         if path is not None and path.is_file():
@@ -228,8 +282,9 @@ def create_app(
         }
 
     @app.get("/api/v1/deployments/{deployment_id}/audit", tags=["deployments"])
-    async def deployment_audit(deployment_id: uuid.UUID, _: CanRead, c: Ctx) -> dict[str, Any]:
-        await c.pipeline.get(str(deployment_id))  # 404 for an unknown deployment
+    async def deployment_audit(deployment_id: uuid.UUID, claims: CanRead, c: Ctx) -> dict[str, Any]:
+        # 404 for an unknown deployment, 403 for another service's
+        await _deployment(c, claims, "deployment:read", deployment_id)
         records = await c.audit.records(deployment_id=str(deployment_id))
         return {"records": [r.to_dict() for r in records]}
 
@@ -251,7 +306,8 @@ def create_app(
         return {"keys": [signing.export_key(signing.load_public_key(pem))]}
 
     @app.get("/api/v1/services", tags=["services"])
-    async def list_services(_: CanRead, c: Ctx) -> dict[str, Any]:
+    async def list_services(claims: CanRead, c: Ctx) -> dict[str, Any]:
+        """The services the token may read."""
         return {
             "services": [
                 {
@@ -261,16 +317,18 @@ def create_app(
                     "url": s.url,
                 }
                 for s in await c.store.list_services()
+                if claims.may("deployment:read", s.service)
             ]
         }
 
     @app.get("/api/v1/services/{name}", tags=["services"])
     async def get_service(
         name: Annotated[str, Depends(_service_name)],
-        _: CanRead,
+        claims: CanRead,
         c: Ctx,
         region: Annotated[str, Query(pattern=DNS_LABEL)] = "local",
     ) -> dict[str, Any]:
+        claims.require("deployment:read", name)
         if region not in c.runtimes:
             raise UnknownRegion(
                 f"unknown region {region!r}; this server runs: {', '.join(c.runtimes)}"
@@ -307,6 +365,17 @@ def create_app(
                 row.serving_revision if row else None, replicas, active is not None
             ),
         }
+
+    @app.get("/api/v1/tokens", tags=["tokens"])
+    async def list_tokens(_: CanAdminTokens, c: Ctx) -> dict[str, Any]:
+        """Every token issued, newest first: ids, subjects, permissions, times; no token."""
+        return {"tokens": [_token(row) for row in await c.tokens.list()]}
+
+    @app.delete("/api/v1/tokens/{token_id}", tags=["tokens"])
+    async def revoke_token(token_id: TokenId, claims: CanAdminTokens, c: Ctx) -> dict[str, Any]:
+        """Revoke a token: every server sharing the store refuses it from the next request."""
+        row, _ = await c.tokens.revoke(token_id, by=claims.subject, by_token=claims.token_id)
+        return _token(row)
 
     return app
 

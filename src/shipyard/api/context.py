@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shipyard.api.auth import TokenAuthority
+from shipyard.api.tokens import TokenService
 from shipyard.audit import AuditLog, SqlAuditLog
 from shipyard.build.registry import BuildConfig, RegistryBuilder
 from shipyard.domain.clock import SystemClock
@@ -20,6 +21,7 @@ from shipyard.runtime.local import LocalRuntime
 from shipyard.security.gate import SecurityGate
 from shipyard.settings import Settings
 from shipyard.store.db import AsyncStore, Store, make_engine
+from shipyard.store.tokens import TokenStore
 
 
 @dataclass
@@ -28,7 +30,7 @@ class AppContext:
     store: AsyncStore
     audit: AuditLog
     pipeline: Pipeline
-    tokens: TokenAuthority
+    tokens: TokenService
     runtimes: dict[str, Runtime]
     closers: list[Any] = field(default_factory=list)
 
@@ -63,17 +65,20 @@ async def build_context(settings: Settings) -> AppContext:
         attestations_dir=settings.data_dir / "attestations",
         logs_dir=settings.data_dir / "deployments",
         drain_timeout=settings.drain_timeout_seconds,
+        four_eyes=settings.four_eyes,
     )
     closers.append(_dispose(engine))
-    return AppContext(
-        settings,
-        store,
+    token_store = TokenStore(engine)
+    # Published so `shipyard token create` (another process) refuses what this server would.
+    token_store.set_max_ttl_seconds(settings.max_token_ttl_seconds)
+    tokens = TokenService(
+        TokenAuthority.from_data_dir(
+            settings.data_dir, max_ttl_seconds=settings.max_token_ttl_seconds
+        ),
+        token_store,
         audit,
-        pipeline,
-        TokenAuthority.from_data_dir(settings.data_dir),
-        runtimes,
-        closers,
     )
+    return AppContext(settings, store, audit, pipeline, tokens, runtimes, closers)
 
 
 def _dispose(engine: Any) -> Any:

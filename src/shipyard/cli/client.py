@@ -23,9 +23,9 @@ def resolve_token(token: str | None, data_dir: Path | None, permissions: list[st
     if token:
         return token
     if data_dir is not None and (data_dir / "keys").exists():
-        from shipyard.api.auth import TokenAuthority
+        from shipyard.cli.token import issue_local
 
-        return TokenAuthority.from_data_dir(data_dir).issue("cli", permissions, ttl_seconds=3600)
+        return issue_local(data_dir, "cli", permissions, ttl_seconds=3600)
     raise InvalidInput(
         "no API token: pass --token, set SHIPYARD_TOKEN, or pass --data-dir of a local server "
         "(create one with `shipyard token create --data-dir DIR --subject you --permission ...`)"

@@ -36,9 +36,9 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
-from shipyard.api.auth import TokenAuthority
 from shipyard.audit import verify_database
 from shipyard.cli.loadgen import LoadGenerator
+from shipyard.cli.token import issue_local
 
 
 def _free_port() -> int:
@@ -184,8 +184,8 @@ class Demo:
                 time.sleep(0.1)
         else:
             raise RuntimeError("shipyard serve did not answer within 30 s")
-        token = TokenAuthority.from_data_dir(self.data_dir).issue(
-            "demo", ["deployment:create", "deployment:read", "deployment:rollback"]
+        token = issue_local(
+            self.data_dir, "demo", ["deployment:create", "deployment:read", "deployment:rollback"]
         )
         self.client = httpx.Client(
             base_url=self.base, headers={"authorization": f"Bearer {token}"}, timeout=120

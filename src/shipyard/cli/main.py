@@ -172,6 +172,23 @@ def serve(
     ] = None,
     insecure_no_sandbox: InsecureNoSandbox = False,
     sandbox_uids: SandboxUids = "200000-299999",
+    max_token_ttl_days: Annotated[
+        int,
+        typer.Option(
+            "--max-token-ttl-days",
+            envvar="SHIPYARD_MAX_TOKEN_TTL_DAYS",
+            min=1,
+            help="Longest token lifetime issued or accepted (`shipyard token create` obeys it).",
+        ),
+    ] = 90,
+    four_eyes: Annotated[
+        bool,
+        typer.Option(
+            "--four-eyes",
+            envvar="SHIPYARD_FOUR_EYES",
+            help="A paused deployment must be promoted by another subject than its deployer.",
+        ),
+    ] = False,
 ) -> None:
     """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
     import uvicorn
@@ -196,6 +213,8 @@ def serve(
         regions=tuple(region or ["local"]),
         osv_db=osv_db.resolve() if osv_db else None,
         sandbox=sandbox.policy,
+        max_token_ttl_seconds=max_token_ttl_days * 24 * 3600,
+        four_eyes=four_eyes,
     )
     if osv_db is None:
         err.print(

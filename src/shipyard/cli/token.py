@@ -1,68 +1,178 @@
-"""``shipyard token``: issue API bearer tokens from a terminal.
+"""``shipyard token``: issue, list and revoke API bearer tokens from a terminal.
 
-The lead's main CLI mounts ``token_app`` as ``shipyard token``. ``create`` signs with the data
-directory's key (api/auth.py ``TokenAuthority.from_data_dir``, created on first use), prints a
-human summary on stderr and the token alone as the last line of stdout, so
-``TOKEN=$(shipyard token create ...)`` works. Exit 2 for a missing data directory or bad input.
+The lead's main CLI mounts ``token_app`` as ``shipyard token``. Every command works on the data
+directory through ``api.tokens.TokenService.for_data_dir``: its signing key (created on first
+use), its token registry and its audit trail (``token.created`` / ``token.revoked``, by
+``local:<os user>``). ``create`` prints a human summary on stderr and the token alone as the last
+line of stdout, so ``TOKEN=$(shipyard token create ...)`` works; it refuses a lifetime longer
+than the limit the server last started with (``shipyard serve --max-token-ttl-days``, 90 days by
+default). ``revoke`` takes effect on the next request to every server sharing the store.
+``issue_local`` is the same issuing for the CLI's own short-lived tokens (cli/client.py,
+cli/demo.py). Exit 2 for a missing data directory or bad input, 1 for an unknown token id.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import getpass
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
-from shipyard.api.auth import PERMISSIONS, TokenAuthority
-from shipyard.errors import InvalidInput
+from shipyard.api import permissions
+from shipyard.api.tokens import TokenService
+from shipyard.errors import InvalidInput, NotFound
 
-token_app = typer.Typer(name="token", help="Issue API bearer tokens.", no_args_is_help=True)
+token_app = typer.Typer(
+    name="token", help="Issue, list and revoke API bearer tokens.", no_args_is_help=True
+)
+
+DataDir = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir", help="Shipyard's data directory (holds keys/jwt.key and shipyard.db)."
+    ),
+]
 
 
 @token_app.callback()
 def _group() -> None:
-    """Issue API bearer tokens."""
+    """Issue, list and revoke API bearer tokens."""
+
+
+def local_actor() -> str:
+    """Who runs the CLI, as the audit trail names them: ``local:<os user>``."""
+    try:
+        return f"local:{getpass.getuser()}"
+    except (KeyError, OSError):  # no passwd entry (containers)
+        return f"local:uid-{os.getuid()}"
+
+
+def issue_local(
+    data_dir: Path, subject: str, permission: Sequence[str], *, ttl_seconds: int = 3600
+) -> str:
+    """A recorded, audited token from ``data_dir``'s key (what ``create`` does, for the CLI's
+    own use); InvalidInput for bad input."""
+    service = TokenService.for_data_dir(data_dir)
+    try:
+        issued = asyncio.run(
+            service.issue(subject, list(permission), ttl_seconds, issued_by=local_actor())
+        )
+    finally:
+        service.close()
+    return issued.token
+
+
+def _service(data_dir: Path) -> TokenService:
+    try:
+        return TokenService.for_data_dir(data_dir)
+    except InvalidInput as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @token_app.command()
 def create(
-    data_dir: Annotated[
-        Path, typer.Option("--data-dir", help="Shipyard's data directory (holds keys/jwt.key).")
-    ],
+    data_dir: DataDir,
     subject: Annotated[str, typer.Option("--subject", help="Who the token is for.")],
     permission: Annotated[
         list[str],
         typer.Option(
-            "--permission",
-            help=f"Repeat for each permission: {', '.join(sorted(PERMISSIONS))}.",
+            "--permission", help=f"Repeat for each permission: {permissions.help_text()}."
         ),
     ],
     ttl_seconds: Annotated[
-        int, typer.Option("--ttl-seconds", help="How long the token is valid.")
+        int,
+        typer.Option(
+            "--ttl-seconds",
+            help="How long the token is valid; at most the server's --max-token-ttl-days "
+            "(90 days by default).",
+        ),
     ] = 12 * 3600,
 ) -> None:
     """Create a token for SUBJECT carrying the given permissions."""
     if not data_dir.is_dir():
         typer.echo(f"error: data directory {data_dir} does not exist", err=True)
         raise typer.Exit(2)
-    unknown = sorted(set(permission) - PERMISSIONS)
-    if unknown:
-        typer.echo(
-            f"error: unknown permission(s): {', '.join(unknown)}; valid permissions: "
-            f"{', '.join(sorted(PERMISSIONS))}",
-            err=True,
-        )
-        raise typer.Exit(2)
     try:
-        authority = TokenAuthority.from_data_dir(data_dir)
-        token = authority.issue(subject, permission, ttl_seconds=ttl_seconds)
-        claims = authority.verify(token)
+        permissions.parse_all(permission)
+    except InvalidInput as exc:  # before anything is created in the data directory
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    service = _service(data_dir)
+    try:
+        issued = asyncio.run(
+            service.issue(subject, permission, ttl_seconds, issued_by=local_actor())
+        )
     except InvalidInput as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
+    finally:
+        service.close()
+    claims = issued.claims
     typer.echo(
-        f"token for {claims.subject} with {', '.join(sorted(claims.permissions))}, "
-        f"expires {claims.expires_at.isoformat()}:",
+        f"token {claims.token_id} for {claims.subject} with "
+        f"{', '.join(sorted(claims.permissions))}, expires {claims.expires_at.isoformat()}:",
         err=True,
     )
-    typer.echo(token)
+    typer.echo(issued.token)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@token_app.command("list")
+def list_tokens(data_dir: DataDir) -> None:
+    """List every token issued (ids, subjects, permissions; never the tokens)."""
+    if not data_dir.is_dir():
+        typer.echo(f"error: data directory {data_dir} does not exist", err=True)
+        raise typer.Exit(2)
+    service = _service(data_dir)
+    try:
+        rows = asyncio.run(service.list())
+    finally:
+        service.close()
+    table = Table(box=box.SIMPLE)
+    for column in ("id", "subject", "permissions", "expires", "revoked"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        revoked = f"{_when(row.revoked_at)} by {row.revoked_by}" if row.revoked else "-"
+        perms = " ".join(row.permissions)
+        table.add_row(row.id, row.subject, perms, _when(row.expires_at), revoked)
+    Console(width=200).print(table)
+
+
+@token_app.command()
+def revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (`shipyard token list`).")],
+    data_dir: DataDir,
+) -> None:
+    """Revoke a token: every server sharing this data directory refuses it from now on."""
+    if not data_dir.is_dir():
+        typer.echo(f"error: data directory {data_dir} does not exist", err=True)
+        raise typer.Exit(2)
+    service = _service(data_dir)
+    try:
+        row, changed = asyncio.run(service.revoke(token_id, by=local_actor()))
+    except NotFound as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        service.close()
+    if not changed:
+        typer.echo(
+            f"token {row.id} ({row.subject}) was already revoked at {_when(row.revoked_at)} by "
+            f"{row.revoked_by}"
+        )
+    else:
+        typer.echo(f"revoked token {row.id} ({row.subject})")

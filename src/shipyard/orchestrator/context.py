@@ -31,14 +31,17 @@ def audit_event(
     event_type: str,
     detail: Mapping[str, object],
     duration_ms: int | None = None,
+    *,
+    user: str | None = None,
 ) -> AuditEvent:
-    """An audit event about ``record``: who asked for it, where, and its status now."""
+    """An audit event about ``record``: who asked for it (or ``user``, who acts on it now:
+    a promotion, an abort), where, and its status now."""
     return AuditEvent(
         event_type=event_type,
         deployment_id=record.id,
         service=record.service,
         region=record.region,
-        user=record.triggered_by,
+        user=user or record.triggered_by,
         status=record.status.value,
         duration_ms=duration_ms,
         detail={k: v for k, v in detail.items() if v is not None},

@@ -2,7 +2,8 @@
 
 ADR section 3's ``DeploymentPipeline.deploy`` as a durable state machine. ``submit`` records a
 deployment and starts driving it; ``rollback`` (a manual rollback of any successful deployment),
-``promote`` (a paused canary goes on), ``abort`` (weight 0 now, then roll back) and ``wait`` act
+``promote`` (a paused canary goes on; with ``four_eyes`` only by another subject than the one who
+deployed it), ``abort`` (weight 0 now, then roll back) and ``wait`` act
 on one; ``start`` converges the data planes, resumes whatever a previous control plane left in
 flight and starts the janitor; ``stop`` stops driving without rolling anything back.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from shipyard import strategies
@@ -32,6 +33,7 @@ from shipyard.errors import (
     DeploymentAborted,
     DeploymentError,
     InvalidInput,
+    PermissionDenied,
     ShipyardError,
 )
 from shipyard.health.probing import Prober
@@ -71,6 +73,7 @@ class Pipeline:
         logs_dir: Path | None = None,
         drain_timeout: float = 30.0,
         janitor_interval: float = 1.0,
+        four_eyes: bool = False,
     ) -> None:
         self.deps = Deps(
             store=store,
@@ -87,6 +90,8 @@ class Pipeline:
         )
         self.records = self.deps.records
         self.clock = clock
+        #: Four eyes (``shipyard serve --four-eyes``): ``promote`` refuses the deployer.
+        self.four_eyes = four_eyes
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
         #: The context of each deployment being driven: ``promote`` changes the record there.
@@ -132,7 +137,12 @@ class Pipeline:
 
     # --- API entry points ------------------------------------------------------------------------
 
-    async def submit(self, request: DeploymentRequest, user: str) -> DeploymentRecord:
+    # ``user`` is who asks (a token's subject), ``token_id`` the id of the token they asked with:
+    # both go into the audit record of the request.
+
+    async def submit(
+        self, request: DeploymentRequest, user: str, *, token_id: str | None = None
+    ) -> DeploymentRecord:
         """Validate, persist (one active deployment per service) and start driving it."""
         self.runtime(request.target.region)
         try:
@@ -152,11 +162,14 @@ class Pipeline:
             strategy=request.strategy.kind,
             commit=request.source.commit,
             repository=request.source.repository,
+            token_id=token_id,
         )
         self._spawn(record.id)
         return record
 
-    async def rollback(self, deployment_id: str, user: str) -> RollbackRecord:
+    async def rollback(
+        self, deployment_id: str, user: str, *, token_id: str | None = None
+    ) -> RollbackRecord:
         """Serve again the revision that served before ``deployment_id`` (see rollback.py)."""
         record = await rollback.request(self.deps, deployment_id, user)
         requested = self.clock.monotonic()
@@ -168,16 +181,21 @@ class Pipeline:
             instant=record.strategy.Rollback.instant,
             restore=record.green_revision,
             replacing=record.blue_revision,
+            token_id=token_id,
         )
         self._spawn(record.id, requested_at=requested)
         return record
 
-    async def promote(self, deployment_id: str, user: str) -> Record:
+    async def promote(
+        self, deployment_id: str, user: str, *, token_id: str | None = None
+    ) -> Record:
         """Let a paused deployment go on (a stage's gate, or an analysis that paused for a
         human: inconclusive, or too little traffic with the ``pause`` policy).
 
         The promotion is in the record, persisted, before this answers; then the task waiting
-        for it is woken. A control plane restarted in between finds it there."""
+        for it is woken. A control plane restarted in between finds it there. With
+        ``four_eyes``, the subject who deployed it (``triggered_by``) may not promote it:
+        PermissionDenied, audited as ``deployment.promote_refused``."""
         async with self._record_lock(deployment_id):
             ctx = self._live.get(deployment_id)
             record = ctx.record if ctx is not None else await self.records.get(deployment_id)
@@ -186,6 +204,25 @@ class Pipeline:
                     f"deployment {deployment_id} is {record.status.value}, not Paused; only a "
                     "paused deployment can be promoted"
                 )
+            if self.four_eyes and user == record.triggered_by:
+                await self._audit(
+                    record,
+                    "deployment.promote_refused",
+                    actor=user,
+                    by=user,
+                    token_id=token_id,
+                    policy="four_eyes",
+                )
+                raise PermissionDenied(
+                    f"{user!r} deployed {deployment_id} and may not also promote it: this server "
+                    "requires four eyes (`shipyard serve --four-eyes`); another subject's token "
+                    "with deployment:create for the service must promote it",
+                    policy="four_eyes",
+                    deployed_by=record.triggered_by,
+                )
+            await self._audit(
+                record, "deployment.promote_requested", actor=user, by=user, token_id=token_id
+            )
             answer = record.model_copy(deep=True)
             record.progress.promoted_by = user
             if ctx is not None:
@@ -196,7 +233,7 @@ class Pipeline:
                 await self.records.save(record)
         return answer
 
-    async def abort(self, deployment_id: str, user: str) -> Record:
+    async def abort(self, deployment_id: str, user: str, *, token_id: str | None = None) -> Record:
         """Abort a deployment in flight: candidate weight to 0 at once, then roll back.
 
         The driving task is cancelled (everything it did is persisted and every step is
@@ -223,7 +260,9 @@ class Pipeline:
                 record.error = RecordedError.of(cause)
                 record.updated_at = utc(self.clock.now())
                 await self.records.save(record)
-                await self._audit(record, "deployment.abort_requested", by=user)
+                await self._audit(
+                    record, "deployment.abort_requested", actor=user, by=user, token_id=token_id
+                )
         self._spawn(deployment_id, requested_at=requested if aborting else None)
         return record
 
@@ -241,9 +280,12 @@ class Pipeline:
     async def get(self, deployment_id: str) -> Record:
         return await self.records.get(deployment_id)
 
-    async def history(self, service: str | None = None, limit: int = 50) -> list[Record]:
-        """The latest deployments and rollbacks, newest first."""
-        return await self.records.history(service, limit)
+    async def history(
+        self, service: str | None = None, limit: int = 50, *, matching: Sequence[str] | None = None
+    ) -> list[Record]:
+        """The latest deployments and rollbacks, newest first (of services ``matching`` one of
+        these globs, if given)."""
+        return await self.records.history(service, limit, matching=matching)
 
     async def resume_all(self) -> None:
         for record in await self.records.active():
@@ -345,5 +387,8 @@ class Pipeline:
             return
         await outcome.succeed(ctx)
 
-    async def _audit(self, record: Record, event_type: str, **detail: object) -> None:
-        await self.deps.audit.append(audit_event(record, event_type, detail))
+    async def _audit(
+        self, record: Record, event_type: str, *, actor: str | None = None, **detail: object
+    ) -> None:
+        """Audit ``event_type`` about ``record``; ``actor``: who acts, if not its requester."""
+        await self.deps.audit.append(audit_event(record, event_type, detail, user=actor))

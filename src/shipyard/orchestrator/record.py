@@ -16,7 +16,7 @@ repository over ``store.db.AsyncStore`` that the pipeline, its steps and the rec
 from __future__ import annotations
 
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -423,8 +423,11 @@ class Records:
         doc = await self.store.active_deployment(service, region)
         return None if doc is None else load_record(doc)
 
-    async def history(self, service: str | None = None, limit: int = 50) -> list[Record]:
-        return [load_record(d) for d in await self.store.list_deployments(service, limit)]
+    async def history(
+        self, service: str | None = None, limit: int = 50, *, matching: Sequence[str] | None = None
+    ) -> list[Record]:
+        docs = await self.store.list_deployments(service, limit, matching=matching)
+        return [load_record(d) for d in docs]
 
     async def revision(self, revision: str) -> RevisionRecord:
         return RevisionRecord.model_validate(await self.store.get_revision_spec(revision))

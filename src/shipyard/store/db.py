@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +38,9 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    false,
     insert,
+    or_,
     select,
     text,
     update,
@@ -208,10 +210,17 @@ class Store:
         with self.engine.connect() as conn:
             return {(str(k), str(s)): int(n) for k, s, n in conn.execute(q).all()}
 
-    def list_deployments(self, service: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def list_deployments(
+        self, service: str | None = None, limit: int = 50, *, matching: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest ``limit`` deployments (of ``service``), newest first. ``matching``: only
+        services matching one of these globs (``*``, ``?``; a token's service scopes), filtered
+        here so ``limit`` counts what the caller may see."""
         q = select(deployments.c.doc).order_by(deployments.c.created_at.desc()).limit(limit)
         if service is not None:
             q = q.where(deployments.c.service == service)
+        if matching is not None:
+            q = q.where(or_(false(), *(deployments.c.service.op("GLOB")(g) for g in matching)))
         with self.engine.connect() as conn:
             return [json.loads(r[0]) for r in conn.execute(q).all()]
 
@@ -352,9 +361,9 @@ class AsyncStore:
         return await to_thread(self.sync.count_deployments)
 
     async def list_deployments(
-        self, service: str | None = None, limit: int = 50
+        self, service: str | None = None, limit: int = 50, *, matching: Sequence[str] | None = None
     ) -> list[dict[str, Any]]:
-        return await to_thread(self.sync.list_deployments, service, limit)
+        return await to_thread(self.sync.list_deployments, service, limit, matching=matching)
 
     async def save_revision(
         self,
