@@ -28,6 +28,13 @@ class Settings(BaseModel):
     drain_timeout_seconds: float = 30.0
     #: OSV database for the security gate (issue 4); None = gate disabled.
     osv_db: Path | None = None
+    #: Where audit checkpoints are published (file paths outside data_dir, http(s) URLs); empty:
+    #: none, and ``shipyard audit verify`` says only internal consistency is proven.
+    witnesses: tuple[str, ...] = ()
+    #: With a file witness: also append every checkpoint here.
+    witness_history: Path | None = None
+    #: Seconds between two checkpoint publications (one also follows every deployment's end).
+    checkpoint_interval_seconds: float = Field(default=60.0, gt=0)
 
     @property
     def db_path(self) -> Path:

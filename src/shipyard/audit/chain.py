@@ -9,6 +9,11 @@ section 10 field and ``detail``: sorted keys, no whitespace, the timestamp as IS
 microseconds. Editing, deleting, reordering or renumbering a record breaks the recomputed hash or
 the link at (or right after) that record; deleting the newest records is caught by the anchor
 (the last seq and hash, kept outside the database).
+
+The chain alone cannot stop someone who may write both the database and the anchor: they re-hash
+everything after an edit. That is what the Merkle tree and the checkpoints published outside the
+data directory are for (merkle.py, checkpoint.py, publishing.py); a record's leaf in that tree is
+``leaf_data``, the same bytes its chain hash covers.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shipyard import logs
+from shipyard.audit import merkle
 from shipyard.errors import InvalidInput, PermanentError
 
 GENESIS_HASH = "0" * 64
@@ -140,6 +146,23 @@ def canonical_json(value: Any) -> str:
 
 def compute_hash(prev_hash: str, seq: int, timestamp: dt.datetime, event: AuditEvent) -> str:
     """``sha256(prev_hash || canonical JSON of seq and every field)`` as hex."""
+    return hashlib.sha256(_preimage(prev_hash, seq, timestamp, event)).hexdigest()
+
+
+def leaf_data(record: AuditRecord) -> bytes:
+    """The record as a leaf of the Merkle tree (merkle.py): the very bytes whose SHA-256 is its
+    chain hash, ``prev_hash`` (64 ASCII hex digits) then the canonical JSON, UTF-8. So the tree
+    commits to each record's contents *and* its link, and a verifier holding ``leaf_data`` can
+    check both ``hash`` and the leaf hash ``SHA-256(0x00 || leaf_data)``."""
+    return _preimage(record.prev_hash, record.seq, record.timestamp, _event_of(record))
+
+
+def leaf_hash_of(record: AuditRecord) -> bytes:
+    """``SHA-256(0x00 || leaf_data(record))``: the record's leaf in the Merkle tree."""
+    return merkle.leaf_hash(leaf_data(record))
+
+
+def _preimage(prev_hash: str, seq: int, timestamp: dt.datetime, event: AuditEvent) -> bytes:
     payload = {
         "seq": seq,
         "timestamp": format_timestamp(timestamp),
@@ -152,7 +175,7 @@ def compute_hash(prev_hash: str, seq: int, timestamp: dt.datetime, event: AuditE
         "duration_ms": event.duration_ms,
         "detail": event.detail,
     }
-    return hashlib.sha256((prev_hash + canonical_json(payload)).encode()).hexdigest()
+    return (prev_hash + canonical_json(payload)).encode()
 
 
 def check_event(event: AuditEvent) -> str:
@@ -267,6 +290,31 @@ def _event_of(record: AuditRecord) -> AuditEvent:
         duration_ms=record.duration_ms,
         detail=record.detail,
     )
+
+
+class ChainBroken(PermanentError):
+    """A record that is not the next intact link of the chain (``check_next``)."""
+
+    code = "audit_chain_broken"
+
+
+def check_next(row: StoredRow, expected_seq: int, prev_hash: str) -> AuditRecord:
+    """The record in ``row`` if it is record ``expected_seq``, linked to ``prev_hash`` and hashed
+    right; ChainBroken saying why not. The checkpoint publisher walks new records with it."""
+    if row.seq != expected_seq:
+        raise ChainBroken(
+            f"record {expected_seq} is missing (the next stored record is {row.seq!r})",
+            seq=expected_seq,
+        )
+    try:
+        record = to_record(row)
+    except CorruptRecord as exc:
+        raise ChainBroken(f"record {row.seq} cannot be read: {exc.message}", seq=row.seq) from exc
+    if record.prev_hash != prev_hash:
+        raise ChainBroken(f"record {row.seq} does not link to record {row.seq - 1}", seq=row.seq)
+    if compute_hash(prev_hash, row.seq, record.timestamp, _event_of(record)) != record.hash:
+        raise ChainBroken(f"record {row.seq}'s hash does not match its contents", seq=row.seq)
+    return record
 
 
 # --- verification --------------------------------------------------------------------------------

@@ -123,6 +123,23 @@ def serve(
             help="Offline OSV database (dir or zip) for the security gate's scan.",
         ),
     ] = None,
+    witness: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--witness",
+            envvar="SHIPYARD_WITNESS",
+            help="Publish signed audit checkpoints here: a file outside the data directory or "
+            "an http(s) URL (repeat for several).",
+        ),
+    ] = None,
+    witness_history: Annotated[
+        Path | None,
+        typer.Option(help="With a file witness: also append every checkpoint to this file."),
+    ] = None,
+    checkpoint_interval: Annotated[
+        float,
+        typer.Option(min=1.0, help="Seconds between checkpoint publications to the witnesses."),
+    ] = 60.0,
 ) -> None:
     """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
     import uvicorn
@@ -145,7 +162,11 @@ def serve(
         data_dir=data_dir.resolve(),
         regions=tuple(region or ["local"]),
         osv_db=osv_db.resolve() if osv_db else None,
+        witnesses=tuple(witness or ()),
+        witness_history=witness_history,
+        checkpoint_interval_seconds=checkpoint_interval,
     )
+    _check_witnesses(settings.witnesses, settings.data_dir, settings.witness_history)
     if osv_db is None:
         err.print(
             "[yellow]warning:[/yellow] no --osv-db: artifacts get an SBOM and are signed, "
@@ -160,6 +181,24 @@ def serve(
         loop="uvloop",
         access_log=False,
     )
+
+
+def _check_witnesses(witnesses: tuple[str, ...], data_dir: Path, history: Path | None) -> None:
+    """Refuse a bad --witness before anything starts; warn when there is none."""
+    from shipyard.audit.publishing import parse_witness
+
+    if history is not None and not witnesses:
+        raise fail("--witness-history needs a --witness")
+    try:
+        for target in witnesses:
+            parse_witness(target, data_dir, history)
+    except InvalidInput as exc:
+        raise fail(exc.message) from exc
+    if not witnesses:
+        err.print(
+            "[yellow]warning:[/yellow] no --witness: audit checkpoints are not published, so "
+            "`shipyard audit verify` can only prove the trail's internal consistency"
+        )
 
 
 @app.command()
