@@ -98,7 +98,7 @@ class NoteVerifier:
     def from_vkey(cls, vkey: str) -> NoteVerifier:
         """Parse ``<name>+<hex key ID>+base64(0x01 || public key)``; CheckpointKeyError if it
         is not one, or its key ID does not match its key."""
-        parts = vkey.strip().split("+")
+        parts = vkey.strip().split("+", 2)  # base64 may hold "+"; name and hex never do
         if len(parts) != 3:
             raise CheckpointKeyError(
                 "a verifier key is <name>+<hex key id>+<base64 key>, e.g. the content of "
