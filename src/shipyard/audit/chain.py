@@ -157,11 +157,6 @@ def leaf_data(record: AuditRecord) -> bytes:
     return _preimage(record.prev_hash, record.seq, record.timestamp, _event_of(record))
 
 
-def leaf_hash_of(record: AuditRecord) -> bytes:
-    """``SHA-256(0x00 || leaf_data(record))``: the record's leaf in the Merkle tree."""
-    return merkle.leaf_hash(leaf_data(record))
-
-
 def _preimage(prev_hash: str, seq: int, timestamp: dt.datetime, event: AuditEvent) -> bytes:
     payload = {
         "seq": seq,
@@ -298,9 +293,10 @@ class ChainBroken(PermanentError):
     code = "audit_chain_broken"
 
 
-def check_next(row: StoredRow, expected_seq: int, prev_hash: str) -> AuditRecord:
-    """The record in ``row`` if it is record ``expected_seq``, linked to ``prev_hash`` and hashed
-    right; ChainBroken saying why not. The checkpoint publisher walks new records with it."""
+def check_next(row: StoredRow, expected_seq: int, prev_hash: str) -> tuple[AuditRecord, bytes]:
+    """The record in ``row`` and its Merkle leaf hash if it is record ``expected_seq``, linked to
+    ``prev_hash`` and hashed right; ChainBroken saying why not. The checkpoint publisher walks
+    new records with it."""
     if row.seq != expected_seq:
         raise ChainBroken(
             f"record {expected_seq} is missing (the next stored record is {row.seq!r})",
@@ -312,18 +308,27 @@ def check_next(row: StoredRow, expected_seq: int, prev_hash: str) -> AuditRecord
         raise ChainBroken(f"record {row.seq} cannot be read: {exc.message}", seq=row.seq) from exc
     if record.prev_hash != prev_hash:
         raise ChainBroken(f"record {row.seq} does not link to record {row.seq - 1}", seq=row.seq)
-    if compute_hash(prev_hash, row.seq, record.timestamp, _event_of(record)) != record.hash:
+    data = _preimage(prev_hash, row.seq, record.timestamp, _event_of(record))
+    if hashlib.sha256(data).hexdigest() != record.hash:
         raise ChainBroken(f"record {row.seq}'s hash does not match its contents", seq=row.seq)
-    return record
+    return record, merkle.leaf_hash(data)
 
 
 # --- verification --------------------------------------------------------------------------------
 
 
 def verify_rows(
-    rows: Iterable[StoredRow], *, anchor: Anchor | None, anchor_state: str | None = None
+    rows: Iterable[StoredRow],
+    *,
+    anchor: Anchor | None,
+    anchor_state: str | None = None,
+    leaves: list[bytes] | None = None,
 ) -> VerifyReport:
     """Walk ``rows`` (ascending seq) and report the first record that breaks the chain.
+
+    ``leaves``, when given, receives each intact record's Merkle leaf hash on the way (the hash
+    check already builds ``leaf_data``: ``verify --checkpoint`` saves a second pass over 100k
+    records that way).
 
     ``anchor`` is the head read *before* the rows (appends commit first, then move the anchor, so
     an honest database is never behind its anchor; it may be ahead while an append is in flight).
@@ -358,8 +363,11 @@ def verify_rows(
                 if seq > 1
                 else "prev_hash of the first record is not the genesis hash",
             )
-        if compute_hash(prev_hash, seq, record.timestamp, _event_of(record)) != record.hash:
+        data = _preimage(prev_hash, seq, record.timestamp, _event_of(record))
+        if hashlib.sha256(data).hexdigest() != record.hash:
             return _bad(count, seq, "hash does not match the record's contents (edited or moved)")
+        if leaves is not None:
+            leaves.append(merkle.leaf_hash(data))
         if anchor is not None and seq == anchor.seq:
             hash_at_anchor = record.hash
         prev_hash = record.hash

@@ -404,8 +404,11 @@ def _cause(exc: SQLAlchemyError) -> str:
     return str(getattr(exc, "orig", None) or exc)[:200]
 
 
-def verify_database(db_path: Path, anchor_path: Path | None) -> VerifyReport:
-    """Verify the trail in ``db_path`` without writing to it; NotFound if there is no database."""
+def verify_database(
+    db_path: Path, anchor_path: Path | None, leaves: list[bytes] | None = None
+) -> VerifyReport:
+    """Verify the trail in ``db_path`` without writing to it; NotFound if there is no database.
+    ``leaves`` collects the Merkle leaf hashes of the intact records (``verify_rows``)."""
     anchor, problem = read_anchor(anchor_path)
     try:
         rows = _load_rows_read_only(db_path)
@@ -413,7 +416,7 @@ def verify_database(db_path: Path, anchor_path: Path | None) -> VerifyReport:
         return VerifyReport(
             ok=False, records=0, reason=f"cannot read the audit table: {_cause(exc)}"
         )
-    return verify_rows(rows, anchor=anchor, anchor_state=problem)
+    return verify_rows(rows, anchor=anchor, anchor_state=problem, leaves=leaves)
 
 
 def read_publications(db_path: Path) -> list[Publication]:

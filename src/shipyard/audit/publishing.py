@@ -40,7 +40,7 @@ import httpx
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from shipyard.audit.chain import GENESIS_HASH, ChainBroken, StoredRow, check_next, leaf_hash_of
+from shipyard.audit.chain import GENESIS_HASH, ChainBroken, StoredRow, check_next
 from shipyard.audit.checkpoint import CheckpointSigner
 from shipyard.audit.log import (
     Publication,
@@ -316,10 +316,10 @@ class CheckpointPublisher:
     def _add(self, row: StoredRow) -> str | None:
         """Add one record's leaf; the reason to stop signing if it does not extend the tree."""
         try:
-            record = check_next(row, self._tree.size + 1, self._head_hash)
+            record, leaf = check_next(row, self._tree.size + 1, self._head_hash)
         except ChainBroken as exc:
             return f"{exc.message}; run `shipyard audit verify --checkpoint <witness>`"
-        self._tree.append(leaf_hash_of(record))
+        self._tree.append(leaf)
         self._head_hash = record.hash
         expected = self._expected
         if expected and self._tree.size == expected[0] and self._tree.root().hex() != expected[1]:

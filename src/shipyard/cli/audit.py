@@ -107,7 +107,8 @@ def verify(
     RFC 9162 consistency proof): that catches a rewrite of the database *and* the anchor.
     """
     db_path = _database(data_dir)
-    report = verify_database(db_path, data_dir / ANCHOR_FILENAME)
+    leaves: list[bytes] = []
+    report = verify_database(db_path, data_dir / ANCHOR_FILENAME, leaves)
     if report.ok:
         typer.echo(f"audit trail intact: {report.records} records")
     else:
@@ -120,7 +121,8 @@ def verify(
         return
     signed = _open_checkpoint(checkpoint, data_dir, checkpoint_key)
     try:
-        leaves = proving.leaf_hashes(read_rows(db_path))
+        if not report.ok:  # the walk stopped at the first bad record: hash every row as stored
+            leaves = proving.leaf_hashes(read_rows(db_path))
     except (CorruptRecord, InvalidInput) as exc:
         typer.echo(f"checkpoint NOT verified: the trail cannot be read: {exc.message}")
         raise typer.Exit(1) from exc
