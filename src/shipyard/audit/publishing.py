@@ -80,13 +80,15 @@ class Witness(Protocol):
 
 
 class FileWitness:
-    """The latest checkpoint in ``path`` (replaced atomically, fsynced); with ``history``, every
-    checkpoint also appended there (one note after another, each ending in a blank line)."""
+    """The latest checkpoint in ``path`` (replaced atomically, fsynced, every pass: a lost copy
+    comes back); with ``history``, each new checkpoint also appended there (one note after
+    another, each followed by a blank line; the same one again is not repeated)."""
 
     def __init__(self, path: Path, history: Path | None = None) -> None:
         self.path = path
         self.history = history
         self.target = str(path)
+        self._last_appended: str | None = None
 
     async def publish(self, note: str) -> None:
         try:
@@ -109,11 +111,12 @@ class FileWitness:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        if self.history is not None:
+        if self.history is not None and note != self._last_appended:
             with open(self.history, "a", encoding="utf-8") as f:
                 f.write(note + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+            self._last_appended = note
 
 
 class HttpWitness:

@@ -8,7 +8,7 @@
     shipyard rollback  put a service back on the revision before a deployment
     shipyard promote   let a Paused (canary gate) deployment go on
     shipyard abort     abort a deployment in flight: traffic back on stable at once
-    shipyard audit     verify / show the hash-chained audit trail
+    shipyard audit     verify / prove / show the hash-chained audit trail
     shipyard token     create API tokens
     shipyard demo      the whole story on this machine in under a minute
 
