@@ -24,7 +24,7 @@ from shipyard.audit.publishing import (
 )
 from shipyard.domain.clock import FakeClock
 from shipyard.errors import InvalidInput
-from tests.audit.conftest import Ticker, rewrite_history, sample_event
+from tests.audit.conftest import Ticker, rewrite_history, sample_event, truncate_history
 
 
 class ListWitness:
@@ -139,6 +139,21 @@ async def test_refuses_to_sign_once_the_trail_no_longer_extends_what_it_publishe
     assert restarted.refusal is not None and "rewritten" in restarted.refusal
     assert witness.notes.qsize() == 1
     assert any(r.getMessage() == "audit.checkpoint_refused" for r in caplog.records)
+
+
+async def test_refuses_to_sign_a_trail_shorter_than_what_it_published(
+    audit: SqlAuditLog, signer: CheckpointSigner, data_dir: Path
+) -> None:
+    await append(audit, 4)
+    witness = ListWitness()
+    assert await publisher(audit, signer, witness).publish() is not None
+    truncate_history(data_dir / "shipyard.db", data_dir / "audit.head", keep=2)
+
+    restarted = publisher(audit, signer, witness)
+
+    assert await restarted.publish() is None
+    assert restarted.refusal is not None and "truncated" in restarted.refusal
+    assert witness.notes.qsize() == 1
 
 
 async def test_run_publishes_on_start_and_when_a_deployment_asks(

@@ -125,9 +125,11 @@ class HttpWitness:
     def __init__(self, url: str, client: httpx.AsyncClient | None = None) -> None:
         self.url = url
         self.target = url
-        self._client = client or httpx.AsyncClient(timeout=HTTP_TIMEOUT_SECONDS)
+        self._client = client
 
     async def publish(self, note: str) -> None:
+        if self._client is None:  # made on first use: parsing --witness opens nothing
+            self._client = httpx.AsyncClient(timeout=HTTP_TIMEOUT_SECONDS)
         try:
             resp = await self._client.post(
                 self.url, content=note.encode(), headers={"Content-Type": "text/plain"}
@@ -138,7 +140,8 @@ class HttpWitness:
             raise WitnessFailed(f"POST {self.url} answered {resp.status_code}: {resp.text[:200]!r}")
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
 
 def parse_witness(target: str, data_dir: Path, history: Path | None = None) -> Witness:
@@ -314,7 +317,14 @@ class CheckpointPublisher:
                 if self.refusal is not None:
                     return
             if len(rows) < BATCH:
-                return
+                break
+        expected = self._expected
+        if self.refusal is None and expected and self._tree.size < expected[0]:
+            self.refusal = (
+                f"the trail holds {self._tree.size} records but a checkpoint of {expected[0]} "
+                "was published: it was truncated; run `shipyard audit verify --checkpoint "
+                "<witness>`"
+            )
 
     def _add(self, row: StoredRow) -> str | None:
         """Add one record's leaf; the reason to stop signing if it does not extend the tree."""
