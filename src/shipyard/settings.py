@@ -41,6 +41,14 @@ class Settings(BaseModel):
     #: deployed it (``--four-eyes``).
     four_eyes: bool = False
 
+    #: Where audit checkpoints are published (file paths outside data_dir, http(s) URLs); empty:
+    #: none, and ``shipyard audit verify`` says only internal consistency is proven.
+    witnesses: tuple[str, ...] = ()
+    #: With a file witness: also append every checkpoint here.
+    witness_history: Path | None = None
+    #: Seconds between two checkpoint publications (one also follows every deployment's end).
+    checkpoint_interval_seconds: float = Field(default=60.0, gt=0)
+
     @property
     def sandbox_policy(self) -> SandboxPolicy:
         return self.sandbox or SandboxPolicy(data_dir=self.data_dir)

@@ -1,8 +1,11 @@
 """Fixtures for the audit tests: a WAL-mode SQLite engine like the store's, a stepping clock, a
-sample event (also used by tests/contract/test_audit_contract.py)."""
+sample event (also used by tests/contract/test_audit_contract.py), and the host attacker's two
+moves, ``rewrite_history`` and ``truncate_history`` (also used by tests/cli/test_audit_cli.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +13,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, event
 
-from shipyard.audit import AuditEvent
+from shipyard.audit import GENESIS_HASH, AuditEvent
+from shipyard.audit.chain import Anchor, StoredRow, make_row, to_record
+from shipyard.audit.log import write_anchor
 
 
 class Ticker:
@@ -65,3 +70,51 @@ def engine(data_dir: Path) -> Iterator[Engine]:
     e = make_engine(data_dir / "shipyard.db")
     yield e
     e.dispose()
+
+
+def rewrite_history(db_path: Path, anchor_path: Path, seq: int, **changes: Any) -> None:
+    """What a host attacker with write access to the data directory does: edit record ``seq``
+    (``changes`` are AuditEvent fields), re-hash the chain from there on, move the anchor. The
+    chain and the anchor then check out; only a checkpoint published elsewhere can tell."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("DROP TRIGGER IF EXISTS audit_log_no_update")
+        conn.row_factory = sqlite3.Row
+        rows = [StoredRow(**dict(r)) for r in conn.execute("SELECT * FROM audit_log ORDER BY seq")]
+        prev = GENESIS_HASH
+        for row in rows:
+            record = to_record(row)
+            event = AuditEvent(
+                event_type=record.event_type,
+                deployment_id=record.deployment_id,
+                service=record.service,
+                region=record.region,
+                user=record.user,
+                status=record.status,
+                duration_ms=record.duration_ms,
+                detail=record.detail,
+            )
+            if row.seq == seq:
+                event = dataclasses.replace(event, **changes)
+            new = make_row(row.seq, record.timestamp, event, prev)
+            conn.execute(
+                "UPDATE audit_log SET user = ?, status = ?, detail = ?, prev_hash = ?, hash = ? "
+                "WHERE seq = ?",
+                (new.user, new.status, new.detail, new.prev_hash, new.hash, row.seq),
+            )
+            prev = new.hash
+    finally:
+        conn.close()
+    write_anchor(anchor_path, Anchor(seq=rows[-1].seq, hash=prev))
+
+
+def truncate_history(db_path: Path, anchor_path: Path, keep: int) -> None:
+    """Delete every record after ``keep`` and move the anchor back to match."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("DROP TRIGGER IF EXISTS audit_log_no_delete")
+        conn.execute("DELETE FROM audit_log WHERE seq > ?", (keep,))
+        (digest,) = conn.execute("SELECT hash FROM audit_log WHERE seq = ?", (keep,)).fetchone()
+    finally:
+        conn.close()
+    write_anchor(anchor_path, Anchor(seq=keep, hash=digest))

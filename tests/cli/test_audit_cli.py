@@ -59,7 +59,11 @@ def test_verify_an_intact_trail(data_dir: Path) -> None:
     result = runner.invoke(audit_app, ["verify", "--data-dir", str(data_dir)])
 
     assert result.exit_code == 0, result.output
-    assert result.stdout == "audit trail intact: 4 records\n"
+    assert result.stdout == (
+        "audit trail intact: 4 records\n"
+        "no checkpoint was published to a witness for records 1..4; only internal consistency "
+        "is proven (run `shipyard serve --witness PATH_OR_URL`)\n"
+    )
 
 
 def test_verify_names_an_edited_record(data_dir: Path) -> None:

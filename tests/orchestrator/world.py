@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shipyard.audit import MemoryAuditLog
+from shipyard.audit.publishing import Checkpoints
 from shipyard.build.fake import FakeBuilder
 from shipyard.domain.clock import FakeClock
 from shipyard.domain.manifest import parse_manifest
@@ -99,6 +100,7 @@ class PipelineWorld:
         self.astore = ObservedStore(self.store)
         self.gate: SecurityGate | None = None
         self.attestations_dir: Path | None = None
+        self.checkpoints: Checkpoints | None = None
         self.pipeline = self.new_pipeline()
 
     def new_pipeline(self) -> Pipeline:
@@ -112,6 +114,7 @@ class PipelineWorld:
             clock=self.clock,
             gate=self.gate,
             attestations_dir=self.attestations_dir,
+            checkpoints=self.checkpoints,
         )
 
     # --- deployments -------------------------------------------------------------------------

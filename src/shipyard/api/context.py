@@ -12,6 +12,8 @@ from typing import Any
 from shipyard.api.auth import TokenAuthority
 from shipyard.api.tokens import TokenService
 from shipyard.audit import AuditLog, SqlAuditLog
+from shipyard.audit.checkpoint import CheckpointSigner
+from shipyard.audit.publishing import CheckpointPublisher, parse_witness
 from shipyard.build.registry import BuildConfig, RegistryBuilder
 from shipyard.domain.clock import SystemClock
 from shipyard.health.probing import HttpProber
@@ -52,6 +54,9 @@ async def build_context(settings: Settings) -> AppContext:
         closers.append(rt.aclose)
     prober = HttpProber()
     closers.append(prober.aclose)
+    checkpoints = _checkpoint_publisher(settings, audit)
+    if checkpoints is not None:
+        closers.append(checkpoints.aclose)
     pipeline = Pipeline(
         store=store,
         audit=audit,
@@ -66,6 +71,7 @@ async def build_context(settings: Settings) -> AppContext:
         logs_dir=settings.data_dir / "deployments",
         drain_timeout=settings.drain_timeout_seconds,
         four_eyes=settings.four_eyes,
+        checkpoints=checkpoints,
     )
     closers.append(_dispose(engine))
     token_store = TokenStore(engine)
@@ -79,6 +85,22 @@ async def build_context(settings: Settings) -> AppContext:
         audit,
     )
     return AppContext(settings, store, audit, pipeline, tokens, runtimes, closers)
+
+
+def _checkpoint_publisher(settings: Settings, audit: SqlAuditLog) -> CheckpointPublisher | None:
+    """The audit checkpoint publisher for ``--witness``, or None without one."""
+    if not settings.witnesses:
+        return None
+    return CheckpointPublisher(
+        engine=audit.engine,
+        signer=CheckpointSigner.load_or_create(settings.data_dir),
+        witnesses=[
+            parse_witness(w, settings.data_dir, settings.witness_history)
+            for w in settings.witnesses
+        ],
+        clock=SystemClock(),
+        interval=settings.checkpoint_interval_seconds,
+    )
 
 
 def _dispose(engine: Any) -> Any:

@@ -1,7 +1,11 @@
-"""The tamper-evident audit trail (ADR section 10): every deployment action, hash-chained.
+"""The tamper-evident audit trail (ADR section 10): every deployment action, hash-chained, and a
+transparency log over it.
 
 ``chain`` holds the data and the hash chain, ``log`` the ``AuditLog`` protocol and its SQLite
-backend plus the CLI's read-only access, ``fake`` the in-memory log for tests.
+backend plus the CLI's read-only access, ``fake`` the in-memory log for tests. ``merkle`` (RFC
+9162 tree and proofs), ``checkpoint`` (C2SP signed checkpoints), ``publishing`` (checkpoints to
+witnesses, ``shipyard serve --witness``) and ``proving`` (``audit verify --checkpoint``, ``audit
+prove``) make the trail checkable against copies kept outside the data directory.
 """
 
 from shipyard.audit.chain import (

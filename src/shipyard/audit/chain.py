@@ -9,6 +9,11 @@ section 10 field and ``detail``: sorted keys, no whitespace, the timestamp as IS
 microseconds. Editing, deleting, reordering or renumbering a record breaks the recomputed hash or
 the link at (or right after) that record; deleting the newest records is caught by the anchor
 (the last seq and hash, kept outside the database).
+
+The chain alone cannot stop someone who may write both the database and the anchor: they re-hash
+everything after an edit. That is what the Merkle tree and the checkpoints published outside the
+data directory are for (merkle.py, checkpoint.py, publishing.py); a record's leaf in that tree is
+``leaf_data``, the same bytes its chain hash covers.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shipyard import logs
+from shipyard.audit import merkle
 from shipyard.errors import InvalidInput, PermanentError
 
 GENESIS_HASH = "0" * 64
@@ -140,6 +146,18 @@ def canonical_json(value: Any) -> str:
 
 def compute_hash(prev_hash: str, seq: int, timestamp: dt.datetime, event: AuditEvent) -> str:
     """``sha256(prev_hash || canonical JSON of seq and every field)`` as hex."""
+    return hashlib.sha256(_preimage(prev_hash, seq, timestamp, event)).hexdigest()
+
+
+def leaf_data(record: AuditRecord) -> bytes:
+    """The record as a leaf of the Merkle tree (merkle.py): the very bytes whose SHA-256 is its
+    chain hash, ``prev_hash`` (64 ASCII hex digits) then the canonical JSON, UTF-8. So the tree
+    commits to each record's contents *and* its link, and a verifier holding ``leaf_data`` can
+    check both ``hash`` and the leaf hash ``SHA-256(0x00 || leaf_data)``."""
+    return _preimage(record.prev_hash, record.seq, record.timestamp, _event_of(record))
+
+
+def _preimage(prev_hash: str, seq: int, timestamp: dt.datetime, event: AuditEvent) -> bytes:
     payload = {
         "seq": seq,
         "timestamp": format_timestamp(timestamp),
@@ -152,7 +170,7 @@ def compute_hash(prev_hash: str, seq: int, timestamp: dt.datetime, event: AuditE
         "duration_ms": event.duration_ms,
         "detail": event.detail,
     }
-    return hashlib.sha256((prev_hash + canonical_json(payload)).encode()).hexdigest()
+    return (prev_hash + canonical_json(payload)).encode()
 
 
 def check_event(event: AuditEvent) -> str:
@@ -269,13 +287,48 @@ def _event_of(record: AuditRecord) -> AuditEvent:
     )
 
 
+class ChainBroken(PermanentError):
+    """A record that is not the next intact link of the chain (``check_next``)."""
+
+    code = "audit_chain_broken"
+
+
+def check_next(row: StoredRow, expected_seq: int, prev_hash: str) -> tuple[AuditRecord, bytes]:
+    """The record in ``row`` and its Merkle leaf hash if it is record ``expected_seq``, linked to
+    ``prev_hash`` and hashed right; ChainBroken saying why not. The checkpoint publisher walks
+    new records with it."""
+    if row.seq != expected_seq:
+        raise ChainBroken(
+            f"record {expected_seq} is missing (the next stored record is {row.seq!r})",
+            seq=expected_seq,
+        )
+    try:
+        record = to_record(row)
+    except CorruptRecord as exc:
+        raise ChainBroken(f"record {row.seq} cannot be read: {exc.message}", seq=row.seq) from exc
+    if record.prev_hash != prev_hash:
+        raise ChainBroken(f"record {row.seq} does not link to record {row.seq - 1}", seq=row.seq)
+    data = _preimage(prev_hash, row.seq, record.timestamp, _event_of(record))
+    if hashlib.sha256(data).hexdigest() != record.hash:
+        raise ChainBroken(f"record {row.seq}'s hash does not match its contents", seq=row.seq)
+    return record, merkle.leaf_hash(data)
+
+
 # --- verification --------------------------------------------------------------------------------
 
 
 def verify_rows(
-    rows: Iterable[StoredRow], *, anchor: Anchor | None, anchor_state: str | None = None
+    rows: Iterable[StoredRow],
+    *,
+    anchor: Anchor | None,
+    anchor_state: str | None = None,
+    leaves: list[bytes] | None = None,
 ) -> VerifyReport:
     """Walk ``rows`` (ascending seq) and report the first record that breaks the chain.
+
+    ``leaves``, when given, receives each intact record's Merkle leaf hash on the way (the hash
+    check already builds ``leaf_data``: ``verify --checkpoint`` saves a second pass over 100k
+    records that way).
 
     ``anchor`` is the head read *before* the rows (appends commit first, then move the anchor, so
     an honest database is never behind its anchor; it may be ahead while an append is in flight).
@@ -310,8 +363,11 @@ def verify_rows(
                 if seq > 1
                 else "prev_hash of the first record is not the genesis hash",
             )
-        if compute_hash(prev_hash, seq, record.timestamp, _event_of(record)) != record.hash:
+        data = _preimage(prev_hash, seq, record.timestamp, _event_of(record))
+        if hashlib.sha256(data).hexdigest() != record.hash:
             return _bad(count, seq, "hash does not match the record's contents (edited or moved)")
+        if leaves is not None:
+            leaves.append(merkle.leaf_hash(data))
         if anchor is not None and seq == anchor.seq:
             hash_at_anchor = record.hash
         prev_hash = record.hash

@@ -4,12 +4,14 @@ The orchestrator appends one record per deployment action; ``shipyard audit veri
 (cli/audit.py) read the database read-only through ``verify_database`` / ``read_records``.
 
 ``SqlAuditLog`` keeps its own ``audit_log`` table in the deployment store's database (it creates
-it, and re-arms triggers that abort UPDATE and DELETE on it, every time it starts). Appends are
-serialised three ways: an ``asyncio.Lock`` in the process, ``BEGIN IMMEDIATE`` in the database (two
-processes cannot both read the same head and fork the chain), and a lock file beside the anchor so
-the anchor (``<data_dir>/audit.head``, the newest seq and hash) never moves backwards. The anchor is
-written after the commit (temp file, fsync, ``os.replace``, fsync of the directory); a crash in
-between leaves it one record behind, which verification accepts and the next append repairs.
+it, and re-arms triggers that abort UPDATE and DELETE on it, every time it starts), and beside it
+``audit_checkpoints``, the checkpoints the publisher (publishing.py) got a witness to accept.
+Appends are serialised three ways: an ``asyncio.Lock`` in the process, ``BEGIN IMMEDIATE`` in the
+database (two processes cannot both read the same head and fork the chain), and a lock file beside
+the anchor so the anchor (``<data_dir>/audit.head``, the newest seq and hash) never moves
+backwards. The anchor is written after the commit (temp file, fsync, ``os.replace``, fsync of the
+directory); a crash in between leaves it one record behind, which verification accepts and the
+next append repairs.
 
 If an append finds the database *behind* its anchor (someone deleted the newest records or
 rewrote the head) it chains the new record onto the anchor instead, so the gap stays visible to
@@ -28,7 +30,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -76,6 +78,7 @@ __all__ = [
     "AuditLog",
     "AuditRecord",
     "MemoryAuditLog",
+    "Publication",
     "SqlAuditLog",
     "VerifyReport",
     "read_anchor",
@@ -108,13 +111,43 @@ audit_log = Table(
     Index("ix_audit_log_deployment", "deployment_id", "seq"),
 )
 
+#: Every checkpoint a witness accepted (publishing.py writes a row per witness and tree size; the
+#: same head published again adds none). Only a report of what left the data directory: the
+#: proof is the witness's copy, which ``shipyard audit verify --checkpoint`` checks.
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("published_at", String(40), nullable=False),
+    Column("witness", String(1024), nullable=False),
+    Column("tree_size", BigInteger, nullable=False),
+    Column("root_hash", String(64), nullable=False),
+    Column("checkpoint", Text, nullable=False),
+    Index("ix_audit_checkpoints_size", "tree_size"),
+)
+
 # Defence in depth: the chain still catches whoever drops these first.
 _TRIGGERS = (
     "CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log "
     "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
     "CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log "
     "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints "
+    "BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints "
+    "BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END",
 )
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One checkpoint a witness accepted: when, where, which tree head, and its signed text."""
+
+    published_at: str
+    witness: str
+    tree_size: int
+    root_hash: str
+    checkpoint: str
 
 
 class AuditLog(Protocol):
@@ -166,6 +199,11 @@ class SqlAuditLog:
         _check_limit(limit)
         rows = await to_thread(_load_rows, self._engine, deployment_id, limit)
         return [to_record(row) for row in rows]
+
+    @property
+    def engine(self) -> Engine:
+        """The database it writes (the checkpoint publisher reads the records from it too)."""
+        return self._engine
 
     def verify(self) -> VerifyReport:
         """Walk the whole chain and check its head against the anchor."""
@@ -240,6 +278,51 @@ def _load_rows(
             return []
         rows = [StoredRow(**row._mapping) for row in conn.execute(query)]
     return sorted(rows, key=lambda r: r.seq) if limit is not None else rows
+
+
+def load_rows_after(engine: Engine, seq: int, limit: int) -> list[StoredRow]:
+    """Up to ``limit`` stored rows with a seq above ``seq``, ascending (the publisher's catch-up
+    reads the trail in batches so memory stays flat however long it is)."""
+    query = select(audit_log).where(audit_log.c.seq > seq).order_by(audit_log.c.seq).limit(limit)
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(audit_log.name):
+            return []
+        return [StoredRow(**row._mapping) for row in conn.execute(query)]
+
+
+def record_publication(engine: Engine, publication: Publication) -> bool:
+    """Store ``publication`` unless this witness already has this tree size recorded: True if
+    stored. Called by the publisher after a witness accepted a checkpoint."""
+    with engine.begin() as conn:
+        seen = conn.execute(
+            select(audit_checkpoints.c.id)
+            .where(audit_checkpoints.c.witness == publication.witness)
+            .where(audit_checkpoints.c.tree_size == publication.tree_size)
+            .where(audit_checkpoints.c.root_hash == publication.root_hash)
+            .limit(1)
+        ).first()
+        if seen is not None:
+            return False
+        conn.execute(insert(audit_checkpoints).values(**asdict(publication)))
+    return True
+
+
+def load_publications(engine: Engine) -> list[Publication]:
+    """Every recorded publication, oldest first ([] when the table does not exist)."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(audit_checkpoints.name):
+            return []
+        rows = conn.execute(select(audit_checkpoints).order_by(audit_checkpoints.c.id))
+        return [
+            Publication(
+                published_at=r.published_at,
+                witness=r.witness,
+                tree_size=r.tree_size,
+                root_hash=r.root_hash,
+                checkpoint=r.checkpoint,
+            )
+            for r in rows
+        ]
 
 
 # --- the anchor ----------------------------------------------------------------------------------
@@ -321,8 +404,11 @@ def _cause(exc: SQLAlchemyError) -> str:
     return str(getattr(exc, "orig", None) or exc)[:200]
 
 
-def verify_database(db_path: Path, anchor_path: Path | None) -> VerifyReport:
-    """Verify the trail in ``db_path`` without writing to it; NotFound if there is no database."""
+def verify_database(
+    db_path: Path, anchor_path: Path | None, leaves: list[bytes] | None = None
+) -> VerifyReport:
+    """Verify the trail in ``db_path`` without writing to it; NotFound if there is no database.
+    ``leaves`` collects the Merkle leaf hashes of the intact records (``verify_rows``)."""
     anchor, problem = read_anchor(anchor_path)
     try:
         rows = _load_rows_read_only(db_path)
@@ -330,7 +416,28 @@ def verify_database(db_path: Path, anchor_path: Path | None) -> VerifyReport:
         return VerifyReport(
             ok=False, records=0, reason=f"cannot read the audit table: {_cause(exc)}"
         )
-    return verify_rows(rows, anchor=anchor, anchor_state=problem)
+    return verify_rows(rows, anchor=anchor, anchor_state=problem, leaves=leaves)
+
+
+def read_publications(db_path: Path) -> list[Publication]:
+    """``load_publications`` on ``db_path``, read-only (``shipyard audit verify`` / ``prove``);
+    InvalidInput if the database cannot be read."""
+    engine = _read_only_engine(db_path)
+    try:
+        return load_publications(engine)
+    except SQLAlchemyError as exc:
+        raise InvalidInput(f"cannot read audit_checkpoints in {db_path}: {_cause(exc)}") from exc
+    finally:
+        engine.dispose()
+
+
+def read_rows(db_path: Path) -> list[StoredRow]:
+    """Every stored row of ``db_path``, read-only, as stored (the CLI builds the tree from
+    them); InvalidInput if the database cannot be read."""
+    try:
+        return _load_rows_read_only(db_path)
+    except SQLAlchemyError as exc:
+        raise InvalidInput(f"cannot read the audit table in {db_path}: {_cause(exc)}") from exc
 
 
 def read_records(

@@ -1,11 +1,19 @@
-"""``shipyard audit``: check and read the tamper-evident audit trail from a terminal.
+"""``shipyard audit``: check, prove and read the tamper-evident audit trail from a terminal.
 
-The lead's main CLI mounts ``audit_app`` as ``shipyard audit``. Both commands open the database
-read-only (audit/log.py ``verify_database`` / ``read_records``), so they are safe to run while
-``shipyard serve`` is writing.
+The lead's main CLI mounts ``audit_app`` as ``shipyard audit``:
 
-Exit codes: 0 intact / listed; 1 the trail is not intact (names the first bad record) or cannot be
-read; 2 no such data directory or database, or bad flags.
+    shipyard audit verify [--checkpoint FILE|URL [--checkpoint-key VKEY]]
+    shipyard audit prove RECORD_ID [--checkpoint FILE|URL] [--checkpoint-key VKEY]
+    shipyard audit show [--deployment ID] [--format json] [--limit N]
+
+Every command opens the database read-only (audit/log.py), so they are safe to run while
+``shipyard serve`` is writing. ``verify`` alone proves internal consistency (the chain and the
+anchor) and says which records no witness has a checkpoint for; with ``--checkpoint`` it also
+proves that today's trail extends the witness's checkpoint (audit/proving.py).
+
+Exit codes: 0 intact / consistent / listed; 1 the trail is not intact, does not extend the
+checkpoint, the checkpoint's signature fails, or the trail cannot be read; 2 no such data
+directory, database, checkpoint or key, or bad flags.
 """
 
 from __future__ import annotations
@@ -16,13 +24,28 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from shipyard.audit import proving
 from shipyard.audit.chain import AuditRecord, CorruptRecord
-from shipyard.audit.log import ANCHOR_FILENAME, read_records, verify_database
+from shipyard.audit.checkpoint import (
+    Checkpoint,
+    CheckpointInvalid,
+    CheckpointKeyError,
+    CheckpointSigner,
+    load_verifier,
+)
+from shipyard.audit.log import (
+    ANCHOR_FILENAME,
+    read_publications,
+    read_records,
+    read_rows,
+    verify_database,
+)
 from shipyard.errors import InvalidInput
 
 DB_FILENAME = "shipyard.db"
@@ -57,16 +80,174 @@ def _database(data_dir: Path) -> Path:
     return db_path
 
 
+CheckpointSource = Annotated[
+    str | None,
+    typer.Option(
+        "--checkpoint",
+        help="A checkpoint published to a witness: its file path or http(s) URL.",
+    ),
+]
+CheckpointKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint-key",
+        help="The log's verifier key (a copy of <data_dir>/keys/checkpoint.vkey, or a PEM "
+        "public key). Default: derived from the data directory's checkpoint key.",
+    ),
+]
+
+
 @audit_app.command()
-def verify(data_dir: DataDir) -> None:
-    """Walk the hash chain and check it against the anchor; exit 1 naming the first bad record."""
-    report = verify_database(_database(data_dir), data_dir / ANCHOR_FILENAME)
+def verify(
+    data_dir: DataDir, checkpoint: CheckpointSource = None, checkpoint_key: CheckpointKey = None
+) -> None:
+    """Walk the hash chain and check it against the anchor; exit 1 naming the first bad record.
+
+    With --checkpoint, also check that today's trail extends the checkpoint a witness keeps (an
+    RFC 9162 consistency proof): that catches a rewrite of the database *and* the anchor.
+    """
+    db_path = _database(data_dir)
+    leaves: list[bytes] = []
+    report = verify_database(db_path, data_dir / ANCHOR_FILENAME, leaves)
     if report.ok:
         typer.echo(f"audit trail intact: {report.records} records")
+    else:
+        where = f"record {report.first_bad_seq}" if report.first_bad_seq is not None else "trail"
+        typer.echo(f"audit trail NOT intact: first bad {where}: {report.reason}")
+    if checkpoint is None:
+        _say_coverage(db_path, report.records)
+        if not report.ok:
+            raise typer.Exit(1)
         return
-    where = f"record {report.first_bad_seq}" if report.first_bad_seq is not None else "trail"
-    typer.echo(f"audit trail NOT intact: first bad {where}: {report.reason}")
-    raise typer.Exit(1)
+    signed = _open_checkpoint(checkpoint, data_dir, checkpoint_key)
+    try:
+        if not report.ok:  # the walk stopped at the first bad record: hash every row as stored
+            leaves = proving.leaf_hashes(read_rows(db_path))
+    except (CorruptRecord, InvalidInput) as exc:
+        typer.echo(f"checkpoint NOT verified: the trail cannot be read: {exc.message}")
+        raise typer.Exit(1) from exc
+    result = proving.check_consistency(signed, leaves)
+    if not result.ok:
+        typer.echo(
+            f"audit trail does NOT match the checkpoint {signed.origin} at tree size "
+            f"{signed.size}: {result.reason}"
+        )
+        raise typer.Exit(1)
+    typer.echo(
+        f"consistent with checkpoint {signed.origin} at tree size {signed.size} "
+        f"(signature verified; consistency proof of {result.proof_hashes} hashes to tree size "
+        f"{result.tree_size})"
+    )
+    if signed.size < len(leaves):
+        typer.echo(
+            f"records {signed.size + 1}..{len(leaves)} are newer than this checkpoint: only "
+            "internal consistency is proven for them"
+        )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _say_coverage(db_path: Path, records: int) -> None:
+    """The line that says what ``verify`` without --checkpoint could not prove."""
+    try:
+        publications = read_publications(db_path)
+    except InvalidInput:
+        publications = []
+    gap = proving.uncovered(publications, records)
+    if gap is not None:
+        first, last = gap
+        span = f"record {first}" if first == last else f"records {first}..{last}"
+        typer.echo(
+            f"no checkpoint was published to a witness for {span}; only internal consistency "
+            "is proven (run `shipyard serve --witness PATH_OR_URL`)"
+        )
+    elif publications:
+        witnesses = ", ".join(sorted({p.witness for p in publications}))
+        typer.echo(
+            f"checkpoints published to: {witnesses}; `shipyard audit verify --checkpoint "
+            "PATH_OR_URL` checks the trail against a witness's copy"
+        )
+
+
+@audit_app.command()
+def prove(
+    record_id: Annotated[int, typer.Argument(min=1, help="The record's seq.")],
+    data_dir: DataDir,
+    checkpoint: CheckpointSource = None,
+    checkpoint_key: CheckpointKey = None,
+) -> None:
+    """Print an RFC 9162 inclusion proof of a record in a signed checkpoint, as JSON.
+
+    The checkpoint is --checkpoint's, or else the newest one a witness accepted. Any RFC 9162 /
+    C2SP verifier can check the proof against the checkpoint's root and the checkpoint's signature
+    against the log's verifier key (<data_dir>/keys/checkpoint.vkey).
+    """
+    db_path = _database(data_dir)
+    if checkpoint is not None:
+        source = checkpoint
+        note = _fetch_checkpoint(checkpoint)
+    else:
+        publications = read_publications(db_path)
+        if not publications or max(p.tree_size for p in publications) < record_id:
+            latest = max((p.tree_size for p in publications), default=0)
+            typer.echo(
+                f"error: record {record_id} is not covered by a checkpoint a witness accepted "
+                f"(the newest covers records 1..{latest}); wait for the next publication of "
+                "`shipyard serve --witness` or pass --checkpoint PATH_OR_URL",
+                err=True,
+            )
+            raise typer.Exit(1)
+        newest = max(publications, key=lambda p: p.tree_size)
+        source, note = f"{newest.witness} (as recorded)", newest.checkpoint
+    signed = _verify_note(note, source, data_dir, checkpoint_key)
+    try:
+        rows = read_rows(db_path)
+        answer = proving.inclusion(record_id, rows, proving.leaf_hashes(rows), signed)
+    except (CorruptRecord, InvalidInput) as exc:
+        typer.echo(f"error: the trail cannot be read: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    answer["checkpoint"] = note
+    typer.echo(json.dumps(answer, indent=2, ensure_ascii=False))
+
+
+def _open_checkpoint(source: str, data_dir: Path, key: Path | None) -> Checkpoint:
+    return _verify_note(_fetch_checkpoint(source), source, data_dir, key)
+
+
+def _verify_note(note: str, source: str, data_dir: Path, key: Path | None) -> Checkpoint:
+    """The checkpoint if the log's key signed it; exit 1 if not, 2 if there is no key."""
+    try:
+        verifier = load_verifier(key) if key is not None else CheckpointSigner.load(data_dir)
+    except CheckpointKeyError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        return verifier.open(note)
+    except CheckpointInvalid as exc:
+        typer.echo(f"checkpoint from {source} REJECTED: {exc.message}")
+        raise typer.Exit(1) from exc
+
+
+def _fetch_checkpoint(source: str) -> str:
+    """The checkpoint's text from a file or an http(s) URL; exit 2 saying why it could not."""
+    if source.startswith(("http://", "https://")):
+        try:
+            resp = httpx.get(source, timeout=10.0)
+        except httpx.HTTPError as exc:
+            typer.echo(f"error: cannot fetch checkpoint {source}: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        if not resp.is_success:
+            typer.echo(f"error: {source} answered {resp.status_code}", err=True)
+            raise typer.Exit(2)
+        return resp.text
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        typer.echo(f"error: cannot read checkpoint {source}: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @audit_app.command()

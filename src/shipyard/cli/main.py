@@ -8,7 +8,7 @@
     shipyard rollback  put a service back on the revision before a deployment
     shipyard promote   let a Paused (canary gate) deployment go on
     shipyard abort     abort a deployment in flight: traffic back on stable at once
-    shipyard audit     verify / show the hash-chained audit trail
+    shipyard audit     verify / prove / show the hash-chained audit trail
     shipyard token     create API tokens
     shipyard keys      export the artifact-signing public key (for verifiers)
     shipyard demo      the whole story on this machine in under a minute
@@ -189,6 +189,23 @@ def serve(
             help="A paused deployment must be promoted by another subject than its deployer.",
         ),
     ] = False,
+    witness: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--witness",
+            envvar="SHIPYARD_WITNESS",
+            help="Publish signed audit checkpoints here: a file outside the data directory or "
+            "an http(s) URL (repeat for several).",
+        ),
+    ] = None,
+    witness_history: Annotated[
+        Path | None,
+        typer.Option(help="With a file witness: also append every checkpoint to this file."),
+    ] = None,
+    checkpoint_interval: Annotated[
+        float,
+        typer.Option(min=1.0, help="Seconds between checkpoint publications to the witnesses."),
+    ] = 60.0,
 ) -> None:
     """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
     import uvicorn
@@ -215,7 +232,11 @@ def serve(
         sandbox=sandbox.policy,
         max_token_ttl_seconds=max_token_ttl_days * 24 * 3600,
         four_eyes=four_eyes,
+        witnesses=tuple(witness or ()),
+        witness_history=witness_history,
+        checkpoint_interval_seconds=checkpoint_interval,
     )
+    _check_witnesses(settings.witnesses, settings.data_dir, settings.witness_history)
     if osv_db is None:
         err.print(
             "[yellow]warning:[/yellow] no --osv-db: artifacts get an SBOM and are signed, "
@@ -230,6 +251,24 @@ def serve(
         loop="uvloop",
         access_log=False,
     )
+
+
+def _check_witnesses(witnesses: tuple[str, ...], data_dir: Path, history: Path | None) -> None:
+    """Refuse a bad --witness before anything starts; warn when there is none."""
+    from shipyard.audit.publishing import parse_witness
+
+    if history is not None and not witnesses:
+        raise fail("--witness-history needs a --witness")
+    try:
+        for target in witnesses:
+            parse_witness(target, data_dir, history)
+    except InvalidInput as exc:
+        raise fail(exc.message) from exc
+    if not witnesses:
+        err.print(
+            "[yellow]warning:[/yellow] no --witness: audit checkpoints are not published, so "
+            "`shipyard audit verify` can only prove the trail's internal consistency"
+        )
 
 
 @app.command()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shipyard.audit import AuditEvent, AuditLog
+from shipyard.audit.publishing import Checkpoints
 from shipyard.build.base import Builder
 from shipyard.domain.clock import Clock
 from shipyard.domain.models import DeploymentStatus, HealthCheck
@@ -67,6 +68,9 @@ class Deps:
     #: serves it incrementally so the CLI can stream it. None: kept in memory only.
     logs_dir: Path | None = None
     drain_timeout: float = 30.0
+    #: The audit checkpoint publisher (``shipyard serve --witness``); asked to publish at every
+    #: deployment's end. None: no witness configured.
+    checkpoints: Checkpoints | None = None
 
     def runtime(self, region: str) -> Runtime:
         try:

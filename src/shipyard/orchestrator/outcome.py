@@ -4,7 +4,8 @@ the result ``?wait=true`` answers with).
 ``succeed`` is the end of a plan carried out; for a manual rollback it also marks the deployment
 it undid as RolledBack. ``finish`` writes the terminal status, the error if any, the metrics with
 their validation against the targets, and the result (what serves now, at which URL), then audits
-``deployment.<status>``. Called by the pipeline's driver, pre-flight's failures and the rollback.
+``deployment.<status>`` and asks for an audit checkpoint to be published to the witnesses.
+Called by the pipeline's driver, pre-flight's failures and the rollback.
 """
 
 from __future__ import annotations
@@ -72,4 +73,6 @@ async def finish(
         duration_ms=metrics.total_duration_ms,
         error=error.message if error else None,
     )
+    if ctx.deps.checkpoints is not None:  # only wakes the publisher: a witness cannot fail this
+        ctx.deps.checkpoints.request()
     ctx.on_finished()

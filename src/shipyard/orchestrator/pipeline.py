@@ -5,7 +5,8 @@ deployment and starts driving it; ``rollback`` (a manual rollback of any success
 ``promote`` (a paused canary goes on; with ``four_eyes`` only by another subject than the one who
 deployed it), ``abort`` (weight 0 now, then roll back) and ``wait`` act
 on one; ``start`` converges the data planes, resumes whatever a previous control plane left in
-flight and starts the janitor; ``stop`` stops driving without rolling anything back.
+flight and starts the janitor (and the audit checkpoint publisher, when a witness is configured);
+``stop`` stops driving without rolling anything back.
 
 Driving a deployment (``_carry_out``) is, in the orchestrator's own modules: pre-flight
 (``preflight.py``: build, scan, verify, plan), the plan's steps (``steps/``: one executor per step
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from shipyard import strategies
 from shipyard.audit import AuditLog
+from shipyard.audit.publishing import Checkpoints
 from shipyard.build.base import Builder
 from shipyard.domain.clock import Clock
 from shipyard.domain.models import DeploymentRequest, DeploymentStatus
@@ -74,6 +76,7 @@ class Pipeline:
         drain_timeout: float = 30.0,
         janitor_interval: float = 1.0,
         four_eyes: bool = False,
+        checkpoints: Checkpoints | None = None,
     ) -> None:
         self.deps = Deps(
             store=store,
@@ -87,6 +90,7 @@ class Pipeline:
             attestations_dir=attestations_dir,
             logs_dir=logs_dir,
             drain_timeout=drain_timeout,
+            checkpoints=checkpoints,
         )
         self.records = self.deps.records
         self.clock = clock
@@ -101,6 +105,7 @@ class Pipeline:
         self._record_locks: dict[str, asyncio.Lock] = {}
         self._service_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._janitor_task: asyncio.Task[None] | None = None
+        self._checkpoints_task: asyncio.Task[None] | None = None
         self.reconciler = Reconciler(deps=self.deps, locks=self._service_locks)
         self.janitor = Janitor(
             deps=self.deps,
@@ -117,12 +122,18 @@ class Pipeline:
         await self.reconcile_data_planes()
         await self.resume_all()
         self._janitor_task = asyncio.get_running_loop().create_task(self.janitor.run())
+        if self.deps.checkpoints is not None:
+            self._checkpoints_task = asyncio.get_running_loop().create_task(
+                self.deps.checkpoints.run()
+            )
 
     async def stop(self) -> None:
         """Stop driving deployments *without* rolling them back: a restart resumes them."""
         tasks = list(self._tasks.values())
         if self._janitor_task:
             tasks.append(self._janitor_task)
+        if self._checkpoints_task:
+            tasks.append(self._checkpoints_task)
         for t in tasks:
             t.cancel()
         for t in tasks:
