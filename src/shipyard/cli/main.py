@@ -169,6 +169,13 @@ def agent(
     detach: Annotated[
         bool, typer.Option(help="Fork into its own session and return at once (used by serve).")
     ] = False,
+    trusted_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="The control plane's PUBLIC signing key (PEM): the agent starts only artifacts "
+            "signed with it. Default: DATA_DIR/keys/signing.pub."
+        ),
+    ] = None,
 ) -> None:
     """Run the data plane of one region: the traffic router and the app supervisor."""
     import uvloop
@@ -181,7 +188,8 @@ def agent(
             os._exit(0)
         os.setsid()  # its own session: it outlives the control plane and its terminal
     configure_logging("INFO")
-    uvloop.run(run_agent(data_dir.resolve(), region))
+    key = trusted_key.resolve() if trusted_key else None
+    uvloop.run(run_agent(data_dir.resolve(), region, trusted_key=key))
 
 
 # --- deployments ---------------------------------------------------------------------------------

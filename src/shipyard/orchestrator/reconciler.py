@@ -177,7 +177,7 @@ class Reconciler:
                     )
                 )
             url = await runtime.ensure_service(service)
-            replicas = await runtime.start_revision(stored.spec())
+            replicas = await runtime.start_revision(await artifacts.spec(stored))
             fresh = [r for r in replicas if not r.routable]
             if fresh:
 
