@@ -1,5 +1,6 @@
-"""What the agent's supervisor tests share: artifacts of ``replica_app.py``, waiting for a
-condition with a deadline, and looking at processes from the outside."""
+"""What the agent's supervisor tests share: artifacts of ``replica_app.py``, specs signed the way
+the security gate signs them (the agent starts nothing else), waiting for a condition with a
+deadline, and looking at processes from the outside."""
 
 from __future__ import annotations
 
@@ -8,16 +9,24 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
+from shipyard.build.digest import digest_tree
 from shipyard.runtime.base import RevisionSpec
+from shipyard.security import signing
 
 T = TypeVar("T")
 
 REPLICA_APP = Path(__file__).with_name("replica_app.py")
+
+#: The tests' stand-in for the control plane's signing key; agents under test trust its public
+#: half (``Agent(..., trusted_key=TRUSTED_KEY)``).
+SIGNER = signing.Ed25519Signer.generate()
+TRUSTED_KEY = SIGNER.public_key_pem()
 
 #: Polling interval for conditions; the deadline is what bounds a test, not this.
 POLL = 0.02
@@ -43,15 +52,33 @@ def spec_for(
     env: dict[str, str] | None = None,
     health_endpoint: str | None = None,
 ) -> RevisionSpec:
-    return RevisionSpec(
-        service=service,
-        revision=revision,
-        artifact_digest="sha256:" + "0" * 64,
-        artifact_location=str(artifact),
-        argv=argv or ["python3", "app.py"],
-        env=env or {},
-        health_endpoint=health_endpoint,
+    return sign(
+        RevisionSpec(
+            service=service,
+            revision=revision,
+            artifact_digest="sha256:" + "0" * 64,
+            artifact_location=str(artifact),
+            argv=argv or ["python3", "app.py"],
+            env=env or {},
+            health_endpoint=health_endpoint,
+        )
     )
+
+
+def sign(spec: RevisionSpec, signer: signing.Signer = SIGNER) -> RevisionSpec:
+    """``spec`` with its artifact's real digest and a DSSE envelope over provenance for it, as
+    the security gate writes and ``orchestrator.artifacts.spec`` attaches."""
+    digest = digest_tree(Path(spec.artifact_location))
+    statement = signing.provenance_statement(
+        subject_name=spec.service,
+        subject_digest=digest,
+        builder_id="urn:shipyard:builder:test",
+        source_repository=None,
+        commit="0" * 40,
+        build_command=None,
+    )
+    envelope = signing.sign_statement(signer, statement)
+    return replace(spec, artifact_digest=digest, provenance=envelope)
 
 
 async def eventually(

@@ -23,6 +23,7 @@ from shipyard.agent.server import Agent, build_app
 from shipyard.agent.supervisor import Replica, RestartPolicy, Supervisor
 from shipyard.runtime.base import RevisionSpec
 from tests.agent.helpers import (
+    TRUSTED_KEY,
     app_host_pid,
     eventually,
     get_info,
@@ -64,7 +65,7 @@ def test_backoff_doubles_is_capped_and_resets(
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[tuple[Agent, httpx.AsyncClient]]:
-    a = Agent(tmp_path / "data", "local", restart=FAST)
+    a = Agent(tmp_path / "data", "local", restart=FAST, trusted_key=TRUSTED_KEY)
     client = _client(a)
     try:
         yield a, client
@@ -192,7 +193,7 @@ async def test_a_restarted_replica_that_fails_its_readiness_probe_gets_no_traffi
 ) -> None:
     caplog.set_level(logging.INFO, logger="shipyard.agent")
     policy = RestartPolicy(initial_delay=0.05, max_delay=0.05, ready_timeout=0.3)
-    a = Agent(tmp_path / "data", "local", restart=policy)
+    a = Agent(tmp_path / "data", "local", restart=policy, trusted_key=TRUSTED_KEY)
     client = _client(a)
     spec = spec_for(
         make_artifact(tmp_path, "v1"),
@@ -225,7 +226,7 @@ async def test_a_restarted_replica_that_fails_its_readiness_probe_gets_no_traffi
 async def test_state_json_keeps_a_replica_in_backoff_and_a_new_agent_restores_it(
     tmp_path: Path,
 ) -> None:
-    a = Agent(tmp_path / "data", "local", restart=NEVER)
+    a = Agent(tmp_path / "data", "local", restart=NEVER, trusted_key=TRUSTED_KEY)
     client = _client(a)
     spec = spec_for(make_artifact(tmp_path, "v1"), health_endpoint="/health")
     try:
@@ -252,7 +253,7 @@ async def test_state_json_keeps_a_replica_in_backoff_and_a_new_agent_restores_it
     (a.dir / "state.json").write_text(left_behind)
     stale = a.dir / "run" / before["replica_id"]
     stale.mkdir(parents=True)
-    b = Agent(tmp_path / "data", "local", restart=FAST)
+    b = Agent(tmp_path / "data", "local", restart=FAST, trusted_key=TRUSTED_KEY)
     try:
         await b.restore()
         assert not stale.exists()

@@ -13,6 +13,8 @@ import httpx
 import pytest
 
 from shipyard.agent.server import Agent, build_app
+from shipyard.runtime.base import RevisionSpec
+from tests.agent.helpers import TRUSTED_KEY, sign
 
 
 def artifact(tmp: Path, version: str) -> Path:
@@ -26,7 +28,7 @@ def artifact(tmp: Path, version: str) -> Path:
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[tuple[Agent, httpx.AsyncClient]]:
-    a = Agent(tmp_path / "data", "local")
+    a = Agent(tmp_path / "data", "local", trusted_key=TRUSTED_KEY)
     client = httpx.AsyncClient(
         transport=httpx.ASGITransport(app=build_app(a)),
         base_url="http://agent",
@@ -40,16 +42,20 @@ async def agent(tmp_path: Path) -> AsyncIterator[tuple[Agent, httpx.AsyncClient]
 
 
 async def start(client: httpx.AsyncClient, tmp: Path, revision: str) -> None:
-    spec = {
-        "service": "hello",
-        "revision": revision,
-        "artifact_digest": "sha256:" + "0" * 64,
-        "artifact_location": str(artifact(tmp, revision)),
-        "argv": ["python3", "app.py"],
-        "env": {},
-        "replicas": 1,
-    }
-    r = await client.put(f"/v1/services/hello/revisions/{revision}", json=spec)
+    spec = sign(
+        RevisionSpec.from_dict(
+            {
+                "service": "hello",
+                "revision": revision,
+                "artifact_digest": "sha256:" + "0" * 64,
+                "artifact_location": str(artifact(tmp, revision)),
+                "argv": ["python3", "app.py"],
+                "env": {},
+                "replicas": 1,
+            }
+        )
+    )
+    r = await client.put(f"/v1/services/hello/revisions/{revision}", json=spec.to_dict())
     assert r.status_code == 200, r.text
     ids = [x["replica_id"] for x in r.json()["replicas"]]
     for port in (x["port"] for x in r.json()["replicas"]):

@@ -5,8 +5,10 @@ A harness per backend gives the suite what it needs besides the ``Runtime`` prot
 request through the service's stable URL (and seeing which revision and replica answered),
 holding one there until released, and making a replica's process exit. The assertions are the
 same for both: weights and their verification, sticky assignment, per-revision metrics, draining
-on stop, ``set_routable``, restarts and crash loops with their exit codes, and what serves after
-a revision loses its replicas.
+on stop, ``set_routable``, restarts and crash loops with their exit codes, what serves after
+a revision loses its replicas, and that a revision whose artifact is not what its digest says is
+refused (the agent verifies signature and digest itself; the local harness signs its artifacts
+with the key the agent trusts, ``<data_dir>/keys/signing.pub``, as ``shipyard serve`` does).
 """
 
 from __future__ import annotations
@@ -28,11 +30,17 @@ from typing import Protocol
 import httpx
 import pytest
 
-from shipyard.errors import InvalidInput, RevisionStartFailed, TrafficSwitchFailed
+from shipyard.errors import (
+    ArtifactVerificationFailed,
+    InvalidInput,
+    RevisionStartFailed,
+    TrafficSwitchFailed,
+)
 from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime, StickyKey
 from shipyard.runtime.fake import FakeExchange, FakeRuntime
 from shipyard.runtime.local import LocalRuntime, read_agent_info
-from tests.agent.helpers import eventually
+from shipyard.security.signing import Ed25519Signer
+from tests.agent.helpers import eventually, sign
 
 APP = Path(__file__).with_name("contract_app.py")
 SERVICE = "svc"
@@ -60,6 +68,14 @@ class Harness(Protocol):
 
     async def start(self, revision: str, replicas: int = 1) -> list[ReplicaStatus]:
         """Start the revision and wait until its replicas answer (the health gate's job)."""
+        ...
+
+    def spec(self, revision: str, replicas: int = 1) -> RevisionSpec:
+        """The revision as the control plane would ask for it (artifact built and signed)."""
+        ...
+
+    def modify_artifact(self, spec: RevisionSpec) -> None:
+        """Change the artifact's content after it was signed (what a tamperer would do)."""
         ...
 
     async def send(self, *, headers: Mapping[str, str] | None = None, status: int = 200) -> Answer:
@@ -93,7 +109,13 @@ class FakeHarness:
         self.runtime = FakeRuntime()  # on the wall clock, with the agent's 0.5 s first backoff
 
     async def start(self, revision: str, replicas: int = 1) -> list[ReplicaStatus]:
-        return await self.runtime.start_revision(spec(revision, replicas, "/nowhere", {}))
+        return await self.runtime.start_revision(self.spec(revision, replicas))
+
+    def spec(self, revision: str, replicas: int = 1) -> RevisionSpec:
+        return spec(revision, replicas, f"/nowhere/{revision}", {})
+
+    def modify_artifact(self, spec: RevisionSpec) -> None:
+        self.runtime.artifact_digests[spec.artifact_location] = "sha256:" + "f" * 64
 
     async def send(self, *, headers: Mapping[str, str] | None = None, status: int = 200) -> Answer:
         return _answer(self.runtime.router.send(SERVICE, headers=headers, status=status))
@@ -131,14 +153,22 @@ class LocalHarness:
         self.crashing: set[str] = set()
         self._state = _StateServer(self.crashing)
         self.client = httpx.AsyncClient(timeout=60, trust_env=False)
+        # The control plane's key, where the agent looks for its public half.
+        self.signer = Ed25519Signer.load_or_create(tmp / "data")
 
-    async def start(self, revision: str, replicas: int = 1) -> list[ReplicaStatus]:
+    def spec(self, revision: str, replicas: int = 1) -> RevisionSpec:
         artifact = self._tmp / f"artifact-{revision}"
         if not artifact.exists():
             artifact.mkdir()
             (artifact / "app.py").write_text(APP.read_text())
         env = {"CONTRACT_STATE_URL": self._state.url}
-        started = await self.runtime.start_revision(spec(revision, replicas, str(artifact), env))
+        return sign(spec(revision, replicas, str(artifact), env), self.signer)
+
+    def modify_artifact(self, spec: RevisionSpec) -> None:
+        (Path(spec.artifact_location) / "app.py").write_text(APP.read_text() + "\n# changed\n")
+
+    async def start(self, revision: str, replicas: int = 1) -> list[ReplicaStatus]:
+        started = await self.runtime.start_revision(self.spec(revision, replicas))
         for r in started:
 
             async def answering(port: int = r.port) -> bool:
@@ -357,15 +387,34 @@ async def test_switch_and_stop_revision(harness: Harness) -> None:
     assert await harness.send() == Answer(200, "v2", v2.replica_id)
 
 
-async def test_a_command_that_cannot_start_is_refused(harness: Harness, tmp_path: Path) -> None:
+async def test_a_command_that_cannot_start_is_refused(harness: Harness) -> None:
     runtime = harness.runtime
     if isinstance(runtime, FakeRuntime):
         runtime.fail_start.add("bad")
-    bad = spec("bad", 1, str(tmp_path), {})
+    bad = harness.spec("bad")
     with pytest.raises(RevisionStartFailed):
         await runtime.start_revision(RevisionSpec(**{**bad.to_dict(), "argv": ["/no/binary"]}))
     state = await runtime.service_state(SERVICE)
     assert state is None or "bad" not in state.revisions()
+
+
+async def test_a_revision_whose_artifact_digest_does_not_match_is_refused(
+    harness: Harness,
+) -> None:
+    runtime = harness.runtime
+    await serve(harness, {"v1": 100})
+    changed = harness.spec("v2")
+    harness.modify_artifact(changed)
+    with pytest.raises(ArtifactVerificationFailed, match="digest") as refused:
+        await runtime.start_revision(changed)
+    assert (refused.value.detail["check"], refused.value.detail["reason"]) == (
+        "digest",
+        "content_mismatch",
+    )
+    assert refused.value.detail["actual"] != changed.artifact_digest
+    state = await runtime.service_state(SERVICE)
+    assert state is not None and state.revisions() == {"v1"}  # nothing of v2 started
+    assert await runtime.router.verify_weight(SERVICE, {"v1": 100}) is True
 
 
 # --- sticky assignment -------------------------------------------------------------------------

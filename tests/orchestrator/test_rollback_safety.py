@@ -186,9 +186,15 @@ async def test_the_reconciler_starts_the_serving_revision_when_the_region_lost_i
     await world.pipeline.reconcile_data_planes()
     assert world.weights() == {v1: 100}
     assert routable(world, v1) == 1
-    (repaired,) = await audited(world, "service.repaired")
+    (repaired,) = await audited(world, "data_plane.drift")
     assert repaired["revision"] == v1
     assert "no replica of the serving revision" in str(repaired["problem"])
+    assert (repaired["drift"], repaired["expected"], repaired["found"]) == (
+        "serving_revision",
+        v1,
+        [],
+    )
+    assert repaired["restored"] is True
 
 
 async def test_the_reconciler_routes_all_traffic_back_to_the_serving_revision(
@@ -199,7 +205,9 @@ async def test_the_reconciler_routes_all_traffic_back_to_the_serving_revision(
     world.runtime.services["api"].weights = {}  # the router lost its weights
     await world.pipeline.reconcile_data_planes()
     assert world.weights() == {v1: 100}
-    assert [d["revision"] for d in await audited(world, "traffic.reconciled")] == [v1]
+    (drift,) = await audited(world, "data_plane.drift")
+    assert (drift["drift"], drift["revision"]) == ("weights", v1)
+    assert (drift["expected"], drift["found"]) == ({v1: 100}, {})
 
 
 async def test_restarts_crash_loops_and_outages_are_audited(world: PipelineWorld) -> None:

@@ -16,6 +16,12 @@ Replicas that exit on their own are restarted by the supervisor (``agent.supervi
 backoff; each change it reports reconfigures the service's router (a restarted replica comes
 back on a new port, and into rotation only if it was routable and has passed its readiness
 probe) and rewrites ``state.json``.
+
+It starts only what the control plane signed: every revision it is asked to start, and every
+revision it restores, passes ``agent.verify.ArtifactVerifier`` first (the DSSE signature with the
+control plane's public key, then the artifact's content digest); a refusal is a 422 problem with
+code ``artifact_verification_failed``, which the local runtime raises as
+``ArtifactVerificationFailed``. The agent never holds the private key.
 """
 
 from __future__ import annotations
@@ -45,17 +51,24 @@ from shipyard.agent.supervisor import (
     Supervisor,
     kill_orphan_group,
 )
-from shipyard.errors import RevisionStartFailed, ShipyardError
+from shipyard.agent.verify import ArtifactVerifier
+from shipyard.errors import ArtifactVerificationFailed, RevisionStartFailed, ShipyardError
 from shipyard.private_files import write_private
 from shipyard.routing.proxy import Backend, ServiceProxy
 from shipyard.runtime.base import RevisionSpec
 from shipyard.sandbox import Sandbox, SandboxPolicy
+from shipyard.security.signing import KEY_FILE, PUB_FILE
 
 log = logging.getLogger("shipyard.agent")
 
 
 def agent_dir(data_dir: Path, region: str) -> Path:
     return data_dir / "agents" / region
+
+
+def default_trusted_key(data_dir: Path) -> Path:
+    """The control plane's public signing key, the one the agent trusts unless told otherwise."""
+    return data_dir / "keys" / PUB_FILE
 
 
 class WeightsBody(BaseModel):
@@ -98,6 +111,7 @@ class Agent:
         restart: RestartPolicy | None = None,
         isolation: Isolation = "auto",
         sandbox: Sandbox | None = None,
+        trusted_key: Path | str | bytes | None = None,
     ) -> None:
         self.region = region
         self.dir = agent_dir(data_dir, region)
@@ -117,6 +131,15 @@ class Agent:
         )
         self.token = secrets.token_urlsafe(32)
         self._state_dirty = asyncio.Event()
+        key = default_trusted_key(data_dir) if trusted_key is None else trusted_key
+        if isinstance(key, Path) and key.name == KEY_FILE:
+            raise ValueError(f"{key} is the private signing key; the agent takes the public one")
+        self.verifier = ArtifactVerifier(key)
+
+    async def verify(self, spec: RevisionSpec) -> None:
+        """ArtifactVerificationFailed unless ``spec``'s artifact is signed by the control plane
+        and hashes to its digest (in a worker thread: it reads and hashes the whole tree)."""
+        await asyncio.to_thread(self.verifier.verify, spec)
 
     # --- routing -----------------------------------------------------------------------------
 
@@ -265,8 +288,10 @@ class Agent:
         for rev in state.get("revisions", []):
             spec = RevisionSpec.from_dict(rev["spec"])
             try:
+                # The state file is on disk: what it names is checked like any other start.
+                await self.verify(spec)
                 replicas = await self.supervisor.start_revision(spec)
-            except RevisionStartFailed as exc:
+            except (RevisionStartFailed, ArtifactVerificationFailed) as exc:
                 log.error("cannot restore %s/%s: %s", spec.service, spec.revision, exc)
                 continue
             for r in replicas:
@@ -332,6 +357,7 @@ def build_app(agent: Agent) -> FastAPI:
         rs = RevisionSpec.from_dict(spec)
         if rs.service != service or rs.revision != revision:
             raise HTTPException(422, "spec does not match the path's service/revision")
+        await agent.verify(rs)  # before anything changes: a refused start leaves no trace
         await agent.ensure_service(service)
         replicas = await agent.supervisor.start_revision(rs)
         agent._save_state()
@@ -394,10 +420,16 @@ def build_app(agent: Agent) -> FastAPI:
 
 
 async def run_agent(
-    data_dir: Path, region: str, api_port: int = 0, *, sandbox: Sandbox | None = None
+    data_dir: Path,
+    region: str,
+    api_port: int = 0,
+    trusted_key: Path | None = None,
+    *,
+    sandbox: Sandbox | None = None,
 ) -> None:
-    """Run the agent until SIGTERM/SIGINT; writes agent.json once the API listens."""
-    agent = Agent(data_dir, region, sandbox=sandbox)
+    """Run the agent until SIGTERM/SIGINT; writes agent.json once the API listens.
+    ``trusted_key``: the control plane's public key (default ``<data_dir>/keys/signing.pub``)."""
+    agent = Agent(data_dir, region, trusted_key=trusted_key, sandbox=sandbox)
     write_private(agent.dir / "agent.token", agent.token)
     await agent.restore()
     config = uvicorn.Config(

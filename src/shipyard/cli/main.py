@@ -280,6 +280,13 @@ def agent(
     ] = False,
     insecure_no_sandbox: InsecureNoSandbox = False,
     sandbox_uids: SandboxUids = "200000-299999",
+    trusted_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="The control plane's PUBLIC signing key (PEM): the agent starts only artifacts "
+            "signed with it. Default: DATA_DIR/keys/signing.pub."
+        ),
+    ] = None,
 ) -> None:
     """Run the data plane of one region: the traffic router and the app supervisor."""
     import uvloop
@@ -293,7 +300,8 @@ def agent(
         os.setsid()  # its own session: it outlives the control plane and its terminal
     configure_logging("INFO")
     sandbox = _sandbox(data_dir.resolve(), insecure_no_sandbox, sandbox_uids)
-    uvloop.run(run_agent(data_dir.resolve(), region, sandbox=sandbox))
+    key = trusted_key.resolve() if trusted_key else None
+    uvloop.run(run_agent(data_dir.resolve(), region, trusted_key=key, sandbox=sandbox))
 
 
 # --- deployments ---------------------------------------------------------------------------------

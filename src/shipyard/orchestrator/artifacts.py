@@ -4,17 +4,24 @@
 the digest) and, for a directory artifact, that the files still hash to that digest. Called
 before every start of a revision: a candidate (``steps/start.py``, ``steps/scale.py``), and the
 serving revision the reconciler starts again.
+
+``spec`` is what those callers hand the runtime: the revision's ``RevisionSpec`` carrying its
+DSSE envelope (``provenance``), because the local agent checks signature and digest again itself
+(``agent/verify.py``) and trusts nothing it cannot verify with the control plane's public key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from shipyard.build.digest import verify_artifact
 from shipyard.domain.clock import to_thread
 from shipyard.errors import ArtifactVerificationFailed
 from shipyard.orchestrator.record import RevisionRecord
+from shipyard.runtime.base import RevisionSpec
 from shipyard.security.gate import SecurityGate
+from shipyard.security.signing import read_envelope
 
 
 async def verify(gate: SecurityGate | None, revision: RevisionRecord) -> bool:
@@ -33,3 +40,15 @@ async def verify(gate: SecurityGate | None, revision: RevisionRecord) -> bool:
     if await to_thread(location.is_dir):
         await to_thread(verify_artifact, location, revision.artifact_digest)
     return True
+
+
+async def spec(revision: RevisionRecord, *, replicas: int | None = None) -> RevisionSpec:
+    """``revision.spec()`` with its signed provenance attached (None when it has none: a
+    runtime that verifies refuses it), and ``replicas`` if given."""
+    out = revision.spec()
+    if replicas is not None:
+        out = dataclasses.replace(out, replicas=replicas)
+    path = revision.attestation.envelope
+    if not path:
+        return out
+    return dataclasses.replace(out, provenance=await to_thread(read_envelope, Path(path)))

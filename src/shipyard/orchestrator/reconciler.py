@@ -6,17 +6,24 @@ that crashed while the control plane was away, a record written by an older Ship
 service no deployment is driving, a pass (``reconcile_all``)
 
 - repairs a record that says something false (a serving revision also marked warm);
+- removes a service the store does not know at all (no service record, no deployment ever):
+  its listener and every replica;
 - stops orphan revisions: alive on the data plane, but neither serving, warm, nor part of a
-  deployment in flight;
+  deployment in flight (whether the store has never heard of them or retired them);
 - starts the serving revision again from its signed artifact, health-gated, when the data plane
   runs no replica of it at all (crashed replicas are the agent's to restart, with backoff);
-- routes 100% to the serving revision when the router says otherwise;
+- routes 100% to the serving revision when the router says otherwise (say, someone holding the
+  agent's token re-routed the service);
 - watches replicas: every restart the agent made is audited (``replica.restarted``), a replica
   that keeps crashing is reported (``replica.crash_loop``), and a service left with no routable
   replica is reported when it goes down and when it comes back (``service.unavailable`` /
   ``service.available``).
 
-Every repair is a log line and an audit record. Called by ``Pipeline.start`` (once, before
+Every repair is a log line and an audit record. Each difference between the data plane and the
+store is one ``data_plane.drift`` record whose detail says what differed (``drift``: ``service``,
+``revision``, ``serving_revision`` or ``weights``), what the store says (``expected``), what the
+data plane had (``found``) and what was done (``action``; ``restored`` false when the repair
+failed and will be retried). Called by ``Pipeline.start`` (once, before
 in-flight deployments resume) and by the janitor (``janitor.py``) every ``janitor_interval``
 seconds, which also makes it the data planes' heartbeat (the local runtime restarts an agent
 that is gone).
@@ -28,7 +35,7 @@ import asyncio
 import logging
 
 from shipyard.audit import AuditEvent
-from shipyard.errors import ShipyardError
+from shipyard.errors import NotFound, ShipyardError
 from shipyard.health.probing import wait_healthy
 from shipyard.logs import log_event
 from shipyard.orchestrator import artifacts
@@ -43,6 +50,10 @@ log = logging.getLogger("shipyard.orchestrator.reconciler")
 CRASH_LOOP_RESTARTS = 3
 #: After a failed attempt to start the serving revision again, wait this long before the next.
 REPAIR_RETRY_SECONDS = 30.0
+#: The audit event of every difference between a data plane and the store.
+DRIFT = "data_plane.drift"
+#: How many of a service's deployments are read to tell whether the store knows it at all.
+_HISTORY_LIMIT = 500
 
 
 class Reconciler:
@@ -61,6 +72,8 @@ class Reconciler:
         self._crash_looping: set[str] = set()
         self._unavailable: set[tuple[str, str]] = set()
         self._repair_after: dict[tuple[str, str], float] = {}
+        #: (service, region) pairs the store has a deployment of (see ``_store_knows``).
+        self._known: set[tuple[str, str]] = set()
 
     async def reconcile_all(self) -> None:
         """One pass over every region and service (see the module docstring)."""
@@ -104,6 +117,10 @@ class Reconciler:
             svc = await self.store.get_service(service, region)
         dep = await self.records.active_for(service, region)
         state = await runtime.service_state(service)
+        nothing_on_record = svc is None and dep is None
+        if state is not None and nothing_on_record and not await self._store_knows(service, region):
+            await self._remove_unknown(runtime, state)
+            return
         await self._stop_orphans(runtime, service, state, svc, dep)
         if dep is not None:
             return  # the deployment's own steps converge the rest
@@ -116,18 +133,56 @@ class Reconciler:
             return
         await self._watch_replicas(service, region, state, serving)
         routable = any(r.revision == serving and r.alive and r.routable for r in state.replicas)
-        if routable and {k: v for k, v in state.weights.items() if v} != {serving: 100}:
+        found = {k: v for k, v in state.weights.items() if v}
+        if routable and found != {serving: 100}:
             await runtime.router.set_weight(service, {serving: 100})
             await self._record(
-                "traffic.reconciled",
+                DRIFT,
                 service,
                 region,
-                problem=f"the router had weights {dict(state.weights)}",
+                drift="weights",
+                problem=f"the router had weights {found}, the store says {serving} serves",
+                expected={serving: 100},
+                found=found,
                 action=f"100% to the serving revision {serving}",
+                restored=True,
                 revision=serving,
             )
 
     # --- the steps -------------------------------------------------------------------------
+
+    async def _store_knows(self, service: str, region: str) -> bool:
+        """Whether any deployment of ``service`` in ``region`` was ever recorded (a first
+        deployment that failed leaves no service record, but its service is not a stranger)."""
+        if (service, region) in self._known:
+            return True
+        history = await self.store.list_deployments(service, _HISTORY_LIMIT)
+        if any(doc.get("region") == region for doc in history):
+            self._known.add((service, region))  # records are never deleted: known for good
+            return True
+        return False
+
+    async def _remove_unknown(self, runtime: Runtime, state: ServiceState) -> None:
+        """A service on the data plane that the store has never heard of: nothing deployed it,
+        so nothing of it may run or listen. Its route and every replica go."""
+        found = {
+            "revisions": sorted(state.revisions()),
+            "replicas": len(state.replicas),
+            "weights": {k: v for k, v in state.weights.items() if v},
+            "url": state.url,
+        }
+        await runtime.router.remove_managed_routes(state.service)
+        await self._record(
+            DRIFT,
+            state.service,
+            runtime.region,
+            drift="service",
+            problem=f"the data plane serves {state.service}, which the store does not know",
+            expected=None,
+            found=found,
+            action="removed its route and stopped its replicas",
+            restored=True,
+        )
 
     async def _stop_orphans(
         self,
@@ -143,13 +198,24 @@ class Reconciler:
         if dep is not None:
             keep |= {dep.blue_revision, dep.green_revision}
         for revision in sorted(state.revisions() - keep):
+            try:
+                await self.records.revision(revision)
+                known = True
+            except NotFound:
+                known = False
             await runtime.stop_revision(service, revision, drain_timeout=self.drain_timeout)
             await self._record(
-                "revision.orphan_stopped",
+                DRIFT,
                 service,
                 runtime.region,
-                problem=f"{revision} ran, but nothing serves, keeps or deploys it",
+                drift="revision",
+                problem=f"{revision} ran, but nothing serves, keeps or deploys it"
+                + ("" if known else " (the store has no such revision)"),
+                expected=sorted(r for r in keep if r),
+                found=revision,
+                known_to_store=known,
                 action="drained and stopped",
+                restored=True,
                 revision=revision,
             )
 
@@ -163,6 +229,8 @@ class Reconciler:
         if self.clock.now() < self._repair_after.get(key, 0.0):
             return state
         stored = await self.records.revision(serving)
+        # What ran instead (None: the data plane did not have the service at all).
+        found = None if state is None else sorted(state.revisions())
         log_event(log, "service.repairing", service=service, region=region, revision=serving)
         try:
             if await artifacts.verify(self.deps.gate, stored):
@@ -177,7 +245,7 @@ class Reconciler:
                     )
                 )
             url = await runtime.ensure_service(service)
-            replicas = await runtime.start_revision(stored.spec())
+            replicas = await runtime.start_revision(await artifacts.spec(stored))
             fresh = [r for r in replicas if not r.routable]
             if fresh:
 
@@ -197,11 +265,16 @@ class Reconciler:
         except ShipyardError as exc:
             self._repair_after[key] = self.clock.now() + REPAIR_RETRY_SECONDS
             await self._record(
-                "service.repair_failed",
+                DRIFT,
                 service,
                 region,
+                drift="serving_revision",
                 problem=f"the data plane runs no replica of the serving revision {serving}",
+                expected=serving,
+                found=found,
                 action=f"restart failed: {exc.message}"[:500],
+                restored=False,
+                error=exc.code,
                 revision=serving,
                 retry_in_seconds=REPAIR_RETRY_SECONDS,
             )
@@ -209,11 +282,15 @@ class Reconciler:
         self._repair_after.pop(key, None)
         await self.store.upsert_service(service, region, url=url)
         await self._record(
-            "service.repaired",
+            DRIFT,
             service,
             region,
+            drift="serving_revision",
             problem=f"the data plane ran no replica of the serving revision {serving}",
+            expected=serving,
+            found=found,
             action=f"started {len(replicas)} replica(s) from its verified artifact, 100% to it",
+            restored=True,
             revision=serving,
         )
         return await runtime.service_state(service)
@@ -276,6 +353,9 @@ class Reconciler:
                 region=region,
                 user="shipyard",
                 status="reconciled",
-                detail={k: v for k, v in detail.items() if v is not None},
+                # ``expected``/``found`` stay even when None: "nothing" is what differed.
+                detail={
+                    k: v for k, v in detail.items() if v is not None or k in ("expected", "found")
+                },
             )
         )

@@ -33,11 +33,16 @@ class RevisionSpec:
     #: a crashed replica sends it traffic again only once this answers 2xx; None: once its port
     #: accepts a connection.
     health_endpoint: str | None = None
+    #: The security gate's DSSE envelope over the artifact's provenance (a JSON object), which
+    #: a runtime that verifies artifacts itself (the local agent) checks against
+    #: ``artifact_digest`` before it starts anything. None: unsigned (such a runtime refuses it).
+    provenance: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["argv"] = list(self.argv)
         d["env"] = dict(self.env)
+        d["provenance"] = dict(self.provenance) if self.provenance is not None else None
         return d
 
     @classmethod

@@ -17,6 +17,11 @@ What it models as the agent does (the contract suite is the proof):
   clock, with the same id, a new port, ``restarts`` + 1, routable again only if it was; one of a
   revision in ``crashing`` dies again at every restart, its exit code reported each time.
 - ``set_routable`` refuses an unknown replica and, to take traffic, a replica that is not alive.
+- A revision whose artifact is not what its digest says is refused before anything changes
+  (``ArtifactVerificationFailed``, ``check="digest"``), as the agent's own verification does.
+  The fake has no files: ``artifact_digests`` says what the artifact at a location hashes to;
+  a location it does not list is taken to match. (Signatures are the agent's alone: the fake
+  sees no keys.)
 
 Test controls beyond that: ``crash`` (the replica stays down with no restart pending: something
 the local agent never reports, kept for tests of callers), start failures (``fail_start``), a log
@@ -38,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shipyard.errors import (
+    ArtifactVerificationFailed,
     InvalidInput,
     NotFound,
     RevisionStartFailed,
@@ -402,6 +408,8 @@ class FakeRuntime:
         self.services: dict[str, _Service] = {}
         self.router = FakeRouter(self)
         self.fail_start: set[str] = set()
+        #: Artifact location -> the digest its content has (a location not listed matches any).
+        self.artifact_digests: dict[str, str] = {}
         #: Revision -> exit code: its replicas die again at every restart (an app that fails at
         #: start), as the agent reports a crash loop: restarts counted, the exit code each time.
         self.crashing: dict[str, int] = {}
@@ -427,6 +435,17 @@ class FakeRuntime:
         return svc.url
 
     async def start_revision(self, spec: RevisionSpec) -> list[ReplicaStatus]:
+        actual = self.artifact_digests.get(spec.artifact_location, spec.artifact_digest)
+        if actual != spec.artifact_digest:
+            raise ArtifactVerificationFailed(
+                f"agent refused to start {spec.service}/{spec.revision}: digest check failed: "
+                f"artifact at {spec.artifact_location} has digest {actual}, expected "
+                f"{spec.artifact_digest}",
+                check="digest",
+                reason="content_mismatch",
+                digest=spec.artifact_digest,
+                actual=actual,
+            )
         if spec.revision in self.fail_start:
             raise RevisionStartFailed(f"cannot start {spec.argv[0]!r} for revision {spec.revision}")
         await self.ensure_service(spec.service)

@@ -21,7 +21,13 @@ from typing import Any
 
 import httpx
 
-from shipyard.errors import AgentUnavailable, InvalidInput, RevisionStartFailed, TrafficSwitchFailed
+from shipyard.errors import (
+    AgentUnavailable,
+    ArtifactVerificationFailed,
+    InvalidInput,
+    RevisionStartFailed,
+    TrafficSwitchFailed,
+)
 from shipyard.logs import log_event
 from shipyard.runtime.base import ReplicaStatus, RevisionSpec, ServiceState, StickyKey
 
@@ -145,6 +151,10 @@ class AgentClient:
             message = str(detail.get("message") or detail.get("detail") or detail)[:1000]
             if r.status_code == 422 and detail.get("code") == "revision_start_failed":
                 raise RevisionStartFailed(message)
+            if r.status_code == 422 and detail.get("code") == "artifact_verification_failed":
+                # The agent's own check (agent/verify.py), with its detail: check, reason, ...
+                extra = {k: v for k, v in detail.items() if k not in ("type", "code", "message")}
+                raise ArtifactVerificationFailed(message, **extra)
             raise _AgentError(r.status_code, message)
         return r.json()
 

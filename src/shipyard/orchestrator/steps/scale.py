@@ -9,8 +9,6 @@ count (those taking no traffic first). Both are idempotent, and the rolling roll
 
 from __future__ import annotations
 
-import dataclasses
-
 from shipyard.domain.models import DeploymentStatus
 from shipyard.errors import HealthCheckFailed
 from shipyard.health.probing import wait_healthy
@@ -51,7 +49,7 @@ async def scale_up(
     alive = await ctx.alive()
     if not alive.get(revision) and await artifacts.verify(ctx.deps.gate, stored):
         await ctx.audit("artifact.verified", digest=stored.artifact_digest)
-    started = await runtime.start_revision(dataclasses.replace(stored.spec(), replicas=replicas))
+    started = await runtime.start_revision(await artifacts.spec(stored, replicas=replicas))
     fresh = [r for r in started if not r.routable]
     if fresh:
         try:

@@ -19,7 +19,7 @@ async def start_candidate(ctx: DeploymentContext, step: StartCandidate) -> None:
         ctx.record.url = await ctx.runtime.ensure_service(ctx.service)
         if await artifacts.verify(ctx.deps.gate, stored):
             await ctx.audit("artifact.verified", digest=stored.artifact_digest)
-        replicas = await ctx.runtime.start_revision(stored.spec())
+        replicas = await ctx.runtime.start_revision(await artifacts.spec(stored))
         ids = [r.replica_id for r in replicas]
         ctx.record.progress.candidate_replicas = ids
         st.done(revision=candidate, replicas=ids)
