@@ -24,12 +24,17 @@ hashes, also as ``{"sticky": {"cookie": ...}}``) and metadata about a secret suc
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import datetime as dt
 import json as jsonlib
 import logging
+import math
 import re
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, TextIO
 
 from shipyard.errors import InvalidInput
@@ -239,3 +244,86 @@ def log_event(
     attribute rather than as LogRecord attributes.
     """
     logger.log(level, event, extra={_FIELDS_ATTR: fields})
+
+
+# --- workload output ---------------------------------------------------------------------------
+
+#: Secrets shorter than this are not searched for (they would mask ordinary words).
+_MIN_SECRET = 8
+
+
+def secret_forms(secret: bytes) -> set[str]:
+    """The ways ``secret`` can appear in text a workload prints: the text itself and each of its
+    lines (a PEM key's base64 lines, without its ``-----BEGIN`` armour), and for any secret its
+    hex and base64 (standard and URL-safe, with and without padding) encodings and the runs of
+    its bytes decoded as a log line decodes them (UTF-8 with replacement)."""
+    forms: set[str] = set()
+    text = secret.decode("utf-8", errors="replace")
+    for line in [text.strip(), *text.replace("\r", "\n").split("\n")]:
+        line = line.strip()
+        if len(line) >= _MIN_SECRET and not line.startswith("-----"):
+            forms.add(line)
+    raw = secret.strip() if secret.isascii() else secret
+    for encoded in (
+        raw.hex(),
+        raw.hex().upper(),
+        base64.b64encode(raw).decode(),
+        base64.urlsafe_b64encode(raw).decode(),
+    ):
+        forms.add(encoded)
+        forms.add(encoded.rstrip("="))
+    return {f for f in forms if len(f) >= _MIN_SECRET}
+
+
+class SecretMasker:
+    """Replaces every known secret in a line of workload output with ``[redacted]``: build logs
+    (``build.running.BuildLog``, the deployment's build log) and replica logs (the agent). The
+    sandbox keeps secrets out of workloads' reach; this is the second fence, for what a
+    misconfigured server or an unsandboxed one (``--insecure-no-sandbox``) would let through.
+
+    ``from_data_dir`` knows the files that hold secrets (``keys/*.key``, every agent's
+    ``agent.token``) and re-reads them at most every ``refresh_s`` seconds, so a token created
+    after the masker (an agent started later) is masked too."""
+
+    def __init__(
+        self,
+        secrets: Iterable[bytes] = (),
+        *,
+        sources: Callable[[], Iterable[bytes]] | None = None,
+        refresh_s: float = 5.0,
+    ) -> None:
+        self._fixed = list(secrets)
+        self._sources = sources
+        self._refresh_s = refresh_s
+        self._loaded_at = -math.inf
+        self._pattern: re.Pattern[str] | None = None
+        self._reload()
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path, *extra: bytes) -> SecretMasker:
+        def read() -> list[bytes]:
+            found: list[bytes] = []
+            for pattern in ("keys/*.key", "agents/*/agent.token"):
+                for path in sorted(data_dir.glob(pattern)):
+                    with contextlib.suppress(OSError):
+                        found.append(path.read_bytes())
+            return found
+
+        return cls(extra, sources=read)
+
+    def _reload(self) -> None:
+        secrets = list(self._fixed)
+        if self._sources is not None:
+            secrets += self._sources()
+        forms = set().union(*(secret_forms(s) for s in secrets)) if secrets else set()
+        # Longest first: a line of a PEM must not stop a longer form from matching whole.
+        ordered = sorted(forms, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        self._loaded_at = time.monotonic()
+
+    def __call__(self, text: str) -> str:
+        if self._sources is not None and time.monotonic() - self._loaded_at > self._refresh_s:
+            self._reload()
+        if self._pattern is None:
+            return text
+        return self._pattern.sub(REDACTED, text)

@@ -153,3 +153,34 @@ def _write_temp(name: str, data: bytes, dir_fd: int) -> str:
         raise
     os.close(fd)
     return tmp
+
+
+#: Logs: the owner writes, its group (operators) reads, nobody else.
+LOG_MODE = 0o640
+#: The data directory and the directories of secrets in it.
+DIR_MODE = 0o700
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and make it ``0700``: the data directory holds
+    keys, tokens, the database and the audit trail. Called by ``shipyard serve`` / ``agent``."""
+    path.mkdir(parents=True, exist_ok=True)
+    if stat.S_IMODE(path.stat().st_mode) != DIR_MODE:
+        path.chmod(DIR_MODE)
+    return path
+
+
+def open_log(path: Path) -> int:
+    """A descriptor appending to the log file ``path``, mode ``0640`` (created so, or narrowed
+    to it), never through a symlink. For build logs, deployment logs and replica logs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(
+        path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, LOG_MODE
+    )
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != LOG_MODE:
+            os.fchmod(fd, LOG_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

@@ -5,8 +5,10 @@ deadline, and looking at processes from the outside."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -149,3 +151,41 @@ def wait_gone_blocking(pid: int, timeout: float = 10.0) -> None:
 
 #: The overlay needs CAP_SYS_ADMIN; without root the supervisor runs replicas directly.
 NOT_ROOT = os.geteuid() != 0
+
+
+class StartCounter:
+    """Counts the starts of a sandboxed test app over HTTP (``GET /`` answers the count, this
+    start included), for ``replica_app.py``'s ``START_URL``. Use as a context manager."""
+
+    def __init__(self) -> None:
+        count = [0]
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with lock:
+                    count[0] += 1
+                    body = str(count[0]).encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._count = count
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def starts(self) -> int:
+        return self._count[0]
+
+    def __enter__(self) -> StartCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()

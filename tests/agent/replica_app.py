@@ -6,7 +6,8 @@ file under ``$TMPDIR``, noting whether each was already there. ``GET /info`` ans
 as JSON; ``GET /`` answers ``<helper.VALUE> <instance>`` (a random id per process start: in a
 sandbox every app is pid 2 of its own PID namespace, so a pid cannot tell two starts apart);
 ``GET /health`` answers 200, or 500 when
-``SICK_AFTER_FIRST=1`` and the file named by ``START_LOG`` shows an earlier start. With
+``SICK_AFTER_FIRST=1`` and the test's start counter (``START_URL``, ``helpers.StartCounter``: a
+sandboxed app shares no files with the test) counted an earlier start. With
 ``SPAWN_CHILD=<file>`` it starts a child in its own process group (as gunicorn does with its
 workers) and writes the child's pid to that file.
 """
@@ -19,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -44,10 +46,9 @@ with tempfile.NamedTemporaryFile(delete=False) as tmp:
     SEEN["tmpfile"] = tmp.name
 
 _starts = 0
-if os.environ.get("START_LOG"):
-    with open(os.environ["START_LOG"], "a") as f:
-        f.write(f"{os.getpid()}\n")
-    _starts = len(Path(os.environ["START_LOG"]).read_text().splitlines())
+if os.environ.get("START_URL"):
+    with urllib.request.urlopen(os.environ["START_URL"], timeout=5) as answer:  # noqa: S310
+        _starts = int(answer.read())
 SICK = os.environ.get("SICK_AFTER_FIRST") == "1" and _starts > 1
 
 if os.environ.get("SPAWN_CHILD"):

@@ -24,6 +24,7 @@ from shipyard.agent.supervisor import Replica, RestartPolicy, Supervisor
 from shipyard.runtime.base import RevisionSpec
 from tests.agent.helpers import (
     TRUSTED_KEY,
+    StartCounter,
     app_host_pid,
     eventually,
     get_info,
@@ -193,12 +194,13 @@ async def test_a_restarted_replica_that_fails_its_readiness_probe_gets_no_traffi
 ) -> None:
     caplog.set_level(logging.INFO, logger="shipyard.agent")
     policy = RestartPolicy(initial_delay=0.05, max_delay=0.05, ready_timeout=0.3)
+    counter = StartCounter()
     a = Agent(tmp_path / "data", "local", restart=policy, trusted_key=TRUSTED_KEY)
     client = _client(a)
     spec = spec_for(
         make_artifact(tmp_path, "v1"),
         health_endpoint="/health",
-        env={"START_LOG": str(tmp_path / "starts.log"), "SICK_AFTER_FIRST": "1"},
+        env={"START_URL": counter.url, "SICK_AFTER_FIRST": "1"},
     )
     try:
         before = await _start(client, spec, routable=True)
@@ -218,9 +220,11 @@ async def test_a_restarted_replica_that_fails_its_readiness_probe_gets_no_traffi
         async with httpx.AsyncClient(timeout=5, trust_env=False) as c:
             assert (await c.get(a.url(a.routes["svc"]))).status_code == 503
         assert all(not e["routable"] for e in _events(caplog, "replica.ready"))
+        assert counter.starts >= 2
     finally:
         await client.aclose()
         await a.close()
+        counter.__exit__()
 
 
 async def test_state_json_keeps_a_replica_in_backoff_and_a_new_agent_restores_it(

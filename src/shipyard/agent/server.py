@@ -53,6 +53,7 @@ from shipyard.agent.supervisor import (
 )
 from shipyard.agent.verify import ArtifactVerifier
 from shipyard.errors import ArtifactVerificationFailed, RevisionStartFailed, ShipyardError
+from shipyard.logs import SecretMasker
 from shipyard.private_files import write_private
 from shipyard.routing.proxy import Backend, ServiceProxy
 from shipyard.runtime.base import RevisionSpec
@@ -119,6 +120,7 @@ class Agent:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.listen_host = listen_host
         self.routes: dict[str, ServiceRoute] = {}
+        self.token = secrets.token_urlsafe(32)
         self.supervisor = Supervisor(
             self.dir / "logs",
             self._replica_changed,
@@ -128,8 +130,10 @@ class Agent:
             isolation=isolation,
             # Secure by default: replicas never see the data directory this agent lives in.
             sandbox=sandbox or Sandbox(SandboxPolicy(data_dir=data_dir)),
+            # Replicas' output never stores a key or token the host knows (this agent's too).
+            mask=SecretMasker.from_data_dir(data_dir, self.token.encode()),
         )
-        self.token = secrets.token_urlsafe(32)
+
         self._state_dirty = asyncio.Event()
         key = default_trusted_key(data_dir) if trusted_key is None else trusted_key
         if isinstance(key, Path) and key.name == KEY_FILE:

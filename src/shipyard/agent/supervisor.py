@@ -34,6 +34,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,7 @@ from typing import Literal
 
 from shipyard.errors import RevisionStartFailed
 from shipyard.logs import log_event
+from shipyard.private_files import open_log
 from shipyard.runtime.base import ReplicaState, ReplicaStatus, RevisionSpec
 from shipyard.sandbox import Sandbox, SandboxPolicy, launch
 
@@ -175,8 +177,12 @@ class Supervisor:
         restart: RestartPolicy | None = None,
         isolation: Isolation = "auto",
         sandbox: Sandbox | None = None,
+        mask: Callable[[str], str] | None = None,
     ) -> None:
         self._logs_dir = logs_dir
+        #: Applied to every line a replica prints before it is stored (``logs.SecretMasker``);
+        #: None: the replica writes its log file itself.
+        self._mask = mask
         self._run_dir = run_dir
         self._on_change = on_change
         #: Waits until the router has finished the requests a replica holds (the agent passes
@@ -386,7 +392,18 @@ class Supervisor:
         replica.spawned_at = time.monotonic()
         replica.started_at = time.time()
         try:
-            with open(replica.log_path, "ab", buffering=0) as out:  # noqa: ASYNC230 - local file
+            if self._mask is None:
+                out = open_log(replica.log_path)  # the replica writes its log itself
+            else:
+                out, into = os.pipe()  # one thread reads, masks and writes each line
+                threading.Thread(
+                    target=_pump_log,
+                    args=(out, replica.log_path, self._mask),
+                    name=f"log-{replica.replica_id}",
+                    daemon=True,
+                ).start()
+                out = into
+            try:
                 replica.process = await asyncio.create_subprocess_exec(
                     *command,
                     cwd=cwd,
@@ -396,6 +413,8 @@ class Supervisor:
                     stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True,  # own process group: stopped as a whole
                 )
+            finally:
+                os.close(out)
         except (OSError, ValueError) as exc:
             raise RevisionStartFailed(
                 f"cannot start {argv[0]!r} for revision {spec.revision}: {exc}",
@@ -652,6 +671,34 @@ def _group_exists(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _pump_log(source: int, path: Path, mask: Callable[[str], str]) -> None:
+    """Copy a replica's output from ``source`` to its log file line by line through ``mask``,
+    until every process holding the pipe has exited (runs in its own thread)."""
+    out = open_log(path)
+    pending = b""
+
+    def write(raw: list[bytes]) -> None:
+        text = "".join(mask(line.decode("utf-8", errors="replace")) + "\n" for line in raw)
+        os.write(out, text.encode())
+
+    try:
+        while chunk := os.read(source, 65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            if len(pending) > 65536:  # a very long line without newline: cut it
+                lines.append(pending)
+                pending = b""
+            if lines:
+                write(lines)
+        if pending:
+            write([pending])
+    except OSError:
+        log.exception("copying the output of a replica to %s failed", path)
+    finally:
+        os.close(source)
+        os.close(out)
 
 
 def _group_running(pgid: int) -> bool:

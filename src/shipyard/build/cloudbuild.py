@@ -54,6 +54,7 @@ from shipyard.build.source import (
 from shipyard.domain.clock import Clock, SystemClock
 from shipyard.domain.manifest import Manifest
 from shipyard.errors import BuildFailed, ShipyardError, SourceError, TransientError
+from shipyard.logs import SecretMasker
 
 KANIKO = "gcr.io/kaniko-project/executor"
 GSUTIL = "gcr.io/cloud-builders/gsutil"
@@ -120,7 +121,9 @@ class CloudBuildBuilder:
     async def build(self, request: BuildRequest) -> Artifact:
         started = time.monotonic()
         log_path = self.data_dir / "logs" / f"cloudbuild-{time.time_ns()}.log"
-        with BuildLog(log_path, request.log_sink) as log:
+        with BuildLog(
+            log_path, request.log_sink, mask=SecretMasker.from_data_dir(self.data_dir)
+        ) as log:
             try:
                 resolved = await resolve_source(request.source, cache_dir=self.data_dir)
                 if not resolved.location.startswith(_REMOTE_PREFIXES):

@@ -47,6 +47,7 @@ from shipyard.build.running import BuildLog
 from shipyard.build.source import ResolvedSource, export_commit, read_manifest_at, resolve_source
 from shipyard.domain.manifest import Manifest, load_manifest
 from shipyard.errors import BuildFailed, ShipyardError, SourceError
+from shipyard.logs import SecretMasker
 
 INPUTS_LABEL = "dev.shipyard.inputs"
 _CACHE_FORMAT = "docker-v1"
@@ -91,7 +92,9 @@ class DockerBuilder:
         started = time.monotonic()
         durations: dict[str, int] = {}
         log_path = self._logs / f"docker-{time.time_ns()}.log"
-        with BuildLog(log_path, request.log_sink) as log:
+        with BuildLog(
+            log_path, request.log_sink, mask=SecretMasker.from_data_dir(self.data_dir)
+        ) as log:
             try:
                 resolved = await resolve_source(request.source, cache_dir=self.data_dir)
                 durations["fetch"] = _ms(started)

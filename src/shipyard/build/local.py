@@ -59,6 +59,7 @@ from shipyard.build.source import ResolvedSource, export_commit, resolve_source
 from shipyard.domain.manifest import Manifest, load_manifest
 from shipyard.domain.models import BUILD_TIME_TARGET_MS
 from shipyard.errors import ArtifactVerificationFailed, BuildFailed, ShipyardError
+from shipyard.logs import SecretMasker
 from shipyard.sandbox import Sandbox, SandboxPolicy
 
 __all__ = [
@@ -153,7 +154,9 @@ class LocalBuilder:
         durations: dict[str, int] = {}
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         log_path = self._logs / f"{stamp}-{uuid.uuid4().hex[:8]}.log"
-        with BuildLog(log_path, request.log_sink, tail_lines=self.config.log_tail_lines) as log:
+        mask = SecretMasker.from_data_dir(self.data_dir)
+        tail = self.config.log_tail_lines
+        with BuildLog(log_path, request.log_sink, tail_lines=tail, mask=mask) as log:
             try:
                 resolved = await resolve_source(request.source, cache_dir=self.data_dir)
                 durations["fetch"] = _ms(started)

@@ -15,12 +15,13 @@ import os
 import shutil
 import signal
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
 from shipyard.build.base import LogSink
 from shipyard.errors import BuildFailed
+from shipyard.private_files import open_log
 from shipyard.sandbox import Sandbox
 
 #: Seconds to keep reading output after the command exited (a daemon that left its own session
@@ -32,14 +33,24 @@ _MAX_LINE = 64 * 1024
 class BuildLog:
     """One build's log: the per-build file, the live sink, and the tail for error messages."""
 
-    def __init__(self, path: Path, sink: LogSink | None, *, tail_lines: int = 30) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self,
+        path: Path,
+        sink: LogSink | None,
+        *,
+        tail_lines: int = 30,
+        mask: Callable[[str], str] | None = None,
+    ) -> None:
         self.path = path
-        self._file = path.open("a", encoding="utf-8")
+        self._file = os.fdopen(open_log(path), "a", encoding="utf-8")
+        #: Every line passes through it before it is stored or shown (``logs.SecretMasker``).
+        self._mask = mask
         self._sink = sink
         self._tail: deque[str] = deque(maxlen=tail_lines)
 
     def line(self, text: str) -> None:
+        if self._mask is not None:
+            text = self._mask(text)
         self._file.write(text + "\n")
         self._file.flush()
         self._tail.append(text)

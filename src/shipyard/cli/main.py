@@ -40,6 +40,7 @@ from shipyard.cli.security import security_app
 from shipyard.cli.token import token_app
 from shipyard.domain.manifest import parse_manifest
 from shipyard.errors import InvalidInput, ManifestError, ShipyardError
+from shipyard.private_files import ensure_private_dir
 from shipyard.sandbox import Sandbox, SandboxPolicy, SandboxUnavailable, UidRange
 
 app = typer.Typer(
@@ -133,6 +134,7 @@ SandboxUids = Annotated[
 def _sandbox(data_dir: Path, insecure: bool, uids: str) -> Sandbox:
     """The server's sandbox, checked once; exits 2 saying why when none can be made. Passes the
     choice on (environment) to the agent ``serve`` starts."""
+    ensure_private_dir(data_dir)  # keys, tokens, the database: for this user only
     try:
         sandbox = Sandbox(
             SandboxPolicy(data_dir, uid_range=UidRange.parse(uids), insecure=insecure)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -47,6 +48,7 @@ from shipyard.orchestrator.record import (
     RevisionRecord,
 )
 from shipyard.orchestrator.stage import stage
+from shipyard.private_files import open_log
 from shipyard.runtime.base import StickyKey
 from shipyard.strategies.steps import Plan, SetWeight
 
@@ -62,8 +64,7 @@ class BuildLogSink:
         self._lines: collections.deque[str] = collections.deque(maxlen=keep)
         self._file: IO[str] | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("a", encoding="utf-8", errors="replace")
+            self._file = os.fdopen(open_log(path), "a", encoding="utf-8", errors="replace")
 
     def __call__(self, line: str) -> None:
         self._lines.append(line)

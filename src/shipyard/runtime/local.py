@@ -29,6 +29,7 @@ from shipyard.errors import (
     TrafficSwitchFailed,
 )
 from shipyard.logs import log_event
+from shipyard.private_files import open_log
 from shipyard.runtime.base import ReplicaStatus, RevisionSpec, ServiceState, StickyKey
 
 log = logging.getLogger("shipyard.runtime.local")
@@ -96,7 +97,7 @@ def _spawn_agent(data_dir: Path, region: str, d: Path) -> None:
     (d / "agent.json").unlink(missing_ok=True)
     argv = [sys.executable, "-m", "shipyard.cli.main", "agent", "--detach",
             "--data-dir", str(data_dir), "--region", region]  # fmt: skip
-    with open(d / "agent.log", "ab") as log:
+    with os.fdopen(open_log(d / "agent.log"), "ab") as log:
         subprocess.run(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             close_fds=True, check=True, timeout=60,
