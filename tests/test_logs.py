@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from shipyard.build.running import BuildLog, run_command
 from shipyard.errors import InvalidInput
-from shipyard.logs import REDACTED, configure_logging, log_event, redact
+from shipyard.logs import REDACTED, SecretMasker, configure_logging, log_event, redact
+from shipyard.sandbox import Sandbox, SandboxPolicy
 
 # A real HS256 token's shape (header {"alg":"HS256","typ":"JWT"}) and an alg-none one.
 JWT = (
@@ -303,3 +308,77 @@ def test_redact_returns_a_copy() -> None:
         "items": [f"Bearer {REDACTED}"],
     }
     assert original["token"] == "t"
+
+
+# --- SecretMasker: workload output ---------------------------------------------------------------
+
+
+def test_the_masker_hides_every_form_a_secret_can_be_printed_in(tmp_path: Path) -> None:
+    raw = bytes(range(200, 232))  # a binary key, like keys/jwt.key
+    token = b"agent-token-abcdefghijklmnop"
+    masker = SecretMasker([raw, token])
+    printed = [
+        raw.decode("utf-8", errors="replace"),  # `cat keys/jwt.key`
+        raw.hex(),
+        base64.b64encode(raw).decode(),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        f"Authorization: {token.decode()} and more",
+    ]
+    for line in printed:
+        masked = masker(line)
+        assert REDACTED in masked, line
+        assert token.decode() not in masked and raw.hex() not in masked
+    assert masker("nothing secret here") == "nothing secret here"
+
+
+def test_the_masker_hides_each_line_of_a_pem_key() -> None:
+    pem = (
+        b"-----BEGIN PRIVATE KEY-----\n"
+        b"MC4CAQAwBQYDK2VwBCIEIJ7k3N1zOq0jF9vXcQp1Y5xg2P0b8eFh2s9RtLmA0aBc\n"
+        b"-----END PRIVATE KEY-----\n"
+    )
+    masker = SecretMasker([pem])
+    assert masker("MC4CAQAwBQYDK2VwBCIEIJ7k3N1zOq0jF9vXcQp1Y5xg2P0b8eFh2s9RtLmA0aBc") == REDACTED
+    # The armour is not secret; nobody needs it hidden.
+    assert masker("-----BEGIN PRIVATE KEY-----") == "-----BEGIN PRIVATE KEY-----"
+
+
+def test_the_masker_reads_the_data_directory_and_sees_new_tokens(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "jwt.key").write_bytes(b"k" * 32)
+    masker = SecretMasker.from_data_dir(tmp_path)
+    masker._refresh_s = 0  # re-read on every line for this test
+    assert masker("k" * 32) == REDACTED
+    agent = tmp_path / "agents" / "local"
+    agent.mkdir(parents=True)
+    (agent / "agent.token").write_text("a-token-made-after-the-masker")
+    assert masker("token=a-token-made-after-the-masker") == f"token={REDACTED}"
+
+
+async def test_a_build_that_prints_the_servers_keys_stores_none_of_them(tmp_path: Path) -> None:
+    """Even unsandboxed (--insecure-no-sandbox), a build that cats the keys logs only masks."""
+    data = tmp_path / "data"
+    (data / "keys").mkdir(parents=True)
+    key = os.urandom(32)
+    (data / "keys" / "jwt.key").write_bytes(key)
+    key_file = data / "keys" / "jwt.key"
+    hexdump = 'import sys; print(open(sys.argv[1], "rb").read().hex())'
+    log_path = data / "logs" / "b.log"
+    lines: list[str] = []
+    with BuildLog(log_path, lines.append, mask=SecretMasker.from_data_dir(data)) as log:
+        code = await run_command(
+            ["sh", "-c", f"cat {key_file}; echo; python3 -c '{hexdump}' {key_file}"],
+            cwd=tmp_path,
+            sandbox=Sandbox(SandboxPolicy(data, insecure=True)),
+            service="web",
+            writable=[tmp_path],
+            env={"PATH": os.environ["PATH"]},
+            limit_s=30,
+            log=log,
+            what="build command",
+        )
+    assert code == 0
+    stored = log_path.read_text()
+    assert key.hex() not in stored and key.hex() not in "\n".join(lines)
+    assert stored.count(REDACTED) >= 1
+    assert oct(log_path.stat().st_mode & 0o777) == "0o640"

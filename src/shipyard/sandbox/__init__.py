@@ -150,7 +150,7 @@ class Sandbox:
         if self.root:
             ident = self.identity(service)
             assert ident is not None
-            out = _launcher()
+            out = [*_launcher(), "--private-tmp"]
             if overlay is not None:
                 out += ["--overlay", *map(str, overlay)]
             for h in self.hidden():

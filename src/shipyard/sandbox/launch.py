@@ -57,7 +57,8 @@ EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 
 USAGE = (
-    "usage: launch [--check] [--overlay LOWER UPPER WORK] [--hide DIR]... [--bind DIR]... "
+    "usage: launch [--check] [--overlay LOWER UPPER WORK] [--private-tmp] [--hide DIR]... "
+    "[--bind DIR]... "
     "[--expose DIR]... [--user UID:GID] [--bwrap PATH --chdir DIR] [-- ARGV...]"
 )
 
@@ -82,6 +83,7 @@ class Options:
         self.user: tuple[int, int] | None = None
         self.bwrap: str | None = None
         self.chdir: str | None = None
+        self.private_tmp = False
         self.argv: list[str] = []
 
 
@@ -96,6 +98,9 @@ def parse(args: list[str]) -> Options:
             break
         if arg == "--check":
             opts.check = True
+            i += 1
+        elif arg == "--private-tmp":
+            opts.private_tmp = True
             i += 1
         elif arg == "--overlay" and i + 3 < len(args):
             opts.overlay = (args[i + 1], args[i + 2], args[i + 3])
@@ -147,13 +152,17 @@ def bwrap_args(
     argv: list[str],
     readonly: list[str] | None = None,
     hide: list[str] | None = None,
+    private_tmp: bool = True,
 ) -> list[str]:
     """Bubblewrap's command line for one workload: the host read-only, ``writable`` writable,
     ``hide`` replaced by empty directories (then ``readonly`` mounted back, read-only), private
-    ``/tmp``, ``/dev`` and ``/dev/shm``, own PID/IPC/UTS namespaces, no capabilities."""
+    ``/tmp`` (unless ``private_tmp`` is False: the launcher made it), ``/dev`` and ``/dev/shm``,
+    own PID/IPC/UTS namespaces, no capabilities."""
     args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     # Fresh, private mounts inside the sandbox, not shared host temp dirs.
-    args += ["--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]  # noqa: S108
+    args += ["--tmpfs", "/dev/shm"]  # noqa: S108
+    if private_tmp:
+        args += ["--tmpfs", "/tmp"]  # noqa: S108
     for path in hide or ():
         args += ["--tmpfs", path]
     for path in readonly or ():
@@ -218,6 +227,10 @@ def prepare(opts: Options, libc: _Libc) -> None:
             "overlay", lower, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}"
         )
     hide = list(opts.hide)
+    if opts.private_tmp:
+        # Root's tmpfs, not bubblewrap's: the directories made in it to mount the workload's
+        # own back (a data directory under /tmp) are then root's, not writable by the workload.
+        hide.insert(0, "/tmp")  # noqa: S108
     if opts.user is not None:
         # A directory the workload needs may lie below one its uid cannot enter (a 0700 parent
         # such as pytest's /tmp/pytest-of-root): hide that parent too and mount the directory
@@ -238,7 +251,10 @@ def prepare(opts: Options, libc: _Libc) -> None:
     for path in sorted(hide, key=len):
         if not os.path.isdir(path):
             continue  # inside an already hidden directory, or absent: nothing to hide
-        libc.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
+        if path == "/tmp":  # noqa: S108 - the workload's private /tmp, writable by all
+            libc.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        else:
+            libc.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755")
     for path, readonly, fd in fds:
         if not _same_dir(path, fd):  # hidden: mount it back at its own path
             os.makedirs(path, mode=0o755, exist_ok=True)
@@ -292,7 +308,13 @@ def run(args: list[str]) -> None:
     argv = opts.argv
     if opts.bwrap is not None:
         chdir = opts.chdir or (opts.overlay[0] if opts.overlay else "/")
-        argv = bwrap_args(opts.bwrap, writable=opts.bind, chdir=chdir, argv=argv)
+        argv = bwrap_args(
+            opts.bwrap,
+            writable=opts.bind,
+            chdir=chdir,
+            argv=argv,
+            private_tmp=not opts.private_tmp,
+        )
     else:
         target = opts.chdir or (opts.overlay[0] if opts.overlay else None)
         if target is not None:
