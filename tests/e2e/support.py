@@ -65,8 +65,10 @@ def wait_for_state(
 class Server:
     """``shipyard serve`` as a child process, killable like in production."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *extra_args: str) -> None:
         self.data_dir = data_dir
+        #: More ``shipyard serve`` options (``--witness PATH``, ...).
+        self.extra_args = extra_args
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -85,6 +87,7 @@ class Server:
                 str(self.data_dir),
                 "--listen",
                 f"127.0.0.1:{self.port}",
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
