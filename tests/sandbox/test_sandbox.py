@@ -163,3 +163,17 @@ def test_insecure_mode_runs_the_command_as_given(tmp_path: Path) -> None:
 @root_only
 def test_the_check_passes_here(tmp_path: Path) -> None:
     Sandbox(SandboxPolicy(tmp_path / "data")).check()
+
+
+def test_path_entries_the_sandbox_cannot_see_are_dropped(tmp_path: Path) -> None:
+    home = Path.home()
+    exposed = tmp_path / "visible"
+    sandbox = Sandbox(SandboxPolicy(tmp_path / "data", hide=(tmp_path,), expose=(exposed,)))
+    path = os.pathsep.join([str(home / "bin"), "/usr/bin", str(tmp_path / "tools"), str(exposed)])
+    kept = sandbox.visible_path(path).split(os.pathsep)
+    assert "/usr/bin" in kept and str(exposed) in kept
+    assert str(tmp_path / "tools") not in kept
+    if home != Path("/"):
+        assert str(home / "bin") not in kept
+    insecure = Sandbox(SandboxPolicy(tmp_path / "data", insecure=True))
+    assert insecure.visible_path(path) == path

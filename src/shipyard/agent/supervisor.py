@@ -326,6 +326,8 @@ class Supervisor:
     def _env(self, replica: Replica) -> dict[str, str]:
         home = replica.run_dir / "home"
         env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
+        if "PATH" in env:  # what the sandbox can see of it
+            env["PATH"] = self.sandbox.visible_path(env["PATH"])
         # Defaults the manifest's [run] env may override.
         env.update(
             HOME=str(home),

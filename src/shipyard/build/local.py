@@ -455,7 +455,9 @@ class LocalBuilder:
 
     def _env(self, *, scratch: Path) -> dict[str, str]:
         return {
-            "PATH": self.config.path or os.environ.get("PATH", _DEFAULT_PATH),
+            "PATH": self.sandbox.visible_path(
+                self.config.path or os.environ.get("PATH", _DEFAULT_PATH)
+            ),
             "HOME": str(scratch / "home"),
             "LANG": "C.UTF-8",
             "TMPDIR": str(scratch),

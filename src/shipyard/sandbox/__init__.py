@@ -128,6 +128,26 @@ class Sandbox:
                 out.append(str(real))
         return _unique(out)
 
+    def visible_path(self, path: str) -> str:
+        """``path`` (a ``PATH`` value) without the directories a workload cannot see (inside a
+        hidden directory and not exposed: e.g. pyenv's shims under the server's ``HOME``), so a
+        command is looked up -- and refused with a clear message -- as the sandbox will."""
+        if not self.enabled:
+            return path
+        hidden = [Path(h) for h in self.hidden()]
+        exposed = [Path(e) for e in self.exposed()]
+        kept = []
+        for entry in path.split(os.pathsep):
+            real = Path(entry).resolve() if entry else None
+            if real is None:
+                continue
+            if any(real.is_relative_to(h) for h in hidden) and not any(
+                real.is_relative_to(e) for e in exposed
+            ):
+                continue
+            kept.append(entry)
+        return os.pathsep.join(kept)
+
     def command(
         self,
         argv: Sequence[str],
