@@ -177,3 +177,16 @@ def test_path_entries_the_sandbox_cannot_see_are_dropped(tmp_path: Path) -> None
         assert str(home / "bin") not in kept
     insecure = Sandbox(SandboxPolicy(tmp_path / "data", insecure=True))
     assert insecure.visible_path(path) == path
+
+
+def test_a_python_installed_under_tmp_stays_visible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout under /tmp (CI's fresh clone) has its venv there: /tmp is private inside the
+    sandbox, so the venv is mounted back read-only, and its bin stays on the workload's PATH."""
+    venv = Path("/tmp") / "some-checkout" / ".venv"
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    sandbox = Sandbox(SandboxPolicy(tmp_path / "data"))
+    assert str(venv) in sandbox.exposed()
+    assert sandbox.visible_path(f"{venv}/bin:/usr/bin") == f"{venv}/bin:/usr/bin"
+    assert sandbox.visible_path("/tmp/elsewhere/bin:/usr/bin") == "/usr/bin"

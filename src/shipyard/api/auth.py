@@ -57,7 +57,7 @@ __all__ = [
 ALGORITHM = "HS256"
 KEY_BYTES = 32
 KEY_RELATIVE_PATH = Path("keys") / "jwt.key"
-#: 16 random bytes, urlsafe base64 (22 characters).
+#: 16 random bytes, hex (32 characters: never a leading "-" on a command line).
 TOKEN_ID_BYTES = 16
 DEFAULT_TTL_SECONDS = 12 * 3600
 DEFAULT_MAX_TTL_SECONDS = 90 * 24 * 3600
@@ -222,7 +222,9 @@ class TokenAuthority:
                 max_ttl_seconds=self.max_ttl_seconds,
             )
         now = int(self._clock())
-        token_id = secrets.token_urlsafe(TOKEN_ID_BYTES)
+        # Hex: an id never starts with "-", which a command line would take for an option
+        # (`shipyard token revoke -abc...`).
+        token_id = secrets.token_hex(TOKEN_ID_BYTES)
         payload = {
             "sub": subject,
             "iat": now,

@@ -115,11 +115,16 @@ class Sandbox:
             paths.append(home)
         return _unique(str(p.resolve()) for p in paths)
 
+    def _invisible(self) -> list[Path]:
+        """What a workload cannot see of the host: the hidden directories and ``/tmp`` (its own
+        is private)."""
+        return [Path(h) for h in self.hidden()] + [Path("/tmp")]  # noqa: S108
+
     def exposed(self) -> list[str]:
         """Read-only paths to mount back: the Python installation the server runs (apps and
         builds use ``python`` from the server's PATH), when it lies in a hidden directory."""
         candidates = [*self.policy.expose, Path(sys.base_prefix), Path(sys.prefix)]
-        hidden = [Path(h) for h in self.hidden()]
+        hidden = self._invisible()
         data = self.policy.data_dir.resolve()
         out = []
         for c in candidates:
@@ -134,7 +139,7 @@ class Sandbox:
         command is looked up -- and refused with a clear message -- as the sandbox will."""
         if not self.enabled:
             return path
-        hidden = [Path(h) for h in self.hidden()]
+        hidden = self._invisible()
         exposed = [Path(e) for e in self.exposed()]
         kept = []
         for entry in path.split(os.pathsep):
