@@ -105,7 +105,12 @@ class Server:
             except httpx.HTTPError:
                 return False
 
-        wait_until(up, 30, "shipyard serve to answer /healthz")
+        try:
+            wait_until(up, 60, "shipyard serve to answer /healthz")
+        except AssertionError:
+            self.stop()  # never leave a half-started server (and its Popen) behind
+            self.stop_agent()
+            raise
         token = issue_local(self.data_dir, "e2e", ALL, ttl_seconds=12 * 3600)
         if self.client is not None:
             self.client.close()
