@@ -15,7 +15,10 @@ from shipyard.api.app import create_app
 from tests.api.test_api import Harness
 
 #: Every URL a page names: src/href attributes and the quoted URLs of its bootstrap script.
-_URLS = re.compile(rb"""(?:src|href)\s*=\s*["']([^"']+)["']|(?:url|spec-url)\s*[:=]\s*["']([^"']+)["']""")
+_URLS = re.compile(
+    rb"""(?:src|href)\s*=\s*["']([^"']+)["']"""
+    rb"""|(?:url|spec-url)\s*[:=]\s*["']([^"']+)["']"""
+)
 
 
 @asynccontextmanager

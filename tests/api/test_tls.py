@@ -135,5 +135,5 @@ def test_serve_exits_2_before_binding_on_a_mismatched_key(tmp_path: Path) -> Non
 def test_a_ca_cert_that_is_not_one_is_refused(tmp_path: Path) -> None:
     bogus = tmp_path / "ca.pem"
     bogus.write_text("nope\n")
-    with pytest.raises(InvalidInput, match="--ca-cert .*ca.pem: cannot load it"):
+    with pytest.raises(InvalidInput, match=r"--ca-cert .*ca\.pem: cannot load it"):
         ApiClient("https://127.0.0.1:1", "t", ca_cert=bogus)
