@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import ssl
 from pathlib import Path
 
@@ -88,6 +89,14 @@ def test_the_api_answers_https_and_refuses_plain_http(tmp_path: Path) -> None:
         with pytest.raises(InvalidInput, match="--ca-cert"):
             untrusting.request("GET", "/api/v1/services")
         untrusting.close()
+
+        history = ["history", "api", "--server", f"https://127.0.0.1:{port}", "--token", token]
+        trusted = CliRunner().invoke(cli, ["--ca-cert", str(cert), *history, "--format", "json"])
+        assert trusted.exit_code == 0, trusted.output
+        assert json.loads(trusted.stdout) == {"deployments": []}
+        refused = CliRunner().invoke(cli, history)  # `main()` turns this into exit 2
+        assert isinstance(refused.exception, InvalidInput), refused.output
+        assert "SHIPYARD_CA_CERT" in refused.exception.message
 
 
 def test_bad_tls_files_are_refused_saying_what_to_fix(tmp_path: Path) -> None:

@@ -121,6 +121,13 @@ class ApiClient:
     def close(self) -> None:
         self._c.close()
 
+    def __del__(self) -> None:
+        # Commands drop their client without closing it; a kept-alive (TLS) connection would
+        # otherwise be left for the garbage collector to find unclosed.
+        c = getattr(self, "_c", None)
+        if c is not None:
+            c.close()
+
 
 def _untrusted(exc: BaseException) -> str | None:
     """The certificate verification failure somewhere down ``exc``'s cause chain, if any."""

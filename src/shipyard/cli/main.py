@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -82,9 +81,13 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+#: What ``--ca-cert`` (an option of ``shipyard`` itself, before the command) said; ``_client``
+#: hands it to every ApiClient. Set on every invocation by ``_root``.
+_trust: dict[str, Path | None] = {"ca_cert": None}
+
+
 @app.callback()
 def _root(
-    ctx: typer.Context,
     ca_cert: Annotated[
         Path | None,
         typer.Option(
@@ -95,18 +98,12 @@ def _root(
     ] = None,
 ) -> None:
     """Options for every command that talks to a server."""
-    ctx.obj = {"ca_cert": ca_cert}
-
-
-def _ca_cert() -> Path | None:
-    ctx = click.get_current_context(silent=True)
-    obj = ctx.find_root().obj if ctx is not None else None
-    return obj.get("ca_cert") if isinstance(obj, dict) else None
+    _trust["ca_cert"] = ca_cert
 
 
 def _client(server: str, token: str | None, data_dir: Path | None, *perms: str) -> ApiClient:
     try:
-        return ApiClient(server, resolve_token(token, data_dir, list(perms)), _ca_cert())
+        return ApiClient(server, resolve_token(token, data_dir, list(perms)), _trust["ca_cert"])
     except InvalidInput as exc:
         raise fail(exc.message) from exc
 
