@@ -49,6 +49,23 @@ class Settings(BaseModel):
     #: Seconds between two checkpoint publications (one also follows every deployment's end).
     checkpoint_interval_seconds: float = Field(default=60.0, gt=0)
 
+    #: The API's edge (``api/edge.py``, ``api/limits.py``), enforced before authentication:
+    #: the request line and headers together (h11 answers 400 past it), the number of header
+    #: lines (431), how long a client has to send a whole request, head and body (slowloris:
+    #: closed, 408 when part of a head arrived), how long an idle keep-alive connection stays,
+    #: requests in flight (503 past it) and open connections (closed at once past it).
+    max_head_bytes: int = Field(default=16 * 1024, gt=0)
+    max_header_count: int = Field(default=100, gt=0)
+    request_timeout_seconds: float = Field(default=10.0, gt=0)
+    keep_alive_timeout_seconds: int = Field(default=15, gt=0)
+    max_concurrent_requests: int = Field(default=256, gt=0)
+    max_connections: int = Field(default=4096, gt=0)
+    #: TLS for the API (``--tls-cert``/``--tls-key``): both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: ``/docs``, ``/redoc`` and ``/openapi.json`` (``--no-docs`` turns them off).
+    docs: bool = True
+
     @property
     def sandbox_policy(self) -> SandboxPolicy:
         return self.sandbox or SandboxPolicy(data_dir=self.data_dir)

@@ -74,3 +74,22 @@ async def test_without_an_endpoint_an_accepted_connection_is_ready(
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         assert not await probe_ready(unused.getsockname()[1], None)
+
+
+@pytest.mark.parametrize(
+    ("answer", "ready"),
+    [
+        pytest.param(b"HTTP/1.1 200 " + b"x" * 200_000, False, id="status-line-past-64KiB"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 4194304\r\n\r\n" + b"x" * 4194304,
+            True,
+            id="big-body-unread",
+        ),
+    ],
+)
+async def test_only_a_bounded_status_line_is_read(
+    scripted: tuple[Scripted, int], answer: bytes, ready: bool
+) -> None:
+    s, port = scripted
+    s.answer = answer
+    assert await probe_ready(port, "/health") is ready

@@ -7,6 +7,7 @@ validated with the same ``DeploymentRequest`` model the server parses it with.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -52,7 +53,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         )
 
     class MockedClient(ApiClient):
-        def __init__(self, server: str, token: str) -> None:
+        def __init__(self, server: str, token: str, ca_cert: Path | None = None) -> None:
             self._c = httpx.Client(base_url=server, transport=httpx.MockTransport(api))
 
     monkeypatch.setattr(main, "ApiClient", MockedClient)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +218,74 @@ async def test_http_prober_timeout_and_refused() -> None:
         free = s.getsockname()[1]
     assert (await prober(_replica(free), check)).outcome is Outcome.REFUSED
     await prober.aclose()
+
+
+# --- bounded reads: a huge or endless answer costs a probe at most PROBE_BODY_LIMIT -------------
+
+HUGE = 300 * 1024 * 1024
+
+
+@contextlib.asynccontextmanager
+async def streaming_server(status: int, *, drip: bool = False) -> AsyncIterator[int]:
+    """Answers ``status`` with a 300 MB body (1 MiB writes, each drained: the server itself
+    holds one chunk), or with ``drip`` one byte every 50 ms; stops when the client hangs up."""
+    chunk = b"x" * (1024 * 1024)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: {HUGE}\r\n\r\n".encode())
+            for _ in range(HUGE // len(chunk)):
+                if drip:
+                    writer.write(b"x")
+                    await asyncio.sleep(0.05)
+                else:
+                    writer.write(chunk)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+def _kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Make VmHWM (peak RSS) start again from the current RSS (Linux's clear_refs "5")."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as exc:
+        pytest.skip(f"cannot reset the peak RSS here: {exc}")
+
+
+@pytest.mark.parametrize(("status", "outcome"), [(200, Outcome.OK), (503, Outcome.FAIL)])
+async def test_a_300_mb_health_answer_leaves_memory_flat(status: int, outcome: Outcome) -> None:
+    prober = HttpProber()
+    check = CHECK.model_copy(update={"timeout_seconds": 5})
+    async with streaming_server(status) as port:
+        _reset_peak_rss()
+        before = _kib("VmRSS")
+        results = [await prober(_replica(port), check) for _ in range(5)]
+        peak = _kib("VmHWM")
+    await prober.aclose()
+    assert [r.outcome for r in results] == [outcome] * 5, results
+    assert [r.status_code for r in results] == [status] * 5
+    growth_mib = (peak - before) / 1024
+    assert growth_mib < 50, f"peak RSS grew by {growth_mib:.0f} MiB over 5 probes"
+
+
+async def test_an_answer_dripped_forever_times_out_as_a_whole() -> None:
+    prober = HttpProber()
+    check = CHECK.model_copy(update={"timeout_seconds": 0.5})
+    async with streaming_server(200, drip=True) as port:
+        result = await prober(_replica(port), check)  # each byte well within a read timeout
+    await prober.aclose()
+    assert result.outcome is Outcome.TIMEOUT, result

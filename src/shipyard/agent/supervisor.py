@@ -626,8 +626,13 @@ async def probe_ready(port: int, endpoint: str | None, host: str = "127.0.0.1") 
             "Connection: close\r\n\r\n".encode("latin-1")
         )
         await writer.drain()
-        status_line = await reader.readline()
-    except (OSError, UnicodeEncodeError):
+        # Only the status line is read, and at most the stream's limit (64 KiB) of it: a longer
+        # line, or a huge body behind it, costs no more than that.
+        try:
+            status_line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            status_line = exc.partial  # closed before a line end: judge what came
+    except (OSError, UnicodeEncodeError, asyncio.LimitOverrunError):
         return False
     finally:
         writer.close()

@@ -41,11 +41,11 @@ from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from shipyard import __version__
+from shipyard.api import docs, problems
 from shipyard.api import metrics as metrics_mod
-from shipyard.api import problems
 from shipyard.api.auth import Claims, require_permission
 from shipyard.api.context import AppContext, build_context
-from shipyard.api.limits import BodySizeLimit
+from shipyard.api.limits import BodySizeLimit, ConcurrencyLimit, HeaderCountLimit
 from shipyard.domain.models import DNS_LABEL, Deployment, DeploymentRequest, DeploymentStatus
 from shipyard.errors import NotFound, UnknownRegion
 from shipyard.orchestrator.record import Record, dump_record
@@ -173,8 +173,20 @@ def create_app(
         finally:
             await context.aclose()
 
-    app = FastAPI(title="Shipyard", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="Shipyard",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,  # api/docs.py serves them without a CDN
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs else None,
+    )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Added last, so they run first: refuse before authentication, body reading or routing.
+    app.add_middleware(ConcurrencyLimit, max_requests=settings.max_concurrent_requests)
+    app.add_middleware(HeaderCountLimit, max_headers=settings.max_header_count)
+    if settings.docs:
+        docs.install(app)
     problems.install(app)
     exposition = metrics_mod.MetricsEndpoint()
 

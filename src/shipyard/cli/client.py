@@ -5,6 +5,7 @@ fill a DeploymentRequest's defaults from a local repository. Used by ``cli/main.
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -78,18 +79,38 @@ def source_defaults(
     return repository, branch, commit, None
 
 
+def trust(ca_cert: Path | None) -> ssl.SSLContext | bool:
+    """What verifies an https server: the system's CAs, or only ``ca_cert`` (PEM, from
+    ``--ca-cert``/``$SHIPYARD_CA_CERT``) for a server whose certificate a private CA signed."""
+    if ca_cert is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca_cert))
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidInput(
+            f"--ca-cert {ca_cert}: cannot load it as PEM CA certificates ({exc})"
+        ) from exc
+
+
 class ApiClient:
-    def __init__(self, server: str, token: str) -> None:
+    def __init__(self, server: str, token: str, ca_cert: Path | None = None) -> None:
         self._c = httpx.Client(
             base_url=server.rstrip("/"),
             headers={"authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(30.0, read=960.0),
+            verify=trust(ca_cert),
         )
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             return self._c.request(method, path, **kw)
         except httpx.ConnectError as exc:
+            if _untrusted(exc):
+                raise InvalidInput(
+                    f"the server at {self._c.base_url} presented a certificate this client does "
+                    f"not trust ({_untrusted(exc)}): pass --ca-cert FILE or set SHIPYARD_CA_CERT "
+                    "to the CA that signed it"
+                ) from exc
             raise InvalidInput(
                 f"cannot reach the Shipyard server at {self._c.base_url}: start it with "
                 "`shipyard serve` or pass --server"
@@ -99,3 +120,20 @@ class ApiClient:
 
     def close(self) -> None:
         self._c.close()
+
+    def __del__(self) -> None:
+        # Commands drop their client without closing it; a kept-alive (TLS) connection would
+        # otherwise be left for the garbage collector to find unclosed.
+        c = getattr(self, "_c", None)
+        if c is not None:
+            c.close()
+
+
+def _untrusted(exc: BaseException) -> str | None:
+    """The certificate verification failure somewhere down ``exc``'s cause chain, if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None

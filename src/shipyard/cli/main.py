@@ -81,9 +81,29 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+#: What ``--ca-cert`` (an option of ``shipyard`` itself, before the command) said; ``_client``
+#: hands it to every ApiClient. Set on every invocation by ``_root``.
+_trust: dict[str, Path | None] = {"ca_cert": None}
+
+
+@app.callback()
+def _root(
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca-cert",
+            envvar="SHIPYARD_CA_CERT",
+            help="Trust this PEM CA for an https --server (a private CA); before the command.",
+        ),
+    ] = None,
+) -> None:
+    """Options for every command that talks to a server."""
+    _trust["ca_cert"] = ca_cert
+
+
 def _client(server: str, token: str | None, data_dir: Path | None, *perms: str) -> ApiClient:
     try:
-        return ApiClient(server, resolve_token(token, data_dir, list(perms)))
+        return ApiClient(server, resolve_token(token, data_dir, list(perms)), _trust["ca_cert"])
     except InvalidInput as exc:
         raise fail(exc.message) from exc
 
@@ -208,15 +228,40 @@ def serve(
         float,
         typer.Option(min=1.0, help="Seconds between checkpoint publications to the witnesses."),
     ] = 60.0,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-cert", envvar="SHIPYARD_TLS_CERT", help="Serve HTTPS: PEM certificate (chain)."
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-key",
+            envvar="SHIPYARD_TLS_KEY",
+            help="Serve HTTPS: PEM private key (with --tls-cert).",
+        ),
+    ] = None,
+    docs: Annotated[
+        bool,
+        typer.Option(
+            "--docs/--no-docs", help="Serve /docs, /redoc and /openapi.json (assets are local)."
+        ),
+    ] = True,
 ) -> None:
     """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
     import uvicorn
 
+    from shipyard.api import edge
     from shipyard.api.app import create_app
     from shipyard.logs import configure_logging
     from shipyard.settings import Settings
 
     host, port = _parse_listen(listen)
+    try:
+        edge.check_tls(tls_cert, tls_key)
+    except InvalidInput as exc:
+        raise fail(exc.message) from exc
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -237,6 +282,9 @@ def serve(
         witnesses=tuple(witness or ()),
         witness_history=witness_history,
         checkpoint_interval_seconds=checkpoint_interval,
+        tls_cert=tls_cert.resolve() if tls_cert else None,
+        tls_key=tls_key.resolve() if tls_key else None,
+        docs=docs,
     )
     _check_witnesses(settings.witnesses, settings.data_dir, settings.witness_history)
     if osv_db is None:
@@ -244,15 +292,14 @@ def serve(
             "[yellow]warning:[/yellow] no --osv-db: artifacts get an SBOM and are signed, "
             "but not scanned for vulnerabilities"
         )
-    err.print(f"shipyard serve: API on http://{host}:{port}, data in {settings.data_dir}")
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level="warning",
-        loop="uvloop",
-        access_log=False,
+    scheme = "https" if tls_cert else "http"
+    err.print(f"shipyard serve: API on {scheme}://{host}:{port}, data in {settings.data_dir}")
+    descriptors = edge.raise_descriptor_limit()
+    config = edge.server_config(
+        create_app(settings), settings, host, port, descriptor_limit=descriptors
     )
+    config.loop = "uvloop"
+    uvicorn.Server(config).run()
 
 
 def _check_witnesses(witnesses: tuple[str, ...], data_dir: Path, history: Path | None) -> None:
