@@ -62,7 +62,12 @@ class ProxyContext:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.batcher.bind(loop)
-        limits = self.limits
+        self.apply_limits(self.limits)
+
+    def apply_limits(self, limits: RouterLimits) -> None:
+        """Use ``limits`` from now on (the sweep's next tick); connections already open keep
+        their place even past a lowered cap."""
+        self.limits = limits
         timeouts = (
             limits.head_timeout,
             limits.keepalive_timeout,

@@ -108,6 +108,11 @@ class ServiceProxy:
     def limits(self) -> RouterLimits:
         return self._ctx.limits
 
+    @limits.setter
+    def limits(self, limits: RouterLimits) -> None:
+        """New timeouts and cap, in force from the sweep's next tick."""
+        self._ctx.apply_limits(limits)
+
     def connection_stats(self) -> dict[str, int]:
         """The router's own counters beside the per-revision metrics: open client connections,
         connections refused past this service's or the process's cap (``refused``; those of the
@@ -295,9 +300,8 @@ class ServiceProxy:
         only resets a counter). A timeout fires up to one tick (1/8 of the shortest) late.
         """
         ctx = self._ctx
-        tick = ctx.tick
         while True:
-            await asyncio.sleep(tick)
+            await asyncio.sleep(ctx.tick)
             for client in list(ctx.clients):
                 client.tick()
 
