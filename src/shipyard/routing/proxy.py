@@ -13,6 +13,7 @@ This module is the façade. The router is one concept per module in ``shipyard.r
 - ``client``: the client protocol, one request phase at a time;
 - ``upstream``: the upstream protocol, parsing and relaying the response;
 - ``pool``: keep-alive connections per backend, and opening new ones;
+- ``limits``: timeouts, connection caps (per service, per process), the descriptor limit;
 - ``batching``: writes held and flushed once per event-loop iteration;
 - ``table``: the routing table (weighted round-robin, sticky buckets), no sockets;
 - ``http1``: HTTP/1.1 heads and chunked framing, no sockets;
@@ -28,7 +29,9 @@ busy loop wakes its peers once per batch rather than once per request. Upstream 
 kept alive in per-backend pools. Requests are not rewritten, so no ``X-Forwarded-*`` headers are
 added, and a client's ``Connection: close`` reaches the upstream. A ``101 Switching Protocols``
 answer turns the connection pair into a raw tunnel. A client that half-closes after its request
-still gets the answer (the request stays in flight until the app answers it).
+still gets the answer (the request stays in flight until the app answers it). Slow or idle
+clients are cut by the timeouts of ``routing.limits``, and a client's first request never rides
+an upstream connection another client used (HAProxy's ``http-reuse safe``).
 
 Everything here runs on the event loop that called :meth:`ServiceProxy.start`; call its methods
 from that loop only (it is not thread-safe).
