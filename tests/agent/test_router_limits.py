@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
+from shipyard.agent.server import Agent, build_app
+from shipyard.routing.limits import RouterLimits
 from tests.agent.helpers import TRUSTED_KEY, eventually, make_artifact, spec_for
 
 FLOOD = 1100
@@ -166,3 +168,60 @@ async def test_a_thousand_idle_sockets_on_one_service_leave_the_rest_answering(
             return (await client.get(f"{flooded}/")).status_code == 200
 
         await eventually(answers, what="the flooded service answering after the flood")
+
+
+# -- a service's own limits through the agent API (in process) ------------------------------------
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[tuple[Agent, httpx.AsyncClient]]:
+    a = Agent(tmp_path / "data", "local", trusted_key=TRUSTED_KEY)
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=build_app(a)),
+        base_url="http://agent",
+        headers={"authorization": f"Bearer {a.token}"},
+    )
+    try:
+        yield a, client
+    finally:
+        await client.aclose()
+        await a.close()
+
+
+async def test_a_service_gets_its_own_limits_and_keeps_them_across_restarts(
+    api: tuple[Agent, httpx.AsyncClient], tmp_path: Path
+) -> None:
+    agent, client = api
+    assert (await client.put("/v1/services/web")).status_code == 200
+    r = await client.put(
+        "/v1/services/web/limits", json={"response_timeout": 5, "max_connections": 10}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["limits"] == {**RouterLimits().to_dict(), "response_timeout": 5.0,
+                                  "max_connections": 10}  # fmt: skip
+    state = (await client.get("/v1/services/web")).json()
+    assert state["router"]["limits"]["max_connections"] == 10
+    assert agent.routes["web"].proxy.limits.response_timeout == 5
+    restarted = Agent(tmp_path / "data", "local", trusted_key=TRUSTED_KEY)
+    try:
+        await restarted.restore()
+        assert restarted.routes["web"].proxy.limits == agent.routes["web"].proxy.limits
+    finally:
+        await restarted.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"head_timeout": 0}, {"max_connections": -1}, {"body_timeout": "soon"}, {"timeout": 3}],
+    ids=["zero", "negative", "not-a-number", "unknown-field"],
+)
+async def test_bad_limits_are_a_422_and_change_nothing(
+    api: tuple[Agent, httpx.AsyncClient], body: dict[str, Any]
+) -> None:
+    agent, client = api
+    assert (await client.put("/v1/services/web")).status_code == 200
+    before = agent.routes["web"].proxy.limits
+    r = await client.put("/v1/services/web/limits", json=body)
+    assert r.status_code == 422, r.text
+    assert agent.routes["web"].proxy.limits == before
+    assert (await client.put("/v1/services/nope/limits", json={})).status_code == 404

@@ -96,6 +96,8 @@ class RouterLimitsBody(BaseModel):
     response_timeout: Annotated[float, Field(gt=0, le=86400)] | None = None
     max_connections: Annotated[int, Field(gt=0, le=10_000_000)] | None = None
 
+    model_config = {"extra": "forbid"}
+
 
 #: The agent-wide cap on client connections across every service's router (lowered at start
 #: to what the descriptor limit allows, see ``ConnectionBudget.for_descriptors``).
