@@ -79,6 +79,12 @@ _REQUEST_TIMEOUT = (
 REFUSED_LINGER = 1.0
 
 
+def _abort_unless_closed(transport: asyncio.Transport) -> None:
+    """End a refused connection's lingering close (the client may have closed it already)."""
+    if not transport.is_closing():
+        transport.abort()
+
+
 class RequestPhase(enum.Enum):
     """Where a client connection is with its current request (h11 keeps such a state per peer).
 
@@ -238,7 +244,7 @@ class Client(BatchedConnection):
         transport.write(_OVER_CAPACITY)
         if transport.can_write_eof():
             transport.write_eof()
-            ctx.loop.call_later(REFUSED_LINGER, transport.abort)
+            ctx.loop.call_later(REFUSED_LINGER, _abort_unless_closed, transport)
         else:
             transport.close()
 
