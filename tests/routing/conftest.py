@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from shipyard.routing.limits import ConnectionBudget, RouterLimits
 from shipyard.routing.proxy import Backend, ServiceProxy
 
 WAIT = 15.0  # upper bound for any single wait; tests never rely on it passing time
@@ -291,12 +292,17 @@ async def proxies() -> AsyncIterator[Callable[..., Awaitable[tuple[ServiceProxy,
         max_body_bytes: int = 10 * 2**20,
         response_timeout: float = 60.0,
         max_idle_per_backend: int = 64,
+        limits: RouterLimits | None = None,
+        budget: ConnectionBudget | None = None,
+        service: str = "svc",
     ) -> tuple[ServiceProxy, int]:
         proxy = ServiceProxy(
-            "svc",
+            service,
             max_body_bytes=max_body_bytes,
-            response_timeout=response_timeout,
+            response_timeout=None if limits else response_timeout,
             max_idle_per_backend=max_idle_per_backend,
+            limits=limits,
+            budget=budget,
         )
         port = await proxy.start()
         started.append(proxy)

@@ -73,6 +73,9 @@ class FakeTransport:
     def can_write_eof(self) -> bool:
         return True
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # every write is taken at once
+
     def write_eof(self) -> None:
         self.eof_written = True
 

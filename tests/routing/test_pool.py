@@ -1,4 +1,7 @@
-"""Upstream connection pools (routing/pool.py): reuse, caps, retirement, stale connections.
+"""Upstream connection pools (routing/pool.py): reuse, caps, retirement, stale connections, and
+who may reuse a pooled connection (HAProxy's ``http-reuse safe``, and never after a request whose
+body the app may not have read: the CL.0 desync of issue 10, replayed against a real app that
+ignores GET bodies).
 
 The first tests go through ServiceProxy over real sockets; the last drive a Pool by hand.
 """
@@ -7,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+
+import pytest
 
 from shipyard.routing.pool import DOWN_SECONDS, Pool
 from shipyard.routing.table import Backend
 from shipyard.routing.upstream import Upstream
 
 from . import fakes
-from .conftest import MakeClient, MakeProxy, MakeUpstream
+from .conftest import MakeClient, MakeProxy, MakeUpstream, RawClient
 from .fakes import FakeTransport
 
 
@@ -55,7 +61,9 @@ async def test_upstream_connections_are_reused(
     for _ in range(4):  # new client connections each round, same upstream pool
         await asyncio.gather(*(worker() for _ in range(5)))
     assert app.requests == 1000
-    assert app.connections <= 10  # at most a few per concurrent request, never one per request
+    # One per client connection, opened for its first request (http-reuse safe: a first request
+    # never rides a connection another client used); the other 980 requests reuse the pool.
+    assert app.connections == 20
 
 
 async def test_idle_connections_per_backend_are_capped(
@@ -144,3 +152,126 @@ def test_a_failed_connect_marks_the_backend_down_for_a_while() -> None:
     before = time.monotonic()
     pool.mark_down()
     assert before + DOWN_SECONDS <= pool.down_until <= time.monotonic() + DOWN_SECONDS
+
+
+# -- who may reuse a pooled connection ------------------------------------------------------------
+
+
+async def test_a_first_request_never_rides_a_connection_another_client_used(
+    upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
+) -> None:
+    app = await upstreams("app")
+    proxy, port = await proxies()
+    proxy.configure({"v1": 100}, [app.backend("v1")])
+    a = await clients(port)
+    assert (await a.request()).status == 200
+    assert app.connections == 1  # now idle in the pool
+    b = await clients(port)
+    assert (await b.request()).status == 200
+    assert app.connections == 2  # b's first request got a connection of its own
+    for client in (b, a, b):  # later requests reuse what is pooled
+        assert (await client.request()).status == 200
+    assert app.connections == 2
+
+
+class HeadOnlyApp:
+    """An app that reads request heads only: a body it was not expecting (on a GET) stays on the
+    connection and is read as the start of the next request. Answers each request with its
+    target, keeping the connection open."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                target = head.split(b" ", 2)[1]
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(target), target)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@pytest.fixture
+async def head_only_app() -> AsyncIterator[tuple[HeadOnlyApp, int]]:
+    app = HeadOnlyApp()
+    port = await app.start()
+    yield app, port
+    await app.stop()
+
+
+#: The attacker's request: a GET whose body is the start of another request, left open so that
+#: whatever the app reads next (the victim's request) becomes one of its header values.
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nx-ignore: "
+ATTACK = b"GET /health HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n%s" % (
+    len(SMUGGLED),
+    SMUGGLED,
+)
+
+
+async def _path(client: RawClient, path: str = "/") -> bytes:
+    response = await client.request("GET", path)
+    assert response.status == 200
+    return response.body
+
+
+@pytest.mark.parametrize(
+    "victim",
+    ["a new client", "a client on its second request", "the attacker's next request"],
+)
+async def test_a_get_body_the_app_ignored_never_reaches_another_request(
+    head_only_app: tuple[HeadOnlyApp, int],
+    proxies: MakeProxy,
+    clients: MakeClient,
+    victim: str,
+) -> None:
+    """The CL.0 desync of issue 10: each client gets the answer to what it asked."""
+    _, app_port = head_only_app
+    proxy, port = await proxies()
+    proxy.configure({"v1": 100}, [Backend("r1", "v1", "127.0.0.1", app_port)])
+    attacker = await clients(port)
+    if victim == "a client on its second request":
+        target = await clients(port)
+        assert await _path(target, "/warm") == b"/warm"  # its connection sits in the pool
+    elif victim == "a new client":
+        target = None
+    else:
+        target = attacker
+    await attacker.send(ATTACK)
+    assert (await attacker.response()).body == b"/health"
+    if target is None:
+        target = await clients(port)
+    assert await _path(target) == b"/"
+    assert await _path(target, "/again") == b"/again"
+
+
+async def test_after_a_post_body_the_connection_is_reused(
+    upstreams: MakeUpstream, proxies: MakeProxy, clients: MakeClient
+) -> None:
+    """Only bodies an app may ignore cost a connection: a POST's is read by the app."""
+    app = await upstreams("app")
+    proxy, port = await proxies()
+    proxy.configure({"v1": 100}, [app.backend("v1")])
+    client = await clients(port)
+    for _ in range(3):
+        assert (await client.request("POST", "/echo", body=b"data")).body == b"data"
+    assert (await client.request("GET", "/", body=b"data")).status == 200
+    assert (await client.request()).status == 200
+    # One connection for the POSTs; the GET with a body closed it; one more after that.
+    assert app.connections == 2

@@ -55,6 +55,7 @@ from shipyard.agent.verify import ArtifactVerifier
 from shipyard.errors import ArtifactVerificationFailed, RevisionStartFailed, ShipyardError
 from shipyard.logs import SecretMasker
 from shipyard.private_files import write_private
+from shipyard.routing.limits import ConnectionBudget, RouterLimits, raise_descriptor_limit
 from shipyard.routing.proxy import Backend, ServiceProxy
 from shipyard.runtime.base import RevisionSpec
 from shipyard.sandbox import Sandbox, SandboxPolicy
@@ -85,6 +86,24 @@ class RoutableBody(BaseModel):
     routable: bool
 
 
+class RouterLimitsBody(BaseModel):
+    """A service's own router limits over the agent's defaults; a field left out (or null)
+    takes the agent's default."""
+
+    head_timeout: Annotated[float, Field(gt=0, le=86400)] | None = None
+    keepalive_timeout: Annotated[float, Field(gt=0, le=86400)] | None = None
+    body_timeout: Annotated[float, Field(gt=0, le=86400)] | None = None
+    response_timeout: Annotated[float, Field(gt=0, le=86400)] | None = None
+    max_connections: Annotated[int, Field(gt=0, le=10_000_000)] | None = None
+
+    model_config = {"extra": "forbid"}
+
+
+#: The agent-wide cap on client connections across every service's router (lowered at start
+#: to what the descriptor limit allows, see ``ConnectionBudget.for_descriptors``).
+DEFAULT_MAX_CONNECTIONS = 65536
+
+
 class StopBody(BaseModel):
     replica_ids: list[str] = Field(default_factory=list)
     drain_timeout: Annotated[float, Field(ge=0, le=3600)] = 30.0
@@ -100,6 +119,8 @@ class ServiceRoute:
         self.weights: dict[str, int] = {}
         self.sticky_header: str | None = None
         self.sticky_cookie: str | None = None
+        #: This service's own router limits (over the agent's defaults), as configured.
+        self.limit_overrides: dict[str, float | int] = {}
 
 
 class Agent:
@@ -113,8 +134,15 @@ class Agent:
         isolation: Isolation = "auto",
         sandbox: Sandbox | None = None,
         trusted_key: Path | str | bytes | None = None,
+        router_limits: RouterLimits | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
+        """``router_limits``: every service router's defaults (a service may override them);
+        ``max_connections``: client connections across all of them, one cap, so a flooded
+        service cannot take the descriptors the others and this agent's API need."""
         self.region = region
+        self.router_limits = router_limits or RouterLimits()
+        self.connections = ConnectionBudget.for_descriptors(max_connections)
         self.dir = agent_dir(data_dir, region)
         # It holds the agent's token: no one else may list or replace what is in it.
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -150,7 +178,7 @@ class Agent:
     async def ensure_service(self, service: str, port: int = 0) -> ServiceRoute:
         route = self.routes.get(service)
         if route is None:
-            proxy = ServiceProxy(service)
+            proxy = ServiceProxy(service, limits=self.router_limits, budget=self.connections)
             try:
                 bound = await proxy.start(self.listen_host, port)
             except OSError as exc:
@@ -162,6 +190,21 @@ class Agent:
             self.routes[service] = route
             self._save_state()
         return route
+
+    def set_limits(self, service: str, overrides: Mapping[str, float | int]) -> RouterLimits:
+        """Give ``service``'s router its own limits (over the agent's defaults; empty: the
+        defaults again), in force from its next sweep tick, and persist them."""
+        route = self.routes.get(service)
+        if route is None:
+            raise HTTPException(404, f"service {service} has no route on this agent")
+        try:
+            limits = self.router_limits.with_overrides(dict(overrides))
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        route.limit_overrides = dict(overrides)
+        route.proxy.limits = limits
+        self._save_state()
+        return limits
 
     def url(self, route: ServiceRoute) -> str:
         return f"http://{self.listen_host}:{route.port}"
@@ -234,6 +277,10 @@ class Agent:
             "url": self.url(route),
             "weights": route.proxy.weights,
             "sticky": {"header": route.sticky_header, "cookie": route.sticky_cookie},
+            "router": {
+                "limits": route.proxy.limits.to_dict(),
+                "connections": route.proxy.connection_stats(),
+            },
             "replicas": [r.status().to_dict() for r in self.supervisor.of_service(service)],
         }
 
@@ -260,6 +307,7 @@ class Agent:
                     "weights": route.weights,
                     "sticky_header": route.sticky_header,
                     "sticky_cookie": route.sticky_cookie,
+                    "limits": route.limit_overrides,
                 }
                 for name, route in self.routes.items()
             },
@@ -289,6 +337,11 @@ class Agent:
             return
         for name, svc in state.get("services", {}).items():
             await self.ensure_service(name, int(svc.get("port", 0)))
+            if svc.get("limits"):
+                try:
+                    self.set_limits(name, svc["limits"])
+                except HTTPException as exc:
+                    log.error("ignoring %s's router limits in %s: %s", name, path, exc.detail)
         for rev in state.get("revisions", []):
             spec = RevisionSpec.from_dict(rev["spec"])
             try:
@@ -405,6 +458,12 @@ def build_app(agent: Agent) -> FastAPI:
         agent._save_state()
         return agent.service_state(service) if route else {"stopped": len(targets)}
 
+    @app.put("/v1/services/{service}/limits")
+    async def limits(service: str, body: RouterLimitsBody) -> dict[str, Any]:
+        """This service's router timeouts and connection cap (fields left out: the agent's)."""
+        overrides = body.model_dump(exclude_none=True)
+        return {"limits": agent.set_limits(service, overrides).to_dict()}
+
     @app.put("/v1/services/{service}/weights")
     async def weights(service: str, body: WeightsBody) -> dict[str, Any]:
         return {
@@ -430,10 +489,24 @@ async def run_agent(
     trusted_key: Path | None = None,
     *,
     sandbox: Sandbox | None = None,
+    router_limits: RouterLimits | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> None:
     """Run the agent until SIGTERM/SIGINT; writes agent.json once the API listens.
-    ``trusted_key``: the control plane's public key (default ``<data_dir>/keys/signing.pub``)."""
-    agent = Agent(data_dir, region, trusted_key=trusted_key, sandbox=sandbox)
+    ``trusted_key``: the control plane's public key (default ``<data_dir>/keys/signing.pub``);
+    ``router_limits``, ``max_connections``: see :class:`Agent`."""
+    # Before any socket: every idle client holds a descriptor, and at the usual soft limit of
+    # 1,024 a thousand of them took every service and this API down at once (issue 10).
+    before, after = raise_descriptor_limit()
+    log.info("descriptor limit (RLIMIT_NOFILE) raised from %d to %d", before, after)
+    agent = Agent(
+        data_dir,
+        region,
+        trusted_key=trusted_key,
+        sandbox=sandbox,
+        router_limits=router_limits,
+        max_connections=max_connections,
+    )
     write_private(agent.dir / "agent.token", agent.token)
     await agent.restore()
     config = uvicorn.Config(

@@ -336,13 +336,47 @@ def agent(
             "signed with it. Default: DATA_DIR/keys/signing.pub."
         ),
     ] = None,
+    router_head_timeout: Annotated[
+        float, typer.Option(help="Seconds a request head may take to arrive whole (then 408).")
+    ] = 10.0,
+    router_keepalive_timeout: Annotated[
+        float, typer.Option(help="Seconds an idle keep-alive connection waits for a request.")
+    ] = 60.0,
+    router_body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request body may make no progress (then 408).")
+    ] = 10.0,
+    router_response_timeout: Annotated[
+        float, typer.Option(help="Seconds an app may take to start answering (then 504).")
+    ] = 60.0,
+    router_max_connections: Annotated[
+        int, typer.Option(help="Client connections per service (past it: 503 at once).")
+    ] = 4096,
+    router_max_connections_total: Annotated[
+        int, typer.Option(help="Client connections across all services of this agent.")
+    ] = 65536,
 ) -> None:
-    """Run the data plane of one region: the traffic router and the app supervisor."""
+    """Run the data plane of one region: the traffic router and the app supervisor.
+
+    The router limits are every service's defaults; a service's own are set through the agent
+    API (``PUT /v1/services/NAME/limits``)."""
     import uvloop
 
     from shipyard.agent.server import run_agent
     from shipyard.logs import configure_logging
+    from shipyard.routing.limits import RouterLimits
 
+    try:  # refused before anything starts
+        limits = RouterLimits(
+            head_timeout=router_head_timeout,
+            keepalive_timeout=router_keepalive_timeout,
+            body_timeout=router_body_timeout,
+            response_timeout=router_response_timeout,
+            max_connections=router_max_connections,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if router_max_connections_total <= 0:
+        raise typer.BadParameter("--router-max-connections-total must be positive")
     if detach:  # before any event loop or thread exists: fork is safe here
         if os.fork() > 0:
             os._exit(0)
@@ -350,7 +384,16 @@ def agent(
     configure_logging("INFO")
     sandbox = _sandbox(data_dir.resolve(), insecure_no_sandbox, sandbox_uids)
     key = trusted_key.resolve() if trusted_key else None
-    uvloop.run(run_agent(data_dir.resolve(), region, trusted_key=key, sandbox=sandbox))
+    uvloop.run(
+        run_agent(
+            data_dir.resolve(),
+            region,
+            trusted_key=key,
+            sandbox=sandbox,
+            router_limits=limits,
+            max_connections=router_max_connections_total,
+        )
+    )
 
 
 # --- deployments ---------------------------------------------------------------------------------

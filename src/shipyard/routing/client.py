@@ -61,6 +61,28 @@ _STREAM_HOLD = 256 * 1024
 MAX_ATTEMPTS = 3
 
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+#: Methods whose request content has no generally defined meaning (RFC 9110 section 9.3): an app
+#: may answer without reading it, leaving it on the connection as the start of the next request
+#: (a CL.0 desync). After such a request with a body, its upstream connection is never reused.
+_BODY_MAY_BE_IGNORED = frozenset((b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE", b"CONNECT"))
+
+#: Refused past a connection cap, and the answer to a head or body that came too slowly (built
+#: here: ``http1.local_response`` knows only the statuses a routed request can get).
+_OVER_CAPACITY = local_response(503, b"too many connections\n", b"", False, False)
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 18\r\nconnection: close\r\n\r\nrequest timed out\n"
+)
+#: A refused connection has its 503 sent, its write side shut, and whatever the client still
+#: sends read and dropped for this long before it is closed: closing a socket with unread bytes
+#: sends a reset, which can destroy the 503 before the client reads it (nginx's lingering close).
+REFUSED_LINGER = 1.0
+
+
+def _abort_unless_closed(transport: asyncio.Transport) -> None:
+    """End a refused connection's lingering close (the client may have closed it already)."""
+    if not transport.is_closing():
+        transport.abort()
 
 
 class RequestPhase(enum.Enum):
@@ -124,6 +146,7 @@ class Client(BatchedConnection):
         "eof",
         "failed",
         "feeding",
+        "fresh_head",
         "gen",
         "head_len",
         "header",
@@ -139,11 +162,14 @@ class Client(BatchedConnection):
         "route",
         "scan_pos",
         "sent_any",
+        "served",
         "started",
         "stream_buf",
         "streaming",
         "t0",
+        "ticks",
         "upstream",
+        "with_body",
         "write_paused",
     )
 
@@ -183,12 +209,44 @@ class Client(BatchedConnection):
         self.gen = 0  # exchange number: a connect finishing for an older exchange is not ours
         self.idle_ticks = 0
         self.started = False  # the client has received part of the answer: errors must cut it
+        #: Sweep ticks without progress in the current phase (the client's side; ``idle_ticks``
+        #: counts the upstream's silence).
+        self.ticks = 0
+        #: The head being awaited is the connection's first, or its first byte was seen: the
+        #: head timeout runs (otherwise the keep-alive timeout does).
+        self.fresh_head = True
+        #: An exchange has completed on this connection: from now on its requests may use a
+        #: pooled upstream connection (HAProxy's ``http-reuse safe``).
+        self.served = False
+        #: The current request has a body (see ``body_consumed``).
+        self.with_body = False
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.ctx.clients.add(self)
+        ctx = self.ctx
+        budget = ctx.budget
+        if len(ctx.clients) >= ctx.limits.max_connections or budget.open >= budget.limit:
+            self._refuse()
+            return
+        budget.open += 1
+        ctx.clients.add(self)
+
+    def _refuse(self) -> None:
+        """Past this service's or the agent's connection cap: a 503 at once, then close."""
+        ctx = self.ctx
+        ctx.refused += 1
+        if ctx.budget.open >= ctx.budget.limit:
+            ctx.budget.refused += 1
+        self.phase = CLOSED  # whatever arrives is dropped
+        transport = self.transport
+        transport.write(_OVER_CAPACITY)
+        if transport.can_write_eof():
+            transport.write_eof()
+            ctx.loop.call_later(REFUSED_LINGER, _abort_unless_closed, transport)
+        else:
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
         phase = self.phase
@@ -205,6 +263,7 @@ class Client(BatchedConnection):
             if len(self.pending) > _PIPELINE_LIMIT:
                 self.pause(PAUSE_PIPELINE)
         elif phase is BUFFERING_BODY:
+            self.ticks = 0
             self.pending += data
             self._buffer_more()
         elif phase is TUNNEL and self.upstream is not None:
@@ -225,7 +284,10 @@ class Client(BatchedConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = CLOSED
-        self.ctx.clients.discard(self)
+        clients = self.ctx.clients
+        if self in clients:  # (a refused connection was never counted)
+            clients.remove(self)
+            self.ctx.budget.open -= 1
         self.gen += 1
         up = self.upstream
         self.upstream = None
@@ -300,6 +362,7 @@ class Client(BatchedConnection):
                 table = self.ctx.table
                 self.key = table.sticky_key(head) if table.sticky is not None else None
                 if te is not None:
+                    self.with_body = True
                     chunks = ChunkedScanner(self.ctx.max_body)
                     try:
                         body_end = chunks.scan(data, hend)
@@ -323,6 +386,7 @@ class Client(BatchedConnection):
                     self.pending += data
                     return
                 if length > 0:
+                    self.with_body = True
                     if length > self.ctx.max_body:
                         self._reject(413, b"request body too large\n")
                         return
@@ -415,6 +479,7 @@ class Client(BatchedConnection):
     def _send_body(self, body: bytes) -> None:
         up = self.upstream
         self.idle_ticks = 0
+        self.ticks = 0
         if up is not None:
             up.send(body)
         else:  # still connecting
@@ -466,7 +531,11 @@ class Client(BatchedConnection):
         self.idle_ticks = 0
         pool = route.next_pool()
         idle = pool.idle
-        if idle and not self.streaming:  # the hot path: a pooled connection, a whole request
+        # The hot path: a pooled connection, a whole request, not the connection's first one.
+        # A client's first request always gets a connection of its own (HAProxy's "http-reuse
+        # safe"): whatever another client may have left on a pooled connection never reaches it,
+        # and a pooled connection the backend closed meanwhile never costs a first request.
+        if idle and self.served and not self.streaming:
             up = idle.pop()  # most recently used first: least likely to have been closed
             transport = up.transport
             if not transport.is_closing():
@@ -476,7 +545,7 @@ class Client(BatchedConnection):
                     transport.pause_reading()
                 up.send(self.req)  # type: ignore[arg-type]
                 return
-        self._use_pool(pool, fresh=False)
+        self._use_pool(pool, fresh=not self.served)
 
     def _use_pool(self, pool: Pool, *, fresh: bool) -> None:
         if not fresh:
@@ -601,14 +670,57 @@ class Client(BatchedConnection):
             self.pending.clear()
         self.resume(PAUSE_PIPELINE)
 
-    def tick(self, limit: int) -> None:
-        """One tick of the proxy's timeout sweep: 504 once the upstream has been silent for
-        more than ``limit`` ticks (a client too slow to take the response pauses the upstream:
-        not the upstream's fault, so that does not count)."""
+    def tick(self) -> None:
+        """One tick of the proxy's timeout sweep (``ProxyContext`` holds the limits in ticks).
+
+        - IDLE: a head under way (the connection's first, or one whose first byte has come)
+          must be whole within the head timeout, however slowly its bytes trickle in
+          (slowloris): else 408 and close. With nothing received, the connection is closed
+          silently after the head timeout (a new connection) or the keep-alive timeout.
+        - BUFFERING_BODY, STREAMING_BODY: a body making no progress for the body timeout: 408
+          (while the upstream holds the client back, that is the upstream's silence instead).
+        - AWAITING_RESPONSE: 504 once the upstream has been silent for the response timeout
+          (a client too slow to take the response pauses the upstream: that does not count).
+        """
+        phase = self.phase
+        ctx = self.ctx
+        if phase is IDLE:
+            self.ticks += 1
+            if self.pending:
+                if not self.fresh_head:  # the next head's first byte came since the last tick
+                    self.fresh_head = True
+                    self.ticks = 1
+                if self.ticks > ctx.head_ticks:
+                    self._request_timeout()
+            elif self.ticks > (ctx.head_ticks if self.fresh_head else ctx.keepalive_ticks):
+                ctx.idle_closed += 1
+                self.close()
+            return
+        if phase is BUFFERING_BODY or (phase is STREAMING_BODY and not self.read_paused):
+            self.ticks += 1
+            if self.ticks > ctx.body_ticks:
+                self._request_timeout()
+            return
         if self.upstream is not None and self.counters is not None and not self.write_paused:
             self.idle_ticks += 1
-            if self.idle_ticks > limit:
+            if self.idle_ticks > ctx.response_ticks:
                 self.timeout()
+
+    def _request_timeout(self) -> None:
+        """The client was too slow sending its request head or body: 408, and close."""
+        self.ctx.slow_clients += 1
+        if self.phase is STREAMING_BODY:  # routed: end the exchange so it is counted
+            self._drop_upstream()
+            self.keep = False
+            if self.started:  # part of an answer went out: a 408 cannot follow it
+                self.abort_transport()
+            else:
+                self.send(_REQUEST_TIMEOUT)
+                self.started = True
+            self.done(408)  # (closes: the phase is STREAMING_BODY)
+        else:
+            self.send(_REQUEST_TIMEOUT)
+            self.close()
 
     def timeout(self) -> None:
         self._drop_upstream()
@@ -664,6 +776,7 @@ class Client(BatchedConnection):
             self.failed = None
         if self.stream_buf:
             self.stream_buf.clear()
+        self.with_body = False
         phase = self.phase
         if phase is CLOSED:
             return
@@ -671,6 +784,9 @@ class Client(BatchedConnection):
             self.close()
             return
         self.phase = IDLE
+        self.served = True
+        self.ticks = 0
+        self.fresh_head = False
         if self.read_paused:
             self.resume(PAUSE_PIPELINE)
         if self.feeding:
@@ -681,6 +797,22 @@ class Client(BatchedConnection):
             self._feed(data)
         elif self.eof:
             self.close()
+
+    def body_consumed(self, up: Upstream) -> bool:
+        """Whether the upstream surely read all of this request's body, so its connection can
+        carry another request. Called by ``routing.upstream`` when the response is complete,
+        for requests with a body only.
+
+        No when a method whose body an app may ignore carried one (the router cannot know the
+        app read it), or when the body was not all written yet (the app answered without
+        reading it). Either way the rest of the body would be read as the next request on that
+        connection: another client's request hijacked (a CL.0 desync).
+        """
+        return (
+            self.method not in _BODY_MAY_BE_IGNORED
+            and up.out is None
+            and not up.transport.get_write_buffer_size()
+        )
 
     def _leave(self, c: routing_metrics.RevisionCounters) -> None:
         c.inflight -= 1

@@ -13,6 +13,7 @@ This module is the façade. The router is one concept per module in ``shipyard.r
 - ``client``: the client protocol, one request phase at a time;
 - ``upstream``: the upstream protocol, parsing and relaying the response;
 - ``pool``: keep-alive connections per backend, and opening new ones;
+- ``limits``: timeouts, connection caps (per service, per process), the descriptor limit;
 - ``batching``: writes held and flushed once per event-loop iteration;
 - ``table``: the routing table (weighted round-robin, sticky buckets), no sockets;
 - ``http1``: HTTP/1.1 heads and chunked framing, no sockets;
@@ -28,7 +29,9 @@ busy loop wakes its peers once per batch rather than once per request. Upstream 
 kept alive in per-backend pools. Requests are not rewritten, so no ``X-Forwarded-*`` headers are
 added, and a client's ``Connection: close`` reaches the upstream. A ``101 Switching Protocols``
 answer turns the connection pair into a raw tunnel. A client that half-closes after its request
-still gets the answer (the request stays in flight until the app answers it).
+still gets the answer (the request stays in flight until the app answers it). Slow or idle
+clients are cut by the timeouts of ``routing.limits``, and a client's first request never rides
+an upstream connection another client used (HAProxy's ``http-reuse safe``).
 
 Everything here runs on the event loop that called :meth:`ServiceProxy.start`; call its methods
 from that loop only (it is not thread-safe).
@@ -39,13 +42,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import signal
+import sys
 from collections.abc import Mapping, Sequence
 
 from shipyard.routing import metrics as routing_metrics
 from shipyard.routing.client import Client
 from shipyard.routing.context import ProxyContext
+from shipyard.routing.limits import ConnectionBudget, RouterLimits, raise_descriptor_limit
 from shipyard.routing.pool import Pool
 from shipyard.routing.table import (
     Backend,
@@ -57,7 +61,10 @@ from shipyard.routing.table import (
     validate_weights,
 )
 
-__all__ = ["Backend", "ServiceProxy", "main"]
+__all__ = ["Backend", "ConnectionBudget", "RouterLimits", "ServiceProxy", "main"]
+
+#: The connection cap of a router that was given no shared budget (standalone, tests).
+DEFAULT_PROCESS_CONNECTIONS = 16384
 
 
 class ServiceProxy:
@@ -69,13 +76,24 @@ class ServiceProxy:
         *,
         max_body_bytes: int = 10 * 2**20,
         connect_timeout: float = 2.0,
-        response_timeout: float = 60.0,
+        response_timeout: float | None = None,
         max_idle_per_backend: int = 64,
+        limits: RouterLimits | None = None,
+        budget: ConnectionBudget | None = None,
     ) -> None:
+        """``limits``: this service's timeouts and connection cap (``response_timeout``, if
+        given, overrides its field); ``budget``: the process-wide connection cap shared with
+        the other routers of the process (default: one of this router's own)."""
         self.service = service
+        limits = limits or RouterLimits()
+        if response_timeout is not None:
+            limits = limits.with_overrides({"response_timeout": response_timeout})
+        if budget is None:
+            budget = ConnectionBudget.for_descriptors(DEFAULT_PROCESS_CONNECTIONS)
         #: All the client connections see of the proxy.
-        self._ctx = ProxyContext(max_body=max_body_bytes, connect_timeout=connect_timeout)
-        self._response_timeout = response_timeout
+        self._ctx = ProxyContext(
+            max_body=max_body_bytes, connect_timeout=connect_timeout, limits=limits, budget=budget
+        )
         self._max_idle = max_idle_per_backend
         self._pools: dict[Backend, Pool] = {}
         #: Backends taken out of the table, by replica id, until drained (``drain_replica``).
@@ -88,6 +106,33 @@ class ServiceProxy:
     def unrouted(self) -> int:
         """Requests answered 503 because no revision had a backend."""
         return self._ctx.unrouted
+
+    @property
+    def limits(self) -> RouterLimits:
+        return self._ctx.limits
+
+    @limits.setter
+    def limits(self, limits: RouterLimits) -> None:
+        """New timeouts and cap, in force from the sweep's next tick."""
+        self._ctx.apply_limits(limits)
+
+    def connection_stats(self) -> dict[str, int]:
+        """The router's own counters beside the per-revision metrics: open client connections,
+        connections refused past this service's or the process's cap (``refused``; those of the
+        process cap, every service's together, in ``refused_process_cap``), requests answered
+        408 for a slow head or body, idle keep-alive connections closed."""
+        ctx = self._ctx
+        return {
+            "open": len(ctx.clients),
+            "max": ctx.limits.max_connections,
+            "process_open": ctx.budget.open,
+            "process_max": ctx.budget.limit,
+            "refused": ctx.refused,
+            "refused_process_cap": ctx.budget.refused,
+            "slow_clients": ctx.slow_clients,
+            "idle_closed": ctx.idle_closed,
+            "unrouted": ctx.unrouted,
+        }
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen on ``host:port`` (0 = any free port); returns the bound port."""
@@ -250,16 +295,24 @@ class ServiceProxy:
                     await server.wait_closed()
 
     async def _sweep(self) -> None:
-        """Answer 504 for requests whose upstream has been silent for ``response_timeout``."""
-        tick = min(1.0, max(0.01, self._response_timeout / 8))
-        limit = math.ceil(self._response_timeout / tick)
+        """Enforce the timeouts (``Client.tick``): 408 for a head or body too slow, silent
+        close of an idle keep-alive connection, 504 for an upstream too slow to answer.
+
+        One sweep per router rather than a timer per request: arming and cancelling a timer
+        on every request would cost more than the request's own Python time (the hot path
+        only resets a counter). A timeout fires up to one tick (1/8 of the shortest) late.
+        """
+        ctx = self._ctx
         while True:
-            await asyncio.sleep(tick)
-            for client in list(self._ctx.clients):
-                client.tick(limit)
+            await asyncio.sleep(ctx.tick)
+            for client in list(ctx.clients):
+                client.tick()
 
 
 # -- command line (used by bench/bench_router.py) -------------------------------------------------
+
+
+_DEFAULTS = RouterLimits()
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -277,6 +330,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--service", default="cli")
     parser.add_argument("--sticky-header")
     parser.add_argument("--sticky-cookie")
+    parser.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections)
+    parser.add_argument("--head-timeout", type=float, default=_DEFAULTS.head_timeout)
+    parser.add_argument("--keepalive-timeout", type=float, default=_DEFAULTS.keepalive_timeout)
+    parser.add_argument("--body-timeout", type=float, default=_DEFAULTS.body_timeout)
+    parser.add_argument("--response-timeout", type=float, default=_DEFAULTS.response_timeout)
     return parser.parse_args(argv)
 
 
@@ -311,8 +369,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         share, extra = divmod(100, len(revisions))
         weights = {rev: share + (extra if i == 0 else 0) for i, rev in enumerate(revisions)}
 
+    try:
+        limits = RouterLimits(
+            head_timeout=args.head_timeout,
+            keepalive_timeout=args.keepalive_timeout,
+            body_timeout=args.body_timeout,
+            response_timeout=args.response_timeout,
+            max_connections=args.max_connections,
+        )
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    before, after = raise_descriptor_limit()
+    print(f"descriptor limit (RLIMIT_NOFILE) {before} -> {after}", file=sys.stderr, flush=True)
+
     async def serve() -> None:
-        proxy = ServiceProxy(args.service)
+        proxy = ServiceProxy(args.service, limits=limits)
         try:
             proxy.configure(weights, backends, args.sticky_header, args.sticky_cookie)
         except ValueError as exc:

@@ -226,7 +226,9 @@ class Upstream(BatchedConnection):
         if not self.keep:
             c.keep = False
             self.close_transport()
-        elif c.keep and c.phase is not STREAMING_BODY:  # the request was sent whole
+        elif (
+            c.keep and c.phase is not STREAMING_BODY and (not c.with_body or c.body_consumed(self))
+        ):  # the request was sent whole, and read whole (no part of it left for the next one)
             pool = self.pool  # Pool.release, inlined: this runs once per request
             self.reused = True
             if pool.retired or len(pool.idle) >= pool.max_idle:
