@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shipyard.api.app import create_app
 from shipyard.api.auth import IssuedToken, TokenAuthority
 from shipyard.api.context import AppContext
+from shipyard.api.problems import ValidationProblem
 from shipyard.api.tokens import TokenService, registry_row
 from shipyard.audit import MemoryAuditLog
 from shipyard.build.fake import FakeBuilder
@@ -475,3 +476,103 @@ async def test_service_status_warns_when_nothing_can_answer(
     assert svc["replicas"][0]["restarts"] == 4
     assert svc["warnings"][0].startswith("no routable replica: the service answers 503")
     assert f"replica {rid} is crashed after 4 restart(s), last exit code 137" in svc["warnings"]
+
+
+# --- found by tests/api/test_fuzz.py (schemathesis) ----------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [2**44, 2**63, 2**64 + 5], ids=["2^44", "2^63", "past-int64"])
+async def test_a_log_offset_past_the_end_answers_the_end_not_500(
+    client: httpx.AsyncClient, h: Harness, offset: int
+) -> None:
+    h.builder.fail.add("bad3")
+    r = await client.post("/api/v1/deploy?wait=true", json=body("bad3"), headers=h.headers())
+    dep_id = r.json()["deployment_id"]
+    whole = (await client.get(f"/api/v1/deployments/{dep_id}/logs", headers=h.headers())).json()
+    assert whole["text"]
+    r = await client.get(f"/api/v1/deployments/{dep_id}/logs?offset={offset}", headers=h.headers())
+    assert r.status_code == 200, r.text
+    assert r.json() == {"offset": whole["offset"], "text": "", "building": False}
+
+
+async def test_abort_with_wait_answers_200_with_the_rolled_back_deployment(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
+    first = (
+        await client.post("/api/v1/deploy?wait=true", json=body("aaaa"), headers=h.headers())
+    ).json()
+    dep = (
+        await client.post("/api/v1/deploy", json=canary_body("bbbb"), headers=h.headers())
+    ).json()
+    await _status(client, h, dep["deployment_id"], "Paused")
+    r = await client.post(
+        f"/api/v1/deployments/{dep['deployment_id']}/abort?wait=true", headers=h.headers()
+    )
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["id"] == dep["deployment_id"] and doc["status"] == "RolledBack"
+    assert doc["error"]["type"] == "DeploymentAborted"
+    assert h.runtime.services["api"].weights == {first["revision"]: 100}
+
+
+async def test_405_names_the_allowed_methods(client: httpx.AsyncClient) -> None:
+    r = await client.put("/healthz")
+    assert r.status_code == 405
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.headers["allow"] == "GET"
+
+
+async def test_the_422_body_is_the_declared_validation_problem(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
+    app_schema = (await client.get("/openapi.json")).json()
+    declared = app_schema["paths"]["/api/v1/deploy"]["post"]["responses"]["422"]["content"]
+    assert list(declared) == ["application/problem+json"]
+    assert declared["application/problem+json"]["schema"]["$ref"].endswith("/ValidationProblem")
+    r = await client.post("/api/v1/deploy", json={"source": {}}, headers=h.headers())
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    problem = ValidationProblem.model_validate(r.json())
+    assert problem.error == "invalid_request" and problem.errors
+    assert {e.field for e in problem.errors} >= {"source.repository", "target", "strategy"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("branch", "-x"),
+        ("branch", "a..b"),
+        ("branch", "a\tb"),
+        ("commit", "xyz!"),
+        ("dockerfile", ""),
+        ("dockerfile", "../Dockerfile"),
+    ],
+)
+async def test_source_fields_the_schema_refuses_are_refused(
+    client: httpx.AsyncClient, h: Harness, field: str, value: str
+) -> None:
+    doc = body()
+    doc["source"][field] = value
+    r = await client.post("/api/v1/deploy", json=doc, headers=h.headers())
+    assert r.status_code == 422, r.text
+    assert [e["field"] for e in r.json()["errors"]] == [f"source.{field}"]
+    assert h.store.count_deployments() == {}
+
+
+async def test_rolling_with_both_limits_zero_is_refused_in_any_spelling(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
+    doc = body()
+    doc["strategy"] = {"Rolling": {"max_surge": "00%", "max_unavailable": 0}}
+    r = await client.post("/api/v1/deploy", json=doc, headers=h.headers())
+    assert r.status_code == 422
+    assert "cannot both be zero" in r.json()["detail"]
+
+
+async def test_an_unknown_region_is_outside_the_schemas_enum(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
+    app_schema = (await client.get("/openapi.json")).json()
+    target = app_schema["components"]["schemas"]["TargetEnvironment"]["properties"]["region"]
+    assert target["enum"] == ["local"]
+    r = await client.get("/api/v1/services/api?region=elsewhere", headers=h.headers())
+    assert r.status_code == 422 and r.json()["error"] == "unknown_region"

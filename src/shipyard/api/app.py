@@ -32,6 +32,7 @@ service.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -43,10 +44,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from shipyard import __version__
 from shipyard.api import docs, problems
 from shipyard.api import metrics as metrics_mod
+from shipyard.api import schemas as api
 from shipyard.api.auth import Claims, require_permission
 from shipyard.api.context import AppContext, build_context
 from shipyard.api.limits import BodySizeLimit, ConcurrencyLimit, HeaderCountLimit
-from shipyard.domain.models import DNS_LABEL, Deployment, DeploymentRequest, DeploymentStatus
+from shipyard.domain.models import (
+    DNS_LABEL,
+    Deployment,
+    DeploymentRequest,
+    DeploymentResult,
+    DeploymentStatus,
+)
 from shipyard.errors import NotFound, UnknownRegion
 from shipyard.orchestrator.record import Record, dump_record
 from shipyard.runtime.base import ReplicaStatus
@@ -70,6 +78,36 @@ def ctx(request: Request) -> AppContext:
 
 
 Ctx = Annotated[AppContext, Depends(ctx)]
+
+#: What every route may answer before it runs: a body over the limit, an overloaded or failing
+#: server. Routes add what they raise themselves (api/problems.py ``responses``).
+_ANY = (413, 500, 503)
+_AUTH = (401, 403, *_ANY)
+#: The 2xx answers of a ``?wait=true`` route, and its 500 when the deployment failed.
+_WAITED: dict[int | str, dict[str, Any]] = {
+    200: {"model": DeploymentResult, "description": "With ?wait=true: the deployment succeeded."},
+    202: {"model": api.DeploymentAccepted},
+    500: {
+        "model": api.DeploymentFailed,
+        "description": "With ?wait=true: the deployment failed (application/json, the ADR's "
+        "deployment_failed); or the server failed (a problem document).",
+    },
+}
+
+
+def _declare(
+    *statuses: int, answers: dict[int | str, dict[str, Any]] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """``responses=``: problem documents for ``statuses``, merged with the route's other
+    ``answers`` (a 500 may be both a problem and the ADR's ``deployment_failed``)."""
+    declared = problems.responses(*statuses)
+    for status, answer in (answers or {}).items():
+        merged = declared.setdefault(status, {})
+        content = {**merged.get("content", {}), **answer.get("content", {})}
+        merged.update(answer)
+        if content:
+            merged["content"] = content
+    return declared
 
 
 def _resource(record: Record) -> dict[str, Any]:
@@ -104,7 +142,8 @@ def _utc(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
 
 
-def _accepted(request: Request, record: Record) -> JSONResponse:
+def _accepted(request: Request, record: Record, detail: str | None = None) -> JSONResponse:
+    """202 ``api.DeploymentAccepted``, with the status URL in the body and ``Location``."""
     url = str(request.url_for("get_deployment", deployment_id=record.id))
     return JSONResponse(
         {
@@ -114,25 +153,22 @@ def _accepted(request: Request, record: Record) -> JSONResponse:
             "service": record.service,
             "region": record.region,
             "kind": record.kind,
+            **({"detail": detail} if detail is not None else {}),
         },
         status_code=202,
         headers={"Location": url},
     )
 
 
-def _final(record: Record) -> JSONResponse:
-    """The ADR handler's answer: 200 with the result, or 500 deployment_failed."""
+def _final(request: Request, record: Record) -> JSONResponse:
+    """The ADR handler's answer: 200 with the result, or 500 deployment_failed (202 with the
+    status URL if it is still running when the wait times out)."""
     result = record.result.model_dump(mode="json") if record.result is not None else None
     if record.status is DeploymentStatus.SUCCESS:
         return JSONResponse(result, status_code=200)
     if not record.terminal:
-        return JSONResponse(
-            {
-                "deployment_id": record.id,
-                "status": record.status.value,
-                "detail": "still running after the wait timeout; poll the status URL",
-            },
-            status_code=202,
+        return _accepted(
+            request, record, "still running after the wait timeout; poll the status URL"
         )
     err = record.error.model_dump(mode="json") if record.error is not None else {}
     return JSONResponse(
@@ -153,7 +189,7 @@ async def _answer(
 ) -> JSONResponse:
     """202 with the status URL, or with ``wait`` the final answer (``_final``)."""
     if wait:
-        return _final(await c.pipeline.wait(record.id, timeout))
+        return _final(request, await c.pipeline.wait(record.id, timeout))
     return _accepted(request, record)
 
 
@@ -188,20 +224,33 @@ def create_app(
     if settings.docs:
         docs.install(app)
     problems.install(app)
+    _declare_regions(app, settings.regions)
     exposition = metrics_mod.MetricsEndpoint()
 
-    @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
+    @app.get(
+        "/metrics",
+        tags=["meta"],
+        response_class=PlainTextResponse,
+        responses=_declare(*_AUTH),
+    )
     async def metrics(claims: CanRead, c: Ctx) -> Response:
         """Prometheus exposition; scrape with a token holding ``deployment:read`` (unscoped)."""
         claims.require_everywhere("deployment:read")
         body = await exposition.render(c.store, c.runtimes)
         return Response(body, media_type=metrics_mod.CONTENT_TYPE)
 
-    @app.get("/healthz", tags=["meta"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    @app.get("/healthz", tags=["meta"], responses=_declare(*_ANY))
+    async def healthz() -> api.Health:
+        return api.Health(status="ok", version=__version__)
 
-    @app.post("/api/v1/deploy", status_code=202, tags=["deployments"])
+    @app.post(
+        "/api/v1/deploy",
+        status_code=202,
+        tags=["deployments"],
+        response_model=None,
+        # 400: a body that is not even text (FastAPI's "error parsing the body").
+        responses=_declare(400, 409, 422, *_AUTH, answers=_WAITED),
+    )
     async def deploy(
         body: DeploymentRequest,
         request: Request,
@@ -214,7 +263,13 @@ def create_app(
         record = await c.pipeline.submit(body, claims.subject, token_id=claims.token_id)
         return await _answer(request, c, record, wait, timeout)
 
-    @app.post("/api/v1/rollback/{deployment_id}", status_code=202, tags=["deployments"])
+    @app.post(
+        "/api/v1/rollback/{deployment_id}",
+        status_code=202,
+        tags=["deployments"],
+        response_model=None,
+        responses=_declare(404, 409, 422, *_AUTH, answers=_WAITED),
+    )
     async def rollback(
         deployment_id: uuid.UUID,
         request: Request,
@@ -229,7 +284,13 @@ def create_app(
         )
         return await _answer(request, c, record, wait, timeout)
 
-    @app.post("/api/v1/deployments/{deployment_id}/promote", status_code=202, tags=["deployments"])
+    @app.post(
+        "/api/v1/deployments/{deployment_id}/promote",
+        status_code=202,
+        tags=["deployments"],
+        response_model=None,
+        responses=_declare(404, 409, 422, *_AUTH, answers={202: {"model": api.DeploymentAccepted}}),
+    )
     async def promote(
         deployment_id: uuid.UUID, request: Request, claims: CanCreate, c: Ctx
     ) -> JSONResponse:
@@ -239,7 +300,25 @@ def create_app(
         )
         return _accepted(request, record)
 
-    @app.post("/api/v1/deployments/{deployment_id}/abort", status_code=202, tags=["deployments"])
+    @app.post(
+        "/api/v1/deployments/{deployment_id}/abort",
+        status_code=202,
+        tags=["deployments"],
+        response_model=None,
+        responses=_declare(
+            404,
+            409,
+            422,
+            *_AUTH,
+            answers={
+                **_WAITED,
+                200: {
+                    "model": Deployment,
+                    "description": "With ?wait=true: the deployment, aborted and rolled back.",
+                },
+            },
+        ),
+    )
     async def abort(
         deployment_id: uuid.UUID,
         request: Request,
@@ -252,13 +331,31 @@ def create_app(
         record = await c.pipeline.abort(
             str(deployment_id), claims.subject, token_id=claims.token_id
         )
-        return await _answer(request, c, record, wait, timeout)
+        if not wait:
+            return _accepted(request, record)
+        final = await c.pipeline.wait(record.id, timeout)
+        if final.status is DeploymentStatus.ROLLED_BACK:
+            # The abort did what was asked: that is a success for its caller, not the ADR's
+            # deployment_failed (which _final answers when the rollback itself failed).
+            return JSONResponse(_resource(final), status_code=200)
+        return _final(request, final)
 
-    @app.get("/api/v1/deployments/{deployment_id}", name="get_deployment", tags=["deployments"])
+    @app.get(
+        "/api/v1/deployments/{deployment_id}",
+        name="get_deployment",
+        tags=["deployments"],
+        response_model=Deployment,
+        responses=_declare(404, 422, *_AUTH),
+    )
     async def get_deployment(deployment_id: uuid.UUID, claims: CanRead, c: Ctx) -> dict[str, Any]:
         return _resource(await _deployment(c, claims, "deployment:read", deployment_id))
 
-    @app.get("/api/v1/deployments", tags=["deployments"])
+    @app.get(
+        "/api/v1/deployments",
+        tags=["deployments"],
+        response_model=api.DeploymentList,
+        responses=_declare(422, *_AUTH),
+    )
     async def list_deployments(
         claims: CanRead,
         c: Ctx,
@@ -272,35 +369,70 @@ def create_app(
         records = await c.pipeline.history(service, limit, matching=matching)
         return {"deployments": [_resource(r) for r in records]}
 
-    @app.get("/api/v1/deployments/{deployment_id}/logs", tags=["deployments"])
+    @app.get(
+        "/api/v1/deployments/{deployment_id}/logs",
+        tags=["deployments"],
+        response_model=api.BuildLogRead,
+        responses=_declare(404, 422, *_AUTH),
+    )
     async def deployment_logs(
         deployment_id: uuid.UUID,
         claims: CanRead,
         c: Ctx,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
-        """The build log from byte ``offset`` (at most 64 KiB); poll with the returned offset."""
+        """The build log from byte ``offset`` (at most 64 KiB); poll with the returned offset.
+        An offset at or past the end of the log (or before it exists) answers no text and the
+        log's end as ``offset``, so a client resumes from there."""
         record = await _deployment(c, claims, "deployment:read", deployment_id)
         path = c.pipeline.build_log_path(record.id)
         data = b""
         if path is not None and path.is_file():
             with path.open("rb") as f:
+                # Clamped before seek: past a C long, or the file system's largest file (2^44
+                # on ext4), seek itself raises.
+                offset = min(offset, os.fstat(f.fileno()).st_size)
                 f.seek(offset)
                 data = f.read(64 * 1024)
+        else:
+            offset = 0
         return {
             "offset": offset + len(data),
             "text": data.decode("utf-8", errors="replace"),
             "building": record.status in (DeploymentStatus.PENDING, DeploymentStatus.BUILDING),
         }
 
-    @app.get("/api/v1/deployments/{deployment_id}/audit", tags=["deployments"])
+    @app.get(
+        "/api/v1/deployments/{deployment_id}/audit",
+        tags=["deployments"],
+        response_model=api.AuditList,
+        responses=_declare(404, 422, *_AUTH),
+    )
     async def deployment_audit(deployment_id: uuid.UUID, claims: CanRead, c: Ctx) -> dict[str, Any]:
         # 404 for an unknown deployment, 403 for another service's
         await _deployment(c, claims, "deployment:read", deployment_id)
         records = await c.audit.records(deployment_id=str(deployment_id))
         return {"records": [r.to_dict() for r in records]}
 
-    @app.get("/api/v1/keys", tags=["keys"], response_model=None)
+    @app.get(
+        "/api/v1/keys",
+        tags=["keys"],
+        response_model=None,
+        responses=_declare(
+            404,
+            422,
+            *_AUTH,
+            answers={
+                200: {
+                    "model": api.KeyList,
+                    "content": {
+                        "application/x-pem-file": {"schema": {"type": "string"}},
+                    },
+                    "description": "The keys (JSON), or with ?format=pem the PEM text.",
+                }
+            },
+        ),
+    )
     async def signing_keys(
         _: CanRead, c: Ctx, format: Annotated[Literal["json", "pem"], Query()] = "json"
     ) -> dict[str, Any] | Response:
@@ -317,7 +449,12 @@ def create_app(
             return Response(pem, media_type="application/x-pem-file")
         return {"keys": [signing.export_key(signing.load_public_key(pem))]}
 
-    @app.get("/api/v1/services", tags=["services"])
+    @app.get(
+        "/api/v1/services",
+        tags=["services"],
+        response_model=api.ServiceList,
+        responses=_declare(*_AUTH),
+    )
     async def list_services(claims: CanRead, c: Ctx) -> dict[str, Any]:
         """The services the token may read."""
         return {
@@ -333,7 +470,12 @@ def create_app(
             ]
         }
 
-    @app.get("/api/v1/services/{name}", tags=["services"])
+    @app.get(
+        "/api/v1/services/{name}",
+        tags=["services"],
+        response_model=api.ServiceRead,
+        responses=_declare(404, 422, *_AUTH),
+    )
     async def get_service(
         name: Annotated[str, Depends(_service_name)],
         claims: CanRead,
@@ -378,18 +520,52 @@ def create_app(
             ),
         }
 
-    @app.get("/api/v1/tokens", tags=["tokens"])
+    @app.get(
+        "/api/v1/tokens",
+        tags=["tokens"],
+        response_model=api.TokenList,
+        responses=_declare(*_AUTH),
+    )
     async def list_tokens(_: CanAdminTokens, c: Ctx) -> dict[str, Any]:
         """Every token issued, newest first: ids, subjects, permissions, times; no token."""
         return {"tokens": [_token(row) for row in await c.tokens.list()]}
 
-    @app.delete("/api/v1/tokens/{token_id}", tags=["tokens"])
+    @app.delete(
+        "/api/v1/tokens/{token_id}",
+        tags=["tokens"],
+        response_model=api.TokenRead,
+        responses=_declare(404, 422, *_AUTH),
+    )
     async def revoke_token(token_id: TokenId, claims: CanAdminTokens, c: Ctx) -> dict[str, Any]:
         """Revoke a token: every server sharing the store refuses it from the next request."""
         row, _ = await c.tokens.revoke(token_id, by=claims.subject, by_token=claims.token_id)
         return _token(row)
 
     return app
+
+
+def _declare_regions(app: FastAPI, regions: Sequence[str]) -> None:
+    """This server's regions as the schema's enum for every ``region`` it takes (the body's
+    ``target.region``, ``?region=``): a client reads which exist, and a request naming another
+    is one the schema already calls invalid (422 ``unknown_region``)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = app.openapi_schema
+        if schema is None:
+            schema = generate()
+            enum = {"enum": list(regions)}
+            target = schema["components"]["schemas"]["TargetEnvironment"]["properties"]
+            target["region"].update(enum)
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    for param in operation.get("parameters", []):
+                        if param["name"] == "region":
+                            param["schema"].update(enum)
+            app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented extension point
 
 
 def service_warnings(

@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.config import JsonDict
 
 from shipyard.domain import repository_urls
 
@@ -53,18 +54,37 @@ class WireModel(BaseModel):
 # --- source and target ---------------------------------------------------------------------------
 
 
+_COMMIT = r"^[0-9a-fA-F]{4,64}$"
+# A branch: no whitespace, control character or any of ~^:?*[\ ; no leading '-', no '..', no
+# trailing '/'. Written without lookarounds (so every regex engine that reads the schema agrees):
+# a '.' is always followed by a name character or '/', or ends the name.
+_NAME_CHAR = r"[^\s\x00-\x1f\x7f~^:?*\[\\./]"
+_FIRST_CHAR = r"[^\s\x00-\x1f\x7f~^:?*\[\\./-]"
+_BRANCH = (
+    rf"^(?:(?:{_FIRST_CHAR}|\.{_NAME_CHAR}|/|\./)(?:{_NAME_CHAR}|\.{_NAME_CHAR}|/|\./)*"
+    rf"(?:{_NAME_CHAR}|\.{_NAME_CHAR}|\.)|{_FIRST_CHAR}|\.{_NAME_CHAR}?)$"
+)
+#: One path segment: any name of [A-Za-z0-9._-] but "..".
+_SEGMENT = r"(?:\.?[A-Za-z0-9_-][A-Za-z0-9._-]*|\.\.[A-Za-z0-9._-]+|\.)"
+_DOCKERFILE = rf"^{_SEGMENT}(?:/{_SEGMENT})*$"
+
+
 class SourceConfig(WireModel):
     repository: Annotated[str, Field(min_length=1, max_length=2048)] = Field(
         description="A git URL (https://, ssh://, git://, file://) or a local path to a "
         "repository. Credentials in the URL (https://user:token@...) are refused: configure "
         "git credentials for the server's user instead."
     )
-    branch: Annotated[str, Field(min_length=1, max_length=255)]
-    commit: Annotated[str, Field(min_length=4, max_length=64)] = Field(
+    branch: Annotated[str, Field(min_length=1, max_length=255, pattern=_BRANCH)]
+    commit: Annotated[str, Field(min_length=4, max_length=64, pattern=_COMMIT)] = Field(
         description="A commit id (full or abbreviated hex) reachable from `branch`."
     )
     dockerfile: str | None = Field(
-        default=None, max_length=1024, description="Dockerfile path inside the repository."
+        default=None,
+        max_length=1024,
+        pattern=_DOCKERFILE,
+        description="Dockerfile path inside the repository: relative, '/'-separated names of "
+        "letters, digits, '.', '_' and '-', no '..'.",
     )
 
     @field_validator("repository")
@@ -75,34 +95,35 @@ class SourceConfig(WireModel):
             raise ValueError(refusal)
         return v
 
-    @field_validator("branch")
+    @field_validator("branch", mode="before")
     @classmethod
-    def _branch_is_a_ref_name(cls, v: str) -> str:
+    def _branch_is_a_ref_name(cls, v: object) -> object:
         # git check-ref-format's rules that matter for safety; never starts with '-' (no option
-        # injection) and no '..' (no range syntax).
-        if (
-            v.startswith("-")
-            or ".." in v
-            or any(c in v for c in " ~^:?*[\\\x7f")
-            or v.endswith("/")
-        ):
+        # injection) and no '..' (no range syntax). Before the schema's pattern (the same rule),
+        # so the message says what is wrong.
+        if isinstance(v, str) and not re.fullmatch(_BRANCH, v.strip()):
             raise ValueError(f"{v!r} is not a valid git branch name")
+        return v
+
+    @field_validator("commit", mode="before")
+    @classmethod
+    def _commit_is_hex(cls, v: object) -> object:
+        # Before the pattern, so the message says what a commit is.
+        if isinstance(v, str) and not re.fullmatch(_COMMIT, v.strip()):
+            raise ValueError("commit must be a hex commit id (4 to 64 characters)")
         return v
 
     @field_validator("commit")
     @classmethod
-    def _commit_is_hex(cls, v: str) -> str:
-        if not re.fullmatch(r"[0-9a-fA-F]{4,64}", v):
-            raise ValueError("commit must be a hex commit id (4 to 64 characters)")
+    def _commit_lowercase(cls, v: str) -> str:
         return v.lower()
 
-    @field_validator("dockerfile")
+    @field_validator("dockerfile", mode="before")
     @classmethod
-    def _dockerfile_inside_repository(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        parts = v.replace("\\", "/").split("/")
-        if v.startswith("/") or ".." in parts or not v.strip("/"):
+    def _dockerfile_inside_repository(cls, v: object) -> object:
+        # The schema's pattern, checked first for the message (the pattern alone says "should
+        # match pattern ..."): no absolute path, no '..', nothing git or a shell would read.
+        if isinstance(v, str) and not re.fullmatch(_DOCKERFILE, v.strip()):
             raise ValueError(
                 f"dockerfile {v!r} must be a relative path inside the repository (no '..', no '/')"
             )
@@ -200,10 +221,24 @@ class CanaryParams(WireModel):
     )
 
 
-IntOrPercent = int | Annotated[str, StringConstraints(pattern=r"^\d{1,3}%$")]
+IntOrPercent = (
+    Annotated[int, Field(ge=0)]
+    | Annotated[str, StringConstraints(pattern=r"^(?:100|0\d{2}|\d{1,2})%$")]
+)
+#: Both at zero, in any spelling the fields accept: ``_not_both_zero``, said in the schema.
+_ZERO: JsonDict = {"anyOf": [{"const": 0}, {"type": "string", "pattern": r"^0{1,3}%$"}]}
 
 
 class RollingParams(WireModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "required": ["max_surge", "max_unavailable"],
+                "properties": {"max_surge": _ZERO, "max_unavailable": _ZERO},
+            }
+        }
+    )
+
     max_surge: IntOrPercent = Field(description="Extra replicas allowed: N or 'P%' (rounded up).")
     max_unavailable: IntOrPercent = Field(description="Unready allowed: N or 'P%' (rounded down).")
 
@@ -218,9 +253,13 @@ class RollingParams(WireModel):
 
     @model_validator(mode="after")
     def _not_both_zero(self) -> RollingParams:
-        if self.max_surge in (0, "0%") and self.max_unavailable in (0, "0%"):
+        if _zero(self.max_surge) and _zero(self.max_unavailable):
             raise ValueError("max_surge and max_unavailable cannot both be zero")
         return self
+
+
+def _zero(v: int | str) -> bool:
+    return v == 0 if isinstance(v, int) else int(v[:-1]) == 0
 
 
 class BlueGreen(WireModel):
