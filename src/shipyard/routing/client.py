@@ -60,6 +60,8 @@ _STREAM_HOLD = 256 * 1024
 #: One request is sent at most this many times (the first try and two retries).
 MAX_ATTEMPTS = 3
 
+_CLOSE = b"connection: close\r\n"
+
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 
@@ -132,6 +134,7 @@ class Client(BatchedConnection):
         "keep",
         "key",
         "method",
+        "peer",
         "pending",
         "phase",
         "read_paused",
@@ -143,6 +146,7 @@ class Client(BatchedConnection):
         "stream_buf",
         "streaming",
         "t0",
+        "tail",
         "upstream",
         "write_paused",
     )
@@ -183,12 +187,19 @@ class Client(BatchedConnection):
         self.gen = 0  # exchange number: a connect finishing for an older exchange is not ours
         self.idle_ticks = 0
         self.started = False  # the client has received part of the answer: errors must cut it
+        self.peer = b"unknown"  # the client's address, as X-Forwarded-For gives it
+        #: What ends every head forwarded for this client (Via, X-Forwarded-*, the blank line).
+        self.tail = ctx.forwarding.tail(self.peer)
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.ctx.clients.add(self)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = str(peer[0]).encode()
+            self.tail = self.ctx.forwarding.tail(self.peer)
 
     def data_received(self, data: bytes) -> None:
         phase = self.phase
@@ -293,7 +304,9 @@ class Client(BatchedConnection):
                             continue
                         self._reject(exc.status, exc.reason)
                         return
-                method, keep, length, te, expect = parsed
+                method, keep, length, te, expect, fwd, prior = parsed
+                # the head the upstream gets (http1.parse_request_head says what changes)
+                fwd += self.tail if prior is None else self.ctx.forwarding.tail(self.peer, prior)
                 self.keep = keep
                 self.is_head = method == b"HEAD"
                 self.method = method
@@ -310,17 +323,18 @@ class Client(BatchedConnection):
                         self._reject(400, b"malformed chunked body\n")
                         return
                     if body_end >= 0:
-                        self._dispatch(data if body_end == len(data) else data[:body_end])
+                        self._dispatch(fwd + data[hend:body_end])
                         data = data[body_end:]
                         continue
                     self.chunks = chunks
                     if expect or len(data) - hend > BUFFER_LIMIT:
-                        self._dispatch_stream(data)
+                        self._dispatch_stream(fwd + data[hend:])
                         return
                     self.phase = BUFFERING_BODY
-                    self.head_len = hend
-                    self.scan_pos = len(data)
-                    self.pending += data
+                    self.head_len = len(fwd)
+                    self.pending += fwd
+                    self.pending += data[hend:]
+                    self.scan_pos = len(self.pending)
                     return
                 if length > 0:
                     if length > self.ctx.max_body:
@@ -328,19 +342,20 @@ class Client(BatchedConnection):
                         return
                     total = hend + length
                     if len(data) >= total:
-                        self._dispatch(data if total == len(data) else data[:total])
+                        self._dispatch(fwd + data[hend:total])
                         data = data[total:]
                         continue
                     self.chunks = None
                     if expect or length > BUFFER_LIMIT:
                         self.body_left = total - len(data)
-                        self._dispatch_stream(data)
+                        self._dispatch_stream(fwd + data[hend:])
                         return
                     self.phase = BUFFERING_BODY
-                    self.body_left = total
-                    self.pending += data
+                    self.body_left = len(fwd) + length
+                    self.pending += fwd
+                    self.pending += data[hend:]
                     return
-                self._dispatch(head)
+                self._dispatch(fwd)
                 data = data[hend:] if hend != len(data) else b""
         finally:
             self.feeding = False
@@ -458,7 +473,8 @@ class Client(BatchedConnection):
             self._local(503, b"no backend is serving this service\n")
             return
         self.route = route
-        self.header = route.crlf_header
+        # the client's Connection is not forwarded, so the upstream cannot say close for it
+        self.header = route.crlf_header if self.keep else route.crlf_header + _CLOSE
         c = self.counters = route.counters
         c.inflight += 1
         self.t0 = _now()
@@ -577,7 +593,8 @@ class Client(BatchedConnection):
         if old is not None:
             self._leave(old)
         self.route = route
-        self.header = route.crlf_header
+        # the client's Connection is not forwarded, so the upstream cannot say close for it
+        self.header = route.crlf_header if self.keep else route.crlf_header + _CLOSE
         c = self.counters = route.counters
         c.inflight += 1
 
