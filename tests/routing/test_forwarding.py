@@ -58,9 +58,12 @@ class EchoApp:
                 length = int(dict(headers).get("content-length", "0"))
                 body = (await reader.readexactly(length)).decode("latin-1")
                 payload = json.dumps([line, headers, body]).encode()
+                # /hop answers with hop-by-hop fields of its own
+                hop = b"Connection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
                 writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                    b"content-length: %d\r\n\r\n%s" % (len(payload), payload)
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n%s"
+                    b"content-length: %d\r\n\r\n%s"
+                    % (hop if line.startswith("GET /hop ") else b"", len(payload), payload)
                 )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -129,6 +132,7 @@ async def test_the_router_forwards_end_to_end_fields_and_its_own(echo: EchoApp) 
         assert line == "GET /h HTTP/1.1"
         assert headers == [
             ("host", "h"),
+            ("trailer", "X-T"),
             ("x-kept", "yes"),
             ("via", "1.1 shipyard"),
             ("x-forwarded-proto", "http"),
@@ -154,6 +158,23 @@ async def test_the_router_forwards_end_to_end_fields_and_its_own(echo: EchoApp) 
         )
         assert body == "hello"
         assert ("content-length", "5") in headers and "te" not in dict(headers)
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+async def test_the_apps_hop_by_hop_fields_do_not_reach_the_client(echo: EchoApp) -> None:
+    proxy, port = await _router(echo)
+    client = await RawClient.open(port)
+    try:
+        await client.send(b"GET /hop HTTP/1.1\r\nHost: h\r\n\r\n")
+        response = await client.response()
+        assert response.status == 200
+        assert {"x-hop", "keep-alive", "connection"}.isdisjoint(response.headers)
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["x-shipyard-revision"] == "v1"
+        # and the connection still works, on the same upstream connection
+        assert (await seen(client, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"))[0] == "GET / HTTP/1.1"
     finally:
         await client.close()
         await proxy.close()
@@ -214,11 +235,10 @@ COMPARED = {
 }
 
 #: Fields the app sees from one and not the other, on purpose (README, "What the router
-#: forwards"): nginx adds no Via, and passes Trailer, Proxy-* and the fields a client names in
-#: Connection on to the app; RFC 9110 section 7.6.1 makes them hop-by-hop, so we do not.
+#: forwards"): nginx adds no Via, and passes Proxy-* and the fields a client names in Connection
+#: on to the app; RFC 9110 section 7.6.1 makes them hop-by-hop, so we do not.
 NGINX_DIFFERS = {
     "via": "router only",
-    "trailer": "nginx only",
     "proxy-authorization": "nginx only",
     "proxy-connection": "nginx only",
     "proxy": "nginx only",

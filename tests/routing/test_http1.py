@@ -702,7 +702,7 @@ FORWARDED = {
         b"Keep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: X\r\nUpgrade: h2c\r\n"
         b"Proxy-Authorization: Basic eA==\r\nProxy-Connection: keep-alive\r\nProxy: evil\r\n"
         b"X-Kept: k\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: h\r\nX-Kept: k\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nTrailer: X\r\nX-Kept: k\r\n",
         None,
     ),
     "upgrade-kept-when-upgrading": (
@@ -976,7 +976,40 @@ def test_chunked_scanner_enforces_the_body_limit() -> None:
     ids=["length", "http10", "chunked", "switching"],
 )
 def test_response_head_parsing(head: bytes, expected: tuple[int, bool, int, bytes | None]) -> None:
-    assert parse_response_head(head) == expected
+    assert parse_response_head(head)[:4] == expected
+
+
+#: Response heads and what the client gets instead (None: relayed as they are, the usual case).
+RESPONSES = {
+    "plain": (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", None),
+    "keep-alive": (b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\n\r\n", None),
+    "close": (b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n", None),
+    "chunked-and-trailer": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X\r\n\r\n",
+        None,
+    ),
+    "hop-by-hop": (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
+        b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: h2\r\n"
+        b"X-End: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nX-End: 2\r\n\r\n",
+    ),
+    "only-named": (
+        b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: 1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\n",
+    ),
+    "switching-keeps-upgrade": (
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade, X-Hop\r\nUpgrade: ws\r\n"
+        b"X-Hop: 1\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nUpgrade: ws\r\n\r\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", RESPONSES)
+def test_response_hop_by_hop_fields_are_dropped(name: str) -> None:
+    head, forward = RESPONSES[name]
+    assert parse_response_head(head)[4] == forward
 
 
 def test_unusable_response_heads_are_502() -> None:

@@ -73,13 +73,26 @@ _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0
 MAX_FIELDS = 100
 
 # Hop-by-hop fields (RFC 9110 section 7.6.1), never forwarded: they describe the client's
-# connection to the router, not the request. ``proxy`` is httpoxy's (an app under CGI would
+# connection to the router, not the request. Not Trailer: RFC 9110 section 6.6.2 makes it
+# end-to-end (RFC 2616's list had "Trailers", TE's token), and the trailer section it announces
+# is forwarded as it came, inside the chunked body. ``proxy`` is httpoxy's (an app under CGI would
 # read it as its own outbound proxy); every other ``proxy-*`` is for the router, not the app.
 _HOP_BY_HOP = frozenset(
-    (b"connection", b"keep-alive", b"te", b"trailer", b"upgrade", b"proxy-connection", b"proxy")
+    (b"connection", b"keep-alive", b"te", b"upgrade", b"proxy-connection", b"proxy")
 )
 # Fields the router sets itself from what it knows of the connection (see Forwarding).
 _FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto"))
+# In a response: the hop-by-hop fields dropped before it reaches the client (Transfer-Encoding
+# stays: the router relays a chunked body as it is; Trailer too, RFC 9110 does not make it
+# hop-by-hop). The search finds the heads that need a look; most need none.
+_RESPONSE_HOP_BY_HOP = frozenset((b"keep-alive", b"proxy-connection", b"te", b"upgrade"))
+_RESPONSE_HOP = re.compile(
+    rb"\r\n(?:keep-alive|proxy-connection|te|upgrade)[ \t]*:"
+    rb"|\r\nconnection[ \t]*:[ \t]*+(?!(?:close|keep-alive)[ \t]*\r\n)",
+    re.IGNORECASE,
+)
+_KEPT_OPTIONS = frozenset((b"close", b"keep-alive"))
+_KEPT_OPTIONS_101 = frozenset((b"close", b"keep-alive", b"upgrade"))
 # Fields that frame the request or say where it goes: a client listing one in Connection asks the
 # router to forward a request whose framing or target differs from what it parsed.
 _END_TO_END = frozenset((b"content-length", b"transfer-encoding", b"host"))
@@ -170,8 +183,9 @@ class Forwarding:
 #: :meth:`Forwarding.tail`; ``prior`` is the client's ``(X-Forwarded-For, X-Forwarded-Proto)``
 #: values, or None when it sent neither.
 RequestHead = tuple[bytes, bool, int, bytes | None, bool, bytes, tuple[bytes, bytes] | None]
-#: ``(status, keep_alive, content_length or -1, final transfer coding or None)``.
-ResponseHead = tuple[int, bool, int, bytes | None]
+#: ``(status, keep_alive, content_length or -1, final transfer coding or None, forward)``:
+#: ``forward`` is the head to relay instead when hop-by-hop fields must go, else None.
+ResponseHead = tuple[int, bool, int, bytes | None, bytes | None]
 
 
 # Parsed heads, keyed by the exact head bytes: parsing is a pure function of them. Bounded; only
@@ -349,6 +363,34 @@ def parse_request_head(head: bytes) -> RequestHead:
     return parsed
 
 
+def _response_forward(head: bytes, status: int, options: set[bytes]) -> bytes | None:
+    """The response head the client gets, when the app's differs from it: hop-by-hop fields
+    (``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Upgrade`` but on a 101, and the fields
+    ``Connection`` names) dropped. ``Connection`` keeps only the options the router acts on
+    itself (``close``, ``keep-alive``, and ``upgrade`` on a 101), which decide the client's
+    connection as they decide ours. None when nothing is dropped (the usual case)."""
+    kept_options = _KEPT_OPTIONS_101 if status == 101 else _KEPT_OPTIONS
+    named = options - kept_options
+    lines = head[:-4].split(b"\r\n")
+    out = [lines[0]]
+    for line in lines[1:]:
+        name = line.partition(b":")[0].strip(b" \t").lower()
+        if name == b"connection":
+            tokens = [t.strip(b" \t") for t in line.partition(b":")[2].split(b",")]
+            kept = [t for t in tokens if t.lower() in kept_options]
+            if kept:
+                out.append(b"connection: " + b", ".join(kept))
+            continue
+        if name in named or (
+            name in _RESPONSE_HOP_BY_HOP and not (status == 101 and name == b"upgrade")
+        ):
+            continue
+        out.append(line)
+    out += [b"", b""]
+    forward = b"\r\n".join(out)
+    return None if forward == head else forward
+
+
 def parse_response_head(head: bytes) -> ResponseHead:
     """Parse ``head`` (through the blank line) into a :data:`ResponseHead`.
 
@@ -363,6 +405,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     length = -1
     te: bytes | None = None
     close = keep_alive = False
+    options: set[bytes] = set()
     for name, raw in _RESPONSE_HEADERS.findall(head.lower()):
         value = raw.rstrip(b" \t")
         if name == b"content-length":
@@ -372,12 +415,15 @@ def parse_response_head(head: bytes) -> ResponseHead:
         elif name == b"transfer-encoding":
             te = value if te is None else te + b"," + value
         else:
-            tokens = {t.strip() for t in value.split(b",")}
+            tokens = {t.strip(b" \t") for t in value.split(b",")}
             close = close or b"close" in tokens
             keep_alive = keep_alive or b"keep-alive" in tokens
+            options |= tokens
     if te is not None:
         te = te.rsplit(b",", 1)[-1].strip()  # the final coding decides the framing
-    parsed = (int(m[2]), not close and (keep_alive or m[1] == b"1"), length, te)
+    status = int(m[2])
+    forward = _response_forward(head, status, options) if _RESPONSE_HOP.search(head) else None
+    parsed = (status, not close and (keep_alive or m[1] == b"1"), length, te, forward)
     if len(head) <= _HEAD_CACHE_MAX_BYTES:
         if len(response_cache) >= _HEAD_CACHE_SIZE:
             response_cache.clear()
