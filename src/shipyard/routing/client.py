@@ -133,6 +133,8 @@ class Client(BatchedConnection):
         "is_head",
         "keep",
         "key",
+        "last_forward",
+        "last_parsed",
         "method",
         "peer",
         "pending",
@@ -190,6 +192,8 @@ class Client(BatchedConnection):
         self.peer = b"unknown"  # the client's address, as X-Forwarded-For gives it
         #: What ends every head forwarded for this client (Via, X-Forwarded-*, the blank line).
         self.tail = ctx.forwarding.tail(self.peer)
+        self.last_parsed: http1.RequestHead | None = None
+        self.last_forward = b""
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -304,9 +308,20 @@ class Client(BatchedConnection):
                             continue
                         self._reject(exc.status, exc.reason)
                         return
-                method, keep, length, te, expect, fwd, prior = parsed
-                # the head the upstream gets (http1.parse_request_head says what changes)
-                fwd += self.tail if prior is None else self.ctx.forwarding.tail(self.peer, prior)
+                # the head the upstream gets (http1.parse_request_head says what changes), kept
+                # for the next request: keep-alive clients repeat their head, and the cached
+                # parse is the same object then (saves the concatenation, ~300 instructions)
+                if parsed is self.last_parsed:
+                    method, keep, length, te, expect, _, _ = parsed
+                    fwd = self.last_forward
+                else:
+                    method, keep, length, te, expect, fwd, prior = parsed
+                    if prior is None:
+                        fwd += self.tail
+                    else:  # the client sent X-Forwarded-* of its own
+                        fwd += self.ctx.forwarding.tail(self.peer, prior)
+                    self.last_parsed = parsed
+                    self.last_forward = fwd
                 self.keep = keep
                 self.is_head = method == b"HEAD"
                 self.method = method
