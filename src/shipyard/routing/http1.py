@@ -5,18 +5,21 @@
 :func:`local_response`. ``tests/routing/test_http1.py`` holds every accept/reject and framing
 decision made here against llhttp's (through httptools).
 
-Why hand-written: the router forwards the raw bytes the client sent and only needs to know where a
-message ends and whether the connection stays open, so it looks at the few headers that decide
-that (framing, keep-alive, ``Expect``) and nothing else. A full parser would build what nobody
-reads. The whole request head is checked by one regular expression, and parse results are cached
-per distinct head (clients and apps repeat the same heads over and over), so the common request
-costs one dictionary lookup.
+Why hand-written: the router forwards bodies as the raw bytes the client sent and only needs to
+know where a message ends, whether the connection stays open, and which fields a proxy must not
+pass on (hop-by-hop, RFC 9110 section 7.6.1). A full parser would build what nobody reads. The
+whole request head is checked by one regular expression; the parse result, including the head to
+forward (origin-form target, hop-by-hop and ``X-Forwarded-*`` fields out; :class:`Forwarding`
+supplies the per-client tail), is cached per distinct head (clients and apps repeat the same heads
+over and over), so the common request costs one dictionary lookup and one concatenation.
 
 What is refused is refused because the upstream might frame it differently than we do (request
 smuggling): obs-fold, whitespace before a colon, bare CR or LF, control bytes, Content-Length
-together with Transfer-Encoding, more than one Content-Length, a final coding other than chunked,
-chunked applied twice, an empty Transfer-Encoding or a tab after one, a body on a request that asks
-for an upgrade, and chunk-size lines, extensions or trailer fields outside RFC 9112's grammar.
+together with Transfer-Encoding, more than one Content-Length, any Transfer-Encoding but a single
+``chunked`` (as HAProxy) or one on HTTP/1.0, an HTTP/1.1 request without exactly one valid Host,
+more than :data:`MAX_FIELDS` fields, a Connection naming a framing field, a body on a request that
+asks for an upgrade, and chunk-size lines, extensions or trailer fields outside RFC 9112's grammar.
+Every refusal says what was wrong in the 400's body.
 What llhttp refuses (Node's parser, and uvicorn's through httptools) we refuse too; the tests list
 where we are stricter still.
 """
