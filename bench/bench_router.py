@@ -259,6 +259,9 @@ def python_cost_us(batch: int) -> float:
         def is_closing(self) -> bool:
             return False
 
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return ("10.0.0.1", 40000) if name == "peername" else default
+
     request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
     response = (
         b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 05:56:30 GMT\r\n"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from shipyard.routing.batching import WriteBatcher
+from shipyard.routing.http1 import Forwarding
 from shipyard.routing.limits import ConnectionBudget, RouterLimits
 from shipyard.routing.table import Table
 
@@ -38,6 +39,8 @@ class ProxyContext:
     #: The routing table requests are picked from now; ``configure`` replaces it whole.
     table: Table[Pool] = field(default_factory=lambda: Table({}, [], None, None))
     batcher: WriteBatcher = field(default_factory=WriteBatcher)
+    #: What the router adds to every forwarded request (Via, X-Forwarded-*).
+    forwarding: Forwarding = field(default_factory=Forwarding)
     #: Open client connections (the timeout sweep and ``close`` walk them).
     clients: set[Client] = field(default_factory=set)
     #: Background tasks (upstream connects, the timeout sweep); ``close`` cancels them.

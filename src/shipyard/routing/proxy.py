@@ -21,17 +21,18 @@ This module is the façade. The router is one concept per module in ``shipyard.r
 
 Why it looks the way it does: the router's own Python time per request is the budget (the rest is
 kernel loopback work), so it is built on asyncio Protocols under uvloop with no task per request.
-The request head is validated by one regular expression (results cached per distinct head) and
-forwarded as the raw bytes the client sent; only the headers that decide framing, keep-alive and
-stickiness are looked at. Responses stream back as they arrive, with ``x-shipyard-revision``
-inserted after the status line. Writes are held and flushed once per event-loop iteration, so a
-busy loop wakes its peers once per batch rather than once per request. Upstream connections are
-kept alive in per-backend pools. Requests are not rewritten, so no ``X-Forwarded-*`` headers are
-added, and a client's ``Connection: close`` reaches the upstream. A ``101 Switching Protocols``
-answer turns the connection pair into a raw tunnel. A client that half-closes after its request
-still gets the answer (the request stays in flight until the app answers it). Slow or idle
-clients are cut by the timeouts of ``routing.limits``, and a client's first request never rides
-an upstream connection another client used (HAProxy's ``http-reuse safe``).
+The request head is validated by one regular expression and rewritten once per distinct head
+(results cached): hop-by-hop fields dropped, an absolute-form target made origin-form, then
+``Via`` and ``X-Forwarded-*`` appended per client (``routing.http1.Forwarding``); bodies pass
+as the raw bytes the client sent. Responses stream back as they arrive, with
+``x-shipyard-revision`` inserted after the status line. Writes are held and flushed once per
+event-loop iteration, so a busy loop wakes its peers once per batch rather than once per request.
+Upstream connections are kept alive in per-backend pools (a client's ``Connection: close`` is for
+the router and is not forwarded). A ``101 Switching Protocols`` answer turns the connection pair
+into a raw tunnel. A client that half-closes after its request still gets the answer (the request
+stays in flight until the app answers it). Slow or idle clients are cut by the timeouts of
+``routing.limits``, and a client's first request never rides an upstream connection another
+client used (HAProxy's ``http-reuse safe``).
 
 Everything here runs on the event loop that called :meth:`ServiceProxy.start`; call its methods
 from that loop only (it is not thread-safe).
@@ -49,6 +50,7 @@ from collections.abc import Mapping, Sequence
 from shipyard.routing import metrics as routing_metrics
 from shipyard.routing.client import Client
 from shipyard.routing.context import ProxyContext
+from shipyard.routing.http1 import Forwarding
 from shipyard.routing.limits import ConnectionBudget, RouterLimits, raise_descriptor_limit
 from shipyard.routing.pool import Pool
 from shipyard.routing.table import (
@@ -80,6 +82,7 @@ class ServiceProxy:
         max_idle_per_backend: int = 64,
         limits: RouterLimits | None = None,
         budget: ConnectionBudget | None = None,
+        forwarding: Forwarding | None = None,
     ) -> None:
         """``limits``: this service's timeouts and connection cap (``response_timeout``, if
         given, overrides its field); ``budget``: the process-wide connection cap shared with
@@ -94,6 +97,8 @@ class ServiceProxy:
         self._ctx = ProxyContext(
             max_body=max_body_bytes, connect_timeout=connect_timeout, limits=limits, budget=budget
         )
+        if forwarding is not None:  # Via / X-Forwarded-* (routing.http1.Forwarding)
+            self._ctx.forwarding = forwarding
         self._max_idle = max_idle_per_backend
         self._pools: dict[Backend, Pool] = {}
         #: Backends taken out of the table, by replica id, until drained (``drain_replica``).

@@ -147,7 +147,10 @@ class Upstream(BatchedConnection):
             except MalformedMessage as exc:
                 self._bad(c, exc.reason.decode().strip())
                 return
-        status, keep, length, te = parsed
+        status, keep, length, te, forward = parsed
+        if forward is not None:  # hop-by-hop fields to drop (http1.parse_response_head)
+            data = forward + data[hend:]
+            hend = len(forward)
         if status < 200 and status != 101:
             # 1xx: pass it on as is; the final response follows
             c.send(data[:hend])
