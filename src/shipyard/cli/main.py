@@ -29,13 +29,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from shipyard.cli.audit import audit_app
 from shipyard.cli.build import build_app
 from shipyard.cli.client import DEFAULT_SERVER, ApiClient, resolve_token, source_defaults
 from shipyard.cli.keys import keys_app
+from shipyard.cli.safe import shown
 from shipyard.cli.security import security_app
 from shipyard.cli.token import token_app
 from shipyard.domain.manifest import parse_manifest
@@ -77,7 +77,7 @@ Format = Annotated[str, typer.Option("--format", help="table or json.")]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {shown(message, multiline=True)}")
     return typer.Exit(code)
 
 
@@ -381,10 +381,11 @@ def deploy(
     dep_id = accepted["deployment_id"]
     if format != "json":
         err.print(
-            f"deployment [bold]{dep_id}[/bold]: {service} {commit[:10]} ({branch}) -> {region}"
+            f"deployment [bold]{shown(dep_id)}[/bold]: {shown(service)} {shown(commit[:10])} "
+            f"({shown(branch)}) -> {shown(region)}"
         )
     if not wait:
-        out.print(json.dumps(accepted) if format == "json" else dep_id)
+        out.print(shown(json.dumps(accepted) if format == "json" else dep_id))
         return
     final = follow(client, dep_id, quiet=format == "json")
     if format == "json":
@@ -462,7 +463,7 @@ def follow(client: ApiClient, deployment_id: str, *, quiet: bool = False) -> dic
                 log_offset, log_open = _print_build_log(client, deployment_id, log_offset)
             if doc["status"] != status:
                 status = doc["status"]
-                err.print(f"  status  [cyan]{status}[/cyan]")
+                err.print(f"  status  [cyan]{shown(status)}[/cyan]")
             for i, st in enumerate(doc["stages"]):
                 key = (st["name"], i)
                 if seen.get(key) != st["status"]:
@@ -482,17 +483,24 @@ def _print_build_log(client: ApiClient, deployment_id: str, offset: int) -> tupl
     if resp.status_code != 200:
         return offset, False
     chunk = resp.json()
-    for line in chunk["text"].splitlines():
-        err.print(f"  [dim]build |[/dim] {escape(line)}", highlight=False)
+    # Only "\n" ends a line: splitlines() would also break at "\r" (and \x1c-\x1e, \x85),
+    # and a log's "\r" is shown, not obeyed.
+    for line in chunk["text"].removesuffix("\n").split("\n") if chunk["text"] else ():
+        err.print(f"  [dim]build |[/dim] {shown(line)}", highlight=False)
     return int(chunk["offset"]), bool(chunk["building"] or chunk["text"])
 
 
 def _stage_line(st: dict[str, Any]) -> str:
+    """One stage as ``follow`` and ``status`` print it (every server-given value shown safely);
+    a deployment waiting for a build slot says where it is in the queue."""
     color = {"running": "yellow", "succeeded": "green", "failed": "red"}.get(st["status"], "white")
     dur = f" {st['duration_ms']} ms" if st.get("duration_ms") is not None else ""
     detail = st.get("detail") or {}
-    note = detail.get("error") or ""
-    return f"[{color}]{st['status']:>9}[/{color}] {st['name']}{dur} {note}".rstrip()
+    note = shown(detail.get("error") or "", multiline=True)
+    if st["name"] == "queued" and st["status"] == "running" and "position" in detail:
+        note = f"position {shown(detail['position'])} for a build slot"
+    status = shown(f"{st['status']:>9}")
+    return f"[{color}]{status}[/{color}] {shown(st['name'])}{dur} {note}".rstrip()
 
 
 def _print_outcome(doc: dict[str, Any]) -> None:
@@ -500,17 +508,20 @@ def _print_outcome(doc: dict[str, Any]) -> None:
     if doc["status"] == "Success":
         res = doc.get("result") or {}
         err.print(
-            f"[green]Success[/green]: {doc['service']} serves {res.get('revision')} "
-            f"at {res.get('url')}"
-            f" ({m.get('total_duration_ms')} ms)"
+            f"[green]Success[/green]: {shown(doc['service'])} serves {shown(res.get('revision'))} "
+            f"at {shown(res.get('url'))}"
+            f" ({shown(m.get('total_duration_ms'))} ms)"
         )
     else:
         e = doc.get("error") or {}
-        err.print(f"[red]{doc['status']}[/red]: {e.get('type', '')}: {e.get('message', '')}")
+        err.print(
+            f"[red]{shown(doc['status'])}[/red]: {shown(e.get('type', ''))}: "
+            f"{shown(e.get('message', ''), multiline=True)}"
+        )
         if m.get("detection_to_rollback_ms") is not None:
             err.print(
-                f"  unhealthy verdict -> traffic back on {doc.get('blue_revision')}: "
-                f"{m['detection_to_rollback_ms']} ms"
+                f"  unhealthy verdict -> traffic back on {shown(doc.get('blue_revision'))}: "
+                f"{shown(m['detection_to_rollback_ms'])} ms"
             )
 
 
@@ -535,33 +546,37 @@ def status(
         return
     if is_id:
         out.print(
-            f"[bold]{doc['id']}[/bold] {doc['kind']} {doc['service']}@{doc['region']}: "
-            f"[cyan]{doc['status']}[/cyan]  "
-            f"{doc.get('blue_revision')} -> {doc.get('green_revision')}"
+            f"[bold]{shown(doc['id'])}[/bold] {shown(doc['kind'])} "
+            f"{shown(doc['service'])}@{shown(doc['region'])}: "
+            f"[cyan]{shown(doc['status'])}[/cyan]  "
+            f"{shown(doc.get('blue_revision'))} -> {shown(doc.get('green_revision'))}"
         )
         for st in doc["stages"]:
             out.print("  " + _stage_line(st))
         if doc.get("error"):
-            out.print(f"  [red]{doc['error'].get('type')}[/red]: {doc['error'].get('message')}")
-        out.print(f"  metrics: {json.dumps(doc['metrics'])}")
+            e = doc["error"]
+            out.print(
+                f"  [red]{shown(e.get('type'))}[/red]: {shown(e.get('message'), multiline=True)}"
+            )
+        out.print(f"  metrics: {shown(json.dumps(doc['metrics']))}")
         return
     out.print(
-        f"[bold]{doc['service']}[/bold]@{doc['region']} {doc['url']} serving "
-        f"{doc['serving_revision']} weights {doc['weights']}"
+        f"[bold]{shown(doc['service'])}[/bold]@{shown(doc['region'])} {shown(doc['url'])} serving "
+        f"{shown(doc['serving_revision'])} weights {shown(doc['weights'])}"
     )
     table = Table("replica", "revision", "state", "ready", "restarts", "port")
     for r in doc["replicas"]:
         table.add_row(
-            escape(r["replica_id"]),
-            escape(r["revision"]),
-            r["state"],
+            shown(r["replica_id"]),
+            shown(r["revision"]),
+            shown(r["state"]),
             "yes" if r["ready"] else "[red]no[/red]",
-            str(r.get("restarts", 0)),
-            str(r["port"]),
+            shown(r.get("restarts", 0)),
+            shown(r["port"]),
         )
     out.print(table)
     for warning in doc.get("warnings", []):
-        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+        err.print(f"[yellow]warning:[/yellow] {shown(warning)}")
 
 
 @app.command()
@@ -584,13 +599,13 @@ def history(
     table = Table("created", "id", "kind", "status", "revision", "by", "ms")
     for d in docs["deployments"]:
         table.add_row(
-            d["created_at"][:19],
-            d["id"],
-            d["kind"],
-            d["status"],
-            d.get("green_revision") or "",
-            d["triggered_by"],
-            str((d.get("metrics") or {}).get("total_duration_ms") or ""),
+            shown(d["created_at"][:19]),
+            shown(d["id"]),
+            shown(d["kind"]),
+            shown(d["status"]),
+            shown(d.get("green_revision") or ""),
+            shown(d["triggered_by"]),
+            shown((d.get("metrics") or {}).get("total_duration_ms") or ""),
         )
     out.print(table)
 
@@ -606,7 +621,7 @@ def rollback(
     """Put the service back on the revision that served before DEPLOYMENT_ID."""
     client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
     accepted = _check(client.request("POST", f"/api/v1/rollback/{deployment_id}"))
-    err.print(f"rollback [bold]{accepted['deployment_id']}[/bold] of {deployment_id}")
+    err.print(f"rollback [bold]{shown(accepted['deployment_id'])}[/bold] of {shown(deployment_id)}")
     _follow_and_exit(client, accepted["deployment_id"], wait, success="Success")
 
 
@@ -628,7 +643,7 @@ def promote(
     """Let a Paused deployment (a canary stage's gate, or an analysis waiting for a human) go on."""
     client = _client(server, token, data_dir, "deployment:create", "deployment:read")
     _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/promote"))
-    err.print(f"promoted [bold]{deployment_id}[/bold]")
+    err.print(f"promoted [bold]{shown(deployment_id)}[/bold]")
     _follow_and_exit(client, deployment_id, wait, success="Success")
 
 
@@ -643,7 +658,7 @@ def abort(
     """Abort a deployment in flight: the candidate's weight goes to 0 now, then it rolls back."""
     client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
     _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/abort"))
-    err.print(f"aborting [bold]{deployment_id}[/bold]")
+    err.print(f"aborting [bold]{shown(deployment_id)}[/bold]")
     _follow_and_exit(client, deployment_id, wait, success="RolledBack")
 
 
@@ -664,7 +679,7 @@ def main() -> None:
     try:
         app()
     except ShipyardError as exc:
-        err.print(f"[red]error:[/red] {exc.message}")
+        err.print(f"[red]error:[/red] {shown(exc.message, multiline=True)}")
         sys.exit(2)
 
 
