@@ -16,11 +16,12 @@ from pathlib import Path
 
 from shipyard.audit import AuditEvent, AuditLog
 from shipyard.audit.publishing import Checkpoints
-from shipyard.build.base import Builder
+from shipyard.build.base import DEFAULT_MAX_LOG_BYTES, Builder
 from shipyard.domain.clock import Clock
 from shipyard.domain.models import DeploymentStatus, HealthCheck
 from shipyard.errors import HealthCheckFailed, InvariantViolation, UnknownRegion
 from shipyard.health.probing import Prober
+from shipyard.orchestrator.build_slots import BuildSlots
 from shipyard.orchestrator.record import Record, Records, utc
 from shipyard.runtime.base import MeteredRouter, ReplicaStatus, Runtime
 from shipyard.security.gate import SecurityGate
@@ -71,6 +72,10 @@ class Deps:
     #: The audit checkpoint publisher (``shipyard serve --witness``); asked to publish at every
     #: deployment's end. None: no witness configured.
     checkpoints: Checkpoints | None = None
+    #: How many builds run at once; the others wait in its queue (``--max-concurrent-builds``).
+    build_slots: BuildSlots = field(default_factory=BuildSlots)
+    #: A build's log stops growing past this many bytes, with a notice (``--max-build-log-mb``).
+    max_build_log_bytes: int = DEFAULT_MAX_LOG_BYTES
 
     def runtime(self, region: str) -> Runtime:
         try:

@@ -27,7 +27,7 @@ from pathlib import Path
 from shipyard import strategies
 from shipyard.audit import AuditLog
 from shipyard.audit.publishing import Checkpoints
-from shipyard.build.base import Builder
+from shipyard.build.base import DEFAULT_MAX_LOG_BYTES, Builder
 from shipyard.domain.clock import Clock
 from shipyard.domain.models import DeploymentRequest, DeploymentStatus
 from shipyard.errors import (
@@ -40,7 +40,7 @@ from shipyard.errors import (
 )
 from shipyard.health.probing import Prober
 from shipyard.logs import log_event
-from shipyard.orchestrator import outcome, preflight, rollback, steps
+from shipyard.orchestrator import build_slots, outcome, preflight, rollback, steps
 from shipyard.orchestrator.context import DeploymentContext, Deps, audit_event
 from shipyard.orchestrator.janitor import Janitor
 from shipyard.orchestrator.reconciler import Reconciler
@@ -77,6 +77,8 @@ class Pipeline:
         janitor_interval: float = 1.0,
         four_eyes: bool = False,
         checkpoints: Checkpoints | None = None,
+        max_concurrent_builds: int = build_slots.DEFAULT_LIMIT,
+        max_build_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
     ) -> None:
         self.deps = Deps(
             store=store,
@@ -91,6 +93,8 @@ class Pipeline:
             logs_dir=logs_dir,
             drain_timeout=drain_timeout,
             checkpoints=checkpoints,
+            build_slots=build_slots.BuildSlots(max_concurrent_builds),
+            max_build_log_bytes=max_build_log_bytes,
         )
         self.records = self.deps.records
         self.clock = clock
@@ -267,6 +271,7 @@ class Pipeline:
             aborting = not record.progress.rolling_back
             if aborting:
                 cause = DeploymentAborted(f"aborted by {user}", aborted_by=user)
+                preflight.leave_queue(record, self.clock.now(), f"aborted by {user}")
                 record.progress.rolling_back = True
                 record.error = RecordedError.of(cause)
                 record.updated_at = utc(self.clock.now())
