@@ -8,7 +8,7 @@ test releases them, so "running" and "waiting" are states the test holds, not ti
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -37,19 +37,15 @@ class BlockingBuilder(FakeBuilder):
 
     async def build(self, request: BuildRequest) -> Artifact:
         commit = request.source.commit
-        await self._note(lambda: self.running.add(commit))
+        self.running.add(commit)
+        self.most_at_once = max(self.most_at_once, len(self.running))
+        async with self.changed:
+            self.changed.notify_all()
         try:
             await self.gates.setdefault(commit, asyncio.Event()).wait()
         finally:
             self.running.discard(commit)
         return await super().build(request)
-
-    async def _note(self, change: object) -> None:
-        assert callable(change)
-        change()
-        self.most_at_once = max(self.most_at_once, len(self.running))
-        async with self.changed:
-            self.changed.notify_all()
 
     async def until_running(self, *commits: str) -> None:
         async with self.changed:
@@ -71,7 +67,7 @@ def builder(world: PipelineWorld) -> BlockingBuilder:
     return world.builder
 
 
-def queued_at(position: int) -> object:
+def queued_at(position: int) -> Callable[[Doc], bool]:
     def check(d: Doc) -> bool:
         last = d["stages"][-1] if d["stages"] else None
         return bool(
