@@ -168,6 +168,9 @@ class Demo:
                 str(self.data_dir),
                 "--listen",
                 f"127.0.0.1:{self.port}",
+                # The demo's repositories sit beside its data directory, wherever --data-dir is.
+                "--source-root",
+                str(self.data_dir.parent),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -208,6 +208,35 @@ def serve(
         float,
         typer.Option(min=1.0, help="Seconds between checkpoint publications to the witnesses."),
     ] = 60.0,
+    max_concurrent_builds: Annotated[
+        int | None,
+        typer.Option(min=1, help="Builds at once; more wait in a queue. Default: one per CPU."),
+    ] = None,
+    max_build_log_mb: Annotated[
+        float, typer.Option(min=0.01, help="A build's log stops (with a notice) past this size.")
+    ] = 10.0,
+    build_log_retention_days: Annotated[
+        float, typer.Option(min=0.0, help="Delete build logs older than this (0: keep).")
+    ] = 30.0,
+    build_log_retention_count: Annotated[
+        int, typer.Option(min=0, help="Keep only the newest N build logs (0: no limit).")
+    ] = 500,
+    allow_source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-source",
+            help="Remote repositories deployers may name (fnmatch pattern, repeat), e.g. "
+            "'ssh://git@github.com/myorg/*'. Default: 'https://*'. Giving any replaces it.",
+        ),
+    ] = None,
+    source_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--source-root",
+            help="Local repositories must be under one of these (repeat). Default: the current "
+            "and the temporary directory. Never the data directory.",
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
     import uvicorn
@@ -237,6 +266,14 @@ def serve(
         witnesses=tuple(witness or ()),
         witness_history=witness_history,
         checkpoint_interval_seconds=checkpoint_interval,
+        **_build_settings(
+            max_concurrent_builds,
+            max_build_log_mb,
+            build_log_retention_days,
+            build_log_retention_count,
+            allow_source,
+            source_root,
+        ),
     )
     _check_witnesses(settings.witnesses, settings.data_dir, settings.witness_history)
     if osv_db is None:
@@ -253,6 +290,32 @@ def serve(
         loop="uvloop",
         access_log=False,
     )
+
+
+def _build_settings(
+    max_concurrent_builds: int | None,
+    max_build_log_mb: float,
+    retention_days: float,
+    retention_count: int,
+    allow_source: list[str] | None,
+    source_root: list[Path] | None,
+) -> dict[str, Any]:
+    """``Settings`` fields for builds and their sources from ``serve``'s flags (0: no limit)."""
+    fields: dict[str, Any] = {
+        "max_build_log_bytes": max(4096, int(max_build_log_mb * 2**20)),
+        "build_log_retention_days": retention_days or None,
+        "build_log_retention_count": retention_count or None,
+    }
+    if max_concurrent_builds is not None:
+        fields["max_concurrent_builds"] = max_concurrent_builds
+    if allow_source:
+        fields["allowed_sources"] = tuple(allow_source)
+    if source_root:
+        for root in source_root:
+            if not root.is_dir():
+                raise fail(f"--source-root {root} is not a directory")
+        fields["source_roots"] = tuple(r.resolve() for r in source_root)
+    return fields
 
 
 def _check_witnesses(witnesses: tuple[str, ...], data_dir: Path, history: Path | None) -> None:

@@ -28,6 +28,7 @@ from shipyard import strategies
 from shipyard.audit import AuditLog
 from shipyard.audit.publishing import Checkpoints
 from shipyard.build.base import DEFAULT_MAX_LOG_BYTES, Builder
+from shipyard.build.source_policy import SourcePolicy
 from shipyard.domain.clock import Clock
 from shipyard.domain.models import DeploymentRequest, DeploymentStatus
 from shipyard.errors import (
@@ -43,6 +44,7 @@ from shipyard.logs import log_event
 from shipyard.orchestrator import build_slots, outcome, preflight, rollback, steps
 from shipyard.orchestrator.context import DeploymentContext, Deps, audit_event
 from shipyard.orchestrator.janitor import Janitor
+from shipyard.orchestrator.log_retention import LogRetention
 from shipyard.orchestrator.reconciler import Reconciler
 from shipyard.orchestrator.record import (
     DeploymentRecord,
@@ -79,6 +81,9 @@ class Pipeline:
         checkpoints: Checkpoints | None = None,
         max_concurrent_builds: int = build_slots.DEFAULT_LIMIT,
         max_build_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        log_retention: LogRetention | None = None,
+        builder_logs_dir: Path | None = None,
+        source_policy: SourcePolicy | None = None,
     ) -> None:
         self.deps = Deps(
             store=store,
@@ -95,6 +100,9 @@ class Pipeline:
             checkpoints=checkpoints,
             build_slots=build_slots.BuildSlots(max_concurrent_builds),
             max_build_log_bytes=max_build_log_bytes,
+            log_retention=log_retention or LogRetention(),
+            builder_logs_dir=builder_logs_dir,
+            source_policy=source_policy,
         )
         self.records = self.deps.records
         self.clock = clock
@@ -159,6 +167,8 @@ class Pipeline:
         self, request: DeploymentRequest, user: str, *, token_id: str | None = None
     ) -> DeploymentRecord:
         """Validate, persist (one active deployment per service) and start driving it."""
+        if self.deps.source_policy is not None:  # first: a refused source records nothing
+            self.deps.source_policy.check(request.source.repository)
         self.runtime(request.target.region)
         try:
             strategies.check(request.strategy)

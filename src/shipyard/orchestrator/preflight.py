@@ -184,6 +184,8 @@ async def _build(ctx: DeploymentContext, record: DeploymentRecord) -> Artifact:
         limit = ctx.deps.max_build_log_bytes
         sink = BuildLogSink(ctx.deps.build_log_path(record.id), max_bytes=limit)
         try:
+            if ctx.deps.source_policy is not None:  # the list may have narrowed since submit
+                ctx.deps.source_policy.check(request.source.repository)
             artifact = await ctx.deps.builder.build(
                 BuildRequest(request.source, sink, no_cache=request.rebuild, max_log_bytes=limit)
             )
