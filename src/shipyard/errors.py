@@ -7,6 +7,7 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │   ├── InvalidInput                bad request, flag or file: fix the input (HTTP 422)
     │   │   ├── ManifestError           shipyard.toml missing or invalid, names the field
     │   │   ├── SourceError             unknown repository, commit, or commit not on branch
+    │   │   │   └── SourceNotAllowed    outside --allow-source / --source-root
     │   │   └── UnknownRegion           target.region has no data plane configured
     │   ├── NotFound                    no such deployment / service (HTTP 404)
     │   ├── Conflict                    (HTTP 409)
@@ -101,6 +102,12 @@ class ManifestError(InvalidInput):
 
 class SourceError(InvalidInput):
     code = "invalid_source"
+
+
+class SourceNotAllowed(SourceError):
+    """The repository is outside the server's allow-list (``build/source_policy.py``)."""
+
+    code = "source_not_allowed"
 
 
 class UnknownRegion(InvalidInput):

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shipyard.build.base import DEFAULT_MAX_LOG_BYTES
+from shipyard.build.source_policy import DEFAULT_PATTERNS, SourcePolicy, default_roots
+from shipyard.orchestrator.log_retention import LogRetention
 from shipyard.sandbox import SandboxPolicy
 
 DEFAULT_REGION = "local"
@@ -65,10 +68,36 @@ class Settings(BaseModel):
     tls_key: Path | None = None
     #: ``/docs``, ``/redoc`` and ``/openapi.json`` (``--no-docs`` turns them off).
     docs: bool = True
+    #: Builds at once; the others wait in a queue (``--max-concurrent-builds``).
+    max_concurrent_builds: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1)
+    #: A build's log stops growing past this, with a notice (``--max-build-log-mb``).
+    max_build_log_bytes: int = Field(default=DEFAULT_MAX_LOG_BYTES, ge=4096)
+    #: Build logs older than this are deleted (``--build-log-retention-days``); None: no limit.
+    build_log_retention_days: float | None = Field(default=30.0, gt=0)
+    #: Only the newest this many build logs (of each kind) are kept; None: no limit.
+    build_log_retention_count: int | None = Field(default=500, ge=1)
+    #: Remote repositories allowed (fnmatch patterns, ``--allow-source``).
+    allowed_sources: tuple[str, ...] = DEFAULT_PATTERNS
+    #: Directories local repositories may be under (``--source-root``); None: the current
+    #: directory and the temporary directory (``build.source_policy.default_roots``).
+    source_roots: tuple[Path, ...] | None = None
 
     @property
     def sandbox_policy(self) -> SandboxPolicy:
         return self.sandbox or SandboxPolicy(data_dir=self.data_dir)
+
+    @property
+    def source_policy(self) -> SourcePolicy:
+        """What ``source.repository`` may name; never the data directory."""
+        roots = default_roots() if self.source_roots is None else self.source_roots
+        return SourcePolicy(self.allowed_sources, roots, forbidden=(self.data_dir,))
+
+    @property
+    def log_retention(self) -> LogRetention:
+        days = self.build_log_retention_days
+        return LogRetention(
+            days * 86400 if days is not None else None, self.build_log_retention_count
+        )
 
     @property
     def db_path(self) -> Path:

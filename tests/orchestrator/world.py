@@ -23,6 +23,7 @@ from shipyard.domain.clock import FakeClock
 from shipyard.domain.manifest import parse_manifest
 from shipyard.domain.models import DeploymentRequest
 from shipyard.health.fake import FakeProber
+from shipyard.orchestrator import build_slots
 from shipyard.orchestrator.pipeline import Pipeline
 from shipyard.orchestrator.record import DeploymentRecord, RollbackRecord, dump_record
 from shipyard.runtime.fake import FakeRuntime, TrafficProfile
@@ -101,6 +102,8 @@ class PipelineWorld:
         self.gate: SecurityGate | None = None
         self.attestations_dir: Path | None = None
         self.checkpoints: Checkpoints | None = None
+        #: Builds at once (``Pipeline(max_concurrent_builds=)``); set before ``new_pipeline``.
+        self.build_limit = build_slots.DEFAULT_LIMIT
         self.pipeline = self.new_pipeline()
 
     def new_pipeline(self) -> Pipeline:
@@ -115,6 +118,7 @@ class PipelineWorld:
             gate=self.gate,
             attestations_dir=self.attestations_dir,
             checkpoints=self.checkpoints,
+            max_concurrent_builds=self.build_limit,
         )
 
     # --- deployments -------------------------------------------------------------------------

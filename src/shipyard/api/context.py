@@ -72,6 +72,11 @@ async def build_context(settings: Settings) -> AppContext:
         drain_timeout=settings.drain_timeout_seconds,
         four_eyes=settings.four_eyes,
         checkpoints=checkpoints,
+        max_concurrent_builds=settings.max_concurrent_builds,
+        max_build_log_bytes=settings.max_build_log_bytes,
+        log_retention=settings.log_retention,
+        builder_logs_dir=settings.data_dir / "logs",
+        source_policy=settings.source_policy,
     )
     closers.append(_dispose(engine))
     token_store = TokenStore(engine)

@@ -16,6 +16,10 @@ from shipyard.domain.models import BUILD_TIME_TARGET_MS, SourceConfig
 
 LogSink = Callable[[str], None]
 
+#: A build's log is cut past this many bytes (``shipyard serve --max-build-log-mb``): a build
+#: printing without end must not fill the disk or the API's log stream.
+DEFAULT_MAX_LOG_BYTES = 10 * 2**20
+
 
 @dataclass(frozen=True)
 class BuildRequest:
@@ -27,6 +31,9 @@ class BuildRequest:
     #: the cached entries with this build's), Docker builds with ``nocache``, Cloud Build
     #: restores no cache. The result is still cached for later builds.
     no_cache: bool = False
+    #: Bytes of log kept for this build; past it one notice line, then output is dropped (the
+    #: build goes on). Builders pass it to ``running.BuildLog``.
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,10 @@ class CloudBuildBuilder:
         started = time.monotonic()
         log_path = self.data_dir / "logs" / f"cloudbuild-{time.time_ns()}.log"
         with BuildLog(
-            log_path, request.log_sink, mask=SecretMasker.from_data_dir(self.data_dir)
+            log_path,
+            request.log_sink,
+            mask=SecretMasker.from_data_dir(self.data_dir),
+            max_bytes=request.max_log_bytes,
         ) as log:
             try:
                 resolved = await resolve_source(request.source, cache_dir=self.data_dir)

@@ -93,7 +93,10 @@ class DockerBuilder:
         durations: dict[str, int] = {}
         log_path = self._logs / f"docker-{time.time_ns()}.log"
         with BuildLog(
-            log_path, request.log_sink, mask=SecretMasker.from_data_dir(self.data_dir)
+            log_path,
+            request.log_sink,
+            mask=SecretMasker.from_data_dir(self.data_dir),
+            max_bytes=request.max_log_bytes,
         ) as log:
             try:
                 resolved = await resolve_source(request.source, cache_dir=self.data_dir)

@@ -156,7 +156,13 @@ class LocalBuilder:
         log_path = self._logs / f"{stamp}-{uuid.uuid4().hex[:8]}.log"
         mask = SecretMasker.from_data_dir(self.data_dir)
         tail = self.config.log_tail_lines
-        with BuildLog(log_path, request.log_sink, tail_lines=tail, mask=mask) as log:
+        with BuildLog(
+            log_path,
+            request.log_sink,
+            tail_lines=tail,
+            mask=mask,
+            max_bytes=request.max_log_bytes,
+        ) as log:
             try:
                 resolved = await resolve_source(request.source, cache_dir=self.data_dir)
                 durations["fetch"] = _ms(started)

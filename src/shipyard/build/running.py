@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from shipyard.build.base import LogSink
+from shipyard.build.base import DEFAULT_MAX_LOG_BYTES, LogSink
 from shipyard.errors import BuildFailed
 from shipyard.private_files import open_log
 from shipyard.sandbox import Sandbox
@@ -30,8 +30,21 @@ _DRAIN_S = 5.0
 _MAX_LINE = 64 * 1024
 
 
+def truncation_notice(limit: int) -> str:
+    """The one line a capped build log ends with (here and in the deployment's log)."""
+    return (
+        f"[shipyard] log truncated at {limit} bytes; further output dropped (the build goes "
+        "on; shipyard serve --max-build-log-mb sets the limit)"
+    )
+
+
 class BuildLog:
-    """One build's log: the per-build file, the live sink, and the tail for error messages."""
+    """One build's log: the per-build file, the live sink, and the tail for error messages.
+
+    The command's output is kept up to ``max_bytes`` (file and sink alike): the line that would
+    cross it is replaced by ``truncation_notice`` and later lines are dropped, while the build
+    goes on and the tail keeps following (the error message shows how it ended). Shipyard's own
+    notes (``note``: a bounded handful per build: what failed, timeouts) are always kept."""
 
     def __init__(
         self,
@@ -40,6 +53,7 @@ class BuildLog:
         *,
         tail_lines: int = 30,
         mask: Callable[[str], str] | None = None,
+        max_bytes: int = DEFAULT_MAX_LOG_BYTES,
     ) -> None:
         self.path = path
         self._file = os.fdopen(open_log(path), "a", encoding="utf-8")
@@ -47,19 +61,40 @@ class BuildLog:
         self._mask = mask
         self._sink = sink
         self._tail: deque[str] = deque(maxlen=tail_lines)
+        self.max_bytes = max_bytes
+        #: Bytes of the command's output kept so far.
+        self.written = 0
+        #: True once output was dropped.
+        self.truncated = False
 
     def line(self, text: str) -> None:
         if self._mask is not None:
             text = self._mask(text)
-        self._file.write(text + "\n")
-        self._file.flush()
         self._tail.append(text)
-        if self._sink is not None:
-            self._sink(text)
+        if self.truncated:
+            return
+        size = len(text.encode("utf-8", errors="replace")) + 1
+        if self.written + size > self.max_bytes:
+            self.truncated = True
+            self._emit(truncation_notice(self.max_bytes))
+            return
+        self.written += size
+        self._emit(text)
 
     def note(self, text: str) -> None:
-        """A line from Shipyard itself (not the command), marked so readers can tell."""
-        self.line(f"[shipyard] {text}")
+        """A line from Shipyard itself (not the command), marked so readers can tell; kept
+        even past the limit."""
+        text = f"[shipyard] {text}"
+        if self._mask is not None:
+            text = self._mask(text)
+        self._tail.append(text)
+        self._emit(text)
+
+    def _emit(self, text: str) -> None:
+        self._file.write(text + "\n")
+        self._file.flush()
+        if self._sink is not None:
+            self._sink(text)
 
     @property
     def tail(self) -> list[str]:

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,9 @@ from shipyard.domain import repository_urls
 from shipyard.domain.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest
 from shipyard.domain.models import SourceConfig
 from shipyard.errors import ManifestError, SourceError
+from shipyard.logs import log_event
+
+log = logging.getLogger("shipyard.build.source")
 
 #: Transports git may use; ``ext::`` (runs commands) and friends are never allowed.
 ALLOWED_PROTOCOLS = "file:git:http:https:ssh"
@@ -205,12 +209,54 @@ async def _update_mirror(location: str, repository: str, cache_dir: Path) -> Pat
         if fetched.returncode != 0 and created:  # don't keep empty mirrors of typos
             await asyncio.to_thread(shutil.rmtree, mirror, ignore_errors=True)
     if fetched.returncode != 0:
+        # git's stderr for a remote carries text the remote server chose (and its URL): the
+        # raw text goes to the server's log only, cut and with control characters escaped;
+        # the deployer sees what kind of failure it was.
+        reason = summarise_fetch_error(fetched.stderr)
+        log_event(
+            log,
+            "source.fetch_failed",
+            repository=repository_urls.redacted(repository),
+            reason=reason,
+            exit_code=fetched.returncode,
+            stderr=_cut(fetched.stderr).encode("unicode_escape").decode("ascii"),
+            level=logging.WARNING,
+        )
         raise SourceError(
-            f"repository {repository!r} could not be fetched (not found, not a git "
-            f"repository, or not readable): {_cut(fetched.stderr)}",
+            f"repository {repository!r} could not be fetched: {reason}",
             repository=repository,
+            reason=reason,
         )
     return mirror
+
+
+#: (what git says, in lower case; the summary a deployer sees), most specific first.
+_FETCH_FAILURES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("could not resolve host", "name or service not known", "temporary failure in name"),
+     "could not resolve host"),
+    (("connection refused",), "connection refused"),
+    (("timed out", "timeout"), "timed out"),
+    (("ssl", "certificate", "tls"), "TLS handshake or certificate verification failed"),
+    (("network is unreachable", "no route to host", "failed to connect", "couldn't connect"),
+     "could not connect"),
+    (("not found", "does not appear to be a git repository", "not a git repository",
+      "authentication failed", "could not read username", "could not read password",
+      "permission denied", "access denied", "access rights", "401", "403", "404",
+      "terminal prompts disabled", "no such file or directory"),
+     "repository not found or access denied"),
+    (("transport", "not allowed"), "transport not allowed"),
+    (("fsck", "object", "pack"), "the fetched objects failed git's integrity check"),
+)  # fmt: skip
+
+
+def summarise_fetch_error(stderr: str) -> str:
+    """One of a few fixed phrases for why a fetch failed (never git's own words: they can hold
+    text the remote server chose); ``git fetch failed`` when none fits."""
+    said = stderr.lower()
+    for needles, summary in _FETCH_FAILURES:
+        if any(n in said for n in needles):
+            return summary
+    return "git fetch failed"
 
 
 async def _branch_ref(mirror: Path, branch: str, repository: str) -> str:
@@ -359,6 +405,11 @@ def _local_path(raw: str, original: str) -> str:
     if not path.is_dir():
         raise SourceError(f"repository {original!r} not found (no such directory {path})")
     return str(path)
+
+
+def is_scp_like(repository: str) -> bool:
+    """``[user@]host:path``: how ``normalize_repository`` recognises an scp-like ssh remote."""
+    return bool(_SCP_LIKE.match(repository))
 
 
 def mirror_path(cache_dir: Path, location: str) -> Path:

@@ -46,6 +46,7 @@ from shipyard.audit.log import (
     read_rows,
     verify_database,
 )
+from shipyard.cli.safe import neutralised, shown
 from shipyard.errors import InvalidInput
 
 DB_FILENAME = "shipyard.db"
@@ -113,7 +114,7 @@ def verify(
         typer.echo(f"audit trail intact: {report.records} records")
     else:
         where = f"record {report.first_bad_seq}" if report.first_bad_seq is not None else "trail"
-        typer.echo(f"audit trail NOT intact: first bad {where}: {report.reason}")
+        typer.echo(f"audit trail NOT intact: first bad {where}: {neutralised(report.reason)}")
     if checkpoint is None:
         _say_coverage(db_path, report.records)
         if not report.ok:
@@ -227,7 +228,7 @@ def _verify_note(note: str, source: str, data_dir: Path, key: Path | None) -> Ch
     try:
         return verifier.open(note)
     except CheckpointInvalid as exc:
-        typer.echo(f"checkpoint from {source} REJECTED: {exc.message}")
+        typer.echo(f"checkpoint from {neutralised(source)} REJECTED: {neutralised(exc.message)}")
         raise typer.Exit(1) from exc
 
 
@@ -298,8 +299,8 @@ def _print_table(records: list[AuditRecord]) -> None:
         table.add_row(
             str(r.seq),
             r.timestamp.strftime("%Y-%m-%d %H:%M:%S"),
-            r.event_type,
-            *(v or "" for v in (r.deployment_id, r.service, r.region, r.user, r.status)),
+            shown(r.event_type),
+            *(shown(v or "") for v in (r.deployment_id, r.service, r.region, r.user, r.status)),
             "" if r.duration_ms is None else str(r.duration_ms),
         )
     # A terminal gets its own width; a pipe gets room for whole UUIDs on one line.

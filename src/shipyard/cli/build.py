@@ -27,12 +27,12 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from shipyard.build.base import Artifact, BuildRequest
 from shipyard.build.registry import BuildConfig, build_source
 from shipyard.build.source import branch_head
+from shipyard.cli.safe import shown
 from shipyard.domain.models import BUILD_TIME_TARGET_MS, SourceConfig
 from shipyard.errors import InvalidInput, ShipyardError
 
@@ -95,15 +95,15 @@ def build(
             )
         )
     except ValidationError as exc:
-        err.print(f"[red]error:[/red] {escape(_problems(exc))}")
+        err.print(f"[red]error:[/red] {shown(_problems(exc), multiline=True)}")
         raise typer.Exit(2) from exc
     except InvalidInput as exc:
-        err.print(f"[red]error:[/red] {escape(exc.message)}")
+        err.print(f"[red]error:[/red] {shown(exc.message, multiline=True)}")
         raise typer.Exit(2) from exc
     except ShipyardError as exc:
-        err.print(f"[red]build failed:[/red] {escape(exc.message)}")
+        err.print(f"[red]build failed:[/red] {shown(exc.message, multiline=True)}")
         if log_path := exc.detail.get("log_path"):
-            err.print(f"full log: {escape(str(log_path))}")
+            err.print(f"full log: {shown(str(log_path))}")
         raise typer.Exit(1) from exc
     if output is OutputFormat.json:
         out.print_json(json.dumps(_as_json(artifact)))
@@ -126,7 +126,7 @@ async def _build(
 
     def sink(line: str) -> None:
         assert logs is not None
-        logs.print(escape(line))
+        logs.print(shown(line))
 
     return await build_source(
         BuildRequest(source=source, log_sink=sink if logs is not None else None, no_cache=no_cache),
@@ -179,13 +179,13 @@ def _table(artifact: Artifact) -> Table:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("digest", artifact.digest)
-    table.add_row("artifact", f"{artifact.kind} {escape(artifact.location)}")
-    table.add_row("commit", artifact.commit)
-    table.add_row("builder", artifact.builder)
+    table.add_row("artifact", f"{artifact.kind} {shown(artifact.location)}")
+    table.add_row("commit", shown(artifact.commit))
+    table.add_row("builder", shown(artifact.builder))
     if cache.no_cache:
         table.add_row("artifact cache", "not used (--no-cache)")
     elif cache.artifact_rejected is not None:
-        table.add_row("artifact cache", f"rejected, rebuilt: {escape(cache.artifact_rejected)}")
+        table.add_row("artifact cache", f"rejected, rebuilt: {shown(cache.artifact_rejected)}")
     else:
         table.add_row("artifact cache", _hit(cache.artifact_hit))
     table.add_row("dependency cache", _hit(cache.dependencies_hit))
@@ -197,5 +197,5 @@ def _table(artifact: Artifact) -> Table:
         f"{artifact.duration_ms} ms ({verdict} the {BUILD_TIME_TARGET_MS // 1000} s target)",
     )
     if artifact.log_path is not None:
-        table.add_row("log", escape(str(artifact.log_path)))
+        table.add_row("log", shown(str(artifact.log_path)))
     return table

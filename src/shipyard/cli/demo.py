@@ -34,10 +34,10 @@ from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.markup import escape
 
 from shipyard.audit import verify_database
 from shipyard.cli.loadgen import LoadGenerator
+from shipyard.cli.safe import shown
 from shipyard.cli.token import issue_local
 
 
@@ -168,6 +168,9 @@ class Demo:
                 str(self.data_dir),
                 "--listen",
                 f"127.0.0.1:{self.port}",
+                # The demo's repositories sit beside its data directory, wherever --data-dir is.
+                "--source-root",
+                str(self.data_dir.parent),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -234,16 +237,16 @@ class Demo:
         """Print each status (and, if asked, each finished stage) until the end; the document."""
         assert self.client is not None
         last = ""
-        shown: set[tuple[int, str]] = set()
+        printed: set[tuple[int, str]] = set()
         while True:
             doc: dict[str, Any] = self.client.get(f"/api/v1/deployments/{dep_id}").json()
             if doc["status"] != last:
                 last = doc["status"]
-                self.say(f"    {last}")
+                self.say(f"    {shown(last)}")
             for i, st in enumerate(doc["stages"] if show_stages else []):
-                if st["status"] != "running" and (i, st["status"]) not in shown:
-                    shown.add((i, st["status"]))
-                    self.say(f"      {escape(_stage_summary(st))}")
+                if st["status"] != "running" and (i, st["status"]) not in printed:
+                    printed.add((i, st["status"]))
+                    self.say(f"      {shown(_stage_summary(st), multiline=True)}")
             if doc["status"] in ("Success", "Failed", "RolledBack"):
                 return doc
             time.sleep(0.1)
@@ -289,10 +292,10 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         say(f"[bold]2.[/bold] deploying v1 ({v1[:10]}), the service's first deployment")
         d1 = demo.deploy(repo, v1, bake=0)
         if d1["status"] != "Success":
-            say(f"[red]v1 did not deploy: {d1.get('error')}[/red]")
+            say(f"[red]v1 did not deploy: {shown(d1.get('error'))}[/red]")
             return 1
         url = d1["result"]["url"]
-        say(f"    hello is live at {url}: {httpx.get(url).text.strip()!r}")
+        say(f"    hello is live at {shown(url)}: {shown(repr(httpx.get(url).text.strip()))}")
 
         v2 = commit_version(repo, "v2")
         say(f"[bold]3.[/bold] deploying v2 ({v2[:10]}) blue-green under steady load")
@@ -352,14 +355,14 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         d3 = demo.deploy(repo, v4, bake=10)
         m = d3["metrics"]
         err = (d3.get("error") or {}).get("message", "")
-        say(f"    v4: {d3['status']} — {err}")
+        say(f"    v4: {shown(d3['status'])} — {shown(err, multiline=True)}")
         say(
             "    unhealthy verdict -> 100% of traffic back on v3: "
             f"{m.get('detection_to_rollback_ms')} ms "
             f"(rollback stage {m.get('rollback_duration_ms')} ms; ADR target 30 000 ms)"
         )
         now_serving = httpx.get(url).text.strip()
-        say(f"    the service answers: {now_serving!r}")
+        say(f"    the service answers: {shown(repr(now_serving))}")
         ok &= d3["status"] == "RolledBack" and "v3" in now_serving
 
         v2_revision = d2["green_revision"]
@@ -391,7 +394,7 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
             f"; the service answers {now_serving!r}"
         )
         if rb.get("error"):
-            say(f"    [red]{escape(str(rb['error'].get('message')))}[/red]")
+            say(f"    [red]{shown(rb['error'].get('message'), multiline=True)}[/red]")
         ok &= (
             rb["status"] == "Success"
             and instant is False

@@ -29,13 +29,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from shipyard.cli.audit import audit_app
 from shipyard.cli.build import build_app
 from shipyard.cli.client import DEFAULT_SERVER, ApiClient, resolve_token, source_defaults
 from shipyard.cli.keys import keys_app
+from shipyard.cli.safe import shown
 from shipyard.cli.security import security_app
 from shipyard.cli.token import token_app
 from shipyard.domain.manifest import parse_manifest
@@ -77,7 +77,7 @@ Format = Annotated[str, typer.Option("--format", help="table or json.")]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {shown(message, multiline=True)}")
     return typer.Exit(code)
 
 
@@ -248,6 +248,35 @@ def serve(
             "--docs/--no-docs", help="Serve /docs, /redoc and /openapi.json (assets are local)."
         ),
     ] = True,
+    max_concurrent_builds: Annotated[
+        int | None,
+        typer.Option(min=1, help="Builds at once; more wait in a queue. Default: one per CPU."),
+    ] = None,
+    max_build_log_mb: Annotated[
+        float, typer.Option(min=0.01, help="A build's log stops (with a notice) past this size.")
+    ] = 10.0,
+    build_log_retention_days: Annotated[
+        float, typer.Option(min=0.0, help="Delete build logs older than this (0: keep).")
+    ] = 30.0,
+    build_log_retention_count: Annotated[
+        int, typer.Option(min=0, help="Keep only the newest N build logs (0: no limit).")
+    ] = 500,
+    allow_source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-source",
+            help="Remote repositories deployers may name (fnmatch pattern, repeat), e.g. "
+            "'ssh://git@github.com/myorg/*'. Default: 'https://*'. Giving any replaces it.",
+        ),
+    ] = None,
+    source_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--source-root",
+            help="Local repositories must be under one of these (repeat). Default: the current "
+            "and the temporary directory. Never the data directory.",
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
     import uvicorn
@@ -285,6 +314,14 @@ def serve(
         tls_cert=tls_cert.resolve() if tls_cert else None,
         tls_key=tls_key.resolve() if tls_key else None,
         docs=docs,
+        **_build_settings(
+            max_concurrent_builds,
+            max_build_log_mb,
+            build_log_retention_days,
+            build_log_retention_count,
+            allow_source,
+            source_root,
+        ),
     )
     _check_witnesses(settings.witnesses, settings.data_dir, settings.witness_history)
     if osv_db is None:
@@ -300,6 +337,32 @@ def serve(
     )
     config.loop = "uvloop"
     uvicorn.Server(config).run()
+
+
+def _build_settings(
+    max_concurrent_builds: int | None,
+    max_build_log_mb: float,
+    retention_days: float,
+    retention_count: int,
+    allow_source: list[str] | None,
+    source_root: list[Path] | None,
+) -> dict[str, Any]:
+    """``Settings`` fields for builds and their sources from ``serve``'s flags (0: no limit)."""
+    fields: dict[str, Any] = {
+        "max_build_log_bytes": max(4096, int(max_build_log_mb * 2**20)),
+        "build_log_retention_days": retention_days or None,
+        "build_log_retention_count": retention_count or None,
+    }
+    if max_concurrent_builds is not None:
+        fields["max_concurrent_builds"] = max_concurrent_builds
+    if allow_source:
+        fields["allowed_sources"] = tuple(allow_source)
+    if source_root:
+        for root in source_root:
+            if not root.is_dir():
+                raise fail(f"--source-root {root} is not a directory")
+        fields["source_roots"] = tuple(r.resolve() for r in source_root)
+    return fields
 
 
 def _check_witnesses(witnesses: tuple[str, ...], data_dir: Path, history: Path | None) -> None:
@@ -471,10 +534,11 @@ def deploy(
     dep_id = accepted["deployment_id"]
     if format != "json":
         err.print(
-            f"deployment [bold]{dep_id}[/bold]: {service} {commit[:10]} ({branch}) -> {region}"
+            f"deployment [bold]{shown(dep_id)}[/bold]: {shown(service)} {shown(commit[:10])} "
+            f"({shown(branch)}) -> {shown(region)}"
         )
     if not wait:
-        out.print(json.dumps(accepted) if format == "json" else dep_id)
+        out.print(shown(json.dumps(accepted) if format == "json" else dep_id))
         return
     final = follow(client, dep_id, quiet=format == "json")
     if format == "json":
@@ -552,7 +616,7 @@ def follow(client: ApiClient, deployment_id: str, *, quiet: bool = False) -> dic
                 log_offset, log_open = _print_build_log(client, deployment_id, log_offset)
             if doc["status"] != status:
                 status = doc["status"]
-                err.print(f"  status  [cyan]{status}[/cyan]")
+                err.print(f"  status  [cyan]{shown(status)}[/cyan]")
             for i, st in enumerate(doc["stages"]):
                 key = (st["name"], i)
                 if seen.get(key) != st["status"]:
@@ -572,17 +636,24 @@ def _print_build_log(client: ApiClient, deployment_id: str, offset: int) -> tupl
     if resp.status_code != 200:
         return offset, False
     chunk = resp.json()
-    for line in chunk["text"].splitlines():
-        err.print(f"  [dim]build |[/dim] {escape(line)}", highlight=False)
+    # Only "\n" ends a line: splitlines() would also break at "\r" (and \x1c-\x1e, \x85),
+    # and a log's "\r" is shown, not obeyed.
+    for line in chunk["text"].removesuffix("\n").split("\n") if chunk["text"] else ():
+        err.print(f"  [dim]build |[/dim] {shown(line)}", highlight=False)
     return int(chunk["offset"]), bool(chunk["building"] or chunk["text"])
 
 
 def _stage_line(st: dict[str, Any]) -> str:
+    """One stage as ``follow`` and ``status`` print it (every server-given value shown safely);
+    a deployment waiting for a build slot says where it is in the queue."""
     color = {"running": "yellow", "succeeded": "green", "failed": "red"}.get(st["status"], "white")
     dur = f" {st['duration_ms']} ms" if st.get("duration_ms") is not None else ""
     detail = st.get("detail") or {}
-    note = detail.get("error") or ""
-    return f"[{color}]{st['status']:>9}[/{color}] {st['name']}{dur} {note}".rstrip()
+    note = shown(detail.get("error") or "", multiline=True)
+    if st["name"] == "queued" and st["status"] == "running" and "position" in detail:
+        note = f"position {shown(detail['position'])} for a build slot"
+    status = shown(f"{st['status']:>9}")
+    return f"[{color}]{status}[/{color}] {shown(st['name'])}{dur} {note}".rstrip()
 
 
 def _print_outcome(doc: dict[str, Any]) -> None:
@@ -590,17 +661,20 @@ def _print_outcome(doc: dict[str, Any]) -> None:
     if doc["status"] == "Success":
         res = doc.get("result") or {}
         err.print(
-            f"[green]Success[/green]: {doc['service']} serves {res.get('revision')} "
-            f"at {res.get('url')}"
-            f" ({m.get('total_duration_ms')} ms)"
+            f"[green]Success[/green]: {shown(doc['service'])} serves {shown(res.get('revision'))} "
+            f"at {shown(res.get('url'))}"
+            f" ({shown(m.get('total_duration_ms'))} ms)"
         )
     else:
         e = doc.get("error") or {}
-        err.print(f"[red]{doc['status']}[/red]: {e.get('type', '')}: {e.get('message', '')}")
+        err.print(
+            f"[red]{shown(doc['status'])}[/red]: {shown(e.get('type', ''))}: "
+            f"{shown(e.get('message', ''), multiline=True)}"
+        )
         if m.get("detection_to_rollback_ms") is not None:
             err.print(
-                f"  unhealthy verdict -> traffic back on {doc.get('blue_revision')}: "
-                f"{m['detection_to_rollback_ms']} ms"
+                f"  unhealthy verdict -> traffic back on {shown(doc.get('blue_revision'))}: "
+                f"{shown(m['detection_to_rollback_ms'])} ms"
             )
 
 
@@ -625,33 +699,37 @@ def status(
         return
     if is_id:
         out.print(
-            f"[bold]{doc['id']}[/bold] {doc['kind']} {doc['service']}@{doc['region']}: "
-            f"[cyan]{doc['status']}[/cyan]  "
-            f"{doc.get('blue_revision')} -> {doc.get('green_revision')}"
+            f"[bold]{shown(doc['id'])}[/bold] {shown(doc['kind'])} "
+            f"{shown(doc['service'])}@{shown(doc['region'])}: "
+            f"[cyan]{shown(doc['status'])}[/cyan]  "
+            f"{shown(doc.get('blue_revision'))} -> {shown(doc.get('green_revision'))}"
         )
         for st in doc["stages"]:
             out.print("  " + _stage_line(st))
         if doc.get("error"):
-            out.print(f"  [red]{doc['error'].get('type')}[/red]: {doc['error'].get('message')}")
-        out.print(f"  metrics: {json.dumps(doc['metrics'])}")
+            e = doc["error"]
+            out.print(
+                f"  [red]{shown(e.get('type'))}[/red]: {shown(e.get('message'), multiline=True)}"
+            )
+        out.print(f"  metrics: {shown(json.dumps(doc['metrics']))}")
         return
     out.print(
-        f"[bold]{doc['service']}[/bold]@{doc['region']} {doc['url']} serving "
-        f"{doc['serving_revision']} weights {doc['weights']}"
+        f"[bold]{shown(doc['service'])}[/bold]@{shown(doc['region'])} {shown(doc['url'])} serving "
+        f"{shown(doc['serving_revision'])} weights {shown(doc['weights'])}"
     )
     table = Table("replica", "revision", "state", "ready", "restarts", "port")
     for r in doc["replicas"]:
         table.add_row(
-            escape(r["replica_id"]),
-            escape(r["revision"]),
-            r["state"],
+            shown(r["replica_id"]),
+            shown(r["revision"]),
+            shown(r["state"]),
             "yes" if r["ready"] else "[red]no[/red]",
-            str(r.get("restarts", 0)),
-            str(r["port"]),
+            shown(r.get("restarts", 0)),
+            shown(r["port"]),
         )
     out.print(table)
     for warning in doc.get("warnings", []):
-        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+        err.print(f"[yellow]warning:[/yellow] {shown(warning)}")
 
 
 @app.command()
@@ -674,13 +752,13 @@ def history(
     table = Table("created", "id", "kind", "status", "revision", "by", "ms")
     for d in docs["deployments"]:
         table.add_row(
-            d["created_at"][:19],
-            d["id"],
-            d["kind"],
-            d["status"],
-            d.get("green_revision") or "",
-            d["triggered_by"],
-            str((d.get("metrics") or {}).get("total_duration_ms") or ""),
+            shown(d["created_at"][:19]),
+            shown(d["id"]),
+            shown(d["kind"]),
+            shown(d["status"]),
+            shown(d.get("green_revision") or ""),
+            shown(d["triggered_by"]),
+            shown((d.get("metrics") or {}).get("total_duration_ms") or ""),
         )
     out.print(table)
 
@@ -696,7 +774,7 @@ def rollback(
     """Put the service back on the revision that served before DEPLOYMENT_ID."""
     client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
     accepted = _check(client.request("POST", f"/api/v1/rollback/{deployment_id}"))
-    err.print(f"rollback [bold]{accepted['deployment_id']}[/bold] of {deployment_id}")
+    err.print(f"rollback [bold]{shown(accepted['deployment_id'])}[/bold] of {shown(deployment_id)}")
     _follow_and_exit(client, accepted["deployment_id"], wait, success="Success")
 
 
@@ -718,7 +796,7 @@ def promote(
     """Let a Paused deployment (a canary stage's gate, or an analysis waiting for a human) go on."""
     client = _client(server, token, data_dir, "deployment:create", "deployment:read")
     _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/promote"))
-    err.print(f"promoted [bold]{deployment_id}[/bold]")
+    err.print(f"promoted [bold]{shown(deployment_id)}[/bold]")
     _follow_and_exit(client, deployment_id, wait, success="Success")
 
 
@@ -733,7 +811,7 @@ def abort(
     """Abort a deployment in flight: the candidate's weight goes to 0 now, then it rolls back."""
     client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
     _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/abort"))
-    err.print(f"aborting [bold]{deployment_id}[/bold]")
+    err.print(f"aborting [bold]{shown(deployment_id)}[/bold]")
     _follow_and_exit(client, deployment_id, wait, success="RolledBack")
 
 
@@ -754,7 +832,7 @@ def main() -> None:
     try:
         app()
     except ShipyardError as exc:
-        err.print(f"[red]error:[/red] {exc.message}")
+        err.print(f"[red]error:[/red] {shown(exc.message, multiline=True)}")
         sys.exit(2)
 
 

@@ -26,9 +26,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from shipyard.cli.safe import shown
 from shipyard.errors import InvalidInput
 from shipyard.security import inventory, osv, policy
 from shipyard.security.cvss import Severity
@@ -76,7 +76,7 @@ _STYLE = {
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}")
+    Console(stderr=True).print(f"[red]error:[/red] {shown(message, multiline=True)}")
     return typer.Exit(code)
 
 
@@ -129,12 +129,12 @@ def _table(title: str, rows: list[tuple[Finding, str]]) -> Table:
         table.add_column(col, overflow="fold")
     for f, verdict in rows:
         table.add_row(
-            escape(f.package),
-            escape(f.version),
-            escape(f.advisory_id),
-            escape(", ".join((*f.advisory_ids[1:], *f.aliases)) or "-"),
+            shown(f.package),
+            shown(f.version),
+            shown(f.advisory_id),
+            shown(", ".join((*f.advisory_ids[1:], *f.aliases)) or "-"),
             _severity_cell(f),
-            escape(", ".join(f.fixed_versions) or "-"),
+            shown(", ".join(f.fixed_versions) or "-"),
             verdict,
         )
     return table
@@ -185,14 +185,14 @@ def _print_scan(
 ) -> None:
     out = _out()
     rows = [(f, "[bold red]BLOCK[/]") for f in evaluation.blocking]
-    rows += [(a.finding, f"allowed: {escape(a.reason)}") for a in evaluation.allowed]
+    rows += [(a.finding, f"allowed: {shown(a.reason)}") for a in evaluation.allowed]
     rows += [(f, "report") for f in evaluation.passed]
     out.print(
-        f"Scanned {len(inv.packages)} package(s) from {escape(inv.source)} ({inv.kind}) against "
-        f"{len(database.advisories)} advisories in {escape(database.path)}."
+        f"Scanned {len(inv.packages)} package(s) from {shown(inv.source)} ({inv.kind}) against "
+        f"{len(database.advisories)} advisories in {shown(database.path)}."
     )
     for s in inv.skipped:
-        out.print(f"[dim]skipped {escape(s.source)}: {escape(s.reason)}[/]")
+        out.print(f"[dim]skipped {shown(s.source)}: {shown(s.reason)}[/]")
     if rows:
         out.print(_table("Findings", rows))
     else:
@@ -200,12 +200,12 @@ def _print_scan(
     for e in evaluation.expired:
         matched = ", ".join(f.advisory_id for f in e.matched) or "no current finding"
         out.print(
-            f"[yellow]expired allow entry[/] {escape(e.entry.id)} "
+            f"[yellow]expired allow entry[/] {shown(e.entry.id)} "
             f"(expired {e.entry.expires.isoformat()}): "
             f"no longer applies; matched {matched}"
         )
     verdict = "[bold red]BLOCKED[/]" if evaluation.blocked else "[green]passes[/]"
-    out.print(f"{verdict}: {escape(evaluation.summary())} (policy: {evaluation.policy.describe()})")
+    out.print(f"{verdict}: {shown(evaluation.summary())} (policy: {evaluation.policy.describe()})")
 
 
 @security_app.command("vulndb")
@@ -239,7 +239,7 @@ def vulndb(
         )
         return
     table = Table(
-        title=f"OSV database {escape(stats.path)}", title_justify="left", show_header=False
+        title=f"OSV database {shown(stats.path)}", title_justify="left", show_header=False
     )
     table.add_column("what")
     table.add_column("value", overflow="fold")
@@ -256,4 +256,4 @@ def vulndb(
     out = _out()
     out.print(table)
     for p in stats.problems:
-        out.print(f"[yellow]skipped[/] {escape(p.path)}: {escape(p.reason)}")
+        out.print(f"[yellow]skipped[/] {shown(p.path)}: {shown(p.reason)}")

@@ -28,6 +28,7 @@ from rich.table import Table
 
 from shipyard.api import permissions
 from shipyard.api.tokens import TokenService
+from shipyard.cli.safe import neutralised, shown
 from shipyard.errors import InvalidInput, NotFound
 
 token_app = typer.Typer(
@@ -118,7 +119,7 @@ def create(
         service.close()
     claims = issued.claims
     typer.echo(
-        f"token {claims.token_id} for {claims.subject} with "
+        f"token {claims.token_id} for {neutralised(claims.subject)} with "
         f"{', '.join(sorted(claims.permissions))}, expires {claims.expires_at.isoformat()}:",
         err=True,
     )
@@ -148,7 +149,9 @@ def list_tokens(data_dir: DataDir) -> None:
     for row in rows:
         revoked = f"{_when(row.revoked_at)} by {row.revoked_by}" if row.revoked else "-"
         perms = " ".join(row.permissions)
-        table.add_row(row.id, row.subject, perms, _when(row.expires_at), revoked)
+        table.add_row(
+            shown(row.id), shown(row.subject), shown(perms), _when(row.expires_at), shown(revoked)
+        )
     Console(width=200).print(table)
 
 
@@ -171,8 +174,8 @@ def revoke(
         service.close()
     if not changed:
         typer.echo(
-            f"token {row.id} ({row.subject}) was already revoked at {_when(row.revoked_at)} by "
-            f"{row.revoked_by}"
+            f"token {row.id} ({neutralised(row.subject)}) was already revoked at "
+            f"{_when(row.revoked_at)} by {neutralised(row.revoked_by)}"
         )
     else:
-        typer.echo(f"revoked token {row.id} ({row.subject})")
+        typer.echo(f"revoked token {row.id} ({neutralised(row.subject)})")

@@ -16,11 +16,14 @@ from pathlib import Path
 
 from shipyard.audit import AuditEvent, AuditLog
 from shipyard.audit.publishing import Checkpoints
-from shipyard.build.base import Builder
+from shipyard.build.base import DEFAULT_MAX_LOG_BYTES, Builder
+from shipyard.build.source_policy import SourcePolicy
 from shipyard.domain.clock import Clock
 from shipyard.domain.models import DeploymentStatus, HealthCheck
 from shipyard.errors import HealthCheckFailed, InvariantViolation, UnknownRegion
 from shipyard.health.probing import Prober
+from shipyard.orchestrator.build_slots import BuildSlots
+from shipyard.orchestrator.log_retention import LogRetention
 from shipyard.orchestrator.record import Record, Records, utc
 from shipyard.runtime.base import MeteredRouter, ReplicaStatus, Runtime
 from shipyard.security.gate import SecurityGate
@@ -71,6 +74,17 @@ class Deps:
     #: The audit checkpoint publisher (``shipyard serve --witness``); asked to publish at every
     #: deployment's end. None: no witness configured.
     checkpoints: Checkpoints | None = None
+    #: How many builds run at once; the others wait in its queue (``--max-concurrent-builds``).
+    build_slots: BuildSlots = field(default_factory=BuildSlots)
+    #: A build's log stops growing past this many bytes, with a notice (``--max-build-log-mb``).
+    max_build_log_bytes: int = DEFAULT_MAX_LOG_BYTES
+    #: Old build logs are deleted by the janitor (``log_retention.py``); None: kept forever.
+    log_retention: LogRetention | None = field(default_factory=LogRetention)
+    #: The builders' own per-build logs (``<data>/logs``), pruned with the deployments' logs.
+    builder_logs_dir: Path | None = None
+    #: Which repositories may be built (``--allow-source``, ``--source-root``); None: any
+    #: (unit tests of other stages).
+    source_policy: SourcePolicy | None = None
 
     def runtime(self, region: str) -> Runtime:
         try:

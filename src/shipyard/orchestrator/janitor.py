@@ -1,6 +1,7 @@
 """The janitor: every ``interval`` seconds, retire revisions whose warm window ended, then one
 reconciler pass (which is also each data plane's heartbeat: the local runtime starts again an
-agent that has gone away).
+agent that has gone away); at its first pass and then hourly, it deletes build logs past the
+retention setting (``log_retention.py``).
 
 It must never die: whatever a pass raises is logged, with its traceback when it is not one of
 Shipyard's own errors, and the loop goes on. After an unexpected failure (the store failing,
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from shipyard.audit import AuditEvent
+from shipyard.domain.clock import to_thread
 from shipyard.errors import ShipyardError
 from shipyard.logs import log_event
-from shipyard.orchestrator import serving
+from shipyard.orchestrator import log_retention, serving
 from shipyard.orchestrator.context import Deps
 from shipyard.orchestrator.reconciler import Reconciler
 
@@ -29,6 +32,8 @@ log = logging.getLogger("shipyard.orchestrator.janitor")
 
 #: The longest wait between two passes while they keep failing.
 MAX_INTERVAL_SECONDS = 30.0
+#: Build logs are pruned at the first pass, then at most this often.
+PRUNE_INTERVAL_SECONDS = 3600.0
 
 
 class Janitor:
@@ -50,6 +55,8 @@ class Janitor:
         #: The wait before the next pass (``interval``, or more while passes fail).
         self.delay = interval
         self._turn = asyncio.Lock()
+        #: ``clock.monotonic()`` at the last log pruning (None: not yet; the first pass does).
+        self._pruned_at: float | None = None
 
     async def run(self) -> None:
         """Pass after pass until cancelled (see the module docstring)."""
@@ -58,6 +65,7 @@ class Janitor:
                 async with self._turn:
                     await self._retire_expired()
                     await self.reconciler.reconcile_all()
+                    await self._prune_logs_when_due()
             except ShipyardError as exc:  # translated at its boundary: the message says it all
                 log_event(log, "janitor.error", error=exc.message)
             except Exception:
@@ -76,6 +84,31 @@ class Janitor:
         """One reconciler pass (see orchestrator/reconciler.py)."""
         async with self._turn:
             await self.reconciler.reconcile_all()
+
+    async def prune_logs(self) -> list[Path]:
+        """Delete build logs past the retention setting now (see log_retention.py)."""
+        retention = self.deps.log_retention
+        if retention is None:
+            return []
+        active = {r.id for r in await self.deps.records.active()}
+        deleted = await to_thread(
+            log_retention.prune,
+            deployments_dir=self.deps.logs_dir,
+            builder_logs_dir=self.deps.builder_logs_dir,
+            now=self.clock.now(),
+            retention=retention,
+            active=active,
+        )
+        if deleted:
+            log_event(log, "build_logs.pruned", count=len(deleted))
+        return deleted
+
+    async def _prune_logs_when_due(self) -> None:
+        now = self.clock.monotonic()
+        if self._pruned_at is not None and now - self._pruned_at < PRUNE_INTERVAL_SECONDS:
+            return
+        self._pruned_at = now
+        await self.prune_logs()
 
     async def _retire_expired(self) -> None:
         now = self.clock.now()

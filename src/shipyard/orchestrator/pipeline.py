@@ -27,7 +27,8 @@ from pathlib import Path
 from shipyard import strategies
 from shipyard.audit import AuditLog
 from shipyard.audit.publishing import Checkpoints
-from shipyard.build.base import Builder
+from shipyard.build.base import DEFAULT_MAX_LOG_BYTES, Builder
+from shipyard.build.source_policy import SourcePolicy
 from shipyard.domain.clock import Clock
 from shipyard.domain.models import DeploymentRequest, DeploymentStatus
 from shipyard.errors import (
@@ -40,9 +41,10 @@ from shipyard.errors import (
 )
 from shipyard.health.probing import Prober
 from shipyard.logs import log_event
-from shipyard.orchestrator import outcome, preflight, rollback, steps
+from shipyard.orchestrator import build_slots, outcome, preflight, rollback, steps
 from shipyard.orchestrator.context import DeploymentContext, Deps, audit_event
 from shipyard.orchestrator.janitor import Janitor
+from shipyard.orchestrator.log_retention import LogRetention
 from shipyard.orchestrator.reconciler import Reconciler
 from shipyard.orchestrator.record import (
     DeploymentRecord,
@@ -77,6 +79,11 @@ class Pipeline:
         janitor_interval: float = 1.0,
         four_eyes: bool = False,
         checkpoints: Checkpoints | None = None,
+        max_concurrent_builds: int = build_slots.DEFAULT_LIMIT,
+        max_build_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        log_retention: LogRetention | None = None,
+        builder_logs_dir: Path | None = None,
+        source_policy: SourcePolicy | None = None,
     ) -> None:
         self.deps = Deps(
             store=store,
@@ -91,6 +98,11 @@ class Pipeline:
             logs_dir=logs_dir,
             drain_timeout=drain_timeout,
             checkpoints=checkpoints,
+            build_slots=build_slots.BuildSlots(max_concurrent_builds),
+            max_build_log_bytes=max_build_log_bytes,
+            log_retention=log_retention or LogRetention(),
+            builder_logs_dir=builder_logs_dir,
+            source_policy=source_policy,
         )
         self.records = self.deps.records
         self.clock = clock
@@ -155,6 +167,8 @@ class Pipeline:
         self, request: DeploymentRequest, user: str, *, token_id: str | None = None
     ) -> DeploymentRecord:
         """Validate, persist (one active deployment per service) and start driving it."""
+        if self.deps.source_policy is not None:  # first: a refused source records nothing
+            self.deps.source_policy.check(request.source.repository)
         self.runtime(request.target.region)
         try:
             strategies.check(request.strategy)
@@ -267,6 +281,7 @@ class Pipeline:
             aborting = not record.progress.rolling_back
             if aborting:
                 cause = DeploymentAborted(f"aborted by {user}", aborted_by=user)
+                preflight.leave_queue(record, self.clock.now(), f"aborted by {user}")
                 record.progress.rolling_back = True
                 record.error = RecordedError.of(cause)
                 record.updated_at = utc(self.clock.now())

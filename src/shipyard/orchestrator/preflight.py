@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import IO
 
 from shipyard import strategies
-from shipyard.build.base import Artifact, BuildRequest
+from shipyard.build.base import DEFAULT_MAX_LOG_BYTES, Artifact, BuildRequest
+from shipyard.build.running import truncation_notice
 from shipyard.domain.manifest import Manifest
 from shipyard.domain.models import DeploymentRequest, DeploymentStatus
 from shipyard.errors import (
@@ -39,13 +40,17 @@ from shipyard.errors import (
     StableRevisionMissing,
 )
 from shipyard.logs import log_event
+from shipyard.orchestrator import stage as stages
 from shipyard.orchestrator.context import DeploymentContext
 from shipyard.orchestrator.record import (
     Attestation,
     DeploymentRecord,
     PlanRecord,
     Progress,
+    Record,
     RevisionRecord,
+    Stage,
+    utc,
 )
 from shipyard.orchestrator.stage import stage
 from shipyard.private_files import open_log
@@ -58,19 +63,39 @@ log = logging.getLogger("shipyard.orchestrator")
 class BuildLogSink:
     """Receives build output line by line (``BuildRequest.log_sink``): appends it to the
     deployment's build log as it comes, so ``GET /deployments/{id}/logs`` streams it, and keeps
-    the last lines for the stage record."""
+    the last lines for the stage record.
 
-    def __init__(self, path: Path | None, keep: int = 20) -> None:
+    The file holds at most ``max_bytes`` (counting what an earlier run of the same deployment
+    wrote before a restart): past it one notice line (``running.truncation_notice``), then
+    lines are dropped. Builders cap their own log the same way (``running.BuildLog``); this
+    covers any builder, and the stage's tail keeps the last lines either way."""
+
+    def __init__(
+        self, path: Path | None, keep: int = 20, *, max_bytes: int = DEFAULT_MAX_LOG_BYTES
+    ) -> None:
         self._lines: collections.deque[str] = collections.deque(maxlen=keep)
         self._file: IO[str] | None = None
+        self.max_bytes = max_bytes
+        self.written = 0
+        #: True once output was dropped.
+        self.truncated = False
         if path is not None:
             self._file = os.fdopen(open_log(path), "a", encoding="utf-8", errors="replace")
+            self.written = self._file.tell()
 
     def __call__(self, line: str) -> None:
         self._lines.append(line)
-        if self._file is not None:
-            self._file.write(line if line.endswith("\n") else line + "\n")
-            self._file.flush()
+        if self._file is None or self.truncated:
+            return
+        text = line if line.endswith("\n") else line + "\n"
+        size = len(text.encode("utf-8", errors="replace"))
+        if self.written + size > self.max_bytes:
+            self.truncated = True
+            text = truncation_notice(self.max_bytes) + "\n"
+            size = len(text.encode())
+        self._file.write(text)
+        self._file.flush()
+        self.written += size
 
     def tail(self) -> list[str]:
         return list(self._lines)
@@ -104,13 +129,65 @@ async def run(ctx: DeploymentContext, record: DeploymentRecord) -> None:
 
 
 async def build(ctx: DeploymentContext, record: DeploymentRecord) -> Artifact:
+    """Wait for a build slot (a ``queued`` stage with its position while all are taken), then
+    build (the ``build`` stage)."""
+    queued: Stage | None = None
+
+    async def on_position(position: int) -> None:
+        nonlocal queued
+        if queued is None:
+            queued = await enter_queue(ctx, position)
+        else:
+            queued.detail["position"] = position
+            await ctx.save()
+
+    slots = ctx.deps.build_slots
+    async with slots.slot(record.id, submitted=record.created_ts, on_position=on_position):
+        if queued is not None:
+            await stages.end(ctx, queued, "succeeded")
+        return await _build(ctx, record)
+
+
+async def enter_queue(ctx: DeploymentContext, position: int) -> Stage:
+    """The running ``queued`` stage at ``position`` (resumed after a restart: the same one).
+
+    A build that a restart interrupted is over: its stage ends ``skipped`` (the build runs
+    again, from the start, once this deployment has a slot)."""
+    last = ctx.record.stages[-1] if ctx.record.stages else None
+    if last is not None and last.name == "build" and last.status == "running":
+        await stages.end(
+            ctx, last, "skipped", interrupted="the control plane restarted during this build"
+        )
+    log_event(log, "build.queued", deployment_id=ctx.id, position=position)
+    queued = await stages.start(ctx, "queued", position=position)
+    if queued.detail.get("position") != position:
+        queued.detail["position"] = position
+        await ctx.save()
+    return queued
+
+
+def leave_queue(record: Record, now: float, why: str) -> None:
+    """End a ``queued`` stage still running (an abort took the deployment out of the queue);
+    the caller saves the record."""
+    for st in record.stages:
+        if st.name == "queued" and st.status == "running":
+            st.status = "skipped"
+            st.finished_at = utc(now)
+            st.duration_ms = int((now - st.started_ts) * 1000)
+            st.detail["left"] = why
+
+
+async def _build(ctx: DeploymentContext, record: DeploymentRecord) -> Artifact:
     request = record.request
     await ctx.set_status(DeploymentStatus.BUILDING)
     async with stage(ctx, "build", audit="build") as st:
-        sink = BuildLogSink(ctx.deps.build_log_path(record.id))
+        limit = ctx.deps.max_build_log_bytes
+        sink = BuildLogSink(ctx.deps.build_log_path(record.id), max_bytes=limit)
         try:
+            if ctx.deps.source_policy is not None:  # the list may have narrowed since submit
+                ctx.deps.source_policy.check(request.source.repository)
             artifact = await ctx.deps.builder.build(
-                BuildRequest(request.source, sink, no_cache=request.rebuild)
+                BuildRequest(request.source, sink, no_cache=request.rebuild, max_log_bytes=limit)
             )
         except ShipyardError as exc:
             st.fail(exc.message, audit={"error": exc.message}, log_tail=sink.tail())
@@ -124,6 +201,7 @@ async def build(ctx: DeploymentContext, record: DeploymentRecord) -> Artifact:
             builder=artifact.builder,
             cache_hit=artifact.cache.artifact_hit,
             log_path=str(artifact.log_path) if artifact.log_path else None,
+            log_truncated=sink.truncated or None,
         )
     await ctx.audit(
         "build.succeeded",

@@ -109,7 +109,7 @@ async def start(ctx: DeploymentContext, name: str, **detail: object) -> Stage:
 async def end(
     ctx: DeploymentContext,
     record: Stage,
-    status: Literal["succeeded", "failed"],
+    status: Literal["succeeded", "failed", "skipped"],
     **detail: object,
 ) -> None:
     now = ctx.clock.now()
