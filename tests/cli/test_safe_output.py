@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -75,7 +76,7 @@ def _api(routes: dict[str, Callable[[httpx.Request], httpx.Response]]) -> type[A
         return routes[request.url.path](request)
 
     class MockedClient(ApiClient):
-        def __init__(self, server: str, token: str) -> None:
+        def __init__(self, server: str, token: str, ca_cert: Path | None = None) -> None:
             self._c = httpx.Client(base_url=server, transport=httpx.MockTransport(handler))
 
     return MockedClient

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -60,11 +60,17 @@ Mode = Literal["overlay", "direct"]
 _CHECK_DIR = ".overlay-check"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel says is free now (the app binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_port(host: str = "127.0.0.1", taken: Collection[int] = ()) -> int:
+    """A port the kernel says is free now (the app binds it a moment later) and not in
+    ``taken``: the kernel hands a just-released port out again, so two replicas started in a
+    row could both be given the port the first has not bound yet."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in taken:
+            return port
+    raise RevisionStartFailed("no free port found for the replica after 100 tries")
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,10 @@ class Supervisor:
         self.replicas: dict[str, Replica] = {}
         self._counter = 0
 
+    def _ports(self) -> set[int]:
+        """Ports given to this supervisor's replicas (some not bound yet)."""
+        return {r.port for r in self.replicas.values()}
+
     def of_revision(self, service: str, revision: str) -> list[Replica]:
         return [
             r
@@ -307,7 +317,7 @@ class Supervisor:
         replica = Replica(
             replica_id,
             spec,
-            free_port(),
+            free_port(taken=self._ports()),
             log_dir / f"{replica_id}.log",
             self._run_dir / replica_id,
             mode=await self.mode(),
@@ -477,7 +487,7 @@ class Supervisor:
         replica.restarts += 1
         replica.last_exit_code = replica.exit_code
         replica.exit_code = None
-        replica.port = free_port()
+        replica.port = free_port(taken=self._ports())
         replica.state = "starting"
         try:
             await self._spawn(replica)
