@@ -5,18 +5,20 @@ deadline, and looking at processes from the outside."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
+from shipyard.agent.server import Agent, build_app
 from shipyard.build.digest import digest_tree
 from shipyard.runtime.base import RevisionSpec
 from shipyard.security import signing
@@ -189,3 +191,27 @@ class StartCounter:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def agent_client(a: Agent) -> httpx.AsyncClient:
+    """An in-process client of ``a``'s API, authenticated with its token."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=build_app(a)),
+        base_url="http://agent",
+        headers={"authorization": f"Bearer {a.token}"},
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    data_dir: Path, **options: Any
+) -> AsyncIterator[tuple[Agent, httpx.AsyncClient]]:
+    """An ``Agent`` for region ``local`` trusting the test key, with its client; both closed
+    at the end. ``options`` go to ``Agent`` (``restart=``, ...)."""
+    a = Agent(data_dir, "local", trusted_key=TRUSTED_KEY, **options)
+    client = agent_client(a)
+    try:
+        yield a, client
+    finally:
+        await client.aclose()
+        await a.close()

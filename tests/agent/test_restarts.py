@@ -19,17 +19,19 @@ from typing import Any
 import httpx
 import pytest
 
-from shipyard.agent.server import Agent, build_app
+from shipyard.agent.server import Agent
 from shipyard.agent.supervisor import Replica, RestartPolicy, Supervisor
 from shipyard.runtime.base import RevisionSpec
 from tests.agent.helpers import (
     TRUSTED_KEY,
     StartCounter,
+    agent_client,
     app_host_pid,
     eventually,
     get_info,
     make_artifact,
     process_gone,
+    running_agent,
     spec_for,
     wait_gone_blocking,
 )
@@ -66,21 +68,8 @@ def test_backoff_doubles_is_capped_and_resets(
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[tuple[Agent, httpx.AsyncClient]]:
-    a = Agent(tmp_path / "data", "local", restart=FAST, trusted_key=TRUSTED_KEY)
-    client = _client(a)
-    try:
-        yield a, client
-    finally:
-        await client.aclose()
-        await a.close()
-
-
-def _client(a: Agent) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=build_app(a)),
-        base_url="http://agent",
-        headers={"authorization": f"Bearer {a.token}"},
-    )
+    async with running_agent(tmp_path / "data", restart=FAST) as pair:
+        yield pair
 
 
 async def _start(
@@ -196,7 +185,7 @@ async def test_a_restarted_replica_that_fails_its_readiness_probe_gets_no_traffi
     policy = RestartPolicy(initial_delay=0.05, max_delay=0.05, ready_timeout=0.3)
     counter = StartCounter()
     a = Agent(tmp_path / "data", "local", restart=policy, trusted_key=TRUSTED_KEY)
-    client = _client(a)
+    client = agent_client(a)
     spec = spec_for(
         make_artifact(tmp_path, "v1"),
         health_endpoint="/health",
@@ -231,7 +220,7 @@ async def test_state_json_keeps_a_replica_in_backoff_and_a_new_agent_restores_it
     tmp_path: Path,
 ) -> None:
     a = Agent(tmp_path / "data", "local", restart=NEVER, trusted_key=TRUSTED_KEY)
-    client = _client(a)
+    client = agent_client(a)
     spec = spec_for(make_artifact(tmp_path, "v1"), health_endpoint="/health")
     try:
         before = await _start(client, spec, routable=True)

@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
-from shipyard.agent.server import Agent, build_app
+from shipyard.agent.server import Agent
 from shipyard.routing.limits import RouterLimits
-from tests.agent.helpers import TRUSTED_KEY, eventually, make_artifact, spec_for
+from tests.agent.helpers import TRUSTED_KEY, eventually, make_artifact, running_agent, spec_for
 
 FLOOD = 1100
 PER_SERVICE = 500
@@ -175,17 +175,8 @@ async def test_a_thousand_idle_sockets_on_one_service_leave_the_rest_answering(
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[tuple[Agent, httpx.AsyncClient]]:
-    a = Agent(tmp_path / "data", "local", trusted_key=TRUSTED_KEY)
-    client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=build_app(a)),
-        base_url="http://agent",
-        headers={"authorization": f"Bearer {a.token}"},
-    )
-    try:
-        yield a, client
-    finally:
-        await client.aclose()
-        await a.close()
+    async with running_agent(tmp_path / "data") as pair:
+        yield pair
 
 
 async def test_a_service_gets_its_own_limits_and_keeps_them_across_restarts(

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shipyard.agent.server import Agent, build_app
+from shipyard.agent.server import Agent
 from shipyard.runtime.base import RevisionSpec
-from tests.agent.helpers import TRUSTED_KEY, sign
+from tests.agent.helpers import running_agent, sign
 
 
 def artifact(tmp: Path, version: str) -> Path:
@@ -28,17 +28,8 @@ def artifact(tmp: Path, version: str) -> Path:
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[tuple[Agent, httpx.AsyncClient]]:
-    a = Agent(tmp_path / "data", "local", trusted_key=TRUSTED_KEY)
-    client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=build_app(a)),
-        base_url="http://agent",
-        headers={"authorization": f"Bearer {a.token}"},
-    )
-    try:
-        yield a, client
-    finally:
-        await client.aclose()
-        await a.close()
+    async with running_agent(tmp_path / "data") as pair:
+        yield pair
 
 
 async def start(client: httpx.AsyncClient, tmp: Path, revision: str) -> None:

@@ -14,17 +14,19 @@ from typing import Any
 import httpx
 import pytest
 
-from shipyard.agent.server import Agent, build_app
+from shipyard.agent.server import Agent
 from shipyard.agent.verify import ArtifactVerifier
 from shipyard.errors import ArtifactVerificationFailed
 from shipyard.runtime.base import RevisionSpec
 from shipyard.security import signing
 from tests.agent.helpers import (
     TRUSTED_KEY,
+    agent_client,
     app_host_pid,
     eventually,
     get_info,
     make_artifact,
+    running_agent,
     sign,
     spec_for,
 )
@@ -32,21 +34,8 @@ from tests.agent.helpers import (
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[tuple[Agent, httpx.AsyncClient]]:
-    a = Agent(tmp_path / "data", "local", trusted_key=TRUSTED_KEY)
-    client = _client(a)
-    try:
-        yield a, client
-    finally:
-        await client.aclose()
-        await a.close()
-
-
-def _client(a: Agent) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=build_app(a)),
-        base_url="http://agent",
-        headers={"authorization": f"Bearer {a.token}"},
-    )
+    async with running_agent(tmp_path / "data") as pair:
+        yield pair
 
 
 async def _put(client: httpx.AsyncClient, spec: RevisionSpec) -> httpx.Response:
@@ -169,7 +158,7 @@ async def test_a_restored_revision_is_verified_again(tmp_path: Path) -> None:
     data = tmp_path / "data"
     first = Agent(data, "local", trusted_key=TRUSTED_KEY)
     artifacts = {v: make_artifact(tmp_path, v) for v in ("v1", "v2")}
-    async with _client(first) as client:
+    async with agent_client(first) as client:
         for v, path in artifacts.items():
             r = await _put(client, spec_for(path, v))
             assert r.status_code == 200, r.text
