@@ -99,6 +99,33 @@ async def to_thread(fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
     return await asyncio.shield(call)
 
 
+#: Loop turns ``_settle`` gives a loop it cannot look into (not CPython's own loop), and the
+#: most it gives any loop: a task that reschedules itself forever must not hang the clock.
+_BLIND_TURNS = 20
+_MAX_TURNS = 10_000
+
+
+async def _settle(loop: asyncio.AbstractEventLoop) -> None:
+    """Return once nothing but the caller is runnable: every callback and task step the loop
+    has queued has run, and none has queued another.
+
+    A fixed number of turns was not enough: a rollback whose first store write came after a
+    longer chain of wake-ups (lock, condition, shield, done callbacks) let fake time jump a
+    second mid-rollback on a loaded machine (seen as ``abort_latency_ms == 1000``).
+    """
+    ready = getattr(loop, "_ready", None)  # CPython's BaseEventLoop run queue
+    if ready is None:
+        for _ in range(_BLIND_TURNS):
+            await asyncio.sleep(0)
+        return
+    quiet = 0
+    for _ in range(_MAX_TURNS):
+        await asyncio.sleep(0)
+        quiet = quiet + 1 if not ready else 0
+        if quiet >= 2:
+            return
+
+
 class FakeClock:
     """A clock that only moves when every sleeper is waiting: ``sleep`` parks the caller, and
     time jumps straight to the earliest wake-up once the event loop has nothing else to run and
@@ -144,8 +171,7 @@ class FakeClock:
             # Let every runnable task run (a few loop turns), and every thread call finish
             # (then the tasks it wakes), before jumping time forward.
             while True:
-                for _ in range(20):
-                    await asyncio.sleep(0)
+                await _settle(asyncio.get_running_loop())
                 if not work.running:
                     break
                 await work.idle.wait()
