@@ -119,6 +119,7 @@ def test_a_paused_canary_says_how_to_promote_or_abort() -> None:
     assert "verdict pass" in summary
     assert f"({tallies['passed']} passed, 1 insufficient data, 1 extension(s))" in summary
     assert "○ canary_2" in text and "○ gate_1" not in text
+    assert "#1 pass" not in text  # a passed analysis is its summary line, not its measurements
     assert watch.exit_code(dep) is None
 
 
@@ -299,6 +300,18 @@ def test_watching_a_service_follows_its_deployment_to_the_end(
     result = runner.invoke(main.app, ["status", "hello", "--watch", "--token", "t"])
     assert result.exit_code == 1, result.output
     assert result.stdout.splitlines()[-1].startswith("next: ended RolledBack")
+
+
+def test_watch_refuses_json_output_before_asking_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(main, "ApiClient", api({}))  # any request would raise KeyError
+    result = runner.invoke(
+        main.app, ["status", "hello", "--watch", "--format", "json", "--token", "t"]
+    )
+    assert result.exit_code == 2
+    assert "--watch draws a view" in result.stderr
+    assert result.stdout == ""
 
 
 def test_watch_of_an_unknown_deployment_is_an_error_before_anything_is_drawn(

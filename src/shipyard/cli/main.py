@@ -722,6 +722,8 @@ def status(
     client = _client(server, token, data_dir, "deployment:read")
     is_id = len(target) == 36 and target.count("-") == 4
     if watch:
+        if format == "json":
+            raise fail("--watch draws a view; for JSON poll `shipyard status ... --format json`")
         _watch(client, target, region, is_id=is_id, interval=interval)
     path = (
         f"/api/v1/deployments/{target}" if is_id else f"/api/v1/services/{target}?region={region}"

@@ -37,7 +37,8 @@ from shipyard.errors import InvalidInput
 Doc = Mapping[str, Any]
 
 TERMINAL = frozenset({"Success", "Failed", "RolledBack"})
-#: Measurements shown under an analysis stage in the tree (plain output prints every one).
+#: Measurements shown under a running or failed analysis stage in the tree (plain output prints
+#: every one).
 MEASUREMENTS_SHOWN = 5
 #: Exit code of a watch stopped by Ctrl-C (128 + SIGINT, as shells report it).
 INTERRUPTED = 130
@@ -346,7 +347,11 @@ def render(snapshot: Snapshot, now: datetime) -> RenderableType:
         stages = tree.add(Text("stages", style="bold"))
         for view in stage_views(dep):
             node = stages.add(_stage_label(view, now))
-            measurements = list(view.detail.get("measurements") or [])
+            # A passed analysis is summed up on its line (the tallies); the running one and a
+            # failed one list their last measurements, which say what is happening or went wrong.
+            measurements = (
+                list(view.detail.get("measurements") or []) if view.status != "succeeded" else []
+            )
             first = max(len(measurements) - MEASUREMENTS_SHOWN, 0)
             if first:
                 node.add(Text(f"... {first} earlier measurement(s)", style="dim"))
