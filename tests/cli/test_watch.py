@@ -173,6 +173,29 @@ def test_success_exits_0_and_offers_the_rollback() -> None:
         assert f"`shipyard rollback {dep['id']}` puts {dep['blue_revision']} back" in shown(doc)
 
 
+def test_a_manual_rollback_names_the_revision_it_restores() -> None:
+    doc = recorded("rolling_success")
+    done = doc["deployment"]
+    # A rollback record of that deployment, as the API shows one: it restores the revision
+    # that served before (its green) and replaces the one serving (its blue).
+    rollback = {
+        **done,
+        "kind": "rollback",
+        "strategy": {"Rollback": {"instant": True}},
+        "green_revision": done["blue_revision"],
+        "blue_revision": done["green_revision"],
+        "rollback_of": done["id"],
+        "stages": [],
+        "progress": None,
+        "status": "Switching",
+    }
+    text = shown({**doc, "deployment": rollback})
+    assert f"{done['blue_revision']} (restored)" in text
+    assert f"{done['green_revision']} (rolled back from)" in text
+    assert "rollback " in line_with(text, "hello@local") and "Rollback  Switching" in text
+    assert "next: in progress" in text and "shipyard abort" not in text
+
+
 def test_a_service_with_nothing_in_flight() -> None:
     svc = recorded("rolling_success")["service"]
     console = Console(record=True, width=400, force_terminal=True, color_system=None)

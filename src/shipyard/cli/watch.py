@@ -268,11 +268,13 @@ def _roles(deployment: Doc | None, service: Doc | None) -> dict[str, str]:
     """Each revision worth showing, newest role first: the candidate, stable, then the rest."""
     roles: dict[str, str] = {}
     if deployment is not None:
+        rollback = deployment.get("kind") == "rollback"
         canary = "Canary" in (deployment.get("strategy") or {})
-        if deployment.get("green_revision"):
-            roles[str(deployment["green_revision"])] = "canary" if canary else "new"
-        if deployment.get("blue_revision"):
-            roles.setdefault(str(deployment["blue_revision"]), "stable")
+        green, blue = deployment.get("green_revision"), deployment.get("blue_revision")
+        if green:
+            roles[str(green)] = "restored" if rollback else "canary" if canary else "new"
+        if blue:
+            roles.setdefault(str(blue), "rolled back from" if rollback else "stable")
     if service is not None:
         if service.get("serving_revision"):
             roles.setdefault(str(service["serving_revision"]), "serving")
