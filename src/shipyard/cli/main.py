@@ -3,7 +3,7 @@
     shipyard serve     control plane: API + orchestrator (starts or re-attaches to the agent)
     shipyard agent     data plane of one region: router + app supervisor
     shipyard deploy    build and roll out a repository, with live stage progress
-    shipyard status    one deployment, or a service
+    shipyard status    one deployment, or a service (--watch: live, until the deployment ends)
     shipyard history   a service's deployments
     shipyard rollback  put a service back on the revision before a deployment
     shipyard promote   let a Paused (canary gate) deployment go on
@@ -603,12 +603,25 @@ def _strategy(
     raise InvalidInput(f"--strategy must be blue-green, canary or rolling, got {kind!r}")
 
 
-def follow(client: ApiClient, deployment_id: str, *, quiet: bool = False) -> dict[str, Any]:
+def follow(
+    client: ApiClient,
+    deployment_id: str,
+    *,
+    quiet: bool = False,
+    since: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Poll a deployment, streaming its build log and printing each stage as it starts and
-    ends; returns the final document."""
+    ends; returns the final document. ``since``: the deployment as it was before the caller
+    acted on it (promote, abort): only what changes after it is printed, no stage or build log
+    line again."""
     seen: dict[tuple[str, int], str] = {}
     status = ""
     log_offset, log_open = 0, True
+    if since is not None:
+        seen = {(st["name"], i): st["status"] for i, st in enumerate(since["stages"])}
+        status = since["status"]
+        log_open = status in ("Pending", "Building")
+        log_offset = _log_end(client, deployment_id) if log_open else 0
     while True:
         doc = _check(client.request("GET", f"/api/v1/deployments/{deployment_id}"))
         if not quiet:
@@ -627,6 +640,13 @@ def follow(client: ApiClient, deployment_id: str, *, quiet: bool = False) -> dic
                 _print_outcome(doc)
             return dict(doc)
         time.sleep(0.2)
+
+
+def _log_end(client: ApiClient, deployment_id: str) -> int:
+    """Where the build log ends now: the API answers an offset past the end with the end."""
+    resp = client.request("GET", f"/api/v1/deployments/{deployment_id}/logs",
+                          params={"offset": 2**62})  # fmt: skip
+    return int(resp.json()["offset"]) if resp.status_code == 200 else 0
 
 
 def _print_build_log(client: ApiClient, deployment_id: str, offset: int) -> tuple[int, bool]:
@@ -686,10 +706,25 @@ def status(
     token: Token = None,
     data_dir: OptDataDir = None,
     format: Format = "table",
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="Follow it live until the deployment ends (exit 1 unless it ends Success).",
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.2, max=60, help="--watch: seconds between refreshes.")
+    ] = 1.0,
 ) -> None:
     """Show a deployment (stages, durations, error) or a service (revision, weights, replicas)."""
     client = _client(server, token, data_dir, "deployment:read")
     is_id = len(target) == 36 and target.count("-") == 4
+    if watch:
+        if format == "json":
+            raise fail("--watch draws a view; for JSON poll `shipyard status ... --format json`")
+        _watch(client, target, region, is_id=is_id, interval=interval)
     path = (
         f"/api/v1/deployments/{target}" if is_id else f"/api/v1/services/{target}?region={region}"
     )
@@ -730,6 +765,17 @@ def status(
     out.print(table)
     for warning in doc.get("warnings", []):
         err.print(f"[yellow]warning:[/yellow] {shown(warning)}")
+
+
+def _watch(client: ApiClient, target: str, region: str, *, is_id: bool, interval: float) -> None:
+    """``status --watch``: the live view of ``cli/watch.py``; exits with its code."""
+    from shipyard.cli import watch
+
+    try:
+        code = watch.watch(client, target, region, is_id=is_id, interval=interval, console=out)
+    except watch.WatchError as exc:
+        raise fail(exc.message, exc.code) from exc
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -778,11 +824,27 @@ def rollback(
     _follow_and_exit(client, accepted["deployment_id"], wait, success="Success")
 
 
-def _follow_and_exit(client: ApiClient, deployment_id: str, wait: bool, *, success: str) -> None:
-    """With ``wait``, follow the deployment to its end; exit 0 only if it ends ``success``."""
+def _follow_and_exit(
+    client: ApiClient,
+    deployment_id: str,
+    wait: bool,
+    *,
+    success: str,
+    since: dict[str, Any] | None = None,
+) -> None:
+    """With ``wait``, follow the deployment to its end (from ``since``, see ``follow``); exit 0
+    only if it ends ``success``."""
     if wait:
-        final = follow(client, deployment_id)
+        final = follow(client, deployment_id, since=since)
         raise typer.Exit(0 if final["status"] == success else 1)
+
+
+def _current(client: ApiClient, deployment_id: str, wait: bool) -> dict[str, Any] | None:
+    """The deployment before promote/abort acts (what following it then leaves out)."""
+    if not wait:
+        return None
+    doc: dict[str, Any] = _check(client.request("GET", f"/api/v1/deployments/{deployment_id}"))
+    return doc
 
 
 @app.command()
@@ -795,9 +857,10 @@ def promote(
 ) -> None:
     """Let a Paused deployment (a canary stage's gate, or an analysis waiting for a human) go on."""
     client = _client(server, token, data_dir, "deployment:create", "deployment:read")
+    before = _current(client, deployment_id, wait)
     _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/promote"))
     err.print(f"promoted [bold]{shown(deployment_id)}[/bold]")
-    _follow_and_exit(client, deployment_id, wait, success="Success")
+    _follow_and_exit(client, deployment_id, wait, success="Success", since=before)
 
 
 @app.command()
@@ -810,9 +873,10 @@ def abort(
 ) -> None:
     """Abort a deployment in flight: the candidate's weight goes to 0 now, then it rolls back."""
     client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
+    before = _current(client, deployment_id, wait)
     _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/abort"))
     err.print(f"aborting [bold]{shown(deployment_id)}[/bold]")
-    _follow_and_exit(client, deployment_id, wait, success="RolledBack")
+    _follow_and_exit(client, deployment_id, wait, success="RolledBack", since=before)
 
 
 @app.command()

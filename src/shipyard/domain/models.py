@@ -445,6 +445,36 @@ class DeploymentResult(ReadModel):
     metrics: DeploymentMetrics
 
 
+class PlannedStep(ReadModel):
+    """One step of a deployment's plan as the API shows it: its type (``strategies/steps.py``),
+    its stage name, and the fields that type has (a canary stage's ``weight``, a ``SetWeight``'s
+    ``candidate`` percent, an ``Analyse`` step's resolved ``policy``, ...)."""
+
+    type: str
+    name: str
+    seconds: float | None = None
+    stage: int | None = None
+    weight: int | None = None
+    candidate: int | None = None
+    replicas: int | None = None
+    policy: dict[str, Any] | None = None
+
+
+class PlanRead(ReadModel):
+    steps: list[PlannedStep] = Field(default_factory=list)
+
+
+class DeploymentProgress(ReadModel):
+    """Where a deployment stands in its plan: what ``shipyard status --watch`` shows as the
+    stages still to come, and why it is paused. Read from the record's ``progress``."""
+
+    phase: Literal["build", "steps"] = "build"
+    plan: PlanRead | None = Field(default=None, description="None until pre-flight planned it.")
+    step: int = Field(default=0, description="Index in plan.steps of the step running (or next).")
+    paused: str | None = Field(default=None, description="Why it waits for a human (Paused).")
+    rolling_back: bool = False
+
+
 class Deployment(ReadModel):
     """The deployment resource (``GET /api/v1/deployments/{id}``)."""
 
@@ -469,6 +499,7 @@ class Deployment(ReadModel):
     error: dict[str, Any] | None = None
     result: DeploymentResult | None = None
     metrics: DeploymentMetrics = Field(default_factory=DeploymentMetrics)
+    progress: DeploymentProgress | None = None
 
 
 def utcnow() -> datetime:

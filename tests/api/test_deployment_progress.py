@@ -1,0 +1,71 @@
+"""``progress`` in the deployment resource: the plan, the step it is at and why it is paused,
+which ``shipyard status --watch`` shows as the stages still to come and the next action."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shipyard.api.app import create_app
+from tests.api.test_api import Harness, _status, body, canary_body
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+@pytest.fixture
+async def client(h: Harness) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(h.settings, context_factory=h.context)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shipyard") as c:
+            yield c
+
+
+async def test_a_paused_canary_shows_its_plan_step_and_why(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
+    await client.post("/api/v1/deploy?wait=true", json=body("aaaa"), headers=h.headers())
+    dep = (
+        await client.post("/api/v1/deploy", json=canary_body("bbbb"), headers=h.headers())
+    ).json()
+    paused = await _status(client, h, dep["deployment_id"], "Paused")
+    progress = paused["progress"]
+    steps = progress["plan"]["steps"]
+    assert [s["type"] for s in steps] == [
+        "StartCandidate",
+        "AwaitHealthy",
+        "SetWeight",
+        "Analyse",
+        "AwaitPromotion",
+        "SetWeight",
+        "KeepWarm",
+    ]
+    assert steps[2]["candidate"] == 20 and steps[5]["candidate"] == 100
+    analyse = steps[3]
+    assert (analyse["stage"], analyse["weight"]) == (1, 20)
+    assert analyse["policy"]["min_requests"] >= 1
+    assert steps[progress["step"]]["name"] == "gate_1" == paused["stages"][-1]["name"]
+    assert progress["paused"] == "stage 1 gate"
+    assert progress["phase"] == "steps" and progress["rolling_back"] is False
+    r = await client.post(
+        f"/api/v1/deployments/{dep['deployment_id']}/promote", headers=h.headers()
+    )
+    assert r.status_code == 202, r.text
+    done = await _status(client, h, dep["deployment_id"], "Success")
+    assert done["progress"]["paused"] is None
+
+
+async def test_a_deployment_in_the_list_carries_its_progress_too(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
+    await client.post("/api/v1/deploy?wait=true", json=body("aaaa"), headers=h.headers())
+    listing = (await client.get("/api/v1/deployments?service=api", headers=h.headers())).json()
+    [doc] = listing["deployments"]
+    names = [s["name"] for s in doc["progress"]["plan"]["steps"]]
+    assert names[:2] == ["start", "health_check"]
