@@ -72,7 +72,8 @@ class LoadStats:
     sent: int = 0
     answered: int = 0
     status_5xx: int = 0
-    #: No complete answer: the connection broke or REQUEST_TIMEOUT passed.
+    #: No complete answer: the connection broke, REQUEST_TIMEOUT passed, or ``stop`` cut it.
+    #: ``sent == answered + failed`` once the load has stopped.
     failed: int = 0
     #: Slots not sent: every connection busy, or the ticker was late.
     missed: int = 0
@@ -224,7 +225,8 @@ class LoadRun:
             if conn is not None:
                 conn.close()
             return
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # cut by ``stop``: no answer, so it counts as failed
+            self.stats.failed += 1
             if conn is not None:
                 conn.close()
             raise
