@@ -157,3 +157,25 @@ async def test_the_agent_api_drives_renews_and_stops_a_load(tmp_path: Path) -> N
             assert agent.loads == {}
     finally:
         await canary.stop()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param("/chunked", id="chunked"),
+        pytest.param("/close-delimited", id="close-delimited"),
+        pytest.param("/big/300000", id="large-body"),
+        pytest.param("/status/204", id="no-body"),
+    ],
+)
+async def test_every_response_framing_is_read_to_its_end(
+    pair: tuple[ServiceProxy, Upstream, Upstream], path: str
+) -> None:
+    proxy, _, _ = pair
+    run = LoadRun(proxy, LoadSpec("canary", 200, path), host="x", lease_seconds=60)
+    await until(lambda: run.stats.answered >= 20, f"20 answers for {path}")
+    assert run.stats.failed == 0  # nothing misread so far: every answer was framed right
+    stats = await run.stop()
+    settled(stats)
+    assert stats.status_5xx == 0
+    assert proxy.metrics()["canary"].responses >= stats.answered
