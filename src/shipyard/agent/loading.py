@@ -168,13 +168,15 @@ class LoadRun:
         self.renew(lease_seconds)
         self._idle: list[_Connection] = []
         self._inflight: set[asyncio.Task[None]] = set()
+        self._halted = False
+        self._closing: asyncio.Task[LoadStats] | None = None
         self._ticker = self._loop.create_task(
             self._tick(), name=f"shipyard-load-{proxy.service}-{spec.revision}"
         )
 
     @property
     def running(self) -> bool:
-        return not self._ticker.done()
+        return not self._halted and not self._ticker.done()
 
     async def ended(self) -> None:
         """Wait until the lease runs out (or ``stop``); requests may still be in flight."""
@@ -196,9 +198,21 @@ class LoadRun:
             **self.stats.to_dict(),
         }
 
-    async def stop(self) -> LoadStats:
-        """Stop sending; requests in flight get ``STOP_GRACE_SECONDS``, then are cut."""
+    def halt(self) -> asyncio.Task[LoadStats]:
+        """Stop sending now, without waiting: the agent answers ``DELETE .../load`` at once, so
+        a failed analysis's rollback is not held up. Requests in flight get
+        ``STOP_GRACE_SECONDS`` to finish in the returned task, then are cut. Idempotent."""
+        self._halted = True
         self._ticker.cancel()
+        if self._closing is None:
+            self._closing = self._loop.create_task(self._close())
+        return self._closing
+
+    async def stop(self) -> LoadStats:
+        """``halt``, and wait until every request has finished or been cut."""
+        return await self.halt()
+
+    async def _close(self) -> LoadStats:
         with contextlib.suppress(asyncio.CancelledError):
             await self._ticker
         if self._inflight:

@@ -44,7 +44,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from shipyard.agent.loading import MAX_LEASE_SECONDS, LoadRun, LoadSpec
+from shipyard.agent.loading import MAX_LEASE_SECONDS, LoadRun, LoadSpec, LoadStats
 from shipyard.agent.supervisor import (
     Isolation,
     Replica,
@@ -164,6 +164,7 @@ class Agent:
         self.routes: dict[str, ServiceRoute] = {}
         #: The built-in load on a canary during analysis, per service (agent/loading.py).
         self.loads: dict[str, LoadRun] = {}
+        self._stopping: set[asyncio.Task[LoadStats]] = set()
         self.token = secrets.token_urlsafe(32)
         self.supervisor = Supervisor(
             self.dir / "logs",
@@ -388,22 +389,28 @@ class Agent:
             run.renew(lease_seconds)
             return run
         if run is not None:
-            await run.stop()
+            self.stop_load(service)
         host = self.url(route).removeprefix("http://")
         run = self.loads[service] = LoadRun(
             route.proxy, spec, host=host, lease_seconds=lease_seconds
         )
         return run
 
-    async def stop_load(self, service: str) -> LoadRun | None:
+    def stop_load(self, service: str) -> LoadRun | None:
+        """Stop ``service``'s load at once; its requests in flight finish in the background
+        (``_stopping``), so the caller (a failed analysis, about to roll back) never waits."""
         run = self.loads.pop(service, None)
         if run is not None:
-            await run.stop()
+            closing = run.halt()
+            self._stopping.add(closing)
+            closing.add_done_callback(self._stopping.discard)
         return run
 
     async def close(self) -> None:
         for service in list(self.loads):
-            await self.stop_load(service)
+            self.stop_load(service)
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
         await self.supervisor.stop_all()
         for route in self.routes.values():
             await route.proxy.close()
@@ -443,7 +450,7 @@ def build_app(agent: Agent) -> FastAPI:
 
     @app.delete("/v1/services/{service}")
     async def remove(service: str) -> dict[str, Any]:
-        await agent.stop_load(service)
+        agent.stop_load(service)
         for r in agent.supervisor.of_service(service):
             await agent.supervisor.stop(r)
         route = agent.routes.pop(service, None)
@@ -528,7 +535,7 @@ def build_app(agent: Agent) -> FastAPI:
 
     @app.delete("/v1/services/{service}/load")
     async def unload(service: str) -> dict[str, Any]:
-        run = await agent.stop_load(service)
+        run = agent.stop_load(service)
         return {"load": None if run is None else run.describe()}
 
     @app.get("/v1/services/{service}/metrics")
