@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shipyard.analysis.policy import AnalysisPolicy
+from shipyard.analysis.policy import AnalysisPolicy, LoadPolicy
 from shipyard.analysis.verdicts import (
     AnalysisRun,
     CountersReset,
@@ -37,7 +37,13 @@ POLICY = AnalysisPolicy(min_success_rate=0.99, max_p99_latency_ms=100, min_reque
         (traffic("c", 100), None, POLICY, Verdict.PASS, ""),
         (traffic("c", 90, 10), None, POLICY, Verdict.FAIL, "success rate 0.9000"),
         (traffic("c", 100, latency_s=0.4), None, POLICY, Verdict.FAIL, "p99"),
-        (traffic("c", 10), None, POLICY, Verdict.INSUFFICIENT_DATA, "10 responses"),
+        (
+            traffic("c", 10),
+            None,
+            POLICY,
+            Verdict.INSUFFICIENT_DATA,
+            "10 requests seen, 50 needed (min_requests)",
+        ),
         (None, None, POLICY, Verdict.ERROR, "no metrics"),
         (
             traffic("c", 100),
@@ -189,3 +195,81 @@ def test_policy_resolution_and_round_trip() -> None:
     )
     assert (p.min_requests, p.insufficient_data, p.failure_limit) == (7, "pause", 0)
     assert AnalysisPolicy.from_dict(p.to_dict()) == p
+
+
+LOAD = LoadPolicy(rps=20, path="/ping")
+
+
+@pytest.mark.parametrize(
+    ("policy", "sequence", "deadline", "outcome", "says"),
+    [
+        pytest.param(
+            AnalysisPolicy(min_requests=50, interval_seconds=10, max_extensions=1),
+            [traffic("c", 3)] * 3,
+            1,
+            Outcome.FAILED,
+            [
+                "insufficient data: 3 requests seen, 50 needed (min_requests), still after 1 "
+                "extension(s) of 10 s (max_extensions)",
+                "needs 50 requests per 10 s window",
+                "[analysis] load = { rps = 10 }",
+                "lower min_requests",
+            ],
+            id="extend-exhausted-suggests-a-load",
+        ),
+        pytest.param(
+            AnalysisPolicy(min_requests=20, interval_seconds=30, insufficient_data="pause"),
+            [traffic("c", 0)],
+            0,
+            Outcome.PAUSED,
+            [
+                "insufficient data: 0 requests seen, 20 needed (min_requests) (policy: pause)",
+                "[analysis] load = { rps = 2 }",
+            ],
+            id="pause-says-seen-and-needed",
+        ),
+        pytest.param(
+            AnalysisPolicy(min_requests=20, insufficient_data="fail", load=LOAD),
+            [traffic("c", 7)],
+            0,
+            Outcome.FAILED,
+            [
+                "7 requests seen, 20 needed (min_requests) (policy: fail)",
+                "the built-in load (20 rps to /ping) did not get 20 answers per 10 s window",
+            ],
+            id="with-a-load-asks-whether-the-canary-answers",
+        ),
+    ],
+)
+def test_insufficient_data_verdicts_say_seen_needed_and_what_to_do(
+    policy: AnalysisPolicy,
+    sequence: list[RevisionMetrics],
+    deadline: int,
+    outcome: Outcome,
+    says: list[str],
+) -> None:
+    run = AnalysisRun(policy)
+    decisions = [
+        run.record(judge(m, None, policy), at_deadline=i >= deadline)
+        for i, m in enumerate(sequence)
+    ]
+    assert decisions[-1].outcome is outcome
+    for text in says:
+        assert text in decisions[-1].reason
+    measured = judge(sequence[-1], None, policy).to_dict()
+    assert (measured["requests"], measured["needed"]) == (
+        sequence[-1].responses,
+        policy.min_requests,
+    )
+
+
+def test_load_settings_resolve_and_round_trip() -> None:
+    from shipyard.domain.models import AnalysisSettings, LoadSettings
+
+    p = AnalysisPolicy.resolve(
+        AnalysisSettings(load=LoadSettings(rps=5)),
+        AnalysisSettings(min_requests=7, load=LoadSettings(rps=20, path="/ping")),
+    )
+    assert p.load == LOAD
+    assert AnalysisPolicy.from_dict(p.to_dict()) == p
+    assert AnalysisPolicy.resolve(AnalysisSettings(min_requests=7)).load is None

@@ -34,9 +34,10 @@ from shipyard.errors import (
     ArtifactVerificationFailed,
     InvalidInput,
     RevisionStartFailed,
+    ShipyardError,
     TrafficSwitchFailed,
 )
-from shipyard.runtime.base import ReplicaStatus, RevisionSpec, Runtime, StickyKey
+from shipyard.runtime.base import LoadDriver, ReplicaStatus, RevisionSpec, Runtime, StickyKey
 from shipyard.runtime.fake import FakeExchange, FakeRuntime
 from shipyard.runtime.local import LocalRuntime, read_agent_info
 from shipyard.security.signing import Ed25519Signer
@@ -494,6 +495,31 @@ async def test_requests_are_counted_per_revision(harness: Harness) -> None:
     assert (await held.release()).status == 200
     after = (await harness.runtime.router.metrics(SERVICE))["v1"]
     assert (after["requests"], after["status_2xx"], after["inflight"]) == (7, 4, 0)
+
+
+async def test_the_built_in_load_reaches_only_its_revision_until_stopped(
+    harness: Harness,
+) -> None:
+    await serve(harness, {"v2": 20, "v1": 80})
+    router = harness.runtime.router
+    assert isinstance(router, LoadDriver)
+    started = await router.drive_load(SERVICE, "v2", 100, "/", lease_seconds=30)
+    assert (started["revision"], started["rps"], started["path"]) == ("v2", 100, "/")
+
+    async def counted() -> int | None:
+        m = await router.metrics(SERVICE)
+        n = int(m.get("v2", {}).get("requests", 0))
+        return n if n >= 20 else None
+
+    await eventually(counted, what="20 load requests counted for v2")
+    stopped = await router.stop_load(SERVICE)
+    assert stopped is not None
+    assert (stopped["revision"], stopped["running"]) == ("v2", False)
+    assert await router.stop_load(SERVICE) is None  # idempotent
+    m = await router.metrics(SERVICE)
+    assert m.get("v1", {}).get("requests", 0) == 0  # stable got none of it
+    with pytest.raises(ShipyardError):
+        await router.drive_load("nothere", "v2", 10, "/", lease_seconds=30)
 
 
 # --- routable, draining ------------------------------------------------------------------------

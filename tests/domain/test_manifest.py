@@ -73,3 +73,41 @@ def test_invalid_manifests_name_the_field(text: str, needle: str) -> None:
 def test_missing_manifest(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="not found"):
         load_manifest(tmp_path)
+
+
+BASE = '[service]\nname = "hello"\n[run]\ncommand = "python3 app.py"\n[analysis]\n'
+
+
+@pytest.mark.parametrize(
+    ("load", "rps", "path"),
+    [
+        pytest.param('load = { rps = 20, path = "/" }', 20, "/", id="readme-example"),
+        pytest.param("load = { rps = 0.5 }", 0.5, "/", id="path-defaults-to-root"),
+        pytest.param('load = { rps = 1000, path = "/ping?from=load" }', 1000, "/ping?from=load",
+                     id="at-the-ceiling-with-a-query"),
+    ],
+)  # fmt: skip
+def test_analysis_load_is_accepted(load: str, rps: float, path: str) -> None:
+    m = parse_manifest(BASE + load + "\n")
+    assert m.analysis.load is not None
+    assert (m.analysis.load.rps, m.analysis.load.path) == (rps, path)
+
+
+@pytest.mark.parametrize(
+    ("load", "needle"),
+    [
+        pytest.param("load = { rps = 1001 }", "analysis.load.rps", id="above-1000-rps"),
+        pytest.param("load = { rps = 0 }", "analysis.load.rps", id="zero-rps"),
+        pytest.param("load = { rps = -5 }", "analysis.load.rps", id="negative-rps"),
+        pytest.param('load = { path = "/" }', "analysis.load.rps", id="rps-required"),
+        pytest.param('load = { rps = 5, path = "http://evil.example/" }', "analysis.load.path",
+                     id="absolute-url-refused"),
+        pytest.param('load = { rps = 5, path = "ping" }', "analysis.load.path", id="relative"),
+        pytest.param('load = { rps = 5, path = "/a b" }', "analysis.load.path", id="space"),
+        pytest.param('load = { rps = 5, host = "evil.example" }', "analysis.load.host",
+                     id="no-host-field"),
+    ],
+)  # fmt: skip
+def test_analysis_load_bad_input_names_the_field(load: str, needle: str) -> None:
+    with pytest.raises(ManifestError, match=needle.replace(".", r"\.")):
+        parse_manifest(BASE + load + "\n")

@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from shipyard.build.base import Artifact
 from shipyard.cli.security import security_app
+from shipyard.domain.manifest import parse_manifest
+from shipyard.errors import SecurityScanFailed
+from shipyard.security.gate import SecurityGate
 
 from .conftest import WriteDb, advisory, artifact_tree
 
@@ -159,3 +163,131 @@ def test_vulndb_on_the_pypa_database(pypa_db_path: Path) -> None:
     assert data["withdrawn"] == 10
     assert data["problems"] == []
     assert data["ecosystems"] == {"PyPI": data["packages"]}
+
+
+def test_scan_shows_non_blocking_findings_and_why(tmp_path: Path, pypa_db_path: Path) -> None:
+    req = requirements(tmp_path, "urllib3==2.0.5\n")
+    result = runner.invoke(security_app, ["scan", str(req), "--db", str(pypa_db_path)])
+    assert result.exit_code == 0, result.output  # high: reported, not blocking by default
+    assert "PYSEC-2023-192" in result.output
+    assert "does not block: high is below the blocking threshold (policy blocks critical)" in (
+        result.output
+    )
+    assert "Policy: built-in default: blocks critical" in result.output
+    assert "passes" in result.output
+
+
+def test_requirements_scan_says_it_saw_direct_pins_only(tmp_path: Path, pypa_db_path: Path) -> None:
+    req = requirements(tmp_path, "flask>=2\nrequests==2.32.3\n")
+    result = runner.invoke(security_app, ["scan", str(req), "--db", str(pypa_db_path)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # the note wraps at the terminal width
+    assert "(requirements, direct pins only)" in text
+    assert f"Only the pinned direct dependencies of {req} were scanned" in text
+    assert "pip install --dry-run --ignore-installed --report report.json -r FILE" in text
+    data = json.loads(
+        runner.invoke(
+            security_app, ["scan", str(req), "--db", str(pypa_db_path), "--format", "json"]
+        ).output
+    )
+    assert data["resolved"] is False
+    assert "shipyard scan report.json" in data["note"]
+
+
+def test_pip_report_scans_transitive_dependencies(tmp_path: Path, pypa_db_path: Path) -> None:
+    # What `pip install --dry-run --ignore-installed --report` answers for `flask==2.2.2`:
+    # werkzeug is only a dependency, and its version has advisories.
+    report = tmp_path / "report.json"
+    report.write_text(
+        json.dumps(
+            {
+                "version": "1",
+                "install": [
+                    {"metadata": {"name": "Flask", "version": "2.2.2"}, "requested": True},
+                    {"metadata": {"name": "Werkzeug", "version": "2.2.2"}, "requested": False},
+                ],
+            }
+        )
+    )
+    result = runner.invoke(
+        security_app, ["scan", str(report), "--db", str(pypa_db_path), "--format", "json"]
+    )
+    data = json.loads(result.output)
+    assert (data["kind"], data["resolved"], data["note"]) == ("pip-report", True, None)
+    assert "werkzeug" in {f["package"] for f in data["findings"]}
+    assert all(f["status"] in ("block", "report") and f["why"] for f in data["findings"])
+    assert result.exit_code == (1 if data["blocked"] else 0)
+
+
+def test_shipyard_toml_beside_the_artifact_is_the_policy(
+    tmp_path: Path, pypa_db_path: Path
+) -> None:
+    root = artifact_tree(tmp_path / "artifact", {"urllib3": "2.0.5"})
+    (root / "shipyard.toml").write_text(
+        '[service]\nname = "hello"\n[security]\nblock = ["critical", "high"]\n'
+    )
+    result = runner.invoke(security_app, ["scan", str(root), "--db", str(pypa_db_path)])
+    assert result.exit_code == 1, result.output
+    assert f"Policy: {root / 'shipyard.toml'} [security]: blocks high, critical" in (
+        " ".join(result.output.split())
+    )
+    assert "BLOCKS: high is a blocking severity (policy blocks high, critical)" in result.output
+
+
+MANIFEST_TEXT = (
+    '[service]\nname = "hello"\n[build]\ncommand = "pip install -r requirements.txt -t deps"\n'
+    '[run]\ncommand = "python app.py"\n'
+)
+
+
+@pytest.mark.parametrize(
+    "security",
+    [
+        pytest.param("", id="default-policy"),
+        pytest.param('[security]\nblock = ["critical", "high"]\n', id="block-high"),
+        pytest.param("[security]\nblock = []\n", id="block-nothing"),
+        pytest.param(
+            '[security]\nblock = ["critical"]\n[[security.allow]]\nid = "CVE-2023-36281"\n'
+            'reason = "reviewed"\nexpires = 2999-01-01\n',
+            id="allow-entry",
+        ),
+    ],
+)
+async def test_scan_and_the_deploy_gate_block_the_same_findings(
+    tmp_path: Path, pypa_db_path: Path, osv_cache_dir: Path, security: str
+) -> None:
+    # langchain 0.0.170: critical advisories; urllib3 2.0.5: high; requests 2.32.3: clean.
+    root = artifact_tree(
+        tmp_path / "artifact",
+        {"langchain": "0.0.170", "urllib3": "2.0.5", "requests": "2.32.3"},
+    )
+    (root / "shipyard.toml").write_text(MANIFEST_TEXT + security)
+    artifact = Artifact(
+        digest="sha256:" + "ab" * 32,
+        kind="directory",
+        location=str(root),
+        commit="c0ffee" * 6 + "c0ff",
+        manifest=parse_manifest(MANIFEST_TEXT + security),
+        builder="local",
+        duration_ms=1,
+    )
+    gate = SecurityGate(data_dir=tmp_path / "data", db_path=pypa_db_path, cache_dir=osv_cache_dir)
+    try:
+        report = await gate.check(artifact, tmp_path / "sboms")
+    except SecurityScanFailed as exc:
+        gate_blocking = {f["advisory_id"] for f in exc.detail["findings"]}
+        gate_other = set(exc.detail["allowed"]) | set(exc.detail["reported"])
+    else:
+        gate_blocking = set()
+        gate_other = {f.advisory_id for f in report.evaluation.passed} | {
+            a.finding.advisory_id for a in report.evaluation.allowed
+        }
+    result = runner.invoke(
+        security_app, ["scan", str(root), "--db", str(pypa_db_path), "--format", "json"]
+    )
+    data = json.loads(result.output)
+    scan_blocking = {f["advisory_id"] for f in data["findings"] if f["status"] == "block"}
+    scan_other = {f["advisory_id"] for f in data["findings"] if f["status"] != "block"}
+    assert gate_other, "the artifact must have non-blocking findings under every policy here"
+    assert (scan_blocking, scan_other) == (gate_blocking, gate_other)
+    assert result.exit_code == (1 if gate_blocking else 0)

@@ -95,9 +95,67 @@ def test_environment_reads_site_packages_only(tmp_path: Path) -> None:
     site = venv / "lib/python3.11/site-packages"
     dist_info(site, "requests", "2.31.0")
     dist_info(site / "pip/_vendor", "vendored", "1.0")  # not installed in the environment
-    inv = inventory.from_path(venv)
+    inv = inventory.from_environment(venv)
     assert inv.kind == "environment"
     assert pkgs(inv) == {("requests", "2.31.0")}
+
+
+def test_scan_path_reads_a_venv_as_the_gate_reads_an_artifact(tmp_path: Path) -> None:
+    # `shipyard scan DIR` must see what the deploy gate sees in the same directory (from_tree),
+    # vendored copies included: they are installed code too.
+    venv = tmp_path / "venv"
+    (venv / "pyvenv.cfg").parent.mkdir()
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    site = venv / "lib/python3.11/site-packages"
+    dist_info(site, "requests", "2.31.0")
+    dist_info(site / "setuptools/_vendor", "packaging", "24.2")
+    inv = inventory.from_path(venv)
+    assert inv == inventory.from_tree(venv)
+    assert pkgs(inv) == {("requests", "2.31.0"), ("packaging", "24.2")}
+    assert inv.resolved
+
+
+def test_pip_report_is_the_resolved_set(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    report.write_text(
+        json.dumps(
+            {
+                "version": "1",
+                "install": [
+                    {"metadata": {"name": "Flask", "version": "2.2.2"}, "requested": True},
+                    {"metadata": {"name": "Werkzeug", "version": "2.2.2"}, "requested": False},
+                    {
+                        "metadata": {"name": "myapp", "version": "0.1"},
+                        "download_info": {"url": "file:///src", "dir_info": {}},
+                    },
+                    {"metadata": {"name": "broken"}},
+                ],
+            }
+        )
+    )
+    inv = inventory.from_path(report)
+    assert (inv.kind, inv.resolved) == ("pip-report", True)
+    assert pkgs(inv) == {("flask", "2.2.2"), ("werkzeug", "2.2.2")}
+    assert [s.reason for s in inv.skipped] == [
+        "myapp: local directory, not a released distribution",
+        "entry without metadata name and version",
+    ]
+
+
+def test_json_that_is_not_a_pip_report_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "package.json"
+    other.write_text('{"name": "web"}')
+    with pytest.raises(InvalidInput, match="pip installation report"):
+        inventory.from_path(other)
+
+
+def test_requirements_are_unresolved_and_lock_files_resolved(tmp_path: Path) -> None:
+    req = tmp_path / "requirements.txt"
+    req.write_text("requests==2.31.0\n")
+    lock = tmp_path / "uv.lock"
+    lock.write_text('[[package]]\nname = "requests"\nversion = "2.31.0"\n')
+    assert inventory.from_path(req).resolved is False
+    assert inventory.from_path(lock).resolved is True
 
 
 def test_environment_without_site_packages(tmp_path: Path) -> None:

@@ -248,3 +248,80 @@ def test_load_policy_errors(tmp_path: Path, name: str, text: str, message: str) 
     path.write_text(text)
     with pytest.raises(PolicyError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_policy(path)
+
+
+@pytest.mark.parametrize(
+    ("data", "severity", "status", "why"),
+    [
+        pytest.param(
+            None,
+            Severity.CRITICAL,
+            "block",
+            "critical is a blocking severity (policy blocks critical)",
+            id="default-critical-blocks",
+        ),
+        pytest.param(
+            None,
+            Severity.HIGH,
+            "report",
+            "high is below the blocking threshold (policy blocks critical)",
+            id="default-high-reported",
+        ),
+        pytest.param(
+            {"block": []},
+            Severity.CRITICAL,
+            "report",
+            "critical is below the blocking threshold (policy blocks nothing)",
+            id="block-nothing",
+        ),
+        pytest.param(
+            {"max_severity": "low"},
+            Severity.MEDIUM,
+            "block",
+            "medium is a blocking severity (policy blocks medium, high, critical)",
+            id="max-low",
+        ),
+        pytest.param(
+            None,
+            Severity.UNKNOWN,
+            "report",
+            'no usable severity; the policy reports those without blocking (unknown = "allow")',
+            id="unknown-allowed",
+        ),
+        pytest.param(
+            {"unknown": "block"},
+            Severity.UNKNOWN,
+            "block",
+            "no usable severity, and the policy blocks unknown severity",
+            id="unknown-blocks",
+        ),
+    ],
+)
+def test_every_verdict_says_why(
+    data: dict[str, Any] | None, severity: Severity, status: str, why: str
+) -> None:
+    ev = evaluate(parse_policy(data), [SEVERITIES[severity]], today=TODAY)
+    [verdict] = ev.verdicts()
+    assert (verdict.status, verdict.why) == (status, why)
+    assert verdict.blocking is (status == "block")
+    listed = ev.to_dict()["blocking" if status == "block" else "passed"]
+    assert [(f["advisory_id"], f["why"]) for f in listed] == [(f"A-{severity.value}", why)]
+
+
+def test_allowed_verdict_names_the_entry_and_the_reason() -> None:
+    policy = parse_policy(
+        {
+            "allow": [
+                {"id": "A-critical", "reason": "reviewed: not reachable", "expires": "2099-01-01"}
+            ]
+        }
+    )
+    ev = evaluate(policy, [SEVERITIES[Severity.CRITICAL], SEVERITIES[Severity.HIGH]], today=TODAY)
+    assert [(v.finding.advisory_id, v.status, v.why) for v in ev.verdicts()] == [
+        (
+            "A-critical",
+            "allowed",
+            "reviewed: not reachable (allow entry A-critical, until 2099-01-01)",
+        ),
+        ("A-high", "report", "high is below the blocking threshold (policy blocks critical)"),
+    ]

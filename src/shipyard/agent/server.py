@@ -44,6 +44,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from shipyard.agent.loading import MAX_LEASE_SECONDS, LoadRun, LoadSpec, LoadStats
 from shipyard.agent.supervisor import (
     Isolation,
     Replica,
@@ -52,6 +53,7 @@ from shipyard.agent.supervisor import (
     kill_orphan_group,
 )
 from shipyard.agent.verify import ArtifactVerifier
+from shipyard.domain.models import MAX_LOAD_RPS
 from shipyard.errors import ArtifactVerificationFailed, RevisionStartFailed, ShipyardError
 from shipyard.logs import SecretMasker
 from shipyard.private_files import write_private
@@ -104,6 +106,18 @@ class RouterLimitsBody(BaseModel):
 DEFAULT_MAX_CONNECTIONS = 65536
 
 
+class LoadBody(BaseModel):
+    """The built-in load step (agent/loading.py): ``GET path`` at ``rps`` to ``revision``, for
+    ``lease_seconds`` unless renewed."""
+
+    revision: Annotated[str, Field(min_length=1, max_length=200)]
+    rps: Annotated[float, Field(gt=0, le=MAX_LOAD_RPS)]
+    path: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^/[!-~]*$")] = "/"
+    lease_seconds: Annotated[float, Field(gt=0, le=MAX_LEASE_SECONDS)] = 60.0
+
+    model_config = {"extra": "forbid"}
+
+
 class StopBody(BaseModel):
     replica_ids: list[str] = Field(default_factory=list)
     drain_timeout: Annotated[float, Field(ge=0, le=3600)] = 30.0
@@ -148,6 +162,9 @@ class Agent:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.listen_host = listen_host
         self.routes: dict[str, ServiceRoute] = {}
+        #: The built-in load on a canary during analysis, per service (agent/loading.py).
+        self.loads: dict[str, LoadRun] = {}
+        self._stopping: set[asyncio.Task[LoadStats]] = set()
         self.token = secrets.token_urlsafe(32)
         self.supervisor = Supervisor(
             self.dir / "logs",
@@ -361,7 +378,39 @@ class Agent:
             self._reconfigure(route)
         self._save_state()
 
+    async def drive_load(self, service: str, spec: LoadSpec, lease_seconds: float) -> LoadRun:
+        """Start load on ``spec.revision`` through ``service``'s router, or renew the lease of
+        the same load running; a different load replaces it."""
+        route = self.routes.get(service)
+        if route is None:
+            raise KeyError(service)
+        run = self.loads.get(service)
+        if run is not None and run.running and run.spec == spec:
+            run.renew(lease_seconds)
+            return run
+        if run is not None:
+            self.stop_load(service)
+        host = self.url(route).removeprefix("http://")
+        run = self.loads[service] = LoadRun(
+            route.proxy, spec, host=host, lease_seconds=lease_seconds
+        )
+        return run
+
+    def stop_load(self, service: str) -> LoadRun | None:
+        """Stop ``service``'s load at once; its requests in flight finish in the background
+        (``_stopping``), so the caller (a failed analysis, about to roll back) never waits."""
+        run = self.loads.pop(service, None)
+        if run is not None:
+            closing = run.halt()
+            self._stopping.add(closing)
+            closing.add_done_callback(self._stopping.discard)
+        return run
+
     async def close(self) -> None:
+        for service in list(self.loads):
+            self.stop_load(service)
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
         await self.supervisor.stop_all()
         for route in self.routes.values():
             await route.proxy.close()
@@ -401,6 +450,7 @@ def build_app(agent: Agent) -> FastAPI:
 
     @app.delete("/v1/services/{service}")
     async def remove(service: str) -> dict[str, Any]:
+        agent.stop_load(service)
         for r in agent.supervisor.of_service(service):
             await agent.supervisor.stop(r)
         route = agent.routes.pop(service, None)
@@ -471,6 +521,22 @@ def build_app(agent: Agent) -> FastAPI:
                 service, body.weights, body.sticky_header, body.sticky_cookie
             )
         }
+
+    @app.put("/v1/services/{service}/load")
+    async def load(service: str, body: LoadBody) -> dict[str, Any]:
+        try:
+            spec = LoadSpec(body.revision, body.rps, body.path)
+            run = await agent.drive_load(service, spec, body.lease_seconds)
+        except KeyError:
+            raise HTTPException(404, f"service {service} has no route on this agent") from None
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return {"load": run.describe()}
+
+    @app.delete("/v1/services/{service}/load")
+    async def unload(service: str) -> dict[str, Any]:
+        run = agent.stop_load(service)
+        return {"load": None if run is None else run.describe()}
 
     @app.get("/v1/services/{service}/metrics")
     async def metrics(service: str) -> dict[str, Any]:

@@ -17,6 +17,15 @@ from shipyard.domain.models import AnalysisSettings, InsufficientDataPolicy
 
 
 @dataclass(frozen=True)
+class LoadPolicy:
+    """The built-in load step of a stage: ``GET path`` at ``rps`` to the canary only (validated
+    at the edge by ``domain.models.LoadSettings``)."""
+
+    rps: float
+    path: str = "/"
+
+
+@dataclass(frozen=True)
 class AnalysisPolicy:
     """Thresholds of one canary stage's analysis; the defaults are Argo Rollouts' where it has
     one (``failure_limit`` 0, ``consecutive_error_limit`` 4, ``inconclusive_limit`` 0)."""
@@ -44,6 +53,8 @@ class AnalysisPolicy:
     max_success_rate_drop: float = 0.01
     #: compare: canary p99 may be at most this many times stable's (plus ``P99_SLACK_MS``).
     max_p99_latency_ratio: float = 1.5
+    #: Built-in load during the stage's analysis (None: only real traffic is measured).
+    load: LoadPolicy | None = None
 
     @classmethod
     def resolve(cls, *layers: AnalysisSettings | None) -> AnalysisPolicy:
@@ -52,7 +63,7 @@ class AnalysisPolicy:
         for layer in layers:
             if layer is not None:
                 values.update(layer.model_dump(exclude_none=True))
-        return cls(**values)
+        return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -60,7 +71,10 @@ class AnalysisPolicy:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AnalysisPolicy:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {k: v for k, v in d.items() if k in known}
+        if isinstance(values.get("load"), Mapping):
+            values["load"] = LoadPolicy(**values["load"])
+        return cls(**values)
 
 
 #: Latency comparisons against stable ignore differences below this (histogram resolution).

@@ -63,6 +63,8 @@ class Measurement:
     stable_requests: int | None = None
     stable_success_rate: float | None = None
     stable_p99_ms: float | None = None
+    #: How many responses a window needs to be judged at all (the policy's ``min_requests``).
+    needed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -82,12 +84,14 @@ def judge(
     if canary is None:
         return measurement_error("the router reports no metrics for the canary revision")
     sr, p99 = canary.success_rate, canary.quantile(0.99)
-    base = Measurement(Verdict.PASS, (), canary.responses, sr, p99)
+    base = Measurement(Verdict.PASS, (), canary.responses, sr, p99, needed=policy.min_requests)
     if canary.responses < policy.min_requests:
         return dataclasses.replace(
             base,
             verdict=Verdict.INSUFFICIENT_DATA,
-            reasons=(f"{canary.responses} responses < min_requests {policy.min_requests}",),
+            reasons=(
+                f"{canary.responses} requests seen, {policy.min_requests} needed (min_requests)",
+            ),
         )
     assert sr is not None and p99 is not None  # responses >= min_requests >= 1
     failures: list[str] = []
@@ -176,10 +180,17 @@ class AnalysisRun:
                 self.insufficient += 1
                 why = f"insufficient data: {'; '.join(m.reasons)}"
                 if p.insufficient_data == "fail":
-                    return Decision(Outcome.FAILED, f"{why} (policy: fail)")
+                    return Decision(
+                        Outcome.FAILED, f"{why} (policy: fail); {too_little_traffic(p)}"
+                    )
                 if p.insufficient_data == "pause":
-                    return Decision(Outcome.PAUSED, f"{why} (policy: pause)")
-                return self._extend_or_continue(at_deadline, why)
+                    return Decision(
+                        Outcome.PAUSED, f"{why} (policy: pause); {too_little_traffic(p)}"
+                    )
+                decision = self._extend_or_continue(at_deadline, why)
+                if decision.outcome is Outcome.FAILED:
+                    return Decision(Outcome.FAILED, f"{decision.reason}; {too_little_traffic(p)}")
+                return decision
             case _:
                 self.passed += 1
         if at_deadline:
@@ -215,6 +226,24 @@ class AnalysisRun:
         fields = dict(d)
         policy = AnalysisPolicy.from_dict(fields.pop("policy"))
         return cls(policy=policy, **fields)
+
+
+def too_little_traffic(policy: AnalysisPolicy) -> str:
+    """What to do when a canary keeps getting too little traffic to be judged: the tail of an
+    insufficient-data verdict (and the README's advice), with a load that would suffice."""
+    if policy.load is not None:
+        return (
+            f"the built-in load ({policy.load.rps:g} rps to {policy.load.path}) did not get "
+            f"{policy.min_requests} answers per {policy.interval_seconds:g} s window: is the "
+            "canary answering?"
+        )
+    # Twice the bare minimum, so a slow start or one lost second does not leave a window short.
+    rps = max(1, math.ceil(2 * policy.min_requests / policy.interval_seconds))
+    return (
+        f"needs {policy.min_requests} requests per {policy.interval_seconds:g} s window: send "
+        f"more traffic, add a built-in load ([analysis] load = {{ rps = {rps} }}), lower "
+        'min_requests, or choose insufficient_data = "pause" / "fail"'
+    )
 
 
 class CountersReset(ValueError):

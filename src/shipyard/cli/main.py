@@ -31,6 +31,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from shipyard.cli.analysis_notes import analysis_note
 from shipyard.cli.audit import audit_app
 from shipyard.cli.build import build_app
 from shipyard.cli.client import DEFAULT_SERVER, ApiClient, resolve_token, source_defaults
@@ -672,6 +673,8 @@ def _stage_line(st: dict[str, Any]) -> str:
     note = shown(detail.get("error") or "", multiline=True)
     if st["name"] == "queued" and st["status"] == "running" and "position" in detail:
         note = f"position {shown(detail['position'])} for a build slot"
+    if st["name"].startswith("analysis_"):
+        note = " ".join(filter(None, (analysis_note(detail), note)))
     status = shown(f"{st['status']:>9}")
     return f"[{color}]{status}[/{color}] {shown(st['name'])}{dur} {note}".rstrip()
 

@@ -4,7 +4,11 @@
 ``app.add_typer(security_app)`` (no name: the commands join ``shipyard`` itself).
 
     shipyard scan PATH [--db DIR] [--policy FILE] [--format table|json]
-        PATH: a built artifact directory, a virtual environment, or a requirements/lock file.
+        PATH: a built artifact directory, a `pip install --target` directory, a virtual
+        environment, a pip installation report (.json), or a requirements/lock file. Directories
+        are read as the deploy gate reads an artifact; a requirements file gives only its pins.
+        The policy: --policy, else the [security] table of a shipyard.toml beside PATH, else the
+        built-in default, chosen and applied by the gate's own code (security/gate.py).
     shipyard vulndb [--db DIR]
         what the offline OSV database holds: advisories, packages, withdrawn, corrupt files.
 
@@ -21,7 +25,9 @@ import datetime as dt
 import enum
 import json
 import os
+import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
@@ -29,8 +35,9 @@ from rich.console import Console
 from rich.table import Table
 
 from shipyard.cli.safe import shown
+from shipyard.domain.manifest import MANIFEST_NAME
 from shipyard.errors import InvalidInput
-from shipyard.security import inventory, osv, policy
+from shipyard.security import gate, inventory, osv, policy
 from shipyard.security.cvss import Severity
 from shipyard.security.scanning import Finding, OsvScanner
 
@@ -115,6 +122,41 @@ def _severity_cell(f: Finding) -> str:
     return f"[{_STYLE[f.severity]}]{f.severity.value}{score}[/]"
 
 
+def _policy_for(path: Path, policy_file: Path | None) -> tuple[policy.SecurityPolicy, str]:
+    """The policy ``scan`` judges with and where it came from, chosen as the deploy gate
+    chooses (``gate.effective_policy``): ``--policy``, else the ``[security]`` table of the
+    ``shipyard.toml`` beside PATH (in the directory, or the requirements file's directory),
+    else the built-in default."""
+    if policy_file is not None:
+        return gate.effective_policy(policy.load_policy(policy_file), None), str(policy_file)
+    folder = path if path.is_dir() else path.parent
+    manifest_path = folder / MANIFEST_NAME
+    if manifest_path.is_file():
+        try:
+            data = tomllib.loads(manifest_path.read_text(encoding="utf-8", errors="replace"))
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidInput(f"{manifest_path}: not valid TOML: {exc}") from exc
+        if data.get("security") is not None:
+            # What the gate reads of the manifest: its [security] table, validated alike.
+            manifest = SimpleNamespace(security=data["security"])
+            return gate.effective_policy(None, manifest), f"{manifest_path} [security]"
+    return gate.effective_policy(None, None), "built-in default"
+
+
+def _unresolved_note(inv: inventory.Inventory) -> str:
+    unpinned = len(inv.skipped)
+    return (
+        f"Only the pinned direct dependencies of {inv.source} were scanned "
+        f"({len(inv.packages)} package(s); {unpinned} line(s) skipped above). Dependencies of "
+        "dependencies are scanned only if this file lists them, and the versions pip would pick "
+        "for loose pins are not known here. To scan the resolved environment, scan what gets "
+        "installed: the built artifact (shipyard scan ARTIFACT_DIR), a "
+        "`pip install --target DIR -r FILE` directory, or pip's resolution: "
+        "`pip install --dry-run --ignore-installed --report report.json -r FILE`, then "
+        "`shipyard scan report.json`."
+    )
+
+
 def _table(title: str, rows: list[tuple[Finding, str]]) -> Table:
     table = Table(title=title, title_justify="left", show_lines=False)
     for col in (
@@ -124,7 +166,7 @@ def _table(title: str, rows: list[tuple[Finding, str]]) -> Table:
         "aliases",
         "severity",
         "fixed versions",
-        "verdict",
+        "verdict: why",
     ):
         table.add_column(col, overflow="fold")
     for f, verdict in rows:
@@ -154,49 +196,66 @@ def scan(
     output: FormatOption = OutputFormat.table,
     data_dir: DataDirOption = None,
 ) -> None:
-    """List known vulnerabilities of what PATH contains; exit 1 when the policy blocks."""
+    """List known vulnerabilities of what PATH contains, blocking or not and why; exit 1 when
+    the policy blocks."""
     try:
-        pol = policy.load_policy(policy_file) if policy_file else policy.DEFAULT_POLICY
+        pol, pol_source = _policy_for(path, policy_file)
         inv = inventory.from_path(path)
         database = _load(db, data_dir)
     except InvalidInput as exc:
         raise _fail(exc.message) from exc
-    result = OsvScanner(database).scan(inv)
-    evaluation = policy.evaluate(pol, result.findings, today=dt.datetime.now(dt.UTC).date())
+    # The deploy gate's own scan-and-judge step: the same findings block here and there.
+    assessment = gate.assess(OsvScanner(database), inv, pol, today=dt.datetime.now(dt.UTC).date())
+    evaluation = assessment.evaluation
     if output is OutputFormat.json:
         payload: dict[str, Any] = {
             "source": inv.source,
             "kind": inv.kind,
+            "resolved": inv.resolved,
+            "note": None if inv.resolved else _unresolved_note(inv),
             "packages": len(inv.packages),
             "skipped": [{"source": s.source, "reason": s.reason} for s in inv.skipped],
-            "findings": [f.to_dict() for f in result.findings],
+            "findings": [v.to_dict() for v in evaluation.verdicts()],
             **evaluation.to_dict(),
+            "policy_source": pol_source,
             "database": {"path": database.path, "advisories": len(database.advisories)},
         }
         typer.echo(json.dumps(payload, indent=2))
     else:
-        _print_scan(inv, evaluation, database)
+        _print_scan(inv, evaluation, database, pol_source)
     if evaluation.blocked:
         raise typer.Exit(1)
 
 
+_STATUS = {
+    "block": "[bold red]BLOCKS[/]",
+    "allowed": "[green]allowed[/]",
+    "report": "[yellow]does not block[/]",
+}
+
+
 def _print_scan(
-    inv: inventory.Inventory, evaluation: policy.PolicyEvaluation, database: osv.OsvDatabase
+    inv: inventory.Inventory,
+    evaluation: policy.PolicyEvaluation,
+    database: osv.OsvDatabase,
+    policy_source: str,
 ) -> None:
     out = _out()
-    rows = [(f, "[bold red]BLOCK[/]") for f in evaluation.blocking]
-    rows += [(a.finding, f"allowed: {shown(a.reason)}") for a in evaluation.allowed]
-    rows += [(f, "report") for f in evaluation.passed]
+    rows = [(v.finding, f"{_STATUS[v.status]}: {shown(v.why)}") for v in evaluation.verdicts()]
+    what = "resolved environment" if inv.resolved else "direct pins only"
     out.print(
-        f"Scanned {len(inv.packages)} package(s) from {shown(inv.source)} ({inv.kind}) against "
-        f"{len(database.advisories)} advisories in {shown(database.path)}."
+        f"Scanned {len(inv.packages)} package(s) from {shown(inv.source)} ({inv.kind}, {what}) "
+        f"against {len(database.advisories)} advisories in {shown(database.path)}."
     )
+    out.print(f"Policy: {shown(policy_source)}: {shown(evaluation.policy.describe())}.")
     for s in inv.skipped:
         out.print(f"[dim]skipped {shown(s.source)}: {shown(s.reason)}[/]")
     if rows:
-        out.print(_table("Findings", rows))
+        out.print(_table("Findings (blocking first)", rows))
     else:
         out.print("[green]No known vulnerabilities.[/]")
+    if not inv.resolved:
+        out.print(f"[yellow]note:[/] {shown(_unresolved_note(inv))}")
     for e in evaluation.expired:
         matched = ", ".join(f.advisory_id for f in e.matched) or "no current finding"
         out.print(

@@ -154,6 +154,26 @@ class BlueGreenParams(WireModel):
 InsufficientDataPolicy = Literal["extend", "pause", "fail"]
 
 
+#: The built-in load step's ceiling: enough to fill any min_requests window quickly, low enough
+#: that a typo cannot turn the agent into a load test of the canary's host.
+MAX_LOAD_RPS = 1000
+
+
+class LoadSettings(WireModel):
+    """Built-in load during a canary's analysis (Flagger's load tester): the agent sends ``GET
+    path`` at ``rps`` through the service's router to the canary revision only, so a canary
+    without enough real traffic still gets measured. Never to any other host."""
+
+    rps: Annotated[float, Field(gt=0, le=MAX_LOAD_RPS)] = Field(
+        description=f"Requests per second to the canary while analysis runs (at most "
+        f"{MAX_LOAD_RPS})."
+    )
+    path: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^/[!-~]*$")] = Field(
+        default="/",
+        description="Path (and query) requested: starts with /, printable ASCII, no spaces.",
+    )
+
+
 class AnalysisSettings(WireModel):
     """Canary analysis thresholds (Argo Rollouts' AnalysisTemplate semantics, flattened).
 
@@ -195,6 +215,11 @@ class AnalysisSettings(WireModel):
     )
     max_success_rate_drop: Annotated[float, Field(ge=0, le=1)] | None = None
     max_p99_latency_ratio: Annotated[float, Field(ge=1, le=1000)] | None = None
+    load: LoadSettings | None = Field(
+        default=None,
+        description='Drive traffic to the canary during analysis, e.g. {rps = 20, path = "/"}; '
+        "a stage's load replaces the service's.",
+    )
 
 
 class CanaryStage(WireModel):

@@ -43,7 +43,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import signal
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -104,6 +106,8 @@ class ServiceProxy:
         #: Backends taken out of the table, by replica id, until drained (``drain_replica``).
         self._retired: dict[str, Pool] = {}
         self._counters: dict[str, routing_metrics.RevisionCounters] = {}
+        #: Contexts of connections pinned to one revision (``open_pinned``), by revision.
+        self._pinned: dict[str, ProxyContext] = {}
         self._server: asyncio.Server | None = None
         self._closed = False
 
@@ -120,6 +124,8 @@ class ServiceProxy:
     def limits(self, limits: RouterLimits) -> None:
         """New timeouts and cap, in force from the sweep's next tick."""
         self._ctx.apply_limits(limits)
+        for pinned in self._pinned.values():
+            pinned.apply_limits(limits)
 
     def connection_stats(self) -> dict[str, int]:
         """The router's own counters beside the per-revision metrics: open client connections,
@@ -202,6 +208,51 @@ class ServiceProxy:
             self._retired.pop(backend.replica_id, None)
         self._pools = pools
         self._ctx.table = Table(effective, routes, sticky_header, sticky_cookie)
+        for revision, pinned in self._pinned.items():
+            pinned.table = self._pinned_table(revision)
+
+    # --- connections pinned to one revision (the agent's built-in load, agent/loading.py) ----
+
+    def _pinned_table(self, revision: str) -> Table[Pool]:
+        """``revision``'s route alone, or no route (503) while it has no weight or backend:
+        a pinned request never falls over to another revision."""
+        route = self._ctx.table.by_revision.get(revision)
+        return Table({revision: 100}, [route], None, None) if route else Table({}, [], None, None)
+
+    async def open_pinned(self, revision: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A client connection into this router whose every request goes to ``revision``'s
+        backends, as long as it is routed (else 503): the agent's load step (agent/loading.py)
+        drives a canary with it.
+
+        It is a socket pair handed to the router's own client protocol, so the requests take
+        the real path (parsing, limits, pools, per-revision metrics: they count in canary
+        analysis) but reach no listener, and nothing outside the process can ask for it. The
+        connection counts against the service's and the process's connection caps; 503s it
+        gets are not in ``connection_stats``. Its context shares the proxy's connection set,
+        tasks and drain waiters, and follows every ``configure`` and limits change.
+        """
+        if self._server is None or self._closed:
+            raise RuntimeError(f"router for {self.service!r} is not running")
+        ctx = self._pinned.get(revision)
+        if ctx is None:
+            ctx = dataclasses.replace(self._ctx, table=self._pinned_table(revision))
+            ctx.loop = self._ctx.loop  # not an __init__ field: replace() leaves it unset
+            self._pinned[revision] = ctx
+        pinned = ctx
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        try:
+            await loop.connect_accepted_socket(lambda: Client(pinned), theirs)
+            return await asyncio.open_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+
+    def release_pinned(self, revision: str) -> None:
+        """Forget ``revision``'s pinned context once its load stopped (its connections, if any
+        are left, keep the table they had)."""
+        self._pinned.pop(revision, None)
 
     @property
     def weights(self) -> dict[str, int]:

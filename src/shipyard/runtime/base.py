@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from shipyard.routing.base import TrafficRouter
 
@@ -118,6 +118,25 @@ class MeteredRouter(TrafficRouter, Protocol):
 
     async def metrics(self, service: str) -> Mapping[str, Mapping[str, Any]]:
         """``{revision: RevisionMetrics.to_dict()}``: counters since the router started."""
+        ...
+
+
+@runtime_checkable
+class LoadDriver(Protocol):
+    """A router that can drive load to one revision itself: canary analysis's built-in load step
+    (``[analysis] load``, Flagger's load tester). Optional: the Analyse executor checks
+    ``isinstance(router, LoadDriver)`` and says so when a runtime cannot."""
+
+    async def drive_load(
+        self, service: str, revision: str, rps: float, path: str, *, lease_seconds: float
+    ) -> Mapping[str, Any]:
+        """Send ``GET path`` at ``rps`` through ``service``'s route to ``revision`` only, so the
+        requests count in its metrics; for ``lease_seconds`` from now unless called again (the
+        same load renews its lease; another replaces it). Answers what the load did so far."""
+        ...
+
+    async def stop_load(self, service: str) -> Mapping[str, Any] | None:
+        """Stop ``service``'s load (idempotent); what it did, or None if none ran."""
         ...
 
 

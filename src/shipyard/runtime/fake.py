@@ -87,6 +87,14 @@ class _Served:
     latency_ms: dict[float, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Load:
+    revision: str
+    rps: float
+    path: str
+    until: float  # the runtime clock's reading when its lease runs out
+
+
 @dataclass(eq=False)
 class FakeExchange:
     """One request through the fake router: routed when opened, in flight until ``finish``.
@@ -181,6 +189,10 @@ class FakeRouter:
         self._counters: dict[str, dict[str, RevisionCounters]] = {}
         self._tables: dict[str, tuple[tuple[Any, ...], _Table]] = {}
         self._held: dict[str, int] = {}  # replica id -> requests in flight
+        #: The built-in load per service (``drive_load``), every call, and every stop.
+        self.loads: dict[str, _Load] = {}
+        self.load_calls: list[tuple[str, str, float, str, float]] = []
+        self.loads_stopped: list[str] = []
         self._drained: dict[str, asyncio.Event] = {}
 
     # --- what serves --------------------------------------------------------------------------
@@ -297,21 +309,51 @@ class FakeRouter:
     # --- metrics ------------------------------------------------------------------------------
 
     def _accrue(self, service: str) -> None:
-        """Count the synthetic requests served since the last look, at the weights serving."""
+        """Count the synthetic requests served since the last look, at the weights serving, and
+        the built-in load's (``drive_load``) on its revision while it has a serving replica."""
         now = self._rt.now()
         svc = self._rt.services.get(service)
         last = self._last.get(service, now)
         self._last[service] = now
-        if svc is None or now <= last or not self.rps:
+        if svc is None or now <= last:
             return
         served = self._served.setdefault(service, {})
-        for rev, weight in self.serving(service).items():
-            n = self.rps * (now - last) * weight / 100
+        shares = [
+            (rev, self.rps * (now - last) * weight / 100)
+            for rev, weight in self.serving(service).items()
+            if self.rps
+        ]
+        load = self.loads.get(service)
+        if load is not None and self.serving(service).get(load.revision, 0) > 0:
+            shares.append((load.revision, load.rps * max(0.0, min(now, load.until) - last)))
+        for rev, n in shares:
             profile = self.profiles.get(rev, TrafficProfile())
             s = served.setdefault(rev, _Served())
             s.requests += n
             s.errors += n * profile.error_rate
             s.latency_ms[profile.latency_ms] = s.latency_ms.get(profile.latency_ms, 0.0) + n
+
+    # --- LoadDriver: the built-in load step ---------------------------------------------------
+
+    async def drive_load(
+        self, service: str, revision: str, rps: float, path: str, *, lease_seconds: float
+    ) -> dict[str, Any]:
+        """Like the agent: ``rps`` of ``GET path`` to ``revision`` only, for ``lease_seconds``
+        of the runtime's clock unless renewed (answered as its ``TrafficProfile`` says)."""
+        if service not in self._rt.services:
+            raise NotFound(f"service {service} has no route")
+        self._accrue(service)  # what came before is counted at the old rate
+        self.load_calls.append((service, revision, rps, path, lease_seconds))
+        self.loads[service] = _Load(revision, rps, path, self._rt.now() + lease_seconds)
+        return {"revision": revision, "rps": rps, "path": path, "running": True}
+
+    async def stop_load(self, service: str) -> dict[str, Any] | None:
+        self._accrue(service)
+        load = self.loads.pop(service, None)
+        self.loads_stopped.append(service)
+        if load is None:
+            return None
+        return {"revision": load.revision, "rps": load.rps, "path": load.path, "running": False}
 
     async def metrics(self, service: str) -> Mapping[str, Mapping[str, Any]]:
         self.metrics_calls += 1

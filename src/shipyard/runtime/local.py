@@ -209,6 +209,18 @@ class AgentRouter:
         result: dict[str, Any] = await self._agent.call("GET", f"/v1/services/{service}/metrics")
         return result
 
+    async def drive_load(
+        self, service: str, revision: str, rps: float, path: str, *, lease_seconds: float
+    ) -> dict[str, Any]:
+        """``LoadDriver``: the agent's built-in load step (agent/loading.py)."""
+        body = {"revision": revision, "rps": rps, "path": path, "lease_seconds": lease_seconds}
+        out = await self._agent.call("PUT", f"/v1/services/{service}/load", body)
+        return dict(out["load"])
+
+    async def stop_load(self, service: str) -> dict[str, Any] | None:
+        out = await self._agent.call("DELETE", f"/v1/services/{service}/load")
+        return None if out["load"] is None else dict(out["load"])
+
 
 class LocalRuntime:
     """``Runtime`` for one region of the local agent."""

@@ -103,6 +103,48 @@ def manifest_policy(manifest: Any) -> policies.SecurityPolicy | None:
     return policies.parse_policy(section, origin="shipyard.toml [security]")
 
 
+def effective_policy(
+    explicit: policies.SecurityPolicy | None,
+    manifest: Any,
+    fallback: policies.SecurityPolicy | None = None,
+) -> policies.SecurityPolicy:
+    """Which policy judges: ``explicit`` (a caller's, ``scan --policy``), else the manifest's
+    ``[security]`` table, else ``fallback`` (the server's), else the built-in default. The gate
+    and ``shipyard scan`` both choose with this, so they block the same things."""
+    return explicit or manifest_policy(manifest) or fallback or policies.DEFAULT_POLICY
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What scanning an inventory and judging its findings gave."""
+
+    findings: tuple[Finding, ...]
+    evaluation: policies.PolicyEvaluation
+    database: osv.DatabaseStats | None = None
+    #: Milliseconds: scan, policy.
+    durations_ms: Mapping[str, int] = field(default_factory=dict)
+
+
+def assess(
+    scanner: Scanner,
+    inventory: inv.Inventory,
+    policy: policies.SecurityPolicy,
+    *,
+    today: dt.date,
+) -> Assessment:
+    """Scan ``inventory`` and judge the findings under ``policy``: the one code path that decides
+    what blocks, for the deploy gate (``SecurityGate.check``) and ``shipyard scan`` alike."""
+    started = time.perf_counter()
+    result = scanner.scan(inventory)
+    scanned = time.perf_counter()
+    evaluation = policies.evaluate(policy, result.findings, today=today)
+    durations = {
+        "scan": round((scanned - started) * 1000),
+        "policy": round((time.perf_counter() - scanned) * 1000),
+    }
+    return Assessment(result.findings, evaluation, result.database, durations)
+
+
 def subject_name(artifact: ArtifactLike) -> str:
     # An image is known by its reference; a directory artifact by the service it runs.
     if artifact.kind == "oci-image":
@@ -201,7 +243,7 @@ class SecurityGate:
             durations[name] = round((now - since) * 1000)
             return now
 
-        effective = policy or manifest_policy(artifact.manifest) or self.policy
+        effective = effective_policy(policy, artifact.manifest, self.policy)
         t = started
         inventory = await to_thread(self.inventory_of, artifact, rootfs)
         t = lap("inventory", t)
@@ -227,18 +269,21 @@ class SecurityGate:
                 vulnerabilities=0,
                 reason="no_database",
             ) from exc
-        result = await to_thread(scanner.scan, inventory)
-        t = lap("scan", t)
         today = dt.datetime.fromtimestamp(self.clock.now(), dt.UTC).date()
-        evaluation = policies.evaluate(effective, result.findings, today=today)
-        t = lap("policy", t)
+        result = await to_thread(assess, scanner, inventory, effective, today=today)
+        evaluation = result.evaluation
+        durations.update(result.durations_ms)
+        t = time.perf_counter()
         if evaluation.blocked:
             raise SecurityScanFailed(
                 f"security gate blocked {artifact.digest}: {evaluation.summary()}. Upgrade the "
                 "packages listed (fixed versions given) or add a reviewed, expiring allow entry.",
                 vulnerabilities=len(evaluation.blocking),
-                findings=[f.to_dict() for f in evaluation.blocking],
+                findings=[
+                    {**f.to_dict(), "why": effective.explain(f)} for f in evaluation.blocking
+                ],
                 allowed=[a.finding.advisory_id for a in evaluation.allowed],
+                reported=[f.advisory_id for f in evaluation.passed],
                 expired_allow=[e.entry.id for e in evaluation.expired],
                 sbom=str(sbom_path),
             )

@@ -8,7 +8,13 @@ Three sources, one result (``Inventory``):
 * a Python environment: a venv's site-packages, or the running interpreter's ``sys.path``;
 * a requirements or lock file: ``name==version`` pins (``-r`` includes followed), ``poetry.lock``
   / ``uv.lock`` (``[[package]]``) and ``Pipfile.lock``. Lines without an exact pin are reported in
-  ``Inventory.skipped`` with the reason, never silently dropped.
+  ``Inventory.skipped`` with the reason, never silently dropped;
+* a pip installation report (``pip install --dry-run --ignore-installed --report FILE``): the
+  resolved set, transitive dependencies included.
+
+``Inventory.resolved`` says whether the result is a whole environment (a tree, a venv, a lock file,
+a pip report) or only what a requirements file pins, which lists transitive dependencies only if
+whoever wrote it put them there (``pip freeze`` / ``pip-compile`` output does).
 
 Called by the gate (``gate.py``) on the built artifact and by ``shipyard scan``. Python names are
 normalized per PEP 503 so they match the advisory database's index.
@@ -97,6 +103,9 @@ class Inventory:
     kind: str  # "tree", "environment", "requirements"
     packages: tuple[Package, ...] = ()
     skipped: tuple[Skipped, ...] = ()
+    #: True: everything installed (or a resolver's full answer); False: a requirements file's
+    #: pins, where dependencies of dependencies appear only if the file lists them.
+    resolved: bool = True
 
     def by_ecosystem(self, ecosystem: str) -> list[Package]:
         return [p for p in self.packages if p.ecosystem == ecosystem]
@@ -114,9 +123,9 @@ class _Collector:
     def skip(self, source: str, reason: str) -> None:
         self.skipped.append(Skipped(source, reason))
 
-    def result(self, source: str, kind: str) -> Inventory:
+    def result(self, source: str, kind: str, *, resolved: bool = True) -> Inventory:
         pkgs = sorted(self.packages.values(), key=lambda p: (p.ecosystem, p.name, p.version))
-        return Inventory(source, kind, tuple(pkgs), tuple(self.skipped))
+        return Inventory(source, kind, tuple(pkgs), tuple(self.skipped), resolved)
 
 
 # --- Python distributions -------------------------------------------------------------------------
@@ -422,28 +431,67 @@ def _read_pipfile_lock(path: Path, out: _Collector) -> None:
             out.add(Package(PYPI, normalize_name(name), version[2:], where))
 
 
+def _pip_report(path: Path) -> dict[str, Any] | None:
+    """The parsed pip installation report at ``path``, or None if it is not one."""
+    if path.suffix != ".json" or path.name == "Pipfile.lock":
+        return None
+    try:
+        data: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"{path}: not a readable JSON file: {exc}") from exc
+    if isinstance(data, dict) and isinstance(data.get("install"), list):
+        return data
+    raise InvalidInput(
+        f"{path}: a JSON file shipyard scan reads must be a pip installation report "
+        "(pip install --dry-run --ignore-installed --report FILE -r requirements.txt)"
+    )
+
+
+def from_pip_report(path: Path, data: dict[str, Any]) -> Inventory:
+    """Every distribution a pip installation report says it would install: the resolved set."""
+    out = _Collector()
+    for i, item in enumerate(data["install"]):
+        where = f"{path}:install[{i}]"
+        meta = item.get("metadata") if isinstance(item, dict) else None
+        name = meta.get("name") if isinstance(meta, dict) else None
+        version = meta.get("version") if isinstance(meta, dict) else None
+        if not isinstance(name, str) or not isinstance(version, str):
+            out.skip(where, "entry without metadata name and version")
+            continue
+        if isinstance(item, dict) and isinstance(item.get("download_info"), dict):
+            info = item["download_info"]
+            if "dir_info" in info:
+                out.skip(where, f"{name}: local directory, not a released distribution")
+                continue
+        out.add(Package(PYPI, normalize_name(name), version, where))
+    return out.result(str(path), "pip-report")
+
+
 def from_requirements(path: Path) -> Inventory:
-    """Exact pins of a requirements file (or a poetry/uv/pdm/Pipfile lock)."""
+    """Exact pins of a requirements file (or a poetry/uv/pdm/Pipfile lock, which are resolved)."""
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file")
     out = _Collector()
     if path.name in _LOCK_TOML:
         _read_toml_lock(path, out)
-    elif path.name == "Pipfile.lock":
+        return out.result(str(path), "lock")
+    if path.name == "Pipfile.lock":
         _read_pipfile_lock(path, out)
-    else:
-        _read_requirements(path, out, set())
-    return out.result(str(path), "requirements")
+        return out.result(str(path), "lock")
+    _read_requirements(path, out, set())
+    return out.result(str(path), "requirements", resolved=False)
 
 
 def from_path(path: Path) -> Inventory:
-    """What ``shipyard scan PATH`` means: a file is a requirements/lock file, a directory with
-    ``pyvenv.cfg`` is a virtual environment, any other directory is an artifact tree."""
+    """What ``shipyard scan PATH`` means: a directory (an artifact, a ``--target`` dir, a venv,
+    an unpacked image) is read by ``from_tree``, exactly as the deploy gate reads an artifact; a
+    ``.json`` file is a pip installation report; any other file a requirements/lock file."""
     if path.is_file():
+        report = _pip_report(path)
+        if report is not None:
+            return from_pip_report(path, report)
         return from_requirements(path)
     if path.is_dir():
-        if (path / "pyvenv.cfg").is_file():
-            return from_environment(path)
         return from_tree(path)
     raise InvalidInput(f"{path}: no such file or directory")
 

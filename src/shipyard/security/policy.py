@@ -127,6 +127,25 @@ class SecurityPolicy(BaseModel):
             return self.unknown == "block"
         return finding.severity in self.blocking_severities
 
+    def explain(self, finding: Finding) -> str:
+        """Why ``finding`` blocks or not under this policy's thresholds (allow entries aside):
+        what ``shipyard scan`` prints beside each finding and the gate records."""
+        blocking = ", ".join(
+            s.value for s in sorted(self.blocking_severities, key=lambda s: s.rank)
+        )
+        if finding.severity is Severity.UNKNOWN:
+            if self.unknown == "block":
+                return "no usable severity, and the policy blocks unknown severity"
+            return (
+                'no usable severity; the policy reports those without blocking (unknown = "allow")'
+            )
+        if self.blocks(finding):
+            return f"{finding.severity.value} is a blocking severity (policy blocks {blocking})"
+        return (
+            f"{finding.severity.value} is below the blocking threshold "
+            f"(policy blocks {blocking or 'nothing'})"
+        )
+
     def describe(self) -> str:
         sev = ", ".join(s.value for s in sorted(self.blocking_severities, key=lambda s: s.rank))
         return (
@@ -153,6 +172,23 @@ class ExpiredAllow:
     entry: AllowEntry
     #: Findings the entry would have allowed; they are judged by severity again.
     matched: tuple[Finding, ...]
+
+
+@dataclass(frozen=True)
+class FindingVerdict:
+    """One finding as judged: ``block``, ``allowed`` (by an active allow entry) or ``report``
+    (below the threshold), and why in words."""
+
+    finding: Finding
+    status: Literal["block", "allowed", "report"]
+    why: str
+
+    @property
+    def blocking(self) -> bool:
+        return self.status == "block"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.finding.to_dict(), "status": self.status, "why": self.why}
 
 
 @dataclass(frozen=True)
@@ -185,11 +221,26 @@ class PolicyEvaluation:
             )
         return text
 
+    def verdicts(self) -> list[FindingVerdict]:
+        """Every finding with its status and reason, blocking first: the one list both the
+        deploy gate's report and ``shipyard scan`` show."""
+        out = [FindingVerdict(f, "block", self.policy.explain(f)) for f in self.blocking]
+        out += [
+            FindingVerdict(
+                a.finding,
+                "allowed",
+                f"{a.reason} (allow entry {a.entry.id}, until {a.entry.expires.isoformat()})",
+            )
+            for a in self.allowed
+        ]
+        out += [FindingVerdict(f, "report", self.policy.explain(f)) for f in self.passed]
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "blocked": self.blocked,
             "policy": self.policy.describe(),
-            "blocking": [f.to_dict() for f in self.blocking],
+            "blocking": [{**f.to_dict(), "why": self.policy.explain(f)} for f in self.blocking],
             "allowed": [
                 {
                     **a.finding.to_dict(),
@@ -199,7 +250,7 @@ class PolicyEvaluation:
                 }
                 for a in self.allowed
             ],
-            "passed": [f.to_dict() for f in self.passed],
+            "passed": [{**f.to_dict(), "why": self.policy.explain(f)} for f in self.passed],
             "expired_allow_entries": [
                 {
                     "id": e.entry.id,

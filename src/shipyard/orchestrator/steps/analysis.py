@@ -9,6 +9,15 @@ pause for a human (``gate.await_promotion``).
 Resumable: the deadline, the tallies and the window's starting snapshot are persisted in
 ``progress.analysis`` after every measurement, so a restarted control plane continues the same
 stage with the same deadline.
+
+The built-in load (``[analysis] load = { rps, path }``): when the stage's policy has one and the
+router is a ``runtime.base.LoadDriver``, the load starts before the first window, its lease
+(one interval plus ``LOAD_LEASE_SLACK_SECONDS``) is renewed after every measurement, and it is
+stopped when the analysis ends: passed, failed, before a pause for a human, or cancelled (an
+abort). If the control plane dies instead, the lease runs out on the data plane. What the load
+did is on the stage record (``detail.load``) and in the audit log (``analysis.load_started`` /
+``analysis.load_stopped``); a runtime that cannot drive load is recorded there too, and the
+analysis goes on with real traffic only.
 """
 
 from __future__ import annotations
@@ -35,10 +44,14 @@ from shipyard.orchestrator.record import AnalysisState, MetricsSnapshot, utc
 from shipyard.orchestrator.stage import Rollback, StageRun, stage
 from shipyard.orchestrator.steps.gate import await_promotion
 from shipyard.orchestrator.steps.registry import executes
+from shipyard.runtime.base import LoadDriver
 from shipyard.strategies.steps import Analyse
 
 #: Measurements kept on a stage record (all of them are in the audit log).
 STAGE_MEASUREMENTS_KEPT = 50
+#: A load's lease outlives the next renewal (one interval away) by this much: a slow metrics
+#: call must not stop the load mid-window, and a dead control plane's load ends soon after.
+LOAD_LEASE_SLACK_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,18 @@ async def _hold(ctx: DeploymentContext, step: Analyse, st: StageRun) -> _Then | 
         return None
     if state.paused:
         return await _paused(ctx, st, state, state.paused)
+    loading = await _drive_load(ctx, step, st, first=True)
+    try:
+        return await _measure(ctx, step, st, state, loading)
+    finally:
+        if loading:
+            await _stop_load(ctx, step, st)
+
+
+async def _measure(
+    ctx: DeploymentContext, step: Analyse, st: StageRun, state: AnalysisState, loading: bool
+) -> _Then | None:
+    policy = step.policy
     if state.baseline is None:
         with contextlib.suppress(ShipyardError):  # unavailable: the first window says so
             state.baseline = _snapshot(await ctx.router.metrics(ctx.service))
@@ -115,6 +140,8 @@ async def _hold(ctx: DeploymentContext, step: Analyse, st: StageRun) -> _Then | 
         if m.verdict not in (Verdict.ERROR, Verdict.INSUFFICIENT_DATA) and snapshot:
             state.baseline = snapshot  # else the window keeps growing (extend)
         state.last_at = now
+        if loading and decision.outcome in (Outcome.CONTINUE, Outcome.EXTENDED):
+            await _drive_load(ctx, step, st, first=False)  # renew the lease, record its counts
         await _record_measurement(ctx, st, step, m, decision.outcome.value)
         match decision.outcome:
             case Outcome.FAILED:
@@ -160,9 +187,69 @@ async def _hold(ctx: DeploymentContext, step: Analyse, st: StageRun) -> _Then | 
             case Outcome.PAUSED:
                 state.paused = decision.reason
                 await ctx.save()
+                if loading:  # a human decides now: no load while the deployment waits
+                    await _stop_load(ctx, step, st)
                 return await _paused(ctx, st, state, decision.reason)
             case Outcome.CONTINUE:
                 await ctx.save()
+
+
+async def _drive_load(ctx: DeploymentContext, step: Analyse, st: StageRun, *, first: bool) -> bool:
+    """Start (``first``) or renew the stage's built-in load on the candidate; whether it runs.
+    What it did so far, or why it cannot run, goes on the stage record."""
+    load = step.policy.load
+    if load is None:
+        return False
+    router = ctx.router
+    wanted: dict[str, object] = {"rps": load.rps, "path": load.path, "revision": ctx.candidate}
+    if not isinstance(router, LoadDriver):
+        why = f"the {ctx.runtime.kind} runtime cannot drive load; measuring real traffic only"
+        st.record.detail["load"] = {**wanted, "error": why}
+        await ctx.audit("analysis.load_unavailable", stage=step.stage, reason=why)
+        return False
+    lease = step.policy.interval_seconds + LOAD_LEASE_SLACK_SECONDS
+    try:
+        got = await router.drive_load(
+            ctx.service, ctx.candidate, load.rps, load.path, lease_seconds=lease
+        )
+    except ShipyardError as exc:
+        why = f"load could not start: {exc.message}"[:500]
+        st.record.detail["load"] = {**wanted, "error": why}
+        await ctx.audit("analysis.load_unavailable", stage=step.stage, reason=why)
+        return False
+    st.record.detail["load"] = {**wanted, **_load_counts(got)}
+    if first:
+        await ctx.audit_detail("analysis.load_started", {"stage": step.stage, **wanted})
+    await ctx.save()
+    return True
+
+
+async def _stop_load(ctx: DeploymentContext, step: Analyse, st: StageRun) -> None:
+    """Stop the load (once); never raises (the lease ends it if the data plane cannot be
+    told)."""
+    loaded = st.record.detail.get("load")
+    if isinstance(loaded, dict) and loaded.get("running") is False:
+        return  # stopped already, before a pause
+    try:
+        got = (
+            await ctx.router.stop_load(ctx.service) if isinstance(ctx.router, LoadDriver) else None
+        )
+    except ShipyardError as exc:
+        got = None
+        st.record.detail.setdefault("load", {})
+        detail = st.record.detail["load"]
+        if isinstance(detail, dict):
+            detail["stop_error"] = exc.message[:500]
+    counts = _load_counts(got or {})
+    loaded = st.record.detail.get("load")
+    if isinstance(loaded, dict):
+        loaded.update(counts, running=False)
+    await ctx.audit("analysis.load_stopped", stage=step.stage, **counts)
+
+
+def _load_counts(got: Mapping[str, Any]) -> dict[str, int]:
+    keys = ("sent", "answered", "status_5xx", "failed", "missed")
+    return {k: int(got[k]) for k in keys if isinstance(got.get(k), int)}
 
 
 def _snapshot(metrics: Mapping[str, Mapping[str, Any]]) -> MetricsSnapshot:
