@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -38,7 +39,9 @@ from shipyard.cli.keys import keys_app
 from shipyard.cli.safe import shown
 from shipyard.cli.security import security_app
 from shipyard.cli.token import token_app
+from shipyard.domain import deployment_ids
 from shipyard.domain.manifest import parse_manifest
+from shipyard.domain.models import DNS_LABEL
 from shipyard.errors import InvalidInput, ManifestError, ShipyardError
 from shipyard.private_files import ensure_private_dir
 from shipyard.sandbox import Sandbox, SandboxPolicy, SandboxUnavailable, UidRange
@@ -680,7 +683,9 @@ def _print_outcome(doc: dict[str, Any]) -> None:
 
 @app.command()
 def status(
-    target: Annotated[str, typer.Argument(help="A deployment id or a service name.")],
+    target: Annotated[
+        str, typer.Argument(help="A deployment id (or a unique prefix of one) or a service name.")
+    ],
     region: str = "local",
     server: Server = DEFAULT_SERVER,
     token: Token = None,
@@ -689,11 +694,7 @@ def status(
 ) -> None:
     """Show a deployment (stages, durations, error) or a service (revision, weights, replicas)."""
     client = _client(server, token, data_dir, "deployment:read")
-    is_id = len(target) == 36 and target.count("-") == 4
-    path = (
-        f"/api/v1/deployments/{target}" if is_id else f"/api/v1/services/{target}?region={region}"
-    )
-    doc = _check(client.request("GET", path))
+    doc, is_id = _deployment_or_service(client, target, region)
     if format == "json":
         out.print_json(data=doc)
         return
@@ -732,6 +733,21 @@ def status(
         err.print(f"[yellow]warning:[/yellow] {shown(warning)}")
 
 
+def _deployment_or_service(
+    client: ApiClient, target: str, region: str
+) -> tuple[dict[str, Any], bool]:
+    """``status``'s target: a deployment (its id or a unique prefix of it) or a service; (the
+    document, whether it is a deployment). Something that could be both (``cafe``) is tried as a
+    deployment first, then as a service, so a service named like hex digits still works."""
+    if re.fullmatch(deployment_ids.PATTERN, target):
+        resp = client.request("GET", f"/api/v1/deployments/{target}")
+        if resp.status_code != 404 or not re.fullmatch(DNS_LABEL, target):
+            return _check(resp), True
+    return _check(
+        client.request("GET", f"/api/v1/services/{target}", params={"region": region})
+    ), False
+
+
 @app.command()
 def history(
     service: Annotated[str, typer.Argument(help="Service name.")],
@@ -749,7 +765,12 @@ def history(
     if format == "json":
         out.print_json(data=docs)
         return
-    table = Table("created", "id", "kind", "status", "revision", "by", "ms")
+    table = Table("created")
+    # Ids are what the other commands take: never cut or folded, whatever the terminal's width
+    # (the other columns shrink instead).
+    table.add_column("id", no_wrap=True, min_width=36)
+    for heading in ("kind", "status", "revision", "by", "ms"):
+        table.add_column(heading, overflow="fold")
     for d in docs["deployments"]:
         table.add_row(
             shown(d["created_at"][:19]),
@@ -765,7 +786,9 @@ def history(
 
 @app.command()
 def rollback(
-    deployment_id: Annotated[str, typer.Argument(help="The deployment to undo.")],
+    deployment_id: Annotated[
+        str, typer.Argument(help="The deployment to undo (its id or a unique prefix).")
+    ],
     wait: bool = True,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
@@ -774,7 +797,8 @@ def rollback(
     """Put the service back on the revision that served before DEPLOYMENT_ID."""
     client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
     accepted = _check(client.request("POST", f"/api/v1/rollback/{deployment_id}"))
-    err.print(f"rollback [bold]{shown(accepted['deployment_id'])}[/bold] of {shown(deployment_id)}")
+    undone = _check(client.request("GET", f"/api/v1/deployments/{deployment_id}"))["id"]
+    err.print(f"rollback [bold]{shown(accepted['deployment_id'])}[/bold] of {shown(undone)}")
     _follow_and_exit(client, accepted["deployment_id"], wait, success="Success")
 
 
@@ -787,7 +811,9 @@ def _follow_and_exit(client: ApiClient, deployment_id: str, wait: bool, *, succe
 
 @app.command()
 def promote(
-    deployment_id: Annotated[str, typer.Argument(help="A Paused deployment.")],
+    deployment_id: Annotated[
+        str, typer.Argument(help="A Paused deployment (its id or a unique prefix).")
+    ],
     wait: bool = True,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
@@ -795,14 +821,17 @@ def promote(
 ) -> None:
     """Let a Paused deployment (a canary stage's gate, or an analysis waiting for a human) go on."""
     client = _client(server, token, data_dir, "deployment:create", "deployment:read")
-    _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/promote"))
+    accepted = _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/promote"))
+    deployment_id = accepted["deployment_id"]  # the full id of a prefix
     err.print(f"promoted [bold]{shown(deployment_id)}[/bold]")
     _follow_and_exit(client, deployment_id, wait, success="Success")
 
 
 @app.command()
 def abort(
-    deployment_id: Annotated[str, typer.Argument(help="A deployment in flight.")],
+    deployment_id: Annotated[
+        str, typer.Argument(help="A deployment in flight (its id or a unique prefix).")
+    ],
     wait: bool = True,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
@@ -810,7 +839,8 @@ def abort(
 ) -> None:
     """Abort a deployment in flight: the candidate's weight goes to 0 now, then it rolls back."""
     client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
-    _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/abort"))
+    accepted = _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/abort"))
+    deployment_id = accepted["deployment_id"]  # the full id of a prefix
     err.print(f"aborting [bold]{shown(deployment_id)}[/bold]")
     _follow_and_exit(client, deployment_id, wait, success="RolledBack")
 

@@ -156,11 +156,8 @@ class Store:
                 )
         except IntegrityError as exc:
             running = self.active_deployment(doc["service"], doc["region"])
-            raise DeploymentInProgress(
-                f"service {doc['service']} in region {doc['region']} already has deployment "
-                f"{running['id'] if running else '(unknown)'} in progress; "
-                "wait for it or roll it back",
-                running_deployment_id=running["id"] if running else None,
+            raise in_progress(
+                doc["service"], doc["region"], running["id"] if running else None
             ) from exc
 
     def save_deployment(self, doc: dict[str, Any], *, active: bool) -> None:
@@ -180,6 +177,18 @@ class Store:
             raise NotFound(f"deployment {deployment_id} not found")
         doc: dict[str, Any] = json.loads(row[0])
         return doc
+
+    def deployment_ids_with_prefix(self, prefix: str, limit: int = 100) -> list[tuple[str, str]]:
+        """``(id, service)`` of the deployments whose id starts with ``prefix`` (lower-case
+        hex and ``-``, so nothing in it is a LIKE wildcard), at most ``limit``, by id."""
+        q = (
+            select(deployments.c.id, deployments.c.service)
+            .where(deployments.c.id.startswith(prefix, autoescape=True))
+            .order_by(deployments.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(str(i), str(s)) for i, s in conn.execute(q).all()]
 
     def active_deployment(self, service: str, region: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -304,6 +313,23 @@ class Store:
         return row
 
 
+def in_progress(service: str, region: str, running_id: str | None) -> DeploymentInProgress:
+    """The 409 for a change to a service a deployment is driving: names the deployment and the
+    two commands that deal with it (follow it, or abort it)."""
+    if running_id is None:
+        return DeploymentInProgress(
+            f"service {service} in region {region} already has a deployment in progress; "
+            f"see `shipyard status {service}`",
+            running_deployment_id=None,
+        )
+    return DeploymentInProgress(
+        f"service {service} in region {region} already has deployment {running_id} in "
+        f"progress: follow it with `shipyard status {running_id}`, or stop it with "
+        f"`shipyard abort {running_id}` (traffic goes back to the stable revision)",
+        running_deployment_id=running_id,
+    )
+
+
 def check_service_row(row: ServiceRow) -> None:
     """The service record's invariants (see ``Store.upsert_service``)."""
     if row.warm_revision is not None and row.warm_revision == row.serving_revision:
@@ -350,6 +376,11 @@ class AsyncStore:
 
     async def get_deployment(self, deployment_id: str) -> dict[str, Any]:
         return await to_thread(self.sync.get_deployment, deployment_id)
+
+    async def deployment_ids_with_prefix(
+        self, prefix: str, limit: int = 100
+    ) -> list[tuple[str, str]]:
+        return await to_thread(self.sync.deployment_ids_with_prefix, prefix, limit)
 
     async def active_deployment(self, service: str, region: str) -> dict[str, Any] | None:
         return await to_thread(self.sync.active_deployment, service, region)
