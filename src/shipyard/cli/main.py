@@ -34,13 +34,19 @@ from rich.table import Table
 
 from shipyard.cli.audit import audit_app
 from shipyard.cli.build import build_app
-from shipyard.cli.client import DEFAULT_SERVER, ApiClient, resolve_token, source_defaults
+from shipyard.cli.client import (
+    DEFAULT_SERVER,
+    ApiClient,
+    is_local,
+    resolve_token,
+    source_defaults,
+)
 from shipyard.cli.keys import keys_app
 from shipyard.cli.safe import shown
 from shipyard.cli.security import security_app
 from shipyard.cli.token import token_app
 from shipyard.domain import deployment_ids
-from shipyard.domain.manifest import parse_manifest
+from shipyard.domain.manifest import MANIFEST_NAME, parse_manifest
 from shipyard.domain.models import DNS_LABEL
 from shipyard.errors import InvalidInput, ManifestError, ShipyardError
 from shipyard.private_files import ensure_private_dir
@@ -471,7 +477,11 @@ def deploy(
         str, typer.Argument(help="Git URL or local path of the service's repository.")
     ],
     branch: Annotated[
-        str | None, typer.Option(help="Default: the repository's current branch.")
+        str | None,
+        typer.Option(
+            help="Default: the repository's HEAD branch (the checked-out one of a local path, "
+            "the default one of a remote), as `shipyard build`."
+        ),
     ] = None,
     commit: Annotated[str | None, typer.Option(help="Default: the branch head.")] = None,
     service: Annotated[
@@ -511,9 +521,7 @@ def deploy(
     try:
         repo, branch, commit, manifest_text = source_defaults(repository, branch, commit)
         if service is None:
-            if manifest_text is None:
-                raise InvalidInput("pass --service (no shipyard.toml found to take the name from)")
-            service = parse_manifest(manifest_text).service.name
+            service = _service_from(repo, branch, commit, manifest_text)
         strategy_body = _strategy(
             strategy,
             stages=stages,
@@ -547,6 +555,23 @@ def deploy(
     if format == "json":
         out.print_json(data=final)
     raise typer.Exit(0 if final["status"] == "Success" else 1)
+
+
+def _service_from(repo: str, branch: str, commit: str, manifest_text: str | None) -> str:
+    """``[service] name`` of the commit's manifest, for ``deploy`` without ``--service``; the
+    errors say which commit was read (or that a remote's manifest cannot be read from here)."""
+    at = f"commit {commit[:12]} (branch {branch})"
+    if not is_local(repo):
+        raise InvalidInput(
+            f"{repo} is a remote repository: its {MANIFEST_NAME} is read by the server, so give "
+            "the service's name with --service"
+        )
+    if manifest_text is None:
+        raise InvalidInput(
+            f"no {MANIFEST_NAME} at {at} of {repo} to take the service name from; add one "
+            "(see README) or pass --service"
+        )
+    return parse_manifest(manifest_text, origin=f"{MANIFEST_NAME} at {at}").service.name
 
 
 def _int_or_percent(value: str, flag: str) -> int | str:
