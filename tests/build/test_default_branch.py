@@ -44,7 +44,7 @@ async def test_a_remote_defaults_to_its_head_branch(
 
 async def test_a_detached_head_names_no_branch(repo: GitRepo) -> None:
     repo.git("checkout", "--quiet", "--detach")
-    with pytest.raises(SourceError, match="has no default branch .* pass --branch"):
+    with pytest.raises(SourceError, match=r"has no default branch .* pass --branch"):
         await default_branch(str(repo.path))
 
 

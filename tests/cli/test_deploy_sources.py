@@ -11,11 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.build.helpers import MANIFEST, GitRepo, GitServer
 from typer.testing import CliRunner, Result
 
 from shipyard.cli import main
 from shipyard.cli.client import ApiClient
-from tests.build.helpers import MANIFEST, GitRepo, GitServer
 
 runner = CliRunner()
 DEPLOYMENT_ID = "0b8f3a56-6c2f-4a53-9d6f-1f2d4c3b2a10"
