@@ -27,7 +27,6 @@ from typing import Annotated
 import httpx
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from shipyard.audit import proving
@@ -46,7 +45,7 @@ from shipyard.audit.log import (
     read_rows,
     verify_database,
 )
-from shipyard.cli.safe import neutralised, shown
+from shipyard.cli.safe import console, neutralised, shown
 from shipyard.errors import InvalidInput
 
 DB_FILENAME = "shipyard.db"
@@ -304,4 +303,4 @@ def _print_table(records: list[AuditRecord]) -> None:
             "" if r.duration_ms is None else str(r.duration_ms),
         )
     # A terminal gets its own width; a pipe gets room for whole UUIDs on one line.
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console(width=None if sys.stdout.isatty() else 200).print(table)

@@ -35,7 +35,7 @@ from rich.table import Table
 from shipyard.build.base import Artifact, BuildRequest
 from shipyard.build.registry import BuildConfig, build_source
 from shipyard.build.source import branch_head, default_branch
-from shipyard.cli.safe import shown
+from shipyard.cli.safe import console, shown
 from shipyard.domain.models import BUILD_TIME_TARGET_MS, SourceConfig
 from shipyard.errors import InvalidInput, ShipyardError
 
@@ -89,8 +89,8 @@ def build(
     ] = False,
 ) -> None:
     """Build REPO at --commit (default: the head of --branch); print digest, cache hits, time."""
-    out = Console(highlight=False)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    out = console(highlight=False)
+    err = console(stderr=True, highlight=False, soft_wrap=True)
     try:
         builders = _read_builders(builders_config)
         config = BuildConfig(data_dir=data_dir, builders=builders)
@@ -190,8 +190,8 @@ def _table(artifact: Artifact) -> Table:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("digest", artifact.digest)
-    table.add_row("artifact", f"{artifact.kind} {shown(artifact.location)}")
+    table.add_row("digest", shown(artifact.digest))
+    table.add_row("artifact", f"{shown(artifact.kind)} {shown(artifact.location)}")
     table.add_row("commit", shown(artifact.commit))
     table.add_row("builder", shown(artifact.builder))
     if cache.no_cache:

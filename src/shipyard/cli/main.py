@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from shipyard.cli.audit import audit_app
@@ -42,7 +41,7 @@ from shipyard.cli.client import (
     source_defaults,
 )
 from shipyard.cli.keys import keys_app
-from shipyard.cli.safe import shown
+from shipyard.cli.safe import console, shown
 from shipyard.cli.security import security_app
 from shipyard.cli.token import token_app
 from shipyard.domain import deployment_ids
@@ -64,8 +63,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(security_app)  # scan, vulndb
 app.add_typer(build_app)  # build
 
-out = Console()
-err = Console(stderr=True)
+out = console()
+err = console(stderr=True)
 
 DataDir = Annotated[
     Path, typer.Option("--data-dir", help="Server data directory.", envvar="SHIPYARD_DATA_DIR")
@@ -176,12 +175,13 @@ def _sandbox(data_dir: Path, insecure: bool, uids: str) -> Sandbox:
         os.environ["SHIPYARD_INSECURE_NO_SANDBOX"] = "1"
         err.print(
             "[bold red]WARNING: --insecure-no-sandbox: build commands and apps run as this "
-            f"server's user (uid {os.geteuid()}) and can read {data_dir}: the signing and token "
+            f"server's user (uid {os.geteuid()}) and can read {shown(data_dir)}: the signing and "
+            "token "
             "keys, the agent token, the database and the audit trail. Never use this for code "
             "you do not trust.[/bold red]"
         )
     else:
-        err.print(f"shipyard: {sandbox.describe()}")
+        err.print(f"shipyard: {shown(sandbox.describe())}")
     return sandbox
 
 
@@ -339,7 +339,10 @@ def serve(
             "but not scanned for vulnerabilities"
         )
     scheme = "https" if tls_cert else "http"
-    err.print(f"shipyard serve: API on {scheme}://{host}:{port}, data in {settings.data_dir}")
+    err.print(
+        f"shipyard serve: API on {scheme}://{shown(host)}:{port}, "
+        f"data in {shown(settings.data_dir)}"
+    )
     descriptors = edge.raise_descriptor_limit()
     config = edge.server_config(
         create_app(settings), settings, host, port, descriptor_limit=descriptors
@@ -485,7 +488,7 @@ def deploy(
     ] = None,
     commit: Annotated[str | None, typer.Option(help="Default: the branch head.")] = None,
     service: Annotated[
-        str | None, typer.Option(help="Default: [service] name of shipyard.toml.")
+        str | None, typer.Option(help="Default: \\[service] name of shipyard.toml.")
     ] = None,
     region: str = "local",
     strategy: Annotated[str, typer.Option(help="blue-green, canary or rolling.")] = "blue-green",

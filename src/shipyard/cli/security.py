@@ -28,7 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shipyard.cli.safe import shown
+from shipyard.cli.safe import console, shown
 from shipyard.errors import InvalidInput
 from shipyard.security import inventory, osv, policy
 from shipyard.security.cvss import Severity
@@ -42,7 +42,7 @@ security_app = typer.Typer(
 
 def _out() -> Console:
     # Made per call, not at import: width and colour follow the environment of each run.
-    return Console(highlight=False)
+    return console(highlight=False)
 
 
 class OutputFormat(enum.StrEnum):
@@ -76,7 +76,7 @@ _STYLE = {
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {shown(message, multiline=True)}")
+    console(stderr=True).print(f"[red]error:[/red] {shown(message, multiline=True)}")
     return typer.Exit(code)
 
 
@@ -149,7 +149,7 @@ def scan(
     db: DbOption = None,
     policy_file: Annotated[
         Path | None,
-        typer.Option("--policy", help="Policy file (TOML [security] table, e.g. shipyard.toml)."),
+        typer.Option("--policy", help="Policy file (TOML \\[security] table, e.g. shipyard.toml)."),
     ] = None,
     output: FormatOption = OutputFormat.table,
     data_dir: DataDirOption = None,
@@ -188,7 +188,8 @@ def _print_scan(
     rows += [(a.finding, f"allowed: {shown(a.reason)}") for a in evaluation.allowed]
     rows += [(f, "report") for f in evaluation.passed]
     out.print(
-        f"Scanned {len(inv.packages)} package(s) from {shown(inv.source)} ({inv.kind}) against "
+        f"Scanned {len(inv.packages)} package(s) from {shown(inv.source)} ({shown(inv.kind)}) "
+        "against "
         f"{len(database.advisories)} advisories in {shown(database.path)}."
     )
     for s in inv.skipped:
@@ -202,10 +203,12 @@ def _print_scan(
         out.print(
             f"[yellow]expired allow entry[/] {shown(e.entry.id)} "
             f"(expired {e.entry.expires.isoformat()}): "
-            f"no longer applies; matched {matched}"
+            f"no longer applies; matched {shown(matched)}"
         )
     verdict = "[bold red]BLOCKED[/]" if evaluation.blocked else "[green]passes[/]"
-    out.print(f"{verdict}: {shown(evaluation.summary())} (policy: {evaluation.policy.describe()})")
+    out.print(
+        f"{verdict}: {shown(evaluation.summary())} (policy: {shown(evaluation.policy.describe())})"
+    )
 
 
 @security_app.command("vulndb")

@@ -23,12 +23,11 @@ from typing import Annotated
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from shipyard.api import permissions
 from shipyard.api.tokens import TokenService
-from shipyard.cli.safe import neutralised, shown
+from shipyard.cli.safe import console, neutralised, shown
 from shipyard.errors import InvalidInput, NotFound
 
 token_app = typer.Typer(
@@ -152,7 +151,7 @@ def list_tokens(data_dir: DataDir) -> None:
         table.add_row(
             shown(row.id), shown(row.subject), shown(perms), _when(row.expires_at), shown(revoked)
         )
-    Console(width=200).print(table)
+    console(width=200).print(table)
 
 
 @token_app.command()
