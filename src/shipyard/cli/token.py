@@ -1,15 +1,16 @@
 """``shipyard token``: issue, list and revoke API bearer tokens from a terminal.
 
 The lead's main CLI mounts ``token_app`` as ``shipyard token``. Every command works on the data
-directory through ``api.tokens.TokenService.for_data_dir``: its signing key (created on first
-use by ``serve``), its token registry and its audit trail (``token.created`` / ``token.revoked``, by
-``local:<os user>``). ``create`` refuses a directory no server has used (no ``keys/jwt.key``:
-a key minted there would sign tokens no server accepts) and prints a human summary on stderr and the token alone as the last
-line of stdout, so ``TOKEN=$(shipyard token create ...)`` works; it refuses a lifetime longer
-than the limit the server last started with (``shipyard serve --max-token-ttl-days``, 90 days by
-default). ``revoke`` takes effect on the next request to every server sharing the store.
-``issue_local`` is the same issuing for the CLI's own short-lived tokens (cli/client.py,
-cli/demo.py). Exit 2 for a missing data directory or bad input, 1 for an unknown token id.
+directory (``--data-dir`` or ``SHIPYARD_DATA_DIR``) through ``api.tokens.TokenService``: its
+signing key (created by ``serve`` at its first start), its token registry and its audit trail
+(``token.created`` / ``token.revoked``, by ``local:<os user>``). ``create`` refuses a directory
+no server has used (no ``keys/jwt.key``: a key minted there would sign tokens no server
+accepts), prints a human summary on stderr and the token alone as the last line of stdout, so
+``TOKEN=$(shipyard token create ...)`` works; it refuses a lifetime longer than the limit the
+server last started with (``shipyard serve --max-token-ttl-days``, 90 days by default).
+``revoke`` takes effect on the next request to every server sharing the store. ``issue_local``
+is the same issuing for the CLI's own short-lived tokens (cli/client.py, cli/demo.py). Exit 2
+for a missing data directory or bad input, 1 for an unknown token id.
 """
 
 from __future__ import annotations
