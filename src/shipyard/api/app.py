@@ -16,6 +16,8 @@ as typed records) or the store (services). Both are awaited without blocking the
     GET  /api/v1/deployments/{id}/audit      deployment:read
     GET  /api/v1/services                    deployment:read
     GET  /api/v1/services/{name}             deployment:read
+    PUT  /api/v1/services/{name}/replicas    service:scale       scale (api/service_ops.py)
+    DELETE /api/v1/services/{name}           service:delete      delete (api/service_ops.py)
     GET  /api/v1/keys                        deployment:read     signing public keys (?format=pem)
     GET  /metrics                            deployment:read     Prometheus exposition
     GET  /api/v1/tokens                      token:admin         every issued token (no secrets)
@@ -41,7 +43,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from shipyard import __version__
-from shipyard.api import docs, problems
+from shipyard.api import docs, problems, service_ops
 from shipyard.api import metrics as metrics_mod
 from shipyard.api import schemas as api
 from shipyard.api.auth import Claims, require_permission
@@ -241,6 +243,7 @@ def create_app(
     if settings.docs:
         docs.install(app)
     problems.install(app)
+    app.include_router(service_ops.router)  # PUT .../replicas, DELETE /services/{name}
     _declare_regions(app, settings.regions)
     exposition = metrics_mod.MetricsEndpoint()
 
