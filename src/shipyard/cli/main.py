@@ -1,13 +1,15 @@
 """The ``shipyard`` command (Typer + Rich): the terminal edge of the API.
 
     shipyard serve     control plane: API + orchestrator (starts or re-attaches to the agent)
-    shipyard agent     data plane of one region: router + app supervisor
+    shipyard agent     data plane of one region: router + app supervisor (`agent stop` stops it)
     shipyard deploy    build and roll out a repository, with live stage progress
     shipyard status    one deployment, or a service
     shipyard history   a service's deployments
     shipyard rollback  put a service back on the revision before a deployment
     shipyard promote   let a Paused (canary gate) deployment go on
     shipyard abort     abort a deployment in flight: traffic back on stable at once
+    shipyard scale     change a service's replica count without a deployment (cli/services.py)
+    shipyard service   delete a service (cli/services.py)
     shipyard audit     verify / prove / show the hash-chained audit trail
     shipyard token     create API tokens
     shipyard keys      export the artifact-signing public key (for verifiers)
@@ -31,6 +33,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from shipyard.cli import agent_ctl
 from shipyard.cli.audit import audit_app
 from shipyard.cli.build import build_app
 from shipyard.cli.client import (
@@ -43,6 +46,7 @@ from shipyard.cli.client import (
 from shipyard.cli.keys import keys_app
 from shipyard.cli.safe import console, shown
 from shipyard.cli.security import security_app
+from shipyard.cli.services import services_app
 from shipyard.cli.token import token_app
 from shipyard.domain import deployment_ids
 from shipyard.domain.manifest import MANIFEST_NAME, parse_manifest
@@ -62,6 +66,11 @@ app.add_typer(token_app, name="token")
 app.add_typer(keys_app, name="keys")
 app.add_typer(security_app)  # scan, vulndb
 app.add_typer(build_app)  # build
+app.add_typer(services_app)  # scale, service delete
+#: ``shipyard agent`` runs the agent; ``shipyard agent stop`` stops a running one.
+agent_app = typer.Typer()
+agent_app.command("stop")(agent_ctl.stop)
+app.add_typer(agent_app, name="agent")
 
 out = console()
 err = console(stderr=True)
@@ -395,8 +404,9 @@ def _check_witnesses(witnesses: tuple[str, ...], data_dir: Path, history: Path |
         )
 
 
-@app.command()
+@agent_app.callback(invoke_without_command=True)
 def agent(
+    ctx: typer.Context,
     data_dir: DataDir = Path(".shipyard"),
     region: Annotated[str, typer.Option(help="Region this agent serves.")] = "local",
     detach: Annotated[
@@ -433,7 +443,9 @@ def agent(
     """Run the data plane of one region: the traffic router and the app supervisor.
 
     The router limits are every service's defaults; a service's own are set through the agent
-    API (``PUT /v1/services/NAME/limits``)."""
+    API (``PUT /v1/services/NAME/limits``). ``shipyard agent stop`` stops a running one."""
+    if ctx.invoked_subcommand is not None:
+        return  # `shipyard agent stop`
     import uvloop
 
     from shipyard.agent.server import run_agent
