@@ -223,3 +223,15 @@ async def test_deleting_an_unknown_service_is_a_404(client: httpx.AsyncClient, h
     r = await client.delete("/api/v1/services/nothere", headers=h.headers("service:delete"))
     assert r.status_code == 404
     assert "does not exist in region local" in r.json()["detail"]
+
+
+async def test_a_405_lists_every_method_of_the_resource(
+    client: httpx.AsyncClient, h: Harness
+) -> None:
+    """``GET`` and ``DELETE`` of a service are two routes; Allow names both (found by the
+    schema fuzzer: Starlette named only the first route's)."""
+    r = await client.request("OPTIONS", "/api/v1/services/api", headers=h.headers())
+    assert r.status_code == 405
+    assert r.headers["allow"] == "DELETE, GET"
+    replicas = await client.request("POST", "/api/v1/services/api/replicas", headers=h.headers())
+    assert replicas.headers["allow"] == "PUT"

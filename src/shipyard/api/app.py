@@ -243,7 +243,7 @@ def create_app(
     if settings.docs:
         docs.install(app)
     problems.install(app)
-    app.include_router(service_ops.router)  # PUT .../replicas, DELETE /services/{name}
+    service_ops.install(app)  # PUT /services/{name}/replicas, DELETE /services/{name}
     _declare_regions(app, settings.regions)
     exposition = metrics_mod.MetricsEndpoint()
 

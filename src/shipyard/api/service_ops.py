@@ -1,4 +1,4 @@
-"""The API's service operations outside any deployment, included by ``api/app.py``:
+"""The API's service operations outside any deployment, installed by ``api/app.py``:
 
     PUT    /api/v1/services/{name}/replicas   service:scale    {"replicas": N}: scale the serving
                                                                revision (health-gated, drained)
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from shipyard.api import problems
@@ -22,8 +22,6 @@ from shipyard.api.auth import Claims, require_permission
 from shipyard.api.context import AppContext
 from shipyard.domain.models import DNS_LABEL
 from shipyard.orchestrator.services import MAX_REPLICAS, MIN_REPLICAS
-
-router = APIRouter(tags=["services"])
 
 CanScale = Annotated[Claims, Depends(require_permission("service:scale"))]
 CanDelete = Annotated[Claims, Depends(require_permission("service:delete"))]
@@ -65,11 +63,6 @@ class ServiceDeleteRead(BaseModel):
     url: str | None = Field(description="The route that no longer exists.")
 
 
-@router.put(
-    "/api/v1/services/{name}/replicas",
-    response_model=ServiceScaleRead,
-    responses=problems.responses(*_COMMON),
-)
 async def scale_service(
     name: Name, body: ScaleRequest, claims: CanScale, c: Ctx, region: Region = "local"
 ) -> dict[str, Any]:
@@ -91,11 +84,6 @@ async def scale_service(
     }
 
 
-@router.delete(
-    "/api/v1/services/{name}",
-    response_model=ServiceDeleteRead,
-    responses=problems.responses(*_COMMON),
-)
 async def delete_service(
     name: Name, claims: CanDelete, c: Ctx, region: Region = "local"
 ) -> dict[str, Any]:
@@ -110,3 +98,25 @@ async def delete_service(
         "replicas": done.replicas,
         "url": done.url,
     }
+
+
+def install(app: FastAPI) -> None:
+    """Add the routes to ``app`` itself rather than through an included ``APIRouter``: a 405's
+    ``Allow`` is computed from the app's own routes (``problems._allowed``), and the service
+    path has one route per method (``GET`` in app.py, ``DELETE`` here)."""
+    app.add_api_route(
+        "/api/v1/services/{name}/replicas",
+        scale_service,
+        methods=["PUT"],
+        tags=["services"],
+        response_model=ServiceScaleRead,
+        responses=problems.responses(*_COMMON),
+    )
+    app.add_api_route(
+        "/api/v1/services/{name}",
+        delete_service,
+        methods=["DELETE"],
+        tags=["services"],
+        response_model=ServiceDeleteRead,
+        responses=problems.responses(*_COMMON),
+    )
