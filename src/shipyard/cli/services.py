@@ -45,6 +45,7 @@ Region = Annotated[str, typer.Option(help="The service's region.")]
 err = console(stderr=True)
 
 
+# Typer renders docstrings as Rich markup: ``\\[`` keeps a literal bracket.
 @services_app.command()
 def scale(
     service: Annotated[str, typer.Argument(help="The service.")],
@@ -58,7 +59,7 @@ def scale(
 
     New replicas take traffic only once healthy; removed ones finish their requests first. The
     count holds while this revision serves; the next deployment runs its manifest's
-    [run] replicas."""
+    \\[run] replicas."""
     from shipyard.cli import main  # main mounts this module: import it when a command runs
 
     client = main._client(server, token, data_dir, "service:scale")
