@@ -141,7 +141,7 @@ async def resolve_source(source: SourceConfig, *, cache_dir: Path) -> ResolvedSo
         commit, tree = found[1], found[2]
     else:
         await _branch_ref(mirror, branch, source.repository)
-        commit = await _resolve_commit(mirror, source.commit, source.repository)
+        commit = await _resolve_commit(mirror, source.commit, source.repository, branch)
         tree = (
             await _git(
                 ["rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}"],
@@ -480,7 +480,7 @@ def _check_branch(branch: str) -> str:
     return branch
 
 
-async def _resolve_commit(mirror: Path, commit: str, repository: str) -> str:
+async def _resolve_commit(mirror: Path, commit: str, repository: str, branch: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{4,64}", commit):
         raise SourceError(f"commit {commit!r} is not a hex commit id")
     found = await _git(
@@ -508,7 +508,10 @@ async def _resolve_commit(mirror: Path, commit: str, repository: str) -> str:
         ]
     if not commits:
         raise SourceError(
-            f"commit {commit} not found in {repository}", repository=repository, commit=commit
+            f"commit {commit} not found in {repository} (branch {branch})",
+            repository=repository,
+            branch=branch,
+            commit=commit,
         )
     if len(commits) > 1:
         raise SourceError(
