@@ -146,3 +146,14 @@ def test_promote_and_abort_by_prefix_follow_the_full_id(
     assert result.exit_code == 0, result.output
     assert IDS[0] in result.stderr
     assert ("GET", full) in asked
+
+
+def test_status_of_an_unknown_full_id_says_the_deployment_is_not_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full id is never retried as a service name (it would say "never deployed")."""
+    asked: list[tuple[str, str]] = []
+    monkeypatch.setattr(main, "ApiClient", _api({}, asked))
+    result = runner.invoke(main.app, ["status", IDS[0], "--token", "t"])
+    assert result.exit_code == 2
+    assert asked == [("GET", f"/api/v1/deployments/{IDS[0]}")]

@@ -781,7 +781,8 @@ def _deployment_or_service(
     deployment first, then as a service, so a service named like hex digits still works."""
     if re.fullmatch(deployment_ids.PATTERN, target):
         resp = client.request("GET", f"/api/v1/deployments/{target}")
-        if resp.status_code != 404 or not re.fullmatch(DNS_LABEL, target):
+        full_id = len(target) == deployment_ids.FULL_LENGTH
+        if resp.status_code != 404 or full_id or not re.fullmatch(DNS_LABEL, target):
             return _check(resp), True
     return _check(
         client.request("GET", f"/api/v1/services/{target}", params={"region": region})
