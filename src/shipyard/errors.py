@@ -5,6 +5,7 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     ShipyardError
     ├── PermanentError                  retrying the same thing will fail the same way
     │   ├── InvalidInput                bad request, flag or file: fix the input (HTTP 422)
+    │   │   ├── AmbiguousDeploymentId   an id prefix that more than one deployment starts with
     │   │   ├── ManifestError           shipyard.toml missing or invalid, names the field
     │   │   ├── SourceError             unknown repository, commit, or commit not on branch
     │   │   │   └── SourceNotAllowed    outside --allow-source / --source-root
@@ -98,6 +99,12 @@ class InvalidInput(PermanentError):
 
 class ManifestError(InvalidInput):
     code = "invalid_manifest"
+
+
+class AmbiguousDeploymentId(InvalidInput):
+    """A deployment id prefix that several deployments start with (``candidates`` lists them)."""
+
+    code = "ambiguous_deployment_id"
 
 
 class SourceError(InvalidInput):

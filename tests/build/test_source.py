@@ -116,7 +116,9 @@ async def test_unknown_branch(repo: GitRepo, data_dir: Path) -> None:
 
 
 async def test_unknown_commit(repo: GitRepo, data_dir: Path) -> None:
-    with pytest.raises(SourceError, match=r"commit 0123456789ab not found in .*repo"):
+    with pytest.raises(
+        SourceError, match=r"commit 0123456789ab not found in .*repo \(branch main\)"
+    ):
         await resolve_source(repo.source("0123456789ab"), cache_dir=data_dir)
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from shipyard.audit import AuditEvent, SqlAuditLog
 from shipyard.cli.audit import audit_app
+from shipyard.store.db import Store, make_engine
 
 runner = CliRunner()
 
@@ -134,3 +135,41 @@ def test_show_reports_a_record_it_cannot_read(data_dir: Path) -> None:
 
     assert result.exit_code == 1
     assert "audit record 3 cannot be read: detail is not valid JSON" in result.stderr
+
+
+def _with_deployments(data_dir: Path, *ids: str) -> None:
+    """Deployments in the store (the audit filter resolves prefixes among them)."""
+    store = Store(make_engine(data_dir))
+    for n, dep_id in enumerate(ids):
+        store.create_deployment(
+            {"id": dep_id, "service": f"s{n}", "region": "local", "status": "Success",
+             "created_ts": float(n)},
+            active=False,
+        )  # fmt: skip
+    store.engine.dispose()
+
+
+def test_show_takes_a_unique_prefix_of_a_deployment_id(tmp_path: Path) -> None:
+    full, other = "c0ffee00-1111-4111-8111-111111111111", "c0ff0000-2222-4222-8222-222222222222"
+    _with_deployments(tmp_path, full, other)
+    write_trail(tmp_path, [full, other, full])
+
+    result = runner.invoke(
+        audit_app,
+        ["show", "--data-dir", str(tmp_path), "--deployment", "c0ffee", "--format", "json"],
+    )
+
+    assert result.exit_code == 0, result.output
+    assert [r["seq"] for r in json.loads(result.stdout)] == [1, 3]
+
+
+def test_show_refuses_an_ambiguous_prefix_listing_both(tmp_path: Path) -> None:
+    full, other = "c0ffee00-1111-4111-8111-111111111111", "c0ff0000-2222-4222-8222-222222222222"
+    _with_deployments(tmp_path, full, other)
+    write_trail(tmp_path, [full, other])
+
+    result = runner.invoke(audit_app, ["show", "--data-dir", str(tmp_path), "--deployment", "c0ff"])
+
+    assert result.exit_code == 2
+    assert full in result.stderr and other in result.stderr
+    assert "ambiguous" in result.stderr

@@ -19,7 +19,16 @@ from shipyard.store.tokens import TokenStore
 runner = CliRunner()
 
 
+def served(data_dir: Path) -> Path:
+    """What ``shipyard serve --data-dir DATA_DIR`` leaves at its first start: the token key and
+    the store (``api/context.py``)."""
+    TokenAuthority.from_data_dir(data_dir)
+    make_engine(data_dir).dispose()
+    return data_dir
+
+
 def test_create_prints_a_token_the_server_accepts(tmp_path: Path) -> None:
+    served(tmp_path)
     result = runner.invoke(
         token_app,
         [
@@ -46,6 +55,7 @@ def test_create_prints_a_token_the_server_accepts(tmp_path: Path) -> None:
 
 
 def test_ttl_seconds_sets_the_lifetime(tmp_path: Path) -> None:
+    served(tmp_path)
     result = runner.invoke(
         token_app,
         [
@@ -93,6 +103,7 @@ def test_a_missing_data_dir_exits_2(tmp_path: Path) -> None:
 
 
 def test_bad_ttl_and_subject_exit_2(tmp_path: Path) -> None:
+    served(tmp_path)
     base = ["create", "--data-dir", str(tmp_path), "--permission", "deployment:read"]
     bad_ttl = runner.invoke(token_app, [*base, "--subject", "a", "--ttl-seconds", "0"])
     bad_subject = runner.invoke(token_app, [*base, "--subject", " padded"])
@@ -123,6 +134,7 @@ def token_id_of(result: Result) -> str:
 
 
 def test_create_records_the_token_and_audits_it(tmp_path: Path) -> None:
+    served(tmp_path)
     result = create(tmp_path, "--subject", "ci", "--permission", "deployment:read")
 
     assert result.exit_code == 0, result.output
@@ -137,6 +149,7 @@ def test_create_records_the_token_and_audits_it(tmp_path: Path) -> None:
 
 
 def test_a_lifetime_over_the_default_limit_is_refused(tmp_path: Path) -> None:
+    served(tmp_path)
     result = create(
         tmp_path, "--subject", "ci", "--permission", "deployment:read", "--ttl-seconds", "7776001"
     )
@@ -149,6 +162,7 @@ def test_a_lifetime_over_the_default_limit_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_limit_the_server_started_with_is_obeyed(tmp_path: Path) -> None:
+    served(tmp_path)
     TokenStore(make_engine(tmp_path)).set_max_ttl_seconds(86400)  # serve --max-token-ttl-days 1
     base = ["--subject", "ci", "--permission", "deployment:read", "--ttl-seconds"]
 
@@ -161,6 +175,7 @@ def test_the_limit_the_server_started_with_is_obeyed(tmp_path: Path) -> None:
 
 
 def test_scoped_permissions_are_issued_as_written(tmp_path: Path) -> None:
+    served(tmp_path)
     result = create(
         tmp_path,
         "--subject",
@@ -204,6 +219,7 @@ def test_help_lists_every_permission_and_the_scope_syntax() -> None:
 
 
 def test_list_shows_ids_subjects_permissions_and_revocations(tmp_path: Path) -> None:
+    served(tmp_path)
     ci = token_id_of(create(tmp_path, "--subject", "ci", "--permission", "deployment:create:web-*"))
     ops = token_id_of(create(tmp_path, "--subject", "ops", "--permission", "token:admin"))
     assert runner.invoke(token_app, ["revoke", ci, "--data-dir", str(tmp_path)]).exit_code == 0
@@ -218,6 +234,7 @@ def test_list_shows_ids_subjects_permissions_and_revocations(tmp_path: Path) -> 
 
 
 def test_revoke_is_recorded_once_and_says_so_the_second_time(tmp_path: Path) -> None:
+    served(tmp_path)
     ci = token_id_of(create(tmp_path, "--subject", "ci", "--permission", "deployment:read"))
 
     first = runner.invoke(token_app, ["revoke", ci, "--data-dir", str(tmp_path)])
@@ -244,3 +261,31 @@ def test_list_and_revoke_refuse_a_missing_data_dir(tmp_path: Path) -> None:
     revoked = runner.invoke(token_app, ["revoke", "x", "--data-dir", missing])
     assert (listed.exit_code, revoked.exit_code) == (2, 2)
     assert not (tmp_path / "nope").exists()
+
+
+def test_create_refuses_a_directory_no_server_has_used(tmp_path: Path) -> None:
+    """No new signing key is minted: the token would be refused by the real server."""
+    empty = tmp_path / "not-the-server"
+    empty.mkdir()
+    result = create(empty, "--subject", "ci", "--permission", "deployment:read")
+
+    assert result.exit_code == 2
+    said = " ".join(result.stderr.split())
+    assert f"{empty.resolve()} holds no Shipyard server state (no keys/jwt.key)" in said
+    assert "--data-dir DIR or SHIPYARD_DATA_DIR=DIR" in said
+    assert f"`shipyard serve --data-dir {empty}` first" in said
+    assert result.stdout == ""
+    assert list(empty.iterdir()) == []
+
+
+def test_create_reads_the_data_dir_from_the_environment(tmp_path: Path) -> None:
+    served(tmp_path)
+    result = runner.invoke(
+        token_app,
+        ["create", "--subject", "ci", "--permission", "deployment:read"],
+        env={"SHIPYARD_DATA_DIR": str(tmp_path)},
+    )
+
+    assert result.exit_code == 0, result.output
+    claims = TokenAuthority.from_data_dir(tmp_path).verify(result.stdout.splitlines()[-1])
+    assert claims.subject == "ci"

@@ -388,6 +388,33 @@ async def test_switch_and_stop_revision(harness: Harness) -> None:
     assert await harness.send() == Answer(200, "v2", v2.replica_id)
 
 
+async def test_a_larger_count_starts_only_the_missing_replicas(harness: Harness) -> None:
+    """What ``shipyard scale`` relies on (orchestrator/services.py): the new replicas are the
+    only ones started, take no traffic until told, and are listed after the older ones."""
+    runtime = harness.runtime
+    reps = await serve(harness, {"v1": 100})
+    old = reps["v1"].replica_id
+    more = await harness.start("v1", replicas=3)
+    fresh = [r.replica_id for r in more if r.replica_id != old]
+    assert len(more) == 3 and len(fresh) == 2
+    assert all(not r.routable for r in more if r.replica_id != old)
+    state = await runtime.service_state(SERVICE)
+    assert state is not None and [r.replica_id for r in state.replicas] == [old, *fresh]
+    assert set(await answers(harness, 6)) == {old}
+    await runtime.set_routable(SERVICE, fresh, True)
+    assert set(await answers(harness, 6)) == {old, *fresh}
+
+
+async def test_removing_the_route_stops_every_replica(harness: Harness) -> None:
+    """What ``shipyard service delete`` ends with."""
+    runtime = harness.runtime
+    await serve(harness, {"v1": 100})
+    await harness.start("v2")
+    await runtime.router.remove_managed_routes(SERVICE)
+    assert await runtime.service_state(SERVICE) is None
+    assert SERVICE not in await runtime.list_services()
+
+
 async def test_a_command_that_cannot_start_is_refused(harness: Harness) -> None:
     runtime = harness.runtime
     if isinstance(runtime, FakeRuntime):

@@ -16,6 +16,8 @@ as typed records) or the store (services). Both are awaited without blocking the
     GET  /api/v1/deployments/{id}/audit      deployment:read
     GET  /api/v1/services                    deployment:read
     GET  /api/v1/services/{name}             deployment:read
+    PUT  /api/v1/services/{name}/replicas    service:scale       scale (api/service_ops.py)
+    DELETE /api/v1/services/{name}           service:delete      delete (api/service_ops.py)
     GET  /api/v1/keys                        deployment:read     signing public keys (?format=pem)
     GET  /metrics                            deployment:read     Prometheus exposition
     GET  /api/v1/tokens                      token:admin         every issued token (no secrets)
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -42,12 +43,13 @@ from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from shipyard import __version__
-from shipyard.api import docs, problems
+from shipyard.api import docs, problems, service_ops
 from shipyard.api import metrics as metrics_mod
 from shipyard.api import schemas as api
 from shipyard.api.auth import Claims, require_permission
 from shipyard.api.context import AppContext, build_context
 from shipyard.api.limits import BodySizeLimit, ConcurrencyLimit, HeaderCountLimit
+from shipyard.domain import deployment_ids
 from shipyard.domain.models import (
     DNS_LABEL,
     Deployment,
@@ -67,6 +69,15 @@ CanRollback = Annotated[Claims, Depends(require_permission("deployment:rollback"
 CanRead = Annotated[Claims, Depends(require_permission("deployment:read"))]
 CanAdminTokens = Annotated[Claims, Depends(require_permission("token:admin"))]
 TokenId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+#: A deployment's id, or any unique prefix of it (``domain/deployment_ids.py``).
+DeploymentRef = Annotated[
+    str,
+    Path(
+        pattern=deployment_ids.PATTERN,
+        description="The deployment's id, or a unique prefix of it "
+        f"(at least {deployment_ids.MIN_PREFIX} characters).",
+    ),
+]
 ServiceName = Annotated[str, Query(pattern=DNS_LABEL, max_length=63)]
 Wait = Annotated[bool, Query(description="Answer when the deployment is final.")]
 WaitTimeout = Annotated[float, Query(gt=0, le=3600)]
@@ -115,11 +126,19 @@ def _resource(record: Record) -> dict[str, Any]:
     return Deployment.model_validate(dump_record(record)).model_dump(mode="json")
 
 
-async def _deployment(
-    c: AppContext, claims: Claims, permission: str, deployment_id: uuid.UUID
-) -> Record:
-    """The deployment, once ``claims`` are known to hold ``permission`` for its service."""
-    record = await c.pipeline.get(str(deployment_id))
+async def _deployment(c: AppContext, claims: Claims, permission: str, ref: str) -> Record:
+    """The deployment ``ref`` (its id or a unique prefix) names, once ``claims`` are known to
+    hold ``permission`` for its service. An ambiguous prefix is a 422 listing the candidates the
+    token may read."""
+    prefix = deployment_ids.normalise(ref)
+    if len(prefix) == deployment_ids.FULL_LENGTH:
+        deployment_id = prefix
+    else:
+        matches = await c.store.deployment_ids_with_prefix(prefix)
+        deployment_id = deployment_ids.choose(
+            prefix, matches, visible=lambda service: claims.may("deployment:read", service)
+        )
+    record = await c.pipeline.get(deployment_id)
     claims.require(permission, record.service)
     return record
 
@@ -224,6 +243,7 @@ def create_app(
     if settings.docs:
         docs.install(app)
     problems.install(app)
+    service_ops.install(app)  # PUT /services/{name}/replicas, DELETE /services/{name}
     _declare_regions(app, settings.regions)
     exposition = metrics_mod.MetricsEndpoint()
 
@@ -271,17 +291,15 @@ def create_app(
         responses=_declare(404, 409, 422, *_AUTH, answers=_WAITED),
     )
     async def rollback(
-        deployment_id: uuid.UUID,
+        deployment_id: DeploymentRef,
         request: Request,
         claims: CanRollback,
         c: Ctx,
         wait: Wait = False,
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
-        await _deployment(c, claims, "deployment:rollback", deployment_id)
-        record = await c.pipeline.rollback(
-            str(deployment_id), claims.subject, token_id=claims.token_id
-        )
+        undone = await _deployment(c, claims, "deployment:rollback", deployment_id)
+        record = await c.pipeline.rollback(undone.id, claims.subject, token_id=claims.token_id)
         return await _answer(request, c, record, wait, timeout)
 
     @app.post(
@@ -292,12 +310,10 @@ def create_app(
         responses=_declare(404, 409, 422, *_AUTH, answers={202: {"model": api.DeploymentAccepted}}),
     )
     async def promote(
-        deployment_id: uuid.UUID, request: Request, claims: CanCreate, c: Ctx
+        deployment_id: DeploymentRef, request: Request, claims: CanCreate, c: Ctx
     ) -> JSONResponse:
-        await _deployment(c, claims, "deployment:create", deployment_id)
-        record = await c.pipeline.promote(
-            str(deployment_id), claims.subject, token_id=claims.token_id
-        )
+        found = await _deployment(c, claims, "deployment:create", deployment_id)
+        record = await c.pipeline.promote(found.id, claims.subject, token_id=claims.token_id)
         return _accepted(request, record)
 
     @app.post(
@@ -320,17 +336,15 @@ def create_app(
         ),
     )
     async def abort(
-        deployment_id: uuid.UUID,
+        deployment_id: DeploymentRef,
         request: Request,
         claims: CanRollback,
         c: Ctx,
         wait: Wait = False,
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
-        await _deployment(c, claims, "deployment:rollback", deployment_id)
-        record = await c.pipeline.abort(
-            str(deployment_id), claims.subject, token_id=claims.token_id
-        )
+        found = await _deployment(c, claims, "deployment:rollback", deployment_id)
+        record = await c.pipeline.abort(found.id, claims.subject, token_id=claims.token_id)
         if not wait:
             return _accepted(request, record)
         final = await c.pipeline.wait(record.id, timeout)
@@ -347,7 +361,9 @@ def create_app(
         response_model=Deployment,
         responses=_declare(404, 422, *_AUTH),
     )
-    async def get_deployment(deployment_id: uuid.UUID, claims: CanRead, c: Ctx) -> dict[str, Any]:
+    async def get_deployment(
+        deployment_id: DeploymentRef, claims: CanRead, c: Ctx
+    ) -> dict[str, Any]:
         return _resource(await _deployment(c, claims, "deployment:read", deployment_id))
 
     @app.get(
@@ -376,7 +392,7 @@ def create_app(
         responses=_declare(404, 422, *_AUTH),
     )
     async def deployment_logs(
-        deployment_id: uuid.UUID,
+        deployment_id: DeploymentRef,
         claims: CanRead,
         c: Ctx,
         offset: Annotated[int, Query(ge=0)] = 0,
@@ -408,10 +424,12 @@ def create_app(
         response_model=api.AuditList,
         responses=_declare(404, 422, *_AUTH),
     )
-    async def deployment_audit(deployment_id: uuid.UUID, claims: CanRead, c: Ctx) -> dict[str, Any]:
+    async def deployment_audit(
+        deployment_id: DeploymentRef, claims: CanRead, c: Ctx
+    ) -> dict[str, Any]:
         # 404 for an unknown deployment, 403 for another service's
-        await _deployment(c, claims, "deployment:read", deployment_id)
-        records = await c.audit.records(deployment_id=str(deployment_id))
+        found = await _deployment(c, claims, "deployment:read", deployment_id)
+        records = await c.audit.records(deployment_id=found.id)
         return {"records": [r.to_dict() for r in records]}
 
     @app.get(

@@ -3,7 +3,9 @@
 A permission is one of ``PERMISSIONS`` (``deployment:create`` ...), optionally narrowed to the
 services whose names match a scope: ``deployment:create:payments`` (one service),
 ``deployment:create:web-*`` (fnmatch-style, on the service name only). No scope means every
-service. ``token:admin`` (list and revoke tokens) takes no scope.
+service. ``service:scale`` and ``service:delete`` (``shipyard scale``, ``shipyard service
+delete``) are their own permissions, so an operator's deploy token cannot delete a service.
+``token:admin`` (list and revoke tokens) takes no scope.
 
 ``parse`` validates one string and says what is wrong; ``TokenAuthority.issue`` and
 ``shipyard token create`` (cli/token.py) refuse bad ones with its message, ``api.auth.Claims``
@@ -26,12 +28,20 @@ DESCRIPTIONS: dict[str, str] = {
     "deployment:create": "create and promote deployments",
     "deployment:rollback": "roll back and abort deployments",
     "deployment:read": "read deployments and services",
+    "service:scale": "change a service's replica count (shipyard scale)",
+    "service:delete": "delete a service: stop its replicas, remove its route",
     "token:admin": "list and revoke tokens",
 }
 PERMISSIONS: frozenset[str] = frozenset(DESCRIPTIONS)
 #: The permissions that can be narrowed to services.
 SCOPABLE: frozenset[str] = frozenset(
-    {"deployment:create", "deployment:rollback", "deployment:read"}
+    {
+        "deployment:create",
+        "deployment:rollback",
+        "deployment:read",
+        "service:scale",
+        "service:delete",
+    }
 )
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from shipyard.errors import (
     AuthError,
@@ -157,6 +158,18 @@ def _field_error(e: Any) -> dict[str, str]:
     return {"field": _loc(tuple(e["loc"])), "message": e["msg"]}
 
 
+def _allowed(request: Request) -> list[str]:
+    """Every method some route answers at the request's path. Starlette names only the first
+    route whose path matched, and a path can have one route per method (``GET`` and ``DELETE``
+    of ``/api/v1/services/{name}``)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     """The exception handlers, and the problem models in the app's OpenAPI components."""
     generate = app.openapi
@@ -187,7 +200,7 @@ def install(app: FastAPI) -> None:
         return problem(422, "invalid_request", "Invalid request", summary, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
         resp = problem(
             exc.status_code,
@@ -195,8 +208,10 @@ def install(app: FastAPI) -> None:
             str(exc.detail),
             str(exc.detail),
         )
-        # 405 carries Allow (RFC 9110 15.5.6): what the route does answer.
+        # 405 carries Allow (RFC 9110 15.5.6): what the resource does answer.
         resp.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            resp.headers["Allow"] = ", ".join(_allowed(request))
         return resp
 
     @app.exception_handler(Exception)

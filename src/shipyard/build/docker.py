@@ -44,7 +44,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shipyard.build.base import Artifact, BuildRequest, CacheReport
 from shipyard.build.running import BuildLog
-from shipyard.build.source import ResolvedSource, export_commit, read_manifest_at, resolve_source
+from shipyard.build.source import (
+    ResolvedSource,
+    export_commit,
+    manifest_of,
+    read_manifest_at,
+    resolve_source,
+)
 from shipyard.domain.manifest import Manifest, load_manifest
 from shipyard.errors import BuildFailed, ShipyardError, SourceError
 from shipyard.logs import SecretMasker
@@ -142,7 +148,8 @@ class DockerBuilder:
         try:
             t = time.monotonic()
             await export_commit(resolved, context)
-            manifest = await asyncio.to_thread(load_manifest, context)
+            with manifest_of(resolved):
+                manifest = await asyncio.to_thread(load_manifest, context)
             dockerfile = await asyncio.to_thread(
                 dockerfile_in,
                 context,

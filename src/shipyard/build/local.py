@@ -55,7 +55,7 @@ from shipyard.build import cache as cache_mod
 from shipyard.build.base import Artifact, BuildRequest, CacheReport
 from shipyard.build.digest import UnsupportedEntry, digest_tree, verify_artifact
 from shipyard.build.running import BuildLog, run_command
-from shipyard.build.source import ResolvedSource, export_commit, resolve_source
+from shipyard.build.source import ResolvedSource, export_commit, manifest_of, resolve_source
 from shipyard.domain.manifest import Manifest, load_manifest
 from shipyard.domain.models import BUILD_TIME_TARGET_MS
 from shipyard.errors import ArtifactVerificationFailed, BuildFailed, ShipyardError
@@ -281,7 +281,8 @@ class LocalBuilder:
         try:
             t = time.monotonic()
             await export_commit(resolved, workspace)
-            manifest = await asyncio.to_thread(load_manifest, workspace)
+            with manifest_of(resolved):
+                manifest = await asyncio.to_thread(load_manifest, workspace)
             await asyncio.to_thread((scratch / "cache").mkdir, parents=True)
             await asyncio.to_thread((scratch / "home").mkdir)
             service = manifest.service.name

@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
@@ -106,7 +106,8 @@ async def fetch_source(
         root.mkdir(parents=True, exist_ok=True)
         workspace = Path(tempfile.mkdtemp(prefix="ws-", dir=root)) / "src"
     await export_commit(resolved, workspace)
-    manifest = load_manifest(workspace)
+    with manifest_of(resolved):
+        manifest = load_manifest(workspace)
     return SourceCheckout(
         commit=resolved.commit,
         tree=resolved.tree,
@@ -140,7 +141,7 @@ async def resolve_source(source: SourceConfig, *, cache_dir: Path) -> ResolvedSo
         commit, tree = found[1], found[2]
     else:
         await _branch_ref(mirror, branch, source.repository)
-        commit = await _resolve_commit(mirror, source.commit, source.repository)
+        commit = await _resolve_commit(mirror, source.commit, source.repository, branch)
         tree = (
             await _git(
                 ["rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}"],
@@ -180,6 +181,36 @@ async def branch_head(repository: str, branch: str, *, cache_dir: Path) -> str:
         ["rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}"], git_dir=mirror
     )
     return head.text
+
+
+async def default_branch(repository: str) -> str:
+    """The branch the repository's ``HEAD`` names (``git ls-remote --symref -- REPO HEAD``):
+    for a local path its checked-out branch, for a remote its default branch. What ``shipyard
+    build`` and ``shipyard deploy`` use when no ``--branch`` is given, so both agree and neither
+    assumes ``main``. ``SourceError`` when it cannot be reached or its HEAD names no branch."""
+    location = normalize_repository(repository)
+    listed = await _git(
+        ["ls-remote", "--symref", "--", location, "HEAD"],
+        git_dir=None,
+        limit_s=FETCH_TIMEOUT_S,
+        check=False,
+    )
+    if listed.returncode != 0:
+        reason = summarise_fetch_error(listed.stderr)
+        raise SourceError(
+            f"repository {repository!r} could not be read: {reason}",
+            repository=repository,
+            reason=reason,
+        )
+    for line in listed.text.splitlines():
+        target, _, name = line.partition("\t")
+        if name == "HEAD" and target.startswith("ref: refs/heads/"):
+            return _check_branch(target.removeprefix("ref: refs/heads/"))
+    raise SourceError(
+        f"repository {repository!r} has no default branch (its HEAD is detached or the "
+        "repository is empty); pass --branch",
+        repository=repository,
+    )
 
 
 async def _update_mirror(location: str, repository: str, cache_dir: Path) -> Path:
@@ -309,12 +340,32 @@ async def read_manifest_at(resolved: ResolvedSource) -> Manifest:
         git_dir=resolved.mirror,
         check=False,
     )
-    if blob.returncode != 0:
+    with manifest_of(resolved):
+        if blob.returncode != 0:
+            raise ManifestError(
+                f"{MANIFEST_NAME} not found at the repository root; add one with [service] name "
+                "and [run] command (see README)"
+            )
+        return parse_manifest(blob.stdout.decode("utf-8", errors="replace"))
+
+
+@contextlib.contextmanager
+def manifest_of(resolved: ResolvedSource) -> Iterator[None]:
+    """A ``ManifestError`` raised inside says which commit (and branch) the manifest was read
+    from: a user fixing ``shipyard.toml`` must know whether the server saw their latest commit.
+    Used wherever a builder reads the manifest (here, ``local.py``, ``docker.py``)."""
+    try:
+        yield
+    except ManifestError as exc:
+        where = f"commit {resolved.commit[:12]} (branch {resolved.branch})"
+        message = exc.message
+        if message.startswith(f"{MANIFEST_NAME}:"):  # "shipyard.toml: field: problem"
+            message = f"{MANIFEST_NAME} at {where}{message[len(MANIFEST_NAME) :]}"
+        else:
+            message = f"{where}: {message}"
         raise ManifestError(
-            f"{MANIFEST_NAME} not found at the repository root; add one with [service] name and "
-            "[run] command (see README)"
-        )
-    return parse_manifest(blob.stdout.decode("utf-8", errors="replace"))
+            message, **{**exc.detail, "commit": resolved.commit, "branch": resolved.branch}
+        ) from exc
 
 
 async def repository_file(resolved: ResolvedSource, path: str, *, what: str = "file") -> str:
@@ -429,7 +480,7 @@ def _check_branch(branch: str) -> str:
     return branch
 
 
-async def _resolve_commit(mirror: Path, commit: str, repository: str) -> str:
+async def _resolve_commit(mirror: Path, commit: str, repository: str, branch: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{4,64}", commit):
         raise SourceError(f"commit {commit!r} is not a hex commit id")
     found = await _git(
@@ -457,7 +508,10 @@ async def _resolve_commit(mirror: Path, commit: str, repository: str) -> str:
         ]
     if not commits:
         raise SourceError(
-            f"commit {commit} not found in {repository}", repository=repository, commit=commit
+            f"commit {commit} not found in {repository} (branch {branch})",
+            repository=repository,
+            branch=branch,
+            commit=commit,
         )
     if len(commits) > 1:
         raise SourceError(

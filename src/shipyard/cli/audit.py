@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -27,7 +28,6 @@ from typing import Annotated
 import httpx
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from shipyard.audit import proving
@@ -46,8 +46,10 @@ from shipyard.audit.log import (
     read_rows,
     verify_database,
 )
-from shipyard.cli.safe import neutralised, shown
-from shipyard.errors import InvalidInput
+from shipyard.cli.safe import console, neutralised, shown
+from shipyard.domain import deployment_ids
+from shipyard.errors import AmbiguousDeploymentId, InvalidInput
+from shipyard.store.db import Store, make_engine
 
 DB_FILENAME = "shipyard.db"
 
@@ -255,7 +257,10 @@ def _fetch_checkpoint(source: str) -> str:
 def show(
     data_dir: DataDir,
     deployment: Annotated[
-        str | None, typer.Option("--deployment", help="Only this deployment's records.")
+        str | None,
+        typer.Option(
+            "--deployment", help="Only this deployment's records (its id or a unique prefix)."
+        ),
     ] = None,
     output: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = (
         OutputFormat.table
@@ -267,6 +272,8 @@ def show(
     """List audit records, oldest first."""
     db_path = _database(data_dir)
     try:
+        if deployment is not None:
+            deployment = _deployment_id(data_dir, deployment)
         records = read_records(db_path, deployment_id=deployment, limit=limit)
     except CorruptRecord as exc:
         typer.echo(
@@ -275,6 +282,9 @@ def show(
             err=True,
         )
         raise typer.Exit(1) from exc
+    except AmbiguousDeploymentId as exc:
+        typer.echo(f"error: {neutralised(exc.message)}", err=True)
+        raise typer.Exit(2) from exc
     except InvalidInput as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from exc
@@ -282,6 +292,23 @@ def show(
         typer.echo(json.dumps([r.to_dict() for r in records], indent=2, ensure_ascii=False))
     else:
         _print_table(records)
+
+
+def _deployment_id(data_dir: Path, reference: str) -> str:
+    """The full id a unique prefix names among the store's deployments (as the API resolves
+    it, ``domain/deployment_ids.py``); ``AmbiguousDeploymentId`` when it names several. A full
+    id, or anything no deployment id starts with, filters the records as written."""
+    if not re.fullmatch(deployment_ids.PATTERN, reference):
+        return reference
+    prefix = reference.lower()
+    if len(prefix) == deployment_ids.FULL_LENGTH:
+        return prefix
+    engine = make_engine(data_dir)
+    try:
+        matches = Store(engine).deployment_ids_with_prefix(prefix)
+    finally:
+        engine.dispose()
+    return deployment_ids.choose(prefix, matches) if matches else reference
 
 
 def _print_table(records: list[AuditRecord]) -> None:
@@ -304,4 +331,4 @@ def _print_table(records: list[AuditRecord]) -> None:
             "" if r.duration_ms is None else str(r.duration_ms),
         )
     # A terminal gets its own width; a pipe gets room for whole UUIDs on one line.
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console(width=None if sys.stdout.isatty() else 200).print(table)

@@ -5,8 +5,11 @@ The lead's main CLI mounts ``build_app`` (``app.add_typer(build_app)``: its one 
 (``build.registry.build_source``) against a local data directory, streams build logs to stderr
 (``--format table``), and prints the artifact digest, cache hits and duration::
 
-    shipyard build ./myapp --branch main [--commit SHA] [--data-dir DIR] [--format json]
+    shipyard build ./myapp [--branch B] [--commit SHA] [--data-dir DIR] [--format json]
                            [--no-cache]
+
+Without ``--branch`` the repository's HEAD branch is built (``source.default_branch``), the same
+default ``shipyard deploy`` uses.
 
 ``--no-cache`` builds afresh (``BuildRequest.no_cache``): no cached artifact, dependency
 environment or Docker layer is reused; the result is cached for the next build.
@@ -31,8 +34,8 @@ from rich.table import Table
 
 from shipyard.build.base import Artifact, BuildRequest
 from shipyard.build.registry import BuildConfig, build_source
-from shipyard.build.source import branch_head
-from shipyard.cli.safe import shown
+from shipyard.build.source import branch_head, default_branch
+from shipyard.cli.safe import console, shown
 from shipyard.domain.models import BUILD_TIME_TARGET_MS, SourceConfig
 from shipyard.errors import InvalidInput, ShipyardError
 
@@ -50,7 +53,14 @@ class OutputFormat(enum.StrEnum):
 @build_app.command("build")
 def build(
     repository: Annotated[str, typer.Argument(help="Git URL or local path of the repository.")],
-    branch: Annotated[str, typer.Option("--branch", help="Branch the commit must be on.")] = "main",
+    branch: Annotated[
+        str | None,
+        typer.Option(
+            "--branch",
+            help="Branch the commit must be on. Default: the repository's HEAD branch (the "
+            "checked-out one of a local path, the default one of a remote).",
+        ),
+    ] = None,
     commit: Annotated[
         str | None,
         typer.Option("--commit", help="Commit id (full or abbreviated); default: branch head."),
@@ -79,8 +89,8 @@ def build(
     ] = False,
 ) -> None:
     """Build REPO at --commit (default: the head of --branch); print digest, cache hits, time."""
-    out = Console(highlight=False)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    out = console(highlight=False)
+    err = console(stderr=True, highlight=False, soft_wrap=True)
     try:
         builders = _read_builders(builders_config)
         config = BuildConfig(data_dir=data_dir, builders=builders)
@@ -113,13 +123,15 @@ def build(
 
 async def _build(
     repository: str,
-    branch: str,
+    branch: str | None,
     commit: str | None,
     config: BuildConfig,
     logs: Console | None,
     *,
     no_cache: bool,
 ) -> Artifact:
+    if branch is None:
+        branch = await default_branch(repository)
     if commit is None:
         commit = await branch_head(repository, branch, cache_dir=config.data_dir)
     source = SourceConfig(repository=repository, branch=branch, commit=commit)
@@ -178,8 +190,8 @@ def _table(artifact: Artifact) -> Table:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("digest", artifact.digest)
-    table.add_row("artifact", f"{artifact.kind} {shown(artifact.location)}")
+    table.add_row("digest", shown(artifact.digest))
+    table.add_row("artifact", f"{shown(artifact.kind)} {shown(artifact.location)}")
     table.add_row("commit", shown(artifact.commit))
     table.add_row("builder", shown(artifact.builder))
     if cache.no_cache:

@@ -4,7 +4,9 @@ fill a DeploymentRequest's defaults from a local repository. Used by ``cli/main.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import ssl
 import subprocess
 from pathlib import Path
@@ -51,26 +53,77 @@ def is_local(repository: str) -> bool:
     return "://" not in repository and not repository.startswith("git@")
 
 
+def _commit_in(path: Path, commit: str) -> str | None:
+    """The full id of ``commit`` in the local repository, or None when it has no such commit."""
+    if not re.fullmatch(r"[0-9a-fA-F]{4,64}", commit):
+        return None  # not an id: never handed to git, where it could read as a ref or option
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{commit}^{{commit}}"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InvalidInput(f"cannot run git in {path}: {exc}") from exc
+    return found.stdout.strip() if found.returncode == 0 else None
+
+
+def _head_branch(repository: str) -> str:
+    """The repository's HEAD branch, as ``shipyard build`` finds it (``source.default_branch``)."""
+    from shipyard.build.source import default_branch
+
+    return asyncio.run(default_branch(repository))
+
+
 def source_defaults(
     repository: str, branch: str | None, commit: str | None
 ) -> tuple[str, str, str, str | None]:
-    """(repository, branch, commit, manifest text or None) with defaults from the repository.
-    A URL with credentials is refused before git sees it (git would echo it in its errors)."""
+    """(repository, branch, commit, manifest text or None) with defaults from the repository:
+    the branch its HEAD names (a local checkout's current branch, a remote's default branch),
+    that branch's head commit, and (local only) the commit's ``shipyard.toml``. Every refusal
+    names its real cause: a path that does not exist, a directory that is not a repository, an
+    unknown branch or commit. A URL with credentials is refused before git sees it (git would
+    echo it in its errors)."""
     refusal = repository_urls.credentials_refusal(repository)
     if refusal is not None:
         raise InvalidInput(refusal)
     if is_local(repository):
         path = Path(repository).expanduser().resolve()
+        if not path.exists():
+            resolved = "" if str(path) == repository else f" ({path})"
+            raise InvalidInput(
+                f"repository path {repository} does not exist{resolved}; pass the directory of "
+                "a git checkout, or a git URL"
+            )
         if not (path / ".git").exists() and not (path / "HEAD").exists():
-            raise InvalidInput(f"{repository} is not a git repository")
-        branch = branch or _git(str(path), "rev-parse", "--abbrev-ref", "HEAD")
-        commit = commit or _git(str(path), "rev-parse", f"refs/heads/{branch}")
+            raise InvalidInput(
+                f"{path} is not a git repository (no .git in it); pass the top directory of a "
+                "git checkout, or `git init` and commit first"
+            )
+        branch = branch or _head_branch(str(path))
+        if commit is None:
+            commit = _git(
+                str(path), "for-each-ref", "--format=%(objectname)", f"refs/heads/{branch}"
+            )
+            if not commit:
+                raise InvalidInput(f"branch {branch} not found in {path}", branch=branch)
+        elif _commit_in(path, commit) is None:
+            raise InvalidInput(
+                f"commit {commit} not found in {path} (branch {branch}); `git log {branch}` "
+                "lists its commits",
+                repository=str(path),
+                branch=branch,
+                commit=commit,
+            )
         try:
             manifest = _git(str(path), "show", f"{commit}:shipyard.toml")
         except InvalidInput:
             manifest = None
         return str(path), branch, commit, manifest
-    branch = branch or "main"
+    branch = branch or _head_branch(repository)
     if commit is None:
         out = _git(".", "ls-remote", "--", repository, f"refs/heads/{branch}")
         if not out:

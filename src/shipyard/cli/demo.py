@@ -285,7 +285,10 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
     demo.data_dir.mkdir(parents=True, exist_ok=True)
     ok = True
     try:
-        say(f"[bold]1.[/bold] starting shipyard serve on {demo.base} (data: {demo.data_dir})")
+        say(
+            f"[bold]1.[/bold] starting shipyard serve on {shown(demo.base)} "
+            f"(data: {shown(demo.data_dir)})"
+        )
         demo.start_server()
         repo = make_example_repo(root / "hello-repo")
         v1 = _git(repo, "rev-parse", "HEAD")
@@ -305,10 +308,10 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         time.sleep(1.0)
         report = load.stop()
         say(
-            f"    v2: {d2['status']}; load: {report.requests} requests made, "
+            f"    v2: {shown(d2['status'])}; load: {report.requests} requests made, "
             f"[{'green' if report.failed == 0 else 'red'}]{report.failed} failed[/]"
-            f"{' ' + str(dict(report.reasons)) if report.failed else ''}; served by "
-            f"{dict(report.served_by)}"
+            f"{' ' + shown(dict(report.reasons)) if report.failed else ''}; served by "
+            f"{shown(dict(report.served_by))}"
         )
         ok &= d2["status"] == "Success" and report.failed == 0
 
@@ -341,9 +344,9 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         )
         report = load.stop()
         say(
-            f"    v3: {dc['status']} (promoted to 100%); load: {report.requests} requests, "
-            f"[{'green' if report.failed == 0 else 'red'}]{report.failed} failed[/]; "
-            f"the service answers {httpx.get(url).text.strip()!r}"
+            f"    v3: {shown(dc['status'])} (promoted to 100%); load: {report.requests} "
+            f"requests, [{'green' if report.failed == 0 else 'red'}]{report.failed} failed[/]; "
+            f"the service answers {shown(repr(httpx.get(url).text.strip()))}"
         )
         ok &= dc["status"] == "Success" and report.failed == 0
 
@@ -358,8 +361,8 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         say(f"    v4: {shown(d3['status'])} — {shown(err, multiline=True)}")
         say(
             "    unhealthy verdict -> 100% of traffic back on v3: "
-            f"{m.get('detection_to_rollback_ms')} ms "
-            f"(rollback stage {m.get('rollback_duration_ms')} ms; ADR target 30 000 ms)"
+            f"{shown(m.get('detection_to_rollback_ms'))} ms "
+            f"(rollback stage {shown(m.get('rollback_duration_ms'))} ms; ADR target 30 000 ms)"
         )
         now_serving = httpx.get(url).text.strip()
         say(f"    the service answers: {shown(repr(now_serving))}")
@@ -376,7 +379,10 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
             if time.monotonic() - waited > 30:
                 raise RuntimeError(f"v2 ({v2_revision}) still runs 30 s after its window ended")
             time.sleep(0.2)
-        say(f"    v2 is no longer running; the service runs {sorted(demo.running_revisions())}")
+        say(
+            "    v2 is no longer running; the service runs "
+            f"{shown(sorted(demo.running_revisions()))}"
+        )
         load = LoadGenerator(url, connections=8).start()
         time.sleep(0.5)
         asked = time.monotonic()
@@ -387,11 +393,12 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         instant = rb["strategy"].get("Rollback", {}).get("instant")
         now_serving = httpx.get(url).text.strip()
         say(
-            f"    rollback: {rb['status']} ({'instant' if instant else 'cold'}) in {took_ms} ms "
-            f"(rollback stage {rb['metrics'].get('rollback_duration_ms')} ms); load: "
-            f"{report.requests} requests, [{'green' if report.failed == 0 else 'red'}]"
-            f"{report.failed} failed[/]{' ' + str(dict(report.reasons)) if report.failed else ''}"
-            f"; the service answers {now_serving!r}"
+            f"    rollback: {shown(rb['status'])} ({'instant' if instant else 'cold'}) in "
+            f"{took_ms} ms (rollback stage {shown(rb['metrics'].get('rollback_duration_ms'))} "
+            f"ms); load: {report.requests} requests, "
+            f"[{'green' if report.failed == 0 else 'red'}]{report.failed} failed[/]"
+            f"{' ' + shown(dict(report.reasons)) if report.failed else ''}"
+            f"; the service answers {shown(repr(now_serving))}"
         )
         if rb.get("error"):
             say(f"    [red]{shown(rb['error'].get('message'), multiline=True)}[/red]")
@@ -406,11 +413,11 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         result = verify_database(demo.data_dir / "shipyard.db", demo.data_dir / "audit.head")
         say(
             f"    {'intact' if result.ok else 'TAMPERED'}: {result.records} hash-chained records"
-            f"{'' if result.ok else f' (first bad: {result.first_bad_seq}: {result.reason})'}"
+            + ("" if result.ok else f" (first bad: {result.first_bad_seq}: {shown(result.reason)})")
         )
         ok &= result.ok
     except Exception as exc:
-        say(f"[red]demo failed: {exc!r}[/red]")
+        say(f"[red]demo failed: {shown(repr(exc), multiline=True)}[/red]")
         ok = False
     finally:
         demo.stop()

@@ -1,13 +1,15 @@
 """The ``shipyard`` command (Typer + Rich): the terminal edge of the API.
 
     shipyard serve     control plane: API + orchestrator (starts or re-attaches to the agent)
-    shipyard agent     data plane of one region: router + app supervisor
+    shipyard agent     data plane of one region: router + app supervisor (`agent stop` stops it)
     shipyard deploy    build and roll out a repository, with live stage progress
     shipyard status    one deployment, or a service (--watch: live, until the deployment ends)
     shipyard history   a service's deployments
     shipyard rollback  put a service back on the revision before a deployment
     shipyard promote   let a Paused (canary gate) deployment go on
     shipyard abort     abort a deployment in flight: traffic back on stable at once
+    shipyard scale     change a service's replica count without a deployment (cli/services.py)
+    shipyard service   delete a service (cli/services.py)
     shipyard audit     verify / prove / show the hash-chained audit trail
     shipyard token     create API tokens
     shipyard keys      export the artifact-signing public key (for verifiers)
@@ -21,25 +23,35 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from shipyard.cli import agent_ctl
 from shipyard.cli.analysis_notes import analysis_note
 from shipyard.cli.audit import audit_app
 from shipyard.cli.build import build_app
-from shipyard.cli.client import DEFAULT_SERVER, ApiClient, resolve_token, source_defaults
+from shipyard.cli.client import (
+    DEFAULT_SERVER,
+    ApiClient,
+    is_local,
+    resolve_token,
+    source_defaults,
+)
 from shipyard.cli.keys import keys_app
-from shipyard.cli.safe import shown
+from shipyard.cli.safe import console, shown
 from shipyard.cli.security import security_app
+from shipyard.cli.services import services_app
 from shipyard.cli.token import token_app
-from shipyard.domain.manifest import parse_manifest
+from shipyard.domain import deployment_ids
+from shipyard.domain.manifest import MANIFEST_NAME, parse_manifest
+from shipyard.domain.models import DNS_LABEL
 from shipyard.errors import InvalidInput, ManifestError, ShipyardError
 from shipyard.private_files import ensure_private_dir
 from shipyard.sandbox import Sandbox, SandboxPolicy, SandboxUnavailable, UidRange
@@ -55,9 +67,14 @@ app.add_typer(token_app, name="token")
 app.add_typer(keys_app, name="keys")
 app.add_typer(security_app)  # scan, vulndb
 app.add_typer(build_app)  # build
+app.add_typer(services_app)  # scale, service delete
+#: ``shipyard agent`` runs the agent; ``shipyard agent stop`` stops a running one.
+agent_app = typer.Typer()
+agent_app.command("stop")(agent_ctl.stop)
+app.add_typer(agent_app, name="agent")
 
-out = Console()
-err = Console(stderr=True)
+out = console()
+err = console(stderr=True)
 
 DataDir = Annotated[
     Path, typer.Option("--data-dir", help="Server data directory.", envvar="SHIPYARD_DATA_DIR")
@@ -168,12 +185,13 @@ def _sandbox(data_dir: Path, insecure: bool, uids: str) -> Sandbox:
         os.environ["SHIPYARD_INSECURE_NO_SANDBOX"] = "1"
         err.print(
             "[bold red]WARNING: --insecure-no-sandbox: build commands and apps run as this "
-            f"server's user (uid {os.geteuid()}) and can read {data_dir}: the signing and token "
+            f"server's user (uid {os.geteuid()}) and can read {shown(data_dir)}: the signing and "
+            "token "
             "keys, the agent token, the database and the audit trail. Never use this for code "
             "you do not trust.[/bold red]"
         )
     else:
-        err.print(f"shipyard: {sandbox.describe()}")
+        err.print(f"shipyard: {shown(sandbox.describe())}")
     return sandbox
 
 
@@ -331,7 +349,10 @@ def serve(
             "but not scanned for vulnerabilities"
         )
     scheme = "https" if tls_cert else "http"
-    err.print(f"shipyard serve: API on {scheme}://{host}:{port}, data in {settings.data_dir}")
+    err.print(
+        f"shipyard serve: API on {scheme}://{shown(host)}:{port}, "
+        f"data in {shown(settings.data_dir)}"
+    )
     descriptors = edge.raise_descriptor_limit()
     config = edge.server_config(
         create_app(settings), settings, host, port, descriptor_limit=descriptors
@@ -384,8 +405,9 @@ def _check_witnesses(witnesses: tuple[str, ...], data_dir: Path, history: Path |
         )
 
 
-@app.command()
+@agent_app.callback(invoke_without_command=True)
 def agent(
+    ctx: typer.Context,
     data_dir: DataDir = Path(".shipyard"),
     region: Annotated[str, typer.Option(help="Region this agent serves.")] = "local",
     detach: Annotated[
@@ -422,7 +444,9 @@ def agent(
     """Run the data plane of one region: the traffic router and the app supervisor.
 
     The router limits are every service's defaults; a service's own are set through the agent
-    API (``PUT /v1/services/NAME/limits``)."""
+    API (``PUT /v1/services/NAME/limits``). ``shipyard agent stop`` stops a running one."""
+    if ctx.invoked_subcommand is not None:
+        return  # `shipyard agent stop`
     import uvloop
 
     from shipyard.agent.server import run_agent
@@ -469,11 +493,15 @@ def deploy(
         str, typer.Argument(help="Git URL or local path of the service's repository.")
     ],
     branch: Annotated[
-        str | None, typer.Option(help="Default: the repository's current branch.")
+        str | None,
+        typer.Option(
+            help="Default: the repository's HEAD branch (the checked-out one of a local path, "
+            "the default one of a remote), as `shipyard build`."
+        ),
     ] = None,
     commit: Annotated[str | None, typer.Option(help="Default: the branch head.")] = None,
     service: Annotated[
-        str | None, typer.Option(help="Default: [service] name of shipyard.toml.")
+        str | None, typer.Option(help="Default: \\[service] name of shipyard.toml.")
     ] = None,
     region: str = "local",
     strategy: Annotated[str, typer.Option(help="blue-green, canary or rolling.")] = "blue-green",
@@ -509,9 +537,7 @@ def deploy(
     try:
         repo, branch, commit, manifest_text = source_defaults(repository, branch, commit)
         if service is None:
-            if manifest_text is None:
-                raise InvalidInput("pass --service (no shipyard.toml found to take the name from)")
-            service = parse_manifest(manifest_text).service.name
+            service = _service_from(repo, branch, commit, manifest_text)
         strategy_body = _strategy(
             strategy,
             stages=stages,
@@ -545,6 +571,23 @@ def deploy(
     if format == "json":
         out.print_json(data=final)
     raise typer.Exit(0 if final["status"] == "Success" else 1)
+
+
+def _service_from(repo: str, branch: str, commit: str, manifest_text: str | None) -> str:
+    """``[service] name`` of the commit's manifest, for ``deploy`` without ``--service``; the
+    errors say which commit was read (or that a remote's manifest cannot be read from here)."""
+    at = f"commit {commit[:12]} (branch {branch})"
+    if not is_local(repo):
+        raise InvalidInput(
+            f"{repo} is a remote repository: its {MANIFEST_NAME} is read by the server, so give "
+            "the service's name with --service"
+        )
+    if manifest_text is None:
+        raise InvalidInput(
+            f"no {MANIFEST_NAME} at {at} of {repo} to take the service name from; add one "
+            "(see README) or pass --service"
+        )
+    return parse_manifest(manifest_text, origin=f"{MANIFEST_NAME} at {at}").service.name
 
 
 def _int_or_percent(value: str, flag: str) -> int | str:
@@ -703,7 +746,9 @@ def _print_outcome(doc: dict[str, Any]) -> None:
 
 @app.command()
 def status(
-    target: Annotated[str, typer.Argument(help="A deployment id or a service name.")],
+    target: Annotated[
+        str, typer.Argument(help="A deployment id (or a unique prefix of one) or a service name.")
+    ],
     region: str = "local",
     server: Server = DEFAULT_SERVER,
     token: Token = None,
@@ -723,15 +768,11 @@ def status(
 ) -> None:
     """Show a deployment (stages, durations, error) or a service (revision, weights, replicas)."""
     client = _client(server, token, data_dir, "deployment:read")
-    is_id = len(target) == 36 and target.count("-") == 4
+    if watch and format == "json":
+        raise fail("--watch draws a view; for JSON poll `shipyard status ... --format json`")
     if watch:
-        if format == "json":
-            raise fail("--watch draws a view; for JSON poll `shipyard status ... --format json`")
-        _watch(client, target, region, is_id=is_id, interval=interval)
-    path = (
-        f"/api/v1/deployments/{target}" if is_id else f"/api/v1/services/{target}?region={region}"
-    )
-    doc = _check(client.request("GET", path))
+        _watch_target(client, target, region, interval=interval)
+    doc, is_id = _deployment_or_service(client, target, region)
     if format == "json":
         out.print_json(data=doc)
         return
@@ -770,7 +811,9 @@ def status(
         err.print(f"[yellow]warning:[/yellow] {shown(warning)}")
 
 
-def _watch(client: ApiClient, target: str, region: str, *, is_id: bool, interval: float) -> None:
+def _watch(
+    client: ApiClient, target: str, region: str, *, is_id: bool, interval: float
+) -> NoReturn:
     """``status --watch``: the live view of ``cli/watch.py``; exits with its code."""
     from shipyard.cli import watch
 
@@ -779,6 +822,33 @@ def _watch(client: ApiClient, target: str, region: str, *, is_id: bool, interval
     except watch.WatchError as exc:
         raise fail(exc.message, exc.code) from exc
     raise typer.Exit(code)
+
+
+def _watch_target(client: ApiClient, target: str, region: str, *, interval: float) -> NoReturn:
+    """``status --watch TARGET``: a full deployment id or a plain service name is watched as it
+    is (the view reads it itself); a prefix of an id is resolved to its deployment first."""
+    if len(target) == deployment_ids.FULL_LENGTH and re.fullmatch(deployment_ids.PATTERN, target):
+        _watch(client, target, region, is_id=True, interval=interval)
+    if not re.fullmatch(deployment_ids.PATTERN, target):
+        _watch(client, target, region, is_id=False, interval=interval)
+    doc, is_id = _deployment_or_service(client, target, region)
+    _watch(client, doc["id"] if is_id else target, region, is_id=is_id, interval=interval)
+
+
+def _deployment_or_service(
+    client: ApiClient, target: str, region: str
+) -> tuple[dict[str, Any], bool]:
+    """``status``'s target: a deployment (its id or a unique prefix of it) or a service; (the
+    document, whether it is a deployment). Something that could be both (``cafe``) is tried as a
+    deployment first, then as a service, so a service named like hex digits still works."""
+    if re.fullmatch(deployment_ids.PATTERN, target):
+        resp = client.request("GET", f"/api/v1/deployments/{target}")
+        full_id = len(target) == deployment_ids.FULL_LENGTH
+        if resp.status_code != 404 or full_id or not re.fullmatch(DNS_LABEL, target):
+            return _check(resp), True
+    return _check(
+        client.request("GET", f"/api/v1/services/{target}", params={"region": region})
+    ), False
 
 
 @app.command()
@@ -798,7 +868,12 @@ def history(
     if format == "json":
         out.print_json(data=docs)
         return
-    table = Table("created", "id", "kind", "status", "revision", "by", "ms")
+    table = Table("created")
+    # Ids are what the other commands take: never cut or folded, whatever the terminal's width
+    # (the other columns shrink instead).
+    table.add_column("id", no_wrap=True, min_width=36)
+    for heading in ("kind", "status", "revision", "by", "ms"):
+        table.add_column(heading, overflow="fold")
     for d in docs["deployments"]:
         table.add_row(
             shown(d["created_at"][:19]),
@@ -814,7 +889,9 @@ def history(
 
 @app.command()
 def rollback(
-    deployment_id: Annotated[str, typer.Argument(help="The deployment to undo.")],
+    deployment_id: Annotated[
+        str, typer.Argument(help="The deployment to undo (its id or a unique prefix).")
+    ],
     wait: bool = True,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
@@ -823,7 +900,8 @@ def rollback(
     """Put the service back on the revision that served before DEPLOYMENT_ID."""
     client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
     accepted = _check(client.request("POST", f"/api/v1/rollback/{deployment_id}"))
-    err.print(f"rollback [bold]{shown(accepted['deployment_id'])}[/bold] of {shown(deployment_id)}")
+    undone = _check(client.request("GET", f"/api/v1/deployments/{deployment_id}"))["id"]
+    err.print(f"rollback [bold]{shown(accepted['deployment_id'])}[/bold] of {shown(undone)}")
     _follow_and_exit(client, accepted["deployment_id"], wait, success="Success")
 
 
@@ -852,7 +930,9 @@ def _current(client: ApiClient, deployment_id: str, wait: bool) -> dict[str, Any
 
 @app.command()
 def promote(
-    deployment_id: Annotated[str, typer.Argument(help="A Paused deployment.")],
+    deployment_id: Annotated[
+        str, typer.Argument(help="A Paused deployment (its id or a unique prefix).")
+    ],
     wait: bool = True,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
@@ -861,14 +941,17 @@ def promote(
     """Let a Paused deployment (a canary stage's gate, or an analysis waiting for a human) go on."""
     client = _client(server, token, data_dir, "deployment:create", "deployment:read")
     before = _current(client, deployment_id, wait)
-    _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/promote"))
+    accepted = _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/promote"))
+    deployment_id = accepted["deployment_id"]  # the full id of a prefix
     err.print(f"promoted [bold]{shown(deployment_id)}[/bold]")
     _follow_and_exit(client, deployment_id, wait, success="Success", since=before)
 
 
 @app.command()
 def abort(
-    deployment_id: Annotated[str, typer.Argument(help="A deployment in flight.")],
+    deployment_id: Annotated[
+        str, typer.Argument(help="A deployment in flight (its id or a unique prefix).")
+    ],
     wait: bool = True,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
@@ -877,7 +960,8 @@ def abort(
     """Abort a deployment in flight: the candidate's weight goes to 0 now, then it rolls back."""
     client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
     before = _current(client, deployment_id, wait)
-    _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/abort"))
+    accepted = _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/abort"))
+    deployment_id = accepted["deployment_id"]  # the full id of a prefix
     err.print(f"aborting [bold]{shown(deployment_id)}[/bold]")
     _follow_and_exit(client, deployment_id, wait, success="RolledBack", since=before)
 

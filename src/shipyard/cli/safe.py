@@ -11,12 +11,17 @@ overrides (which reorder what is displayed: "Trojan Source") with a visible esca
 ``\\x1b``, then escapes the markup with ``rich.markup.escape``. Newlines (and tabs) are kept only
 where a value is multi-line by nature (``multiline=True``: a build log chunk, an error message
 with a log tail). Called by every module of ``shipyard.cli`` that prints such data.
+
+A third thing Rich would interpret is an emoji code: ``:warning:`` in a build log line became
+a glyph. ``console()`` makes the CLI's consoles (emoji codes off), so text prints as written.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from rich.console import Console
 from rich.markup import escape
 
 #: C0 controls, DEL, C1 controls, and the bidi embeddings/overrides/isolates.
@@ -42,3 +47,9 @@ def shown(text: object, *, multiline: bool = False) -> str:
     """``text`` safe to put inside a Rich markup string: control characters made visible,
     markup escaped. ``None`` and numbers are shown as ``str()`` would."""
     return escape(neutralised(text, multiline=multiline))
+
+
+def console(**options: Any) -> Console:
+    """A Rich console for the CLI: Rich's options, but emoji codes (``:smile:``) are never
+    replaced, so a value that ``shown`` escaped prints exactly as it was written."""
+    return Console(emoji=False, **options)

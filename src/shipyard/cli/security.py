@@ -34,7 +34,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shipyard.cli.safe import shown
+from shipyard.cli.safe import console, shown
 from shipyard.domain.manifest import MANIFEST_NAME
 from shipyard.errors import InvalidInput
 from shipyard.security import gate, inventory, osv, policy
@@ -49,7 +49,7 @@ security_app = typer.Typer(
 
 def _out() -> Console:
     # Made per call, not at import: width and colour follow the environment of each run.
-    return Console(highlight=False)
+    return console(highlight=False)
 
 
 class OutputFormat(enum.StrEnum):
@@ -83,7 +83,7 @@ _STYLE = {
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {shown(message, multiline=True)}")
+    console(stderr=True).print(f"[red]error:[/red] {shown(message, multiline=True)}")
     return typer.Exit(code)
 
 
@@ -191,7 +191,7 @@ def scan(
     db: DbOption = None,
     policy_file: Annotated[
         Path | None,
-        typer.Option("--policy", help="Policy file (TOML [security] table, e.g. shipyard.toml)."),
+        typer.Option("--policy", help="Policy file (TOML \\[security] table, e.g. shipyard.toml)."),
     ] = None,
     output: FormatOption = OutputFormat.table,
     data_dir: DataDirOption = None,
@@ -244,8 +244,9 @@ def _print_scan(
     rows = [(v.finding, f"{_STATUS[v.status]}: {shown(v.why)}") for v in evaluation.verdicts()]
     what = "resolved environment" if inv.resolved else "direct pins only"
     out.print(
-        f"Scanned {len(inv.packages)} package(s) from {shown(inv.source)} ({inv.kind}, {what}) "
-        f"against {len(database.advisories)} advisories in {shown(database.path)}."
+        f"Scanned {len(inv.packages)} package(s) from {shown(inv.source)} "
+        f"({shown(inv.kind)}, {what}) against {len(database.advisories)} advisories in "
+        f"{shown(database.path)}."
     )
     out.print(f"Policy: {shown(policy_source)}: {shown(evaluation.policy.describe())}.")
     for s in inv.skipped:
@@ -261,10 +262,12 @@ def _print_scan(
         out.print(
             f"[yellow]expired allow entry[/] {shown(e.entry.id)} "
             f"(expired {e.entry.expires.isoformat()}): "
-            f"no longer applies; matched {matched}"
+            f"no longer applies; matched {shown(matched)}"
         )
     verdict = "[bold red]BLOCKED[/]" if evaluation.blocked else "[green]passes[/]"
-    out.print(f"{verdict}: {shown(evaluation.summary())} (policy: {evaluation.policy.describe()})")
+    out.print(
+        f"{verdict}: {shown(evaluation.summary())} (policy: {shown(evaluation.policy.describe())})"
+    )
 
 
 @security_app.command("vulndb")

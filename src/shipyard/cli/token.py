@@ -1,14 +1,16 @@
 """``shipyard token``: issue, list and revoke API bearer tokens from a terminal.
 
 The lead's main CLI mounts ``token_app`` as ``shipyard token``. Every command works on the data
-directory through ``api.tokens.TokenService.for_data_dir``: its signing key (created on first
-use), its token registry and its audit trail (``token.created`` / ``token.revoked``, by
-``local:<os user>``). ``create`` prints a human summary on stderr and the token alone as the last
-line of stdout, so ``TOKEN=$(shipyard token create ...)`` works; it refuses a lifetime longer
-than the limit the server last started with (``shipyard serve --max-token-ttl-days``, 90 days by
-default). ``revoke`` takes effect on the next request to every server sharing the store.
-``issue_local`` is the same issuing for the CLI's own short-lived tokens (cli/client.py,
-cli/demo.py). Exit 2 for a missing data directory or bad input, 1 for an unknown token id.
+directory (``--data-dir`` or ``SHIPYARD_DATA_DIR``) through ``api.tokens.TokenService``: its
+signing key (created by ``serve`` at its first start), its token registry and its audit trail
+(``token.created`` / ``token.revoked``, by ``local:<os user>``). ``create`` refuses a directory
+no server has used (no ``keys/jwt.key``: a key minted there would sign tokens no server
+accepts), prints a human summary on stderr and the token alone as the last line of stdout, so
+``TOKEN=$(shipyard token create ...)`` works; it refuses a lifetime longer than the limit the
+server last started with (``shipyard serve --max-token-ttl-days``, 90 days by default).
+``revoke`` takes effect on the next request to every server sharing the store. ``issue_local``
+is the same issuing for the CLI's own short-lived tokens (cli/client.py, cli/demo.py). Exit 2
+for a missing data directory or bad input, 1 for an unknown token id.
 """
 
 from __future__ import annotations
@@ -23,12 +25,11 @@ from typing import Annotated
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from shipyard.api import permissions
 from shipyard.api.tokens import TokenService
-from shipyard.cli.safe import neutralised, shown
+from shipyard.cli.safe import console, neutralised, shown
 from shipyard.errors import InvalidInput, NotFound
 
 token_app = typer.Typer(
@@ -38,9 +39,13 @@ token_app = typer.Typer(
 DataDir = Annotated[
     Path,
     typer.Option(
-        "--data-dir", help="Shipyard's data directory (holds keys/jwt.key and shipyard.db)."
+        "--data-dir",
+        envvar="SHIPYARD_DATA_DIR",
+        help="Shipyard's data directory (holds keys/jwt.key and shipyard.db).",
     ),
 ]
+#: What a server's data directory holds from its first start: the key tokens are signed with.
+TOKEN_KEY = Path("keys") / "jwt.key"
 
 
 @token_app.callback()
@@ -56,11 +61,28 @@ def local_actor() -> str:
         return f"local:uid-{os.getuid()}"
 
 
+def require_server_state(data_dir: Path) -> None:
+    """InvalidInput unless ``data_dir`` is a server's data directory (``shipyard serve`` creates
+    ``keys/jwt.key`` at its first start). Signing with a key made here instead would give a
+    token every running server refuses, and leave a second key for the next server to adopt."""
+    if not data_dir.is_dir():
+        raise InvalidInput(f"data directory {data_dir} does not exist")
+    if not (data_dir / TOKEN_KEY).is_file():
+        raise InvalidInput(
+            f"{data_dir.resolve()} holds no Shipyard server state (no {TOKEN_KEY}): a token "
+            "signed there would be refused by your server. Point at the directory your server "
+            "was started with (`shipyard serve --data-dir DIR`, default .shipyard) with "
+            "--data-dir DIR or SHIPYARD_DATA_DIR=DIR, or run `shipyard serve --data-dir "
+            f"{data_dir}` first to create it"
+        )
+
+
 def issue_local(
     data_dir: Path, subject: str, permission: Sequence[str], *, ttl_seconds: int = 3600
 ) -> str:
     """A recorded, audited token from ``data_dir``'s key (what ``create`` does, for the CLI's
-    own use); InvalidInput for bad input."""
+    own use); InvalidInput for bad input or a directory no server has used."""
+    require_server_state(data_dir)
     service = TokenService.for_data_dir(data_dir)
     try:
         issued = asyncio.run(
@@ -98,12 +120,11 @@ def create(
         ),
     ] = 12 * 3600,
 ) -> None:
-    """Create a token for SUBJECT carrying the given permissions."""
-    if not data_dir.is_dir():
-        typer.echo(f"error: data directory {data_dir} does not exist", err=True)
-        raise typer.Exit(2)
+    """Create a token for SUBJECT carrying the given permissions (signed with the key of the
+    server whose data directory this is; refused for a directory no server has used)."""
     try:
         permissions.parse_all(permission)
+        require_server_state(data_dir)
     except InvalidInput as exc:  # before anything is created in the data directory
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
@@ -152,7 +173,7 @@ def list_tokens(data_dir: DataDir) -> None:
         table.add_row(
             shown(row.id), shown(row.subject), shown(perms), _when(row.expires_at), shown(revoked)
         )
-    Console(width=200).print(table)
+    console(width=200).print(table)
 
 
 @token_app.command()

@@ -54,6 +54,7 @@ from shipyard.orchestrator.record import (
     RollbackRecord,
     utc,
 )
+from shipyard.orchestrator.services import ServiceOps
 from shipyard.orchestrator.stage import Rollback
 from shipyard.runtime.base import Runtime
 from shipyard.security.gate import SecurityGate
@@ -119,6 +120,8 @@ class Pipeline:
         self._janitor_task: asyncio.Task[None] | None = None
         self._checkpoints_task: asyncio.Task[None] | None = None
         self.reconciler = Reconciler(deps=self.deps, locks=self._service_locks)
+        #: ``scale`` and ``delete`` of a service outside any deployment (services.py).
+        self.services = ServiceOps(deps=self.deps, locks=self._service_locks)
         self.janitor = Janitor(
             deps=self.deps,
             reconciler=self.reconciler,

@@ -12,6 +12,8 @@ service no deployment is driving, a pass (``reconcile_all``)
   deployment in flight (whether the store has never heard of them or retired them);
 - starts the serving revision again from its signed artifact, health-gated, when the data plane
   runs no replica of it at all (crashed replicas are the agent's to restart, with backoff);
+- keeps the replica count ``shipyard scale`` set for the serving revision (starting replicas,
+  health-gated, or draining them), and forgets a count set for a revision that no longer serves;
 - routes 100% to the serving revision when the router says otherwise (say, someone holding the
   agent's token re-routed the service);
 - watches replicas: every restart the agent made is audited (``replica.restarted``), a replica
@@ -21,9 +23,9 @@ service no deployment is driving, a pass (``reconcile_all``)
 
 Every repair is a log line and an audit record. Each difference between the data plane and the
 store is one ``data_plane.drift`` record whose detail says what differed (``drift``: ``service``,
-``revision``, ``serving_revision`` or ``weights``), what the store says (``expected``), what the
-data plane had (``found``) and what was done (``action``; ``restored`` false when the repair
-failed and will be retried). Called by ``Pipeline.start`` (once, before
+``revision``, ``serving_revision``, ``replicas`` or ``weights``), what the store says
+(``expected``), what the data plane had (``found``) and what was done (``action``; ``restored``
+false when the repair failed and will be retried). Called by ``Pipeline.start`` (once, before
 in-flight deployments resume) and by the janitor (``janitor.py``) every ``janitor_interval``
 seconds, which also makes it the data planes' heartbeat (the local runtime restarts an agent
 that is gone).
@@ -38,7 +40,7 @@ from shipyard.audit import AuditEvent
 from shipyard.errors import NotFound, ShipyardError
 from shipyard.health.probing import wait_healthy
 from shipyard.logs import log_event
-from shipyard.orchestrator import artifacts
+from shipyard.orchestrator import artifacts, services
 from shipyard.orchestrator.context import Deps
 from shipyard.orchestrator.record import Record
 from shipyard.runtime.base import ReplicaStatus, Runtime, ServiceState
@@ -127,10 +129,19 @@ class Reconciler:
         serving = svc.serving_revision if svc else None
         if serving is None:
             return
+        scale = await self.store.get_scale(service, region)
+        if scale is not None and scale.revision != serving:
+            # Set for a revision that no longer serves: the one serving now runs its manifest's
+            # count (orchestrator/services.py).
+            await self.store.clear_scale(service, region)
+            scale = None
+        want = scale.replicas if scale is not None else None
         if state is None or not any(r.revision == serving for r in state.replicas):
-            state = await self._start_serving(runtime, service, serving, state)
+            state = await self._start_serving(runtime, service, serving, state, want)
         if state is None:
             return
+        if want is not None:
+            state = await self._keep_scale(runtime, service, serving, state, want)
         await self._watch_replicas(service, region, state, serving)
         routable = any(r.revision == serving and r.alive and r.routable for r in state.replicas)
         found = {k: v for k, v in state.weights.items() if v}
@@ -220,10 +231,16 @@ class Reconciler:
             )
 
     async def _start_serving(
-        self, runtime: Runtime, service: str, serving: str, state: ServiceState | None
+        self,
+        runtime: Runtime,
+        service: str,
+        serving: str,
+        state: ServiceState | None,
+        want: int | None = None,
     ) -> ServiceState | None:
         """The data plane runs nothing of the serving revision: start it again from its
-        artifact (verified), health-gate it, route to it. Retried every REPAIR_RETRY_SECONDS."""
+        artifact (verified; ``want`` replicas if ``shipyard scale`` set a count, else its
+        manifest's), health-gate it, route to it. Retried every REPAIR_RETRY_SECONDS."""
         region = runtime.region
         key = (service, region)
         if self.clock.now() < self._repair_after.get(key, 0.0):
@@ -245,7 +262,7 @@ class Reconciler:
                     )
                 )
             url = await runtime.ensure_service(service)
-            replicas = await runtime.start_revision(await artifacts.spec(stored))
+            replicas = await runtime.start_revision(await artifacts.spec(stored, replicas=want))
             fresh = [r for r in replicas if not r.routable]
             if fresh:
 
@@ -294,6 +311,54 @@ class Reconciler:
             revision=serving,
         )
         return await runtime.service_state(service)
+
+    async def _keep_scale(
+        self, runtime: Runtime, service: str, serving: str, state: ServiceState, want: int
+    ) -> ServiceState:
+        """Keep the count ``shipyard scale`` set: start (health-gated) or drain replicas of the
+        serving revision when the data plane runs another number. Retried like a restart."""
+        region = runtime.region
+        found = len(services.counted(state.replicas, serving))
+        if found == want:
+            return state
+        key = (service, region)
+        if self.clock.now() < self._repair_after.get(key, 0.0):
+            return state
+        try:
+            stored = await self.records.revision(serving)
+            started, stopped = await services.converge_replicas(self.deps, runtime, stored, want)
+        except ShipyardError as exc:
+            self._repair_after[key] = self.clock.now() + REPAIR_RETRY_SECONDS
+            await self._record(
+                DRIFT,
+                service,
+                region,
+                drift="replicas",
+                problem=f"{serving} runs {found} replica(s), `shipyard scale` set {want}",
+                expected=want,
+                found=found,
+                action=f"scaling failed: {exc.message}"[:500],
+                restored=False,
+                error=exc.code,
+                revision=serving,
+                retry_in_seconds=REPAIR_RETRY_SECONDS,
+            )
+        else:
+            self._repair_after.pop(key, None)
+            await self._record(
+                DRIFT,
+                service,
+                region,
+                drift="replicas",
+                problem=f"{serving} ran {found} replica(s), `shipyard scale` set {want}",
+                expected=want,
+                found=found,
+                action=f"started {started}" if started else f"drained and stopped {stopped}",
+                restored=True,
+                revision=serving,
+            )
+        now = await runtime.service_state(service)
+        return now if now is not None else state
 
     async def _watch_replicas(
         self, service: str, region: str, state: ServiceState, serving: str

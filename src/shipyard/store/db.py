@@ -7,8 +7,9 @@ two requests race. The audit log (audit/log.py) keeps its own table in the same 
 
 Tables: ``deployments`` (one JSON document per deployment plus the columns we query by),
 ``revisions`` (what ran, so a rollback can restart it), ``services`` (which revision serves, which
-one is kept warm until when). What the documents say is the orchestrator's business
-(``orchestrator/record.py`` types and versions them); here they are JSON.
+one is kept warm until when), ``service_scale`` (a replica count set by ``shipyard scale``).
+What the documents say is the orchestrator's business (``orchestrator/record.py`` types and
+versions them); here they are JSON.
 
 ``Store`` is synchronous; the event loop uses ``AsyncStore``, which runs every call in a worker
 thread, so the API keeps answering while SQLite waits on a lock (``busy_timeout``, up to 5 s).
@@ -32,11 +33,13 @@ from sqlalchemy import (
     Engine,
     Float,
     Index,
+    Integer,
     MetaData,
     String,
     Table,
     Text,
     create_engine,
+    delete,
     event,
     false,
     insert,
@@ -98,6 +101,30 @@ services = Table(
     Column("url", String(256)),
 )
 
+#: ``shipyard scale``: the replica count an operator set for the revision serving then
+#: (``orchestrator/services.py``); the reconciler keeps it while that revision serves. A table
+#: of its own so stores written before it exist gain it from ``create_all``.
+service_scale = Table(
+    "service_scale",
+    metadata,
+    Column("service", String(63), primary_key=True),
+    Column("region", String(63), primary_key=True),
+    Column("revision", String(128), nullable=False),
+    Column("replicas", Integer, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class ScaleRow:
+    """The replica count set by ``shipyard scale`` for ``revision`` of a service."""
+
+    service: str
+    region: str
+    revision: str
+    replicas: int
+    updated_at: float
+
 
 def make_engine(data_dir: Path) -> Engine:
     """SQLite in WAL mode with foreign keys on; one file per data directory."""
@@ -156,11 +183,8 @@ class Store:
                 )
         except IntegrityError as exc:
             running = self.active_deployment(doc["service"], doc["region"])
-            raise DeploymentInProgress(
-                f"service {doc['service']} in region {doc['region']} already has deployment "
-                f"{running['id'] if running else '(unknown)'} in progress; "
-                "wait for it or roll it back",
-                running_deployment_id=running["id"] if running else None,
+            raise in_progress(
+                doc["service"], doc["region"], running["id"] if running else None
             ) from exc
 
     def save_deployment(self, doc: dict[str, Any], *, active: bool) -> None:
@@ -180,6 +204,18 @@ class Store:
             raise NotFound(f"deployment {deployment_id} not found")
         doc: dict[str, Any] = json.loads(row[0])
         return doc
+
+    def deployment_ids_with_prefix(self, prefix: str, limit: int = 100) -> list[tuple[str, str]]:
+        """``(id, service)`` of the deployments whose id starts with ``prefix`` (lower-case
+        hex and ``-``, so nothing in it is a LIKE wildcard), at most ``limit``, by id."""
+        q = (
+            select(deployments.c.id, deployments.c.service)
+            .where(deployments.c.id.startswith(prefix, autoescape=True))
+            .order_by(deployments.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(str(i), str(s)) for i, s in conn.execute(q).all()]
 
     def active_deployment(self, service: str, region: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -303,6 +339,65 @@ class Store:
                 conn.execute(insert(services).values(service=service, region=region, **values))
         return row
 
+    def delete_service(self, service: str, region: str) -> None:
+        """Forget a service (``shipyard service delete``): its record and its scale. Its
+        deployments and revisions stay, as the history and the audit trail refer to them."""
+        with self._tx() as conn:
+            for table in (services, service_scale):
+                conn.execute(
+                    delete(table).where(table.c.service == service, table.c.region == region)
+                )
+
+    # --- scale ---------------------------------------------------------------------------------
+
+    def get_scale(self, service: str, region: str) -> ScaleRow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(service_scale).where(
+                    service_scale.c.service == service, service_scale.c.region == region
+                )
+            ).first()
+        return ScaleRow(**row._mapping) if row else None
+
+    def set_scale(self, service: str, region: str, revision: str, replicas: int, ts: float) -> None:
+        with self._tx() as conn:
+            where = (service_scale.c.service == service, service_scale.c.region == region)
+            conn.execute(delete(service_scale).where(*where))
+            conn.execute(
+                insert(service_scale).values(
+                    service=service,
+                    region=region,
+                    revision=revision,
+                    replicas=replicas,
+                    updated_at=ts,
+                )
+            )
+
+    def clear_scale(self, service: str, region: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                delete(service_scale).where(
+                    service_scale.c.service == service, service_scale.c.region == region
+                )
+            )
+
+
+def in_progress(service: str, region: str, running_id: str | None) -> DeploymentInProgress:
+    """The 409 for a change to a service a deployment is driving: names the deployment and the
+    two commands that deal with it (follow it, or abort it)."""
+    if running_id is None:
+        return DeploymentInProgress(
+            f"service {service} in region {region} already has a deployment in progress; "
+            f"see `shipyard status {service}`",
+            running_deployment_id=None,
+        )
+    return DeploymentInProgress(
+        f"service {service} in region {region} already has deployment {running_id} in "
+        f"progress: follow it with `shipyard status {running_id}`, or stop it with "
+        f"`shipyard abort {running_id}` (traffic goes back to the stable revision)",
+        running_deployment_id=running_id,
+    )
+
 
 def check_service_row(row: ServiceRow) -> None:
     """The service record's invariants (see ``Store.upsert_service``)."""
@@ -351,6 +446,11 @@ class AsyncStore:
     async def get_deployment(self, deployment_id: str) -> dict[str, Any]:
         return await to_thread(self.sync.get_deployment, deployment_id)
 
+    async def deployment_ids_with_prefix(
+        self, prefix: str, limit: int = 100
+    ) -> list[tuple[str, str]]:
+        return await to_thread(self.sync.deployment_ids_with_prefix, prefix, limit)
+
     async def active_deployment(self, service: str, region: str) -> dict[str, Any] | None:
         return await to_thread(self.sync.active_deployment, service, region)
 
@@ -389,3 +489,17 @@ class AsyncStore:
 
     async def upsert_service(self, service: str, region: str, **values: Any) -> ServiceRow:
         return await self._write(self.sync.upsert_service, service, region, **values)
+
+    async def delete_service(self, service: str, region: str) -> None:
+        await self._write(self.sync.delete_service, service, region)
+
+    async def get_scale(self, service: str, region: str) -> ScaleRow | None:
+        return await to_thread(self.sync.get_scale, service, region)
+
+    async def set_scale(
+        self, service: str, region: str, revision: str, replicas: int, ts: float
+    ) -> None:
+        await self._write(self.sync.set_scale, service, region, revision, replicas, ts)
+
+    async def clear_scale(self, service: str, region: str) -> None:
+        await self._write(self.sync.clear_scale, service, region)
