@@ -131,10 +131,12 @@ async def test_a_launch_failure_says_why_in_the_replica_log(
 
     await eventually(crashed, what="the launch failure")
     assert replica.exit_code == launch.EXIT_NOT_EXECUTABLE
-    batch = replica_logs.read(replica.log_path.parent, LogQuery(replica_id=replica.replica_id))
+    logs = replica.log_path.parent
+    batch = replica_logs.read(logs, LogQuery(replica_id=replica.replica_id))
     assert (batch.lines[0].stream, batch.lines[0].text) == (
         "stderr",
-        "shipyard launch: cannot execute './run.sh': the interpreter on its '#!' line was not found",
+        "shipyard launch: cannot execute './run.sh': the interpreter on its '#!' line was not "
+        "found",
     )
 
 

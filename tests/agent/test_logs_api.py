@@ -27,7 +27,7 @@ CHATTY = (
     "time.sleep(600)\n"
 )
 #: Dies at start with a traceback (exit code 1).
-CRASHING = "import sys\nprint('booting', flush=True)\nraise RuntimeError('no database configured')\n"
+CRASHING = "print('booting', flush=True)\nraise RuntimeError('no database configured')\n"
 
 
 @pytest.fixture
@@ -86,15 +86,15 @@ async def test_both_streams_are_stored_apart_stamped_and_masked(
     r = await client.post("/v1/services/svc/stop", json={"replica_ids": [replica["replica_id"]]})
     assert r.status_code == 200, r.text
     kept = await _logs(client, revision="v1")
-    assert [line["text"] for line in kept["lines"]][:3] == [
-        line["text"] for line in doc["lines"]
-    ][:3]
+    assert [line["text"] for line in kept["lines"]][:3] == [line["text"] for line in doc["lines"]][
+        :3
+    ]
 
 
 async def test_a_crash_loop_keeps_every_start_in_one_log_with_its_traceback(
     agent: tuple[Agent, httpx.AsyncClient], tmp_path: Path
 ) -> None:
-    a, client = agent
+    _, client = agent
     spec = spec_for(make_artifact(tmp_path, "v1"), argv=["python3", "-c", CRASHING])
     [replica] = await _start(client, spec)
 

@@ -13,7 +13,7 @@ import pytest
 from shipyard.agent import replica_logs
 from shipyard.agent.replica_logs import LogLimits, ReplicaLog
 from shipyard.errors import NotFound
-from shipyard.runtime.base import LogQuery
+from shipyard.runtime.base import LogBatch, LogQuery
 
 SMALL = LogLimits(segment_bytes=4096, segments=3, keep_revisions=2)
 
@@ -24,7 +24,7 @@ def _log(service_dir: Path, replica_id: str, revision: str = "v1",
                       replica_id=replica_id)  # fmt: skip
 
 
-def _texts(batch: replica_logs.LogBatch) -> list[str]:
+def _texts(batch: LogBatch) -> list[str]:
     return [line.text for line in batch.lines]
 
 

@@ -56,7 +56,9 @@ class LogLimits:
 
     def __post_init__(self) -> None:
         if self.segment_bytes < 4096:
-            raise ValueError(f"a replica log segment must hold at least 4096 bytes, got {self.segment_bytes}")
+            raise ValueError(
+                f"a replica log segment must hold at least 4096 bytes, got {self.segment_bytes}"
+            )
         if self.segments < 1:
             raise ValueError(f"a replica keeps at least one log segment, got {self.segments}")
         if self.keep_revisions < 1:

@@ -16,6 +16,7 @@ as typed records) or the store (services). Both are awaited without blocking the
     GET  /api/v1/deployments/{id}/audit      deployment:read
     GET  /api/v1/services                    deployment:read
     GET  /api/v1/services/{name}             deployment:read
+    GET  /api/v1/services/{name}/logs        deployment:read     replica output (api/logs.py)
     GET  /api/v1/keys                        deployment:read     signing public keys (?format=pem)
     GET  /metrics                            deployment:read     Prometheus exposition
     GET  /api/v1/tokens                      token:admin         every issued token (no secrets)
@@ -43,6 +44,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from shipyard import __version__
 from shipyard.api import docs, problems
+from shipyard.api import logs as logs_api
 from shipyard.api import metrics as metrics_mod
 from shipyard.api import schemas as api
 from shipyard.api.auth import Claims, require_permission
@@ -224,6 +226,7 @@ def create_app(
     if settings.docs:
         docs.install(app)
     problems.install(app)
+    app.include_router(logs_api.router)
     _declare_regions(app, settings.regions)
     exposition = metrics_mod.MetricsEndpoint()
 

@@ -581,7 +581,8 @@ class FakeRuntime:
             entries += got
         entries.sort(key=lambda e: (e[0].timestamp, e[0].replica_id, e[1]))
         if query.after is None:
-            return LogBatch([e[0] for e in entries[max(0, len(entries) - limit) :] if limit], cursor)
+            last = entries[max(0, len(entries) - limit) :] if limit else []
+            return LogBatch([line for line, _ in last], cursor)
         taken = entries[:limit]
         for rid in replicas:
             mine = [pos for line, pos in entries if line.replica_id == rid]
