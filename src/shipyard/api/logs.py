@@ -17,8 +17,6 @@ cursor: the agent reads only what was appended.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import json
 import re
@@ -33,16 +31,25 @@ from pydantic import BaseModel, Field
 from shipyard.api import problems
 from shipyard.api.auth import Claims, require_permission
 from shipyard.api.context import AppContext
-from shipyard.domain.log_queries import REPLICA_ID, REVISION, SINCE_HELP, parse_since
+from shipyard.domain.log_queries import (
+    CURSOR,
+    DURATION,
+    REPLICA_ID,
+    REVISION,
+    SINCE_HELP,
+    format_cursor,
+    parse_cursor,
+    parse_since,
+)
 from shipyard.domain.models import DNS_LABEL
-from shipyard.errors import InvalidInput, NotFound, ShipyardError, UnknownRegion
+from shipyard.errors import NotFound, ShipyardError, UnknownRegion
 from shipyard.runtime.base import MAX_LOG_LINES, LogBatch, LogLine, LogQuery
 
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 5.0
 NDJSON = "application/x-ndjson"
 #: The longest ``after`` accepted (a cursor names each replica of the service once).
-MAX_CURSOR_CHARS = 16384
+MAX_CURSOR_CHARS = 65536
 
 CanRead = Annotated[Claims, Depends(require_permission("deployment:read"))]
 
@@ -70,31 +77,6 @@ class LogsRead(BaseModel):
     region: str
     lines: list[LogLineRead]
     cursor: str = Field(description="Pass as ?after= to get only the lines written since.")
-
-
-def encode_cursor(cursor: Mapping[str, int]) -> str:
-    raw = json.dumps(dict(cursor), separators=(",", ":"), sort_keys=True).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(text: str) -> dict[str, int]:
-    """A cursor this server gave (``encode_cursor``); InvalidInput for anything else."""
-    refusal = InvalidInput("after is not a cursor this server gave (take it from a logs answer)")
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        doc = json.loads(raw)
-    except (binascii.Error, ValueError):
-        raise refusal from None
-    if not isinstance(doc, dict) or not all(
-        isinstance(k, str)
-        and re.fullmatch(REPLICA_ID, k)
-        and isinstance(v, int)
-        and not isinstance(v, bool)
-        and 0 <= v < 2**63
-        for k, v in doc.items()
-    ):
-        raise refusal
-    return doc
 
 
 def line_read(line: LogLine) -> dict[str, Any]:
@@ -136,8 +118,22 @@ async def service_logs(
     revision: Annotated[str | None, Query(pattern=REVISION)] = None,
     replica: Annotated[str | None, Query(pattern=REPLICA_ID)] = None,
     tail: Annotated[int, Query(ge=0, le=MAX_LOG_LINES)] = 200,
-    since: Annotated[str | None, Query(max_length=64, description=SINCE_HELP)] = None,
-    after: Annotated[str | None, Query(max_length=MAX_CURSOR_CHARS)] = None,
+    since: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description=SINCE_HELP,
+            json_schema_extra={"anyOf": [{"pattern": DURATION}, {"format": "date-time"}]},
+        ),
+    ] = None,
+    after: Annotated[
+        str | None,
+        Query(
+            max_length=MAX_CURSOR_CHARS,
+            pattern=CURSOR,
+            description="A cursor from an earlier answer: only lines written since.",
+        ),
+    ] = None,
     follow: bool = False,
 ) -> Response:
     """The service's replica logs: stdout and stderr, also of replicas stopped since (the agent
@@ -152,7 +148,7 @@ async def service_logs(
         replica_id=replica,
         tail=tail,
         since=parse_since(since, clock.now()) if since is not None else None,
-        after=decode_cursor(after) if after is not None else None,
+        after=parse_cursor(after) if after is not None else None,
     )
     first = await runtime.read_logs(name, query)
     if not follow:
@@ -161,7 +157,7 @@ async def service_logs(
                 "service": name,
                 "region": region,
                 "lines": [line_read(line) for line in first.lines],
-                "cursor": encode_cursor(first.cursor),
+                "cursor": format_cursor(first.cursor),
             }
         )
     limit = c.settings.log_follow_max_seconds
@@ -187,7 +183,7 @@ async def service_logs(
             except ShipyardError as exc:
                 yield _record({"type": "error", "message": exc.message})
                 return
-        end = {"type": "end", "reason": "follow_limit", "cursor": encode_cursor(batch.cursor)}
+        end = {"type": "end", "reason": "follow_limit", "cursor": format_cursor(batch.cursor)}
         yield _record(end)
 
     return StreamingResponse(stream(), media_type=NDJSON)
