@@ -145,3 +145,26 @@ def test_limits_refuse_nonsense() -> None:
         LogLimits(segment_bytes=10)
     with pytest.raises(ValueError, match="at least one log segment"):
         LogLimits(segments=0)
+
+
+def test_a_batch_holds_at_most_its_byte_budget_and_the_cursor_covers_only_that(
+    tmp_path: Path,
+) -> None:
+    log = _log(tmp_path, "v1-1-aaaa", limits=LogLimits(segment_bytes=64 * 1024 * 1024))
+    first = replica_logs.read(tmp_path, LogQuery(tail=0))
+    big = "b" * 60_000
+    for i in range(150):  # ~9 MB: more than one batch may carry
+        log.write("stdout", [f"{i:03d}{big}"])
+    tail = replica_logs.read(tmp_path, LogQuery(tail=10_000))
+    assert 0 < len(tail.lines) < 150
+    assert tail.lines[-1].text.startswith("149")  # the newest are the ones kept
+    assert sum(len(x.text) for x in tail.lines) <= replica_logs.MAX_BATCH_BYTES
+    numbers: list[int] = []
+    cursor = first.cursor
+    while len(numbers) < 150:
+        page = replica_logs.read(tmp_path, LogQuery(after=cursor, tail=10_000))
+        assert page.lines, "a follower must make progress"
+        assert sum(len(x.text) for x in page.lines) <= replica_logs.MAX_BATCH_BYTES
+        numbers += [int(x.text[:3]) for x in page.lines]
+        cursor = page.cursor
+    assert numbers == list(range(150))

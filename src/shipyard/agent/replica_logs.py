@@ -39,6 +39,9 @@ from shipyard.private_files import open_log
 from shipyard.runtime.base import MAX_LOG_LINES, LogBatch, LogLine, LogQuery, LogStream
 
 META = "replica.json"
+#: At most this much text in one batch (10,000 lines of up to 64 KiB would be 640 MiB); a
+#: follower gets the rest with its next read.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 _SUFFIX = ".log"
 _BLOCK = 64 * 1024
 
@@ -306,7 +309,7 @@ def read(service_dir: Path, query: LogQuery) -> LogBatch:
         cursor[r.replica_id] = end
     entries.sort(key=lambda e: (e[0].timestamp, e[0].replica_id, e[1]))
     if query.after is not None:
-        taken = entries[:limit]
+        taken = _within_budget(entries[:limit])
         # Only as far as what is returned: the rest comes with the next read.
         for r in replicas:
             mine = [pos for line, pos in entries if line.replica_id == r.replica_id]
@@ -314,8 +317,19 @@ def read(service_dir: Path, query: LogQuery) -> LogBatch:
             if len(kept) < len(mine):
                 cursor[r.replica_id] = kept[-1] if kept else query.after.get(r.replica_id, 0)
     else:
-        taken = entries[max(0, len(entries) - limit) :] if limit else []
+        newest = entries[max(0, len(entries) - limit) :] if limit else []
+        taken = list(reversed(_within_budget(list(reversed(newest)))))
     return LogBatch(lines=[line for line, _ in taken], cursor=cursor)
+
+
+def _within_budget(entries: list[_Entry]) -> list[_Entry]:
+    """The first of ``entries`` whose text fits in ``MAX_BATCH_BYTES`` (at least one)."""
+    total = 0
+    for i, (line, _) in enumerate(entries):
+        total += len(line.text) + 100  # the fields around the text, roughly
+        if total > MAX_BATCH_BYTES and i > 0:
+            return entries[:i]
+    return entries
 
 
 def _nothing(service: str, query: LogQuery) -> str:

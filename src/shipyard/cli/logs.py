@@ -35,7 +35,8 @@ from shipyard.runtime.base import MAX_LOG_LINES
 
 logs_app = typer.Typer(pretty_exceptions_enable=False)
 
-out = Console(soft_wrap=True, highlight=False)  # a long line stays one line when piped
+# A long line stays one line when piped; ":name:" in app output stays text, not an emoji.
+out = Console(soft_wrap=True, highlight=False, emoji=False)
 err = Console(stderr=True)
 
 

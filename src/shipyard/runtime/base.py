@@ -152,7 +152,8 @@ class LogQuery:
     Without ``after``: the last ``tail`` lines (across the matching replicas, by time) with a
     timestamp at or after ``since``. With ``after`` (the ``cursor`` of an earlier batch): the
     first ``tail`` lines written after that batch, for following; a replica the cursor does not
-    name (started since) is read from its beginning.
+    name (started since) is read from its beginning. A runtime may return fewer lines to bound
+    an answer's size (the agent: about 4 MiB of text); the cursor then covers only what came.
     """
 
     revision: str | None = None
