@@ -123,7 +123,14 @@ async def service_logs(
         Query(
             max_length=64,
             description=SINCE_HELP,
-            json_schema_extra={"anyOf": [{"pattern": DURATION}, {"format": "date-time"}]},
+            # Replaces the schema FastAPI would write: a duration, or an RFC 3339 date-time
+            # (``parse_since`` accepts every one), each a string of at most 64 characters.
+            json_schema_extra={
+                "anyOf": [
+                    {"type": "string", "pattern": DURATION},
+                    {"type": "string", "format": "date-time", "maxLength": 64},
+                ]
+            },
         ),
     ] = None,
     after: Annotated[
