@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import pytest
 
 from shipyard.api.app import create_app
 from shipyard.domain.log_queries import format_cursor, parse_cursor, parse_since
+from shipyard.runtime.base import LogBatch, LogQuery
+from tests.api.live import LiveServer
 from tests.api.test_api import ALL, Harness, body
 
 
@@ -201,3 +204,44 @@ def test_a_cursor_reads_back_as_it_was_written() -> None:
     cursor = {"v1-1-abcd": 0, "v2-10-ef01": 123_456_789_012}
     assert parse_cursor(format_cursor(cursor)) == cursor
     assert parse_cursor("") == {}
+
+
+def test_a_follower_that_goes_away_ends_its_stream(h: Harness) -> None:
+    """Under the real uvicorn: once the client disconnects, the stream (which would otherwise
+    run for days of the fake clock) ends, and with it the polling of the runtime."""
+    h.settings = h.settings.model_copy(update={"log_follow_max_seconds": 1e6})
+    app = create_app(h.settings, context_factory=h.context)
+    ended = threading.Event()
+
+    async def watched(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            if scope["type"] == "http" and scope["path"].endswith("/logs"):
+                ended.set()
+
+    polls: list[int] = []
+    read_logs = h.runtime.read_logs
+
+    async def counted(service: str, query: LogQuery) -> LogBatch:
+        polls.append(1)
+        return await read_logs(service, query)
+
+    h.runtime.read_logs = counted  # type: ignore[method-assign]
+    headers = h.headers(*ALL)
+    with LiveServer(watched, h.settings) as port:
+        base = f"http://127.0.0.1:{port}"
+        r = httpx.post(f"{base}/api/v1/deploy?wait=true", json=body(), headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        [rid] = h.runtime.services["api"].replicas
+        h.runtime.print(rid, "hello")
+        with httpx.stream("GET", f"{base}/api/v1/services/api/logs?follow=true",
+                          headers=headers, timeout=60) as stream:  # fmt: skip
+            first = next(line for line in stream.iter_lines() if line)
+            assert json.loads(first)["text"] == "hello"
+        assert ended.wait(60), "the stream outlived its client"
+        after = len(polls)
+        assert after < 1e6 / 0.5  # it ended long before its follow limit
+        r = httpx.get(f"{base}/healthz", timeout=10)  # the server is still well
+        assert r.status_code == 200
+    assert len(polls) == after  # nothing polled once the stream ended

@@ -8,9 +8,10 @@ matching ``revision``/``replica``/``since``, oldest first, and a ``cursor``; pas
 (``application/x-ndjson``), one object per line. Records are ``{"type": "line", ...}``, then
 after ``Settings.log_follow_max_seconds`` (an hour by default) one ``{"type": "end", "cursor"}``
 the client resumes from (``shipyard logs --follow`` does, so a user sees one stream); an empty
-line is a keep-alive, sent after ``KEEPALIVE_SECONDS`` without output: besides keeping proxies
-from closing an idle stream, writing it is how the server notices a client that went away
-(the stream then ends: nothing is left polling). A runtime that fails mid-stream ends it with
+line is a keep-alive, sent after ``KEEPALIVE_SECONDS`` without output, so proxies do not close
+an idle stream. A client that goes away ends the stream at once (Starlette watches the
+connection for the disconnect and cancels it; a write to a closed connection would end it too):
+nothing is left polling (tests/api/test_logs.py checks it under the real uvicorn). A runtime that fails mid-stream ends it with
 ``{"type": "error", "message"}``. The server polls the runtime every ``POLL_SECONDS``, with the
 cursor: the agent reads only what was appended.
 """
