@@ -51,7 +51,7 @@ async def test_a_crash_at_start_reports_exit_code_and_traceback(world: PipelineW
     assert error["exit_code"] == 1
     assert error["output"] == [text for _, text in TRACEBACK]
     [stage] = [s for s in final["stages"] if s["name"] == "health_check"]
-    assert "KeyError: 'DATABASE_URL'" in stage["detail"]["error"]
+    assert stage["detail"]["error"].endswith("crashed (exit code 1) before becoming healthy")
     # The audit trail: the reason and the exit code, not the app's output.
     [failed] = [e for e in await world.events(doc["id"]) if e.event_type == "health_check.failed"]
     assert failed.detail["exit_code"] == 1
@@ -110,3 +110,23 @@ async def test_a_long_line_is_cut_and_only_the_last_lines_are_kept(world: Pipeli
     assert len(output) == crash_report.TAIL_LINES
     assert output[0] == "line 31"
     assert output[-1] == "y" * crash_report.MAX_LINE_CHARS + " [...]"
+
+
+async def test_a_rolling_batch_that_crashes_reports_its_output_once(world: PipelineWorld) -> None:
+    await world.first()
+    rolling = {"Rolling": {"max_surge": 1, "max_unavailable": 0}}
+    doc = await world.deploy("cdcd3434", rolling, wait=False)
+    green = world.revision("cdcd3434", doc)
+    world.runtime.output[green] = [("stderr", "ImportError: no module named flask")]
+
+    def crash_on_probe(replica: Any, n: int) -> bool:
+        world.runtime.crash(replica.replica_id, exit_code=1)
+        return False
+
+    world.prober.scripts[green] = crash_on_probe
+    final = await world.wait(doc["id"])
+    assert final["status"] == "RolledBack"
+    assert final["error"]["output"] == ["ImportError: no module named flask"]
+    assert final["error"]["message"].endswith("  ImportError: no module named flask")
+    failed = [s for s in final["stages"] if s["status"] == "failed"]
+    assert failed and all("ImportError" not in s["detail"]["error"] for s in failed)

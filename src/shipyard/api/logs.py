@@ -11,9 +11,9 @@ the client resumes from (``shipyard logs --follow`` does, so a user sees one str
 line is a keep-alive, sent after ``KEEPALIVE_SECONDS`` without output, so proxies do not close
 an idle stream. A client that goes away ends the stream at once (Starlette watches the
 connection for the disconnect and cancels it; a write to a closed connection would end it too):
-nothing is left polling (tests/api/test_logs.py checks it under the real uvicorn). A runtime that fails mid-stream ends it with
-``{"type": "error", "message"}``. The server polls the runtime every ``POLL_SECONDS``, with the
-cursor: the agent reads only what was appended.
+nothing is left polling (tests/api/test_logs.py checks it under the real uvicorn). A runtime
+that fails mid-stream ends it with ``{"type": "error", "message"}``. The server polls the
+runtime every ``POLL_SECONDS``, with the cursor: the agent reads only what was appended.
 """
 
 from __future__ import annotations

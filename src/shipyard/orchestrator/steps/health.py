@@ -26,7 +26,10 @@ async def await_healthy(ctx: DeploymentContext, step: AwaitHealthy) -> None:
             )
         except HealthCheckFailed as failed:
             exc = await crash_report.with_output(ctx, failed)
-            st.fail(exc.message, attempts=exc.attempts, audit=_audit(failed, exc))
+            # The stage says why in one line; the output goes with the deployment's error only
+            # (`shipyard deploy` would print it twice).
+            headline = exc.message.partition("\n")[0]
+            st.fail(headline, attempts=exc.attempts, audit=_audit(failed, exc))
             raise Rollback(exc) from failed
         await ctx.runtime.set_routable(ctx.service, [r.replica_id for r in replicas], True)
         ctx.record.metrics.health_check_duration_ms = report.duration_ms

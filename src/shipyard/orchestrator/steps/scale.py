@@ -25,7 +25,12 @@ async def scale_candidate(ctx: DeploymentContext, step: ScaleCandidate) -> None:
     candidate = ctx.candidate
     async with stage(ctx, step.name, replicas=step.replicas) as st:
         ctx.record.url = await ctx.runtime.ensure_service(ctx.service)
-        weights = await scale_up(ctx, candidate, step.replicas, ctx.stable)
+        try:
+            weights = await scale_up(ctx, candidate, step.replicas, ctx.stable)
+        except Rollback as rollback:
+            # One line for the stage; a failed replica's output goes with the error only.
+            st.fail(rollback.cause.message.partition("\n")[0])
+            raise
         st.done(weights=weights)
     await ctx.audit("replicas.scaled", revision=candidate, replicas=step.replicas, weights=weights)
 
