@@ -81,6 +81,9 @@ class Settings(BaseModel):
     #: Directories local repositories may be under (``--source-root``); None: the current
     #: directory and the temporary directory (``build.source_policy.default_roots``).
     source_roots: tuple[Path, ...] | None = None
+    #: A ``logs?follow=true`` stream ends after this, with a cursor to resume from (the CLI
+    #: resumes on its own), so no request lives for ever.
+    log_follow_max_seconds: float = Field(default=3600.0, gt=0)
 
     @property
     def sandbox_policy(self) -> SandboxPolicy:

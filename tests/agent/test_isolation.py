@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from shipyard.agent import replica_logs
 from shipyard.agent.supervisor import Replica, Supervisor
 from shipyard.build.digest import digest_tree
 from shipyard.errors import RevisionStartFailed
-from shipyard.runtime.base import RevisionSpec
+from shipyard.runtime.base import LogQuery, RevisionSpec
 from shipyard.sandbox import launch
 from tests.agent.helpers import NOT_ROOT, eventually, get_info, make_artifact, spec_for
 
@@ -130,9 +131,12 @@ async def test_a_launch_failure_says_why_in_the_replica_log(
 
     await eventually(crashed, what="the launch failure")
     assert replica.exit_code == launch.EXIT_NOT_EXECUTABLE
-    lines = replica.log_path.read_text().splitlines()
-    assert lines[0] == (
-        "shipyard launch: cannot execute './run.sh': the interpreter on its '#!' line was not found"
+    logs = replica.log_path.parent
+    batch = replica_logs.read(logs, LogQuery(replica_id=replica.replica_id))
+    assert (batch.lines[0].stream, batch.lines[0].text) == (
+        "stderr",
+        "shipyard launch: cannot execute './run.sh': the interpreter on its '#!' line was not "
+        "found",
     )
 
 

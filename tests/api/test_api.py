@@ -37,7 +37,9 @@ ALL = ["deployment:create", "deployment:read", "deployment:rollback"]
 
 class Harness:
     def __init__(self, tmp: Path) -> None:
-        self.settings = Settings(data_dir=tmp, max_body_bytes=4096)
+        # A followed log stream ends after 2 s of the fake clock (in-process clients read a
+        # response to its end).
+        self.settings = Settings(data_dir=tmp, max_body_bytes=4096, log_follow_max_seconds=2.0)
         self.clock = FakeClock()
         self.runtime = FakeRuntime(now=self.clock.now)
         self.runtime.router.rps = 50.0  # steady synthetic traffic, so canary analysis can measure

@@ -4,7 +4,8 @@
 Every answer's body is ``<revision> <replica id>`` (from the agent's ``SHIPYARD_*`` variables), so
 a test sees where the router sent each request. ``GET /status/<code>`` answers that status;
 ``GET /hold/<id>`` is held until ``GET /release/<id>`` (sent to this replica's own port) and
-``GET /holding`` lists what is held; ``GET /exit/<code>`` ends the process with that exit code.
+``GET /holding`` lists what is held; ``GET /exit/<code>`` ends the process with that exit code;
+``GET /say/<stdout|stderr>/<text>`` prints the (%-decoded) text as one line on that stream.
 At start it asks the harness (``$CONTRACT_STATE_URL``: the app runs sandboxed and shares no
 files with the test, only the network) whether its revision is marked to crash; if so it exits 3
 at once (a release that cannot start), so the agent's restarts keep failing. ``GET /health``
@@ -18,6 +19,7 @@ import os
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -51,6 +53,10 @@ class Handler(BaseHTTPRequestHandler):
         elif action == "release":
             with _LOCK:
                 _HELD.setdefault(arg, threading.Event()).set()
+        elif action == "say":
+            stream, _, text = arg.partition("/")
+            out = sys.stderr if stream == "stderr" else sys.stdout
+            print(urllib.parse.unquote(text), file=out, flush=True)
         elif action == "holding":
             with _LOCK:
                 held = sorted(k for k, e in _HELD.items() if not e.is_set())

@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import threading
+import urllib.parse
 import uuid
 import zlib
 from collections import Counter
@@ -33,11 +34,21 @@ import pytest
 from shipyard.errors import (
     ArtifactVerificationFailed,
     InvalidInput,
+    NotFound,
     RevisionStartFailed,
     ShipyardError,
     TrafficSwitchFailed,
 )
-from shipyard.runtime.base import LoadDriver, ReplicaStatus, RevisionSpec, Runtime, StickyKey
+from shipyard.runtime.base import (
+    LoadDriver,
+    LogBatch,
+    LogQuery,
+    LogStream,
+    ReplicaStatus,
+    RevisionSpec,
+    Runtime,
+    StickyKey,
+)
 from shipyard.runtime.fake import FakeExchange, FakeRuntime
 from shipyard.runtime.local import LocalRuntime, read_agent_info
 from shipyard.security.signing import Ed25519Signer
@@ -91,6 +102,10 @@ class Harness(Protocol):
         """The replica's process exits with ``code``; ``for_good``: every restart fails too."""
         ...
 
+    async def say(self, replica: ReplicaStatus, text: str, stream: LogStream) -> None:
+        """The replica prints ``text`` as one line on ``stream``."""
+        ...
+
 
 def spec(revision: str, replicas: int, location: str, env: Mapping[str, str]) -> RevisionSpec:
     return RevisionSpec(
@@ -130,6 +145,9 @@ class FakeHarness:
         if for_good:
             self.runtime.crashing[replica.revision] = code
         self.runtime.kill_replica(replica.replica_id, exit_code=code)
+
+    async def say(self, replica: ReplicaStatus, text: str, stream: LogStream) -> None:
+        self.runtime.print(replica.replica_id, text, stream)
 
 
 @dataclass
@@ -219,6 +237,11 @@ class LocalHarness:
             self.crashing.add(replica.revision)
         with pytest.raises(httpx.TransportError):  # it dies without answering
             await self.client.get(f"http://127.0.0.1:{replica.port}/exit/{code}")
+
+    async def say(self, replica: ReplicaStatus, text: str, stream: LogStream) -> None:
+        said = urllib.parse.quote(text, safe="")
+        r = await self.client.get(f"http://127.0.0.1:{replica.port}/say/{stream}/{said}")
+        assert r.status_code == 200
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -677,3 +700,51 @@ async def test_what_serves_after_a_revision_loses_its_replicas(harness: Harness,
         await runtime.router.set_weight(SERVICE, {"v2": 50, "v1": 50})
     await runtime.router.set_weight(SERVICE, {"v1": 100})
     assert await runtime.router.verify_weight(SERVICE, {"v1": 100}) is True
+
+
+# --- logs ----------------------------------------------------------------------------------------
+
+
+async def _said(h: Harness, query: LogQuery, *texts: str) -> LogBatch:
+    """The batch for ``query`` once every one of ``texts`` is in it (the agent stores a line a
+    moment after the app prints it)."""
+
+    async def arrived() -> LogBatch | None:
+        batch = await h.runtime.read_logs(SERVICE, query)
+        seen = {line.text for line in batch.lines}
+        return batch if seen.issuperset(texts) else None
+
+    return await eventually(arrived, what=f"{texts} in the log")
+
+
+async def test_logs_keep_streams_apart_follow_by_cursor_and_outlive_the_replica(
+    harness: Harness,
+) -> None:
+    runtime = harness.runtime
+    [r] = await harness.start("v1")
+    await harness.say(r, "hello [bold]world[/bold]", "stdout")
+    await harness.say(r, "Traceback (most recent call last):", "stderr")
+    batch = await _said(harness, LogQuery(), "hello [bold]world[/bold]",
+                        "Traceback (most recent call last):")  # fmt: skip
+    said = {line.text: line for line in batch.lines}
+    assert said["hello [bold]world[/bold]"].stream == "stdout"
+    assert said["Traceback (most recent call last):"].stream == "stderr"
+    assert {(line.replica_id, line.revision) for line in batch.lines} == {(r.replica_id, "v1")}
+    stamps = [line.timestamp for line in batch.lines]
+    assert stamps == sorted(stamps)
+    # After the cursor: nothing, then only what is printed next.
+    assert (await runtime.read_logs(SERVICE, LogQuery(after=batch.cursor))).lines == []
+    await harness.say(r, "later", "stdout")
+    later = await _said(harness, LogQuery(after=batch.cursor), "later")
+    assert [line.text for line in later.lines] == ["later"]
+    tail = await runtime.read_logs(SERVICE, LogQuery(tail=1))
+    assert [line.text for line in tail.lines] == ["later"]
+    # A stopped replica's log is still there; what names nothing is NotFound.
+    await runtime.stop_revision(SERVICE, "v1", drain_timeout=1)
+    kept = await runtime.read_logs(SERVICE, LogQuery(revision="v1", replica_id=r.replica_id))
+    assert [line.text for line in kept.lines][-1] == "later"
+    for query in (LogQuery(revision="v9"), LogQuery(replica_id="v1-999")):
+        with pytest.raises(NotFound):
+            await runtime.read_logs(SERVICE, query)
+    with pytest.raises(NotFound):
+        await runtime.read_logs("nothere", LogQuery())

@@ -32,6 +32,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import time
@@ -44,7 +45,9 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from shipyard.agent import replica_logs
 from shipyard.agent.loading import MAX_LEASE_SECONDS, LoadRun, LoadSpec, LoadStats
+from shipyard.agent.replica_logs import LogLimits
 from shipyard.agent.supervisor import (
     Isolation,
     Replica,
@@ -53,13 +56,18 @@ from shipyard.agent.supervisor import (
     kill_orphan_group,
 )
 from shipyard.agent.verify import ArtifactVerifier
-from shipyard.domain.models import MAX_LOAD_RPS
-from shipyard.errors import ArtifactVerificationFailed, RevisionStartFailed, ShipyardError
+from shipyard.domain.models import DNS_LABEL, MAX_LOAD_RPS
+from shipyard.errors import (
+    ArtifactVerificationFailed,
+    NotFound,
+    RevisionStartFailed,
+    ShipyardError,
+)
 from shipyard.logs import SecretMasker
 from shipyard.private_files import write_private
 from shipyard.routing.limits import ConnectionBudget, RouterLimits, raise_descriptor_limit
 from shipyard.routing.proxy import Backend, ServiceProxy
-from shipyard.runtime.base import RevisionSpec
+from shipyard.runtime.base import MAX_LOG_LINES, LogQuery, RevisionSpec
 from shipyard.sandbox import Sandbox, SandboxPolicy
 from shipyard.security.signing import KEY_FILE, PUB_FILE
 
@@ -115,6 +123,16 @@ class LoadBody(BaseModel):
     path: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^/[!-~]*$")] = "/"
     lease_seconds: Annotated[float, Field(gt=0, le=MAX_LEASE_SECONDS)] = 60.0
 
+
+class LogQueryBody(BaseModel):
+    """``runtime.base.LogQuery`` on the wire (``POST /v1/services/{s}/logs``)."""
+
+    revision: Annotated[str, Field(max_length=200)] | None = None
+    replica_id: Annotated[str, Field(max_length=300)] | None = None
+    tail: Annotated[int, Field(ge=0, le=MAX_LOG_LINES)] = 200
+    since: float | None = None
+    after: dict[str, Annotated[int, Field(ge=0)]] | None = None
+
     model_config = {"extra": "forbid"}
 
 
@@ -150,10 +168,12 @@ class Agent:
         trusted_key: Path | str | bytes | None = None,
         router_limits: RouterLimits | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        log_limits: LogLimits | None = None,
     ) -> None:
         """``router_limits``: every service router's defaults (a service may override them);
         ``max_connections``: client connections across all of them, one cap, so a flooded
-        service cannot take the descriptors the others and this agent's API need."""
+        service cannot take the descriptors the others and this agent's API need;
+        ``log_limits``: each replica's log size cap and how long stopped replicas' logs stay."""
         self.region = region
         self.router_limits = router_limits or RouterLimits()
         self.connections = ConnectionBudget.for_descriptors(max_connections)
@@ -177,6 +197,7 @@ class Agent:
             sandbox=sandbox or Sandbox(SandboxPolicy(data_dir=data_dir)),
             # Replicas' output never stores a key or token the host knows (this agent's too).
             mask=SecretMasker.from_data_dir(data_dir, self.token.encode()),
+            log_limits=log_limits,
         )
 
         self._state_dirty = asyncio.Event()
@@ -538,6 +559,20 @@ def build_app(agent: Agent) -> FastAPI:
         run = agent.stop_load(service)
         return {"load": None if run is None else run.describe()}
 
+    @app.post("/v1/services/{service}/logs")
+    async def logs(service: str, body: LogQueryBody) -> dict[str, Any]:
+        """Replica logs (``runtime.base.LogQuery``): read in a worker thread, from disk."""
+        if not re.fullmatch(DNS_LABEL, service):  # never a path outside the logs directory
+            raise HTTPException(404, f"no logs of service {service!r} on this agent")
+        service_dir = agent.supervisor.logs_dir / service
+        try:
+            batch = await asyncio.to_thread(
+                replica_logs.read, service_dir, LogQuery.from_dict(body.model_dump())
+            )
+        except NotFound as exc:
+            raise HTTPException(404, exc.message) from exc
+        return batch.to_dict()
+
     @app.get("/v1/services/{service}/metrics")
     async def metrics(service: str) -> dict[str, Any]:
         route = agent.routes.get(service)
@@ -557,10 +592,11 @@ async def run_agent(
     sandbox: Sandbox | None = None,
     router_limits: RouterLimits | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    log_limits: LogLimits | None = None,
 ) -> None:
     """Run the agent until SIGTERM/SIGINT; writes agent.json once the API listens.
     ``trusted_key``: the control plane's public key (default ``<data_dir>/keys/signing.pub``);
-    ``router_limits``, ``max_connections``: see :class:`Agent`."""
+    ``router_limits``, ``max_connections``, ``log_limits``: see :class:`Agent`."""
     # Before any socket: every idle client holds a descriptor, and at the usual soft limit of
     # 1,024 a thousand of them took every service and this API down at once (issue 10).
     before, after = raise_descriptor_limit()
@@ -572,6 +608,7 @@ async def run_agent(
         sandbox=sandbox,
         router_limits=router_limits,
         max_connections=max_connections,
+        log_limits=log_limits,
     )
     write_private(agent.dir / "agent.token", agent.token)
     await agent.restore()

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import selectors
 import shutil
 import signal
 import socket
@@ -42,10 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from shipyard.agent import replica_logs
+from shipyard.agent.replica_logs import LogLimits, ReplicaLog
 from shipyard.errors import RevisionStartFailed
 from shipyard.logs import log_event
-from shipyard.private_files import open_log
-from shipyard.runtime.base import ReplicaState, ReplicaStatus, RevisionSpec
+from shipyard.runtime.base import LogStream, ReplicaState, ReplicaStatus, RevisionSpec
 from shipyard.sandbox import Sandbox, SandboxPolicy, launch
 
 log = logging.getLogger("shipyard.agent")
@@ -111,7 +113,8 @@ class Replica:
     replica_id: str
     spec: RevisionSpec
     port: int
-    log_path: Path
+    #: Its stdout and stderr, stamped, masked, rotated (``agent.replica_logs``).
+    log: ReplicaLog
     #: ``<run_dir>/<replica_id>``: HOME, TMPDIR and the overlay's writable layer.
     run_dir: Path
     process: asyncio.subprocess.Process | None = None
@@ -137,6 +140,13 @@ class Replica:
     keeper: asyncio.Task[None] | None = None
     #: True while the keeper only waits (backoff, readiness): ``stop`` may cancel it then.
     interruptible: bool = False
+    #: The thread copying the current process's output into ``log``.
+    pump: threading.Thread | None = None
+
+    @property
+    def log_path(self) -> Path:
+        """The directory of its log (``agent.replica_logs`` describes the files in it)."""
+        return self.log.directory
 
     @property
     def alive(self) -> bool:
@@ -184,11 +194,15 @@ class Supervisor:
         isolation: Isolation = "auto",
         sandbox: Sandbox | None = None,
         mask: Callable[[str], str] | None = None,
+        log_limits: LogLimits | None = None,
     ) -> None:
-        self._logs_dir = logs_dir
+        #: ``<agent_dir>/logs``: one directory per service, one per replica in it.
+        self.logs_dir = logs_dir
         #: Applied to every line a replica prints before it is stored (``logs.SecretMasker``);
-        #: None: the replica writes its log file itself.
-        self._mask = mask
+        #: None: stored as printed (tests of the supervision logic).
+        self._mask = mask or _unchanged
+        #: Each replica's log size cap and how many stopped revisions' logs are kept.
+        self.log_limits = log_limits or LogLimits()
         self._run_dir = run_dir
         self._on_change = on_change
         #: Waits until the router has finished the requests a replica holds (the agent passes
@@ -312,13 +326,16 @@ class Supervisor:
             raise RevisionStartFailed(f"artifact directory {workdir} does not exist")
         self._counter += 1
         replica_id = f"{spec.revision}-{self._counter}-{os.urandom(2).hex()}"
-        log_dir = self._logs_dir / spec.service
-        log_dir.mkdir(parents=True, exist_ok=True)
+        service_logs = self.logs_dir / spec.service
+        log = ReplicaLog(service_logs / replica_id, self.log_limits, service=spec.service,
+                         revision=spec.revision, replica_id=replica_id)  # fmt: skip
+        live = {r.replica_id for r in self.of_service(spec.service)} | {replica_id}
+        replica_logs.prune(service_logs, self.log_limits, live)
         replica = Replica(
             replica_id,
             spec,
             free_port(taken=self._ports()),
-            log_dir / f"{replica_id}.log",
+            log,
             self._run_dir / replica_id,
             mode=await self.mode(),
         )
@@ -326,6 +343,7 @@ class Supervisor:
             await self._spawn(replica)
         except RevisionStartFailed:
             shutil.rmtree(replica.run_dir, ignore_errors=True)
+            log.retire()
             raise
         replica.state = "running"
         self.replicas[replica_id] = replica
@@ -403,30 +421,31 @@ class Supervisor:
         cwd = run if overlay else workdir
         replica.spawned_at = time.monotonic()
         replica.started_at = time.time()
+        # Two pipes, so each line keeps its stream; one thread per process start reads both,
+        # masks each line and appends it stamped to the replica's log.
+        pipes = {"stdout": os.pipe(), "stderr": os.pipe()}
         try:
-            if self._mask is None:
-                out = open_log(replica.log_path)  # the replica writes its log itself
-            else:
-                out, into = os.pipe()  # one thread reads, masks and writes each line
-                threading.Thread(
-                    target=_pump_log,
-                    args=(out, replica.log_path, self._mask),
-                    name=f"log-{replica.replica_id}",
-                    daemon=True,
-                ).start()
-                out = into
+            replica.log.attach()
+            replica.pump = threading.Thread(
+                target=_pump_log,
+                args=({r: name for name, (r, _) in pipes.items()}, replica.log, self._mask),
+                name=f"log-{replica.replica_id}",
+                daemon=True,
+            )
+            replica.pump.start()
             try:
                 replica.process = await asyncio.create_subprocess_exec(
                     *command,
                     cwd=cwd,
                     env=env,
                     stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
+                    stdout=pipes["stdout"][1],
+                    stderr=pipes["stderr"][1],
                     start_new_session=True,  # own process group: stopped as a whole
                 )
             finally:
-                os.close(out)
+                for _, into in pipes.values():
+                    os.close(into)
         except (OSError, ValueError) as exc:
             raise RevisionStartFailed(
                 f"cannot start {argv[0]!r} for revision {spec.revision}: {exc}",
@@ -444,6 +463,7 @@ class Supervisor:
                 code: int | None = None
                 if proc is not None:
                     code = await proc.wait()
+                    await _flushed(replica.pump)
                 replica.exit_code = code
                 if replica.stopping:  # stop() ends what is left of the process group
                     self._log_exit(replica, "stopped", None)
@@ -608,6 +628,7 @@ class Supervisor:
         if replica.process is not None:
             _signal_group(replica.process.pid, signal.SIGKILL)
         shutil.rmtree(replica.run_dir, ignore_errors=True)
+        replica.log.retire()  # the file stays, for `shipyard logs`, until pruned
         replica.state = "stopped"
         self.replicas.pop(replica.replica_id, None)
         self._on_change(replica)
@@ -690,32 +711,55 @@ def _group_exists(pgid: int) -> bool:
     return True
 
 
-def _pump_log(source: int, path: Path, mask: Callable[[str], str]) -> None:
-    """Copy a replica's output from ``source`` to its log file line by line through ``mask``,
-    until every process holding the pipe has exited (runs in its own thread)."""
-    out = open_log(path)
-    pending = b""
+async def _flushed(pump: threading.Thread | None, timeout: float = 1.0) -> None:
+    """Wait (a little) until ``pump`` has stored what the exited process printed, so a crash is
+    reported only once its last lines can be read. Workers that outlive their master keep the
+    pipe open: then only ``timeout``."""
+    if pump is not None and pump.is_alive():
+        await asyncio.to_thread(pump.join, timeout)
 
-    def write(raw: list[bytes]) -> None:
-        text = "".join(mask(line.decode("utf-8", errors="replace")) + "\n" for line in raw)
-        os.write(out, text.encode())
+
+def _unchanged(line: str) -> str:
+    return line
+
+
+#: The longest line kept whole; a longer one is cut into pieces of this size.
+MAX_LINE = 65536
+
+
+def _pump_log(sources: dict[int, LogStream], out: ReplicaLog, mask: Callable[[str], str]) -> None:
+    """Copy a replica's stdout and stderr (``sources``: read end -> stream) into ``out`` line by
+    line through ``mask``, until every process holding the pipes has exited (its own thread)."""
+    pending = dict.fromkeys(sources, b"")
+
+    def write(fd: int, raw: list[bytes]) -> None:
+        out.write(sources[fd], [mask(line.decode("utf-8", errors="replace")) for line in raw])
 
     try:
-        while chunk := os.read(source, 65536):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            if len(pending) > 65536:  # a very long line without newline: cut it
-                lines.append(pending)
-                pending = b""
-            if lines:
-                write(lines)
-        if pending:
-            write([pending])
+        with selectors.DefaultSelector() as selector:
+            for fd in sources:
+                selector.register(fd, selectors.EVENT_READ)
+            while selector.get_map():
+                for key, _ in selector.select():
+                    fd = int(key.fd)
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        selector.unregister(fd)
+                        if pending[fd]:
+                            write(fd, [pending[fd]])
+                        continue
+                    *lines, pending[fd] = (pending[fd] + chunk).split(b"\n")
+                    if len(pending[fd]) > MAX_LINE:  # a very long line without newline: cut it
+                        lines.append(pending[fd])
+                        pending[fd] = b""
+                    if lines:
+                        write(fd, lines)
     except OSError:
-        log.exception("copying the output of a replica to %s failed", path)
+        log.exception("copying the output of replica %s failed", out.replica_id)
     finally:
-        os.close(source)
-        os.close(out)
+        for fd in sources:
+            os.close(fd)
+        out.detach()
 
 
 def _group_running(pgid: int) -> bool:

@@ -18,6 +18,7 @@ as typed records) or the store (services). Both are awaited without blocking the
     GET  /api/v1/services/{name}             deployment:read
     PUT  /api/v1/services/{name}/replicas    service:scale       scale (api/service_ops.py)
     DELETE /api/v1/services/{name}           service:delete      delete (api/service_ops.py)
+    GET  /api/v1/services/{name}/logs        deployment:read     replica output (api/logs.py)
     GET  /api/v1/keys                        deployment:read     signing public keys (?format=pem)
     GET  /metrics                            deployment:read     Prometheus exposition
     GET  /api/v1/tokens                      token:admin         every issued token (no secrets)
@@ -44,6 +45,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from shipyard import __version__
 from shipyard.api import docs, problems, service_ops
+from shipyard.api import logs as logs_api
 from shipyard.api import metrics as metrics_mod
 from shipyard.api import schemas as api
 from shipyard.api.auth import Claims, require_permission
@@ -244,6 +246,7 @@ def create_app(
         docs.install(app)
     problems.install(app)
     service_ops.install(app)  # PUT /services/{name}/replicas, DELETE /services/{name}
+    app.include_router(logs_api.router)
     _declare_regions(app, settings.regions)
     exposition = metrics_mod.MetricsEndpoint()
 

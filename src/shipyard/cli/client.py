@@ -5,10 +5,12 @@ fill a DeploymentRequest's defaults from a local repository. Used by ``cli/main.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import ssl
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,19 +159,32 @@ class ApiClient:
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             return self._c.request(method, path, **kw)
-        except httpx.ConnectError as exc:
+        except httpx.HTTPError as exc:
+            raise self._failed(exc) from exc
+
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str, **kw: Any) -> Iterator[httpx.Response]:
+        """``request`` for an answer read as it arrives (``shipyard logs --follow``); a transport
+        error while reading it is translated the same way."""
+        try:
+            with self._c.stream(method, path, **kw) as response:
+                yield response
+        except httpx.HTTPError as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: httpx.HTTPError) -> InvalidInput:
+        if isinstance(exc, httpx.ConnectError):
             if _untrusted(exc):
-                raise InvalidInput(
+                return InvalidInput(
                     f"the server at {self._c.base_url} presented a certificate this client does "
                     f"not trust ({_untrusted(exc)}): pass --ca-cert FILE or set SHIPYARD_CA_CERT "
                     "to the CA that signed it"
-                ) from exc
-            raise InvalidInput(
+                )
+            return InvalidInput(
                 f"cannot reach the Shipyard server at {self._c.base_url}: start it with "
                 "`shipyard serve` or pass --server"
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise InvalidInput(f"request to {self._c.base_url} failed: {exc}") from exc
+            )
+        return InvalidInput(f"request to {self._c.base_url} failed: {exc}")
 
     def close(self) -> None:
         self._c.close()

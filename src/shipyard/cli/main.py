@@ -5,6 +5,7 @@
     shipyard deploy    build and roll out a repository, with live stage progress
     shipyard status    one deployment, or a service (--watch: live, until the deployment ends)
     shipyard history   a service's deployments
+    shipyard logs      what a service's replicas print (stdout, stderr), --follow
     shipyard rollback  put a service back on the revision before a deployment
     shipyard promote   let a Paused (canary gate) deployment go on
     shipyard abort     abort a deployment in flight: traffic back on stable at once
@@ -45,6 +46,7 @@ from shipyard.cli.client import (
     source_defaults,
 )
 from shipyard.cli.keys import keys_app
+from shipyard.cli.logs import logs_app
 from shipyard.cli.safe import console, shown
 from shipyard.cli.security import security_app
 from shipyard.cli.services import services_app
@@ -72,6 +74,7 @@ app.add_typer(services_app)  # scale, service delete
 agent_app = typer.Typer()
 agent_app.command("stop")(agent_ctl.stop)
 app.add_typer(agent_app, name="agent")
+app.add_typer(logs_app)  # logs
 
 out = console()
 err = console(stderr=True)
@@ -440,6 +443,15 @@ def agent(
     router_max_connections_total: Annotated[
         int, typer.Option(help="Client connections across all services of this agent.")
     ] = 65536,
+    replica_log_mb: Annotated[
+        float, typer.Option(help="Size of one replica log file before it rotates (MiB).")
+    ] = 10.0,
+    replica_log_files: Annotated[
+        int, typer.Option(help="Log files kept per replica, the one being written included.")
+    ] = 3,
+    replica_log_revisions: Annotated[
+        int, typer.Option(help="Revisions per service whose stopped replicas' logs are kept.")
+    ] = 5,
 ) -> None:
     """Run the data plane of one region: the traffic router and the app supervisor.
 
@@ -465,6 +477,14 @@ def agent(
         raise typer.BadParameter(str(exc)) from exc
     if router_max_connections_total <= 0:
         raise typer.BadParameter("--router-max-connections-total must be positive")
+    from shipyard.agent.replica_logs import LogLimits
+
+    try:
+        log_limits = LogLimits(
+            int(replica_log_mb * 1024 * 1024), replica_log_files, replica_log_revisions
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     if detach:  # before any event loop or thread exists: fork is safe here
         if os.fork() > 0:
             os._exit(0)
@@ -480,6 +500,7 @@ def agent(
             sandbox=sandbox,
             router_limits=limits,
             max_connections=router_max_connections_total,
+            log_limits=log_limits,
         )
     )
 

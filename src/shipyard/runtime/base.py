@@ -15,6 +15,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from shipyard.routing.base import TrafficRouter
 
 ReplicaState = Literal["starting", "running", "exited", "crashed", "stopping", "stopped"]
+#: Which of a replica's outputs a log line came from.
+LogStream = Literal["stdout", "stderr"]
+
+#: The most lines one ``read_logs`` answers (``LogQuery.tail``'s upper bound).
+MAX_LOG_LINES = 10_000
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,71 @@ class LoadDriver(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class LogLine:
+    """One line a replica printed, as the runtime stored it (masked of every secret it knows)."""
+
+    #: When the runtime read the line from the replica (seconds since the epoch).
+    timestamp: float
+    replica_id: str
+    revision: str
+    stream: LogStream
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LogLine:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class LogQuery:
+    """Which of a service's replica logs ``Runtime.read_logs`` returns.
+
+    Without ``after``: the last ``tail`` lines (across the matching replicas, by time) with a
+    timestamp at or after ``since``. With ``after`` (the ``cursor`` of an earlier batch): the
+    first ``tail`` lines written after that batch, for following; a replica the cursor does not
+    name (started since) is read from its beginning. A runtime may return fewer lines to bound
+    an answer's size (the agent: about 4 MiB of text); the cursor then covers only what came.
+    """
+
+    revision: str | None = None
+    replica_id: str | None = None
+    tail: int = 200
+    since: float | None = None
+    after: Mapping[str, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["after"] = dict(self.after) if self.after is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LogQuery:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class LogBatch:
+    """Lines oldest first, and where each matching replica's log was read up to: pass it back as
+    ``LogQuery.after`` to get only what comes next (positions are opaque to callers)."""
+
+    lines: Sequence[LogLine]
+    cursor: Mapping[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lines": [line.to_dict() for line in self.lines], "cursor": dict(self.cursor)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LogBatch:
+        return cls(
+            lines=[LogLine.from_dict(x) for x in d["lines"]],
+            cursor={str(k): int(v) for k, v in d["cursor"].items()},
+        )
+
+
 class Runtime(Protocol):
     kind: str
     region: str
@@ -177,5 +247,11 @@ class Runtime(Protocol):
         ...
 
     async def service_state(self, service: str) -> ServiceState | None: ...
+
+    async def read_logs(self, service: str, query: LogQuery) -> LogBatch:
+        """What the service's replicas printed (stdout and stderr, a timestamp per line), also
+        of replicas stopped since, as long as the runtime keeps their logs. NotFound for a
+        service, revision or replica it holds no logs of."""
+        ...
 
     async def list_services(self) -> list[str]: ...

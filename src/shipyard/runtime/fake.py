@@ -53,6 +53,11 @@ from shipyard.errors import (
 from shipyard.routing import table as routing_table
 from shipyard.routing.metrics import BUCKET_BOUNDS_MS, RevisionCounters, RevisionMetrics
 from shipyard.runtime.base import (
+    MAX_LOG_LINES,
+    LogBatch,
+    LogLine,
+    LogQuery,
+    LogStream,
     ReplicaState,
     ReplicaStatus,
     RevisionSpec,
@@ -447,6 +452,8 @@ class FakeRuntime:
         self.region = region
         #: The clock the synthetic load and the restart backoff run on (a FakeClock's ``now``).
         self.now = now or time.monotonic
+        #: What log lines are stamped with (seconds since the epoch, as the agent's).
+        self._wall = now or time.time
         self.services: dict[str, _Service] = {}
         self.router = FakeRouter(self)
         self.fail_start: set[str] = set()
@@ -471,6 +478,12 @@ class FakeRuntime:
         self._kills: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._ports = itertools.count(20000)
+        #: Service -> replica id -> (its revision, what it printed). Kept after the replica
+        #: stops, as the agent keeps stopped replicas' logs; a position is a line's index.
+        self.logs: dict[str, dict[str, tuple[str, list[LogLine]]]] = {}
+        #: Revision -> lines its replicas print each time they start (and crash, if
+        #: ``crashing``): what an app prints before its traceback, for crash reports.
+        self.output: dict[str, list[tuple[LogStream, str]]] = {}
 
     async def ensure_service(self, service: str) -> str:
         svc = self.services.setdefault(service, _Service(url=f"http://fake/{service}"))
@@ -505,6 +518,8 @@ class FakeRuntime:
             svc.replicas[rid] = r
             alive.append(r)
             self.started.append(rid)
+            self.logs.setdefault(spec.service, {})[rid] = (spec.revision, [])
+            self._print_output(spec.service, rid, spec.revision)
             self._observe(spec.service)
         return alive
 
@@ -574,7 +589,64 @@ class FakeRuntime:
     async def list_services(self) -> list[str]:
         return sorted(self.services)
 
+    async def read_logs(self, service: str, query: LogQuery) -> LogBatch:
+        """The agent's ``replica_logs.read`` over the lines kept in ``logs``."""
+        replicas = {
+            rid: lines
+            for rid, (revision, lines) in self.logs.get(service, {}).items()
+            if (query.revision is None or revision == query.revision)
+            and (query.replica_id is None or rid == query.replica_id)
+        }
+        if not replicas:
+            what = (
+                f"replica {query.replica_id}"
+                if query.replica_id is not None
+                else f"revision {query.revision}"
+                if query.revision is not None
+                else "service"
+            )
+            raise NotFound(f"no logs of {what} of {service} on this agent")
+        limit = max(0, min(query.tail, MAX_LOG_LINES))
+        entries: list[tuple[LogLine, int]] = []
+        cursor: dict[str, int] = {}
+        for rid, lines in replicas.items():
+            numbered = [(line, i + 1) for i, line in enumerate(lines)]
+            if query.after is not None:
+                start = query.after.get(rid, 0)
+                got = numbered[start : start + limit]
+                cursor[rid] = got[-1][1] if got else start
+            else:
+                got = numbered[max(0, len(numbered) - limit) :] if limit else []
+                cursor[rid] = len(lines)
+            if query.since is not None:
+                got = [e for e in got if e[0].timestamp >= query.since]
+            entries += got
+        entries.sort(key=lambda e: (e[0].timestamp, e[0].replica_id, e[1]))
+        if query.after is None:
+            last = entries[max(0, len(entries) - limit) :] if limit else []
+            return LogBatch([line for line, _ in last], cursor)
+        taken = entries[:limit]
+        for rid in replicas:
+            mine = [pos for line, pos in entries if line.replica_id == rid]
+            kept = [pos for line, pos in taken if line.replica_id == rid]
+            if len(kept) < len(mine):
+                cursor[rid] = kept[-1] if kept else query.after.get(rid, 0)
+        return LogBatch([line for line, _ in taken], cursor)
+
     # --- test controls ---------------------------------------------------------------------------
+
+    def print(self, replica_id: str, text: str, stream: LogStream = "stdout") -> None:
+        """The replica prints one line (stamped with ``now``)."""
+        for replicas in self.logs.values():
+            if replica_id in replicas:
+                revision, lines = replicas[replica_id]
+                lines.append(LogLine(self._wall(), replica_id, revision, stream, text))
+                return
+        raise KeyError(replica_id)
+
+    def _print_output(self, service: str, replica_id: str, revision: str) -> None:
+        for stream, text in self.output.get(revision, []):
+            self.print(replica_id, text, stream)
 
     def crash(self, replica_id: str, exit_code: int = 1) -> None:
         """The replica dies and nothing restarts it (the agent would; see ``kill_replica``)."""
@@ -653,6 +725,7 @@ class FakeRuntime:
                     next_restart_in=None,
                 )
                 svc.replicas[rid] = restarted
+                self._print_output(service, rid, r.revision)
                 code = self.crashing.get(r.revision)
                 if code is not None:  # it exits again before it is ever ready
                     self._died(

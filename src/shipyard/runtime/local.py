@@ -25,12 +25,20 @@ from shipyard.errors import (
     AgentUnavailable,
     ArtifactVerificationFailed,
     InvalidInput,
+    NotFound,
     RevisionStartFailed,
     TrafficSwitchFailed,
 )
 from shipyard.logs import log_event
 from shipyard.private_files import open_log
-from shipyard.runtime.base import ReplicaStatus, RevisionSpec, ServiceState, StickyKey
+from shipyard.runtime.base import (
+    LogBatch,
+    LogQuery,
+    ReplicaStatus,
+    RevisionSpec,
+    ServiceState,
+    StickyKey,
+)
 
 log = logging.getLogger("shipyard.runtime.local")
 
@@ -172,6 +180,8 @@ class _AgentError(InvalidInput):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"agent refused ({status}): {message}", status=status)
         self.status = status
+        #: The agent's own words.
+        self.reason = message
 
 
 class AgentRouter:
@@ -292,6 +302,15 @@ class LocalRuntime:
 
     async def list_services(self) -> list[str]:
         return list(await self.agent.call("GET", "/v1/services"))
+
+    async def read_logs(self, service: str, query: LogQuery) -> LogBatch:
+        try:
+            out = await self.agent.call("POST", f"/v1/services/{service}/logs", query.to_dict())
+        except _AgentError as exc:
+            if exc.status == 404:
+                raise NotFound(exc.reason) from exc
+            raise
+        return LogBatch.from_dict(out)
 
     async def aclose(self) -> None:
         await self.agent.aclose()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from shipyard.domain.models import DeploymentStatus
 from shipyard.errors import HealthCheckFailed
 from shipyard.health.probing import watch_until_unhealthy
+from shipyard.orchestrator import crash_report
 from shipyard.orchestrator.context import DeploymentContext
 from shipyard.orchestrator.stage import Rollback, stage
 from shipyard.orchestrator.steps.registry import executes
@@ -27,11 +28,13 @@ async def bake(ctx: DeploymentContext, step: Bake) -> None:
             until=ctx.step_started_at + step.seconds,
         )
         if verdict is not None:
-            st.fail(verdict.reason, audit={"error": verdict.reason, "replica": verdict.replica_id})
-            raise Rollback(
+            exc = await crash_report.with_output(
+                ctx,
                 HealthCheckFailed(
                     f"{candidate} became unhealthy during the bake window: {verdict.reason}",
                     attempts=verdict.attempts,
+                    replica=verdict.replica_id,
                 ),
-                detected_at=verdict.at,
             )
+            st.fail(verdict.reason, audit={"error": verdict.reason, "replica": verdict.replica_id})
+            raise Rollback(exc, detected_at=verdict.at)

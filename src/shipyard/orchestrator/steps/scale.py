@@ -12,7 +12,7 @@ from __future__ import annotations
 from shipyard.domain.models import DeploymentStatus
 from shipyard.errors import HealthCheckFailed
 from shipyard.health.probing import wait_healthy
-from shipyard.orchestrator import artifacts, serving
+from shipyard.orchestrator import artifacts, crash_report, serving
 from shipyard.orchestrator.context import DeploymentContext
 from shipyard.orchestrator.stage import Rollback, stage
 from shipyard.orchestrator.steps.registry import executes
@@ -25,7 +25,12 @@ async def scale_candidate(ctx: DeploymentContext, step: ScaleCandidate) -> None:
     candidate = ctx.candidate
     async with stage(ctx, step.name, replicas=step.replicas) as st:
         ctx.record.url = await ctx.runtime.ensure_service(ctx.service)
-        weights = await scale_up(ctx, candidate, step.replicas, ctx.stable)
+        try:
+            weights = await scale_up(ctx, candidate, step.replicas, ctx.stable)
+        except Rollback as rollback:
+            # One line for the stage; a failed replica's output goes with the error only.
+            st.fail(rollback.cause.message.partition("\n")[0])
+            raise
         st.done(weights=weights)
     await ctx.audit("replicas.scaled", revision=candidate, replicas=step.replicas, weights=weights)
 
@@ -56,14 +61,16 @@ async def scale_up(
             await wait_healthy(
                 fresh, stored.health_check(), ctx.deps.prober, ctx.clock, ctx.replica_states()
             )
-        except HealthCheckFailed as exc:
+        except HealthCheckFailed as failed:
+            exc = await crash_report.with_output(ctx, failed)
             await ctx.audit(
                 "health_check.failed",
                 revision=revision,
-                error=exc.message,
+                error=failed.message,
                 attempts=exc.attempts,
+                exit_code=exc.detail.get("exit_code"),
             )
-            raise Rollback(exc) from exc
+            raise Rollback(exc) from failed
         await runtime.set_routable(ctx.service, [r.replica_id for r in fresh], True)
     return await rebalance(ctx, revision, other)
 
