@@ -123,6 +123,8 @@ class LoadBody(BaseModel):
     path: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^/[!-~]*$")] = "/"
     lease_seconds: Annotated[float, Field(gt=0, le=MAX_LEASE_SECONDS)] = 60.0
 
+    model_config = {"extra": "forbid"}
+
 
 class LogQueryBody(BaseModel):
     """``runtime.base.LogQuery`` on the wire (``POST /v1/services/{s}/logs``)."""
