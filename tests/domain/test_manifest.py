@@ -61,7 +61,7 @@ def test_defaults() -> None:
             '[service]\nname = "x"\n[run]\ncommand = "x"\n[health]\nendpoint = "health"\n',
             "health.endpoint",
         ),
-        ('[service]\nname = "x"\n[run]\ncommand = "x"\nshell = true\n', "run.shell"),
+        ('[service]\nname = "x"\n[run]\ncommand = "x"\nshell = "maybe"\n', "run.shell"),
     ],
 )
 def test_invalid_manifests_name_the_field(text: str, needle: str) -> None:
