@@ -1,18 +1,24 @@
 """``shipyard.toml``: how a repository builds, runs and proves itself healthy.
 
 Read from the checked-out commit by the build stage; the CLI reads it for the default service name.
-Errors name the field and the reason (``ManifestError``)::
+Errors name the field and the reason (``ManifestError``). Every field's ``description`` is its
+entry in README.md's manifest reference (``shipyard.cli.manifest_docs`` writes it; a field without
+one fails ``tests/cli/test_manifest_docs.py``). Commands are argv lists, strings split by
+``shlex`` (refused, with how to write it, when they hold shell syntax), or with ``shell = true``
+strings run by ``/bin/sh -c`` (``to_argv``)::
 
     [service]
     name = "hello"                  # DNS label; the request's target.service_name wins
 
     [build]
-    command = "pip install -r requirements.txt -t deps"   # optional, run in the checked-out tree
+    shell = true                    # optional: the commands below run as /bin/sh -c '...'
+    dependencies = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
     cache_key_files = ["requirements.txt"]                 # optional, dependency cache key
 
     [run]
-    command = "python app.py"       # started with PORT set; must listen on 127.0.0.1:$PORT
+    command = ["gunicorn", "app:app"]   # started with PORT set; must listen on 127.0.0.1:$PORT
     replicas = 1
+    env = { GREETING = "hi" }
 
     [health]                        # ADR HealthCheck; fractional seconds allowed
     endpoint = "/health"
