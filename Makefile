@@ -31,7 +31,7 @@ check: setup
 
 # The manifest reference in README.md, from the manifest's models (tests/cli/test_manifest_docs.py).
 docs: setup
-	$(PY) -m shipyard.cli.manifest_docs
+	$(PY) -m shipyard.cli.manifest_docs --readme README.md
 
 fmt: setup
 	$(VENV)/bin/ruff format src tests bench

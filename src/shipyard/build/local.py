@@ -525,12 +525,12 @@ def _dependency_key(
             if match.is_symlink() or not match.is_file() or rel in files:
                 continue  # key files are the commit's regular files
             files[rel] = hashlib.sha256(match.read_bytes()).hexdigest()
-    tool = shutil.which(argv[0], path=env["PATH"])
-    tool_id: list[object] = []
-    if tool is not None:  # a different interpreter / package manager must not reuse entries
-        real = os.path.realpath(tool)
-        st = os.stat(real)
-        tool_id = [real, st.st_size, st.st_mtime_ns]
+    tool_id = _tool_id(argv[0], env["PATH"])
+    if list(argv[:2]) == ["/bin/sh", "-c"] and len(argv) == 3:
+        # shell = true: the shell is not the tool; the script's first program is.
+        first = argv[2].split(maxsplit=1)
+        if first:
+            tool_id += _tool_id(first[0], env["PATH"])
     blob = json.dumps(
         {
             "format": _CACHE_FORMAT,
@@ -542,6 +542,17 @@ def _dependency_key(
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest(), sorted(files)
+
+
+def _tool_id(name: str, path: str) -> list[object]:
+    """Which file ``name`` runs, and its size and mtime: a different interpreter or package
+    manager must not reuse a dependency-cache entry. Empty when it cannot be found."""
+    tool = shutil.which(name, path=path)
+    if tool is None:
+        return []
+    real = os.path.realpath(tool)
+    st = os.stat(real)
+    return [real, st.st_size, st.st_mtime_ns]
 
 
 def _copy_key_files(workspace: Path, recipe: Path, files: Sequence[str]) -> None:
