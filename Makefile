@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test test-fast bench check lock fmt clean
+.PHONY: setup demo test test-fast bench check lock fmt clean docs
 
 setup:
 	@./scripts/bootstrap.sh
@@ -28,6 +28,10 @@ check: setup
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# The manifest reference in README.md, from the manifest's models (tests/cli/test_manifest_docs.py).
+docs: setup
+	$(PY) -m shipyard.cli.manifest_docs --readme README.md
 
 fmt: setup
 	$(VENV)/bin/ruff format src tests bench

@@ -39,6 +39,7 @@ SEEN: dict[str, object] = {
         k: os.environ.get(k)
         for k in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "PYTHONDONTWRITEBYTECODE", "PORT")
     },
+    "environ": dict(os.environ),
 }
 _cwd_file.write_text(f"written by {os.getpid()}\n")
 _home_file.write_text(f"written by {os.getpid()}\n")

@@ -17,7 +17,12 @@ import pytest
 from shipyard.build.base import BuildRequest
 from shipyard.build.cache import BuildCache
 from shipyard.build.digest import digest_tree
-from shipyard.build.local import LocalBuilder, LocalBuilderConfig, verify_artifact
+from shipyard.build.local import (
+    LocalBuilder,
+    LocalBuilderConfig,
+    _dependency_key,
+    verify_artifact,
+)
 from shipyard.errors import BuildFailed
 from shipyard.sandbox import Sandbox, SandboxPolicy
 
@@ -517,3 +522,19 @@ async def test_artifacts_are_evicted_by_their_own_budget(repo: GitRepo, data_dir
     again = await builder.build(BuildRequest(repo.source(first.commit)))
     assert not again.cache.artifact_hit
     assert again.digest == first.digest
+
+
+def test_a_shell_dependency_step_is_keyed_by_the_program_its_script_runs(tmp_path: Path) -> None:
+    """With shell = true the argv's program is /bin/sh; the interpreter the script starts (a
+    python3 upgraded in place) must still key the entry, as it does for a plain command."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "python3"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    argv = ["/bin/sh", "-c", "python3 -m venv .venv && .venv/bin/pip install -r r.txt"]
+    before, _ = _dependency_key(tmp_path, [], argv, env)
+    assert _dependency_key(tmp_path, [], argv, env)[0] == before
+    tool.write_text("#!/bin/sh\n# a newer interpreter\n")
+    assert _dependency_key(tmp_path, [], argv, env)[0] != before

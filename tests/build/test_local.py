@@ -105,6 +105,10 @@ async def test_environment_is_scrubbed(
 ) -> None:
     monkeypatch.setenv("SHIPYARD_API_TOKEN", "s3cret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
+    # The server runs from its own virtualenv: a build must not find its python or pip.
+    server_venv = "/opt/shipyard-server/.venv"
+    monkeypatch.setenv("VIRTUAL_ENV", server_venv)
+    monkeypatch.setenv("PATH", f"{server_venv}/bin:{os.environ['PATH']}")
     commit = _with_build(
         repo, "command = \"sh -c 'env > env.txt; pwd > pwd.txt; echo x > $HOME/.toolrc'\""
     )
@@ -121,6 +125,8 @@ async def test_environment_is_scrubbed(
     assert not env["HOME"].startswith(workspace)
     assert not (Path(artifact.location) / ".toolrc").exists()
     assert env["LANG"] == "C.UTF-8"
+    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+    assert server_venv not in (Path(artifact.location) / "env.txt").read_text()
     assert set(env) <= {
         "PATH",
         "HOME",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def test_defaults() -> None:
             '[service]\nname = "x"\n[run]\ncommand = "x"\n[health]\nendpoint = "health"\n',
             "health.endpoint",
         ),
-        ('[service]\nname = "x"\n[run]\ncommand = "x"\nshell = true\n', "run.shell"),
+        ('[service]\nname = "x"\n[run]\ncommand = "x"\nshell = "maybe"\n', "run.shell"),
     ],
 )
 def test_invalid_manifests_name_the_field(text: str, needle: str) -> None:
@@ -111,3 +112,129 @@ def test_analysis_load_is_accepted(load: str, rps: float, path: str) -> None:
 def test_analysis_load_bad_input_names_the_field(load: str, needle: str) -> None:
     with pytest.raises(ManifestError, match=needle.replace(".", r"\.")):
         parse_manifest(BASE + load + "\n")
+
+
+# --- commands: a shell only when asked ------------------------------------------------------------
+
+
+def _manifest(build: str = "", run: str = 'command = "python3 app.py"') -> str:
+    return f'[service]\nname = "x"\n[build]\n{build}\n[run]\n{run}\n'
+
+
+@pytest.mark.parametrize(
+    ("build", "argv"),
+    [
+        pytest.param('command = "make dist"', ["make", "dist"], id="string-split"),
+        pytest.param(
+            'command = ["sh", "-c", "pip install -r r.txt && make"]',
+            ["sh", "-c", "pip install -r r.txt && make"],
+            id="argv-list",
+        ),
+        pytest.param(
+            'shell = true\ncommand = "pip install -r r.txt && make > out.txt"',
+            ["/bin/sh", "-c", "pip install -r r.txt && make > out.txt"],
+            id="shell-true",
+        ),
+        pytest.param(
+            "command = \"sh -c 'a && b | c; echo $HOME'\"",
+            ["sh", "-c", "a && b | c; echo $HOME"],
+            id="operators-inside-quotes-are-arguments",
+        ),
+        pytest.param(
+            'command = "pip install flask>=2 https://x.invalid/?a=1&b=2"',
+            ["pip", "install", "flask>=2", "https://x.invalid/?a=1&b=2"],
+            id="operator-characters-inside-a-word",
+        ),
+        pytest.param(
+            r'command = "echo a\\;b"',
+            ["echo", "a;b"],
+            id="escaped-operator",
+        ),
+    ],
+)
+def test_build_command_forms(build: str, argv: list[str]) -> None:
+    m = parse_manifest(_manifest(build))
+    assert m.build.argv == argv
+
+
+@pytest.mark.parametrize(
+    ("command", "syntax"),
+    [
+        pytest.param("pip install -r requirements.txt && make", "&&", id="and"),
+        pytest.param("make || true", "||", id="or"),
+        pytest.param("make; make install", ";", id="semicolon"),
+        pytest.param("make | tee log", "|", id="pipe"),
+        pytest.param("make > log", ">", id="redirect"),
+        pytest.param("make >log", ">", id="redirect-attached"),
+        pytest.param("make 2>&1", "2>&1", id="fd-redirect"),
+        pytest.param("sleep 1 &", "&", id="background"),
+        pytest.param("echo $(date)", "$(...)", id="command-substitution"),
+        pytest.param('echo "$(date)"', "$(...)", id="substitution-in-double-quotes"),
+        pytest.param("echo `date`", "`...`", id="backquotes"),
+        pytest.param("gunicorn -b 127.0.0.1:$PORT app:app", "$PORT", id="variable"),
+        pytest.param("echo ${HOME}", "${...}", id="braced-variable"),
+    ],
+)
+def test_shell_syntax_in_a_plain_string_says_how_to_write_it(command: str, syntax: str) -> None:
+    for section, text in (
+        ("build", _manifest(f"command = {json.dumps(command)}")),
+        ("run", _manifest(run=f"command = {json.dumps(command)}")),
+    ):
+        with pytest.raises(ManifestError) as exc:
+            parse_manifest(text)
+        message = exc.value.message
+        assert f"{section}.command" in message
+        assert f"shell syntax ({syntax})" in message
+        assert f"add shell = true to [{section}]" in message
+        assert f'command = ["sh", "-c", {json.dumps(command)}]' in message
+
+
+def test_single_quotes_keep_dollar_literal() -> None:
+    m = parse_manifest(_manifest(run="command = \"echo '$PORT'\""))
+    assert m.run.argv == ["echo", "$PORT"]
+
+
+def test_dependencies_follow_the_same_rules() -> None:
+    with pytest.raises(ManifestError, match=r"build\.dependencies.*shell syntax \(&&\)"):
+        parse_manifest(_manifest('dependencies = "python3 -m venv .venv && .venv/bin/pip x"'))
+    m = parse_manifest(_manifest('shell = true\ndependencies = "python3 -m venv v && v/bin/pip x"'))
+    assert m.build.dependencies_argv == ["/bin/sh", "-c", "python3 -m venv v && v/bin/pip x"]
+
+
+def test_run_shell_and_list_forms() -> None:
+    m = parse_manifest(_manifest(run='shell = true\ncommand = "exec gunicorn -b 127.0.0.1:$PORT"'))
+    assert m.run.argv == ["/bin/sh", "-c", "exec gunicorn -b 127.0.0.1:$PORT"]
+    m = parse_manifest(_manifest(run='command = ["python3", "app.py", "--name", "two words"]'))
+    assert m.run.argv == ["python3", "app.py", "--name", "two words"]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        pytest.param(
+            _manifest('shell = true\ncommand = ["make", "dist"]'),
+            "shell = true needs the command as one string",
+            id="shell-with-a-list",
+        ),
+        pytest.param(_manifest("command = []"), "build.command", id="empty-list"),
+        pytest.param(
+            _manifest('command = ["", "x"]'),
+            "first element (the program) is empty",
+            id="no-program",
+        ),
+        pytest.param(
+            _manifest(run='command = "x"\nenv = { "BAD-NAME" = "1" }'), "run.env", id="env-name"
+        ),
+    ],
+)
+def test_refused_command_forms(text: str, needle: str) -> None:
+    with pytest.raises(ManifestError) as exc:
+        parse_manifest(text)
+    assert needle in exc.value.message
+
+
+def test_command_text_is_one_line_for_provenance() -> None:
+    listed = parse_manifest(_manifest('command = ["sh", "-c", "make && make install"]'))
+    assert listed.build.command_text == "sh -c 'make && make install'"
+    shell = parse_manifest(_manifest('shell = true\ncommand = "make && make install"'))
+    assert shell.build.command_text == "make && make install"

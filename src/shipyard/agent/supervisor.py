@@ -1,7 +1,11 @@
 """Supervises app replicas as child processes for the local agent; called by ``agent.server`` only.
 
-Each replica is the manifest's ``[run] command`` (an argv list, never a shell) started with
-``PORT`` set, its own process group, and its output kept in a log file. Two rules shape it:
+Each replica is the manifest's ``[run] command`` (an argv list; ``/bin/sh -c`` only with ``[run]
+shell = true``) started with ``PORT`` set, its own process group, and its output kept in a log
+file. Its environment is built here, never inherited: ``PATH`` is the artifact's virtualenv
+``bin`` (``build.venvs.venv_bins``) then ``DEFAULT_PATH``, never the agent's (which leads to
+Shipyard's own virtualenv); its own ``HOME``/``TMPDIR``; locale and time zone; the manifest's
+``[run] env``; ``PORT`` and ``SHIPYARD_*`` last. Two rules shape it:
 
 Artifacts stay immutable. The artifact directory is content-addressed and its digest is checked
 before every start, so nothing a replica does may change it. Writable state lives in
@@ -45,6 +49,7 @@ from typing import Literal
 
 from shipyard.agent import replica_logs
 from shipyard.agent.replica_logs import LogLimits, ReplicaLog
+from shipyard.build.venvs import venv_bins
 from shipyard.errors import RevisionStartFailed
 from shipyard.logs import log_event
 from shipyard.runtime.base import LogStream, ReplicaState, ReplicaStatus, RevisionSpec
@@ -52,8 +57,11 @@ from shipyard.sandbox import Sandbox, SandboxPolicy, launch
 
 log = logging.getLogger("shipyard.agent")
 
-#: Environment every replica gets; nothing of the agent's own environment leaks into apps.
-BASE_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH_SHIPYARD_UNUSED")
+#: The agent's locale and time zone pass to replicas; nothing else of its environment does (its
+#: PATH leads to Shipyard's own virtualenv, its SHIPYARD_* are its settings).
+BASE_ENV_KEYS = ("LANG", "LC_ALL", "TZ")
+#: Every replica's PATH, after the artifact's virtualenv ``bin`` if it has one.
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 #: ``auto``: overlay when the probe says it works here, else direct. The others force a mode.
 Isolation = Literal["auto", "overlay", "direct"]
@@ -353,9 +361,16 @@ class Supervisor:
 
     def _env(self, replica: Replica) -> dict[str, str]:
         home = replica.run_dir / "home"
-        env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
-        if "PATH" in env:  # what the sandbox can see of it
-            env["PATH"] = self.sandbox.visible_path(env["PATH"])
+        env = {"LANG": "C.UTF-8"}
+        env.update((k, os.environ[k]) for k in BASE_ENV_KEYS if k in os.environ)
+        # The artifact's venv is visible to the replica (its own tree is mounted back even
+        # though it lies in the hidden data directory); of the rest, what the sandbox shows.
+        bins = venv_bins(Path(replica.spec.artifact_location).resolve())
+        env["PATH"] = os.pathsep.join(
+            [*(str(b) for b in bins), self.sandbox.visible_path(DEFAULT_PATH)]
+        )
+        if bins:  # what bin/activate would set; the artifact's own venv, never the agent's
+            env["VIRTUAL_ENV"] = str(bins[0].parent)
         # Defaults the manifest's [run] env may override.
         env.update(
             HOME=str(home),

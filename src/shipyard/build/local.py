@@ -17,10 +17,13 @@ orchestrator's build stage calls ``build``. Steps:
    Its output is cached under a key over those files' content, the command and the tool it runs,
    and copied into the workspace, so a source-only change reuses it.
 4. ``[build] command`` runs in the workspace.
-5. The workspace is checked (nothing written beside it, no symlink pointing out of it), hashed
+5. Virtualenvs in it are made relocatable (``venvs.relocate``: console scripts name the build
+   directory), then the workspace is checked (nothing written beside it, no symlink pointing out
+   of it but a venv's link to its base interpreter), hashed
    (``digest.digest_tree``) and moved, read-only, to ``<data>/artifacts/sha256-<hex>``.
 
-Commands run from argv lists (never a shell) with a scrubbed environment: ``PATH``, ``HOME``,
+Commands run from argv lists (a shell only when the manifest says ``shell = true``) with a
+scrubbed environment: ``PATH`` (``/usr/local/bin:/usr/bin:/bin``, not the server's), ``HOME``,
 ``LANG``, ``TMPDIR`` / ``XDG_CACHE_HOME`` (all in a scratch directory that is thrown away, so
 what tools leave in HOME -- pip's and rustup's settings, caches -- never enters an artifact) and
 ``SOURCE_DATE_EPOCH``; nothing else of the server's environment (no tokens). One time budget,
@@ -56,6 +59,7 @@ from shipyard.build.base import Artifact, BuildRequest, CacheReport
 from shipyard.build.digest import UnsupportedEntry, digest_tree, verify_artifact
 from shipyard.build.running import BuildLog, run_command
 from shipyard.build.source import ResolvedSource, export_commit, manifest_of, resolve_source
+from shipyard.build.venvs import interpreter_link, relocate
 from shipyard.domain.manifest import Manifest, load_manifest
 from shipyard.domain.models import BUILD_TIME_TARGET_MS
 from shipyard.errors import ArtifactVerificationFailed, BuildFailed, ShipyardError
@@ -96,7 +100,8 @@ class LocalBuilderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["local"] = "local"
-    #: PATH given to build commands; None: the server's own PATH (not secret; nothing else is).
+    #: PATH given to build commands; None: /usr/local/bin:/usr/bin:/bin. Never the server's own
+    #: PATH: Shipyard's virtualenv on it would be found by a build's ``python``/``pip``.
     path: str | None = None
     #: LRU budget for dependency-cache entries.
     cache_max_bytes: int = Field(default=5 * 2**30, ge=0)
@@ -415,6 +420,9 @@ class LocalBuilder:
             await asyncio.to_thread(self.sandbox.take_back, recipe)
             if code != 0:
                 raise self._failed(f"dependency command exited with code {code}", code, log)
+            # Before it is cached: a venv in the entry must work in every workspace it is
+            # copied into, and in the artifacts made from them.
+            await asyncio.to_thread(self._relocate, recipe, [recipe], log)
             await asyncio.to_thread(_drop_key_files, recipe, files)
             entry = await asyncio.to_thread(
                 self.cache.publish_dependencies, key, recipe, replace=no_cache
@@ -452,6 +460,7 @@ class LocalBuilder:
                     log_tail=log.tail,
                 )
         workspace = root / _WORKSPACE
+        self._relocate(workspace, [workspace, root / _RECIPE], log)
         _check_symlinks(workspace)
         try:
             return digest_tree(workspace)
@@ -462,9 +471,7 @@ class LocalBuilder:
 
     def _env(self, *, scratch: Path) -> dict[str, str]:
         return {
-            "PATH": self.sandbox.visible_path(
-                self.config.path or os.environ.get("PATH", _DEFAULT_PATH)
-            ),
+            "PATH": self.sandbox.visible_path(self.config.path or _DEFAULT_PATH),
             "HOME": str(scratch / "home"),
             "LANG": "C.UTF-8",
             "TMPDIR": str(scratch),
@@ -472,11 +479,27 @@ class LocalBuilder:
             "SOURCE_DATE_EPOCH": _SOURCE_DATE_EPOCH,
         }
 
+    def _relocate(self, tree: Path, old_roots: list[Path], log: BuildLog) -> None:
+        """Make the virtualenvs in ``tree`` work from wherever it is moved (blocking)."""
+        try:
+            done = relocate(tree, old_roots=old_roots)
+        except OSError as exc:
+            raise BuildFailed(
+                f"cannot make the build's virtualenv relocatable: {exc}", log_tail=log.tail
+            ) from exc
+        if done.scripts or done.pth_files:
+            log.note(
+                f"made {len(done.scripts)} virtualenv script(s) and {len(done.pth_files)} .pth "
+                "file(s) relocatable (they named the build directory): "
+                + ", ".join((done.scripts + done.pth_files)[:8])
+                + (" ..." if len(done.scripts) + len(done.pth_files) > 8 else "")
+            )
+
     def _inputs_key(self, tree: str) -> str:
         # The tree covers every file, shipyard.toml included; the rest is what else decides
         # the output: this builder's procedure and the PATH its commands see.
         config = self.config.model_dump(mode="json", include={"kind", "path", "link_dependencies"})
-        config["path"] = config["path"] or os.environ.get("PATH", _DEFAULT_PATH)
+        config["path"] = config["path"] or _DEFAULT_PATH
         blob = json.dumps({"format": _CACHE_FORMAT, "tree": tree, "config": config}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -503,12 +526,12 @@ def _dependency_key(
             if match.is_symlink() or not match.is_file() or rel in files:
                 continue  # key files are the commit's regular files
             files[rel] = hashlib.sha256(match.read_bytes()).hexdigest()
-    tool = shutil.which(argv[0], path=env["PATH"])
-    tool_id: list[object] = []
-    if tool is not None:  # a different interpreter / package manager must not reuse entries
-        real = os.path.realpath(tool)
-        st = os.stat(real)
-        tool_id = [real, st.st_size, st.st_mtime_ns]
+    tool_id = _tool_id(argv[0], env["PATH"])
+    if list(argv[:2]) == ["/bin/sh", "-c"] and len(argv) == 3:
+        # shell = true: the shell is not the tool; the script's first program is.
+        first = argv[2].split(maxsplit=1)
+        if first:
+            tool_id += _tool_id(first[0], env["PATH"])
     blob = json.dumps(
         {
             "format": _CACHE_FORMAT,
@@ -520,6 +543,17 @@ def _dependency_key(
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest(), sorted(files)
+
+
+def _tool_id(name: str, path: str) -> list[object]:
+    """Which file ``name`` runs, and its size and mtime: a different interpreter or package
+    manager must not reuse a dependency-cache entry. Empty when it cannot be found."""
+    tool = shutil.which(name, path=path)
+    if tool is None:
+        return []
+    real = os.path.realpath(tool)
+    st = os.stat(real)
+    return [real, st.st_size, st.st_mtime_ns]
 
 
 def _copy_key_files(workspace: Path, recipe: Path, files: Sequence[str]) -> None:
@@ -603,6 +637,11 @@ def _check_symlinks(workspace: Path) -> None:
             if os.path.islink(p):
                 target = os.path.realpath(p)
                 if target != root and not target.startswith(root + os.sep):
+                    interpreter = interpreter_link(Path(p), workspace)
+                    if interpreter == "ok":  # a venv's bin/python -> /usr/bin/python3
+                        continue
+                    if interpreter is not None:
+                        raise BuildFailed(interpreter)
                     rel = os.path.relpath(p, workspace)
                     raise BuildFailed(
                         f"symlink {rel} -> {os.readlink(p)} points outside the artifact; "

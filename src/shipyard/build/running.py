@@ -133,7 +133,8 @@ async def run_command(
     runs longer than ``limit_s`` (the whole process group is killed first). ``budget_s`` is the
     configured build timeout the message names (``limit_s`` may be what is left of it)."""
     budget = limit_s if budget_s is None else budget_s
-    log.note(f"{what}: {' '.join(argv)}")
+    # One line: a shell script written as a TOML multi-line string holds newlines.
+    log.note(f"{what}: {' '.join(argv).replace(chr(10), ' ')}")
     # Checked here, with the message users know: inside the sandbox only bubblewrap would say it.
     path = env.get("PATH", "")
     tool = argv[0]

@@ -1,18 +1,24 @@
 """``shipyard.toml``: how a repository builds, runs and proves itself healthy.
 
 Read from the checked-out commit by the build stage; the CLI reads it for the default service name.
-Errors name the field and the reason (``ManifestError``)::
+Errors name the field and the reason (``ManifestError``). Every field's ``description`` is its
+entry in README.md's manifest reference (``shipyard.cli.manifest_docs`` writes it; a field without
+one fails ``tests/cli/test_manifest_docs.py``). Commands are argv lists, strings split by
+``shlex`` (refused, with how to write it, when they hold shell syntax), or with ``shell = true``
+strings run by ``/bin/sh -c`` (``to_argv``)::
 
     [service]
     name = "hello"                  # DNS label; the request's target.service_name wins
 
     [build]
-    command = "pip install -r requirements.txt -t deps"   # optional, run in the checked-out tree
+    shell = true                    # optional: the commands below run as /bin/sh -c '...'
+    dependencies = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
     cache_key_files = ["requirements.txt"]                 # optional, dependency cache key
 
     [run]
-    command = "python app.py"       # started with PORT set; must listen on 127.0.0.1:$PORT
+    command = ["gunicorn", "app:app"]   # started with PORT set; must listen on 127.0.0.1:$PORT
     replicas = 1
+    env = { GREETING = "hi" }
 
     [health]                        # ADR HealthCheck; fractional seconds allowed
     endpoint = "/health"
@@ -35,12 +41,20 @@ Errors name the field and the reason (``ManifestError``)::
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import (
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from shipyard.domain.models import AnalysisSettings, DnsLabel, HealthCheck, WireModel
 from shipyard.errors import ManifestError
@@ -49,28 +63,84 @@ MANIFEST_NAME = "shipyard.toml"
 MAX_MANIFEST_BYTES = 64 * 1024
 
 
+#: A command: one string (split into arguments like a POSIX shell would, but never run by one,
+#: unless ``shell = true``) or the argv list itself.
+Command = (
+    Annotated[str, Field(min_length=1, max_length=4096)]
+    | Annotated[list[Annotated[str, Field(max_length=4096)]], Field(min_length=1, max_length=256)]
+)
+
+_SHELL_DESCRIPTION = (
+    "true: `command`{also} run by `/bin/sh -c` as written, so `&&`, `|`, `>`, `$VAR` and "
+    "`$(...)` work (the workload is sandboxed either way); the command must then be a string. "
+    "false: a string is split into arguments and run without a shell; one that uses shell "
+    "syntax is refused with the way to write it."
+)
+
+
 class ServiceSection(WireModel):
-    name: DnsLabel
+    """What the service is called."""
+
+    name: DnsLabel = Field(
+        description="The service's name: a DNS label (lowercase letters, digits, '-'; at most 63). "
+        "The default for `shipyard deploy --service`; the request's `target.service_name` wins."
+    )
 
 
 class BuildSection(WireModel):
-    command: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
-    builder: Annotated[str, Field(pattern=r"^(local|docker|cloudbuild)$")] = "local"
-    cache_key_files: list[str] | None = None
-    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 600.0
+    """How the commit becomes an artifact (optional: without it, the checked-out tree is it)."""
+
+    shell: bool = Field(
+        default=False, description=_SHELL_DESCRIPTION.format(also=" and `dependencies` are")
+    )
+    command: Command | None = Field(
+        default=None,
+        description="Run in the checked-out tree after the dependency step; what it leaves there "
+        'is the artifact. A string (`"make dist"`) or an argv list '
+        '(`["sh", "-c", "pip install -r requirements.txt && make"]`). A virtualenv made '
+        "here works after the artifact moves: its scripts are made relocatable when sealed.",
+    )
+    builder: Literal["local", "docker", "cloudbuild"] = Field(
+        default="local",
+        description="Who builds: `local` (this machine, sandboxed), `docker` (Docker Engine, an "
+        "image) or `cloudbuild` (Google Cloud Build); the server must have that builder set up.",
+    )
+    cache_key_files: list[str] | None = Field(
+        default=None,
+        description="Relative paths or globs whose content keys the dependency cache (at most "
+        "64). Default: the lock and requirements files present at the root "
+        "(requirements*.txt, poetry.lock, uv.lock, Pipfile.lock, package-lock.json, yarn.lock, "
+        "pnpm-lock.yaml, Cargo.lock, go.sum).",
+    )
+    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=600.0,
+        description="One budget for `dependencies` and `command` together; past it the whole "
+        "process group is killed and the build fails.",
+    )
     #: cargo-chef style dependency step: run in a tree holding only the cache-key files; its
     #: output is cached by (key files' content, this command) and copied into the checkout
     #: before ``command`` runs, e.g. "pip install -r requirements.txt --target .deps".
-    dependencies: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    dependencies: Command | None = Field(
+        default=None,
+        description="Dependency step, run in a tree holding only the `cache_key_files`; its "
+        "output is cached by their content and this command, and copied into the checkout "
+        "before `command` runs, so a source-only change reuses it. E.g. "
+        '`"python3 -m pip install -r requirements.txt --target .deps"`. String or list, as '
+        "`command`.",
+    )
     #: Dockerfile for the docker / cloudbuild builders, relative to the repository root
     #: (the request's ``source.dockerfile`` wins).
-    dockerfile: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    dockerfile: Annotated[str, Field(min_length=1, max_length=1024)] | None = Field(
+        default=None,
+        description="Dockerfile for the `docker` and `cloudbuild` builders, relative to the "
+        "repository root (default `Dockerfile`; the request's `source.dockerfile` wins).",
+    )
 
     @field_validator("command", "dependencies")
     @classmethod
-    def _splits(cls, v: str | None) -> str | None:
+    def _runnable(cls, v: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
         if v is not None:
-            _split(v)
+            to_argv(v, shell=bool(info.data.get("shell")), key=f"build.{info.field_name}")
         return v
 
     @field_validator("cache_key_files")
@@ -103,55 +173,192 @@ class BuildSection(WireModel):
 
     @property
     def argv(self) -> list[str] | None:
-        """The build command as an argv list (never handed to a shell); None: nothing to run."""
-        return None if self.command is None else _split(self.command)
+        """The build command as an argv list (a shell only when asked); None: nothing to run."""
+        return None if self.command is None else to_argv(self.command, shell=self.shell)
 
     @property
     def dependencies_argv(self) -> list[str] | None:
-        return None if self.dependencies is None else _split(self.dependencies)
+        if self.dependencies is None:
+            return None
+        return to_argv(self.dependencies, shell=self.shell)
+
+    @property
+    def command_text(self) -> str | None:
+        """The build command as one line, for provenance and logs."""
+        return None if self.command is None else command_text(self.command)
+
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class RunSection(WireModel):
-    command: Annotated[str, Field(min_length=1, max_length=4096)]
-    replicas: Annotated[int, Field(ge=1, le=64)] = 1
-    env: dict[str, str] = Field(default_factory=dict)
+    """How a replica starts: the command, how many, and its environment."""
+
+    shell: bool = Field(default=False, description=_SHELL_DESCRIPTION.format(also=" is"))
+    command: Command = Field(
+        description="Starts one replica, in the artifact's directory, with `PORT` set: it must "
+        'listen on 127.0.0.1:$PORT. A string (`"python3 app.py"`) or an argv list; with '
+        '`shell = true` write `exec` before the server (`"exec gunicorn -b 127.0.0.1:$PORT '
+        "app:app\"`) so it gets the stop signal. A virtualenv's `bin` in the artifact (any "
+        "top-level directory holding `pyvenv.cfg`, e.g. `.venv`) is first on `PATH`."
+    )
+    replicas: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1, description="Replicas of each revision (the rolling strategy's target count)."
+    )
+    env: dict[Annotated[str, StringConstraints(pattern=_ENV_NAME, max_length=256)], str] = Field(
+        default_factory=dict,
+        description='Extra environment variables, e.g. `{ PYTHONPATH = ".deps" }`. A replica '
+        "sees only these and its own: `PATH` (/usr/local/bin:/usr/bin:/bin, after the artifact's "
+        "virtualenv), `HOME` and `TMPDIR` (its own, emptied at each start), `LANG`, `PORT`, "
+        "`SHIPYARD_SERVICE`/`_REVISION`/`_REPLICA`; never the server's. `PORT` and `SHIPYARD_*` "
+        "cannot be overridden.",
+    )
 
     @field_validator("command")
     @classmethod
-    def _splits(cls, v: str) -> str:
-        _split(v)
+    def _runnable(cls, v: str | list[str], info: ValidationInfo) -> str | list[str]:
+        to_argv(v, shell=bool(info.data.get("shell")), key="run.command")
         return v
 
     @property
     def argv(self) -> list[str]:
-        """The run command as an argv list: never handed to a shell."""
-        return _split(self.command)
+        """The run command as an argv list (through ``/bin/sh -c`` only with ``shell = true``)."""
+        return to_argv(self.command, shell=self.shell)
+
+
+_FIELD_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$"
 
 
 class RoutingSection(WireModel):
     """How the router recognises a user for sticky canary stages (header preferred)."""
 
-    sticky_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")] | None = (
-        None
+    sticky_header: Annotated[str, Field(pattern=_FIELD_NAME)] | None = Field(
+        default=None,
+        description="Request header whose value keys a user (e.g. `x-user-id`); canary stages "
+        "with `sticky = true` keep each key on one side, moving keys only stable -> canary.",
     )
-    sticky_cookie: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")] | None = (
-        None
+    sticky_cookie: Annotated[str, Field(pattern=_FIELD_NAME)] | None = Field(
+        default=None,
+        description="Cookie whose value keys a user, used when the header is absent (e.g. "
+        "`session`).",
     )
 
 
 class Manifest(WireModel):
-    service: ServiceSection
-    build: BuildSection = Field(default_factory=BuildSection)
-    run: RunSection
-    health: HealthCheck = Field(default_factory=HealthCheck)
+    """``shipyard.toml``: one table per section."""
+
+    service: ServiceSection = Field(description="Who this is.")
+    build: BuildSection = Field(
+        default_factory=BuildSection,
+        description="How the commit becomes an artifact. Builds run sandboxed as the "
+        "service's own uid with a clean environment: `PATH` /usr/local/bin:/usr/bin:/bin, "
+        "their own `HOME`, `TMPDIR` and `XDG_CACHE_HOME`, `LANG=C.UTF-8`, "
+        "`SOURCE_DATE_EPOCH`; nothing of the server's.",
+    )
+    run: RunSection = Field(description="How a replica starts.")
+    health: HealthCheck = Field(
+        default_factory=HealthCheck,
+        description="The health check every gate uses (the ADR's HealthCheck); "
+        "fractional seconds allowed.",
+    )
     #: Canary analysis defaults for this service; a stage's ``analysis`` overrides them.
-    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
-    routing: RoutingSection = Field(default_factory=RoutingSection)
+    analysis: AnalysisSettings = Field(
+        default_factory=AnalysisSettings,
+        description="Canary analysis defaults for this service (Argo Rollouts' "
+        "semantics); a stage's own `analysis` wins, and unset keys take the built-in defaults.",
+    )
+    routing: RoutingSection = Field(
+        default_factory=RoutingSection,
+        description="The user key that canary stages with `sticky = true` use.",
+    )
     #: Security policy (block thresholds, expiring allow-list); validated by security/policy.py.
-    security: dict[str, Any] | None = None
+    security: dict[str, Any] | None = Field(
+        default=None,
+        description="The security gate's policy for this service (default: block "
+        "critical, CVSS >= 9.0).",
+    )
 
 
-def _split(command: str) -> list[str]:
+#: ``$(...)``, backquotes, ``${...}`` and ``$NAME``: expansions only a shell performs.
+_EXPANSION = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*|\$[({]|`")
+#: A word that is, or starts with, a redirection or a control operator ...
+_OPERATOR_START = re.compile(r"^(?:\d*>>?&?\d*|\d*<|&&|\|\||\||;|&)")
+#: ... or ends with a control operator (``make;`` ``a&&``).
+_OPERATOR_END = re.compile(r"(?:;|&&|\|\||\|)$")
+
+
+def shell_syntax(command: str) -> str | None:
+    """The first piece of shell syntax in ``command`` outside quotes (an operator such as
+    ``&&``, ``|``, ``;``, ``>``, or an expansion such as ``$(...)``, ``$PORT``), or None.
+
+    Split without a shell, such a command would pass ``&&`` or ``$PORT`` to the program as a
+    literal argument, never what was meant. Only whole-word operators count, so an argument like
+    ``flask>=2`` or a URL's ``?a=1&b=2`` (meaningful to the program, not to us) stays allowed."""
+    ops: list[str] = []  # unquoted characters; quoted ones as "x"
+    exp: list[str] = []  # characters a shell would expand in: unquoted and double-quoted
+    quote = ""
+    i = 0
+    while i < len(command):
+        c = command[i]
+        if quote == "'":
+            quote = "" if c == "'" else quote
+            ops.append("x")
+            exp.append("x")
+        elif c == "\\":
+            ops.append("xx")
+            exp.append("xx")
+            i += 1
+        elif quote == '"':
+            quote = "" if c == '"' else quote
+            ops.append("x")
+            exp.append("x" if c == '"' else c)
+        elif c in "'\"":
+            quote = c
+            ops.append("x")
+            exp.append("x")
+        else:
+            ops.append(c)
+            exp.append(c)
+        i += 1
+    for word in "".join(ops).split():
+        found = _OPERATOR_START.match(word) or _OPERATOR_END.search(word)
+        if found:
+            return found.group(0)
+    expansion = _EXPANSION.search("".join(exp))
+    if expansion:
+        text = expansion.group(0)
+        return {"$(": "$(...)", "${": "${...}", "`": "`...`"}.get(text, text)
+    return None
+
+
+def to_argv(command: str | list[str], *, shell: bool, key: str = "command") -> list[str]:
+    """The argv ``command`` runs as: ``["/bin/sh", "-c", command]`` with ``shell``, the list
+    itself, or the string split like a POSIX shell would (``shlex``) but never run by one.
+    ``ValueError`` says what to write instead (the validators' message)."""
+    section, _, field = key.rpartition(".")
+    where = f"[{section}] {field}" if section else field
+    if isinstance(command, list):
+        if shell:
+            raise ValueError(
+                f"{where} is an argv list, which is run as it is; shell = true needs the command "
+                f'as one string (drop shell = true, or write {field} = "...")'
+            )
+        if not command or not command[0].strip():
+            raise ValueError(f"{where}: the argv list's first element (the program) is empty")
+        return list(command)
+    if not command.strip():
+        raise ValueError("command is empty")
+    if shell:
+        return ["/bin/sh", "-c", command]
+    syntax = shell_syntax(command)
+    if syntax is not None:
+        shown = command if len(command) <= 200 else command[:200] + "..."
+        raise ValueError(
+            f"{where} {shown!r} uses shell syntax ({syntax}), but a command string is split "
+            "into arguments and run without a shell, so it would reach the program literally. "
+            f"To run it with a shell, add shell = true to [{section or 'run'}], or write the "
+            f'argv list: {field} = ["sh", "-c", {json.dumps(command)}]'
+        )
     try:
         argv = shlex.split(command)
     except ValueError as exc:
@@ -159,6 +366,11 @@ def _split(command: str) -> list[str]:
     if not argv:
         raise ValueError("command is empty")
     return argv
+
+
+def command_text(command: str | list[str]) -> str:
+    """A command as one line (a list joined with shell quoting), for provenance and logs."""
+    return command if isinstance(command, str) else shlex.join(command)
 
 
 def parse_manifest(text: str, *, origin: str = MANIFEST_NAME) -> Manifest:

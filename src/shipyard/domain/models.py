@@ -187,11 +187,19 @@ class AnalysisSettings(WireModel):
     min_success_rate: Annotated[float, Field(ge=0, le=1)] | None = Field(
         default=None, description="Non-5xx responses / all responses, per measurement."
     )
-    max_p99_latency_ms: Annotated[float, Field(gt=0, le=600_000)] | None = None
-    min_requests: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
-        default=None, description="Fewer responses in a measurement window: insufficient_data."
+    max_p99_latency_ms: Annotated[float, Field(gt=0, le=600_000)] | None = Field(
+        default=None,
+        description="p99 latency of a measurement window must be at most this (unset: "
+        "reported, not judged).",
     )
-    interval_seconds: Annotated[float, Field(gt=0, le=3600)] | None = None
+    min_requests: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+        default=None,
+        description="Fewer responses in a measurement window make it insufficient_data (never "
+        "a pass; `insufficient_data` decides what follows).",
+    )
+    interval_seconds: Annotated[float, Field(gt=0, le=3600)] | None = Field(
+        default=None, description="Length of one measurement window."
+    )
     failure_limit: Annotated[int, Field(ge=0, le=1000)] | None = Field(
         default=None, description="The analysis fails when failed measurements exceed this."
     )
@@ -205,16 +213,29 @@ class AnalysisSettings(WireModel):
     )
     insufficient_data: InsufficientDataPolicy | None = Field(
         default=None,
-        description="Too little traffic: extend the window, pause for a human, or fail.",
+        description="What a window with fewer than `min_requests` responses does: `extend` "
+        "the stage by one interval (at most `max_extensions` times, then fail), `pause` for a "
+        "human (`shipyard promote` or `abort`), or `fail` at once. A low-traffic canary never "
+        "passes silently: drive traffic to it, lower `min_requests`, or pick `pause`.",
     )
     max_extensions: Annotated[int, Field(ge=0, le=1000)] | None = Field(
-        default=None, description="extend: at most this many extra intervals, then fail."
+        default=None,
+        description='With `insufficient_data = "extend"`: at most this many extra intervals '
+        "at the end of a stage; still too little traffic after them fails the analysis.",
     )
     compare_with_stable: bool | None = Field(
         default=None, description="Also judge the canary against stable over the same window."
     )
-    max_success_rate_drop: Annotated[float, Field(ge=0, le=1)] | None = None
-    max_p99_latency_ratio: Annotated[float, Field(ge=1, le=1000)] | None = None
+    max_success_rate_drop: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None,
+        description="With `compare_with_stable`: the canary's success rate may be at most this "
+        "much below stable's.",
+    )
+    max_p99_latency_ratio: Annotated[float, Field(ge=1, le=1000)] | None = Field(
+        default=None,
+        description="With `compare_with_stable`: the canary's p99 may be at most this many "
+        "times stable's (plus a few ms of slack).",
+    )
     load: LoadSettings | None = Field(
         default=None,
         description='Drive traffic to the canary during analysis, e.g. {rps = 20, path = "/"}; '
@@ -337,11 +358,22 @@ def strategy_params(strategy: BlueGreen | Canary | Rolling) -> Any:
 class HealthCheck(WireModel):
     """ADR HealthCheck; fractional seconds allowed. Used by the manifest's ``[health]``."""
 
-    endpoint: Annotated[str, Field(pattern=r"^/[^\s]*$", max_length=1024)] = "/health"
-    interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
-    timeout_seconds: Annotated[float, Field(gt=0, le=HEALTH_CHECK_TIMEOUT_MS / 1000)] = 1.0
-    success_threshold: Annotated[int, Field(ge=1, le=100)] = 1
-    failure_threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    endpoint: Annotated[str, Field(pattern=r"^/[^\s]*$", max_length=1024)] = Field(
+        default="/health",
+        description="Path probed with GET on each replica; any 2xx is healthy.",
+    )
+    interval_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=1.0, description="Time between probes."
+    )
+    timeout_seconds: Annotated[float, Field(gt=0, le=HEALTH_CHECK_TIMEOUT_MS / 1000)] = Field(
+        default=1.0, description="One probe's deadline (at most 5 s, the ADR's target)."
+    )
+    success_threshold: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=1, description="Consecutive successes that make a replica healthy."
+    )
+    failure_threshold: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=3, description="Consecutive failures that make it unhealthy."
+    )
     start_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
         default=30.0,
         description="Refused connections before the first success mean 'still starting' "

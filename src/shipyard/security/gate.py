@@ -357,7 +357,7 @@ class SecurityGate:
             builder_id=f"urn:shipyard:builder:{artifact.builder}",
             source_repository=source_repository,
             commit=artifact.commit,
-            build_command=artifact.manifest.build.command,
+            build_command=artifact.manifest.build.command_text,
             materials=[
                 signing.Material(
                     uri=source_uri, digest={"gitCommit": artifact.commit}, name="source"

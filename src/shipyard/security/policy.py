@@ -85,7 +85,11 @@ class SecurityPolicy(BaseModel):
         default="allow",
         description="Findings whose advisories carry no usable severity: report only, or block.",
     )
-    allow: list[AllowEntry] = Field(default_factory=list)
+    allow: list[AllowEntry] = Field(
+        default_factory=list,
+        description="Accepted risks, each an `[[security.allow]]` table with an expiry date; "
+        "an expired entry blocks again and is reported as expired.",
+    )
 
     @field_validator("block", mode="before")
     @classmethod
