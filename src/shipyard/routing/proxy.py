@@ -108,6 +108,12 @@ class ServiceProxy:
         self._closed = False
 
     @property
+    def context(self) -> ProxyContext:
+        """What this router's connections share; ``routing.entry``'s shared listeners route
+        requests into it (the service's table, pools and counters)."""
+        return self._ctx
+
+    @property
     def unrouted(self) -> int:
         """Requests answered 503 because no revision had a backend."""
         return self._ctx.unrouted
