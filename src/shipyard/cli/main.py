@@ -417,6 +417,24 @@ def agent(
     router_max_connections_total: Annotated[
         int, typer.Option(help="Client connections across all services of this agent.")
     ] = 65536,
+    http_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="ADDR:PORT of a shared HTTP listener routing by [service] hosts, e.g. "
+            "0.0.0.0:80 on a public host. Default: none (each service on its own port only)."
+        ),
+    ] = None,
+    https_listen: Annotated[
+        str | None,
+        typer.Option(help="ADDR:PORT of a shared HTTPS listener (SNI), e.g. 0.0.0.0:443."),
+    ] = None,
+    tls_cert_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Certificates for --https-listen: HOST.pem (chain) and HOST.key per host name, "
+            "reloaded on change. Default: DATA_DIR/agents/REGION/certs."
+        ),
+    ] = None,
 ) -> None:
     """Run the data plane of one region: the traffic router and the app supervisor.
 
@@ -440,6 +458,10 @@ def agent(
         raise typer.BadParameter(str(exc)) from exc
     if router_max_connections_total <= 0:
         raise typer.BadParameter("--router-max-connections-total must be positive")
+    from shipyard.cli.listen import parse_listen
+
+    http_addr = parse_listen("--http-listen", http_listen)
+    https_addr = parse_listen("--https-listen", https_listen)
     if detach:  # before any event loop or thread exists: fork is safe here
         if os.fork() > 0:
             os._exit(0)
@@ -455,6 +477,9 @@ def agent(
             sandbox=sandbox,
             router_limits=limits,
             max_connections=router_max_connections_total,
+            http_listen=http_addr,
+            https_listen=https_addr,
+            tls_cert_dir=tls_cert_dir.resolve() if tls_cert_dir else None,
         )
     )
 

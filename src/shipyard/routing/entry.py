@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -81,11 +81,11 @@ class _Target:
     extra_header: bytes
 
 
-def check_hosts(services: Sequence[ServiceEntry]) -> None:
-    """ValueError if two services claim the same host and path (naming both); the check
-    :meth:`EntryListener.configure` makes, for callers that must refuse before changing
-    anything."""
-    HostTable({s.service: s.hosts for s in services}, {s.service: s.service for s in services})
+def check_hosts(claims: Mapping[str, Sequence[HostRule]]) -> None:
+    """ValueError if two services (service -> its rules) claim the same host and path, naming
+    both; the check :meth:`EntryListener.configure` makes, for callers that must refuse before
+    changing anything."""
+    HostTable(claims, {service: service for service in claims})
 
 
 class EntryListener:

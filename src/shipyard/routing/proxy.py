@@ -152,8 +152,26 @@ class ServiceProxy:
         loop = asyncio.get_running_loop()
         ctx = self._ctx
         ctx.bind(loop)
+        server = self._server = await self._listen(host, port)
+        sweeper = loop.create_task(self._sweep(), name=f"shipyard-router-{self.service}-timeouts")
+        ctx.tasks.add(sweeper)
+        return _bound_port(server, port)
+
+    async def move(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` instead (a service whose manifest chose another port): the
+        new socket first (an OSError leaves the old one listening), then the old one closes.
+        Connections already open stay open and finish on the same routing table."""
+        if self._server is None or self._closed:
+            raise RuntimeError(f"router for {self.service!r} is not running")
+        server = await self._listen(host, port)
+        old, self._server = self._server, server
+        old.close()
+        return _bound_port(server, port)
+
+    async def _listen(self, host: str, port: int) -> asyncio.Server:
+        ctx = self._ctx
         try:
-            server = await loop.create_server(
+            return await ctx.loop.create_server(
                 lambda: Client(ctx), host, port, reuse_address=True, backlog=1024
             )
         except OSError as exc:
@@ -163,11 +181,6 @@ class ServiceProxy:
                 f"{exc.strerror or exc}; is another process using the port? "
                 "Pick another port or stop that process.",
             ) from exc
-        self._server = server
-        sweeper = loop.create_task(self._sweep(), name=f"shipyard-router-{self.service}-timeouts")
-        ctx.tasks.add(sweeper)
-        sockets = server.sockets
-        return int(sockets[0].getsockname()[1]) if sockets else port
 
     def configure(
         self,
@@ -318,6 +331,11 @@ class ServiceProxy:
             await asyncio.sleep(ctx.tick)
             for client in list(ctx.clients):
                 client.tick()
+
+
+def _bound_port(server: asyncio.Server, asked: int) -> int:
+    sockets = server.sockets
+    return int(sockets[0].getsockname()[1]) if sockets else asked
 
 
 # -- command line (used by bench/bench_router.py) -------------------------------------------------
