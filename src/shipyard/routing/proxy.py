@@ -46,10 +46,12 @@ import contextlib
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from shipyard.routing import metrics as routing_metrics
 from shipyard.routing.client import Client
 from shipyard.routing.context import ProxyContext
+from shipyard.routing.entry import EntryListener
 from shipyard.routing.http1 import Forwarding
 from shipyard.routing.limits import ConnectionBudget, RouterLimits, raise_descriptor_limit
 from shipyard.routing.pool import Pool
@@ -364,6 +366,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keepalive-timeout", type=float, default=_DEFAULTS.keepalive_timeout)
     parser.add_argument("--body-timeout", type=float, default=_DEFAULTS.body_timeout)
     parser.add_argument("--response-timeout", type=float, default=_DEFAULTS.response_timeout)
+    entry = parser.add_argument_group(
+        "shared listeners", "also serve the service by host name (routing.entry), as the agent's"
+    )
+    entry.add_argument("--entry-host", action="append", default=[], metavar="HOST[/PREFIX]")
+    entry.add_argument("--http-listen", metavar="HOST:PORT")
+    entry.add_argument("--https-listen", metavar="HOST:PORT")
+    entry.add_argument("--tls-cert-dir", metavar="DIR", help="NAME.pem + NAME.key per host")
     return parser.parse_args(argv)
 
 
@@ -419,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(str(exc)) from exc
         bound = await proxy.start(host, port)
         print(f"shipyard router for {args.service!r} listening on {host}:{bound}", flush=True)
+        entries = await _start_entries(args, proxy, limits)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -426,10 +436,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             await stop.wait()
         finally:
+            for listener in entries:
+                await listener.close()
             await proxy.close()
 
     uvloop.run(serve())
     return 0
+
+
+async def _start_entries(
+    args: argparse.Namespace, proxy: ServiceProxy, limits: RouterLimits
+) -> list[EntryListener]:
+    """The shared listeners the command line asks for, routing ``--entry-host`` to ``proxy``."""
+    from pathlib import Path
+
+    from shipyard.domain.hostnames import parse_host_rule
+    from shipyard.routing.certificates import DirectoryCertificates
+    from shipyard.routing.entry import EntryListener, ServiceEntry
+
+    try:
+        rules = tuple(parse_host_rule(h) for h in args.entry_host)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    started: list[EntryListener] = []
+    schemes: tuple[tuple[Literal["http", "https"], str | None], ...] = (
+        ("https", args.https_listen),
+        ("http", args.http_listen),
+    )
+    for scheme, address in schemes:
+        if address is None:
+            continue
+        if not rules:
+            raise SystemExit("--http-listen/--https-listen need at least one --entry-host")
+        certificates = None
+        if scheme == "https":
+            if args.tls_cert_dir is None:
+                raise SystemExit("--https-listen needs --tls-cert-dir")
+            certificates = DirectoryCertificates(Path(args.tls_cert_dir))
+        listener = EntryListener(scheme, limits=limits, certificates=certificates)
+        host, port = _split_hostport(address)
+        bound = await listener.start(host, port)
+        listener.configure([ServiceEntry(args.service, proxy.context, rules)])
+        print(f"shared {scheme} listener on {host}:{bound}", flush=True)
+        started.append(listener)
+    return started
 
 
 if __name__ == "__main__":
