@@ -73,6 +73,7 @@ class ServiceSection(WireModel):
     port: Annotated[
         int | None,
         Field(
+            strict=True,
             ge=1,
             le=65535,
             description=(
@@ -84,15 +85,17 @@ class ServiceSection(WireModel):
     https_redirect: Annotated[
         bool,
         Field(
+            strict=True,
             description=(
                 "On the shared HTTP listener, answer this service's hosts with a 308 redirect "
                 "to the same URL on https instead of serving them."
-            )
+            ),
         ),
     ] = False
     hsts_max_age: Annotated[
         int,
         Field(
+            strict=True,
             ge=0,
             le=63_072_000,
             description=(
