@@ -236,7 +236,9 @@ class EntryClient(Client):
             self.sni = getattr(sslobj, SNI_ATTRIBUTE, None)
 
     def route_head(self, head: bytes) -> bool:
-        target, host = self.listener.table.resolve(head)
+        table = self.listener.table
+        hit = table.cache.get(head)  # inlined from HostTable.resolve: once per request
+        target, host = hit if hit is not None else table.resolve(head)
         if target is None:
             self._reject(404, _UNKNOWN_HOST)
             return False
@@ -269,13 +271,14 @@ class EntryClient(Client):
         self.close()
 
     def _start(self) -> None:
-        super()._start()
+        # Client._start(self), not super()._start(): super() builds an object per request
+        Client._start(self)
         target = self.target
         if target is not None and target.extra_header and self.route is not None:
             self.header += target.extra_header
 
     def _move(self, route: Route[Pool]) -> None:
-        super()._move(route)
+        Client._move(self, route)
         target = self.target
         if target is not None and target.extra_header:
             self.header += target.extra_header

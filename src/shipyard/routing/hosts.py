@@ -72,7 +72,7 @@ class HostTable(Generic[T]):
     ValueError naming both and the rule (the caller keeps its old table: nothing changes).
     """
 
-    __slots__ = ("_cache", "_exact", "_wild", "owners")
+    __slots__ = ("_exact", "_wild", "cache", "owners")
 
     def __init__(self, rules: Mapping[T, Iterable[HostRule]], names: Mapping[T, str]) -> None:
         """``names``: how each value is named in errors (its service)."""
@@ -102,7 +102,7 @@ class HostTable(Generic[T]):
         self._exact = exact
         self._wild = wild
         #: head -> (value or None, host): a connection looks here first (one dict lookup).
-        self._cache: dict[bytes, tuple[T | None, bytes]] = {}
+        self.cache: dict[bytes, tuple[T | None, bytes]] = {}
 
     def match(self, host: bytes, path: bytes) -> T | None:
         """The value serving ``host`` (normalised) at ``path``, or None."""
@@ -115,15 +115,15 @@ class HostTable(Generic[T]):
 
     def resolve(self, head: bytes) -> tuple[T | None, bytes]:
         """``(value or None, host)`` for a request head, cached per head."""
-        hit = self._cache.get(head)
+        hit = self.cache.get(head)
         if hit is not None:
             return hit
         host, path = request_host(head)
         hit = (self.match(host, path), host)
         if len(head) <= _CACHE_MAX_BYTES:
-            if len(self._cache) >= _CACHE_SIZE:
-                self._cache.clear()
-            self._cache[head] = hit
+            if len(self.cache) >= _CACHE_SIZE:
+                self.cache.clear()
+            self.cache[head] = hit
         return hit
 
 
