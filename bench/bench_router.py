@@ -323,6 +323,104 @@ def python_cost_us(batch: int, *, shared: bool = False) -> float:
     return uvloop.run(measure())
 
 
+VALGRIND = "/usr/bin/valgrind"
+
+
+def _instruction_driver(mode: str, requests: int) -> None:
+    """``requests`` keep-alive requests through one client connection, in process with fake
+    sockets, the loop never run (flushes by hand, garbage collector off): what
+    :func:`instructions_per_request` counts under cachegrind. ``mode``: ``own`` (a service's
+    own listener) or ``shared`` (``routing.entry``, routed by Host); only ``own`` needs nothing
+    newer than the router of issue 10, so a baseline checkout can run it."""
+    import asyncio
+    import gc
+
+    from shipyard.routing import client, context, metrics, pool, table, upstream
+
+    class Sink:
+        def write(self, data: bytes) -> None:
+            pass
+
+        def is_closing(self) -> bool:
+            return False
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return ("10.0.0.1", 40000) if name == "peername" else default
+
+    class NoLoop:
+        def call_soon(self, *args: object) -> None:
+            pass
+
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+    response = (
+        b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 17\r\nConnection: keep-alive\r\n\r\n" + BODY.encode()
+    )
+
+    async def run() -> None:
+        ctx = context.ProxyContext(max_body=10 * 2**20, connect_timeout=2.0)
+        ctx.bind(asyncio.get_running_loop())
+        backend = pool.Pool(table.Backend("r", "v1", "127.0.0.1", 1), max_idle=64)
+        counters = metrics.RevisionCounters("v1")
+        ctx.table = table.Table({"v1": 100}, [table.Route("v1", [backend], counters)], None, None)
+        batchers = [ctx.batcher]
+        if mode == "shared":
+            from shipyard.domain.hostnames import parse_host_rule
+            from shipyard.routing.entry import EntryClient, EntryListener, ServiceEntry
+
+            listener = EntryListener("http")
+            listener.home.bind(asyncio.get_running_loop())
+            listener.configure([ServiceEntry("svc", ctx, (parse_host_rule("127.0.0.1"),))])
+            batchers.append(listener.home.batcher)
+            conn: client.Client = EntryClient(listener)
+        else:
+            conn = client.Client(ctx)
+        for batcher in batchers:
+            batcher.loop = NoLoop()  # type: ignore[assignment]
+        up = upstream.Upstream(backend, ctx.batcher)
+        up.connection_made(Sink())  # type: ignore[arg-type]
+        backend.idle.append(up)
+        conn.connection_made(Sink())  # type: ignore[arg-type]
+        conn.served = True
+        gc.disable()
+        for _ in range(requests):
+            conn.data_received(request)
+            for batcher in batchers:
+                batcher.flush()
+            assert conn.upstream is not None
+            conn.upstream.data_received(response)
+            for batcher in batchers:
+                batcher.flush()
+        assert counters.snapshot().status_2xx == requests
+
+    asyncio.run(run())
+
+
+def instructions_per_request(checkout: Path, mode: str) -> float | None:
+    """Machine instructions per request of the router's in-process work (``checkout``'s
+    sources, :func:`_instruction_driver` from this file), counted by cachegrind: the difference
+    between 11,000 and 1,000 requests, divided by 10,000. Unlike time, it does not move with
+    the load of a shared machine. None when valgrind is not installed."""
+    if not Path(VALGRIND).exists():
+        return None
+    counts = []
+    for requests in (1000, 11000):
+        out = subprocess.run(
+            [VALGRIND, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+             sys.executable, "-c",
+             f"import bench_router; bench_router._instruction_driver({mode!r}, {requests})"],
+            cwd=ROOT / "bench",
+            env=dict(os.environ, PYTHONPATH=str(checkout / "src"), PYTHONDONTWRITEBYTECODE="1",
+                     PYTHONHASHSEED="0"),
+            capture_output=True, text=True, check=True, timeout=600,
+        )  # fmt: skip
+        m = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr)
+        if m is None:
+            raise RuntimeError(f"no instruction count from cachegrind: {out.stderr[-500:]}")
+        counts.append(int(m[1].replace(",", "")))
+    return (counts[1] - counts[0]) / 10000
+
+
 def baseline_python_cost_us(batch: int) -> float:
     """``python_cost_us(batch)`` of the baseline checkout, measured by its own bench module."""
     assert BASELINE is not None
@@ -556,7 +654,14 @@ def main() -> str:
             base_one = min(base_one, baseline_python_cost_us(1))
             base_ten = min(base_ten, baseline_python_cost_us(10))
     baseline_us = (base_one, base_ten) if BASELINE is not None else None
-    return report(contenders, nbthread, haproxy_version(), (one, ten), baseline_us, shared_one)
+    instructions = {
+        "own": instructions_per_request(ROOT, "own"),
+        "shared": instructions_per_request(ROOT, "shared"),
+        "baseline": instructions_per_request(BASELINE, "own") if BASELINE is not None else None,
+    }
+    return report(
+        contenders, nbthread, haproxy_version(), (one, ten), baseline_us, shared_one, instructions
+    )
 
 
 BASELINE_NAME = "Shipyard router, baseline"
@@ -572,6 +677,7 @@ def report(
     python_us: tuple[float, float],
     baseline_us: tuple[float, float] | None = None,
     shared_us: float | None = None,
+    instructions: dict[str, float | None] | None = None,
 ) -> str:
     by_name = {c.name: c for c in contenders}
     router, haproxy = by_name["Shipyard router"], by_name["HAProxy"]
@@ -649,6 +755,22 @@ commit {python_us[0]:.1f} and {python_us[1]:.1f}.
         tls_paired = [r.rps / h.rps for r, h in zip(r_tls.runs, h_tls.runs, strict=True)]
         shared_paired = [s.rps / r.rps for s, r in zip(shared.runs, router.runs, strict=True)]
         shared_cost = f"{shared_us:.1f}" if shared_us is not None else "(not measured)"
+        counted = instructions or {}
+        own_i, shared_i, base_i = (counted.get(k) for k in ("own", "shared", "baseline"))
+        icount = ""
+        if own_i is not None and shared_i is not None:
+            icount = (
+                f" Counted in machine instructions (cachegrind, which the machine's load does "
+                f"not move; one keep-alive connection, in process): {shared_i:,.0f} per request "
+                f"on the shared listener, {own_i:,.0f} on the service's own port"
+                f" ({shared_i / own_i - 1:+.1%})"
+            )
+            if base_i is not None:
+                icount += (
+                    f", {base_i:,.0f} on the own port of the baseline"
+                    f" ({own_i / base_i - 1:+.1%}: the cost of the shared listener's hook)"
+                )
+            icount += "."
         tls = f"""
 **TLS: router / HAProxy = {statistics.median(tls_paired):.2f}** (median of the per-round ratios
 {", ".join(f"{x:.2f}" for x in tls_paired)}): both terminate TLS 1.3 with the same ECDSA P-256
@@ -662,7 +784,7 @@ a Python-level call per record, where HAProxy's OpenSSL writes to the socket its
 Routing by Host on the shared plain-HTTP listener against the service's own port:
 {statistics.median(shared_paired):.2f} (median of per-round ratios); its in-process Python work
 is {shared_cost} µs per request against {python_us[0]:.1f} on the service's own port (one
-request per iteration).
+request per iteration).{icount}
 """
     return f"""## Router
 

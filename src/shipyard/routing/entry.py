@@ -9,9 +9,9 @@ service's request exactly as if it had come to the service's own port: its table
 per-revision counters (canary analysis sees it), body limit and retries.
 
 How a connection picks its service without slowing the per-service path: an
-:class:`EntryClient` is a ``routing.client.Client`` whose class says ``shared = True``, so
+:class:`EntryClient` is a ``routing.client.Client`` whose ``shared`` slot is True, so
 ``Client._feed`` calls :meth:`EntryClient.route_head` after each head is parsed (a service's own
-listener pays one class-attribute load per request for that check). ``route_head`` asks the
+listener pays one slot load per request for that check). ``route_head`` asks the
 host table (one dictionary lookup per distinct head, cached with the table) and, when the
 service differs from the previous request's, points the connection's ``ctx`` at it and
 recomputes the forwarded tail (``X-Forwarded-Proto: https`` on TLS). The connection itself
@@ -219,10 +219,9 @@ class EntryClient(Client):
 
     __slots__ = ("listener", "sni", "target")
 
-    shared = True
-
     def __init__(self, listener: EntryListener) -> None:
         super().__init__(listener.home)
+        self.shared = True
         self.listener = listener
         #: The TLS server name the handshake was made for (None on plain HTTP).
         self.sni: bytes | None = None
