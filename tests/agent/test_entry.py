@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from shipyard.agent.server import Agent
+from shipyard.agent.server import ENTRY_FILE, Agent, remembered_entry
 from shipyard.runtime.base import RevisionSpec
 from tests.agent.helpers import running_agent, sign
 from tests.routing.certs import TestCA, presented_serial
@@ -279,3 +279,18 @@ async def test_a_restarted_agent_serves_the_same_hosts(tmp_path: Path) -> None:
                 await asyncio.sleep(0.05)
         assert (r.status, r.body) == (200, b"hello from n1\n")
         assert r.headers["strict-transport-security"] == "max-age=60"
+
+
+def test_an_agent_restarted_without_flags_opens_the_listeners_it_was_given(tmp_path: Path) -> None:
+    # ``shipyard serve`` starts a crashed agent again with no listener flags: it must come back
+    # with the same public listeners, and only an explicit 'off' forgets them
+    d = tmp_path / "agent"
+    d.mkdir()
+    given = (("0.0.0.0", 80), ("0.0.0.0", 443), tmp_path / "certs")
+    assert remembered_entry(d, *given, given=True) == given
+    assert remembered_entry(d, None, None, None, given=False) == given
+    assert (d / ENTRY_FILE).stat().st_mode & 0o077 == 0
+    assert remembered_entry(d, None, None, None, given=True) == (None, None, None)
+    assert remembered_entry(d, None, None, None, given=False) == (None, None, None)
+    (d / ENTRY_FILE).write_text("{not json")
+    assert remembered_entry(d, None, None, None, given=False) == (None, None, None)

@@ -16,6 +16,7 @@ from shipyard.cli.listen import parse_listen
         ("[::]:443", ("::", 443)),
         ("localhost:80", ("localhost", 80)),
         (None, None),
+        ("off", None),
     ],
 )
 def test_accepted(value: str | None, expected: tuple[str, int] | None) -> None:

@@ -517,6 +517,53 @@ class Agent:
             await route.proxy.close()
 
 
+#: Where an agent keeps the shared listeners it was started with (``entry.json`` in its
+#: directory), so an agent that ``shipyard serve`` starts again after a crash (without flags)
+#: opens the same ones.
+ENTRY_FILE = "entry.json"
+
+
+def remembered_entry(
+    directory: Path,
+    http_listen: tuple[str, int] | None,
+    https_listen: tuple[str, int] | None,
+    tls_cert_dir: Path | None,
+    *,
+    given: bool,
+) -> tuple[tuple[str, int] | None, tuple[str, int] | None, Path | None]:
+    """The shared listeners to open: the ones given (``given``: the command line named any;
+    they replace what was remembered, none at all forgets it), else the remembered ones."""
+    path = directory / ENTRY_FILE
+    if given:
+        if http_listen is None and https_listen is None:
+            path.unlink(missing_ok=True)
+        else:
+            doc = {
+                "http_listen": list(http_listen) if http_listen else None,
+                "https_listen": list(https_listen) if https_listen else None,
+                "tls_cert_dir": str(tls_cert_dir) if tls_cert_dir else None,
+            }
+            write_private(path, json.dumps(doc))
+        return http_listen, https_listen, tls_cert_dir
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None, tls_cert_dir
+    except (OSError, ValueError) as exc:
+        log.error("cannot read %s (%s); no shared listeners", path, exc)
+        return None, None, tls_cert_dir
+
+    def address(value: Any) -> tuple[str, int] | None:
+        return (str(value[0]), int(value[1])) if value else None
+
+    cert_dir = doc.get("tls_cert_dir")
+    return (
+        address(doc.get("http_listen")),
+        address(doc.get("https_listen")),
+        Path(cert_dir) if cert_dir else tls_cert_dir,
+    )
+
+
 def _port_taken(service: str, port: int, exc: OSError) -> str:
     return (
         f"port {port} asked for service {service!r} cannot be used: {exc.strerror or exc} "
@@ -658,10 +705,16 @@ async def run_agent(
     http_listen: tuple[str, int] | None = None,
     https_listen: tuple[str, int] | None = None,
     tls_cert_dir: Path | None = None,
+    entry_given: bool = False,
 ) -> None:
     """Run the agent until SIGTERM/SIGINT; writes agent.json once the API listens.
     ``trusted_key``: the control plane's public key (default ``<data_dir>/keys/signing.pub``);
-    ``router_limits``, ``max_connections``, the shared listeners: see :class:`Agent`."""
+    ``router_limits``, ``max_connections``, the shared listeners: see :class:`Agent`;
+    ``entry_given``: the shared listeners were named on the command line (else the ones the
+    agent remembered, ``remembered_entry``)."""
+    http_listen, https_listen, tls_cert_dir = remembered_entry(
+        agent_dir(data_dir, region), http_listen, https_listen, tls_cert_dir, given=entry_given
+    )
     # Before any socket: every idle client holds a descriptor, and at the usual soft limit of
     # 1,024 a thousand of them took every service and this API down at once (issue 10).
     before, after = raise_descriptor_limit()

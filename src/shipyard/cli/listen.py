@@ -11,8 +11,8 @@ __all__ = ["parse_listen"]
 
 def parse_listen(option: str, value: str | None) -> tuple[str, int] | None:
     """``"0.0.0.0:443"``, ``"[::]:443"`` or ``"localhost:8080"`` as ``(host, port)``; None
-    passes through. A BadParameter names the option and what was expected."""
-    if value is None:
+    and ``"off"`` are None. A BadParameter names the option and what was expected."""
+    if value is None or value == "off":
         return None
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:

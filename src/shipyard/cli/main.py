@@ -421,7 +421,8 @@ def agent(
         str | None,
         typer.Option(
             help="ADDR:PORT of a shared HTTP listener routing by [service] hosts, e.g. "
-            "0.0.0.0:80 on a public host. Default: none (each service on its own port only)."
+            "0.0.0.0:80 on a public host; remembered for the agent's next start ('off' forgets "
+            "both). Default: the remembered ones, else none (each service on its own port)."
         ),
     ] = None,
     https_listen: Annotated[
@@ -462,6 +463,7 @@ def agent(
 
     http_addr = parse_listen("--http-listen", http_listen)
     https_addr = parse_listen("--https-listen", https_listen)
+    entry_given = http_listen is not None or https_listen is not None
     if detach:  # before any event loop or thread exists: fork is safe here
         if os.fork() > 0:
             os._exit(0)
@@ -480,6 +482,7 @@ def agent(
             http_listen=http_addr,
             https_listen=https_addr,
             tls_cert_dir=tls_cert_dir.resolve() if tls_cert_dir else None,
+            entry_given=entry_given,
         )
     )
 
