@@ -339,3 +339,14 @@ async def test_the_shared_listener_counts_against_the_agents_budget(
     finally:
         await listener.close()
         await svc.close()
+
+
+def test_names_without_certificates_are_not_remembered(tmp_path: Path) -> None:
+    # a client may send any number of made-up server names: none of them may stay in memory
+    ca = TestCA(tmp_path / "ca")
+    ca.issue(tmp_path / "certs", "notes.test")
+    source = DirectoryCertificates(tmp_path / "certs", check_interval=0)
+    for i in range(100):
+        assert source.context_for(f"made-up-{i}.test") is None
+    assert source.context_for("notes.test") is not None
+    assert source.cached_names() == ["notes.test"]

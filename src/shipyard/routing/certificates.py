@@ -90,6 +90,10 @@ class DirectoryCertificates:
         self._clock = clock
         self._loaded: dict[str, _Loaded] = {}
 
+    def cached_names(self) -> list[str]:
+        """The names whose files this source keeps an eye on (loaded, or once loaded)."""
+        return sorted(self._loaded)
+
     def context_for(self, server_name: str) -> ssl.SSLContext | None:
         if "/" in server_name:
             return None
@@ -134,6 +138,11 @@ class DirectoryCertificates:
                 if context is not None:
                     log.info("reloaded the certificate for %s from %s", name, cert)
                 context = fresh
+        if stamp is None and context is None:
+            # nothing to remember: a client may send any number of made-up names, and each
+            # would stay in memory (two failed stats per such handshake cost less than that)
+            self._loaded.pop(name, None)
+            return None
         self._loaded[name] = _Loaded(context, stamp, now)
         return context
 
