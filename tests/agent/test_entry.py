@@ -284,8 +284,7 @@ async def test_a_restarted_agent_serves_the_same_hosts(tmp_path: Path) -> None:
 def test_an_agent_restarted_without_flags_opens_the_listeners_it_was_given(tmp_path: Path) -> None:
     # ``shipyard serve`` starts a crashed agent again with no listener flags: it must come back
     # with the same public listeners, and only an explicit 'off' forgets them
-    d = tmp_path / "agent"
-    d.mkdir()
+    d = tmp_path / "agent"  # not there yet: an agent's first start
     given = (("0.0.0.0", 80), ("0.0.0.0", 443), tmp_path / "certs")
     assert remembered_entry(d, *given, given=True) == given
     assert remembered_entry(d, None, None, None, given=False) == given

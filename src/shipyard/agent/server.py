@@ -535,6 +535,7 @@ def remembered_entry(
     they replace what was remembered, none at all forgets it), else the remembered ones."""
     path = directory / ENTRY_FILE
     if given:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # (a first start: not yet)
         if http_listen is None and https_listen is None:
             path.unlink(missing_ok=True)
         else:
