@@ -7,6 +7,13 @@ process), then runs wrk against nginx directly, the router and HAProxy, alternat
 several rounds so that noise on the shared machine hits every contender alike. Everything it
 starts is stopped again, also when a step fails.
 
+The TLS row: the same router process also runs its shared listeners (``routing.entry``, as the
+agent's ``--http-listen``/``--https-listen``: each request routed by its Host) with a certificate
+made here (ECDSA P-256, ``cryptography``), and HAProxy gets a second frontend terminating TLS with
+the same certificate; wrk speaks HTTPS to both over keep-alive connections, so the rows compare
+TLS record work and routing, not handshakes. The shared plain-HTTP listener runs too, to show
+what routing by Host costs beside the service's own port.
+
 To compare a change with the code it replaces, point ``SHIPYARD_BENCH_BASELINE`` at a checkout of
 the old code (e.g. ``git worktree add --detach /tmp/router-before main``): its router runs as a
 fourth contender in the same rounds, and the in-process cost is measured with its own
@@ -239,11 +246,12 @@ def haproxy_version() -> str:
     return m[1] if m else "unknown"
 
 
-def python_cost_us(batch: int) -> float:
+def python_cost_us(batch: int, *, shared: bool = False) -> float:
     """The router's own Python time per request, with fake sockets (no kernel, no uvloop I/O).
 
     ``batch`` requests on as many connections are handled per event-loop iteration, then the
-    held writes are flushed, as the loop does under load.
+    held writes are flushed, as the loop does under load. ``shared``: the connections are a
+    shared listener's (``routing.entry``), routing each request by its Host.
     """
     import asyncio
 
@@ -276,12 +284,20 @@ def python_cost_us(batch: int) -> float:
         backend = pool.Pool(table.Backend("r", "v1", "127.0.0.1", 1), max_idle=64)
         counters = metrics.RevisionCounters("v1")
         ctx.table = table.Table({"v1": 100}, [table.Route("v1", [backend], counters)], None, None)
-        pairs = []
+        listener = None
+        if shared:
+            from shipyard.domain.hostnames import parse_host_rule
+            from shipyard.routing.entry import EntryClient, EntryListener, ServiceEntry
+
+            listener = EntryListener("http")
+            listener.home.bind(asyncio.get_running_loop())
+            listener.configure([ServiceEntry("svc", ctx, (parse_host_rule("127.0.0.1"),))])
+        pairs: list[client.Client] = []
         for _ in range(batch):
             up = upstream.Upstream(backend, ctx.batcher)
             up.connection_made(Sink())  # type: ignore[arg-type]
             backend.idle.append(up)
-            conn = client.Client(ctx)
+            conn = EntryClient(listener) if listener is not None else client.Client(ctx)
             conn.connection_made(Sink())  # type: ignore[arg-type]
             # Past its first request (which opens its own upstream connection, http-reuse safe):
             # the steady state of a kept-alive client, taking pooled connections.
@@ -298,11 +314,111 @@ def python_cost_us(batch: int) -> float:
                     assert conn.upstream is not None
                     conn.upstream.data_received(response)
                 ctx.batcher.flush()
+                if listener is not None:  # the shared connections' own writes
+                    listener.home.batcher.flush()
             best = min(best, time.perf_counter() - started)
         assert counters.snapshot().status_2xx == 60 * rounds * batch
         return best / (rounds * batch) * 1e6
 
     return uvloop.run(measure())
+
+
+VALGRIND = "/usr/bin/valgrind"
+
+
+def _instruction_driver(mode: str, requests: int) -> None:
+    """``requests`` keep-alive requests through one client connection, in process with fake
+    sockets, the loop never run (flushes by hand, garbage collector off): what
+    :func:`instructions_per_request` counts under cachegrind. ``mode``: ``own`` (a service's
+    own listener) or ``shared`` (``routing.entry``, routed by Host); only ``own`` needs nothing
+    newer than the router of issue 10, so a baseline checkout can run it."""
+    import asyncio
+    import gc
+
+    from shipyard.routing import client, context, metrics, pool, table, upstream
+
+    class Sink:
+        def write(self, data: bytes) -> None:
+            pass
+
+        def is_closing(self) -> bool:
+            return False
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return ("10.0.0.1", 40000) if name == "peername" else default
+
+    class NoLoop:
+        def call_soon(self, *args: object) -> None:
+            pass
+
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+    response = (
+        b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 17\r\nConnection: keep-alive\r\n\r\n" + BODY.encode()
+    )
+
+    async def run() -> None:
+        ctx = context.ProxyContext(max_body=10 * 2**20, connect_timeout=2.0)
+        ctx.bind(asyncio.get_running_loop())
+        backend = pool.Pool(table.Backend("r", "v1", "127.0.0.1", 1), max_idle=64)
+        counters = metrics.RevisionCounters("v1")
+        ctx.table = table.Table({"v1": 100}, [table.Route("v1", [backend], counters)], None, None)
+        batchers = [ctx.batcher]
+        if mode == "shared":
+            from shipyard.domain.hostnames import parse_host_rule
+            from shipyard.routing.entry import EntryClient, EntryListener, ServiceEntry
+
+            listener = EntryListener("http")
+            listener.home.bind(asyncio.get_running_loop())
+            listener.configure([ServiceEntry("svc", ctx, (parse_host_rule("127.0.0.1"),))])
+            batchers.append(listener.home.batcher)
+            conn: client.Client = EntryClient(listener)
+        else:
+            conn = client.Client(ctx)
+        for batcher in batchers:
+            batcher.loop = NoLoop()  # type: ignore[assignment]
+        up = upstream.Upstream(backend, ctx.batcher)
+        up.connection_made(Sink())  # type: ignore[arg-type]
+        backend.idle.append(up)
+        conn.connection_made(Sink())  # type: ignore[arg-type]
+        conn.served = True
+        gc.disable()
+        for _ in range(requests):
+            conn.data_received(request)
+            for batcher in batchers:
+                batcher.flush()
+            assert conn.upstream is not None
+            conn.upstream.data_received(response)
+            for batcher in batchers:
+                batcher.flush()
+        assert counters.snapshot().status_2xx == requests
+
+    asyncio.run(run())
+
+
+def instructions_per_request(checkout: Path, mode: str) -> float | None:
+    """Machine instructions per request of the router's in-process work (``checkout``'s
+    sources, :func:`_instruction_driver` from this file), counted by cachegrind: the difference
+    between 11,000 and 1,000 requests, divided by 10,000. Unlike time, it does not move with
+    the load of a shared machine. None when valgrind is not installed."""
+    if not Path(VALGRIND).exists():
+        return None
+    counts = []
+    for requests in (1000, 11000):
+        out = subprocess.run(
+            [VALGRIND, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+             sys.executable, "-c",
+             f"import bench_router; bench_router._instruction_driver({mode!r}, {requests})"],
+            cwd=ROOT / "bench",
+            env=dict(os.environ, PYTHONPATH=str(checkout / "src"), PYTHONDONTWRITEBYTECODE="1",
+                     PYTHONHASHSEED="0"),
+            capture_output=True, text=True, check=True, timeout=600,
+        )  # fmt: skip
+        m = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr)
+        if m is None:
+            raise RuntimeError(f"no instruction count from cachegrind: {out.stderr[-500:]}")
+        counts.append(int(m[1].replace(",", "")))
+    return (counts[1] - counts[0]) / 10000
 
 
 def baseline_python_cost_us(batch: int) -> float:
@@ -327,9 +443,15 @@ def describe(checkout: Path) -> str:
 
 
 def start_router(
-    stack: ExitStack, checkout: Path, port: int, backend_port: int, log: Path
+    stack: ExitStack,
+    checkout: Path,
+    port: int,
+    backend_port: int,
+    log: Path,
+    entry: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``python -m shipyard.routing.proxy`` from ``checkout``'s sources, in front of nginx."""
+    """``python -m shipyard.routing.proxy`` from ``checkout``'s sources, in front of nginx;
+    ``entry``: more arguments (its shared listeners)."""
     env = dict(os.environ, PYTHONPATH=str(checkout / "src"))
     router = start(
         stack,
@@ -341,11 +463,56 @@ def start_router(
             f"127.0.0.1:{port}",
             "--backend",
             f"v1=127.0.0.1:{backend_port}",
+            *(entry or []),
         ],
         log,
         env=env,
     )
     return router
+
+
+#: The name the TLS contenders are reached by: wrk sends the URL's host as SNI and Host.
+TLS_NAME = "127.0.0.1"
+
+
+def write_certificate(directory: Path) -> Path:
+    """A self-signed ECDSA P-256 certificate for :data:`TLS_NAME` as the router reads it
+    (``NAME.pem`` + ``NAME.key``) and as HAProxy does (both in one file, returned)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAME)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(TLS_NAME))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    directory.mkdir(mode=0o700, exist_ok=True)
+    (directory / f"{TLS_NAME}.pem").write_bytes(cert_pem)
+    (directory / f"{TLS_NAME}.key").write_bytes(key_pem)
+    combined = directory / "haproxy.pem"
+    combined.write_bytes(cert_pem + key_pem)
+    return combined
 
 
 def write_nginx_conf(tmp: Path, port: int) -> Path:
@@ -381,7 +548,7 @@ http {{
     return conf
 
 
-def write_haproxy_conf(tmp: Path, port: int, backend_port: int) -> Path:
+def write_haproxy_conf(tmp: Path, port: int, backend_port: int, tls_port: int, pem: Path) -> Path:
     conf = tmp / "haproxy.cfg"
     conf.write_text(
         f"""global
@@ -400,6 +567,10 @@ frontend fe
     bind 127.0.0.1:{port}
     default_backend be
 
+frontend fe_tls
+    bind 127.0.0.1:{tls_port} ssl crt {pem} alpn http/1.1
+    default_backend be
+
 backend be
     server nginx 127.0.0.1:{backend_port}
 """
@@ -416,8 +587,10 @@ def main() -> str:
     taken: set[int] = set()
     nginx_port, haproxy_port, router_port = free_port(taken), free_port(taken), free_port(taken)
     baseline_port = free_port(taken)
+    entry_port, router_tls_port, haproxy_tls_port = (free_port(taken) for _ in range(3))
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shipyard-bench-")))
+        pem = write_certificate(tmp / "certs")
         nginx = start(
             stack,
             [NGINX, "-p", str(tmp), "-c", str(write_nginx_conf(tmp, nginx_port)), "-e", "stderr"],
@@ -426,12 +599,22 @@ def main() -> str:
         wait_port(nginx_port, nginx, "nginx", tmp / "nginx.out")
         haproxy = start(
             stack,
-            [HAPROXY, "-db", "-f", str(write_haproxy_conf(tmp, haproxy_port, nginx_port))],
+            [
+                HAPROXY,
+                "-db",
+                "-f",
+                str(write_haproxy_conf(tmp, haproxy_port, nginx_port, haproxy_tls_port, pem)),
+            ],
             tmp / "haproxy.out",
         )
         wait_port(haproxy_port, haproxy, "haproxy", tmp / "haproxy.out")
-        router = start_router(stack, ROOT, router_port, nginx_port, tmp / "router.out")
-        wait_port(router_port, router, "router", tmp / "router.out")
+        entry = ["--entry-host", TLS_NAME, "--tls-cert-dir", str(tmp / "certs"),
+                 "--http-listen", f"127.0.0.1:{entry_port}",
+                 "--https-listen", f"127.0.0.1:{router_tls_port}"]  # fmt: skip
+        router = start_router(stack, ROOT, router_port, nginx_port, tmp / "router.out", entry)
+        for port in (router_port, entry_port, router_tls_port):
+            wait_port(port, router, "router", tmp / "router.out")
+        wait_port(haproxy_tls_port, haproxy, "haproxy (tls)", tmp / "haproxy.out")
         procs = {"router": router, "haproxy": haproxy, "nginx": nginx}
         if BASELINE is not None:
             procs["baseline"] = start_router(
@@ -445,6 +628,9 @@ def main() -> str:
         compared = [
             Contender("Shipyard router", f"http://127.0.0.1:{router_port}/"),
             Contender("HAProxy", f"http://127.0.0.1:{haproxy_port}/"),
+            Contender(SHARED_NAME, f"http://{TLS_NAME}:{entry_port}/"),
+            Contender(ROUTER_TLS_NAME, f"https://{TLS_NAME}:{router_tls_port}/"),
+            Contender(HAPROXY_TLS_NAME, f"https://{TLS_NAME}:{haproxy_tls_port}/"),
         ]
         if BASELINE is not None:
             compared.insert(1, Contender(BASELINE_NAME, f"http://127.0.0.1:{baseline_port}/"))
@@ -460,17 +646,28 @@ def main() -> str:
         for what, proc in procs.items():
             if proc.poll() is not None:
                 raise RuntimeError(f"{what} died during the benchmark (exit {proc.returncode})")
-    one = ten = base_one = base_ten = math.inf
+    one = ten = base_one = base_ten = shared_one = math.inf
     for _ in range(3):  # interleaved, best of each: the host's noise hits both alike
         one, ten = min(one, python_cost_us(1)), min(ten, python_cost_us(10))
+        shared_one = min(shared_one, python_cost_us(1, shared=True))
         if BASELINE is not None:
             base_one = min(base_one, baseline_python_cost_us(1))
             base_ten = min(base_ten, baseline_python_cost_us(10))
     baseline_us = (base_one, base_ten) if BASELINE is not None else None
-    return report(contenders, nbthread, haproxy_version(), (one, ten), baseline_us)
+    instructions = {
+        "own": instructions_per_request(ROOT, "own"),
+        "shared": instructions_per_request(ROOT, "shared"),
+        "baseline": instructions_per_request(BASELINE, "own") if BASELINE is not None else None,
+    }
+    return report(
+        contenders, nbthread, haproxy_version(), (one, ten), baseline_us, shared_one, instructions
+    )
 
 
 BASELINE_NAME = "Shipyard router, baseline"
+SHARED_NAME = "Shipyard router, shared listener (by Host)"
+ROUTER_TLS_NAME = "Shipyard router, TLS (shared listener)"
+HAPROXY_TLS_NAME = "HAProxy, TLS"
 
 
 def report(
@@ -479,6 +676,8 @@ def report(
     haproxy_version: str,
     python_us: tuple[float, float],
     baseline_us: tuple[float, float] | None = None,
+    shared_us: float | None = None,
+    instructions: dict[str, float | None] | None = None,
 ) -> str:
     by_name = {c.name: c for c in contenders}
     router, haproxy = by_name["Shipyard router"], by_name["HAProxy"]
@@ -489,6 +688,9 @@ def report(
         "Shipyard router": "router",
         "HAProxy": "haproxy",
         BASELINE_NAME: "baseline",
+        SHARED_NAME: "router",
+        ROUTER_TLS_NAME: "router",
+        HAPROXY_TLS_NAME: "haproxy",
     }
     rows = []
     for c in contenders:
@@ -543,6 +745,47 @@ request, measured by each checkout's own bench_router.py and interleaved: baseli
 {baseline_us[0]:.1f} µs (one request per iteration) and {baseline_us[1]:.1f} µs (ten), this
 commit {python_us[0]:.1f} and {python_us[1]:.1f}.
 """
+    tls = ""
+    if ROUTER_TLS_NAME in by_name and HAPROXY_TLS_NAME in by_name:
+        r_tls, h_tls, shared = (
+            by_name[ROUTER_TLS_NAME],
+            by_name[HAPROXY_TLS_NAME],
+            by_name[SHARED_NAME],
+        )
+        tls_paired = [r.rps / h.rps for r, h in zip(r_tls.runs, h_tls.runs, strict=True)]
+        shared_paired = [s.rps / r.rps for s, r in zip(shared.runs, router.runs, strict=True)]
+        shared_cost = f"{shared_us:.1f}" if shared_us is not None else "(not measured)"
+        counted = instructions or {}
+        own_i, shared_i, base_i = (counted.get(k) for k in ("own", "shared", "baseline"))
+        icount = ""
+        if own_i is not None and shared_i is not None:
+            icount = (
+                f" Counted in machine instructions (cachegrind, which the machine's load does "
+                f"not move; one keep-alive connection, in process): {shared_i:,.0f} per request "
+                f"on the shared listener, {own_i:,.0f} on the service's own port"
+                f" ({shared_i / own_i - 1:+.1%})"
+            )
+            if base_i is not None:
+                icount += (
+                    f", {base_i:,.0f} on the own port of the baseline"
+                    f" ({own_i / base_i - 1:+.1%}: the cost of the shared listener's hook)"
+                )
+            icount += "."
+        tls = f"""
+**TLS: router / HAProxy = {statistics.median(tls_paired):.2f}** (median of the per-round ratios
+{", ".join(f"{x:.2f}" for x in tls_paired)}): both terminate TLS 1.3 with the same ECDSA P-256
+certificate (made by the benchmark) on keep-alive connections, the router on its shared HTTPS
+listener (SNI picks the certificate, each request routed by Host, `X-Forwarded-Proto: https`),
+HAProxy on a second frontend (`bind ... ssl crt ... alpn http/1.1`). The router spends
+{per_req(r_tls, "router"):.0f} µs per TLS request ({per_req(router, "router"):.0f} without
+TLS), HAProxy {per_req(h_tls, "haproxy"):.0f} ({per_req(haproxy, "haproxy"):.0f}): Python's
+ssl module encrypts and decrypts through memory BIOs, one more copy of every byte each way and
+a Python-level call per record, where HAProxy's OpenSSL writes to the socket itself.
+Routing by Host on the shared plain-HTTP listener against the service's own port:
+{statistics.median(shared_paired):.2f} (median of per-round ratios); its in-process Python work
+is {shared_cost} µs per request against {python_us[0]:.1f} on the service's own port (one
+request per iteration).{icount}
+"""
     return f"""## Router
 
 Shipyard's router (`python -m shipyard.routing.proxy`, uvloop, one process) and HAProxy
@@ -562,7 +805,7 @@ cores busy with anything (any process) during the run.
 **Router / HAProxy = {ratio:.2f}** (median of the per-round ratios
 {", ".join(f"{x:.2f}" for x in paired)}; ratio of the medians
 {router.median("rps") / haproxy.median("rps"):.2f}). Target >= {TARGET}: {verdict} it.
-{against}
+{tls}{against}
 What limits the router: CPU per request on a small, shared machine. {saturation}:
 wrk ({med(router, "wrk"):.2f} cores), nginx ({med(router, "nginx"):.2f}), the router
 ({router_cores:.2f}) and loopback packet processing in softirq ({softirq:.0%} of all CPU,

@@ -74,6 +74,7 @@ class Upstream:
     open_connections: int = 0
     requests: int = 0
     bodies: list[bytes] = field(default_factory=list)
+    heads: list[bytes] = field(default_factory=list)  # every request head as it arrived
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # releases /slow requests
     slow_waiting: int = 0
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -138,6 +139,7 @@ class Upstream:
                 head = await reader.readuntil(b"\r\n\r\n")
             except asyncio.IncompleteReadError:
                 return
+            self.heads.append(head)
             (method, target, version), headers = _parse_head(head)
             if headers.get("expect") == "100-continue":
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -56,6 +56,7 @@ from shipyard.agent.supervisor import (
     kill_orphan_group,
 )
 from shipyard.agent.verify import ArtifactVerifier
+from shipyard.domain.hostnames import HostRule, parse_host_rule
 from shipyard.domain.models import DNS_LABEL, MAX_LOAD_RPS
 from shipyard.errors import (
     ArtifactVerificationFailed,
@@ -65,9 +66,11 @@ from shipyard.errors import (
 )
 from shipyard.logs import SecretMasker
 from shipyard.private_files import write_private
+from shipyard.routing.certificates import DirectoryCertificates
+from shipyard.routing.entry import EntryListener, ServiceEntry, check_hosts
 from shipyard.routing.limits import ConnectionBudget, RouterLimits, raise_descriptor_limit
 from shipyard.routing.proxy import Backend, ServiceProxy
-from shipyard.runtime.base import MAX_LOG_LINES, LogQuery, RevisionSpec
+from shipyard.runtime.base import MAX_LOG_LINES, EntrySpec, LogQuery, RevisionSpec
 from shipyard.sandbox import Sandbox, SandboxPolicy
 from shipyard.security.signing import KEY_FILE, PUB_FILE
 
@@ -155,6 +158,20 @@ class ServiceRoute:
         self.sticky_cookie: str | None = None
         #: This service's own router limits (over the agent's defaults), as configured.
         self.limit_overrides: dict[str, float | int] = {}
+        #: Its names on the shared listeners, and their options (``[service]`` of the manifest).
+        self.hosts: tuple[HostRule, ...] = ()
+        self.https_redirect = False
+        self.hsts_max_age = 0
+
+    def entry(self) -> ServiceEntry:
+        """This service as the shared listeners route to it."""
+        return ServiceEntry(
+            self.service,
+            self.proxy.context,
+            self.hosts,
+            https_redirect=self.https_redirect,
+            hsts_max_age=self.hsts_max_age,
+        )
 
 
 class Agent:
@@ -171,11 +188,17 @@ class Agent:
         router_limits: RouterLimits | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         log_limits: LogLimits | None = None,
+        http_listen: tuple[str, int] | None = None,
+        https_listen: tuple[str, int] | None = None,
+        tls_cert_dir: Path | None = None,
     ) -> None:
         """``router_limits``: every service router's defaults (a service may override them);
         ``max_connections``: client connections across all of them, one cap, so a flooded
         service cannot take the descriptors the others and this agent's API need;
-        ``log_limits``: each replica's log size cap and how long stopped replicas' logs stay."""
+        ``log_limits``: each replica's log size cap and how long stopped replicas' logs stay.
+        ``http_listen``, ``https_listen``: the shared listeners routing by host (None: none;
+        :meth:`start_entry` binds them); ``tls_cert_dir``: the HTTPS listener's certificates
+        (default ``<agent_dir>/certs``, ``routing.certificates.DirectoryCertificates``)."""
         self.region = region
         self.router_limits = router_limits or RouterLimits()
         self.connections = ConnectionBudget.for_descriptors(max_connections)
@@ -187,6 +210,12 @@ class Agent:
         #: The built-in load on a canary during analysis, per service (agent/loading.py).
         self.loads: dict[str, LoadRun] = {}
         self._stopping: set[asyncio.Task[LoadStats]] = set()
+        self.http_listen = http_listen
+        self.https_listen = https_listen
+        self.tls_cert_dir = tls_cert_dir or self.dir / "certs"
+        #: The shared listeners by scheme, once started, and the ports they are bound to.
+        self.entries: dict[str, EntryListener] = {}
+        self.entry_ports: dict[str, int] = {}
         self.token = secrets.token_urlsafe(32)
         self.supervisor = Supervisor(
             self.dir / "logs",
@@ -215,21 +244,99 @@ class Agent:
 
     # --- routing -----------------------------------------------------------------------------
 
-    async def ensure_service(self, service: str, port: int = 0) -> ServiceRoute:
+    async def start_entry(self) -> None:
+        """Bind the shared listeners asked for (HTTPS first, so the HTTP listener's redirects
+        name its real port); an OSError names the address. Called once, before ``restore``."""
+        limits = self.router_limits.with_overrides({"max_connections": self.connections.limit})
+        if self.https_listen is not None:
+            self.tls_cert_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            listener = EntryListener(
+                "https",
+                limits=limits,
+                budget=self.connections,
+                certificates=DirectoryCertificates(self.tls_cert_dir),
+            )
+            host, port = self.https_listen
+            self.entry_ports["https"] = await listener.start(host, port)
+            self.entries["https"] = listener
+            log.info("shared https listener on %s:%d", host, self.entry_ports["https"])
+        if self.http_listen is not None:
+            listener = EntryListener(
+                "http",
+                limits=limits,
+                budget=self.connections,
+                https_port=self.entry_ports.get("https", 443),
+            )
+            host, port = self.http_listen
+            self.entry_ports["http"] = await listener.start(host, port)
+            self.entries["http"] = listener
+            log.info("shared http listener on %s:%d", host, self.entry_ports["http"])
+        self._configure_entries()
+
+    def _configure_entries(self) -> None:
+        services = [route.entry() for route in self.routes.values() if route.hosts]
+        for listener in self.entries.values():
+            listener.configure(services)
+
+    async def ensure_service(
+        self, service: str, port: int = 0, *, exact: bool = False
+    ) -> ServiceRoute:
+        """The service's route, its listener started on ``port`` if it has none (0: any).
+        A taken port falls back to any free one (a restore keeps serving) unless ``exact``
+        (the manifest chose it): then a 409 naming the port, and who holds it if we do."""
         route = self.routes.get(service)
         if route is None:
+            if exact and port:
+                self._refuse_taken_port(service, port)
             proxy = ServiceProxy(service, limits=self.router_limits, budget=self.connections)
             try:
                 bound = await proxy.start(self.listen_host, port)
             except OSError as exc:
                 if not port:
                     raise
+                if exact:
+                    await proxy.close()
+                    raise HTTPException(409, _port_taken(service, port, exc)) from exc
                 log.warning("port %s for %s is taken (%s); picking another", port, service, exc)
                 bound = await proxy.start(self.listen_host, 0)
             route = ServiceRoute(service, proxy, bound)
             self.routes[service] = route
             self._save_state()
         return route
+
+    def _refuse_taken_port(self, service: str, port: int) -> None:
+        for other in self.routes.values():
+            if other.service != service and other.port == port:
+                raise HTTPException(
+                    409,
+                    f"port {port} asked for service {service!r} is already the listener of "
+                    f"service {other.service!r} on this agent; choose another [service] port",
+                )
+
+    async def apply_entry(self, service: str, entry: EntrySpec) -> None:
+        """Give ``service`` the port and shared-listener hosts its manifest asks for. Refused
+        with nothing changed: a host another service claims (409 naming it), a port another
+        service or process holds (409 naming the port). The hosts take effect at once."""
+        rules = tuple(parse_host_rule(h) for h in entry.hosts)
+        claims = {r.service: r.hosts for r in self.routes.values() if r.service != service}
+        try:
+            check_hosts({**claims, service: rules})
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        route = self.routes.get(service)
+        if route is None:
+            route = await self.ensure_service(service, entry.port or 0, exact=True)
+        elif entry.port and entry.port != route.port:
+            self._refuse_taken_port(service, entry.port)
+            try:
+                route.port = await route.proxy.move(self.listen_host, entry.port)
+            except OSError as exc:
+                raise HTTPException(409, _port_taken(service, entry.port, exc)) from exc
+        route.hosts = rules
+        route.https_redirect = entry.https_redirect
+        route.hsts_max_age = entry.hsts_max_age
+        self._configure_entries()
+        self._save_state()
 
     def set_limits(self, service: str, overrides: Mapping[str, float | int]) -> RouterLimits:
         """Give ``service``'s router its own limits (over the agent's defaults; empty: the
@@ -248,6 +355,15 @@ class Agent:
 
     def url(self, route: ServiceRoute) -> str:
         return f"http://{self.listen_host}:{route.port}"
+
+    def entry_urls(self, route: ServiceRoute) -> list[str]:
+        """Where the shared listeners serve ``route``'s hosts (wildcards as written)."""
+        urls = []
+        for scheme, port in self.entry_ports.items():
+            default = 443 if scheme == "https" else 80
+            suffix = "" if port == default else f":{port}"
+            urls += [f"{scheme}://{r.host}{suffix}{r.path or '/'}" for r in route.hosts]
+        return urls
 
     async def _drain_replica(self, replica: Replica, timeout: float) -> bool:
         """Wait until the router has answered every request it sent ``replica``."""
@@ -317,6 +433,12 @@ class Agent:
             "url": self.url(route),
             "weights": route.proxy.weights,
             "sticky": {"header": route.sticky_header, "cookie": route.sticky_cookie},
+            "entry": {
+                "hosts": [str(r) for r in route.hosts],
+                "https_redirect": route.https_redirect,
+                "hsts_max_age": route.hsts_max_age,
+                "urls": self.entry_urls(route),
+            },
             "router": {
                 "limits": route.proxy.limits.to_dict(),
                 "connections": route.proxy.connection_stats(),
@@ -348,6 +470,9 @@ class Agent:
                     "sticky_header": route.sticky_header,
                     "sticky_cookie": route.sticky_cookie,
                     "limits": route.limit_overrides,
+                    "hosts": [str(r) for r in route.hosts],
+                    "https_redirect": route.https_redirect,
+                    "hsts_max_age": route.hsts_max_age,
                 }
                 for name, route in self.routes.items()
             },
@@ -399,6 +524,8 @@ class Agent:
             route.sticky_header = svc.get("sticky_header")
             route.sticky_cookie = svc.get("sticky_cookie")
             self._reconfigure(route)
+            self._restore_hosts(route, svc, path)
+        self._configure_entries()
         self._save_state()
 
     async def drive_load(self, service: str, spec: LoadSpec, lease_seconds: float) -> LoadRun:
@@ -429,14 +556,92 @@ class Agent:
             closing.add_done_callback(self._stopping.discard)
         return run
 
+    def _restore_hosts(self, route: ServiceRoute, svc: Mapping[str, Any], path: Path) -> None:
+        """Put back a service's shared-listener hosts from ``state.json`` (a bad or conflicting
+        entry is logged and left out: the service keeps its own port)."""
+        try:
+            entry = EntrySpec.from_dict(
+                {
+                    "hosts": svc.get("hosts", []),
+                    "https_redirect": svc.get("https_redirect", False),
+                    "hsts_max_age": svc.get("hsts_max_age", 0),
+                }
+            )
+            rules = tuple(parse_host_rule(h) for h in entry.hosts)
+            claims = {r.service: r.hosts for r in self.routes.values() if r is not route}
+            check_hosts({**claims, route.service: rules})
+        except ValueError as exc:
+            log.error("ignoring %s's hosts in %s: %s", route.service, path, exc)
+            return
+        route.hosts = rules
+        route.https_redirect = entry.https_redirect
+        route.hsts_max_age = entry.hsts_max_age
+
     async def close(self) -> None:
         for service in list(self.loads):
             self.stop_load(service)
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
         await self.supervisor.stop_all()
+        for listener in self.entries.values():
+            await listener.close()
         for route in self.routes.values():
             await route.proxy.close()
+
+
+#: Where an agent keeps the shared listeners it was started with (``entry.json`` in its
+#: directory), so an agent that ``shipyard serve`` starts again after a crash (without flags)
+#: opens the same ones.
+ENTRY_FILE = "entry.json"
+
+
+def remembered_entry(
+    directory: Path,
+    http_listen: tuple[str, int] | None,
+    https_listen: tuple[str, int] | None,
+    tls_cert_dir: Path | None,
+    *,
+    given: bool,
+) -> tuple[tuple[str, int] | None, tuple[str, int] | None, Path | None]:
+    """The shared listeners to open: the ones given (``given``: the command line named any;
+    they replace what was remembered, none at all forgets it), else the remembered ones."""
+    path = directory / ENTRY_FILE
+    if given:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # (a first start: not yet)
+        if http_listen is None and https_listen is None:
+            path.unlink(missing_ok=True)
+        else:
+            doc = {
+                "http_listen": list(http_listen) if http_listen else None,
+                "https_listen": list(https_listen) if https_listen else None,
+                "tls_cert_dir": str(tls_cert_dir) if tls_cert_dir else None,
+            }
+            write_private(path, json.dumps(doc))
+        return http_listen, https_listen, tls_cert_dir
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None, tls_cert_dir
+    except (OSError, ValueError) as exc:
+        log.error("cannot read %s (%s); no shared listeners", path, exc)
+        return None, None, tls_cert_dir
+
+    def address(value: Any) -> tuple[str, int] | None:
+        return (str(value[0]), int(value[1])) if value else None
+
+    cert_dir = doc.get("tls_cert_dir")
+    return (
+        address(doc.get("http_listen")),
+        address(doc.get("https_listen")),
+        Path(cert_dir) if cert_dir else tls_cert_dir,
+    )
+
+
+def _port_taken(service: str, port: int, exc: OSError) -> str:
+    return (
+        f"port {port} asked for service {service!r} cannot be used: {exc.strerror or exc} "
+        "(another process holds it?); choose another [service] port or free it"
+    )
 
 
 def build_app(agent: Agent) -> FastAPI:
@@ -478,17 +683,24 @@ def build_app(agent: Agent) -> FastAPI:
             await agent.supervisor.stop(r)
         route = agent.routes.pop(service, None)
         if route is not None:
+            agent._configure_entries()  # its hosts answer 404 from now on
             await route.proxy.close()
         agent._save_state()
         return {"removed": route is not None}
 
     @app.put("/v1/services/{service}/revisions/{revision}")
     async def start(service: str, revision: str, spec: dict[str, Any]) -> dict[str, Any]:
-        rs = RevisionSpec.from_dict(spec)
+        try:
+            rs = RevisionSpec.from_dict(spec)
+        except (TypeError, ValueError) as exc:
+            raise HTTPException(422, f"invalid revision spec: {exc}") from exc
         if rs.service != service or rs.revision != revision:
             raise HTTPException(422, "spec does not match the path's service/revision")
         await agent.verify(rs)  # before anything changes: a refused start leaves no trace
-        await agent.ensure_service(service)
+        if rs.entry is not None:  # hosts and port first: a conflict starts nothing
+            await agent.apply_entry(service, rs.entry)
+        else:
+            await agent.ensure_service(service)
         replicas = await agent.supervisor.start_revision(rs)
         agent._save_state()
         return {"replicas": [r.status().to_dict() for r in replicas]}
@@ -595,10 +807,19 @@ async def run_agent(
     router_limits: RouterLimits | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     log_limits: LogLimits | None = None,
+    http_listen: tuple[str, int] | None = None,
+    https_listen: tuple[str, int] | None = None,
+    tls_cert_dir: Path | None = None,
+    entry_given: bool = False,
 ) -> None:
     """Run the agent until SIGTERM/SIGINT; writes agent.json once the API listens.
     ``trusted_key``: the control plane's public key (default ``<data_dir>/keys/signing.pub``);
-    ``router_limits``, ``max_connections``, ``log_limits``: see :class:`Agent`."""
+    ``router_limits``, ``max_connections``, ``log_limits``, the shared listeners: see
+    :class:`Agent`; ``entry_given``: the shared listeners were named on the command line (else
+    the ones the agent remembered, ``remembered_entry``)."""
+    http_listen, https_listen, tls_cert_dir = remembered_entry(
+        agent_dir(data_dir, region), http_listen, https_listen, tls_cert_dir, given=entry_given
+    )
     # Before any socket: every idle client holds a descriptor, and at the usual soft limit of
     # 1,024 a thousand of them took every service and this API down at once (issue 10).
     before, after = raise_descriptor_limit()
@@ -611,8 +832,12 @@ async def run_agent(
         router_limits=router_limits,
         max_connections=max_connections,
         log_limits=log_limits,
+        http_listen=http_listen,
+        https_listen=https_listen,
+        tls_cert_dir=tls_cert_dir,
     )
     write_private(agent.dir / "agent.token", agent.token)
+    await agent.start_entry()
     await agent.restore()
     config = uvicorn.Config(
         build_app(agent),

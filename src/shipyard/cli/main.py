@@ -452,6 +452,25 @@ def agent(
     replica_log_revisions: Annotated[
         int, typer.Option(help="Revisions per service whose stopped replicas' logs are kept.")
     ] = 5,
+    http_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="ADDR:PORT of a shared HTTP listener routing by [service] hosts, e.g. "
+            "0.0.0.0:80 on a public host; remembered for the agent's next start ('off' forgets "
+            "both). Default: the remembered ones, else none (each service on its own port)."
+        ),
+    ] = None,
+    https_listen: Annotated[
+        str | None,
+        typer.Option(help="ADDR:PORT of a shared HTTPS listener (SNI), e.g. 0.0.0.0:443."),
+    ] = None,
+    tls_cert_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Certificates for --https-listen: HOST.pem (chain) and HOST.key per host name, "
+            "reloaded on change. Default: DATA_DIR/agents/REGION/certs."
+        ),
+    ] = None,
 ) -> None:
     """Run the data plane of one region: the traffic router and the app supervisor.
 
@@ -485,6 +504,12 @@ def agent(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+
+    from shipyard.cli.listen import parse_listen
+
+    http_addr = parse_listen("--http-listen", http_listen)
+    https_addr = parse_listen("--https-listen", https_listen)
+    entry_given = http_listen is not None or https_listen is not None
     if detach:  # before any event loop or thread exists: fork is safe here
         if os.fork() > 0:
             os._exit(0)
@@ -501,6 +526,10 @@ def agent(
             router_limits=limits,
             max_connections=router_max_connections_total,
             log_limits=log_limits,
+            http_listen=http_addr,
+            https_listen=https_addr,
+            tls_cert_dir=tls_cert_dir.resolve() if tls_cert_dir else None,
+            entry_given=entry_given,
         )
     )
 

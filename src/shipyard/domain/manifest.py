@@ -9,6 +9,10 @@ strings run by ``/bin/sh -c`` (``to_argv``)::
 
     [service]
     name = "hello"                  # DNS label; the request's target.service_name wins
+    hosts = ["hello.example.com"]   # optional: names on the agent's shared listeners
+    port = 8080                     # optional: the service's own port (default: the agent picks)
+    https_redirect = true           # optional: 308 from http:// to https:// on the shared listener
+    hsts_max_age = 31536000         # optional: Strict-Transport-Security on https responses
 
     [build]
     shell = true                    # optional: the commands below run as /bin/sh -c '...'
@@ -56,6 +60,7 @@ from pydantic import (
     field_validator,
 )
 
+from shipyard.domain.hostnames import parse_host_rule
 from shipyard.domain.models import AnalysisSettings, DnsLabel, HealthCheck, WireModel
 from shipyard.errors import ManifestError
 
@@ -85,6 +90,61 @@ class ServiceSection(WireModel):
         description="The service's name: a DNS label (lowercase letters, digits, '-'; at most 63). "
         "The default for `shipyard deploy --service`; the request's `target.service_name` wins."
     )
+    hosts: Annotated[
+        list[str],
+        Field(
+            max_length=64,
+            description=(
+                "Host names this service answers on the agent's shared listeners "
+                "(`shipyard agent --http-listen/--https-listen`), routed by the request's Host: "
+                '"notes.example.com", a wildcard one label deep "*.example.com", or with a path '
+                'prefix "example.com/api" (longest prefix wins). Another service on the same '
+                "agent claiming the same host and path is refused. Empty: reachable only on "
+                "the service's own port."
+            ),
+        ),
+    ] = Field(default_factory=list)
+    port: Annotated[
+        int | None,
+        Field(
+            strict=True,
+            ge=1,
+            le=65535,
+            description=(
+                "The service's own listener port on the agent (loopback), instead of one the "
+                "agent picks; a port another service or process holds is refused, naming it."
+            ),
+        ),
+    ] = None
+    https_redirect: Annotated[
+        bool,
+        Field(
+            strict=True,
+            description=(
+                "On the shared HTTP listener, answer this service's hosts with a 308 redirect "
+                "to the same URL on https instead of serving them."
+            ),
+        ),
+    ] = False
+    hsts_max_age: Annotated[
+        int,
+        Field(
+            strict=True,
+            ge=0,
+            le=63_072_000,
+            description=(
+                "Seconds for the Strict-Transport-Security header the router adds to this "
+                "service's responses on the shared HTTPS listener (31536000 = a year); 0 adds "
+                "none."
+            ),
+        ),
+    ] = 0
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_rules(cls, v: list[str]) -> list[str]:
+        """Each entry must be a host rule (``domain.hostnames``); kept normalised, no repeats."""
+        return list(dict.fromkeys(str(parse_host_rule(h)) for h in v))
 
 
 class BuildSection(WireModel):

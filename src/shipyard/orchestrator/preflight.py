@@ -367,6 +367,12 @@ async def apply_plan(
             health_endpoint=manifest.health.endpoint,
             health=manifest.health,
             attestation=record.attestation or Attestation(),
+            entry={
+                "hosts": list(manifest.service.hosts),
+                "port": manifest.service.port,
+                "https_redirect": manifest.service.https_redirect,
+                "hsts_max_age": manifest.service.hsts_max_age,
+            },
         ),
         region=record.region,
         deployment_id=record.id,

@@ -42,7 +42,7 @@ from shipyard.domain.models import (
     SourceConfig,
 )
 from shipyard.errors import NotFound, PermanentError, ShipyardError
-from shipyard.runtime.base import RevisionSpec, StickyKey
+from shipyard.runtime.base import EntrySpec, RevisionSpec, StickyKey
 from shipyard.store.db import AsyncStore
 from shipyard.strategies.steps import Plan, RollingLimits, Step
 
@@ -290,6 +290,9 @@ class RevisionRecord(_Model):
     health_endpoint: str | None = None
     health: HealthCheck | None = None
     attestation: Attestation = Field(default_factory=Attestation)
+    #: The manifest's ``[service]`` hosts, port, https_redirect, hsts_max_age (``EntrySpec``);
+    #: None for revisions stored before them (the runtime keeps what it has).
+    entry: dict[str, Any] | None = None
 
     def spec(self) -> RevisionSpec:
         """What a runtime runs. Revisions stored before ``health_endpoint`` existed take it
@@ -304,6 +307,7 @@ class RevisionRecord(_Model):
             env=dict(self.env),
             replicas=self.replicas,
             health_endpoint=endpoint,
+            entry=EntrySpec.from_dict(self.entry) if self.entry is not None else None,
         )
 
     def health_check(self) -> HealthCheck:

@@ -149,9 +149,11 @@ class Client(BatchedConnection):
         "failed",
         "feeding",
         "fresh_head",
+        "fwd",
         "gen",
         "head_len",
         "header",
+        "home",
         "idle_ticks",
         "is_head",
         "keep",
@@ -168,6 +170,7 @@ class Client(BatchedConnection):
         "scan_pos",
         "sent_any",
         "served",
+        "shared",
         "started",
         "stream_buf",
         "streaming",
@@ -181,7 +184,20 @@ class Client(BatchedConnection):
 
     def __init__(self, ctx: ProxyContext) -> None:
         super().__init__(ctx.batcher)
+        #: Whether requests pick their service per head (``routing.entry``'s shared listener):
+        #: then ``route_head`` runs after each head is parsed. A slot, not a class attribute:
+        #: CPython 3.11 specialises a slot load (cachegrind, bench_router's instruction count:
+        #: a service's own port costs 68 instructions per request more than before the shared
+        #: listener, 0.2%; with a class attribute it was 197).
+        self.shared = False
+        #: The service context requests are routed in (table, pools, counters, body limit);
+        #: a shared listener's connection switches it per request (``route_head``).
         self.ctx = ctx
+        #: The context that accounts for the connection itself: its client set, connection
+        #: caps, timeout sweep and write batcher. The same as ``ctx`` on a service's listener.
+        self.home = ctx
+        #: What the router adds to heads forwarded for this client (Via, X-Forwarded-*).
+        self.fwd = ctx.forwarding
         self.phase = IDLE
         #: Bytes received and not yet handled: a partial head, a body being buffered, or
         #: pipelined requests waiting behind the one in flight.
@@ -228,7 +244,7 @@ class Client(BatchedConnection):
         self.with_body = False
         self.peer = b"unknown"  # the client's address, as X-Forwarded-For gives it
         #: What ends every head forwarded for this client (Via, X-Forwarded-*, the blank line).
-        self.tail = ctx.forwarding.tail(self.peer)
+        self.tail = self.fwd.tail(self.peer)
         self.last_parsed: http1.RequestHead | None = None
         self.last_forward = b""
 
@@ -236,7 +252,7 @@ class Client(BatchedConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        ctx = self.ctx
+        ctx = self.home
         budget = ctx.budget
         if len(ctx.clients) >= ctx.limits.max_connections or budget.open >= budget.limit:
             self._refuse()
@@ -246,11 +262,11 @@ class Client(BatchedConnection):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = str(peer[0]).encode()
-            self.tail = ctx.forwarding.tail(self.peer)
+            self.tail = self.fwd.tail(self.peer)
 
     def _refuse(self) -> None:
         """Past this service's or the agent's connection cap: a 503 at once, then close."""
-        ctx = self.ctx
+        ctx = self.home
         ctx.refused += 1
         if ctx.budget.open >= ctx.budget.limit:
             ctx.budget.refused += 1
@@ -299,10 +315,10 @@ class Client(BatchedConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = CLOSED
-        clients = self.ctx.clients
+        clients = self.home.clients
         if self in clients:  # (a refused connection was never counted)
             clients.remove(self)
-            self.ctx.budget.open -= 1
+            self.home.budget.open -= 1
         self.gen += 1
         up = self.upstream
         self.upstream = None
@@ -370,6 +386,8 @@ class Client(BatchedConnection):
                             continue
                         self._reject(exc.status, exc.reason)
                         return
+                if self.shared and not self.route_head(head):
+                    return  # answered by the router itself (unknown host, redirect), closed
                 # the head the upstream gets (http1.parse_request_head says what changes), kept
                 # for the next request: keep-alive clients repeat their head, and the cached
                 # parse is the same object then (saves the concatenation, ~300 instructions)
@@ -381,7 +399,7 @@ class Client(BatchedConnection):
                     if prior is None:
                         fwd += self.tail
                     else:  # the client sent X-Forwarded-* of its own
-                        fwd += self.ctx.forwarding.tail(self.peer, prior)
+                        fwd += self.fwd.tail(self.peer, prior)
                     self.last_parsed = parsed
                     self.last_forward = fwd
                 self.keep = keep
@@ -586,6 +604,12 @@ class Client(BatchedConnection):
                 return
         pool.open(self.ctx, self, self.gen)
 
+    def route_head(self, head: bytes) -> bool:
+        """Pick the service for the request ``head`` (parsed and accepted) before it is routed;
+        False when the router answered it itself and closed. Only called when ``shared``:
+        ``routing.entry.EntryClient`` implements it."""
+        raise NotImplementedError("only a shared listener's connection routes by head")
+
     def waiting_for(self, gen: int) -> bool:
         """Whether exchange number ``gen`` still waits for its upstream connection."""
         return self.gen == gen and self.phase is not CLOSED
@@ -715,7 +739,7 @@ class Client(BatchedConnection):
           (a client too slow to take the response pauses the upstream: that does not count).
         """
         phase = self.phase
-        ctx = self.ctx
+        ctx = self.home
         if phase is IDLE:
             self.ticks += 1
             if self.pending:
@@ -740,7 +764,7 @@ class Client(BatchedConnection):
 
     def _request_timeout(self) -> None:
         """The client was too slow sending its request head or body: 408, and close."""
-        self.ctx.slow_clients += 1
+        self.home.slow_clients += 1
         if self.phase is STREAMING_BODY:  # routed: end the exchange so it is counted
             self._drop_upstream()
             self.keep = False

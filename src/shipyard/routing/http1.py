@@ -102,8 +102,10 @@ _END_TO_END = frozenset((b"content-length", b"transfer-encoding", b"host"))
 
 _REASONS = {
     400: b"Bad Request",
+    404: b"Not Found",
     405: b"Method Not Allowed",
     413: b"Content Too Large",
+    421: b"Misdirected Request",
     431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
@@ -146,13 +148,16 @@ class Forwarding:
       client sent, joined into one line, and appends the client's address. Only the last entry is
       the router's own observation; the rest is whatever the client claimed. ``"replace"`` drops
       the client's and sends the address alone (the router is the first proxy).
-    - ``x_forwarded_proto``: ``"set"`` sends the router's own scheme (``http``) and drops the
-      client's claim; ``"keep"`` passes the client's on (a TLS terminator in front sets it).
+    - ``x_forwarded_proto``: ``"set"`` sends the router's own scheme (``scheme``) and drops
+      the client's claim; ``"keep"`` passes the client's on (a TLS terminator in front sets it).
+    - ``scheme``: what the client spoke to the router, ``"https"`` on a TLS listener
+      (``routing.entry``).
     """
 
     via: str | None = "1.1 shipyard"
     x_forwarded_for: Literal["append", "replace"] = "append"
     x_forwarded_proto: Literal["set", "keep"] = "set"
+    scheme: Literal["http", "https"] = "http"
 
     def __post_init__(self) -> None:
         if self.via is not None and not re.fullmatch(r"[!-~](?:[ -~]*[!-~])?", self.via):
@@ -161,6 +166,8 @@ class Forwarding:
             raise ValueError("x_forwarded_for must be 'append' or 'replace'")
         if self.x_forwarded_proto not in ("set", "keep"):
             raise ValueError("x_forwarded_proto must be 'set' or 'keep'")
+        if self.scheme not in ("http", "https"):
+            raise ValueError("scheme must be 'http' or 'https'")
 
     def tail(self, peer: bytes, prior: tuple[bytes, bytes] | None = None) -> bytes:
         """The field lines ending a forwarded head (through the blank line) for a client at
@@ -171,7 +178,7 @@ class Forwarding:
             peer = xff + b", " + peer
         out = b"" if self.via is None else b"via: " + self.via.encode() + b"\r\n"
         if self.x_forwarded_proto == "set":
-            out += b"x-forwarded-proto: http\r\n"
+            out += b"x-forwarded-proto: " + self.scheme.encode() + b"\r\n"
         elif xfp:
             out += b"x-forwarded-proto: " + xfp + b"\r\n"
         return out + b"x-forwarded-for: " + peer + b"\r\n\r\n"

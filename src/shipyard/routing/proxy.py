@@ -48,10 +48,12 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from shipyard.routing import metrics as routing_metrics
 from shipyard.routing.client import Client
 from shipyard.routing.context import ProxyContext
+from shipyard.routing.entry import EntryListener
 from shipyard.routing.http1 import Forwarding
 from shipyard.routing.limits import ConnectionBudget, RouterLimits, raise_descriptor_limit
 from shipyard.routing.pool import Pool
@@ -112,6 +114,12 @@ class ServiceProxy:
         self._closed = False
 
     @property
+    def context(self) -> ProxyContext:
+        """What this router's connections share; ``routing.entry``'s shared listeners route
+        requests into it (the service's table, pools and counters)."""
+        return self._ctx
+
+    @property
     def unrouted(self) -> int:
         """Requests answered 503 because no revision had a backend."""
         return self._ctx.unrouted
@@ -152,8 +160,26 @@ class ServiceProxy:
         loop = asyncio.get_running_loop()
         ctx = self._ctx
         ctx.bind(loop)
+        server = self._server = await self._listen(host, port)
+        sweeper = loop.create_task(self._sweep(), name=f"shipyard-router-{self.service}-timeouts")
+        ctx.tasks.add(sweeper)
+        return _bound_port(server, port)
+
+    async def move(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` instead (a service whose manifest chose another port): the
+        new socket first (an OSError leaves the old one listening), then the old one closes.
+        Connections already open stay open and finish on the same routing table."""
+        if self._server is None or self._closed:
+            raise RuntimeError(f"router for {self.service!r} is not running")
+        server = await self._listen(host, port)
+        old, self._server = self._server, server
+        old.close()
+        return _bound_port(server, port)
+
+    async def _listen(self, host: str, port: int) -> asyncio.Server:
+        ctx = self._ctx
         try:
-            server = await loop.create_server(
+            return await ctx.loop.create_server(
                 lambda: Client(ctx), host, port, reuse_address=True, backlog=1024
             )
         except OSError as exc:
@@ -163,11 +189,6 @@ class ServiceProxy:
                 f"{exc.strerror or exc}; is another process using the port? "
                 "Pick another port or stop that process.",
             ) from exc
-        self._server = server
-        sweeper = loop.create_task(self._sweep(), name=f"shipyard-router-{self.service}-timeouts")
-        ctx.tasks.add(sweeper)
-        sockets = server.sockets
-        return int(sockets[0].getsockname()[1]) if sockets else port
 
     def configure(
         self,
@@ -365,6 +386,11 @@ class ServiceProxy:
                 client.tick()
 
 
+def _bound_port(server: asyncio.Server, asked: int) -> int:
+    sockets = server.sockets
+    return int(sockets[0].getsockname()[1]) if sockets else asked
+
+
 # -- command line (used by bench/bench_router.py) -------------------------------------------------
 
 
@@ -391,6 +417,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keepalive-timeout", type=float, default=_DEFAULTS.keepalive_timeout)
     parser.add_argument("--body-timeout", type=float, default=_DEFAULTS.body_timeout)
     parser.add_argument("--response-timeout", type=float, default=_DEFAULTS.response_timeout)
+    entry = parser.add_argument_group(
+        "shared listeners", "also serve the service by host name (routing.entry), as the agent's"
+    )
+    entry.add_argument("--entry-host", action="append", default=[], metavar="HOST[/PREFIX]")
+    entry.add_argument("--http-listen", metavar="HOST:PORT")
+    entry.add_argument("--https-listen", metavar="HOST:PORT")
+    entry.add_argument("--tls-cert-dir", metavar="DIR", help="NAME.pem + NAME.key per host")
     return parser.parse_args(argv)
 
 
@@ -446,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(str(exc)) from exc
         bound = await proxy.start(host, port)
         print(f"shipyard router for {args.service!r} listening on {host}:{bound}", flush=True)
+        entries = await _start_entries(args, proxy, limits)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -453,10 +487,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             await stop.wait()
         finally:
+            for listener in entries:
+                await listener.close()
             await proxy.close()
 
     uvloop.run(serve())
     return 0
+
+
+async def _start_entries(
+    args: argparse.Namespace, proxy: ServiceProxy, limits: RouterLimits
+) -> list[EntryListener]:
+    """The shared listeners the command line asks for, routing ``--entry-host`` to ``proxy``."""
+    from pathlib import Path
+
+    from shipyard.domain.hostnames import parse_host_rule
+    from shipyard.routing.certificates import DirectoryCertificates
+    from shipyard.routing.entry import EntryListener, ServiceEntry
+
+    try:
+        rules = tuple(parse_host_rule(h) for h in args.entry_host)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    started: list[EntryListener] = []
+    schemes: tuple[tuple[Literal["http", "https"], str | None], ...] = (
+        ("https", args.https_listen),
+        ("http", args.http_listen),
+    )
+    for scheme, address in schemes:
+        if address is None:
+            continue
+        if not rules:
+            raise SystemExit("--http-listen/--https-listen need at least one --entry-host")
+        certificates = None
+        if scheme == "https":
+            if args.tls_cert_dir is None:
+                raise SystemExit("--https-listen needs --tls-cert-dir")
+            certificates = DirectoryCertificates(Path(args.tls_cert_dir))
+        listener = EntryListener(scheme, limits=limits, certificates=certificates)
+        host, port = _split_hostport(address)
+        bound = await listener.start(host, port)
+        listener.configure([ServiceEntry(args.service, proxy.context, rules)])
+        print(f"shared {scheme} listener on {host}:{bound}", flush=True)
+        started.append(listener)
+    return started
 
 
 if __name__ == "__main__":

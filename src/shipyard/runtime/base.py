@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from shipyard.domain.hostnames import parse_host_rule
 from shipyard.routing.base import TrafficRouter
 
 ReplicaState = Literal["starting", "running", "exited", "crashed", "stopping", "stopped"]
@@ -20,6 +21,44 @@ LogStream = Literal["stdout", "stderr"]
 
 #: The most lines one ``read_logs`` answers (``LogQuery.tail``'s upper bound).
 MAX_LOG_LINES = 10_000
+
+
+@dataclass(frozen=True)
+class EntrySpec:
+    """How a service is reached on its data plane, from the manifest's ``[service]`` keys:
+    host names on the shared listeners, its own port, the HTTPS redirect and HSTS. Service-wide:
+    the agent applies the one of the revision it was asked to start last."""
+
+    #: Host rules (``domain.hostnames``): ``name``, ``*.name`` or ``name/path-prefix``.
+    hosts: tuple[str, ...] = ()
+    #: The service's own listener port; None: the runtime picks one.
+    port: int | None = None
+    https_redirect: bool = False
+    #: Strict-Transport-Security max-age on HTTPS responses; 0: none.
+    hsts_max_age: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EntrySpec:
+        """ValueError (naming the field) for anything the manifest would have refused."""
+        unknown = set(d) - {"hosts", "port", "https_redirect", "hsts_max_age"}
+        if unknown:
+            raise ValueError(f"unknown entry field(s): {', '.join(sorted(unknown))}")
+        hosts = d.get("hosts", ())
+        if not isinstance(hosts, list | tuple) or len(hosts) > 64:
+            raise ValueError("entry hosts must be a list of at most 64 host names")
+        rules = tuple(dict.fromkeys(str(parse_host_rule(h)) for h in hosts))
+        port = d.get("port")
+        if port is not None and (
+            isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535
+        ):
+            raise ValueError(f"entry port must be 1-65535, got {port!r}")
+        redirect = d.get("https_redirect", False)
+        hsts = d.get("hsts_max_age", 0)
+        if not isinstance(redirect, bool):
+            raise ValueError("entry https_redirect must be true or false")
+        if isinstance(hsts, bool) or not isinstance(hsts, int) or not 0 <= hsts <= 63_072_000:
+            raise ValueError(f"entry hsts_max_age must be 0-63072000 seconds, got {hsts!r}")
+        return cls(rules, port, redirect, hsts)
 
 
 @dataclass(frozen=True)
@@ -42,17 +81,27 @@ class RevisionSpec:
     #: a runtime that verifies artifacts itself (the local agent) checks against
     #: ``artifact_digest`` before it starts anything. None: unsigned (such a runtime refuses it).
     provenance: Mapping[str, Any] | None = None
+    #: Host names, port, redirect and HSTS for the service (the manifest's ``[service]``);
+    #: None: leave what the runtime has (a spec from before these keys existed).
+    entry: EntrySpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["argv"] = list(self.argv)
         d["env"] = dict(self.env)
         d["provenance"] = dict(self.provenance) if self.provenance is not None else None
+        if self.entry is None:
+            del d["entry"]  # what an agent from before entry specs accepts
+        else:
+            d["entry"]["hosts"] = list(self.entry.hosts)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RevisionSpec:
-        return cls(**d)
+        """ValueError for a malformed ``entry``."""
+        entry = d.get("entry")
+        fields = {k: v for k, v in d.items() if k != "entry"}
+        return cls(**fields, entry=EntrySpec.from_dict(entry) if entry is not None else None)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ async def start_candidate(ctx: DeploymentContext, step: StartCandidate) -> None:
         if await artifacts.verify(ctx.deps.gate, stored):
             await ctx.audit("artifact.verified", digest=stored.artifact_digest)
         replicas = await ctx.runtime.start_revision(await artifacts.spec(stored))
+        if stored.entry and stored.entry.get("port"):  # moved to its [service] port
+            ctx.record.url = await ctx.runtime.ensure_service(ctx.service)
         ids = [r.replica_id for r in replicas]
         ctx.record.progress.candidate_replicas = ids
         st.done(revision=candidate, replicas=ids)
