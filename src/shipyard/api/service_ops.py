@@ -110,7 +110,8 @@ def install(app: FastAPI) -> None:
         methods=["PUT"],
         tags=["services"],
         response_model=ServiceScaleRead,
-        responses=problems.responses(*_COMMON),
+        # 400: a body that is not even text (FastAPI's "error parsing the body")
+        responses=problems.responses(400, *_COMMON),
     )
     app.add_api_route(
         "/api/v1/services/{name}",

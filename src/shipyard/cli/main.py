@@ -455,7 +455,7 @@ def agent(
     http_listen: Annotated[
         str | None,
         typer.Option(
-            help="ADDR:PORT of a shared HTTP listener routing by [service] hosts, e.g. "
+            help="ADDR:PORT of a shared HTTP listener routing by \\[service] hosts, e.g. "
             "0.0.0.0:80 on a public host; remembered for the agent's next start ('off' forgets "
             "both). Default: the remembered ones, else none (each service on its own port)."
         ),

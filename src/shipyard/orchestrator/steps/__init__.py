@@ -19,6 +19,7 @@ import importlib
 import pkgutil
 import typing
 
+from shipyard.domain.models import DeploymentStatus
 from shipyard.errors import InvariantViolation
 from shipyard.orchestrator.context import DeploymentContext
 from shipyard.orchestrator.steps.registry import REGISTRY, executor_for
@@ -43,7 +44,10 @@ async def run(ctx: DeploymentContext) -> None:
         executor = executor_for(step)
         if progress.step_started_at is None:
             progress.step_started_at = ctx.clock.now()
-        await ctx.set_status(executor.status)  # persisted before acting
+        if executor.status is DeploymentStatus.PAUSED:
+            await ctx.save()  # the step says Paused itself, with why (gate.await_promotion)
+        else:
+            await ctx.set_status(executor.status)  # persisted before acting
         await executor.run(ctx, step)
         progress.step += 1
         progress.step_started_at = None
