@@ -161,3 +161,35 @@ def test_status_of_an_unknown_full_id_says_the_deployment_is_not_found(
     result = runner.invoke(main.app, ["status", IDS[0], "--token", "t"])
     assert result.exit_code == 2
     assert asked == [("GET", f"/api/v1/deployments/{IDS[0]}")]
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_service_status_shows_replica_ids_whole_and_where_a_crash_printed(
+    monkeypatch: pytest.MonkeyPatch, columns: int
+) -> None:
+    monkeypatch.setenv("COLUMNS", str(columns))
+    revision = "6186257-c4c969f7"
+    replicas = [
+        {"replica_id": f"{revision}-1-848d", "ready": True, "restarts": 0},
+        {"replica_id": f"{revision}-2-0ff9", "ready": False, "restarts": 3},
+    ]
+    doc = {
+        "service": "alpha",
+        "region": "local",
+        "url": "http://127.0.0.1:34455",
+        "serving_revision": revision,
+        "weights": {revision: 100},
+        "replicas": [
+            {**r, "revision": revision, "state": "running", "port": 32893} for r in replicas
+        ],
+        "warnings": [],
+    }
+    asked: list[tuple[str, str]] = []
+    routes = {("GET", "/api/v1/services/alpha"): lambda _: httpx.Response(200, json=doc)}
+    monkeypatch.setattr(main, "ApiClient", _api(routes, asked))
+    result = runner.invoke(main.app, ["status", "alpha", "--token", "t"])
+    assert result.exit_code == 0, result.output
+    for r in replicas:
+        assert r["replica_id"] in result.stdout, result.stdout
+    assert "…" not in result.stdout.split("\n", 2)[2]  # no cell of the table is cut
+    assert f"shipyard logs alpha --replica {revision}-2-0ff9" in result.stdout

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich import box
 from rich.table import Table
 
 from shipyard.cli import agent_ctl
@@ -846,7 +847,10 @@ def status(
         f"[bold]{shown(doc['service'])}[/bold]@{shown(doc['region'])} {shown(doc['url'])} serving "
         f"{shown(doc['serving_revision'])} weights {shown(doc['weights'])}"
     )
-    table = Table("replica", "revision", "state", "ready", "restarts", "port")
+    # ids whole, never cut with an ellipsis: they are what `shipyard logs --replica` takes
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for column in ("replica", "revision", "state", "ready", "restarts", "port"):
+        table.add_column(column, no_wrap=True)
     for r in doc["replicas"]:
         table.add_row(
             shown(r["replica_id"]),
@@ -857,6 +861,12 @@ def status(
             shown(r["port"]),
         )
     out.print(table)
+    troubled = [r for r in doc["replicas"] if not r["ready"] or r.get("restarts", 0)]
+    if troubled:
+        out.print(
+            f"what a replica printed: shipyard logs {shown(doc['service'])} "
+            f"--replica {shown(troubled[0]['replica_id'])}"
+        )
     for warning in doc.get("warnings", []):
         err.print(f"[yellow]warning:[/yellow] {shown(warning)}")
 
