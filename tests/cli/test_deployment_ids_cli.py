@@ -169,7 +169,7 @@ def test_service_status_shows_replica_ids_whole_and_where_a_crash_printed(
 ) -> None:
     monkeypatch.setenv("COLUMNS", str(columns))
     revision = "6186257-c4c969f7"
-    replicas = [
+    replicas: list[dict[str, Any]] = [
         {"replica_id": f"{revision}-1-848d", "ready": True, "restarts": 0},
         {"replica_id": f"{revision}-2-0ff9", "ready": False, "restarts": 3},
     ]
