@@ -182,7 +182,9 @@ async def test_a_restarted_replica_that_fails_its_readiness_probe_gets_no_traffi
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="shipyard.agent")
-    policy = RestartPolicy(initial_delay=0.05, max_delay=0.05, ready_timeout=0.3)
+    # ready_timeout long enough for a sandboxed Python to start and count itself on a loaded
+    # machine (0.3 s killed it first, so the sick restart was never seen: flaky at load 10)
+    policy = RestartPolicy(initial_delay=0.05, max_delay=0.05, ready_timeout=1.5)
     counter = StartCounter()
     a = Agent(tmp_path / "data", "local", restart=policy, trusted_key=TRUSTED_KEY)
     client = agent_client(a)
@@ -197,7 +199,7 @@ async def test_a_restarted_replica_that_fails_its_readiness_probe_gets_no_traffi
 
         async def gave_up() -> bool:
             return any(
-                e["reason"] == "not ready after 0.3s (probed /health)"
+                e["reason"] == "not ready after 1.5s (probed /health)"
                 for e in _events(caplog, "replica.exited")
             )
 
