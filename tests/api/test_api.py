@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shipyard.api.app import create_app
 from shipyard.api.auth import IssuedToken, TokenAuthority
 from shipyard.api.context import AppContext
 from shipyard.api.problems import ValidationProblem
@@ -85,20 +83,6 @@ class Harness:
 
     def headers(self, *perms: str, subject: str = "alice") -> dict[str, str]:
         return {"authorization": f"Bearer {self.issue(*perms, subject=subject).token}"}
-
-
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
-
-
-@pytest.fixture
-async def client(h: Harness) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(h.settings, context_factory=h.context)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://shipyard") as c:
-            yield c
 
 
 def body(commit: str = "abc123", service: str = "api", **strategy: Any) -> dict[str, Any]:

@@ -4,14 +4,11 @@ an unknown one a 404 that says so; and the 409 for a busy service names the comm
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from shipyard.api.app import create_app
 from shipyard.domain import deployment_ids
 from shipyard.errors import AmbiguousDeploymentId, NotFound
 from tests.api.test_api import Harness, body, canary_body
@@ -20,20 +17,6 @@ from tests.api.test_api import Harness, body, canary_body
 TWIN_A = "c0ffee00-1111-4111-8111-111111111111"
 TWIN_B = "c0ffee00-2222-4222-8222-222222222222"
 OTHER = "c0ff0000-3333-4333-8333-333333333333"
-
-
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
-
-
-@pytest.fixture
-async def client(h: Harness) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(h.settings, context_factory=h.context)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://shipyard") as c:
-            yield c
 
 
 async def _deployed(

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,20 +18,6 @@ from shipyard.domain.log_queries import format_cursor, parse_cursor, parse_since
 from shipyard.runtime.base import LogBatch, LogQuery
 from tests.api.live import LiveServer
 from tests.api.test_api import ALL, Harness, body
-
-
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
-
-
-@pytest.fixture
-async def client(h: Harness) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(h.settings, context_factory=h.context)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://shipyard") as c:
-            yield c
 
 
 async def _deployed(client: httpx.AsyncClient, h: Harness) -> str:

@@ -5,30 +5,14 @@ under the data directory."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from shipyard.api.app import create_app
 from tests.api.test_api import Harness, body
 
 SECRET = "ghp_0123456789abcdefSECRET"
-
-
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
-
-
-@pytest.fixture
-async def client(h: Harness) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(h.settings, context_factory=h.context)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://shipyard") as c:
-            yield c
 
 
 @pytest.mark.parametrize(

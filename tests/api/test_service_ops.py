@@ -5,30 +5,14 @@ reconciler until another revision serves."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from shipyard.api.app import create_app
 from shipyard.runtime.base import ReplicaStatus
 from tests.api.test_api import Harness, body, canary_body
-
-
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
-
-
-@pytest.fixture
-async def client(h: Harness) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(h.settings, context_factory=h.context)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://shipyard") as c:
-            yield c
 
 
 async def _deployed(client: httpx.AsyncClient, h: Harness, commit: str = "aaaa") -> str:
