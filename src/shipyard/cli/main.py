@@ -51,6 +51,7 @@ from shipyard.cli.logs import logs_app
 from shipyard.cli.safe import console, shown
 from shipyard.cli.security import security_app
 from shipyard.cli.services import services_app
+from shipyard.cli.strategy_flags import strategy_from_flags
 from shipyard.cli.token import token_app
 from shipyard.domain import deployment_ids
 from shipyard.domain.manifest import MANIFEST_NAME, parse_manifest
@@ -589,7 +590,7 @@ def deploy(
         repo, branch, commit, manifest_text = source_defaults(repository, branch, commit)
         if service is None:
             service = _service_from(repo, branch, commit, manifest_text)
-        strategy_body = _strategy(
+        strategy_body = strategy_from_flags(
             strategy,
             stages=stages,
             max_surge=max_surge,
@@ -639,63 +640,6 @@ def _service_from(repo: str, branch: str, commit: str, manifest_text: str | None
             "(see README) or pass --service"
         )
     return parse_manifest(manifest_text, origin=f"{MANIFEST_NAME} at {at}").service.name
-
-
-def _int_or_percent(value: str, flag: str) -> int | str:
-    if value.isdigit():
-        return int(value)
-    if value.endswith("%") and value[:-1].isdigit():
-        return value
-    raise InvalidInput(
-        f"{flag} must be a number of replicas or a percentage like 25%, got {value!r}"
-    )
-
-
-def _strategy(
-    kind: str,
-    *,
-    stages: str,
-    max_surge: str,
-    max_unavailable: str,
-    switch_delay: int,
-    bake: float,
-    scale_down_delay: float,
-) -> dict[str, Any]:
-    """The request's externally tagged strategy from the deploy flags."""
-    if kind == "blue-green":
-        return {
-            "BlueGreen": {
-                "switch_delay_seconds": switch_delay,
-                "bake_seconds": bake,
-                "scale_down_delay_seconds": scale_down_delay,
-            }
-        }
-    if kind == "canary":
-        parsed = []
-        for part in filter(None, (p.strip() for p in stages.split(","))):
-            fields = part.split(":")
-            try:
-                stage: dict[str, Any] = {"weight": int(fields[0])}
-                if len(fields) > 1:
-                    stage["duration_seconds"] = float(fields[1])
-            except ValueError:
-                raise InvalidInput(f"--stages: {part!r} is not WEIGHT:SECONDS[:pause]") from None
-            if len(fields) > 2:
-                if fields[2] != "pause" or len(fields) > 3:
-                    raise InvalidInput(f"--stages: {part!r} is not WEIGHT:SECONDS[:pause]")
-                stage["pause"] = True
-            parsed.append(stage)
-        if not parsed:
-            raise InvalidInput("--stages: give at least one stage, e.g. 10:60,50:60")
-        return {"Canary": {"stages": parsed, "scale_down_delay_seconds": scale_down_delay}}
-    if kind == "rolling":
-        return {
-            "Rolling": {
-                "max_surge": _int_or_percent(max_surge, "--max-surge"),
-                "max_unavailable": _int_or_percent(max_unavailable, "--max-unavailable"),
-            }
-        }
-    raise InvalidInput(f"--strategy must be blue-green, canary or rolling, got {kind!r}")
 
 
 def follow(
