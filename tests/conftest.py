@@ -8,3 +8,5 @@ from hypothesis import settings
 # example that takes 260 ms under load is not a failure). Hypothesis still bounds the examples.
 settings.register_profile("shipyard", deadline=None)
 settings.load_profile("shipyard")
+
+pytest_plugins = ["tests.docker_engine"]
