@@ -15,6 +15,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from shipyard.domain.hostnames import parse_host_rule
 from shipyard.routing.base import TrafficRouter
 
+#: What a revision's artifact is: a content-addressed directory tree (run as sandboxed processes)
+#: or an OCI image (run as containers).
+ArtifactKind = Literal["directory", "oci-image"]
 ReplicaState = Literal["starting", "running", "exited", "crashed", "stopping", "stopped"]
 #: Which of a replica's outputs a log line came from.
 LogStream = Literal["stdout", "stderr"]
@@ -62,6 +65,40 @@ class EntrySpec:
 
 
 @dataclass(frozen=True)
+class ContainerSpec:
+    """How an image revision's containers run, from the manifest's ``[run]`` keys for images.
+
+    ``port`` is the port the app listens on inside the container (``PORT`` is set to it) when
+    the runtime publishes it on the host; a runtime on host networking gives each replica a
+    host port of its own in ``PORT`` instead. None: the image's own (``EXPOSE``), else 8080.
+    """
+
+    port: int | None = None
+    #: Memory limit in bytes (``[run] memory = "256m"``); None: no limit.
+    memory_bytes: int | None = None
+    #: CPU limit in units of 1e-9 CPUs (``[run] cpus = 0.5`` is 500_000_000); None: no limit.
+    nano_cpus: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ContainerSpec:
+        """ValueError (naming the field) for anything the manifest would have refused."""
+        unknown = set(d) - {"port", "memory_bytes", "nano_cpus"}
+        if unknown:
+            raise ValueError(f"unknown container field(s): {', '.join(sorted(unknown))}")
+        port, memory, cpus = d.get("port"), d.get("memory_bytes"), d.get("nano_cpus")
+        for name, value, low, high in (
+            ("port", port, 1, 65535),
+            ("memory_bytes", memory, 6 * 2**20, 2**50),
+            ("nano_cpus", cpus, 10**7, 1024 * 10**9),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high
+            ):
+                raise ValueError(f"container {name} must be {low}-{high}, got {value!r}")
+        return cls(port, memory, cpus)
+
+
+@dataclass(frozen=True)
 class RevisionSpec:
     """Everything a runtime needs to run one revision of a service."""
 
@@ -84,6 +121,14 @@ class RevisionSpec:
     #: Host names, port, redirect and HSTS for the service (the manifest's ``[service]``);
     #: None: leave what the runtime has (a spec from before these keys existed).
     entry: EntrySpec | None = None
+    #: ``oci-image``: ``artifact_digest`` is the image ID and ``artifact_location`` the image
+    #: reference it was built or pushed as; an empty ``argv`` runs the image's ENTRYPOINT/CMD.
+    artifact_kind: ArtifactKind = "directory"
+    #: Image revisions only: port and resource limits (None: the defaults).
+    container: ContainerSpec | None = None
+    #: Seconds a replica has to exit after the stop signal (``[run] stop_timeout_seconds``);
+    #: then it is killed. Draining the router's requests to it comes before the signal.
+    stop_timeout: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -98,10 +143,14 @@ class RevisionSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RevisionSpec:
-        """ValueError for a malformed ``entry``."""
-        entry = d.get("entry")
-        fields = {k: v for k, v in d.items() if k != "entry"}
-        return cls(**fields, entry=EntrySpec.from_dict(entry) if entry is not None else None)
+        """ValueError for a malformed ``entry`` or ``container``."""
+        entry, container = d.get("entry"), d.get("container")
+        fields = {k: v for k, v in d.items() if k not in ("entry", "container")}
+        return cls(
+            **fields,
+            entry=EntrySpec.from_dict(entry) if entry is not None else None,
+            container=ContainerSpec.from_dict(container) if container is not None else None,
+        )
 
 
 @dataclass(frozen=True)
