@@ -50,6 +50,10 @@ def test_the_keys_the_issue_names_are_documented() -> None:
         ("build", "dockerfile"),
         ("run", "env"),
         ("run", "replicas"),
+        ("run", "port"),
+        ("run", "memory"),
+        ("run", "cpus"),
+        ("run", "stop_timeout_seconds"),
         ("analysis", "insufficient_data"),
         ("analysis", "max_extensions"),
         ("routing", "sticky_header"),
@@ -59,7 +63,12 @@ def test_the_keys_the_issue_names_are_documented() -> None:
         assert rows[key].meaning, key
     assert rows[("build", "builder")].type == '"local" | "docker" | "cloudbuild"'
     assert rows[("build", "timeout_seconds")].default == "`600`"
-    assert rows[("run", "command")].default == "required"
+    assert rows[("service", "name")].default == "required"
+    # required for directory artifacts only: the model validator says so, the row says "none"
+    assert rows[("run", "command")].default == "none"
+    assert "Required for directory artifacts" in rows[("run", "command")].meaning
+    assert rows[("run", "memory")].default == "none"
+    assert rows[("run", "stop_timeout_seconds")].default == "`10`"
     # analysis keys are unset in the manifest model; the reference shows the built-in default
     assert rows[("analysis", "max_extensions")].default == "`6`"
     assert rows[("analysis", "insufficient_data")].default == '`"extend"`'

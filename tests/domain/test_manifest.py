@@ -46,7 +46,8 @@ def test_defaults() -> None:
     ("text", "needle"),
     [
         ("not toml [", "not valid TOML"),
-        ('[service]\nname = "x"\n', "run: Field required"),
+        ('[service]\nname = "x"\n', "[run] command is required"),
+        ('[service]\nname = "x"\n[run]\nreplicas = 2\n', "[run] command is required"),
         ('[service]\nname = "Bad Name"\n[run]\ncommand = "x"\n', "service.name"),
         ('[service]\nname = "x"\n[run]\ncommand = ""\n', "run.command"),
         ('[service]\nname = "x"\n[run]\ncommand = "unbalanced \'quote"\n', "run.command"),
@@ -69,6 +70,60 @@ def test_invalid_manifests_name_the_field(text: str, needle: str) -> None:
     with pytest.raises(ManifestError) as exc:
         parse_manifest(text)
     assert needle in exc.value.message
+
+
+IMAGE = '[service]\nname = "x"\n[build]\nbuilder = "docker"\n'
+
+
+def test_an_image_needs_no_command_and_takes_container_settings() -> None:
+    m = parse_manifest(
+        IMAGE + '[run]\nport = 8000\nmemory = "1.5g"\ncpus = 0.25\nstop_timeout_seconds = 2.5\n'
+    )
+    assert m.builds_image
+    assert m.run.argv == []  # the image's ENTRYPOINT/CMD
+    assert (m.run.port, m.run.memory_bytes, m.run.nano_cpus) == (8000, 1536 * 2**20, 250_000_000)
+    assert m.run.stop_timeout_seconds == 2.5
+    assert parse_manifest(IMAGE).run.memory_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("memory", "size"),
+    [("256m", 256 * 2**20), ("1G", 2**30), ("6291456", 6 * 2**20), ("8192k", 8 * 2**20)],
+)
+def test_memory_sizes(memory: str, size: int) -> None:
+    assert parse_manifest(IMAGE + f'[run]\nmemory = "{memory}"\n').run.memory_bytes == size
+
+
+@pytest.mark.parametrize(
+    ("run", "needles"),
+    [
+        ('memory = "lots"', ["run.memory", "not a size", '"256m"']),
+        ('memory = "5m"', ["run.memory", "at least 6m"]),
+        ('memory = "-1m"', ["run.memory", "not a size"]),
+        ("cpus = 0.001", ["run.cpus", "below 0.01"]),
+        ("cpus = 0", ["run.cpus", "greater than 0"]),
+        ("port = 0", ["run.port", "greater than or equal to 1"]),
+        ("port = 70000", ["run.port"]),
+        ('port = "80"', ["run.port"]),
+        ("stop_timeout_seconds = -1", ["run.stop_timeout_seconds"]),
+        ("stop_timeout_seconds = 7200", ["run.stop_timeout_seconds"]),
+    ],
+)
+def test_invalid_container_settings_name_the_field(run: str, needles: list[str]) -> None:
+    with pytest.raises(ManifestError) as exc:
+        parse_manifest(IMAGE + f"[run]\n{run}\n")
+    for needle in needles:
+        assert needle in exc.value.message
+
+
+def test_container_settings_are_refused_for_a_directory_artifact() -> None:
+    with pytest.raises(ManifestError) as exc:
+        parse_manifest('[service]\nname = "x"\n[run]\ncommand = "x"\nport = 80\ncpus = 1\n')
+    message = exc.value.message
+    assert "[run] port, cpus apply to containers only" in message
+    assert '[build] builder = "docker"' in message
+    # stop_timeout_seconds applies to processes too
+    assert parse_manifest('[service]\nname = "x"\n[run]\ncommand = "x"\nstop_timeout_seconds = 3\n')
 
 
 def test_missing_manifest(tmp_path: Path) -> None:

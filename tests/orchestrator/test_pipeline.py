@@ -304,18 +304,10 @@ async def test_duplicate_request_id_is_refused(world: PipelineWorld) -> None:
 
 
 async def test_an_image_artifact_is_refused_by_a_directory_runtime(world: PipelineWorld) -> None:
-    """builder = "docker" makes an OCI image; the local runtime runs directories: say so."""
-    import dataclasses
-
-    from shipyard.build.base import Artifact
-
-    real_build = world.builder.build
-
-    async def image_build(request: Any) -> Artifact:
-        artifact = await real_build(request)
-        return dataclasses.replace(artifact, kind="oci-image", builder="docker")
-
-    world.builder.build = image_build  # type: ignore[method-assign]
+    """builder = "docker" makes an OCI image; a data plane without containers (an agent with no
+    Docker Engine) runs directories only: say so before anything starts."""
+    world.builder.artifact_kind = "oci-image"
+    world.runtime.artifact_kinds = ("directory",)
     doc = await world.deploy("aaaa1111")
     assert doc["status"] == "Failed"
     assert "runs directory artifacts" in doc["error"]["message"]

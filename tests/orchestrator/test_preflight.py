@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from shipyard.build.fake import DEFAULT_MANIFEST
+from shipyard.build.fake import DEFAULT_MANIFEST, FakeBuilder
 from shipyard.domain.manifest import parse_manifest
 from shipyard.domain.models import DeploymentRequest
 from shipyard.errors import InvalidInput
 from shipyard.orchestrator.preflight import Situation, calculate_plan
+from shipyard.runtime.base import ContainerSpec
 from shipyard.store.db import revisions
 from shipyard.strategies.steps import RollingLimits, ScaleCandidate, SetWeight
 from tests.orchestrator.world import PipelineWorld, progressive
@@ -104,3 +105,49 @@ async def test_a_refused_plan_writes_no_revision_and_no_plan(world: PipelineWorl
     with world.store.engine.connect() as conn:
         stored = {r[0] for r in conn.execute(select(revisions.c.id))}
     assert stored == {first["green_revision"]}
+
+
+IMAGE_MANIFEST = """\
+[service]
+name = "api"
+[build]
+builder = "docker"
+[run]
+replicas = 2
+port = 8000
+memory = "256m"
+cpus = 0.5
+stop_timeout_seconds = 3
+env = { GREETING = "hi" }
+"""
+
+
+async def test_an_image_revision_reaches_the_runtime_with_its_container_settings(
+    tmp_path: Path,
+) -> None:
+    """From the manifest to the spec the data plane runs (read back from the stored revision,
+    as rollbacks and restores do): the image digest and reference, no command (the image's
+    own), the port inside, the limits and the stop timeout."""
+    builder = FakeBuilder(manifest=parse_manifest(IMAGE_MANIFEST), artifact_kind="oci-image")
+    w = PipelineWorld(tmp_path, builder=builder)
+    d = await w.deploy("cafe1234", {"BlueGreen": {"switch_delay_seconds": 0}})
+    assert d["status"] == "Success", d.get("error")
+    spec = w.runtime.specs[d["green_revision"]]
+    assert spec.artifact_kind == "oci-image"
+    assert spec.artifact_location == "shipyard/api:" + ("cafe1234" * 2)[:12]
+    assert spec.artifact_digest == d["artifact_digest"]
+    assert list(spec.argv) == []
+    assert spec.container == ContainerSpec(
+        port=8000, memory_bytes=256 * 2**20, nano_cpus=500_000_000
+    )
+    assert spec.stop_timeout == 3
+    assert (spec.replicas, dict(spec.env)) == (2, {"GREETING": "hi"})
+
+
+async def test_a_directory_revision_has_no_container_settings(tmp_path: Path) -> None:
+    w = PipelineWorld(tmp_path)
+    d = await w.deploy("cafe1234", {"BlueGreen": {"switch_delay_seconds": 0}})
+    assert d["status"] == "Success", d.get("error")
+    spec = w.runtime.specs[d["green_revision"]]
+    assert (spec.artifact_kind, spec.container, spec.stop_timeout) == ("directory", None, 10.0)
+    assert list(spec.argv)

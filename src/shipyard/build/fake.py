@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from shipyard.build.base import Artifact, BuildRequest, CacheReport
 from shipyard.build.digest import digest_tree
@@ -48,8 +49,12 @@ class FakeBuilder:
         root: Path | None = None,
         files: Mapping[str, str] | None = None,
         kind: str = "fake",
+        artifact_kind: Literal["directory", "oci-image"] = "directory",
     ) -> None:
         self.kind = kind
+        #: What it builds: a directory, or (``oci-image``) an image named like the Docker
+        #: builder's tags, whose digest stands for the image ID.
+        self.artifact_kind = artifact_kind
         self.manifest = manifest or parse_manifest(DEFAULT_MANIFEST)
         self.duration_ms = duration_ms
         self.root = root
@@ -84,7 +89,9 @@ class FakeBuilder:
             "sha256:" + hashlib.sha256(f"{request.source.repository}@{full}".encode()).hexdigest()
         )
         location = f"/artifacts/{digest[7:19]}"
-        if self.root is not None:
+        if self.artifact_kind == "oci-image":
+            location = f"shipyard/{self.manifest.service.name}:{full[:12]}"
+        elif self.root is not None:
             tree = self.root / full
             for name, text in {**self.files, "commit.txt": full}.items():
                 (tree / name).parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +101,7 @@ class FakeBuilder:
         self._digests.add(digest)
         return Artifact(
             digest=digest,
-            kind="directory",
+            kind=self.artifact_kind,
             location=location,
             commit=full,
             manifest=self.manifest,

@@ -23,6 +23,7 @@ strings run by ``/bin/sh -c`` (``to_argv``)::
     command = ["gunicorn", "app:app"]   # started with PORT set; must listen on 127.0.0.1:$PORT
     replicas = 1
     env = { GREETING = "hi" }
+    # images only: port = 8080, memory = "256m", cpus = 0.5; both: stop_timeout_seconds = 10
 
     [health]                        # ADR HealthCheck; fractional seconds allowed
     endpoint = "/health"
@@ -58,6 +59,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from shipyard.domain.hostnames import parse_host_rule
@@ -65,6 +67,8 @@ from shipyard.domain.models import AnalysisSettings, DnsLabel, HealthCheck, Wire
 from shipyard.errors import ManifestError
 
 MANIFEST_NAME = "shipyard.toml"
+#: ``[build] builder`` values whose artifact is an OCI image.
+IMAGE_BUILDERS = frozenset({"docker", "cloudbuild"})
 MAX_MANIFEST_BYTES = 64 * 1024
 
 
@@ -251,16 +255,46 @@ class BuildSection(WireModel):
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
+#: ``[run] memory``: a number and a unit as Docker writes it (``b``, ``k``, ``m``, ``g``; no
+#: unit: bytes), e.g. ``"256m"``, ``"1.5g"``.
+_MEMORY = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmg]?)$", re.IGNORECASE)
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+#: Docker Engine's smallest memory limit.
+MIN_MEMORY_BYTES = 6 * 2**20
+MAX_MEMORY_BYTES = 2**50
+
+
+def parse_memory(text: str) -> int:
+    """``[run] memory`` in bytes; ValueError saying what is accepted."""
+    found = _MEMORY.match(text.strip())
+    if found is None:
+        raise ValueError(
+            f"memory {text!r} is not a size: write a number and a unit b, k, m or g, "
+            'e.g. "256m" or "1g"'
+        )
+    size = int(float(found.group(1)) * _MEMORY_UNITS[found.group(2).lower()])
+    if not MIN_MEMORY_BYTES <= size <= MAX_MEMORY_BYTES:
+        raise ValueError(
+            f"memory {text!r} is {size} bytes; a container needs at least 6m (Docker's "
+            "minimum) and at most 1024t"
+        )
+    return size
+
+
 class RunSection(WireModel):
-    """How a replica starts: the command, how many, and its environment."""
+    """How a replica starts: the command, how many, its environment; for images also the port
+    inside the container and resource limits."""
 
     shell: bool = Field(default=False, description=_SHELL_DESCRIPTION.format(also=" is"))
-    command: Command = Field(
+    command: Command | None = Field(
+        default=None,
         description="Starts one replica, in the artifact's directory, with `PORT` set: it must "
         'listen on 127.0.0.1:$PORT. A string (`"python3 app.py"`) or an argv list; with '
         '`shell = true` write `exec` before the server (`"exec gunicorn -b 127.0.0.1:$PORT '
         "app:app\"`) so it gets the stop signal. A virtualenv's `bin` in the artifact (any "
-        "top-level directory holding `pyvenv.cfg`, e.g. `.venv`) is first on `PATH`."
+        "top-level directory holding `pyvenv.cfg`, e.g. `.venv`) is first on `PATH`. Required "
+        'for directory artifacts; optional for images (`[build] builder = "docker"`), whose '
+        "ENTRYPOINT and CMD run unless this replaces both.",
     )
     replicas: Annotated[int, Field(ge=1, le=64)] = Field(
         default=1, description="Replicas of each revision (the rolling strategy's target count)."
@@ -271,19 +305,71 @@ class RunSection(WireModel):
         "sees only these and its own: `PATH` (/usr/local/bin:/usr/bin:/bin, after the artifact's "
         "virtualenv), `HOME` and `TMPDIR` (its own, emptied at each start), `LANG`, `PORT`, "
         "`SHIPYARD_SERVICE`/`_REVISION`/`_REPLICA`; never the server's. `PORT` and `SHIPYARD_*` "
-        "cannot be overridden.",
+        "cannot be overridden. A container also keeps its image's `ENV`.",
+    )
+    port: Annotated[
+        int | None,
+        Field(
+            strict=True,
+            ge=1,
+            le=65535,
+            description="Images only: the port the app listens on inside its container (`PORT` "
+            "is set to it) when the agent publishes container ports; on host networking each "
+            "replica gets a port of its own in `PORT` instead. Default: the image's `EXPOSE`, "
+            "else 8080.",
+        ),
+    ] = None
+    memory: Annotated[str, Field(max_length=32)] | None = Field(
+        default=None,
+        description='Images only: memory limit of each container, e.g. "256m" or "1g" '
+        "(units b, k, m, g; at least 6m). Past it the kernel kills the app, which counts as a "
+        "crash. Default: no limit.",
+    )
+    cpus: Annotated[float, Field(gt=0, le=1024)] | None = Field(
+        default=None,
+        description="Images only: CPUs each container may use, e.g. 0.5 (at least 0.01). "
+        "Default: no limit.",
+    )
+    stop_timeout_seconds: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=10.0,
+        description="Seconds a replica has to exit after the stop signal (SIGTERM, or the "
+        "image's STOPSIGNAL) once the router has drained its requests; then it is killed.",
     )
 
     @field_validator("command")
     @classmethod
-    def _runnable(cls, v: str | list[str], info: ValidationInfo) -> str | list[str]:
-        to_argv(v, shell=bool(info.data.get("shell")), key="run.command")
+    def _runnable(cls, v: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
+        if v is not None:
+            to_argv(v, shell=bool(info.data.get("shell")), key="run.command")
+        return v
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_size(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_memory(v)
+        return v
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpu_share(cls, v: float | None) -> float | None:
+        if v is not None and v < 0.01:
+            raise ValueError(f"cpus {v} is below 0.01, the smallest share a container can get")
         return v
 
     @property
     def argv(self) -> list[str]:
-        """The run command as an argv list (through ``/bin/sh -c`` only with ``shell = true``)."""
-        return to_argv(self.command, shell=self.shell)
+        """The run command as an argv list (through ``/bin/sh -c`` only with ``shell = true``);
+        empty without a command (an image's ENTRYPOINT/CMD runs)."""
+        return [] if self.command is None else to_argv(self.command, shell=self.shell)
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return None if self.memory is None else parse_memory(self.memory)
+
+    @property
+    def nano_cpus(self) -> int | None:
+        return None if self.cpus is None else round(self.cpus * 1e9)
 
 
 _FIELD_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$"
@@ -315,7 +401,10 @@ class Manifest(WireModel):
         "their own `HOME`, `TMPDIR` and `XDG_CACHE_HOME`, `LANG=C.UTF-8`, "
         "`SOURCE_DATE_EPOCH`; nothing of the server's.",
     )
-    run: RunSection = Field(description="How a replica starts.")
+    run: RunSection = Field(
+        default_factory=RunSection,
+        description="How a replica starts (for a directory artifact, `command` is required).",
+    )
     health: HealthCheck = Field(
         default_factory=HealthCheck,
         description="The health check every gate uses (the ADR's HealthCheck); "
@@ -337,6 +426,32 @@ class Manifest(WireModel):
         description="The security gate's policy for this service (default: block "
         "critical, CVSS >= 9.0).",
     )
+
+    @property
+    def builds_image(self) -> bool:
+        """Whether the builder makes an OCI image (run as containers) rather than a directory."""
+        return self.build.builder in IMAGE_BUILDERS
+
+    @model_validator(mode="after")
+    def _run_fits_artifact(self) -> Manifest:
+        """A directory artifact needs a command; container-only keys need an image."""
+        if self.builds_image:
+            return self
+        if self.run.command is None:
+            raise ValueError(
+                "[run] command is required: a directory artifact has no entry point of its own "
+                '(only images built with [build] builder = "docker" run their ENTRYPOINT/CMD)'
+            )
+        image_only = [k for k in ("port", "memory", "cpus") if getattr(self.run, k) is not None]
+        if image_only:
+            raise ValueError(
+                f"[run] {', '.join(image_only)} appl{'ies' if len(image_only) == 1 else 'y'} to "
+                f'containers only, but [build] builder = "{self.build.builder}" builds a '
+                "directory run as processes (a process gets its port in PORT); remove "
+                f"{'it' if len(image_only) == 1 else 'them'} or build an image with "
+                '[build] builder = "docker"'
+            )
+        return self
 
 
 #: ``$(...)``, backquotes, ``${...}`` and ``$NAME``: expansions only a shell performs.
@@ -445,10 +560,18 @@ def parse_manifest(text: str, *, origin: str = MANIFEST_NAME) -> Manifest:
         return Manifest.model_validate(data)
     except ValidationError as exc:
         problems = [
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            # A whole-manifest rule names its keys itself ("[run] command is required ...").
+            f"{'.'.join(str(p) for p in err['loc'])}: {_reason(err['msg'])}"
+            if err["loc"]
+            else _reason(err["msg"])
             for err in exc.errors()
         ]
         raise ManifestError(f"{origin}: " + "; ".join(problems), problems=problems) from exc
+
+
+def _reason(msg: str) -> str:
+    """pydantic's message for a validator's ValueError, without its "Value error, " prefix."""
+    return msg.removeprefix("Value error, ")
 
 
 def load_manifest(repo_dir: Path) -> Manifest:

@@ -373,6 +373,17 @@ async def apply_plan(
                 "https_redirect": manifest.service.https_redirect,
                 "hsts_max_age": manifest.service.hsts_max_age,
             },
+            artifact_kind=artifact.kind,
+            container=(
+                {
+                    "port": manifest.run.port,
+                    "memory_bytes": manifest.run.memory_bytes,
+                    "nano_cpus": manifest.run.nano_cpus,
+                }
+                if artifact.kind == "oci-image"
+                else None
+            ),
+            stop_timeout=manifest.run.stop_timeout_seconds,
         ),
         region=record.region,
         deployment_id=record.id,

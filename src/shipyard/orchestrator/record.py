@@ -42,7 +42,13 @@ from shipyard.domain.models import (
     SourceConfig,
 )
 from shipyard.errors import NotFound, PermanentError, ShipyardError
-from shipyard.runtime.base import EntrySpec, RevisionSpec, StickyKey
+from shipyard.runtime.base import (
+    ArtifactKind,
+    ContainerSpec,
+    EntrySpec,
+    RevisionSpec,
+    StickyKey,
+)
 from shipyard.store.db import AsyncStore
 from shipyard.strategies.steps import Plan, RollingLimits, Step
 
@@ -293,6 +299,13 @@ class RevisionRecord(_Model):
     #: The manifest's ``[service]`` hosts, port, https_redirect, hsts_max_age (``EntrySpec``);
     #: None for revisions stored before them (the runtime keeps what it has).
     entry: dict[str, Any] | None = None
+    #: ``oci-image`` for revisions built as images (run as containers); stored before images
+    #: ran: directory.
+    artifact_kind: ArtifactKind = "directory"
+    #: Images: ``ContainerSpec`` as a dict (port, memory_bytes, nano_cpus); None: defaults.
+    container: dict[str, Any] | None = None
+    #: ``[run] stop_timeout_seconds``.
+    stop_timeout: float = 10.0
 
     def spec(self) -> RevisionSpec:
         """What a runtime runs. Revisions stored before ``health_endpoint`` existed take it
@@ -308,6 +321,9 @@ class RevisionRecord(_Model):
             replicas=self.replicas,
             health_endpoint=endpoint,
             entry=EntrySpec.from_dict(self.entry) if self.entry is not None else None,
+            artifact_kind=self.artifact_kind,
+            container=ContainerSpec.from_dict(self.container) if self.container else None,
+            stop_timeout=self.stop_timeout,
         )
 
     def health_check(self) -> HealthCheck:

@@ -440,6 +440,8 @@ class _PendingRestart:
 
 class FakeRuntime:
     kind = "fake"
+    #: Like an agent with a Docker Engine: directories and images alike.
+    artifact_kinds: tuple[str, ...] = ("directory", "oci-image")
 
     def __init__(
         self,
@@ -464,6 +466,8 @@ class FakeRuntime:
         self.crashing: dict[str, int] = {}
         self.started: list[str] = []
         self.stopped: list[str] = []
+        #: Revision -> the spec it was (last) started with.
+        self.specs: dict[str, RevisionSpec] = {}
         #: (service, running, ready) after every replica change: rolling invariants are
         #: asserted on this.
         self.observations: list[tuple[str, int, int]] = []
@@ -502,8 +506,10 @@ class FakeRuntime:
                 actual=actual,
             )
         if spec.revision in self.fail_start:
-            raise RevisionStartFailed(f"cannot start {spec.argv[0]!r} for revision {spec.revision}")
+            what = spec.argv[0] if spec.argv else spec.artifact_location
+            raise RevisionStartFailed(f"cannot start {what!r} for revision {spec.revision}")
         await self.ensure_service(spec.service)
+        self.specs[spec.revision] = spec
         self._restart_due(spec.service)
         svc = self.services[spec.service]
         # Like the agent: a replica waiting for its restart still counts.
