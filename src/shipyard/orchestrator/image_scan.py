@@ -32,24 +32,33 @@ class ExportedRootfs:
     report: rootfs.ExtractReport
 
 
-def export_into(exporter: ImageExporter, image: str, dest: Path) -> rootfs.ExtractReport:
+def export_into(
+    exporter: ImageExporter,
+    image: str,
+    dest: Path,
+    limits: rootfs.ExtractLimits | None = None,
+) -> rootfs.ExtractReport:
     """Blocking: stream ``image`` out of the engine and extract its scan files into ``dest``."""
 
     def consume(stream: IO[bytes]) -> rootfs.ExtractReport:
-        return rootfs.extract_scan_files(stream, dest)
+        return rootfs.extract_scan_files(stream, dest, limits)
 
     return exporter.export(image, consume)
 
 
 @asynccontextmanager
 async def exported_rootfs(
-    exporter: ImageExporter, image: str, *, scratch: Path | None = None
+    exporter: ImageExporter,
+    image: str,
+    *,
+    scratch: Path | None = None,
+    limits: rootfs.ExtractLimits | None = None,
 ) -> AsyncIterator[ExportedRootfs]:
     """The scan files of ``image`` (an image ID: the digest the gate signs) in a temporary
     directory (under ``scratch``, else the system's), removed on exit."""
     tmp = Path(await to_thread(tempfile.mkdtemp, prefix="shipyard-scan-", dir=scratch))
     try:
-        report = await to_thread(export_into, exporter, image, tmp)
+        report = await to_thread(export_into, exporter, image, tmp, limits)
         yield ExportedRootfs(tmp, report)
     finally:
         await to_thread(shutil.rmtree, tmp, True)

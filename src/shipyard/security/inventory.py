@@ -269,12 +269,25 @@ def _distro(root: Path) -> Distro:
     return Distro(distro_id, fields.get("VERSION_ID") or None)
 
 
-def _dpkg_ecosystem(distro: Distro) -> tuple[str, str | None]:
-    """The OSV ecosystem of a dpkg database and the release it is matched on: Ubuntu's own,
-    else Debian's (derivatives share Debian's packages; their release numbers do not)."""
+#: Distributions whose packages are apk's (os-release IDs); any other ID is taken for dpkg's.
+APK_DISTROS = frozenset({"alpine", "wolfi", "chainguard", "postmarketos"})
+
+
+def _dpkg_naming(distro: Distro) -> tuple[str, str, str | None]:
+    """(OSV ecosystem, purl namespace, release) of a dpkg database: Ubuntu's own, else
+    Debian's (derivatives share Debian's packages; their release numbers do not)."""
     if distro.id == UBUNTU:
-        return UBUNTU_ECOSYSTEM, distro.version
-    return DEBIAN, distro.version if distro.id == "debian" else None
+        return UBUNTU_ECOSYSTEM, UBUNTU, distro.version
+    if distro.id is None or distro.id in APK_DISTROS:
+        return DEBIAN, "debian", None
+    return DEBIAN, distro.id, distro.version if distro.id == "debian" else None
+
+
+def _apk_naming(distro: Distro) -> tuple[str, str | None]:
+    """(purl namespace, release) of an apk database; the OSV ecosystem is Alpine's."""
+    if distro.id in APK_DISTROS:
+        return distro.id, distro.version if distro.id == "alpine" else None
+    return "alpine", None
 
 
 def _scan_dpkg(root: Path, out: _Collector, distro: Distro) -> None:
@@ -287,7 +300,7 @@ def _scan_dpkg(root: Path, out: _Collector, distro: Distro) -> None:
         status_files.extend(
             sorted(p for p in status_d.iterdir() if p.is_file() and "." not in p.name)
         )
-    ecosystem, release = _dpkg_ecosystem(distro)
+    ecosystem, namespace, release = _dpkg_naming(distro)
     for path in status_files:
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -296,9 +309,7 @@ def _scan_dpkg(root: Path, out: _Collector, distro: Distro) -> None:
             continue
         for package in parse_dpkg_status(text, str(path), out):
             out.add(
-                dataclasses.replace(
-                    package, ecosystem=ecosystem, release=release, distro=distro.id or "debian"
-                )
+                dataclasses.replace(package, ecosystem=ecosystem, release=release, distro=namespace)
             )
 
 
@@ -381,8 +392,7 @@ def _scan_apk(root: Path, out: _Collector, distro: Distro) -> None:
     except OSError as exc:
         out.skip(str(installed), f"unreadable: {exc.strerror or exc}")
         return
-    namespace = distro.id or "alpine"
-    release = distro.version if distro.id == "alpine" else None
+    namespace, release = _apk_naming(distro)
     for package in parse_apk_installed(text, str(installed), out):
         out.add(dataclasses.replace(package, release=release, distro=namespace))
 
