@@ -228,6 +228,11 @@ def main() -> str:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *rows,
             "",
+            "Reading: the wall time is the engine's (creating the container copies the image "
+            "under vfs; the drained stream alone costs as much as the whole scan), and what the "
+            "scan adds in this process is the last column: under a second of CPU for a 94 MB "
+            "image. The extract keeps well under 1 MB of the image.",
+            "",
         ]
     )
 
