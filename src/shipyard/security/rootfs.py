@@ -178,10 +178,17 @@ def extract_scan_files(
                     continue
                 try:
                     _write(source, target, member.size)
-                except OSError as exc:
-                    # e.g. a parent that is a file we wrote ("x.egg-info" then "x.egg-info/...")
+                except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+                    # The image's own contradictions: a parent that is a file we wrote
+                    # ("x.egg-info" then "x.egg-info/PKG-INFO"), a file over a directory.
                     report.skipped.append((name, f"not written: {exc.strerror or exc}"))
                     continue
+                except OSError as exc:
+                    # This machine's trouble (disk full, I/O error): a scan that silently
+                    # missed packages would vouch for them, so none is made.
+                    raise _refuse(
+                        f"cannot write the image's {name} for scanning: {exc.strerror or exc}"
+                    ) from exc
                 report.files += 1
                 report.bytes += member.size
     except tarfile.TarError as exc:
