@@ -61,7 +61,11 @@ async def build_context(settings: Settings) -> AppContext:
         store=store,
         audit=audit,
         builder=RegistryBuilder(
-            BuildConfig(data_dir=settings.data_dir, sandbox=settings.sandbox_policy)
+            BuildConfig(
+                data_dir=settings.data_dir,
+                sandbox=settings.sandbox_policy,
+                builders=settings.builder_settings,
+            )
         ),
         runtimes=runtimes,
         prober=prober,
