@@ -18,7 +18,7 @@ Chosen by ``[build] builder = "docker"`` through ``registry.builder_for``. Steps
 6. With a ``registry`` configured (``shipyard serve --registry``), the image is also tagged
    ``<registry>/<repository_prefix>/<service>:<commit[:12]>`` and pushed, after a build and after
    a cache hit alike (a push of what the registry already holds only checks the layers:
-   90 ms for a 34 MiB image in bench/bench_registry.py);
+   ~0.1 s for a 34 MiB image in bench/bench_registry.py);
    the artifact's location is then ``<registry>/<prefix>/<service>@sha256:<manifest digest>``,
    a reference by digest that no later push under the tag can redirect, while its digest stays
    the image id (see docs/architecture.md, "Images on other hosts").
