@@ -21,9 +21,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import docker
 import pytest
+
+if TYPE_CHECKING:  # the SDK is imported by the tests that use these helpers, not by every test
+    import docker
 
 #: What a client sends to be answered with a manifest in any of the formats an engine pushes.
 MANIFEST_ACCEPT = ", ".join(

@@ -80,6 +80,15 @@ def _manifest_at(registry: Registry, artifact: Artifact) -> dict[str, object]:
     return document
 
 
+def test_the_engines_take_loopback_registries_over_plain_http(
+    engine: docker.DockerClient, other_engine: docker.DockerClient
+) -> None:
+    """What these tests rely on, with no daemon flag: a registry on 127.0.0.0/8 is "insecure"
+    (HTTP allowed), as Docker Engine's default configuration says."""
+    for client in (engine, other_engine):
+        assert "127.0.0.0/8" in client.info()["RegistryConfig"]["InsecureRegistryCIDRs"]
+
+
 async def test_pushes_by_digest_and_another_engine_pulls_the_same_image(
     image_repo: GitRepo,
     data_dir: Path,
