@@ -97,3 +97,10 @@ def test_serve_refuses_a_bad_registry_before_starting(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "no scheme" in result.output
     assert not (tmp_path / "data").exists(), "nothing was started"
+
+
+def test_serve_help_shows_the_flag_with_its_brackets() -> None:
+    # The help is Rich markup: an unescaped "[/path]" would be a closing tag and crash --help.
+    result = CliRunner().invoke(cli, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "--registry" in result.output and "host[:port][/path]" in result.output

@@ -31,7 +31,7 @@ RegistryFlag = Annotated[
         "--registry",
         envvar="SHIPYARD_REGISTRY",
         callback=_checked,
-        help="Push every image built to this OCI registry (host[:port][/path], no scheme, e.g. "
+        help="Push every image built to this OCI registry (host\\[:port]\\[/path], no scheme, e.g. "
         "127.0.0.1:5000) and deploy it from there by digest: what agents on other hosts pull.",
     ),
 ]
