@@ -7,6 +7,7 @@ built, while a tag re-pointed at an impostor cannot redirect it.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tests.oci_registry import (
     running_registry,
 )
 
-from .helpers import GitRepo
+from .helpers import GitRepo, manifest
 
 pytestmark = pytest.mark.docker
 
@@ -153,6 +154,24 @@ async def test_an_unreachable_registry_fails_the_build_naming_it(
         await _builder(docker_engine, data_dir, nowhere).build(BuildRequest(image_repo.source()))
     assert caught.value.detail["registry"] == nowhere
     assert "log_path" in caught.value.detail
+
+
+async def test_a_registry_that_never_answers_fails_the_push_at_the_build_timeout(
+    image_repo: GitRepo, data_dir: Path, docker_engine: str
+) -> None:
+    image_repo.write("shipyard.toml", manifest("timeout_seconds = 15"))
+    commit = image_repo.commit("a build timeout the push obeys too")
+    # Built first without a registry, so the timed build below is a cache hit: only the push
+    # can run into the limit.
+    await _builder(docker_engine, data_dir, None).build(BuildRequest(image_repo.source(commit)))
+    with socket.socket() as black_hole:  # accepts connections (the kernel does), never answers
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(16)
+        address = f"127.0.0.1:{black_hole.getsockname()[1]}"
+        with pytest.raises(BuildFailed, match=f"registry {address} timed out after 15 s"):
+            await _builder(docker_engine, data_dir, address).build(
+                BuildRequest(image_repo.source(commit))
+            )
 
 
 async def test_a_tag_repointed_at_an_impostor_does_not_move_the_digest_reference(
