@@ -8,9 +8,11 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 # Debian packages: git (sources), wrk (load generator), haproxy + nginx (router benchmark),
-# docker.io + busybox-static (Docker builder/runtime tests), sqlite3 (inspecting the store),
+# docker.io + busybox-static (Docker builder/runtime tests), docker-registry (the CNCF
+# Distribution server the registry tests push to), sqlite3 (inspecting the store),
 # bubblewrap (the sandbox every build command and app replica runs in).
-want=(git wrk haproxy nginx-light docker.io busybox-static sqlite3 ca-certificates bubblewrap)
+want=(git wrk haproxy nginx-light docker.io docker-registry busybox-static sqlite3 ca-certificates
+  bubblewrap)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,7 +24,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # The Debian packages enable their own services; Shipyard starts what it needs itself.
-    for svc in nginx haproxy docker containerd; do
+    for svc in nginx haproxy docker containerd docker-registry; do
       (command -v systemctl >/dev/null && systemctl disable --now "$svc" >/dev/null 2>&1) || true
     done
   else

@@ -5,6 +5,7 @@ builder's, the container runtime's, the end-to-end container suite's. A pytest p
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -20,13 +21,28 @@ import pytest
 def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Docker Engine of our own for the session: own socket, data root and exec root, so
     it never touches (or collides with) any other engine. Yields its ``unix://`` address."""
+    with running_engine(tmp_path_factory.mktemp("dockerd")) as address:
+        yield address
+
+
+@pytest.fixture(scope="session")
+def other_docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second, independent engine (own data root: it has none of ``docker_engine``'s images):
+    the honest stand-in for another host, e.g. one that pulls from a registry."""
+    with running_engine(tmp_path_factory.mktemp("dockerd-other")) as address:
+        yield address
+
+
+@contextlib.contextmanager
+def running_engine(log_dir: Path) -> Iterator[str]:
+    """Start a dockerd of its own (log in ``log_dir``), yield its ``unix://`` address, stop it."""
     dockerd = shutil.which("dockerd")
     if dockerd is None:
         pytest.skip("dockerd is not installed (Debian: apt-get install docker.io)")
     # Short paths: a unix socket path must stay under 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="sy-dockerd-"))
     sock = root / "docker.sock"
-    log = (tmp_path_factory.mktemp("dockerd") / "dockerd.log").open("wb")
+    log = (log_dir / "dockerd.log").open("wb")
     proc = subprocess.Popen(
         [
             dockerd,

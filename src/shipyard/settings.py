@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -84,6 +85,14 @@ class Settings(BaseModel):
     #: A ``logs?follow=true`` stream ends after this, with a cursor to resume from (the CLI
     #: resumes on its own), so no request lives for ever.
     log_follow_max_seconds: float = Field(default=3600.0, gt=0)
+    #: Every image built is pushed to this OCI registry (``--registry``, host[:port][/path])
+    #: and deployed by digest from it; None: images stay in the engine that built them.
+    image_registry: str | None = None
+
+    @property
+    def builder_settings(self) -> dict[str, dict[str, Any]]:
+        """``BuildConfig.builders`` from the server's flags (the docker builder's registry)."""
+        return {} if self.image_registry is None else {"docker": {"registry": self.image_registry}}
 
     @property
     def sandbox_policy(self) -> SandboxPolicy:

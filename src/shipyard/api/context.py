@@ -58,7 +58,11 @@ async def build_context(settings: Settings) -> AppContext:
     checkpoints = _checkpoint_publisher(settings, audit)
     if checkpoints is not None:
         closers.append(checkpoints.aclose)
-    build_config = BuildConfig(data_dir=settings.data_dir, sandbox=settings.sandbox_policy)
+    build_config = BuildConfig(
+        data_dir=settings.data_dir,
+        sandbox=settings.sandbox_policy,
+        builders=settings.builder_settings,
+    )
     pipeline = Pipeline(
         store=store,
         audit=audit,

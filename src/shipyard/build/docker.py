@@ -15,6 +15,13 @@ Chosen by ``[build] builder = "docker"`` through ``registry.builder_for``. Steps
    carries the input key too; the newest image with a key is the one a later build reuses.
 5. The image id (``sha256:...``, the digest of the image configuration) is the artifact digest;
    the image is tagged ``<repository_prefix>/<service>:<commit[:12]>``.
+6. With a ``registry`` configured (``shipyard serve --registry``), the image is also tagged
+   ``<registry>/<repository_prefix>/<service>:<commit[:12]>`` and pushed, after a build and after
+   a cache hit alike (a push of what the registry already holds only checks the layers:
+   ~0.1 s for a 34 MiB image in bench/bench_registry.py);
+   the artifact's location is then ``<registry>/<prefix>/<service>@sha256:<manifest digest>``,
+   a reference by digest that no later push under the tag can redirect, while its digest stays
+   the image id (see docs/architecture.md, "Images on other hosts").
 
 The SDK is blocking: it runs in a worker thread, lines cross to the event loop through a queue.
 On timeout the connection is closed, which makes the engine cancel the build. Every docker /
@@ -28,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -40,7 +48,7 @@ from typing import Any, Literal
 import docker
 import docker.errors
 import requests
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shipyard.build.base import Artifact, BuildRequest, CacheReport
 from shipyard.build.running import BuildLog
@@ -52,7 +60,7 @@ from shipyard.build.source import (
     resolve_source,
 )
 from shipyard.domain.manifest import Manifest, load_manifest
-from shipyard.errors import BuildFailed, ShipyardError, SourceError
+from shipyard.errors import BuildFailed, InvalidInput, ShipyardError, SourceError
 from shipyard.logs import SecretMasker
 
 INPUTS_LABEL = "dev.shipyard.inputs"
@@ -73,6 +81,19 @@ class DockerBuilderConfig(BaseModel):
     pull: bool = False
     #: Seconds for a single engine API call other than the build stream.
     api_timeout_seconds: float = Field(default=60.0, gt=0)
+    #: Push every image here, e.g. "127.0.0.1:5000" or "registry.example.com/team" (host[:port]
+    #: [/path], no scheme); None: images stay in the engine that built them.
+    registry: str | None = None
+
+    @field_validator("registry")
+    @classmethod
+    def _registry_is_a_reference_prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_registry(value)
+        except InvalidInput as exc:  # pydantic reports ValueErrors, with the field's name
+            raise ValueError(exc.message) from exc
 
 
 @dataclass
@@ -116,6 +137,8 @@ class DockerBuilder:
                     manifest = await read_manifest_at(resolved)
                     tag = await self._call(self._tag, hit, manifest, resolved.commit)
                     log.note(f"cache hit: tree {resolved.tree} was already built as {hit}")
+                    if self.config.registry is not None:
+                        tag = await self._push(hit, manifest, resolved.commit, log, durations)
                     durations["total"] = _ms(started)
                     return self._artifact(hit, tag, resolved, manifest, durations, log, hit=True)
                 return await self._build(
@@ -171,6 +194,8 @@ class DockerBuilder:
                 log_tail=log.tail,
             )
         tag = await self._call(self._tag, outcome.image_id, manifest, resolved.commit)
+        if self.config.registry is not None:
+            tag = await self._push(outcome.image_id, manifest, resolved.commit, log, durations)
         durations["total"] = _ms(started)
         log.note(
             f"built {outcome.image_id} as {tag} in {durations['total']} ms "
@@ -261,7 +286,87 @@ class DockerBuilder:
             ) from exc
         return outcome
 
+    async def _push(
+        self,
+        image_id: str,
+        manifest: Manifest,
+        commit: str,
+        log: BuildLog,
+        durations: dict[str, int],
+    ) -> str:
+        """Tag ``image_id`` in the registry's namespace, push it, and return the reference by
+        manifest digest (``<registry>/<prefix>/<service>@sha256:...``). Lines of the push go to
+        the build log as they come; any failure is ``BuildFailed`` naming the registry."""
+        registry = self.config.registry
+        assert registry is not None  # callers check
+        repository = f"{registry}/{self.config.repository_prefix}/{manifest.service.name}"
+        tag = commit[:12]
+        loop = asyncio.get_running_loop()
+        streams: list[Any] = []
+
+        def emit(line: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop may be gone
+                loop.call_soon_threadsafe(log.line, line)
+
+        limit = manifest.build.timeout_seconds
+        started = time.monotonic()
+        log.note(f"pushing {image_id} to {repository}:{tag}")
+        try:
+            async with asyncio.timeout(limit):
+                digest = await asyncio.to_thread(
+                    self._push_blocking, image_id, repository, tag, emit, streams
+                )
+        except TimeoutError as exc:
+            for stream in streams:
+                _disconnect(stream)
+            raise BuildFailed(
+                f"pushing to the registry {registry} timed out after {limit:g} s "
+                "([build] timeout_seconds); is the registry reachable from Docker Engine?",
+                registry=registry,
+                log_tail=log.tail,
+            ) from exc
+        except (docker.errors.DockerException, requests.RequestException, _PushError) as exc:
+            raise BuildFailed(
+                f"pushing {repository}:{tag} to the registry {registry} failed: {_cut(str(exc))}",
+                registry=registry,
+                log_tail=log.tail,
+            ) from exc
+        durations["push"] = _ms(started)
+        reference = f"{repository}@{digest}"
+        log.note(f"pushed as {reference} in {durations['push']} ms")
+        return reference
+
     # --- engine calls (blocking; through _call) ---------------------------------------------
+
+    def _push_blocking(
+        self, image_id: str, repository: str, tag: str, emit: Any, streams: list[Any]
+    ) -> str:
+        """The push itself, in a worker thread: the manifest digest the registry stored."""
+        client = self._client()
+        digest: str | None = None
+        try:
+            client.images.get(image_id).tag(repository, tag)
+            stream = client.api.push(repository, tag=tag, stream=True, decode=True)
+            streams.append(stream)
+            response = _response_of(stream)
+            try:
+                for chunk in stream:
+                    digest = _absorb_push(chunk, emit) or digest
+            finally:
+                if response is not None:
+                    response.close()
+            if digest is None:
+                # Older engines print the digest only in a status line; the engine also records
+                # it among the image's RepoDigests.
+                for entry in client.images.get(image_id).attrs.get("RepoDigests") or []:
+                    name, _, candidate = str(entry).partition("@")
+                    if name == repository and candidate.startswith("sha256:"):
+                        digest = candidate
+        finally:
+            client.close()
+        if digest is None:
+            raise _PushError("the engine reported no manifest digest for the push")
+        return digest
 
     def _client(self) -> docker.DockerClient:
         url = self.config.base_url or os.environ.get("DOCKER_HOST", "")
@@ -305,7 +410,9 @@ class DockerBuilder:
     # --- helpers ----------------------------------------------------------------------------
 
     def _inputs_key(self, tree: str, dockerfile: str | None) -> str:
-        config = self.config.model_dump(mode="json", exclude={"api_timeout_seconds"})
+        # Not the registry: where an image is pushed does not change what is built, so turning
+        # --registry on reuses (and pushes) the images already built.
+        config = self.config.model_dump(mode="json", exclude={"api_timeout_seconds", "registry"})
         blob = json.dumps(
             {"format": _CACHE_FORMAT, "tree": tree, "dockerfile": dockerfile, "config": config},
             sort_keys=True,
@@ -358,6 +465,63 @@ def dockerfile_in(context: Path, relative: str) -> str:
     if not os.path.isfile(real):
         raise SourceError(f"dockerfile {relative!r} not found in the commit")
     return os.path.relpath(real, root)
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REGISTRY = re.compile(
+    rf"(?P<host>{_HOST})(?::(?P<port>[0-9]{{1,5}}))?(?P<path>(?:/{_PATH_COMPONENT})*)"
+)
+
+
+def check_registry(value: str) -> str:
+    """``value`` if it names a registry the way image references start (``host[:port][/path]``,
+    e.g. ``127.0.0.1:5000`` or ``registry.example.com/team``); ``InvalidInput`` saying why not.
+    Called by ``DockerBuilderConfig`` and ``shipyard serve --registry``."""
+    if "://" in value:
+        raise InvalidInput(
+            f"registry {value!r}: no scheme, write host[:port][/path] (e.g. 127.0.0.1:5000); "
+            "whether plain HTTP is allowed is Docker Engine's setting (insecure-registries)"
+        )
+    match = _REGISTRY.fullmatch(value)
+    if match is None:
+        raise InvalidInput(
+            f"registry {value!r} is not host[:port][/path] (path: lower-case letters, digits "
+            "and . _ - separators), e.g. 127.0.0.1:5000 or registry.example.com/team"
+        )
+    port, host = match["port"], match["host"]
+    if port is not None and not 0 < int(port) < 65536:
+        raise InvalidInput(f"registry {value!r}: port {port} is not in 1-65535")
+    if port is None and "." not in host and host != "localhost" and not host.startswith("["):
+        # Docker reads a first component without '.', ':' or "localhost" as a Docker Hub
+        # namespace: the image would go to docker.io, not to this host.
+        raise InvalidInput(
+            f"registry {value!r}: Docker would read {host!r} as a Docker Hub namespace; give a "
+            f"port ({host}:5000) or a fully qualified name"
+        )
+    return value
+
+
+class _PushError(Exception):
+    """The engine's push stream reported an error (inside the builder only: becomes
+    ``BuildFailed``)."""
+
+
+def _absorb_push(chunk: Any, emit: Any) -> str | None:
+    """One decoded JSON message of the engine's push stream: logged (per-layer states, not the
+    progress bars); the manifest digest when it is the final ``aux`` message."""
+    if not isinstance(chunk, dict):
+        return None
+    if "error" in chunk:
+        detail = chunk.get("errorDetail") or {}
+        raise _PushError(str(detail.get("message") or chunk["error"]))
+    if "status" in chunk and not chunk.get("progress"):
+        emit((f"{chunk['id']}: " if chunk.get("id") else "") + str(chunk["status"]))
+    aux = chunk.get("aux")
+    if isinstance(aux, dict) and str(aux.get("Digest", "")).startswith("sha256:"):
+        return str(aux["Digest"])
+    return None
 
 
 def _absorb(chunk: Any, outcome: _Outcome, emit: Any) -> None:

@@ -48,6 +48,7 @@ from shipyard.cli.client import (
 )
 from shipyard.cli.keys import keys_app
 from shipyard.cli.logs import logs_app
+from shipyard.cli.registry_flag import RegistryFlag
 from shipyard.cli.safe import console, shown
 from shipyard.cli.security import security_app
 from shipyard.cli.services import services_app
@@ -301,6 +302,7 @@ def serve(
             "and the temporary directory. Never the data directory.",
         ),
     ] = None,
+    registry: RegistryFlag = None,
 ) -> None:
     """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
     import uvicorn
@@ -338,6 +340,7 @@ def serve(
         tls_cert=tls_cert.resolve() if tls_cert else None,
         tls_key=tls_key.resolve() if tls_key else None,
         docs=docs,
+        image_registry=registry,
         **_build_settings(
             max_concurrent_builds,
             max_build_log_mb,
