@@ -157,7 +157,7 @@ async def agent(
         yield pair
 
 
-class contained:  # noqa: N801 - used like a function
+class contained:
     """``running_agent`` on the test engine; at the end the containers it leaves running (a
     clean close keeps them for the next agent) are removed, so no test leaks one."""
 
@@ -405,8 +405,9 @@ async def test_a_crashed_container_is_replaced_for_the_same_replica(
 
     async def back() -> dict[str, Any] | None:
         state = await replica_state(api, rep["replica_id"])
-        ok = state and state["restarts"] == 1 and state["state"] == "running"
-        return state if ok and state["routable"] else None
+        if state is None or (state["restarts"], state["state"]) != (1, "running"):
+            return None
+        return state if state["routable"] else None
 
     state = await eventually(back, what="the replica restarted")
     assert state["last_exit_code"] == 3
@@ -426,7 +427,7 @@ async def test_stopping_removes_the_container(
     )
 
     assert r.status_code == 200, r.text
-    assert r.json()["replicas"] == []
+    assert r.json()["replicas"] == [] and a.supervisor.replicas == {}
     with pytest.raises(docker.errors.NotFound):
         client.containers.get(rep["container_id"])
 
