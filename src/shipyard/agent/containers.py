@@ -321,6 +321,21 @@ class ContainerLauncher:
         )
         return [(str(c.id), dict(c.labels or {})) for c in found]
 
+    async def remove_orphans(self, keep: set[str]) -> list[str]:
+        """Remove every container of this agent but ``keep`` (a revision stopped while no agent
+        ran, one whose restore was refused, a restart's dead container); their ids."""
+        removed = []
+        for container_id, labels in await self.own_containers():
+            if container_id not in keep:
+                log.warning(
+                    "removing container %s (replica %s): no state names it",
+                    container_id[:12],
+                    labels.get(label("replica")),
+                )
+                await self._remove(container_id)
+                removed.append(container_id)
+        return removed
+
     async def remove(self, container_id: str) -> None:
         """Remove a container, running or not (an orphan no state names)."""
         await self._remove(container_id)
