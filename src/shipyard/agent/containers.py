@@ -244,6 +244,10 @@ class ContainerLauncher:
             "labels": self.labels(spec, replica.replica_id, replica.port),
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
+            # An init as PID 1 (the engine's docker-init, tini): it passes the stop signal on,
+            # so an app without a SIGTERM handler stops at once as a process replica does
+            # (PID 1 ignores signals it does not handle), and it reaps zombies.
+            "init": True,
             "detach": True,
             "stdin_open": False,
             "tty": False,
