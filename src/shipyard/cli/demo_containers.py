@@ -1,0 +1,103 @@
+"""``shipyard demo --containers`` (``make demo-containers``): ``make demo``'s story on Docker
+Engine. Called by ``cli.main.demo``; the story itself is ``cli.demo.run_demo``, given the
+``Example`` built here.
+
+What is container-specific lives here:
+
+- an engine: ``DOCKER_HOST`` (or the default socket) when it answers, else one of our own
+  (``runtime.docker_engine.ensure_engine``: dockerd with the vfs driver and no bridge, stopped at
+  the end); its address goes to ``shipyard serve``, and so to its agent, as ``DOCKER_HOST``;
+- the repository: the bundled ``hello-container`` example (a ``FROM scratch`` image of Debian's
+  static busybox, whose httpd serves the hello example's behaviour: the version on ``/``,
+  ``/health``, and the same files that make a release broken) plus ``/bin/busybox`` itself;
+- after each deployment, the service's containers as the engine reports them: ID, image ID and
+  the agent's labels (revision, replica, port), found by the ``dev.shipyard.service`` label.
+
+``make_container_repo`` and ``BUSYBOX`` are shared with the container benchmark
+(``bench/bench_containers.py``) and the tests (``tests/cli/test_demo_containers.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import docker
+import docker.errors
+import requests
+from rich.console import Console
+
+from shipyard.cli.demo import Demo, Example, _example_repo, run_demo
+from shipyard.cli.safe import shown
+from shipyard.runtime.docker_engine import EngineUnavailable, ensure_engine
+
+#: Debian's statically linked busybox (package busybox-static): the image's only binary.
+BUSYBOX = Path("/bin/busybox")
+#: The label the agent puts on every container of a service (agent/containers.py's LABELS).
+SERVICE_LABEL = "dev.shipyard.service"
+
+
+def make_container_repo(path: Path) -> Path:
+    """A git repository holding the ``hello-container`` example at v1 on branch main, with
+    ``/bin/busybox`` copied in as ``busybox`` (the Dockerfile's only binary). RuntimeError
+    naming the package when there is no static busybox."""
+    if not BUSYBOX.is_file():
+        raise RuntimeError(
+            f"{BUSYBOX} is missing: the container example needs Debian's busybox-static"
+        )
+    return _example_repo("hello-container", path, {"busybox": BUSYBOX})
+
+
+def container_lines(address: str, service: str) -> list[str]:
+    """One line per container of ``service`` on the engine at ``address``: short ID, status,
+    image ID and the agent's labels. Never raises: an engine error is one line saying so."""
+    try:
+        client = docker.DockerClient(base_url=address)
+    except docker.errors.DockerException as exc:
+        return [f"(cannot list containers: {str(exc)[:200]})"]
+    try:
+        found = client.containers.list(all=True, filters={"label": f"{SERVICE_LABEL}={service}"})
+        lines = []
+        for c in found:
+            labels = {
+                k.removeprefix("dev.shipyard."): v
+                for k, v in (c.labels or {}).items()
+                if k.startswith("dev.shipyard.") and k != SERVICE_LABEL
+            }
+            image = str(c.attrs.get("Image", "?"))
+            lines.append(
+                f"{c.short_id} {c.status} image {image[:19]} "
+                + " ".join(f"{k}={v[:19]}" for k, v in sorted(labels.items()))
+            )
+        return lines or ["(no containers)"]
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        return [f"(cannot list containers: {str(exc)[:200]})"]
+    finally:
+        client.close()
+
+
+def run_container_demo(data_dir: Path | None, port: int, console: Console) -> int:
+    """Make sure an engine answers (start one if need be), then run the story on containers;
+    0 when every step met its goal."""
+    say = console.print
+    log = None
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        log = data_dir / "dockerd.log"
+    try:
+        with ensure_engine(log) as (address, started):
+            say(
+                f"[bold]0.[/bold] Docker Engine at {shown(address)} "
+                + ("(started for this demo: vfs storage, host networking)" if started else "")
+            )
+
+            def show(_demo: Demo) -> None:
+                for line in container_lines(address, "hello"):
+                    say(f"      container {shown(line)}")
+
+            example = Example(
+                "containers", make_container_repo, env={"DOCKER_HOST": address}, show=show
+            )
+            return run_demo(data_dir, port, console, example)
+    except EngineUnavailable as exc:
+        say(f"[red]no Docker Engine: {shown(str(exc), multiline=True)}[/red]")
+        return 1
