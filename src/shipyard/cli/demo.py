@@ -211,7 +211,8 @@ class Demo:
             env={**os.environ, **self.env},
         )
         log.close()
-        deadline = time.monotonic() + 30
+        # Generous: on a shared, busy machine imports and the agent's start can take a while.
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.server.poll() is not None:
                 raise RuntimeError(f"shipyard serve exited; see {self.data_dir / 'serve.log'}")
@@ -221,7 +222,7 @@ class Demo:
             except httpx.HTTPError:
                 time.sleep(0.1)
         else:
-            raise RuntimeError("shipyard serve did not answer within 30 s")
+            raise RuntimeError("shipyard serve did not answer within 90 s")
         token = issue_local(
             self.data_dir, "demo", ["deployment:create", "deployment:read", "deployment:rollback"]
         )
