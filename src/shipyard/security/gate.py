@@ -10,6 +10,11 @@ runs in worker threads (``domain.clock.to_thread``, which a FakeClock waits for)
 is loaded once per process (``osv.load_shared``) and its parsed form cached under
 ``<data_dir>/cache/osv``.
 
+An ``oci-image`` artifact is scanned through its files: the caller (the orchestrator's scan
+stage) exports them from the engine (``build/image_export.py`` + ``rootfs.extract_scan_files``)
+and passes the directory as ``rootfs``; package locations are then reported as the image names
+them (``/usr/lib/python3/...``).
+
 The gate takes any object shaped like ``shipyard.build.base.Artifact`` (``ArtifactLike``): build
 and security are sibling layers and do not import each other.
 """
@@ -32,6 +37,7 @@ from shipyard.errors import InvalidInput, SecurityScanFailed
 from shipyard.security import inventory as inv
 from shipyard.security import osv, sbom, signing
 from shipyard.security import policy as policies
+from shipyard.security import rootfs as rootfs_files
 from shipyard.security.scanning import Finding, OsvScanner, Scanner
 
 
@@ -206,9 +212,10 @@ class SecurityGate:
 
     def inventory_of(self, artifact: ArtifactLike, rootfs: Path | None = None) -> inv.Inventory:
         if rootfs is not None or artifact.kind == "directory":
-            tree = rootfs if rootfs is not None else Path(artifact.location)
             try:
-                return inv.from_tree(tree)
+                if rootfs is not None:
+                    return rootfs_files.image_inventory(rootfs, artifact.location)
+                return inv.from_tree(Path(artifact.location))
             except InvalidInput as exc:
                 raise SecurityScanFailed(
                     f"cannot scan artifact {artifact.digest}: {exc.message}",
