@@ -34,6 +34,8 @@ from shipyard.runtime.docker_engine import EngineUnavailable, ensure_engine
 BUSYBOX = Path("/bin/busybox")
 #: The label the agent puts on every container of a service (agent/containers.py's LABELS).
 SERVICE_LABEL = "dev.shipyard.service"
+#: The labels shown per container (besides its image ID, checked against the artifact label).
+SHOWN_LABELS = ("revision", "replica", "port")
 
 
 def make_container_repo(path: Path) -> Path:
@@ -58,15 +60,13 @@ def container_lines(address: str, service: str) -> list[str]:
         found = client.containers.list(all=True, filters={"label": f"{SERVICE_LABEL}={service}"})
         lines = []
         for c in found:
-            labels = {
-                k.removeprefix("dev.shipyard."): v
-                for k, v in (c.labels or {}).items()
-                if k.startswith("dev.shipyard.") and k != SERVICE_LABEL
-            }
+            labels = c.labels or {}
             image = str(c.attrs.get("Image", "?"))
+            pinned = labels.get("dev.shipyard.artifact-digest") == image
             lines.append(
-                f"{c.short_id} {c.status} image {image[:19]} "
-                + " ".join(f"{k}={v[:19]}" for k, v in sorted(labels.items()))
+                f"{c.short_id} {c.status}: "
+                + " ".join(f"{k}={labels.get('dev.shipyard.' + k, '?')}" for k in SHOWN_LABELS)
+                + f", image {image[:19]}{' (= the signed artifact)' if pinned else ''}"
             )
         return lines or ["(no containers)"]
     except (docker.errors.DockerException, requests.RequestException) as exc:
