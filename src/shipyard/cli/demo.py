@@ -170,12 +170,15 @@ class Example:
     ``make_repo(path)`` makes the git repository at v1 (``commit_version`` makes the next
     versions: every example reads the same files); ``env`` goes to ``shipyard serve`` (and so
     to its agent) on top of ours, e.g. ``DOCKER_HOST``; ``show(demo)`` is called after each
-    deployment that changes what runs, to print what the runtime runs."""
+    deployment that changes what runs, to print what the runtime runs; ``unhealthy_after`` is
+    when the broken release's health check starts failing, seconds after its start: past the
+    health gate, inside the bake window (a container starts slower than a process)."""
 
     kind: str
     make_repo: Callable[[Path], Path]
     env: Mapping[str, str] = field(default_factory=dict)
     show: Callable[[Demo], None] | None = None
+    unhealthy_after: float = 2.0
 
 
 class Demo:
@@ -397,10 +400,10 @@ def run_demo(
         ok &= dc["status"] == "Success" and report.failed == 0
         show(demo)
 
-        v4 = commit_version(repo, "v4", unhealthy_after=2.0)
+        v4 = commit_version(repo, "v4", unhealthy_after=example.unhealthy_after)
         say(
             f"[bold]5.[/bold] deploying a broken v4 ({v4[:10]}): "
-            "its health check fails 2 s after start"
+            f"its health check fails {example.unhealthy_after:g} s after start"
         )
         d3 = demo.deploy(repo, v4, bake=10)
         m = d3["metrics"]

@@ -95,7 +95,11 @@ def run_container_demo(data_dir: Path | None, port: int, console: Console) -> in
                     say(f"      container {shown(line)}")
 
             example = Example(
-                "containers", make_container_repo, env={"DOCKER_HOST": address}, show=show
+                "containers",
+                make_container_repo,
+                env={"DOCKER_HOST": address},
+                show=show,
+                unhealthy_after=3.0,
             )
             return run_demo(data_dir, port, console, example)
     except EngineUnavailable as exc:
