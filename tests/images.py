@@ -72,9 +72,7 @@ def _pip_dir() -> Path:
 
 def _files(root: Path, skip: set[str]) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in skip and not d.startswith("config-")
-        )
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("config-"))
         for name in sorted(filenames):
             if name not in skip:
                 yield Path(dirpath, name)
@@ -146,7 +144,7 @@ def _rootfs_tar(entries: list[tuple[str, Path]]) -> bytes:
 
         for d in ("/bin", "/etc", "/usr", "/usr/bin", "/home", "/app", "/root"):
             directory(d)
-        directory("/tmp", 0o1777)  # noqa: S108 - inside the image
+        directory("/tmp", 0o1777)
         directory(f"/home/{APP_USER}", 0o755, APP_UID)
         # Every parent directory explicitly: the engine creates missing ones with mode 0600, which
         # no user but root could enter.

@@ -15,17 +15,18 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import docker
 import docker.errors
 import httpx
 import pytest
 
-from shipyard.agent.containers import LABELS, label
+from shipyard.agent.containers import LABELS, ContainerLauncher, label
 from shipyard.agent.images import ensure_image, is_registry_reference
+from shipyard.agent.replica_logs import LogLimits, ReplicaLog
 from shipyard.agent.server import Agent
-from shipyard.agent.supervisor import RestartPolicy
+from shipyard.agent.supervisor import Replica, RestartPolicy
 from shipyard.errors import ArtifactVerificationFailed
 from shipyard.runtime.base import ContainerSpec, RevisionSpec
 from shipyard.security import signing
@@ -157,7 +158,7 @@ async def agent(
         yield pair
 
 
-class contained:  # noqa: N801 - used like a function
+class contained:
     """``running_agent`` on the test engine; at the end the containers it leaves running (a
     clean close keeps them for the next agent) are removed, so no test leaks one."""
 
@@ -405,8 +406,9 @@ async def test_a_crashed_container_is_replaced_for_the_same_replica(
 
     async def back() -> dict[str, Any] | None:
         state = await replica_state(api, rep["replica_id"])
-        ok = state and state["restarts"] == 1 and state["state"] == "running"
-        return state if ok and state["routable"] else None
+        if state is None or (state["restarts"], state["state"]) != (1, "running"):
+            return None
+        return state if state["routable"] else None
 
     state = await eventually(back, what="the replica restarted")
     assert state["last_exit_code"] == 3
@@ -426,7 +428,7 @@ async def test_stopping_removes_the_container(
     )
 
     assert r.status_code == 200, r.text
-    assert r.json()["replicas"] == []
+    assert r.json()["replicas"] == [] and a.supervisor.replicas == {}
     with pytest.raises(docker.errors.NotFound):
         client.containers.get(rep["container_id"])
 
@@ -568,3 +570,41 @@ async def test_after_sigkill_the_next_agent_adopts_its_containers_and_removes_or
         agent.stop()
         remove_all(client, agent.dir)
     assert own_containers(client, agent.dir) == []
+
+
+# --- networking options (pure: this engine has no bridge to publish on) ------------------------
+
+
+@pytest.mark.parametrize(
+    ("container", "exposed", "inner"),
+    [
+        pytest.param(ContainerSpec(port=5000), {"8000/tcp": {}}, 5000, id="manifest-port"),
+        pytest.param(None, {"9000/udp": {}, "8000/tcp": {}}, 8000, id="image-expose"),
+        pytest.param(None, {}, 8080, id="default"),
+    ],
+)
+def test_publish_mode_maps_the_container_port_to_a_loopback_host_port(
+    tmp_path: Path, container: ContainerSpec | None, exposed: dict[str, Any], inner: int
+) -> None:
+    launcher = ContainerLauncher(
+        cast(docker.DockerClient, None),
+        cast(docker.DockerClient, None),
+        agent_id="/agents/x",
+        region="local",
+        network="publish",
+    )
+    spec = replace(image_spec("sha256:" + "a" * 64, "x:1"), container=container)
+    log = ReplicaLog(tmp_path / "log", LogLimits(), service="svc", revision="v1", replica_id="r")
+    replica = Replica("r", spec, 41234, log, tmp_path / "run")
+
+    options = launcher._create_options(replica, {"User": "", "ExposedPorts": exposed}, "publish")
+
+    assert options["ports"] == {f"{inner}/tcp": ("127.0.0.1", 41234)}
+    assert "network_mode" not in options
+    assert options["environment"]["PORT"] == str(inner)
+    assert (options["user"], options["environment"]["HOME"]) == ("65534:65534", "/tmp")
+    assert options["labels"][label("port")] == "41234"
+    host = launcher._create_options(replica, {"User": "www"}, "host")
+    assert host["network_mode"] == "host" and "ports" not in host
+    assert host["environment"]["PORT"] == "41234" and host["user"] == "www"
+    assert "HOME" not in host["environment"]

@@ -72,8 +72,8 @@ def ensure_image(client: docker.DockerClient, location: str, digest: str, *, whe
     if resolved != have:
         raise _refused(
             where,
-            f"image reference {location} resolves to {resolved}, not to the signed image "
-            f"{digest}: it was retagged or replaced after it was signed",
+            f"image reference {location} resolves to image digest {resolved}, not to the "
+            f"signed digest {digest}: it was retagged or replaced after it was signed",
             "image_mismatch",
             location,
             digest,

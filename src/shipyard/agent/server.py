@@ -567,20 +567,10 @@ class Agent:
         self._save_state()
 
     async def _remove_orphan_containers(self) -> None:
-        """Remove this agent's containers that no replica is run by (a revision stopped while
-        no agent ran, one whose restore was refused, a restart's dead container)."""
-        launcher = self.engine.launcher
-        if launcher is None:
-            return
-        ours = {r.handle.container_id for r in self.supervisor.replicas.values() if r.handle}
-        for container_id, labels in await launcher.own_containers():
-            if container_id not in ours:
-                log.warning(
-                    "removing container %s (replica %s): no state names it",
-                    container_id[:12],
-                    labels.get("dev.shipyard.replica"),
-                )
-                await launcher.remove(container_id)
+        """Remove this agent's containers that no replica is run by (``restore``)."""
+        if self.engine.launcher is not None:
+            ours = {r.handle.container_id for r in self.supervisor.replicas.values() if r.handle}
+            await self.engine.launcher.remove_orphans({c for c in ours if c})
 
     async def drive_load(self, service: str, spec: LoadSpec, lease_seconds: float) -> LoadRun:
         """Start load on ``spec.revision`` through ``service``'s router, or renew the lease of

@@ -793,12 +793,12 @@ class Supervisor:
         """Stop every replica; ``keep_containers``: containers are left running (a clean agent
         shutdown: the next agent adopts them) and only let go of (``release``)."""
         replicas = list(self.replicas.values())
-        if keep_containers:
-            for r in replicas:
-                if r.spec.artifact_kind == "oci-image":
-                    await self.release(r)
-            replicas = [r for r in replicas if r.spec.artifact_kind != "oci-image"]
-        await asyncio.gather(*(self.stop(r, grace=grace) for r in replicas))
+        kept = [r for r in replicas if keep_containers and r.spec.artifact_kind == "oci-image"]
+        # Processes first: each stop reports a change (the agent saves its state then), and the
+        # state saved must still name the containers kept, for the next agent to adopt.
+        await asyncio.gather(*(self.stop(r, grace=grace) for r in replicas if r not in kept))
+        for r in kept:
+            await self.release(r)
 
     async def release(self, replica: Replica) -> None:
         """Let go of a replica without stopping what runs it (its container keeps running for

@@ -96,7 +96,9 @@ class ArtifactVerifier:
         """Raise ``ArtifactVerificationFailed`` unless ``spec`` may start (blocking: file reads
         and hashing; the server calls it in a worker thread). The error's ``check`` says which
         failed: ``signature`` (detail ``reason``: unsigned, malformed, foreign_key,
-        bad_signature, digest_mismatch) or ``digest`` (the files are not what was signed)."""
+        bad_signature, digest_mismatch), ``digest`` (the files are not what was signed) or
+        ``image`` (no engine, or it lacks the signed image, or the reference names another:
+        ``agent.images``)."""
         where = f"{spec.service}/{spec.revision}"
         key = self.key()
         try:

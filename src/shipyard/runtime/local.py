@@ -324,6 +324,10 @@ class LocalRuntime:
         )
 
     async def list_services(self) -> list[str]:
+        if "oci-image" not in self.artifact_kinds:
+            # The janitor calls this every second: an engine started after the agent is seen
+            # within seconds (the agent tries it again at most every 5 s).
+            await self.refresh_kinds()
         return list(await self.agent.call("GET", "/v1/services"))
 
     async def read_logs(self, service: str, query: LogQuery) -> LogBatch:
