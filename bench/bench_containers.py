@@ -3,8 +3,8 @@
 Makes sure an engine answers (``runtime.docker_engine.ensure_engine``: ``DOCKER_HOST`` or the
 default socket, else dockerd of our own: vfs storage, no bridge, host networking), starts
 ``shipyard serve`` (and its agent) with that engine, and deploys the ``hello-container`` example
-(``FROM scratch`` + Debian's static busybox httpd; ``GET /`` is a CGI script, ``/health`` a
-static file), then:
+(``FROM scratch`` + Debian's static busybox httpd; a good release serves ``/`` and
+``/health`` as static files), then:
 
 - runs wrk through the service URL across several blue-green switches, each old container
   drained and stopped while the load runs: failed requests (non-2xx + socket errors) must be 0;
@@ -36,7 +36,7 @@ from rich.console import Console
 
 import wrk_load
 from shipyard.cli.demo import Demo, _git, commit_version
-from shipyard.cli.demo_containers import make_container_repo
+from shipyard.cli.demo_containers import make_container_repo, remove_containers
 from shipyard.runtime.docker_engine import ensure_engine
 
 SWITCHES = 4
@@ -155,6 +155,8 @@ def main() -> str:
                 commit_version(repo, f"fixed-{i}")  # keep the next broken commit distinct
         finally:
             demo.stop()
+            if not started:  # an engine of our own is stopped with everything on it
+                remove_containers(address, demo.data_dir)
             client.close()
             shutil.rmtree(root, ignore_errors=True)
 
@@ -166,10 +168,10 @@ def main() -> str:
         "## Containers: blue-green on Docker Engine\n\n"
         "`bench/bench_containers.py`: `shipyard serve` + agent running the `hello-container` "
         f"example as containers on Docker Engine ({engine}: vfs storage driver, host "
-        "networking; a `FROM scratch` image of Debian's static busybox, `httpd` with `GET /` a "
-        f"CGI shell script), wrk `-t2 -c32` through the service URL across {SWITCHES} blue-green "
-        f"switches ({switching_s:.0f} s, image builds included), each old container drained "
-        "and stopped while the load ran.\n\n"
+        "networking; a `FROM scratch` image of Debian's static busybox, `httpd` serving `/` and "
+        "`/health` as static files), wrk `-t2 -c32` through the service URL across "
+        f"{SWITCHES} blue-green switches ({switching_s:.0f} s, image builds included), each old "
+        "container drained and stopped while the load ran.\n\n"
         "| requests made | non-2xx | socket errors | failed | requests/s | deployments |\n"
         "|---:|---:|---:|---:|---:|---|\n"
         f"| {requests} | {non2xx} | {sock} | **{non2xx + sock}** | {rps} | "

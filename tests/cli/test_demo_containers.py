@@ -7,19 +7,21 @@ engine that answers rather than starting another.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import docker
+import docker.errors
 import httpx
 import pytest
 
 from shipyard.build.base import BuildRequest
 from shipyard.build.docker import DockerBuilder, DockerBuilderConfig
 from shipyard.cli.demo import _git, commit_version
-from shipyard.cli.demo_containers import container_lines, make_container_repo
+from shipyard.cli.demo_containers import container_lines, make_container_repo, remove_containers
 from shipyard.domain.models import SourceConfig
 from shipyard.runtime.docker_engine import ensure_engine
 
@@ -94,6 +96,21 @@ async def test_image_builds_and_answers_like_the_hello_example(
         assert engine.containers.get(container).attrs["State"]["ExitCode"] == 0
     finally:
         engine.containers.get(container).remove(force=True)
+
+    # From an engine it did not start, the demo removes its own agents' containers, no others.
+    ours, theirs = tmp_path / "demo" / "data", tmp_path / "other"
+    mine, other = (
+        str(engine.containers.create(image, labels={"dev.shipyard.agent": str(d)}).id)
+        for d in (ours / "agents" / "local", theirs / "agents" / "local")
+    )
+    try:
+        assert remove_containers(docker_engine, ours) == 1
+        left = {str(c.id) for c in engine.containers.list(all=True)}
+        assert mine not in left and other in left
+    finally:
+        for cid in (mine, other):
+            with contextlib.suppress(docker.errors.NotFound):
+                engine.containers.get(cid).remove(force=True)
 
 
 async def test_broken_releases_fail_their_health_check_or_their_requests(

@@ -172,13 +172,15 @@ class Example:
     to its agent) on top of ours, e.g. ``DOCKER_HOST``; ``show(demo)`` is called after each
     deployment that changes what runs, to print what the runtime runs; ``unhealthy_after`` is
     when the broken release's health check starts failing, seconds after its start: past the
-    health gate, inside the bake window (a container starts slower than a process)."""
+    health gate, inside the bake window (a container starts slower than a process);
+    ``cleanup(demo)`` runs after everything was stopped, for what outlives the agent."""
 
     kind: str
     make_repo: Callable[[Path], Path]
     env: Mapping[str, str] = field(default_factory=dict)
     show: Callable[[Demo], None] | None = None
     unhealthy_after: float = 2.0
+    cleanup: Callable[[Demo], None] | None = None
 
 
 class Demo:
@@ -472,6 +474,8 @@ def run_demo(
         ok = False
     finally:
         demo.stop()
+        if example.cleanup is not None:
+            example.cleanup(demo)
         if own_dir and ok:
             shutil.rmtree(root, ignore_errors=True)
     say(

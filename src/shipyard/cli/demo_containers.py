@@ -11,7 +11,10 @@ What is container-specific lives here:
   static busybox, whose httpd serves the hello example's behaviour: the version on ``/``,
   ``/health``, and the same files that make a release broken) plus ``/bin/busybox`` itself;
 - after each deployment, the service's containers as the engine reports them: ID, image ID and
-  the agent's labels (revision, replica, port), found by the ``dev.shipyard.service`` label.
+  the agent's labels (revision, replica, port), found by the ``dev.shipyard.service`` label;
+- at the end, the containers of the demo's agent are removed: containers outlive an agent that
+  stops cleanly (it adopts them when it starts again), and on an engine that was already
+  running nothing else would remove them. An engine of our own goes with them.
 
 ``make_container_repo`` and ``BUSYBOX`` are shared with the container benchmark
 (``bench/bench_containers.py``) and the tests (``tests/cli/test_demo_containers.py``).
@@ -36,6 +39,8 @@ BUSYBOX = Path("/bin/busybox")
 SERVICE_LABEL = "dev.shipyard.service"
 #: The labels shown per container (besides its image ID, checked against the artifact label).
 SHOWN_LABELS = ("revision", "replica", "port")
+#: The label naming the agent (its directory) that made a container.
+AGENT_LABEL = "dev.shipyard.agent"
 
 
 def make_container_repo(path: Path) -> Path:
@@ -75,6 +80,27 @@ def container_lines(address: str, service: str) -> list[str]:
         client.close()
 
 
+def remove_containers(address: str, data_dir: Path) -> int:
+    """Remove every container of the agents under ``data_dir`` (their ``dev.shipyard.agent``
+    label is their directory) from the engine at ``address``; how many. Never raises."""
+    try:
+        client = docker.DockerClient(base_url=address)
+    except docker.errors.DockerException:
+        return 0
+    removed = 0
+    try:
+        for c in client.containers.list(all=True, filters={"label": AGENT_LABEL}):
+            agent = Path((c.labels or {}).get(AGENT_LABEL, "/"))
+            if agent.is_relative_to(data_dir.resolve()):
+                c.remove(force=True)
+                removed += 1
+    except (docker.errors.DockerException, requests.RequestException):
+        pass
+    finally:
+        client.close()
+    return removed
+
+
 def run_container_demo(data_dir: Path | None, port: int, console: Console) -> int:
     """Make sure an engine answers (start one if need be), then run the story on containers;
     0 when every step met its goal."""
@@ -94,12 +120,18 @@ def run_container_demo(data_dir: Path | None, port: int, console: Console) -> in
                 for line in container_lines(address, "hello"):
                     say(f"      container {shown(line)}")
 
+            def cleanup(demo: Demo) -> None:
+                if not started:  # an engine of our own is stopped with everything on it
+                    removed = remove_containers(address, demo.data_dir)
+                    say(f"    removed the demo's {removed} container(s) from {shown(address)}")
+
             example = Example(
                 "containers",
                 make_container_repo,
                 env={"DOCKER_HOST": address},
                 show=show,
                 unhealthy_after=3.0,
+                cleanup=cleanup,
             )
             return run_demo(data_dir, port, console, example)
     except EngineUnavailable as exc:
