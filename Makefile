@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test test-fast bench check lock fmt clean docs
+.PHONY: setup demo demo-containers test test-fast bench check lock fmt clean docs
 
 setup:
 	@./scripts/bootstrap.sh
@@ -13,6 +13,11 @@ OSV_DB ?= $(wildcard $(CURDIR)/../shared/data/pypa-advisory-db)
 
 demo: setup
 	$(if $(OSV_DB),SHIPYARD_OSV_DB=$(OSV_DB)) $(VENV)/bin/shipyard demo
+
+# The same story with an image service on Docker Engine; starts dockerd (vfs, no bridge) unless
+# DOCKER_HOST or the default socket answers. Needs docker.io and busybox-static.
+demo-containers: setup
+	$(if $(OSV_DB),SHIPYARD_OSV_DB=$(OSV_DB)) $(VENV)/bin/shipyard demo --containers
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,20 +1,20 @@
 """The session's own Docker Engine (``docker_engine``), for every test that needs one: the
 builder's, the container runtime's, the end-to-end container suite's. A pytest plugin, loaded by
-``tests/conftest.py``; started on first use, stopped at the end of the session.
+``tests/conftest.py``; started on first use, stopped at the end of the session. How the engine is
+started is ``shipyard.runtime.docker_engine.own_engine``, shared with the container demo and the
+benchmark.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from shipyard.runtime.docker_engine import own_engine
 
 
 @pytest.fixture(scope="session")
@@ -36,65 +36,7 @@ def other_docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
 @contextlib.contextmanager
 def running_engine(log_dir: Path) -> Iterator[str]:
     """Start a dockerd of its own (log in ``log_dir``), yield its ``unix://`` address, stop it."""
-    dockerd = shutil.which("dockerd")
-    if dockerd is None:
+    if shutil.which("dockerd") is None:
         pytest.skip("dockerd is not installed (Debian: apt-get install docker.io)")
-    # Short paths: a unix socket path must stay under 108 bytes.
-    root = Path(tempfile.mkdtemp(prefix="sy-dockerd-"))
-    sock = root / "docker.sock"
-    log = (log_dir / "dockerd.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            dockerd,
-            "--storage-driver=vfs",
-            "--iptables=false",
-            "--ip6tables=false",
-            "--bridge=none",
-            "--host",
-            f"unix://{sock}",
-            "--data-root",
-            str(root / "docker"),
-            "--exec-root",
-            str(root / "exec"),
-            "--pidfile",
-            str(root / "docker.pid"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    address = f"unix://{sock}"
-    try:
-        _wait_until_answering(sock, proc, log.name)
+    with own_engine(log_dir / "dockerd.log") as address:
         yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _wait_until_answering(sock: Path, proc: subprocess.Popen[bytes], log: str) -> None:
-    # The engine offers no readiness signal but its API: ask GET /_ping until it answers OK
-    # (bounded). A raw socket, closed every time: failed SDK clients leak theirs.
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dockerd exited with {proc.returncode}; see {log}")
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(5)
-                conn.connect(str(sock))
-                conn.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-                status_line = conn.recv(4096).split(b"\r\n", 1)[0]
-                if status_line.startswith(b"HTTP/1.") and b" 200 " in status_line:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"dockerd did not answer within 60 s; see {log}")
-        time.sleep(0.1)

@@ -13,9 +13,11 @@
    then switched); reports how long it took and that no request failed;
 7. verifies the audit trail; stops everything it started.
 
-``shipyard demo`` (``make demo``) runs it. The helpers that make the example repositories
-(``make_example_repo``, ``make_notes_repo``, ``commit_version``) are shared with the end-to-end
-tests (``tests/e2e``).
+``shipyard demo`` (``make demo``) runs it with the example app as processes. The story takes an
+``Example`` -- how to make the repository and what else to show -- so ``shipyard demo
+--containers`` (``cli/demo_containers.py``) tells the same story with an image service on Docker
+Engine. The helpers that make the example repositories (``make_example_repo``,
+``make_notes_repo``, ``commit_version``) are shared with the end-to-end tests (``tests/e2e``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -64,15 +68,27 @@ def _git(repo: Path, *args: str) -> str:
 EXAMPLE_FILES = {
     "hello": ("app.py", "shipyard.toml", "version.txt"),
     "notes": ("app.py", "gunicorn.conf.py", "requirements.txt", "shipyard.toml", "version.txt"),
+    "hello-container": (
+        "Dockerfile",
+        "shipyard.toml",
+        "start.sh",
+        "version.txt",
+        "www/cgi-bin/index.cgi",
+    ),
 }
 
 
-def _example_repo(example: str, path: Path) -> Path:
-    """A git repository holding the bundled ``example`` at v1 on branch main."""
+def _example_repo(example: str, path: Path, extra: Mapping[str, Path] | None = None) -> Path:
+    """A git repository holding the bundled ``example`` at v1 on branch main, plus the files
+    ``extra`` names (path in the repository -> file to copy). Executable bits are kept."""
     src = resources.files("shipyard.examples") / example
     path.mkdir(parents=True, exist_ok=True)
     for name in EXAMPLE_FILES[example]:
-        (path / name).write_text((src / name).read_text())
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        with resources.as_file(src / name) as file:
+            shutil.copy(file, path / name)
+    for name, file in (extra or {}).items():
+        shutil.copy(file, path / name)
     _git(path, "init", "-q", "-b", "main")
     _git(path, "add", ".")
     _git(path, "commit", "-q", "-m", "v1")
@@ -147,12 +163,35 @@ def set_replicas(repo: Path, replicas: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+@dataclass(frozen=True)
+class Example:
+    """What the story deploys and how it is shown; ``run_demo`` tells the same story for each.
+
+    ``make_repo(path)`` makes the git repository at v1 (``commit_version`` makes the next
+    versions: every example reads the same files); ``env`` goes to ``shipyard serve`` (and so
+    to its agent) on top of ours, e.g. ``DOCKER_HOST``; ``show(demo)`` is called after each
+    deployment that changes what runs, to print what the runtime runs; ``unhealthy_after`` is
+    when the broken release's health check starts failing, seconds after its start: past the
+    health gate, inside the bake window (a container starts slower than a process);
+    ``cleanup(demo)`` runs after everything was stopped, for what outlives the agent."""
+
+    kind: str
+    make_repo: Callable[[Path], Path]
+    env: Mapping[str, str] = field(default_factory=dict)
+    show: Callable[[Demo], None] | None = None
+    unhealthy_after: float = 2.0
+    cleanup: Callable[[Demo], None] | None = None
+
+
 class Demo:
-    def __init__(self, data_dir: Path, port: int, console: Console) -> None:
+    def __init__(
+        self, data_dir: Path, port: int, console: Console, env: Mapping[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.say = console.print
+        self.env = dict(env or {})
         self.server: subprocess.Popen[bytes] | None = None
         self.client: httpx.Client | None = None
 
@@ -174,9 +213,11 @@ class Demo:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
         )
         log.close()
-        deadline = time.monotonic() + 30
+        # Generous: on a shared, busy machine imports and the agent's start can take a while.
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.server.poll() is not None:
                 raise RuntimeError(f"shipyard serve exited; see {self.data_dir / 'serve.log'}")
@@ -186,7 +227,7 @@ class Demo:
             except httpx.HTTPError:
                 time.sleep(0.1)
         else:
-            raise RuntimeError("shipyard serve did not answer within 30 s")
+            raise RuntimeError("shipyard serve did not answer within 90 s")
         token = issue_local(
             self.data_dir, "demo", ["deployment:create", "deployment:read", "deployment:rollback"]
         )
@@ -274,14 +315,22 @@ class Demo:
                 pass
 
 
-def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
+#: ``make demo``'s example: the stdlib ``hello`` app, run as sandboxed processes.
+PROCESSES = Example("processes", make_example_repo)
+
+
+def run_demo(
+    data_dir: Path | None, port: int, console: Console, example: Example = PROCESSES
+) -> int:
+    """The story (module docstring) with ``example``; 0 when every step met its goal."""
     say = console.print
     t_start = time.monotonic()
     own_dir = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="shipyard-demo-")) if own_dir else data_dir
     assert root is not None
     root.mkdir(parents=True, exist_ok=True)
-    demo = Demo(root / "data", port, console)
+    demo = Demo(root / "data", port, console, example.env)
+    show = example.show or (lambda _demo: None)
     demo.data_dir.mkdir(parents=True, exist_ok=True)
     ok = True
     try:
@@ -290,7 +339,7 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
             f"(data: {shown(demo.data_dir)})"
         )
         demo.start_server()
-        repo = make_example_repo(root / "hello-repo")
+        repo = example.make_repo(root / "hello-repo")
         v1 = _git(repo, "rev-parse", "HEAD")
         say(f"[bold]2.[/bold] deploying v1 ({v1[:10]}), the service's first deployment")
         d1 = demo.deploy(repo, v1, bake=0)
@@ -299,6 +348,7 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
             return 1
         url = d1["result"]["url"]
         say(f"    hello is live at {shown(url)}: {shown(repr(httpx.get(url).text.strip()))}")
+        show(demo)
 
         v2 = commit_version(repo, "v2")
         say(f"[bold]3.[/bold] deploying v2 ({v2[:10]}) blue-green under steady load")
@@ -314,6 +364,7 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
             f"{shown(dict(report.served_by))}"
         )
         ok &= d2["status"] == "Success" and report.failed == 0
+        show(demo)
 
         v3 = commit_version(repo, "v3")
         say(
@@ -349,11 +400,12 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
             f"the service answers {shown(repr(httpx.get(url).text.strip()))}"
         )
         ok &= dc["status"] == "Success" and report.failed == 0
+        show(demo)
 
-        v4 = commit_version(repo, "v4", unhealthy_after=2.0)
+        v4 = commit_version(repo, "v4", unhealthy_after=example.unhealthy_after)
         say(
             f"[bold]5.[/bold] deploying a broken v4 ({v4[:10]}): "
-            "its health check fails 2 s after start"
+            f"its health check fails {example.unhealthy_after:g} s after start"
         )
         d3 = demo.deploy(repo, v4, bake=10)
         m = d3["metrics"]
@@ -402,6 +454,7 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         )
         if rb.get("error"):
             say(f"    [red]{shown(rb['error'].get('message'), multiline=True)}[/red]")
+        show(demo)
         ok &= (
             rb["status"] == "Success"
             and instant is False
@@ -421,10 +474,12 @@ def run_demo(data_dir: Path | None, port: int, console: Console) -> int:
         ok = False
     finally:
         demo.stop()
+        if example.cleanup is not None:
+            example.cleanup(demo)
         if own_dir and ok:
             shutil.rmtree(root, ignore_errors=True)
     say(
-        f"demo {'[green]passed[/green]' if ok else '[red]FAILED[/red]'} "
+        f"demo ({example.kind}) {'[green]passed[/green]' if ok else '[red]FAILED[/red]'} "
         f"in {time.monotonic() - t_start:.1f} s"
     )
     return 0 if ok else 1

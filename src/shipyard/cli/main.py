@@ -999,11 +999,14 @@ def demo(
         Path | None, typer.Option("--data-dir", help="Default: a fresh temp dir.")
     ] = None,
     port: Annotated[int, typer.Option(help="API port (0 = any free one).")] = 0,
+    containers: Annotated[bool, typer.Option(help="On Docker Engine (README).")] = False,
 ) -> None:
     """v1 -> v2 blue-green and v3 canary under load (0 failed), broken v4 rolled back, audit."""
     from shipyard.cli.demo import run_demo
+    from shipyard.cli.demo_containers import run_container_demo
 
-    raise typer.Exit(run_demo(data_dir, port, err))
+    run = run_container_demo if containers else run_demo
+    raise typer.Exit(run(data_dir, port, err))
 
 
 def main() -> None:
