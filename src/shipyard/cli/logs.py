@@ -102,7 +102,7 @@ def logs(
 def _params(revision: str | None, replica: str | None, tail: int, since: str | None,
             region: str, format: str) -> dict[str, Any]:  # fmt: skip
     """The query, checked as the server checks it (a clear error before any request)."""
-    from shipyard.cli.main import fail
+    from shipyard.cli.common import fail
 
     if format not in ("text", "json"):
         raise fail(f"--format must be text or json, got {format!r}")
@@ -129,7 +129,7 @@ def _params(revision: str | None, replica: str | None, tail: int, since: str | N
 def _relay(records: Any, format: str) -> str:
     """Print a follow stream's lines; the cursor of its end record. Fails (exit 1) on an error
     record or a stream that stops without one."""
-    from shipyard.cli.main import fail
+    from shipyard.cli.common import fail
 
     for raw in records:
         if not raw:

@@ -99,18 +99,17 @@ def delete(
     Its deployments stay in `shipyard history` and the audit trail; deploying it again creates
     it anew (on a new port). Asks first unless --yes."""
     from shipyard.cli import main  # main mounts this module: import it when a command runs
+    from shipyard.cli.common import fail
 
     if not yes:
         if not interactive():
-            raise main.fail(
-                f"deleting {name} needs confirmation: run it in a terminal, or pass --yes"
-            )
+            raise fail(f"deleting {name} needs confirmation: run it in a terminal, or pass --yes")
         prompt = (
             f"Delete service {neutral(name)} in region {neutral(region)}: stop every replica "
             "and remove its route?"
         )
         if not typer.confirm(prompt, default=False):
-            raise main.fail("not deleted")
+            raise fail("not deleted")
     client = main._client(server, token, data_dir, "service:delete")
     done = main._check(
         client.request("DELETE", f"/api/v1/services/{name}", params={"region": region})
