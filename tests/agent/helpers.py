@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from shipyard.agent.server import Agent, build_app
+from shipyard.agent.api import build_app
+from shipyard.agent.server import Agent
 from shipyard.build.digest import digest_tree
 from shipyard.runtime.base import RevisionSpec
 from shipyard.security import signing

@@ -4,17 +4,14 @@ preflight (before scanning) saying where the engine was looked for."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from shipyard.build.base import Artifact
 from shipyard.runtime.local import LocalRuntime
 from tests.orchestrator.world import PipelineWorld
 
@@ -50,14 +47,9 @@ async def test_an_image_deployment_fails_in_preflight_naming_the_engine(
     world: PipelineWorld,
 ) -> None:
     reason = "the Docker Engine is unreachable at unix:///nowhere/docker.sock"
+    world.runtime.artifact_kinds = ("directory",)  # as LocalRuntime reports it then
     world.runtime.artifact_kind_problems = {"oci-image": reason}  # type: ignore[attr-defined]
-    real_build = world.builder.build
-
-    async def image_build(request: Any) -> Artifact:
-        artifact = await real_build(request)
-        return dataclasses.replace(artifact, kind="oci-image", builder="docker")
-
-    world.builder.build = image_build  # type: ignore[method-assign]
+    world.builder.artifact_kind = "oci-image"
     doc = await world.deploy("aaaa1111")
     assert doc["status"] == "Failed"
     assert reason in doc["error"]["message"]
