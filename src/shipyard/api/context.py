@@ -14,6 +14,7 @@ from shipyard.api.tokens import TokenService
 from shipyard.audit import AuditLog, SqlAuditLog
 from shipyard.audit.checkpoint import CheckpointSigner
 from shipyard.audit.publishing import CheckpointPublisher, parse_witness
+from shipyard.build.image_export import ImageExporter
 from shipyard.build.registry import BuildConfig, RegistryBuilder
 from shipyard.domain.clock import SystemClock
 from shipyard.health.probing import HttpProber
@@ -57,12 +58,11 @@ async def build_context(settings: Settings) -> AppContext:
     checkpoints = _checkpoint_publisher(settings, audit)
     if checkpoints is not None:
         closers.append(checkpoints.aclose)
+    build_config = BuildConfig(data_dir=settings.data_dir, sandbox=settings.sandbox_policy)
     pipeline = Pipeline(
         store=store,
         audit=audit,
-        builder=RegistryBuilder(
-            BuildConfig(data_dir=settings.data_dir, sandbox=settings.sandbox_policy)
-        ),
+        builder=RegistryBuilder(build_config),
         runtimes=runtimes,
         prober=prober,
         clock=SystemClock(),
@@ -77,6 +77,8 @@ async def build_context(settings: Settings) -> AppContext:
         log_retention=settings.log_retention,
         builder_logs_dir=settings.data_dir / "logs",
         source_policy=settings.source_policy,
+        # Images are scanned through the engine that built them (the docker builder's).
+        image_exporter=ImageExporter.from_build_config(build_config),
     )
     closers.append(_dispose(engine))
     token_store = TokenStore(engine)

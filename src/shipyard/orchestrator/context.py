@@ -17,6 +17,7 @@ from pathlib import Path
 from shipyard.audit import AuditEvent, AuditLog
 from shipyard.audit.publishing import Checkpoints
 from shipyard.build.base import DEFAULT_MAX_LOG_BYTES, Builder
+from shipyard.build.image_export import ImageExporter
 from shipyard.build.source_policy import SourcePolicy
 from shipyard.domain.clock import Clock
 from shipyard.domain.models import DeploymentStatus, HealthCheck
@@ -85,6 +86,9 @@ class Deps:
     #: Which repositories may be built (``--allow-source``, ``--source-root``); None: any
     #: (unit tests of other stages).
     source_policy: SourcePolicy | None = None
+    #: Exports an image's files for the scan stage (the Docker builder's engine); None: an
+    #: ``oci-image`` artifact cannot be scanned, so the gate refuses it (fail closed).
+    image_exporter: ImageExporter | None = None
 
     def runtime(self, region: str) -> Runtime:
         try:

@@ -28,6 +28,7 @@ from shipyard import strategies
 from shipyard.audit import AuditLog
 from shipyard.audit.publishing import Checkpoints
 from shipyard.build.base import DEFAULT_MAX_LOG_BYTES, Builder
+from shipyard.build.image_export import ImageExporter
 from shipyard.build.source_policy import SourcePolicy
 from shipyard.domain.clock import Clock
 from shipyard.domain.models import DeploymentRequest, DeploymentStatus
@@ -85,6 +86,7 @@ class Pipeline:
         log_retention: LogRetention | None = None,
         builder_logs_dir: Path | None = None,
         source_policy: SourcePolicy | None = None,
+        image_exporter: ImageExporter | None = None,
     ) -> None:
         self.deps = Deps(
             store=store,
@@ -104,6 +106,7 @@ class Pipeline:
             log_retention=log_retention or LogRetention(),
             builder_logs_dir=builder_logs_dir,
             source_policy=source_policy,
+            image_exporter=image_exporter,
         )
         self.records = self.deps.records
         self.clock = clock

@@ -4,7 +4,7 @@
    ``<logs_dir>/<id>/build.log``), returning a content-addressed artifact;
 2. ``check_runnable``: the region's runtime must be able to run that kind of artifact;
 3. ``scan``: the security gate writes the SBOM, scans, applies the policy and signs (ADR
-   section 9);
+   section 9); an image's files are first exported from the engine (``image_scan.py``);
 4. ``observe``: the stable revision is the one recorded at submit, and the data plane runs a
    ready replica of it (``StableRevisionMissing`` otherwise: carrying on as a "first deploy"
    would drop the bake, the canary stages and anything to roll back to);
@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import logging
 import os
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -40,6 +41,7 @@ from shipyard.errors import (
     StableRevisionMissing,
 )
 from shipyard.logs import log_event
+from shipyard.orchestrator import image_scan
 from shipyard.orchestrator import stage as stages
 from shipyard.orchestrator.context import DeploymentContext
 from shipyard.orchestrator.record import (
@@ -234,12 +236,23 @@ async def scan(ctx: DeploymentContext, record: DeploymentRecord, artifact: Artif
     assert ctx.deps.attestations_dir is not None, "a security gate needs attestations_dir"
     await ctx.set_status(DeploymentStatus.SCANNING)
     async with stage(ctx, "scan", audit="security_scan") as st:
+        export: dict[str, object] | None = None
         try:
-            report = await gate.check(
-                artifact,
-                ctx.deps.attestations_dir,
-                source_repository=record.request.source.repository,
-            )
+            async with AsyncExitStack() as scope:
+                rootfs: Path | None = None
+                exporter = ctx.deps.image_exporter
+                if artifact.kind == "oci-image" and exporter is not None:
+                    # The image's files, by image ID: what is scanned is what gets signed.
+                    exported = await scope.enter_async_context(
+                        image_scan.exported_rootfs(exporter, artifact.digest)
+                    )
+                    rootfs, export = exported.path, exported.report.to_dict()
+                report = await gate.check(
+                    artifact,
+                    ctx.deps.attestations_dir,
+                    source_repository=record.request.source.repository,
+                    rootfs=rootfs,
+                )
         except SecurityScanFailed as exc:
             findings = exc.detail.get("findings")
             st.fail(
@@ -251,6 +264,8 @@ async def scan(ctx: DeploymentContext, record: DeploymentRecord, artifact: Artif
                 },
                 vulnerabilities=exc.vulnerabilities,
                 findings=findings,
+                reason=exc.detail.get("reason"),
+                export=export,
             )
             raise
         record.attestation = Attestation(
@@ -265,6 +280,7 @@ async def scan(ctx: DeploymentContext, record: DeploymentRecord, artifact: Artif
             sbom=summary["sbom"],
             provenance=summary["provenance"],
             durations_ms=summary["durations_ms"],
+            export=export,
         )
     await ctx.audit(
         "security_scan.passed",

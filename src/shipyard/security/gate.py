@@ -10,12 +10,18 @@ runs in worker threads (``domain.clock.to_thread``, which a FakeClock waits for)
 is loaded once per process (``osv.load_shared``) and its parsed form cached under
 ``<data_dir>/cache/osv``.
 
+An ``oci-image`` artifact is scanned through its files: the caller (the orchestrator's scan
+stage) exports them from the engine (``build/image_export.py`` + ``rootfs.extract_scan_files``)
+and passes the directory as ``rootfs``; package locations are then reported as the image names
+them (``/usr/lib/python3/...``).
+
 The gate takes any object shaped like ``shipyard.build.base.Artifact`` (``ArtifactLike``): build
 and security are sibling layers and do not import each other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 import time
@@ -32,6 +38,7 @@ from shipyard.errors import InvalidInput, SecurityScanFailed
 from shipyard.security import inventory as inv
 from shipyard.security import osv, sbom, signing
 from shipyard.security import policy as policies
+from shipyard.security import rootfs as rootfs_paths
 from shipyard.security.scanning import Finding, OsvScanner, Scanner
 
 
@@ -208,13 +215,28 @@ class SecurityGate:
         if rootfs is not None or artifact.kind == "directory":
             tree = rootfs if rootfs is not None else Path(artifact.location)
             try:
-                return inv.from_tree(tree)
+                found = inv.from_tree(tree)
             except InvalidInput as exc:
                 raise SecurityScanFailed(
                     f"cannot scan artifact {artifact.digest}: {exc.message}",
                     vulnerabilities=0,
                     reason="not_scannable",
                 ) from exc
+            if rootfs is None:
+                return found
+            # Where a package was found, as the image names it (not this machine's temp dir).
+            return dataclasses.replace(
+                found,
+                source=artifact.location,
+                packages=tuple(
+                    dataclasses.replace(p, location=rootfs_paths.display_path(tree, p.location))
+                    for p in found.packages
+                ),
+                skipped=tuple(
+                    inv.Skipped(rootfs_paths.display_path(tree, s.source), s.reason)
+                    for s in found.skipped
+                ),
+            )
         raise SecurityScanFailed(
             f"cannot scan {artifact.kind} artifact {artifact.location} ({artifact.digest}): "
             "the gate reads files, so pass the image's exported root filesystem as `rootfs`",

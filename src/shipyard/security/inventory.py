@@ -1,10 +1,12 @@
 """What an artifact contains: the packages the scanner checks and the SBOM lists.
 
-Three sources, one result (``Inventory``):
+Four sources, one result (``Inventory``):
 
-* a directory tree (a built artifact, a ``pip install --target`` dir, a venv, an unpacked image):
-  every ``*.dist-info/METADATA`` and ``*.egg-info/PKG-INFO`` under it, plus the Debian packages
-  of ``var/lib/dpkg/status`` (and distroless ``var/lib/dpkg/status.d/*``) at its root;
+* a directory tree (a built artifact, a ``pip install --target`` dir, a venv, an image's files
+  as ``rootfs.py`` extracts them): every ``*.dist-info/METADATA`` and ``*.egg-info/PKG-INFO``
+  under it, plus the OS packages at its root: dpkg's ``var/lib/dpkg/status`` (and distroless
+  ``var/lib/dpkg/status.d/*``) and apk's ``lib/apk/db/installed``, named after the distribution
+  ``etc/os-release`` states (Debian, Ubuntu, Alpine);
 * a Python environment: a venv's site-packages, or the running interpreter's ``sys.path``;
 * a requirements or lock file: ``name==version`` pins (``-r`` includes followed), ``poetry.lock``
   / ``uv.lock`` (``[[package]]``) and ``Pipfile.lock``. Lines without an exact pin are reported in
@@ -22,6 +24,7 @@ normalized per PEP 503 so they match the advisory database's index.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -39,6 +42,11 @@ from shipyard.errors import InvalidInput
 
 PYPI = "PyPI"
 DEBIAN = "Debian"
+UBUNTU_ECOSYSTEM = "Ubuntu"
+ALPINE = "Alpine"
+UBUNTU = "ubuntu"
+#: OS ecosystems: their advisories name source packages (``Package.source_name``).
+OS_ECOSYSTEMS = frozenset({DEBIAN, UBUNTU_ECOSYSTEM, ALPINE})
 
 _PEP503 = re.compile(r"[-_.]+")
 #: Directories never worth descending into when looking for installed distributions.
@@ -72,17 +80,21 @@ def normalize_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Package:
-    ecosystem: str  # "PyPI" or "Debian" (OSV ecosystem names)
-    name: str  # PEP 503-normalized for PyPI, as dpkg writes it for Debian
+    ecosystem: str  # "PyPI", "Debian", "Ubuntu" or "Alpine" (OSV ecosystem names)
+    name: str  # PEP 503-normalized for PyPI, as dpkg / apk write it for OS packages
     version: str
     #: Where it was found: a METADATA path, the dpkg status file, ``requirements.txt:12``.
     location: str = ""
-    #: Debian: the source package (OSV's Debian advisories are keyed by source package).
+    #: OS packages: the source package (dpkg ``Source``, apk ``o:`` origin); OSV's OS
+    #: advisories are keyed by source package.
     source_name: str | None = None
     source_version: str | None = None
-    #: Debian: the release from etc/os-release (``12``), matched against ``Debian:12``.
+    #: OS packages: os-release ``VERSION_ID`` (``12``, ``3.19.1``), matched against the
+    #: advisory's release (``Debian:12``, ``Alpine:v3.19``).
     release: str | None = None
     arch: str | None = None
+    #: OS packages: the distribution (os-release ``ID``), the package URL's namespace.
+    distro: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -220,22 +232,65 @@ def _parse_control_paragraphs(text: str) -> Iterator[dict[str, str]]:
         yield para
 
 
-def _debian_release(root: Path) -> str | None:
-    try:
-        text = (root / "etc" / "os-release").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    fields = dict(
-        (k, v.strip().strip('"'))
-        for k, _, v in (line.partition("=") for line in text.splitlines())
-        if k
-    )
-    if fields.get("ID") != "debian":
-        return None
-    return fields.get("VERSION_ID")
+def os_release(root: Path) -> dict[str, str]:
+    """The tree's ``etc/os-release`` (else ``usr/lib/os-release``, as os-release(5) says), as a
+    mapping; empty when neither is a regular file. Symlinks are not followed: in an artifact
+    or an image, a link could point anywhere on this machine."""
+    for candidate in (root / "etc" / "os-release", root / "usr" / "lib" / "os-release"):
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        with os.fdopen(fd, "rb") as fh:
+            text = fh.read(64 * 1024).decode("utf-8", errors="replace")
+        return {
+            k.strip(): v.strip().strip("\"'")
+            for k, _, v in (line.partition("=") for line in text.splitlines())
+            if k.strip() and not k.startswith("#")
+        }
+    return {}
 
 
-def _scan_dpkg(root: Path, out: _Collector) -> None:
+@dataclass(frozen=True)
+class Distro:
+    """Which OS the tree is (from os-release), as package URLs and OSV name it."""
+
+    #: The purl namespace: os-release ``ID`` (``debian``, ``ubuntu``, ``alpine``), else None.
+    id: str | None
+    #: os-release ``VERSION_ID`` (``12``, ``22.04``, ``3.19.1``), else None.
+    version: str | None
+
+
+def _distro(root: Path) -> Distro:
+    fields = os_release(root)
+    distro_id = fields.get("ID", "").lower() or None
+    if distro_id is not None and not re.fullmatch(r"[a-z0-9._-]{1,64}", distro_id):
+        distro_id = None  # os-release says IDs are lowercase [a-z0-9._-]; anything else is noise
+    return Distro(distro_id, fields.get("VERSION_ID") or None)
+
+
+#: Distributions whose packages are apk's (os-release IDs); any other ID is taken for dpkg's.
+APK_DISTROS = frozenset({"alpine", "wolfi", "chainguard", "postmarketos"})
+
+
+def _dpkg_naming(distro: Distro) -> tuple[str, str, str | None]:
+    """(OSV ecosystem, purl namespace, release) of a dpkg database: Ubuntu's own, else
+    Debian's (derivatives share Debian's packages; their release numbers do not)."""
+    if distro.id == UBUNTU:
+        return UBUNTU_ECOSYSTEM, UBUNTU, distro.version
+    if distro.id is None or distro.id in APK_DISTROS:
+        return DEBIAN, "debian", None
+    return DEBIAN, distro.id, distro.version if distro.id == "debian" else None
+
+
+def _apk_naming(distro: Distro) -> tuple[str, str | None]:
+    """(purl namespace, release) of an apk database; the OSV ecosystem is Alpine's."""
+    if distro.id in APK_DISTROS:
+        return distro.id, distro.version if distro.id == "alpine" else None
+    return "alpine", None
+
+
+def _scan_dpkg(root: Path, out: _Collector, distro: Distro) -> None:
     status_files: list[Path] = []
     status = root / "var" / "lib" / "dpkg" / "status"
     if status.is_file():
@@ -245,51 +300,116 @@ def _scan_dpkg(root: Path, out: _Collector) -> None:
         status_files.extend(
             sorted(p for p in status_d.iterdir() if p.is_file() and "." not in p.name)
         )
-    release = _debian_release(root)
+    ecosystem, namespace, release = _dpkg_naming(distro)
     for path in status_files:
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
             out.skip(str(path), f"unreadable: {exc.strerror or exc}")
             continue
-        for para in _parse_control_paragraphs(text):
-            name, version = para.get("Package"), para.get("Version")
-            if not name or not version:
-                out.skip(str(path), "dpkg paragraph without Package or Version")
-                continue
-            state = para.get("Status", "install ok installed").split()
-            if state[-1:] != ["installed"]:
-                continue  # removed / config-files only / half-installed: not on disk as code
-            src_name, src_version = name, version
-            if src := para.get("Source"):
-                # "Source: glibc (2.36-9+deb12u4)": the source version only when it differs.
-                m = re.fullmatch(r"(\S+)(?:\s+\((\S+)\))?", src)
-                if m:
-                    src_name, src_version = m[1], m[2] or version
+        for package in parse_dpkg_status(text, str(path), out):
             out.add(
-                Package(
-                    DEBIAN,
-                    name,
-                    version,
-                    str(path),
-                    source_name=src_name,
-                    source_version=src_version,
-                    release=release,
-                    arch=para.get("Architecture"),
-                )
+                dataclasses.replace(package, ecosystem=ecosystem, release=release, distro=namespace)
             )
+
+
+def parse_dpkg_status(text: str, location: str, out: _Collector | None = None) -> list[Package]:
+    """The installed packages of a dpkg status file (``Status: ... installed`` or no Status,
+    as distroless ``status.d`` entries may have). Paragraphs without Package or Version are
+    reported to ``out``; removed, config-files-only or half-installed packages are left out
+    (their code is not on disk)."""
+    found: list[Package] = []
+    for para in _parse_control_paragraphs(text):
+        name, version = para.get("Package"), para.get("Version")
+        if not name or not version:
+            if out is not None:
+                out.skip(location, f"dpkg paragraph {name or '?'} without Package or Version")
+            continue
+        state = para.get("Status", "install ok installed").split()
+        if state[-1:] != ["installed"]:
+            continue
+        src_name, src_version = name, version
+        if src := para.get("Source"):
+            # "Source: glibc (2.36-9+deb12u4)": the source version only when it differs.
+            m = re.fullmatch(r"(\S+)(?:\s+\((\S+)\))?", src)
+            if m:
+                src_name, src_version = m[1], m[2] or version
+        found.append(
+            Package(
+                DEBIAN,
+                name,
+                version,
+                location,
+                source_name=src_name,
+                source_version=src_version,
+                arch=para.get("Architecture"),
+            )
+        )
+    return found
+
+
+# --- Alpine packages ------------------------------------------------------------------------------
+
+
+def parse_apk_installed(text: str, location: str, out: _Collector | None = None) -> list[Package]:
+    """The packages of an apk database (``lib/apk/db/installed``): one paragraph per package,
+    ``P:`` name, ``V:`` version, ``A:`` architecture, ``o:`` origin (the aports source package,
+    what Alpine's advisories name). A paragraph without P or V is reported to ``out``."""
+    found: list[Package] = []
+    for block in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n")):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            key, sep, value = line.partition(":")
+            if sep and len(key) == 1 and key not in fields:
+                fields[key] = value.strip()
+        if not fields:
+            continue
+        name, version = fields.get("P"), fields.get("V")
+        if not name or not version:
+            if out is not None:
+                out.skip(location, f"apk entry {name or '?'} without P: (name) or V: (version)")
+            continue
+        found.append(
+            Package(
+                ALPINE,
+                name,
+                version,
+                location,
+                source_name=fields.get("o") or name,
+                source_version=version,
+                arch=fields.get("A") or None,
+            )
+        )
+    return found
+
+
+def _scan_apk(root: Path, out: _Collector, distro: Distro) -> None:
+    installed = root / "lib" / "apk" / "db" / "installed"
+    if not installed.is_file():
+        return
+    try:
+        text = installed.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        out.skip(str(installed), f"unreadable: {exc.strerror or exc}")
+        return
+    namespace, release = _apk_naming(distro)
+    for package in parse_apk_installed(text, str(installed), out):
+        out.add(dataclasses.replace(package, release=release, distro=namespace))
 
 
 # --- entry points ---------------------------------------------------------------------------------
 
 
 def from_tree(root: Path) -> Inventory:
-    """Every Python distribution under ``root`` and the Debian packages of its dpkg database."""
+    """Every Python distribution under ``root``, and the OS packages of its dpkg database and
+    its apk database, named after the distribution its os-release states."""
     if not root.is_dir():
         raise InvalidInput(f"{root}: not a directory")
     out = _Collector()
     _scan_tree_python(root, out)
-    _scan_dpkg(root, out)
+    distro = _distro(root)
+    _scan_dpkg(root, out, distro)
+    _scan_apk(root, out, distro)
     return out.result(str(root), "tree")
 
 

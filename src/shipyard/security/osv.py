@@ -290,7 +290,7 @@ def index_name(ecosystem: str, name: str) -> str:
     base = ordering.base_ecosystem(ecosystem)
     if base == "PyPI":
         return normalize_name(name)
-    if base in ("Debian", "Ubuntu"):
+    if base in ("Debian", "Ubuntu", "Alpine"):
         return name.lower()
     return name
 

@@ -1,7 +1,7 @@
-"""CycloneDX SBOM of an artifact: its Python distributions (``pkg:pypi/...``) and Debian packages
-(``pkg:deb/debian/...``), with the artifact itself (identified by its ``sha256`` digest) as the
-metadata component. Written by the gate next to the signed provenance; the provenance names the
-SBOM file's digest, so the two travel together.
+"""CycloneDX SBOM of an artifact: its Python distributions (``pkg:pypi/...``) and OS packages
+(``pkg:deb/debian/...``, ``pkg:deb/ubuntu/...``, ``pkg:apk/alpine/...``), with the artifact
+itself (identified by its ``sha256`` digest) as the metadata component. Written by the gate next
+to the signed provenance; the provenance names the SBOM file's digest, so the two travel together.
 
 Built with cyclonedx-python-lib; JSON, CycloneDX spec 1.6.
 """
@@ -20,7 +20,14 @@ from cyclonedx.output import make_outputter
 from cyclonedx.schema import OutputFormat, SchemaVersion
 from packageurl import PackageURL
 
-from shipyard.security.inventory import PYPI, Inventory, Package
+from shipyard.security.inventory import (
+    ALPINE,
+    DEBIAN,
+    PYPI,
+    UBUNTU_ECOSYSTEM,
+    Inventory,
+    Package,
+)
 
 SCHEMA_VERSION = SchemaVersion.V1_6
 
@@ -36,17 +43,30 @@ class SbomSubject:
     builder: str | None = None
 
 
+#: purl type and default namespace of each OS ecosystem.
+_OS_PURL = {
+    DEBIAN: ("deb", "debian"),
+    UBUNTU_ECOSYSTEM: ("deb", "ubuntu"),
+    ALPINE: ("apk", "alpine"),
+}
+
+
 def package_url(package: Package) -> PackageURL:
+    """``pkg:pypi/NAME@V``; ``pkg:deb/debian/NAME@V?arch=A&distro=debian-12`` (``ubuntu``
+    likewise); ``pkg:apk/alpine/NAME@V?arch=A&distro=alpine-3.19.1``. The namespace is the
+    image's os-release ID when it states one."""
     if package.ecosystem == PYPI:
         return PackageURL(type="pypi", name=package.name, version=package.version)
+    purl_type, default_namespace = _OS_PURL.get(package.ecosystem, ("generic", None))
+    namespace = package.distro or default_namespace
     qualifiers: dict[str, str] = {}
     if package.arch:
         qualifiers["arch"] = package.arch
-    if package.release:
-        qualifiers["distro"] = f"debian-{package.release}"
+    if package.release and namespace:
+        qualifiers["distro"] = f"{namespace}-{package.release}"
     return PackageURL(
-        type="deb",
-        namespace="debian",
+        type=purl_type,
+        namespace=namespace,
         name=package.name,
         version=package.version,
         qualifiers=qualifiers or None,
@@ -57,7 +77,8 @@ def _component(package: Package) -> Component:
     purl = package_url(package)
     props = []
     if package.source_name and package.source_name != package.name:
-        props.append(Property(name="shipyard:deb:source", value=package.source_name))
+        kind = "apk" if package.ecosystem == ALPINE else "deb"
+        props.append(Property(name=f"shipyard:{kind}:source", value=package.source_name))
     return Component(
         type=ComponentType.LIBRARY if package.ecosystem == PYPI else ComponentType.APPLICATION,
         name=package.name,

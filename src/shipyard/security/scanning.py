@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from shipyard.security import cvss, osv
 from shipyard.security import versions as ordering
 from shipyard.security.cvss import Severity
-from shipyard.security.inventory import DEBIAN, Inventory, Package
+from shipyard.security.inventory import ALPINE, OS_ECOSYSTEMS, Inventory, Package
 
 _DATABASE_BANDS = {
     "LOW": Severity.LOW,
@@ -203,21 +203,37 @@ def _sort_versions(ecosystem: str, found: Iterable[str]) -> list[str]:
 
 
 def _match_name(package: Package) -> str:
-    # OSV's Debian advisories are about source packages ("openssl", not "libssl3").
-    return (package.source_name or package.name) if package.ecosystem == DEBIAN else package.name
+    # OSV's Debian, Ubuntu and Alpine advisories are about source packages ("openssl", not
+    # "libssl3"; apk's origin).
+    if package.ecosystem in OS_ECOSYSTEMS:
+        return package.source_name or package.name
+    return package.name
 
 
 def _match_version(package: Package) -> str:
-    return (
-        (package.source_version or package.version)
-        if package.ecosystem == DEBIAN
-        else package.version
-    )
+    if package.ecosystem in OS_ECOSYSTEMS:
+        return package.source_version or package.version
+    return package.version
+
+
+def osv_release(package: Package) -> str | None:
+    """The release as OSV writes it after the ecosystem: ``12`` (``Debian:12``), ``22.04``
+    (``Ubuntu:22.04:LTS``), ``v3.19`` (``Alpine:v3.19``, from os-release's ``3.19.1``)."""
+    if package.release is None:
+        return None
+    if package.ecosystem == ALPINE:
+        major_minor = ".".join(package.release.split(".")[:2])
+        return f"v{major_minor}"
+    return package.release
 
 
 def _release_matches(package: Package, affected: osv.Affected) -> bool:
-    _, sep, release = affected.ecosystem.partition(":")
-    return not (sep and release and package.release and release != package.release)
+    # "Ubuntu:22.04:LTS" / "Ubuntu:Pro:18.04:LTS": the release is the part that looks like one.
+    _, sep, rest = affected.ecosystem.partition(":")
+    ours = osv_release(package)
+    if not (sep and rest and ours):
+        return True  # the advisory or the package names no release: it applies to all
+    return ours in rest.split(":")
 
 
 class OsvScanner:

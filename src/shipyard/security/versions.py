@@ -5,6 +5,8 @@ advisory's affected range (``osv.py``) and which fixed versions lie above it (``
   order: ``parse`` returns None and the caller falls back to exact string matches.
 * Debian (and Ubuntu): the dpkg algorithm (``[epoch:]upstream[-revision]``, ``~`` sorts before
   everything, even the end of the string), ported from dpkg's ``verrevcmp``.
+* Alpine: apk-tools' order (``parse_apk``: numbers, letter, ``_rc``/``_p``-style suffixes,
+  ``-r`` revision).
 * SEMVER: Semantic Versioning 2.0.0 precedence (build metadata ignored; a leading ``v``, as Go
   writes versions, is tolerated).
 
@@ -216,6 +218,44 @@ def parse_semver(version: str) -> SemVer | None:
         return None
 
 
+# --- apk (Alpine) ---------------------------------------------------------------------------------
+
+_APK = re.compile(
+    r"^(\d+(?:\.\d+)*)([a-z]?)"
+    r"((?:_(?:alpha|beta|pre|rc|cvs|svn|git|hg|p)\d*)*)"
+    r"(?:~[0-9a-f]+)?(?:-r(\d+))?$"
+)
+#: apk-tools' suffix order: pre-releases before the plain version (0), the rest after it.
+_APK_SUFFIXES = {
+    "alpha": -4,
+    "beta": -3,
+    "pre": -2,
+    "rc": -1,
+    "cvs": 1,
+    "svn": 2,
+    "git": 3,
+    "hg": 4,
+    "p": 5,
+}
+_APK_SUFFIX = re.compile(r"_([a-z]+)(\d*)")
+
+ApkKey: TypeAlias = tuple[tuple[int, ...], str, tuple[tuple[int, int], ...], int]
+
+
+@functools.lru_cache(maxsize=65536)
+def parse_apk(version: str) -> ApkKey | None:
+    """An apk version (``1.2.4_rc1-r2``) as an ordered key, following apk-tools' comparison:
+    numbers component by component (more components win), then the letter, then suffixes
+    (``_alpha`` < ``_beta`` < ``_pre`` < ``_rc`` < none < ``_cvs`` ... ``_p``), then the ``-r``
+    revision; a ``~hash`` is ignored. None when ``version`` is not an apk version."""
+    m = _APK.match(version.strip())
+    if not m:
+        return None
+    suffixes = tuple((_APK_SUFFIXES[s[1]], int(s[2] or 0)) for s in _APK_SUFFIX.finditer(m[3]))
+    # The terminator (0, 0) makes "1.0" sort after "1.0_rc1" and before "1.0_p1".
+    return (tuple(int(n) for n in m[1].split(".")), m[2], (*suffixes, (0, 0)), int(m[4] or 0))
+
+
 # --- choosing -------------------------------------------------------------------------------------
 
 #: OSV ecosystems whose ECOSYSTEM ranges follow SemVer precedence.
@@ -234,6 +274,8 @@ def ordering_for(ecosystem: str) -> Parser | None:
         return parse_pypi
     if base in ("Debian", "Ubuntu"):
         return parse_debian
+    if base == "Alpine":
+        return parse_apk
     if base in _SEMVER_ECOSYSTEMS:
         return parse_semver
     return None
