@@ -9,4 +9,4 @@ from hypothesis import settings
 settings.register_profile("shipyard", deadline=None)
 settings.load_profile("shipyard")
 
-pytest_plugins = ["tests.docker_engine"]
+pytest_plugins = ["tests.docker_engine", "tests.images"]

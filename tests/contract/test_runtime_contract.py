@@ -24,13 +24,15 @@ import uuid
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import docker
 import httpx
 import pytest
 
+from shipyard.agent.containers import label
 from shipyard.errors import (
     ArtifactVerificationFailed,
     InvalidInput,
@@ -51,8 +53,10 @@ from shipyard.runtime.base import (
 )
 from shipyard.runtime.fake import FakeExchange, FakeRuntime
 from shipyard.runtime.local import LocalRuntime, read_agent_info
+from shipyard.security import signing
 from shipyard.security.signing import Ed25519Signer
 from tests.agent.helpers import eventually, sign
+from tests.images import BASE_TAG, build_app_image
 
 APP = Path(__file__).with_name("contract_app.py")
 SERVICE = "svc"
@@ -90,6 +94,11 @@ class Harness(Protocol):
         """Change the artifact's content after it was signed (what a tamperer would do)."""
         ...
 
+    @property
+    def tampered(self) -> tuple[str, str]:
+        """``(check, reason)`` of the refusal of a modified artifact."""
+        ...
+
     async def send(self, *, headers: Mapping[str, str] | None = None, status: int = 200) -> Answer:
         """One request through the service URL; the replica answers ``status``."""
         ...
@@ -121,6 +130,8 @@ def spec(revision: str, replicas: int, location: str, env: Mapping[str, str]) ->
 
 
 class FakeHarness:
+    tampered = ("digest", "content_mismatch")
+
     def __init__(self) -> None:
         self.runtime = FakeRuntime()  # on the wall clock, with the agent's 0.5 s first backoff
 
@@ -166,6 +177,8 @@ def _answer(exchange: FakeExchange) -> Answer:
 
 
 class LocalHarness:
+    tampered = ("digest", "content_mismatch")
+
     def __init__(self, runtime: LocalRuntime, tmp: Path) -> None:
         self.runtime = runtime
         self._tmp = tmp
@@ -295,14 +308,91 @@ def _http_answer(r: httpx.Response) -> Answer:
     return Answer(r.status_code, revision, parts[1])
 
 
-@pytest.fixture(params=["fake", "local"])
-async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+class DockerHarness(LocalHarness):
+    """The local agent running every revision as a container of the session's contract image
+    (``contract_image``: contract_app.py on tests/images.py's Python base) on the test engine.
+    Each harness tags that image under a name of its own, which ``modify_artifact`` moves to
+    another image (a retag after signing)."""
+
+    tampered = ("image", "image_mismatch")
+
+    def __init__(
+        self, runtime: LocalRuntime, tmp: Path, client: docker.DockerClient, image: str
+    ) -> None:
+        super().__init__(runtime, tmp)
+        self._docker = client
+        self._image = image
+        self.location = f"shipyard-test/contract:{uuid.uuid4().hex[:12]}"
+        client.images.get(image).tag(self.location)
+
+    def spec(self, revision: str, replicas: int = 1) -> RevisionSpec:
+        signed = sign_image(self._image, self.signer)
+        return replace(
+            spec(revision, replicas, self.location, {"CONTRACT_STATE_URL": self._state.url}),
+            artifact_digest=self._image,
+            argv=[],  # the image's CMD
+            provenance=signed,
+            artifact_kind="oci-image",
+            stop_timeout=5.0,
+        )
+
+    def modify_artifact(self, spec: RevisionSpec) -> None:
+        base = self._docker.images.get(BASE_TAG)
+        base.tag(spec.artifact_location)
+
+
+def sign_image(image_id: str, signer: Ed25519Signer) -> dict[str, Any]:
+    """The security gate's envelope for an image (its statement names the image ID)."""
+    statement = signing.provenance_statement(
+        subject_name=SERVICE,
+        subject_digest=image_id,
+        builder_id="urn:shipyard:builder:test",
+        source_repository=None,
+        commit="0" * 40,
+        build_command=None,
+    )
+    return dict(signing.sign_statement(signer, statement))
+
+
+@pytest.fixture(scope="session")
+def contract_image(
+    docker_engine: str, python_base_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """contract_app.py as an image (built once per session); its ID."""
+    client = docker.DockerClient(base_url=docker_engine)
+    try:
+        return build_app_image(
+            client,
+            tmp_path_factory.mktemp("contract-image"),
+            {"app.py": APP.read_text()},
+            "shipyard-test/contract:app",
+            command=["python3", "app.py"],
+        )
+    finally:
+        client.close()
+
+
+@pytest.fixture(params=["fake", "local", pytest.param("docker", marks=pytest.mark.docker)])
+async def harness(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Harness]:
     if request.param == "fake":
         yield FakeHarness()
         return
+    client: docker.DockerClient | None = None
+    if request.param == "docker":
+        engine: str = request.getfixturevalue("docker_engine")
+        image: str = request.getfixturevalue("contract_image")
+        # The agent `LocalRuntime.connect` starts takes its engine from DOCKER_HOST.
+        monkeypatch.setenv("DOCKER_HOST", engine)
+        client = docker.DockerClient(base_url=engine)
     rt = await LocalRuntime.connect(tmp_path / "data", "local")
-    local = LocalHarness(rt, tmp_path)
+    local = (
+        LocalHarness(rt, tmp_path) if client is None else DockerHarness(rt, tmp_path, client, image)
+    )
     try:
+        if client is not None:
+            assert "oci-image" in rt.artifact_kinds, rt.artifact_kind_problems
         yield local
     finally:
         await local.aclose()
@@ -310,7 +400,25 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         found = read_agent_info(tmp_path / "data", "local")
         info = tmp_path / "data" / "agents" / "local" / "agent.json"
         if found and info.exists():
-            os.kill(int(json.loads(info.read_text())["pid"]), signal.SIGTERM)
+            pid = int(json.loads(info.read_text())["pid"])
+            os.kill(pid, signal.SIGTERM)
+            if client is not None:  # its containers outlive it: wait, then remove them
+                await eventually(lambda: _gone(pid), what="the agent exiting")
+        if client is not None:
+            agent_dir = (tmp_path / "data" / "agents" / "local").resolve()
+            for c in client.containers.list(
+                all=True, filters={"label": f"{label('agent')}={agent_dir}"}
+            ):
+                c.remove(force=True)
+            client.close()
+
+
+async def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 async def replica(runtime: Runtime, replica_id: str) -> ReplicaStatus | None:
@@ -458,10 +566,7 @@ async def test_a_revision_whose_artifact_digest_does_not_match_is_refused(
     harness.modify_artifact(changed)
     with pytest.raises(ArtifactVerificationFailed, match="digest") as refused:
         await runtime.start_revision(changed)
-    assert (refused.value.detail["check"], refused.value.detail["reason"]) == (
-        "digest",
-        "content_mismatch",
-    )
+    assert (refused.value.detail["check"], refused.value.detail["reason"]) == harness.tampered
     assert refused.value.detail["actual"] != changed.artifact_digest
     state = await runtime.service_state(SERVICE)
     assert state is not None and state.revisions() == {"v1"}  # nothing of v2 started

@@ -116,13 +116,14 @@ class ReplicaLog:
         self._fd = open_log(_segment_path(directory, self._base))
         self._size = os.fstat(self._fd).st_size
 
-    def write(self, stream: LogStream, texts: Sequence[str]) -> None:
-        """Append one line per text (no newline in them), stamped now, rotating first if the
-        segment would pass its size."""
+    def write(self, stream: LogStream, texts: Sequence[str], *, at: float | None = None) -> None:
+        """Append one line per text (no newline in them), stamped ``at`` (the time the Docker
+        Engine stamped a container's line) or now, rotating first if the segment would pass
+        its size."""
         if not texts:
             return
         with self._lock:
-            stamp = f"{format_time(time.time())} {stream} "
+            stamp = f"{format_time(time.time() if at is None else at)} {stream} "
             data = "".join(f"{stamp}{t}\n" for t in texts).encode("utf-8", errors="replace")
             if self._fd < 0:
                 return
@@ -132,6 +133,23 @@ class ReplicaLog:
             while view:
                 view = view[os.write(self._fd, view) :]
             self._size += len(data)
+
+    def last_time(self) -> float | None:
+        """The stamp of the last line stored (None: none yet); where an adopted container's
+        output is followed again from (``agent.containers``)."""
+        for _, path in reversed(_segments(self.directory)):
+            try:
+                with path.open("rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    f.seek(max(0, size - _BLOCK))
+                    tail = f.read()
+            except OSError:
+                continue
+            for raw in reversed(tail.splitlines()):
+                parsed = parse_line(raw)
+                if parsed is not None:
+                    return parsed[0]
+        return None
 
     def _rotate(self) -> None:
         os.close(self._fd)

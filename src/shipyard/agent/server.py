@@ -46,6 +46,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from shipyard.agent import replica_logs
+from shipyard.agent.containers import ContainerNetwork, Engine
 from shipyard.agent.loading import MAX_LEASE_SECONDS, LoadRun, LoadSpec, LoadStats
 from shipyard.agent.replica_logs import LogLimits
 from shipyard.agent.supervisor import (
@@ -191,8 +192,13 @@ class Agent:
         http_listen: tuple[str, int] | None = None,
         https_listen: tuple[str, int] | None = None,
         tls_cert_dir: Path | None = None,
+        docker_host: str | None = None,
+        container_network: ContainerNetwork = "auto",
     ) -> None:
-        """``router_limits``: every service router's defaults (a service may override them);
+        """``docker_host``: the Docker Engine image revisions run on (None: the SDK's default,
+        ``DOCKER_HOST`` or the local socket; connected in ``restore``), ``container_network``:
+        see ``agent.containers``. ``router_limits``: every service router's defaults (a
+        service may override them);
         ``max_connections``: client connections across all of them, one cap, so a flooded
         service cannot take the descriptors the others and this agent's API need;
         ``log_limits``: each replica's log size cap and how long stopped replicas' logs stay.
@@ -217,6 +223,11 @@ class Agent:
         self.entries: dict[str, EntryListener] = {}
         self.entry_ports: dict[str, int] = {}
         self.token = secrets.token_urlsafe(32)
+        mask = SecretMasker.from_data_dir(data_dir, self.token.encode())
+        #: Containers carry this agent's directory as their ``agent`` label: its own, on an
+        #: engine other agents (other data directories) may share.
+        self.engine = Engine(docker_host, agent_id=str(self.dir.resolve()), region=region,
+                             network=container_network, mask=mask)  # fmt: skip
         self.supervisor = Supervisor(
             self.dir / "logs",
             self._replica_changed,
@@ -227,7 +238,7 @@ class Agent:
             # Secure by default: replicas never see the data directory this agent lives in.
             sandbox=sandbox or Sandbox(SandboxPolicy(data_dir=data_dir)),
             # Replicas' output never stores a key or token the host knows (this agent's too).
-            mask=SecretMasker.from_data_dir(data_dir, self.token.encode()),
+            mask=mask,
             log_limits=log_limits,
         )
 
@@ -235,12 +246,24 @@ class Agent:
         key = default_trusted_key(data_dir) if trusted_key is None else trusted_key
         if isinstance(key, Path) and key.name == KEY_FILE:
             raise ValueError(f"{key} is the private signing key; the agent takes the public one")
-        self.verifier = ArtifactVerifier(key)
+        self.verifier = ArtifactVerifier(key, self.engine.client)
 
     async def verify(self, spec: RevisionSpec) -> None:
         """ArtifactVerificationFailed unless ``spec``'s artifact is signed by the control plane
-        and hashes to its digest (in a worker thread: it reads and hashes the whole tree)."""
+        and hashes to its digest (in a worker thread: it reads and hashes the whole tree); an
+        image must be in the engine as signed (``agent.images``)."""
+        if spec.artifact_kind == "oci-image":
+            await self.connect_engine()
         await asyncio.to_thread(self.verifier.verify, spec)
+
+    async def connect_engine(self) -> None:
+        """Connect to the Docker Engine if not yet (tried again while it fails)."""
+        if self.engine.launcher is None:
+            self.supervisor.containers = await self.engine.connect()
+
+    def artifact_kinds(self) -> list[str]:
+        """What this agent can run now (``/v1/health``; the control plane's preflight)."""
+        return ["directory", "oci-image"] if self.engine.launcher else ["directory"]
 
     # --- routing -----------------------------------------------------------------------------
 
@@ -452,7 +475,8 @@ class Agent:
             # A replica waiting out its restart backoff is still one the revision should have.
             if r.wanted:
                 s = specs.setdefault(
-                    r.spec.revision, {"spec": r.spec.to_dict(), "routable": False, "pids": []}
+                    r.spec.revision,
+                    {"spec": r.spec.to_dict(), "routable": False, "pids": [], "containers": []},
                 )
                 s["spec"]["replicas"] = sum(
                     1
@@ -462,6 +486,11 @@ class Agent:
                 s["routable"] = s["routable"] or r.routable
                 if r.process and r.process.returncode is None:
                     s["pids"].append([r.process.pid, r.replica_id])
+                if r.handle is not None and r.handle.container_id and r.alive:
+                    # Containers outlive the agent: the next one adopts them (``restore``).
+                    s["containers"].append(
+                        [r.replica_id, r.handle.container_id, r.port, r.restarts]
+                    )
         return {
             "services": {
                 name: {
@@ -486,8 +515,11 @@ class Agent:
         """Put back what a previous agent ran: same ports, same revisions, same weights.
 
         Its replicas' state directories go first (after its orphaned replicas): the restored
-        replicas are new ones, with new ids and fresh state.
+        process replicas are new ones, with new ids and fresh state. Containers are adopted
+        instead (same ids, ports and container ids, not restarted: ``Supervisor.adopt``), and
+        containers of this agent that no state names are removed.
         """
+        await self.connect_engine()
         path = self.dir / "state.json"
         try:
             state = json.loads(path.read_text()) if path.exists() else {}
@@ -499,6 +531,7 @@ class Agent:
                 kill_orphan_group(pid, replica_id)
         self.supervisor.clean_stale()
         if not state:
+            await self._remove_orphan_containers()
             return
         for name, svc in state.get("services", {}).items():
             await self.ensure_service(name, int(svc.get("port", 0)))
@@ -512,6 +545,10 @@ class Agent:
             try:
                 # The state file is on disk: what it names is checked like any other start.
                 await self.verify(spec)
+                for replica_id, container_id, port, restarts in rev.get("containers", []):
+                    await self.supervisor.adopt(
+                        spec, str(replica_id), str(container_id), int(port), int(restarts)
+                    )
                 replicas = await self.supervisor.start_revision(spec)
             except (RevisionStartFailed, ArtifactVerificationFailed) as exc:
                 log.error("cannot restore %s/%s: %s", spec.service, spec.revision, exc)
@@ -526,7 +563,14 @@ class Agent:
             self._reconfigure(route)
             self._restore_hosts(route, svc, path)
         self._configure_entries()
+        await self._remove_orphan_containers()
         self._save_state()
+
+    async def _remove_orphan_containers(self) -> None:
+        """Remove this agent's containers that no replica is run by (``restore``)."""
+        if self.engine.launcher is not None:
+            ours = {r.handle.container_id for r in self.supervisor.replicas.values() if r.handle}
+            await self.engine.launcher.remove_orphans({c for c in ours if c})
 
     async def drive_load(self, service: str, spec: LoadSpec, lease_seconds: float) -> LoadRun:
         """Start load on ``spec.revision`` through ``service``'s router, or renew the lease of
@@ -582,7 +626,10 @@ class Agent:
             self.stop_load(service)
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
-        await self.supervisor.stop_all()
+        # Containers keep running (the next agent adopts them), as apps behind kamal-proxy do
+        # when the proxy goes away; processes, its children, stop with it.
+        await self.supervisor.stop_all(keep_containers=True)
+        self.engine.close()
         for listener in self.entries.values():
             await listener.close()
         for route in self.routes.values():
@@ -661,7 +708,14 @@ def build_app(agent: Agent) -> FastAPI:
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
-        return {"ok": True, "region": agent.region, "pid": os.getpid()}
+        await agent.connect_engine()
+        return {
+            "ok": True,
+            "region": agent.region,
+            "pid": os.getpid(),
+            "artifact_kinds": agent.artifact_kinds(),
+            "docker": {"address": agent.engine.where, "error": agent.engine.error},
+        }
 
     @app.get("/v1/services")
     async def services() -> list[str]:
@@ -811,6 +865,8 @@ async def run_agent(
     https_listen: tuple[str, int] | None = None,
     tls_cert_dir: Path | None = None,
     entry_given: bool = False,
+    docker_host: str | None = None,
+    container_network: ContainerNetwork = "auto",
 ) -> None:
     """Run the agent until SIGTERM/SIGINT; writes agent.json once the API listens.
     ``trusted_key``: the control plane's public key (default ``<data_dir>/keys/signing.pub``);
@@ -835,6 +891,8 @@ async def run_agent(
         http_listen=http_listen,
         https_listen=https_listen,
         tls_cert_dir=tls_cert_dir,
+        docker_host=docker_host,
+        container_network=container_network,
     )
     write_private(agent.dir / "agent.token", agent.token)
     await agent.start_entry()

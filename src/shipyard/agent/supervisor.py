@@ -45,7 +45,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from shipyard.agent import replica_logs
 from shipyard.agent.replica_logs import LogLimits, ReplicaLog
@@ -54,6 +54,9 @@ from shipyard.errors import RevisionStartFailed
 from shipyard.logs import log_event
 from shipyard.runtime.base import LogStream, ReplicaState, ReplicaStatus, RevisionSpec
 from shipyard.sandbox import Sandbox, SandboxPolicy, launch
+
+if TYPE_CHECKING:
+    from shipyard.agent.containers import ContainerLauncher
 
 log = logging.getLogger("shipyard.agent")
 
@@ -116,6 +119,104 @@ class RestartPolicy:
         return failures, min(self.max_delay, delay)
 
 
+class ReplicaHandle(Protocol):
+    """One start of a replica, whatever runs it: a process group (``ProcessHandle``, here) or a
+    container (``agent.containers.ContainerHandle``). The supervisor's keeper, backoff,
+    readiness and restart logic is written once against this; only these steps differ."""
+
+    @property
+    def pid(self) -> int | None:
+        """The process id (None for a container)."""
+        ...
+
+    @property
+    def container_id(self) -> str | None:
+        """The container's id (None for a process)."""
+        ...
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once it has exited, else None."""
+        ...
+
+    async def wait(self) -> int:
+        """Its exit code, once it has exited and what it printed is in its log."""
+        ...
+
+    async def reap(self, drain: Callable[[float], Awaitable[object]] | None, grace: float) -> None:
+        """After it exited on its own: clear what is left of it (``drain`` lets the requests it
+        still holds finish, for at most ``grace`` seconds, first)."""
+        ...
+
+    async def terminate(self, grace: float) -> None:
+        """Stop it: the stop signal, then killed after ``grace`` seconds; returns once gone."""
+        ...
+
+    async def kill(self) -> None:
+        """Kill it at once (its exit is then seen by ``wait``)."""
+        ...
+
+    async def discard(self) -> None:
+        """Kill whatever is left and free what it holds (idempotent; stop's last step)."""
+        ...
+
+
+class ProcessHandle:
+    """A replica started as a process group, its output copied by ``pump`` (``_pump_log``)."""
+
+    container_id = None
+
+    def __init__(self, process: asyncio.subprocess.Process, pump: threading.Thread) -> None:
+        self.process = process
+        self.pump = pump
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    async def wait(self) -> int:
+        code = await self.process.wait()
+        await _flushed(self.pump)
+        return code
+
+    async def reap(self, drain: Callable[[float], Awaitable[object]] | None, grace: float) -> None:
+        """Kill what the dead leader left behind, after the requests it still holds finished.
+
+        Workers that outlive their master (gunicorn's) keep serving the connections they have:
+        cutting them would fail requests the router already forwarded. The router stopped
+        sending new ones when the replica left its rotation; ``grace`` bounds the wait.
+        """
+        if drain is not None and _group_exists(self.pid):
+            with contextlib.suppress(Exception):  # a drain that fails must not stop the keeper
+                await drain(grace)
+        _signal_group(self.pid, signal.SIGKILL)
+
+    async def terminate(self, grace: float) -> None:
+        proc = self.process
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(grace):
+                await proc.wait()
+                # A sandboxed app outlives the sandbox's monitor process (the signal ends that
+                # at once); its shutdown is over when its process group is empty.
+                while _group_running(proc.pid):  # noqa: ASYNC110 - no event to wait on
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            _signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        _signal_group(proc.pid, signal.SIGKILL)
+
+    async def kill(self) -> None:
+        _signal_group(self.pid, signal.SIGKILL)
+
+    async def discard(self) -> None:
+        _signal_group(self.pid, signal.SIGKILL)
+
+
 @dataclass
 class Replica:
     replica_id: str
@@ -125,7 +226,8 @@ class Replica:
     log: ReplicaLog
     #: ``<run_dir>/<replica_id>``: HOME, TMPDIR and the overlay's writable layer.
     run_dir: Path
-    process: asyncio.subprocess.Process | None = None
+    #: What runs its current start (a process group or a container); None before the first.
+    handle: ReplicaHandle | None = None
     state: ReplicaState = "starting"
     #: Whether the orchestrator wants it to take traffic (``set_routable``). It survives a
     #: crash, so a restarted replica goes back into rotation once ready; see ``serving``.
@@ -148,8 +250,11 @@ class Replica:
     keeper: asyncio.Task[None] | None = None
     #: True while the keeper only waits (backoff, readiness): ``stop`` may cancel it then.
     interruptible: bool = False
-    #: The thread copying the current process's output into ``log``.
-    pump: threading.Thread | None = None
+
+    @property
+    def process(self) -> asyncio.subprocess.Process | None:
+        """The current process of a process replica (None for a container)."""
+        return self.handle.process if isinstance(self.handle, ProcessHandle) else None
 
     @property
     def log_path(self) -> Path:
@@ -181,12 +286,13 @@ class Replica:
             port=self.port,
             state=self.state,
             routable=self.serving,
-            pid=self.process.pid if self.process else None,
+            pid=self.handle.pid if self.handle else None,
             exit_code=self.exit_code,
             restarts=self.restarts,
             log_path=str(self.log_path),
             last_exit_code=self.last_exit_code,
             next_restart_in=next_restart_in,
+            container_id=self.handle.container_id if self.handle else None,
         )
 
 
@@ -203,6 +309,7 @@ class Supervisor:
         sandbox: Sandbox | None = None,
         mask: Callable[[str], str] | None = None,
         log_limits: LogLimits | None = None,
+        containers: ContainerLauncher | None = None,
     ) -> None:
         #: ``<agent_dir>/logs``: one directory per service, one per replica in it.
         self.logs_dir = logs_dir
@@ -223,6 +330,9 @@ class Supervisor:
         self.sandbox = sandbox or Sandbox(SandboxPolicy(data_dir=run_dir, insecure=True))
         self._mode: Mode | None = None
         self._mode_lock = asyncio.Lock()
+        #: Runs image revisions as containers (``agent.containers``); None: this agent runs
+        #: directory artifacts only.
+        self.containers = containers
         self.replicas: dict[str, Replica] = {}
         self._counter = 0
 
@@ -329,35 +439,75 @@ class Supervisor:
         return present + started
 
     async def start_replica(self, spec: RevisionSpec) -> Replica:
-        workdir = Path(spec.artifact_location)
-        if not workdir.is_dir():  # noqa: ASYNC240 - one stat, local disk
-            raise RevisionStartFailed(f"artifact directory {workdir} does not exist")
+        if spec.artifact_kind == "directory":
+            workdir = Path(spec.artifact_location)
+            if not workdir.is_dir():  # noqa: ASYNC240 - one stat, local disk
+                raise RevisionStartFailed(f"artifact directory {workdir} does not exist")
+        elif self.containers is None:
+            raise RevisionStartFailed(
+                f"revision {spec.revision} is an image, and this agent runs no containers "
+                "(it has no Docker Engine)",
+                artifact_kind=spec.artifact_kind,
+            )
         self._counter += 1
         replica_id = f"{spec.revision}-{self._counter}-{os.urandom(2).hex()}"
-        service_logs = self.logs_dir / spec.service
-        log = ReplicaLog(service_logs / replica_id, self.log_limits, service=spec.service,
-                         revision=spec.revision, replica_id=replica_id)  # fmt: skip
-        live = {r.replica_id for r in self.of_service(spec.service)} | {replica_id}
-        replica_logs.prune(service_logs, self.log_limits, live)
-        replica = Replica(
-            replica_id,
-            spec,
-            free_port(taken=self._ports()),
-            log,
-            self._run_dir / replica_id,
-            mode=await self.mode(),
-        )
+        replica = self._new_replica(spec, replica_id, free_port(taken=self._ports()))
+        if spec.artifact_kind == "directory":
+            replica.mode = await self.mode()
         try:
-            await self._spawn(replica)
+            replica.handle = await self._launch(replica)
         except RevisionStartFailed:
             shutil.rmtree(replica.run_dir, ignore_errors=True)
-            log.retire()
+            replica.log.retire()
             raise
         replica.state = "running"
         self.replicas[replica_id] = replica
         replica.keeper = asyncio.get_running_loop().create_task(self._keep(replica))
         self._on_change(replica)
         return replica
+
+    def _new_replica(self, spec: RevisionSpec, replica_id: str, port: int) -> Replica:
+        """A replica's record and log (appended to when the id has one already)."""
+        service_logs = self.logs_dir / spec.service
+        log = ReplicaLog(service_logs / replica_id, self.log_limits, service=spec.service,
+                         revision=spec.revision, replica_id=replica_id)  # fmt: skip
+        live = {r.replica_id for r in self.of_service(spec.service)} | {replica_id}
+        replica_logs.prune(service_logs, self.log_limits, live)
+        return Replica(replica_id, spec, port, log, self._run_dir / replica_id)
+
+    async def adopt(
+        self, spec: RevisionSpec, replica_id: str, container_id: str, port: int, restarts: int = 0
+    ) -> Replica | None:
+        """Take back a container a previous agent started (``Agent.restore``): same id, same
+        port, not restarted; its log is followed again from where the stored one ends. None
+        when it is gone, not running, or not that replica's (then the caller starts anew)."""
+        if self.containers is None or replica_id in self.replicas:
+            return None
+        replica = self._new_replica(spec, replica_id, port)
+        handle = await self.containers.adopt(replica, container_id)
+        if handle is None:
+            replica.log.retire()
+            return None
+        replica.handle = handle
+        replica.restarts = restarts
+        replica.state = "running"
+        self.replicas[replica_id] = replica
+        replica.keeper = asyncio.get_running_loop().create_task(self._keep(replica))
+        self._on_change(replica)
+        return replica
+
+    async def _launch(self, replica: Replica) -> ReplicaHandle:
+        """Start the replica's current run: a container for an image, else a process."""
+        if replica.spec.artifact_kind == "oci-image":
+            if self.containers is None:
+                raise RevisionStartFailed(
+                    f"revision {replica.spec.revision} is an image, and this agent runs no "
+                    "containers"
+                )
+            replica.spawned_at = time.monotonic()
+            replica.started_at = time.time()
+            return await self.containers.launch(replica)
+        return await self._spawn(replica)
 
     def _env(self, replica: Replica) -> dict[str, str]:
         home = replica.run_dir / "home"
@@ -399,7 +549,7 @@ class Supervisor:
         writable = ("home", "tmp", "upper") if mode == "overlay" else ("home", "tmp")
         self.sandbox.hand_over(replica.spec.service, *(replica.run_dir / n for n in writable))
 
-    async def _spawn(self, replica: Replica) -> None:
+    async def _spawn(self, replica: Replica) -> ProcessHandle:
         """Start the replica's process on its current port; RevisionStartFailed if it cannot."""
         spec = replica.spec
         argv = list(spec.argv)
@@ -441,15 +591,15 @@ class Supervisor:
         pipes = {"stdout": os.pipe(), "stderr": os.pipe()}
         try:
             replica.log.attach()
-            replica.pump = threading.Thread(
+            pump = threading.Thread(
                 target=_pump_log,
                 args=({r: name for name, (r, _) in pipes.items()}, replica.log, self._mask),
                 name=f"log-{replica.replica_id}",
                 daemon=True,
             )
-            replica.pump.start()
+            pump.start()
             try:
-                replica.process = await asyncio.create_subprocess_exec(
+                process = await asyncio.create_subprocess_exec(
                     *command,
                     cwd=cwd,
                     env=env,
@@ -466,6 +616,7 @@ class Supervisor:
                 f"cannot start {argv[0]!r} for revision {spec.revision}: {exc}",
                 command=argv[0],
             ) from exc
+        return ProcessHandle(process, pump)
 
     # --- keeping ---------------------------------------------------------------------------------
 
@@ -474,11 +625,10 @@ class Supervisor:
         reason = "exited"
         try:
             while True:
-                proc = replica.process
+                handle = replica.handle
                 code: int | None = None
-                if proc is not None:
-                    code = await proc.wait()
-                    await _flushed(replica.pump)
+                if handle is not None:
+                    code = await handle.wait()
                 replica.exit_code = code
                 if replica.stopping:  # stop() ends what is left of the process group
                     self._log_exit(replica, "stopped", None)
@@ -490,8 +640,8 @@ class Supervisor:
                 replica.restart_at = time.monotonic() + delay
                 self._log_exit(replica, reason, delay)
                 self._on_change(replica)  # out of the router's rotation first
-                if proc is not None:
-                    await self._reap_group(replica, proc.pid)
+                if handle is not None:
+                    await handle.reap(self._drainer(replica), self.policy.orphan_drain)
                 replica.interruptible = True
                 try:
                     await asyncio.sleep(delay)
@@ -504,17 +654,16 @@ class Supervisor:
                 "supervising replica %s failed; it is no longer restarted", replica.replica_id
             )
 
-    async def _reap_group(self, replica: Replica, pgid: int) -> None:
-        """Kill what the dead leader left behind, after the requests it still holds finished.
+    def _drainer(self, replica: Replica) -> Callable[[float], Awaitable[object]] | None:
+        """Waits until the router has answered what it sent ``replica`` (None: no router)."""
+        drain = self._drain
+        if drain is None:
+            return None
 
-        Workers that outlive their master (gunicorn's) keep serving the connections they have:
-        cutting them would fail requests the router already forwarded. The router stopped
-        sending new ones when the replica left its rotation; ``orphan_drain`` bounds the wait.
-        """
-        if self._drain is not None and _group_exists(pgid):
-            with contextlib.suppress(Exception):  # a drain that fails must not stop the keeper
-                await self._drain(replica, self.policy.orphan_drain)
-        _signal_group(pgid, signal.SIGKILL)
+        async def draining(timeout: float) -> object:
+            return await drain(replica, timeout)
+
+        return draining
 
     async def _restart(self, replica: Replica) -> str:
         """Start the replica again and wait until it is ready; returns why it is going down if
@@ -525,14 +674,13 @@ class Supervisor:
         replica.port = free_port(taken=self._ports())
         replica.state = "starting"
         try:
-            await self._spawn(replica)
+            handle = await self._launch(replica)
         except RevisionStartFailed as exc:
-            replica.process = None
+            replica.handle = None
             return f"restart failed: {exc}"
-        proc = replica.process
-        assert proc is not None
+        replica.handle = handle
         if replica.stopping:  # stop() came while we were spawning and saw the old process
-            _signal_group(proc.pid, signal.SIGKILL)
+            await handle.kill()
             return "stopped"
         log_event(
             log,
@@ -541,13 +689,14 @@ class Supervisor:
             revision=replica.spec.revision,
             replica=replica.replica_id,
             restarts=replica.restarts,
-            pid=proc.pid,
+            pid=handle.pid,
+            container=handle.container_id,
             port=replica.port,
         )
         self._on_change(replica)
         replica.interruptible = True
         try:
-            not_ready = await self._await_ready(replica, proc)
+            not_ready = await self._await_ready(replica, handle)
         finally:
             replica.interruptible = False
         if not_ready is None:
@@ -563,17 +712,17 @@ class Supervisor:
             )
             self._on_change(replica)
             return "exited"
-        if proc.returncode is None:
-            _signal_group(proc.pid, signal.SIGKILL)
+        if handle.returncode is None:
+            await handle.kill()
         return not_ready
 
-    async def _await_ready(self, replica: Replica, proc: asyncio.subprocess.Process) -> str | None:
+    async def _await_ready(self, replica: Replica, handle: ReplicaHandle) -> str | None:
         """None once the replica answers its readiness probe; else why it never did."""
         policy = self.policy
         loop = asyncio.get_running_loop()
         deadline = loop.time() + policy.ready_timeout
         while True:
-            if proc.returncode is not None:
+            if handle.returncode is not None:
                 return "exited before it was ready"
             try:
                 async with asyncio.timeout(policy.probe_timeout):
@@ -602,9 +751,12 @@ class Supervisor:
 
     # --- stopping --------------------------------------------------------------------------------
 
-    async def stop(self, replica: Replica, *, grace: float = 10.0) -> None:
-        """Stop for good: cancel a pending restart, SIGTERM the replica's process group, SIGKILL
-        after ``grace`` seconds, remove its state directory."""
+    async def stop(self, replica: Replica, *, grace: float | None = None) -> None:
+        """Stop for good: cancel a pending restart, SIGTERM the replica's process group (``docker
+        stop`` its container), SIGKILL after ``grace`` seconds (default: the revision's
+        ``stop_timeout``), remove its state directory (its container)."""
+        if grace is None:
+            grace = replica.spec.stop_timeout
         replica.stopping = True
         replica.routable = False
         replica.restart_at = None
@@ -616,40 +768,52 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             keeper = None
-        proc = replica.process
-        if proc is not None and proc.returncode is None:
+        handle = replica.handle
+        if handle is not None and handle.returncode is None:
             replica.state = "stopping"
             self._on_change(replica)
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                async with asyncio.timeout(grace):
-                    await proc.wait()
-                    # A sandboxed app outlives the sandbox's monitor process (the signal ends
-                    # that at once); its shutdown is over when its process group is empty.
-                    while _group_running(proc.pid):  # noqa: ASYNC110 - no event to wait on
-                        await asyncio.sleep(0.02)
-            except TimeoutError:
-                _signal_group(proc.pid, signal.SIGKILL)
-                await proc.wait()
-            _signal_group(proc.pid, signal.SIGKILL)
+            await handle.terminate(grace)
             if keeper is None:
-                replica.exit_code = proc.returncode
+                replica.exit_code = handle.returncode
                 self._log_exit(replica, "stopped", None)
         if keeper is not None:
             # Returns at once now: its process has exited (or it spawns one, sees ``stopping``
             # and kills it).
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-        if replica.process is not None:
-            _signal_group(replica.process.pid, signal.SIGKILL)
+        if replica.handle is not None:
+            await replica.handle.discard()
         shutil.rmtree(replica.run_dir, ignore_errors=True)
         replica.log.retire()  # the file stays, for `shipyard logs`, until pruned
         replica.state = "stopped"
         self.replicas.pop(replica.replica_id, None)
         self._on_change(replica)
 
-    async def stop_all(self, grace: float = 5.0) -> None:
-        await asyncio.gather(*(self.stop(r, grace=grace) for r in list(self.replicas.values())))
+    async def stop_all(self, grace: float = 5.0, *, keep_containers: bool = False) -> None:
+        """Stop every replica; ``keep_containers``: containers are left running (a clean agent
+        shutdown: the next agent adopts them) and only let go of (``release``)."""
+        replicas = list(self.replicas.values())
+        kept = [r for r in replicas if keep_containers and r.spec.artifact_kind == "oci-image"]
+        # Processes first: each stop reports a change (the agent saves its state then), and the
+        # state saved must still name the containers kept, for the next agent to adopt.
+        await asyncio.gather(*(self.stop(r, grace=grace) for r in replicas if r not in kept))
+        for r in kept:
+            await self.release(r)
+
+    async def release(self, replica: Replica) -> None:
+        """Let go of a replica without stopping what runs it (its container keeps running for
+        the next agent to adopt): its keeper ends and its log is no longer followed."""
+        replica.stopping = True
+        self.replicas.pop(replica.replica_id, None)
+        keeper = replica.keeper
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        handle = replica.handle
+        if handle is not None and self.containers is not None:
+            self.containers.release(handle)
+        replica.log.retire()
 
 
 async def probe_ready(port: int, endpoint: str | None, host: str = "127.0.0.1") -> bool:

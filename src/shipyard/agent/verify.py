@@ -12,7 +12,10 @@ from ``state.json`` after a restart — checks, in this order:
    (``security.signing.verify``: unsigned, malformed, foreign key, bad signature, or a statement
    about another digest);
 2. the artifact directory hashes to ``artifact_digest`` (``build.digest.verify_artifact``, the
-   builder's own function).
+   builder's own function); for an image revision instead, the Docker Engine holds the image
+   whose ID is ``artifact_digest`` (pulled by its registry reference if need be) and
+   ``artifact_location`` resolves to that same ID (``agent.images.ensure_image``: a retagged or
+   replaced image is refused naming both digests).
 
 The agent holds only the *public* key: ``<data_dir>/keys/signing.pub`` (which the control plane
 derives from its private key) unless ``shipyard agent --trusted-key`` names another PEM file.
@@ -31,10 +34,13 @@ when its revision started.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
+import docker
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from shipyard.agent.images import ensure_image
 from shipyard.build.digest import verify_artifact
 from shipyard.errors import ArtifactVerificationFailed, ShipyardError
 from shipyard.runtime.base import RevisionSpec
@@ -46,10 +52,17 @@ class ArtifactVerifier:
 
     ``trusted_key`` is a PEM file path, or the PEM itself (str/bytes) or a key object; a path
     that does not exist yet is read again at the next verification (the control plane creates
-    its key on first use), and pinned once read."""
+    its key on first use), and pinned once read. ``engine`` gives the Docker Engine client image
+    revisions are checked against (None, or it returns None: this agent has no engine, and
+    every image revision is refused)."""
 
-    def __init__(self, trusted_key: Path | str | bytes | Ed25519PublicKey) -> None:
+    def __init__(
+        self,
+        trusted_key: Path | str | bytes | Ed25519PublicKey,
+        engine: Callable[[], docker.DockerClient | None] | None = None,
+    ) -> None:
         self._source = trusted_key
+        self._engine = engine
         self._key: Ed25519PublicKey | None = None
         self._lock = threading.Lock()
         if not isinstance(trusted_key, Path) or trusted_key.exists():
@@ -83,7 +96,9 @@ class ArtifactVerifier:
         """Raise ``ArtifactVerificationFailed`` unless ``spec`` may start (blocking: file reads
         and hashing; the server calls it in a worker thread). The error's ``check`` says which
         failed: ``signature`` (detail ``reason``: unsigned, malformed, foreign_key,
-        bad_signature, digest_mismatch) or ``digest`` (the files are not what was signed)."""
+        bad_signature, digest_mismatch), ``digest`` (the files are not what was signed) or
+        ``image`` (no engine, or it lacks the signed image, or the reference names another:
+        ``agent.images``)."""
         where = f"{spec.service}/{spec.revision}"
         key = self.key()
         try:
@@ -104,6 +119,18 @@ class ArtifactVerifier:
                 reason="malformed",
                 digest=spec.artifact_digest,
             ) from exc
+        if spec.artifact_kind == "oci-image":
+            client = self._engine() if self._engine is not None else None
+            if client is None:
+                raise ArtifactVerificationFailed(
+                    f"agent refused to start {where}: it is an image, and this agent has no "
+                    "Docker Engine to check (or run) it on",
+                    check="image",
+                    reason="no_engine",
+                    digest=spec.artifact_digest,
+                )
+            ensure_image(client, spec.artifact_location, spec.artifact_digest, where=where)
+            return
         try:
             verify_artifact(Path(spec.artifact_location), spec.artifact_digest)
         except ArtifactVerificationFailed as exc:

@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn, cast
 
 import typer
 from rich import box
@@ -473,6 +473,21 @@ def agent(
             "reloaded on change. Default: DATA_DIR/agents/REGION/certs."
         ),
     ] = None,
+    docker_host: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DOCKER_HOST",
+            help="Docker Engine that image revisions run on, e.g. unix:///run/docker.sock. "
+            "Default: the docker SDK's (the local socket).",
+        ),
+    ] = None,
+    container_network: Annotated[
+        str,
+        typer.Option(
+            help="auto|host|publish: containers on the host's network with their port in PORT, "
+            "or their port published on 127.0.0.1; auto: host when the engine has no bridge.",
+        ),
+    ] = "auto",
 ) -> None:
     """Run the data plane of one region: the traffic router and the app supervisor.
 
@@ -509,6 +524,9 @@ def agent(
 
     from shipyard.cli.listen import parse_listen
 
+    if container_network not in ("auto", "host", "publish"):
+        raise typer.BadParameter("--container-network must be auto, host or publish")
+    network = cast(Literal["auto", "host", "publish"], container_network)
     http_addr = parse_listen("--http-listen", http_listen)
     https_addr = parse_listen("--https-listen", https_listen)
     entry_given = http_listen is not None or https_listen is not None
@@ -532,6 +550,8 @@ def agent(
             https_listen=https_addr,
             tls_cert_dir=tls_cert_dir.resolve() if tls_cert_dir else None,
             entry_given=entry_given,
+            docker_host=docker_host or None,
+            container_network=network,
         )
     )
 

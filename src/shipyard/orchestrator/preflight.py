@@ -218,6 +218,13 @@ def check_runnable(ctx: DeploymentContext, artifact: Artifact) -> None:
     """The region's runtime must be able to run what was built (before scanning it)."""
     runtime = ctx.runtime
     runs: tuple[str, ...] = getattr(runtime, "artifact_kinds", ("directory",))
+    problem = getattr(runtime, "artifact_kind_problems", {}).get(artifact.kind)
+    if artifact.kind not in runs and problem:
+        raise RevisionStartFailed(
+            f"{problem}; builder {artifact.builder!r} produced an {artifact.kind} "
+            f"({artifact.digest})",
+            artifact_kind=artifact.kind,
+        )
     if artifact.kind not in runs:
         raise RevisionStartFailed(
             f"the {runtime.kind} runtime of region {ctx.region} runs "

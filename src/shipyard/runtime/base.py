@@ -173,6 +173,8 @@ class ReplicaStatus:
     #: Seconds until a pending restart (the replica is then ``crashed`` or ``exited``, waiting
     #: out its backoff); None when no restart is pending.
     next_restart_in: float | None = None
+    #: The container running it (image revisions on the local agent; None for a process).
+    container_id: str | None = None
 
     @property
     def alive(self) -> bool:

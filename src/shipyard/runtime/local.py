@@ -241,11 +241,34 @@ class LocalRuntime:
         self.region = region
         self.agent = agent
         self.router = AgentRouter(agent)
+        #: What the agent can run (``orchestrator.preflight.check_runnable`` reads it): images
+        #: too once its Docker Engine answers (``refresh_kinds``).
+        self.artifact_kinds: tuple[str, ...] = ("directory",)
+        #: Why a kind is missing, for preflight's message (kind -> reason).
+        self.artifact_kind_problems: dict[str, str] = {}
 
     @classmethod
     async def connect(cls, data_dir: Path, region: str) -> LocalRuntime:
         url, token = await attach_or_start_agent(data_dir, region)
-        return cls(region, AgentClient(url, token, region, data_dir))
+        runtime = cls(region, AgentClient(url, token, region, data_dir))
+        await runtime.refresh_kinds()
+        return runtime
+
+    async def refresh_kinds(self) -> tuple[str, ...]:
+        """Ask the agent what it can run now (``GET /v1/health``; an agent from before images
+        reports nothing and runs directories only)."""
+        health = await self.agent.call("GET", "/v1/health")
+        self.artifact_kinds = tuple(health.get("artifact_kinds") or ("directory",))
+        docker = health.get("docker") or {}
+        self.artifact_kind_problems = {}
+        if "oci-image" not in self.artifact_kinds:
+            self.artifact_kind_problems["oci-image"] = (
+                f"the agent of region {self.region} cannot run images: the Docker Engine is "
+                f"unreachable at {docker.get('address', 'its default address')}"
+                + (f" ({docker['error']})" if docker.get("error") else "")
+                + "; start it, or give `shipyard agent --docker-host`"
+            )
+        return self.artifact_kinds
 
     async def ensure_service(self, service: str) -> str:
         state = await self.agent.call("PUT", f"/v1/services/{service}")
@@ -301,6 +324,10 @@ class LocalRuntime:
         )
 
     async def list_services(self) -> list[str]:
+        if "oci-image" not in self.artifact_kinds:
+            # The janitor calls this every second: an engine started after the agent is seen
+            # within seconds (the agent tries it again at most every 5 s).
+            await self.refresh_kinds()
         return list(await self.agent.call("GET", "/v1/services"))
 
     async def read_logs(self, service: str, query: LogQuery) -> LogBatch:
