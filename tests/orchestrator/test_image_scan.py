@@ -53,7 +53,7 @@ async def world(tmp_path: Path, docker_engine: str) -> AsyncIterator[PipelineWor
     if db is None:
         pytest.fail("PyPA advisory database not found; set SHIPYARD_TEST_OSV_DB")
     w = PipelineWorld(tmp_path, builder=FakeBuilder(root=tmp_path / "artifacts"))
-    w.runtime.artifact_kinds = ("directory", "oci-image")  # type: ignore[attr-defined]
+    w.runtime.artifact_kinds = ("directory", "oci-image")
     w.gate = SecurityGate(data_dir=tmp_path, db_path=db)
     w.attestations_dir = tmp_path / "attestations"
     w.pipeline = w.new_pipeline()
