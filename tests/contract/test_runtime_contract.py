@@ -99,6 +99,12 @@ class Harness(Protocol):
         """``(check, reason)`` of the refusal of a modified artifact."""
         ...
 
+    @property
+    def patience(self) -> float:
+        """Seconds to wait for what takes several replica starts (a crash loop): a container
+        on the test engine's vfs storage takes seconds to create, a process milliseconds."""
+        ...
+
     async def send(self, *, headers: Mapping[str, str] | None = None, status: int = 200) -> Answer:
         """One request through the service URL; the replica answers ``status``."""
         ...
@@ -131,6 +137,7 @@ def spec(revision: str, replicas: int, location: str, env: Mapping[str, str]) ->
 
 class FakeHarness:
     tampered = ("digest", "content_mismatch")
+    patience = 30.0
 
     def __init__(self) -> None:
         self.runtime = FakeRuntime()  # on the wall clock, with the agent's 0.5 s first backoff
@@ -178,6 +185,7 @@ def _answer(exchange: FakeExchange) -> Answer:
 
 class LocalHarness:
     tampered = ("digest", "content_mismatch")
+    patience = 30.0
 
     def __init__(self, runtime: LocalRuntime, tmp: Path) -> None:
         self.runtime = runtime
@@ -315,6 +323,7 @@ class DockerHarness(LocalHarness):
     another image (a retag after signing)."""
 
     tampered = ("image", "image_mismatch")
+    patience = 120.0
 
     def __init__(
         self, runtime: LocalRuntime, tmp: Path, client: docker.DockerClient, image: str
@@ -768,7 +777,7 @@ async def test_a_crash_loop_is_reported_with_its_exit_code(harness: Harness) -> 
         waiting = r.next_restart_in is not None and r.next_restart_in >= 1.0
         return r if r.state == "crashed" and r.restarts >= 2 and waiting else None
 
-    down = await eventually(looping, what="two failed restarts")
+    down = await eventually(looping, what="two failed restarts", timeout=harness.patience)
     assert (down.exit_code, down.last_exit_code, down.routable, down.alive) == (3, 3, False, False)
     with pytest.raises(InvalidInput):
         await runtime.set_routable(SERVICE, [a.replica_id], True)  # it cannot take traffic

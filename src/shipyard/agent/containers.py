@@ -15,8 +15,12 @@ replica, artifact digest, region, agent, port), which is how a restarted agent f
 (``Agent.restore`` removes those). Its environment is built here and is never the agent's:
 ``PORT``, ``SHIPYARD_SERVICE/_REVISION/_REPLICA`` and the manifest's ``[run] env`` (on top of
 the image's own ``ENV``). It runs with every capability dropped, ``no-new-privileges``, the
-limits of ``spec.container`` (memory, with swap the same; nano CPUs) and nothing of the host
-mounted. The image's ``USER`` is kept; an image that names none runs as ``65534:65534``
+limits of ``spec.container`` (memory, with swap the same; nano CPUs), nothing of the host
+mounted, and the engine's init as PID 1 (``docker run --init``), so that ``docker stop``'s
+SIGTERM ends an app that installs no handler, as it ends a process replica, instead of waiting
+out the stop timeout. Its command (``spec.argv``, else the image's ENTRYPOINT/CMD) is looked up
+in the created container before it starts, so a command that does not exist is refused like a
+process's rather than becoming the init's exit 127. The image's ``USER`` is kept; an image that names none runs as ``65534:65534``
 (nobody) with ``HOME=/tmp`` rather than as root, since nothing an ordinary web app does needs
 root (binding a port above 1024, reading its files; an image whose files only root may read
 must say ``USER root`` -- which, with every capability dropped, is still a weak root).
@@ -37,8 +41,10 @@ is stored twice.
 from __future__ import annotations
 
 import asyncio
+import base64
 import calendar
 import contextlib
+import json
 import logging
 import math
 import os
@@ -75,6 +81,9 @@ DEFAULT_CONTAINER_PORT = 8080
 NO_USER = "65534:65534"
 #: The longest line kept whole (as for processes).
 MAX_LINE = 65536
+#: Go's ``os.FileMode`` bits in the engine's path stat.
+_GO_DIR = 1 << 31
+_GO_SYMLINK = 1 << 27
 #: The SDK's own default engine address.
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 #: Foreign error text is cut to this.
@@ -192,7 +201,11 @@ class ContainerLauncher:
                 image=spec.artifact_digest,
             ) from exc
         try:
+            await asyncio.to_thread(self._check_command, str(container.id), config, spec)
             await asyncio.to_thread(container.start)
+        except RevisionStartFailed:
+            await self._remove(container.id)
+            raise
         except docker.errors.DockerException as exc:
             await self._remove(container.id)
             raise RevisionStartFailed(
@@ -213,6 +226,55 @@ class ContainerLauncher:
         handle = ContainerHandle(self, str(container.id), replica.log)
         handle.follow(since=None)
         return handle
+
+    def _check_command(
+        self, container_id: str, image: Mapping[str, Any], spec: RevisionSpec
+    ) -> None:
+        """Refuse a command the container cannot execute, before it starts (as for processes):
+        its init would start, fail to exec it and exit 127, a crash instead of a refusal.
+        Looked up in the created container's filesystem (``HEAD .../archive``: a stat, no
+        copy), on the image's ``PATH`` for a bare name."""
+        entrypoint = list(image.get("Entrypoint") or [])
+        argv = entrypoint or list(spec.argv) or list(image.get("Cmd") or [])
+        command = argv[0] if argv else ""
+        if not command:
+            raise RevisionStartFailed(
+                f"revision {spec.revision} has no command: the manifest gives none and the "
+                f"image {spec.artifact_digest} has no ENTRYPOINT or CMD",
+                command="",
+            )
+        env = dict(str(e).partition("=")[::2] for e in image.get("Env") or [])
+        workdir = str(image.get("WorkingDir") or "/")
+        if "/" in command:
+            candidates = [command if command.startswith("/") else f"{workdir}/{command}"]
+        else:
+            path = env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            candidates = [f"{d.rstrip('/')}/{command}" for d in path.split(":") if d]
+        for candidate in candidates:
+            if self._executable(container_id, candidate):
+                return
+        where = candidates[0] if "/" in command else f"PATH {':'.join(candidates)}"
+        raise RevisionStartFailed(
+            f"cannot start {command!r} for revision {spec.revision}: not an executable file "
+            f"in image {spec.artifact_digest} ({where})",
+            command=command,
+        )
+
+    def _executable(self, container_id: str, path: str) -> bool:
+        api = self.client.api
+        response = api.head(
+            api._url("/containers/{0}/archive", container_id), params={"path": path}
+        )
+        if response.status_code != 200:
+            return False
+        try:
+            stat = json.loads(base64.b64decode(response.headers["X-Docker-Container-Path-Stat"]))
+            mode = int(stat["mode"])
+        except (KeyError, ValueError, TypeError):
+            return True  # an engine that does not say: let the start find out
+        if mode & _GO_SYMLINK:
+            return True  # followed by the exec itself; a dangling one fails there
+        return not mode & _GO_DIR and bool(mode & 0o111)
 
     def _image_config(self, digest: str) -> Mapping[str, Any]:
         config: Mapping[str, Any] = self.client.images.get(digest).attrs.get("Config") or {}
