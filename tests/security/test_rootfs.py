@@ -4,6 +4,7 @@ too many files) never writes outside the destination."""
 
 from __future__ import annotations
 
+import errno
 import io
 import tarfile
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shipyard.errors import SecurityScanFailed
-from shipyard.security import inventory
+from shipyard.security import inventory, rootfs
 from shipyard.security.rootfs import ExtractLimits, extract_scan_files, safe_name, wanted
 
 METADATA = b"Metadata-Version: 2.1\nName: Jinja2\nVersion: 2.7.1\n"
@@ -237,3 +238,18 @@ def test_a_file_then_a_directory_of_the_same_name_is_skipped(box: tuple[Path, Pa
     report = extract_scan_files(stream, dest)
     assert files_under(dest) == {"site/x.egg-info"}
     assert [p for p, _ in report.skipped] == ["site/x.egg-info/PKG-INFO"]
+
+
+def test_a_full_disk_fails_the_scan_instead_of_missing_packages(
+    box: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest, _ = box
+
+    def full(source: object, target: Path, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rootfs, "_write", full)
+    stream = Tar().file("site/ok.dist-info/METADATA", METADATA).stream()
+    with pytest.raises(SecurityScanFailed, match="No space left on device") as info:
+        extract_scan_files(stream, dest)
+    assert info.value.detail["reason"] == "image_not_scannable"

@@ -20,10 +20,12 @@ mounted, and the engine's init as PID 1 (``docker run --init``), so that ``docke
 SIGTERM ends an app that installs no handler, as it ends a process replica, instead of waiting
 out the stop timeout. Its command (``spec.argv``, else the image's ENTRYPOINT/CMD) is looked up
 in the created container before it starts, so a command that does not exist is refused like a
-process's rather than becoming the init's exit 127. The image's ``USER`` is kept; an image that names none runs as ``65534:65534``
-(nobody) with ``HOME=/tmp`` rather than as root, since nothing an ordinary web app does needs
-root (binding a port above 1024, reading its files; an image whose files only root may read
-must say ``USER root`` -- which, with every capability dropped, is still a weak root).
+process's rather than becoming the init's exit 127.
+
+The image's ``USER`` is kept; an image that names none runs as ``65534:65534`` (nobody) with
+``HOME=/tmp`` rather than as root, since nothing an ordinary web app does needs root (binding
+a port above 1024, reading its files); an image whose files only root may read must say
+``USER root`` -- which, with every capability dropped, is still a weak root.
 
 Networking (``--container-network``): ``publish`` publishes the container's port
 (``spec.container.port``, else the image's first ``EXPOSE``d TCP port, else 8080, and ``PORT``

@@ -26,6 +26,7 @@ from typing import IO, Any, TypeVar
 import docker
 import docker.errors
 import requests
+import urllib3.exceptions
 from pydantic import ValidationError
 
 from shipyard.build.docker import DockerBuilderConfig
@@ -101,7 +102,11 @@ class ImageExporter:
                 chunks = container.export(chunk_size=1 << 20)
                 with io.BufferedReader(_ChunkReader(chunks), buffer_size=1 << 20) as stream:
                     return consume(stream)
-            except (docker.errors.DockerException, requests.RequestException) as exc:
+            except (
+                docker.errors.DockerException,
+                requests.RequestException,
+                urllib3.exceptions.HTTPError,  # the SDK streams from urllib3 directly
+            ) as exc:
                 raise _failed(
                     f"cannot export image {image} from Docker Engine at {self.address}: "
                     f"{_cut(str(exc))}",

@@ -7,6 +7,9 @@
         PATH: a built artifact directory, a `pip install --target` directory, a virtual
         environment, a pip installation report (.json), or a requirements/lock file. Directories
         are read as the deploy gate reads an artifact; a requirements file gives only its pins.
+    shipyard scan --image REF [--builders-config FILE] [...]
+        an image on Docker Engine (the docker builder's, from --builders-config, else
+        DOCKER_HOST), exported and read as the deploy gate reads images (Python, dpkg, apk).
         The policy: --policy, else the [security] table of a shipyard.toml beside PATH, else the
         built-in default, chosen and applied by the gate's own code (security/gate.py).
     shipyard vulndb [--db DIR]
@@ -25,6 +28,7 @@ import datetime as dt
 import enum
 import json
 import os
+import tempfile
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,10 +38,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from shipyard.build.image_export import ImageExporter
+from shipyard.build.registry import BuildConfig
+from shipyard.cli.build import _read_builders
 from shipyard.cli.safe import console, shown
 from shipyard.domain.manifest import MANIFEST_NAME
-from shipyard.errors import InvalidInput
-from shipyard.security import gate, inventory, osv, policy
+from shipyard.errors import InvalidInput, SecurityScanFailed
+from shipyard.orchestrator.image_scan import export_into
+from shipyard.security import gate, inventory, osv, policy, rootfs
 from shipyard.security.cvss import Severity
 from shipyard.security.scanning import Finding, OsvScanner
 
@@ -122,13 +130,15 @@ def _severity_cell(f: Finding) -> str:
     return f"[{_STYLE[f.severity]}]{f.severity.value}{score}[/]"
 
 
-def _policy_for(path: Path, policy_file: Path | None) -> tuple[policy.SecurityPolicy, str]:
+def _policy_for(path: Path | None, policy_file: Path | None) -> tuple[policy.SecurityPolicy, str]:
     """The policy ``scan`` judges with and where it came from, chosen as the deploy gate
     chooses (``gate.effective_policy``): ``--policy``, else the ``[security]`` table of the
     ``shipyard.toml`` beside PATH (in the directory, or the requirements file's directory),
-    else the built-in default."""
+    else the built-in default (an image has no manifest beside it)."""
     if policy_file is not None:
         return gate.effective_policy(policy.load_policy(policy_file), None), str(policy_file)
+    if path is None:
+        return gate.effective_policy(None, None), "built-in default"
     folder = path if path.is_dir() else path.parent
     manifest_path = folder / MANIFEST_NAME
     if manifest_path.is_file():
@@ -182,12 +192,28 @@ def _table(title: str, rows: list[tuple[Finding, str]]) -> Table:
     return table
 
 
+def _image_inventory(image: str, builders_config: Path | None) -> inventory.Inventory:
+    """The packages of ``image`` on the Docker builder's engine (``--builders-config``'s
+    ``docker.base_url``, else ``DOCKER_HOST``), read from its exported files as the deploy gate
+    reads them."""
+    config = BuildConfig(
+        data_dir=Path(tempfile.gettempdir()), builders=_read_builders(builders_config)
+    )
+    exporter = ImageExporter.from_build_config(config)
+    with tempfile.TemporaryDirectory(prefix="shipyard-scan-") as tmp:
+        export_into(exporter, image, Path(tmp))
+        return rootfs.image_inventory(Path(tmp), image)
+
+
 @security_app.command("scan")
 def scan(
     path: Annotated[
-        Path,
-        typer.Argument(help="Artifact directory, virtual environment, or requirements/lock file."),
-    ],
+        Path | None,
+        typer.Argument(
+            help="Artifact directory, virtual environment, or requirements/lock file.",
+            show_default=False,
+        ),
+    ] = None,
     db: DbOption = None,
     policy_file: Annotated[
         Path | None,
@@ -195,14 +221,40 @@ def scan(
     ] = None,
     output: FormatOption = OutputFormat.table,
     data_dir: DataDirOption = None,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            "--image",
+            help="Scan an image on Docker Engine instead of PATH (reference or image ID): its "
+            "Python, dpkg and apk packages, as the deploy gate scans images.",
+            show_default=False,
+        ),
+    ] = None,
+    builders_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--builders-config",
+            help="With --image: the builders' JSON settings, as for `shipyard build` "
+            '({"docker": {"base_url": "unix:///..."}}); default: DOCKER_HOST.',
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """List known vulnerabilities of what PATH contains, blocking or not and why; exit 1 when
-    the policy blocks."""
+    """List known vulnerabilities of what PATH (or --image) contains, blocking or not and why;
+    exit 1 when the policy blocks."""
+    if (path is None) == (image is None):
+        raise _fail("give either PATH or --image REF (exactly one)")
     try:
-        pol, pol_source = _policy_for(path, policy_file)
-        inv = inventory.from_path(path)
-        database = _load(db, data_dir)
-    except InvalidInput as exc:
+        if image is not None:
+            pol, pol_source = _policy_for(None, policy_file)
+            database = _load(db, data_dir)  # first: no export when the database is missing
+            inv = _image_inventory(image, builders_config)
+        else:
+            assert path is not None
+            pol, pol_source = _policy_for(path, policy_file)
+            inv = inventory.from_path(path)
+            database = _load(db, data_dir)
+    except (InvalidInput, SecurityScanFailed) as exc:
         raise _fail(exc.message) from exc
     # The deploy gate's own scan-and-judge step: the same findings block here and there.
     assessment = gate.assess(OsvScanner(database), inv, pol, today=dt.datetime.now(dt.UTC).date())

@@ -21,7 +21,6 @@ and security are sibling layers and do not import each other.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import threading
 import time
@@ -38,7 +37,7 @@ from shipyard.errors import InvalidInput, SecurityScanFailed
 from shipyard.security import inventory as inv
 from shipyard.security import osv, sbom, signing
 from shipyard.security import policy as policies
-from shipyard.security import rootfs as rootfs_paths
+from shipyard.security import rootfs as rootfs_files
 from shipyard.security.scanning import Finding, OsvScanner, Scanner
 
 
@@ -213,30 +212,16 @@ class SecurityGate:
 
     def inventory_of(self, artifact: ArtifactLike, rootfs: Path | None = None) -> inv.Inventory:
         if rootfs is not None or artifact.kind == "directory":
-            tree = rootfs if rootfs is not None else Path(artifact.location)
             try:
-                found = inv.from_tree(tree)
+                if rootfs is not None:
+                    return rootfs_files.image_inventory(rootfs, artifact.location)
+                return inv.from_tree(Path(artifact.location))
             except InvalidInput as exc:
                 raise SecurityScanFailed(
                     f"cannot scan artifact {artifact.digest}: {exc.message}",
                     vulnerabilities=0,
                     reason="not_scannable",
                 ) from exc
-            if rootfs is None:
-                return found
-            # Where a package was found, as the image names it (not this machine's temp dir).
-            return dataclasses.replace(
-                found,
-                source=artifact.location,
-                packages=tuple(
-                    dataclasses.replace(p, location=rootfs_paths.display_path(tree, p.location))
-                    for p in found.packages
-                ),
-                skipped=tuple(
-                    inv.Skipped(rootfs_paths.display_path(tree, s.source), s.reason)
-                    for s in found.skipped
-                ),
-            )
         raise SecurityScanFailed(
             f"cannot scan {artifact.kind} artifact {artifact.location} ({artifact.digest}): "
             "the gate reads files, so pass the image's exported root filesystem as `rootfs`",

@@ -25,6 +25,7 @@ Called by the orchestrator's scan stage (``orchestrator/preflight.py``) on the s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import tarfile
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import IO
 
 from shipyard.errors import SecurityScanFailed
+from shipyard.security import inventory as inv
 
 #: Exact paths (relative to the image root) the scanner reads.
 _EXACT = frozenset(
@@ -176,10 +178,17 @@ def extract_scan_files(
                     continue
                 try:
                     _write(source, target, member.size)
-                except OSError as exc:
-                    # e.g. a parent that is a file we wrote ("x.egg-info" then "x.egg-info/...")
+                except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+                    # The image's own contradictions: a parent that is a file we wrote
+                    # ("x.egg-info" then "x.egg-info/PKG-INFO"), a file over a directory.
                     report.skipped.append((name, f"not written: {exc.strerror or exc}"))
                     continue
+                except OSError as exc:
+                    # This machine's trouble (disk full, I/O error): a scan that silently
+                    # missed packages would vouch for them, so none is made.
+                    raise _refuse(
+                        f"cannot write the image's {name} for scanning: {exc.strerror or exc}"
+                    ) from exc
                 report.files += 1
                 report.bytes += member.size
     except tarfile.TarError as exc:
@@ -193,3 +202,19 @@ def display_path(root: Path, path: str) -> str:
         return "/" + posixpath.normpath(Path(path).relative_to(root).as_posix())
     except ValueError:
         return path
+
+
+def image_inventory(root: Path, image: str) -> inv.Inventory:
+    """``inventory.from_tree`` of the extracted files, with ``image`` as its source and every
+    location as the image names it (not this machine's temporary directory). Called by the
+    gate and by ``shipyard scan --image``."""
+    found = inv.from_tree(root)
+    return dataclasses.replace(
+        found,
+        source=image,
+        kind="image",
+        packages=tuple(
+            dataclasses.replace(p, location=display_path(root, p.location)) for p in found.packages
+        ),
+        skipped=tuple(inv.Skipped(display_path(root, s.source), s.reason) for s in found.skipped),
+    )
