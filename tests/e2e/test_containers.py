@@ -57,7 +57,7 @@ from shipyard.cli.demo import _git, commit_version, make_notes_repo
 from tests.e2e.support import Recorder, Server, wait_for_state, wait_until
 from tests.images import APP_UID, APP_USER, BASE_TAG
 
-#: The story builds, scans and starts six images on the vfs driver: longer than one test's
+#: The story builds, scans and starts four images on the vfs driver: longer than one test's
 #: default budget (pyproject's ``timeout``) on a busy machine.
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.timeout(900)]
 
