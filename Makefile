@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-containers test test-fast bench check lock fmt clean docs
+.PHONY: setup demo demo-containers test test-serial test-fast bench check lock fmt clean docs
 
 setup:
 	@./scripts/bootstrap.sh
@@ -19,11 +19,21 @@ demo: setup
 demo-containers: setup
 	$(if $(OSV_DB),SHIPYARD_OSV_DB=$(OSV_DB)) $(VENV)/bin/shipyard demo --containers
 
+# The suite on several workers (pytest-xdist, docs/architecture.md "Testing"): most tests wait on
+# real processes (serve, agents, apps, wrk, dockerd), so more workers than cores pays, and
+# worksteal hands a worker that ran out of tests the slow ones another has queued.
+# `make test-serial` runs it in one process, for debugging (as `pytest` alone does).
+TEST_WORKERS ?= 4
+XDIST := -n $(TEST_WORKERS) --dist worksteal
+
 test: setup
+	$(PY) -m pytest -q $(XDIST)
+
+test-serial: setup
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not e2e and not docker"
+	$(PY) -m pytest -q $(XDIST) -m "not e2e and not docker"
 
 bench: setup
 	$(PY) bench/run.py

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+import weakref
 from pathlib import Path
 from typing import Any, cast
 
@@ -95,8 +95,10 @@ def _service(doc: dict[str, Any], service: str) -> dict[str, Any]:
 
 # Built at import: ``schema.parametrize`` needs the schema when the tests are collected
 # (``schemathesis.pytest.from_fixture`` does not run under pytest 9). The data directory goes
-# away with the module (``_seeded``).
+# away with the process: every pytest-xdist worker imports this module, whether or not it is
+# given any of its tests.
 _fuzzed = Fuzzed(Path(tempfile.mkdtemp(prefix="shipyard-fuzz-")))
+weakref.finalize(_fuzzed, shutil.rmtree, _fuzzed.h.settings.data_dir, ignore_errors=True)
 
 
 def _schema(*, token: bool) -> BaseSchema:
@@ -124,10 +126,12 @@ without_token = _schema(token=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _seeded() -> Iterator[Fuzzed]:
-    _fuzzed.seed()
-    yield _fuzzed
-    shutil.rmtree(_fuzzed.h.settings.data_dir, ignore_errors=True)
+def _seeded() -> Fuzzed:
+    # Seeded once per process: a pytest-xdist worker may be given this module's tests in
+    # several stretches, and a module fixture is set up again for each.
+    if not _fuzzed.deployments:
+        _fuzzed.seed()
+    return _fuzzed
 
 
 _settings = hypothesis.settings(

@@ -21,6 +21,13 @@ runner = CliRunner()
 DEPLOYMENT_ID = "0b8f3a56-6c2f-4a53-9d6f-1f2d4c3b2a10"
 
 
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines are not wrapped: Rich folds a long path at a hyphen, which ``said`` cannot undo,
+    and how long tmp_path is depends on the run (a pytest-xdist worker's adds ``popen-gwN/``)."""
+    monkeypatch.setenv("COLUMNS", "1000")
+
+
 @pytest.fixture
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Bodies POSTed to /api/v1/deploy; the fake API accepts each with 202."""

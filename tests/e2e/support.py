@@ -29,6 +29,14 @@ from shipyard.cli.token import issue_local
 ALL = ["deployment:create", "deployment:read", "deployment:rollback"]
 T = TypeVar("T")
 
+#: The bound on waiting for a process of ours to come up (``shipyard serve``, a restarted
+#: agent): the wait ends as soon as it answers, or fails at once with its log when it exits, so
+#: this only catches a hang, and sits just under the test's own timeout (pyproject's
+#: ``timeout = 300``) so the failure still names what it waited for. Not a guess of how long a
+#: start takes: under ``make test`` four pytest-xdist workers share two cores with whatever
+#: else runs there, and a Python process importing FastAPI can take a minute.
+STARTUP_BOUND = 240.0
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -106,7 +114,7 @@ class Server:
                 return False
 
         try:
-            wait_until(up, 60, "shipyard serve to answer /healthz")
+            wait_until(up, STARTUP_BOUND, "shipyard serve to answer /healthz")
         except AssertionError:
             self.stop()  # never leave a half-started server (and its Popen) behind
             self.stop_agent()

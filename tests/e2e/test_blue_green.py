@@ -10,7 +10,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from shipyard.cli.demo import _git, commit_version
-from tests.e2e.support import Server, Wrk, wait_until
+from tests.e2e.support import STARTUP_BOUND, Server, Wrk, wait_until
 
 
 def head(repo: Path) -> str:
@@ -199,7 +199,9 @@ def test_a_killed_agent_is_restarted_with_the_same_services_ports_and_revisions(
             return False
 
     # The control plane's heartbeat notices, starts the agent again, which restores the region.
-    wait_until(serving_again, 30, "the service URL to answer again after the agent was killed")
+    wait_until(
+        serving_again, STARTUP_BOUND, "the service URL to answer again after the agent was killed"
+    )
 
     def new_agent_pid() -> int | None:
         # agent.json is (re)written once the new agent's control API listens, just after it
