@@ -345,6 +345,33 @@ async def test_an_image_without_user_runs_as_nobody(
     assert env["HOME"] == "/tmp"
 
 
+async def test_the_manifest_command_replaces_the_images_entrypoint_and_cmd(
+    agent: tuple[Agent, httpx.AsyncClient],
+    client: docker.DockerClient,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """An image built to start something else (ENTRYPOINT and CMD that would exit 9) runs what
+    ``[run] command`` says, as Kubernetes' ``command`` does; without one the image's own runs."""
+    _, api = agent
+    context = tmp_path_factory.mktemp("entrypoint-image")
+    image = build_app_image(
+        client,
+        context,
+        {"app.py": APP},
+        "shipyard-test/app:entrypoint",
+        command=["-c", "import sys; sys.exit(9)"],
+        extra='ENTRYPOINT ["python3"]',
+    )
+    spec = image_spec(image, "shipyard-test/app:entrypoint", argv=["python3", "app.py"])
+
+    rep = await serve(api, spec)
+
+    assert (await answer(f"http://127.0.0.1:{rep['port']}/") or "").startswith("v1 ")
+    [container] = own_containers(client, agent[0].dir)
+    assert container.attrs["Config"]["Entrypoint"] == ["python3"]
+    assert container.attrs["Config"]["Cmd"] == ["app.py"]
+
+
 async def test_a_container_that_exits_at_start_is_crashed_with_its_code_and_output(
     tmp_path: Path, docker_engine: str, client: docker.DockerClient, app_image: str
 ) -> None:

@@ -20,7 +20,9 @@ mounted, and the engine's init as PID 1 (``docker run --init``), so that ``docke
 SIGTERM ends an app that installs no handler, as it ends a process replica, instead of waiting
 out the stop timeout. Its command (``spec.argv``, else the image's ENTRYPOINT/CMD) is looked up
 in the created container before it starts, so a command that does not exist is refused like a
-process's rather than becoming the init's exit 127.
+process's rather than becoming the init's exit 127. A ``[run] command`` replaces both the
+image's ENTRYPOINT and its CMD (Kubernetes' ``command``, Cloud Run's): the manifest says what
+runs, whatever the image was built to start.
 
 The image's ``USER`` is kept; an image that names none runs as ``65534:65534`` (nobody) with
 ``HOME=/tmp`` rather than as root, since nothing an ordinary web app does needs root (binding
@@ -236,8 +238,9 @@ class ContainerLauncher:
         its init would start, fail to exec it and exit 127, a crash instead of a refusal.
         Looked up in the created container's filesystem (``HEAD .../archive``: a stat, no
         copy), on the image's ``PATH`` for a bare name."""
-        entrypoint = list(image.get("Entrypoint") or [])
-        argv = entrypoint or list(spec.argv) or list(image.get("Cmd") or [])
+        argv = (
+            list(spec.argv) or list(image.get("Entrypoint") or []) or list(image.get("Cmd") or [])
+        )
         command = argv[0] if argv else ""
         if not command:
             raise RevisionStartFailed(
@@ -302,7 +305,6 @@ class ContainerLauncher:
         )
         options: dict[str, Any] = {
             "image": spec.artifact_digest,
-            "command": list(spec.argv) or None,
             "environment": env,
             "user": user,
             "labels": self.labels(spec, replica.replica_id, replica.port),
@@ -316,6 +318,9 @@ class ContainerLauncher:
             "stdin_open": False,
             "tty": False,
         }
+        if spec.argv:  # [run] command replaces ENTRYPOINT and CMD (as Kubernetes' command)
+            options["entrypoint"] = [spec.argv[0]]
+            options["command"] = list(spec.argv[1:])
         if limits is not None and limits.memory_bytes is not None:
             options["mem_limit"] = limits.memory_bytes
             options["memswap_limit"] = limits.memory_bytes  # no swap beyond the limit
