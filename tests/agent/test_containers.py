@@ -255,8 +255,13 @@ def test_ensure_image_pins_the_signed_id(
     assert gone.value.detail["reason"] == "reference_missing"
     absent = "sha256:" + "e" * 64
     with pytest.raises(ArtifactVerificationFailed) as missing:
-        ensure_image(client, "shipyard-test/app:v1", absent, where="svc/v1")
+        ensure_image(client, "shipyard-test/nothing:1", absent, where="svc/v1")
     assert missing.value.detail["reason"] == "image_missing" and absent in missing.value.message
+    # the signed image is gone and its tag names another one: replaced, both digests named
+    with pytest.raises(ArtifactVerificationFailed) as replaced:
+        ensure_image(client, "shipyard-test/app:v1", absent, where="svc/v1")
+    assert replaced.value.detail["reason"] == "image_mismatch"
+    assert absent in replaced.value.message and app_image in replaced.value.message
 
 
 async def test_a_retagged_image_is_refused_naming_both_digests_and_nothing_starts(
@@ -348,6 +353,7 @@ async def test_an_image_without_user_runs_as_nobody(
 async def test_the_manifest_command_replaces_the_images_entrypoint_and_cmd(
     agent: tuple[Agent, httpx.AsyncClient],
     client: docker.DockerClient,
+    python_base_image: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """An image built to start something else (ENTRYPOINT and CMD that would exit 9) runs what

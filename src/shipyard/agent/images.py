@@ -27,19 +27,26 @@ def is_registry_reference(location: str) -> bool:
     """Whether ``location`` names an image in a registry by digest: a registry host first (it has
     a ``.`` or a ``:`` port, or is ``localhost``) and ``@sha256:`` after the repository."""
     name, at, digest = location.partition("@")
-    if not at or not digest.startswith("sha256:") or "/" not in name:
+    return bool(at) and digest.startswith("sha256:") and names_registry(name)
+
+
+def names_registry(location: str) -> bool:
+    """Whether ``location`` starts with a registry host (one with a ``.`` or a ``:`` port, or
+    ``localhost``), by digest or by tag: an engine that lacks the image may pull it from there."""
+    if "/" not in location:
         return False
-    host = name.split("/", 1)[0]
+    host = location.split("/", 1)[0]
     return "." in host or ":" in host or host == "localhost"
 
 
 def ensure_image(client: docker.DockerClient, location: str, digest: str, *, where: str) -> str:
     """The ID of the engine's image signed as ``digest``, pulled by ``location`` first when that
-    is a registry reference and the engine lacks it. ArtifactVerificationFailed (``check`` =
-    ``image``) when the engine cannot get it, or ``location`` resolves to another image: the
-    message names both digests. ``where`` (``service/revision``) starts every message."""
+    names a registry (by digest, as the builder pushes; or by tag) and the engine lacks it.
+    ArtifactVerificationFailed (``check`` = ``image``) when the engine cannot get it, or
+    ``location`` resolves to another image: the message names both digests. ``where``
+    (``service/revision``) starts every message."""
     have = _image_id(client, digest)
-    if have is None and is_registry_reference(location):
+    if have is None and names_registry(location):
         try:
             client.images.pull(location)
         except docker.errors.DockerException as exc:
@@ -52,6 +59,17 @@ def ensure_image(client: docker.DockerClient, location: str, digest: str, *, whe
             ) from exc
         have = _image_id(client, digest)
     if have is None:
+        other = _image_id(client, location)
+        if other is not None:  # pulled (or tagged) as the reference, but not what was signed
+            raise _refused(
+                where,
+                f"image reference {location} resolves to image digest {other}, not to the "
+                f"signed digest {digest}: it was retagged or replaced after it was signed",
+                "image_mismatch",
+                location,
+                digest,
+                actual=other,
+            )
         raise _refused(
             where,
             f"the Docker Engine holds no image {digest} (the signed one; built as {location})",
@@ -60,6 +78,10 @@ def ensure_image(client: docker.DockerClient, location: str, digest: str, *, whe
             digest,
         )
     resolved = _image_id(client, location)
+    if resolved is None and is_registry_reference(location):
+        # A reference by digest cannot be moved to another image; the engine holds the signed
+        # one (built here, or pulled under another name) and simply never pulled this name.
+        return have
     if resolved is None:
         raise _refused(
             where,

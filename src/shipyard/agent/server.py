@@ -181,6 +181,8 @@ class Agent:
         )
 
         self._state_dirty = asyncio.Event()
+        #: While ``restore`` puts a previous agent's state back, nothing is saved over it.
+        self._restoring = False
         key = default_trusted_key(data_dir) if trusted_key is None else trusted_key
         if isinstance(key, Path) and key.name == KEY_FILE:
             raise ValueError(f"{key} is the private signing key; the agent takes the public one")
@@ -250,20 +252,27 @@ class Agent:
             if exact and port:
                 self._refuse_taken_port(service, port)
             proxy = ServiceProxy(service, limits=self.router_limits, budget=self.connections)
-            try:
-                bound = await proxy.start(self.listen_host, port)
-            except OSError as exc:
-                if not port:
-                    raise
-                if exact:
-                    await proxy.close()
-                    raise HTTPException(409, _port_taken(service, port, exc)) from exc
-                log.warning("port %s for %s is taken (%s); picking another", port, service, exc)
-                bound = await proxy.start(self.listen_host, 0)
-            route = ServiceRoute(service, proxy, bound)
+            route = ServiceRoute(service, proxy, port)
+            await self._listen(route, exact=exact)
             self.routes[service] = route
             self._save_state()
         return route
+
+    async def _listen(self, route: ServiceRoute, *, exact: bool = False) -> None:
+        """Start ``route``'s listener on its port (0: any) and record the port bound. A taken
+        port falls back to any free one unless ``exact`` (then a 409 naming it)."""
+        try:
+            route.port = await route.proxy.start(self.listen_host, route.port)
+        except OSError as exc:
+            if not route.port:
+                raise
+            if exact:
+                await route.proxy.close()
+                raise HTTPException(409, _port_taken(route.service, route.port, exc)) from exc
+            log.warning(
+                "port %s for %s is taken (%s); picking another", route.port, route.service, exc
+            )
+            route.port = await route.proxy.start(self.listen_host, 0)
 
     def _refuse_taken_port(self, service: str, port: int) -> None:
         for other in self.routes.values():
@@ -447,6 +456,8 @@ class Agent:
         }
 
     def _save_state(self) -> None:
+        if self._restoring:  # half put back: the file keeps the whole of what was there
+            return
         write_private(self.dir / "state.json", json.dumps(self._snapshot(), indent=1))
 
     async def restore(self) -> None:
@@ -471,13 +482,17 @@ class Agent:
         if not state:
             await self._remove_orphan_containers()
             return
-        for name, svc in state.get("services", {}).items():
-            await self.ensure_service(name, int(svc.get("port", 0)))
-            if svc.get("limits"):
-                try:
-                    self.set_limits(name, svc["limits"])
-                except HTTPException as exc:
-                    log.error("ignoring %s's router limits in %s: %s", name, path, exc.detail)
+        self._restoring = True
+        try:
+            await self._restore(state, path)
+        finally:
+            self._restoring = False
+        self._save_state()
+
+    async def _restore(self, state: Mapping[str, Any], path: Path) -> None:
+        """Revisions first, then each service's listener with its weights: an adopted container
+        serves from the listener's first connection on (listening first answered 503 until the
+        replicas were back; now a client is refused and retries, as while no agent ran)."""
         for rev in state.get("revisions", []):
             spec = RevisionSpec.from_dict(rev["spec"])
             try:
@@ -494,15 +509,21 @@ class Agent:
             for r in replicas:
                 r.routable = bool(rev.get("routable"))
         for name, svc in state.get("services", {}).items():
-            route = self.routes[name]
+            proxy = ServiceProxy(name, limits=self.router_limits, budget=self.connections)
+            route = self.routes[name] = ServiceRoute(name, proxy, int(svc.get("port", 0)))
+            if svc.get("limits"):
+                try:
+                    self.set_limits(name, svc["limits"])
+                except HTTPException as exc:
+                    log.error("ignoring %s's router limits in %s: %s", name, path, exc.detail)
             route.weights = {k: int(v) for k, v in svc.get("weights", {}).items()}
             route.sticky_header = svc.get("sticky_header")
             route.sticky_cookie = svc.get("sticky_cookie")
             self._reconfigure(route)
             self._restore_hosts(route, svc, path)
+            await self._listen(route)
         self._configure_entries()
         await self._remove_orphan_containers()
-        self._save_state()
 
     async def _remove_orphan_containers(self) -> None:
         """Remove this agent's containers that no replica is run by (``restore``)."""
