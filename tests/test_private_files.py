@@ -256,6 +256,7 @@ _NOT_SECRETS = {
     "audit/log.py": "the anchor's lock file (an flock target; empty)",
     "build/cache.py": "the build cache's lock file (an flock target; empty)",
     "build/source.py": "the mirror's lock file (an flock target; empty)",
+    "security/rootfs.py": "package metadata copied out of a scanned image (O_NOFOLLOW, temp dir)",
 }
 
 
