@@ -26,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shipyard.agent import replica_logs
+from shipyard.agent.processes import pump_log
 from shipyard.agent.replica_logs import LogLimits, ReplicaLog
-from shipyard.agent.supervisor import _pump_log
 from shipyard.logs import SecretMasker
 from shipyard.runtime.base import LogQuery
 
@@ -43,7 +43,7 @@ def _through_pump(root: Path, mask: Callable[[str], str]) -> float:
     log = ReplicaLog(root, LogLimits(), service="bench", revision="v1", replica_id=root.name)
     (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
     log.attach()
-    pump = threading.Thread(target=_pump_log, args=({out_r: "stdout", err_r: "stderr"}, log, mask))
+    pump = threading.Thread(target=pump_log, args=({out_r: "stdout", err_r: "stderr"}, log, mask))
     start = time.perf_counter()
     pump.start()
     subprocess.run([sys.executable, "-c", PRINTER], stdout=out_w, stderr=err_w, check=True)

@@ -44,14 +44,9 @@ from fastapi import HTTPException
 from shipyard.agent.api import build_app
 from shipyard.agent.containers import ContainerNetwork, Engine
 from shipyard.agent.loading import LoadRun, LoadSpec, LoadStats
+from shipyard.agent.processes import kill_orphan_group
 from shipyard.agent.replica_logs import LogLimits
-from shipyard.agent.supervisor import (
-    Isolation,
-    Replica,
-    RestartPolicy,
-    Supervisor,
-    kill_orphan_group,
-)
+from shipyard.agent.supervisor import Isolation, Replica, RestartPolicy, Supervisor
 from shipyard.agent.verify import ArtifactVerifier
 from shipyard.domain.hostnames import HostRule, parse_host_rule
 from shipyard.errors import (
