@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -32,65 +28,13 @@ import docker
 from shipyard.build.docker import DockerBuilderConfig
 from shipyard.build.image_export import ImageExporter
 from shipyard.orchestrator.image_scan import export_into
+from shipyard.runtime.docker_engine import own_engine
 from shipyard.security import rootfs
 
 T = TypeVar("T")
 PYTHON = Path(f"/usr/lib/python{sys.version_info.major}.{sys.version_info.minor}")
 DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 RUNS = 5
-
-
-@contextmanager
-def engine() -> Iterator[str]:
-    """Our own dockerd (own socket and data root), stopped at the end."""
-    dockerd = shutil.which("dockerd")
-    if dockerd is None:
-        raise RuntimeError("dockerd is not installed (Debian: apt-get install docker.io)")
-    root = Path(tempfile.mkdtemp(prefix="bench-dockerd-"))
-    sock = root / "docker.sock"
-    with (root / "dockerd.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                dockerd,
-                "--storage-driver=vfs",
-                "--iptables=false",
-                "--ip6tables=false",
-                "--bridge=none",
-                "--host",
-                f"unix://{sock}",
-                "--data-root",
-                str(root / "docker"),
-                "--exec-root",
-                str(root / "exec"),
-                "--pidfile",
-                str(root / "docker.pid"),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while not _answers(sock):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"dockerd did not start; see {root / 'dockerd.log'}")
-                time.sleep(0.1)
-            yield f"unix://{sock}"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-            shutil.rmtree(root, ignore_errors=True)
-
-
-def _answers(sock: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(5)
-            conn.connect(str(sock))
-            conn.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            return b" 200 " in conn.recv(4096).split(b"\r\n", 1)[0]
-    except OSError:
-        return False
 
 
 def build(client: docker.DockerClient, trees: dict[str, Path], files: dict[str, Path]) -> str:
@@ -190,7 +134,7 @@ def main() -> str:
             images["stdlib"][1],
         )
     rows: list[str] = []
-    with engine() as address:
+    with own_engine() as address:
         client = docker.DockerClient(base_url=address, timeout=600)
         exporter = ImageExporter(DockerBuilderConfig(base_url=address))
         try:
