@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from shipyard.runtime.docker_engine import stop_child
+
 if TYPE_CHECKING:  # the SDK is imported by the tests that use these helpers, not by every test
     import docker
 
@@ -101,12 +103,7 @@ def running_registry(work: Path) -> Iterator[Registry]:
         _wait_until_answering(registry, proc, log.name)
         yield registry
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc)
         log.close()
 
 

@@ -89,14 +89,20 @@ def own_engine(log_path: Path | None = None) -> Iterator[str]:
         _wait_until_answering(address, proc, log_path)
         yield address
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def stop_child(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM a server we started (dockerd here, the test registry too), SIGKILL it if it has
+    not exited within ``timeout`` seconds, and reap it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextlib.contextmanager
