@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-containers test test-serial test-fast bench check lock fmt clean docs
+.PHONY: setup demo demo-containers demo-fleet test test-serial test-fast bench check lock fmt clean docs
 
 setup:
 	@./scripts/bootstrap.sh
@@ -19,15 +19,21 @@ demo: setup
 demo-containers: setup
 	$(if $(OSV_DB),SHIPYARD_OSV_DB=$(OSV_DB)) $(VENV)/bin/shipyard demo --containers
 
+# Three regions joined over mutual TLS (agents on 127.0.0.2-4), one deployment in lockstep.
+demo-fleet: setup
+	$(if $(OSV_DB),SHIPYARD_OSV_DB=$(OSV_DB)) $(VENV)/bin/shipyard demo --fleet
+
 # The suite on several workers (pytest-xdist, docs/architecture.md "Testing"): most tests wait on
-# real processes (serve, agents, apps, wrk, dockerd), so more workers than cores pays, and
-# worksteal hands a worker that ran out of tests the slow ones another has queued.
+# real processes (serve, agents, apps, wrk, dockerd), so more workers than cores pays. loadgroup
+# hands out one test at a time, except the modules tests/conftest.py lists in ONE_WORKER_MODULES
+# (a stack started once per module), which go to one worker whole; the slowest tests go first.
 # `make test-serial` runs it in one process, for debugging (as `pytest` alone does).
 TEST_WORKERS ?= 4
-XDIST := -n $(TEST_WORKERS) --dist worksteal
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
 
+# --durations: the slowest tests are listed at the end of every run, to keep the suite in budget.
 test: setup
-	$(PY) -m pytest -q $(XDIST)
+	$(PY) -m pytest -q $(XDIST) --durations=25
 
 test-serial: setup
 	$(PY) -m pytest -q

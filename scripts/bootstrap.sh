@@ -10,9 +10,12 @@ PYTHON=${PYTHON:-python3}
 # Debian packages: git (sources), wrk (load generator), haproxy + nginx (router benchmark),
 # docker.io + busybox-static (Docker builder/runtime tests), docker-registry (the CNCF
 # Distribution server the registry tests push to), sqlite3 (inspecting the store),
-# bubblewrap (the sandbox every build command and app replica runs in).
+# bubblewrap (the sandbox every build command and app replica runs in), postgresql (the HA
+# control plane's store; tests run initdb/pg_ctl into a temporary directory, never the service),
+# prometheus (+ promtool: the tests start their own server scraping Shipyard's /metrics, and
+# check the example alert rules).
 want=(git wrk haproxy nginx-light docker.io docker-registry busybox-static sqlite3 ca-certificates
-  bubblewrap)
+  bubblewrap postgresql prometheus)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,7 +27,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # The Debian packages enable their own services; Shipyard starts what it needs itself.
-    for svc in nginx haproxy docker containerd docker-registry; do
+    for svc in nginx haproxy docker containerd docker-registry postgresql prometheus; do
       (command -v systemctl >/dev/null && systemctl disable --now "$svc" >/dev/null 2>&1) || true
     done
   else

@@ -254,9 +254,16 @@ def test_the_agent_keeps_its_state_private(tmp_path: Path) -> None:
 #: Modules that create files with an owner-only mode that are not secrets, and why.
 _NOT_SECRETS = {
     "audit/log.py": "the anchor's lock file (an flock target; empty)",
+    "agent/instance_lock.py": "the agent's lock file (an flock target; the holder's pid)",
     "build/cache.py": "the build cache's lock file (an flock target; empty)",
+    "store/engine.py": "the SQLite store's migration lock file (an flock target; empty)",
     "build/source.py": "the mirror's lock file (an flock target; empty)",
     "security/rootfs.py": "package metadata copied out of a scanned image (O_NOFOLLOW, temp dir)",
+    "build/archive.py": "an artifact's file, private while written, then 0644/0755 (fchmod)",
+    "security/pki.py": "the fleet directory's lock file (an flock target; empty; keys use "
+    "private_files)",
+    "api/fleet.py": "fleet.json's lock file (an flock target; empty; fleet.json uses "
+    "private_files)",
 }
 
 

@@ -12,7 +12,8 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │   │   └── UnknownRegion           target.region has no data plane configured
     │   ├── NotFound                    no such deployment / service (HTTP 404)
     │   ├── Conflict                    (HTTP 409)
-    │   │   └── DeploymentInProgress    one deployment per service at a time
+    │   │   ├── DeploymentInProgress    one deployment per service at a time
+    │   │   └── LeaseLost               a replica's lease moved on: it may not write any more
     │   ├── InvariantViolation          a write that would make a record say something false
     │   ├── PrivateFileUnsafe           a secret's directory others may write, or a symlink
     │   ├── AuthError
@@ -28,6 +29,7 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │       ├── AnalysisFailed          a canary's metric analysis failed: it was aborted
     │       ├── StableRevisionMissing   the store names a serving revision the data plane lacks
     │       ├── DeploymentAborted       a human aborted it (POST /deployments/{id}/abort)
+    │       ├── RegionUnreachable       {region}: a fleet's region did not answer in time
     │       └── RollbackFailed
     └── TransientError                  retry after ``retry_after`` seconds
         └── AgentUnavailable            the region's data plane did not answer
@@ -133,6 +135,14 @@ class DeploymentInProgress(Conflict):
     code = "deployment_in_progress"
 
 
+class LeaseLost(Conflict):
+    """A write under a lease whose fencing token moved on (another replica took the deployment
+    or the janitor over, ``store/leases.py``): nothing of it was written, and the replica stops
+    driving at once; the new holder continues."""
+
+    code = "lease_lost"
+
+
 class InvariantViolation(PermanentError):
     """A write refused because the record would then say something false (a Shipyard bug:
     e.g. the serving revision also marked warm, which the janitor would later retire)."""
@@ -215,6 +225,13 @@ class DeploymentAborted(DeploymentError):
     """A human aborted the deployment (``POST /api/v1/deployments/{id}/abort``)."""
 
     code = "deployment_aborted"
+
+
+class RegionUnreachable(DeploymentError):
+    """A region of a fleet deployment did not answer within ``[fleet] region_timeout_seconds``
+    (``runtime/fleet.py``); ``region`` in the detail names it."""
+
+    code = "region_unreachable"
 
 
 class RollbackFailed(DeploymentError):

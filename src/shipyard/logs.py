@@ -281,9 +281,10 @@ class SecretMasker:
     sandbox keeps secrets out of workloads' reach; this is the second fence, for what a
     misconfigured server or an unsandboxed one (``--insecure-no-sandbox``) would let through.
 
-    ``from_data_dir`` knows the files that hold secrets (``keys/*.key``, every agent's
-    ``agent.token``) and re-reads them at most every ``refresh_s`` seconds, so a token created
-    after the masker (an agent started later) is masked too."""
+    ``from_data_dir`` knows the files that hold secrets (``keys/*.key``, ``fleet/*.key``, every
+    agent's ``agent.token``, in the data and the shared directory) and re-reads them at most
+    every ``refresh_s`` seconds, so a token created after the masker (an agent started later)
+    is masked too."""
 
     def __init__(
         self,
@@ -300,13 +301,20 @@ class SecretMasker:
         self._reload()
 
     @classmethod
-    def from_data_dir(cls, data_dir: Path, *extra: bytes) -> SecretMasker:
+    def from_data_dir(
+        cls, data_dir: Path, *extra: bytes, shared_dir: Path | None = None
+    ) -> SecretMasker:
+        """The masker of ``data_dir``'s secrets and those of ``shared_dir`` (keys and CA keys
+        of ``serve --shared-dir``), plus ``extra``."""
+        roots = list(dict.fromkeys([data_dir, shared_dir or data_dir]))
+
         def read() -> list[bytes]:
             found: list[bytes] = []
-            for pattern in ("keys/*.key", "agents/*/agent.token"):
-                for path in sorted(data_dir.glob(pattern)):
-                    with contextlib.suppress(OSError):
-                        found.append(path.read_bytes())
+            for root in roots:
+                for pattern in ("keys/*.key", "fleet/*.key", "agents/*/agent.token"):
+                    for path in sorted(root.glob(pattern)):
+                        with contextlib.suppress(OSError):
+                            found.append(path.read_bytes())
             return found
 
         return cls(extra, sources=read)

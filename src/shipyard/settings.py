@@ -26,7 +26,19 @@ class Settings(BaseModel):
     data_dir: Path = Field(
         default_factory=lambda: Path(os.environ.get("SHIPYARD_DATA_DIR", ".shipyard"))
     )
-    #: Regions served by a local agent each. ``target.region`` must name one of them.
+    #: The store (``--database`` / ``SHIPYARD_DATABASE``, ``store/engine.py``): None is SQLite
+    #: in ``data_dir``; a ``postgresql://`` URL is the store replicas share. Out of ``repr``: it
+    #: may carry a password.
+    database: str | None = Field(
+        default_factory=lambda: os.environ.get("SHIPYARD_DATABASE") or None, repr=False
+    )
+    #: Cluster-wide files every replica must see (``--shared-dir``, default the data directory):
+    #: keys/, fleet/ + fleet.json, attestations/, deployments/, logs/, artifacts/. The data
+    #: directory keeps what is this replica's own (agents/, build workspaces and caches, the
+    #: audit anchor).
+    shared_dir: Path = Field(default_factory=lambda data: data["data_dir"])
+    #: Regions served by a local agent each (``--region``; empty with ``--no-local-agent``:
+    #: only joined regions). ``target.region`` must name one of them or a joined one.
     regions: tuple[str, ...] = (DEFAULT_REGION,)
     #: Largest request body the API accepts.
     max_body_bytes: int = 64 * 1024
@@ -44,6 +56,12 @@ class Settings(BaseModel):
     #: Four eyes: a paused deployment must be promoted by another subject than the one who
     #: deployed it (``--four-eyes``).
     four_eyes: bool = False
+    #: This replica's name in the leases (``--replica-id``; ``serve`` defaults it to
+    #: HOSTNAME:PORT). None: the host name.
+    replica_id: str | None = None
+    #: How long a lease lasts without renewal (``--lease-seconds``): a replica that dies loses
+    #: its deployments to another within it.
+    lease_seconds: float = Field(default=10.0, gt=0)
 
     #: Where audit checkpoints are published (file paths outside data_dir, http(s) URLs); empty:
     #: none, and ``shipyard audit verify`` says only internal consistency is proven.
@@ -88,6 +106,10 @@ class Settings(BaseModel):
     #: Every image built is pushed to this OCI registry (``--registry``, host[:port][/path])
     #: and deployed by digest from it; None: images stay in the engine that built them.
     image_registry: str | None = None
+    #: The fleet listener remote agents join and renew through (``--fleet-listen``; None: off)
+    #: and how long their certificates live (``--fleet-cert-ttl``), see api/fleet.py.
+    fleet_listen: tuple[str, int] | None = None
+    fleet_cert_ttl_seconds: float = Field(default=3600.0, gt=0)
 
     @property
     def builder_settings(self) -> dict[str, dict[str, Any]]:
@@ -96,13 +118,14 @@ class Settings(BaseModel):
 
     @property
     def sandbox_policy(self) -> SandboxPolicy:
-        return self.sandbox or SandboxPolicy(data_dir=self.data_dir)
+        return self.sandbox or SandboxPolicy(data_dir=self.data_dir, hide=(self.shared_dir,))
 
     @property
     def source_policy(self) -> SourcePolicy:
-        """What ``source.repository`` may name; never the data directory."""
+        """What ``source.repository`` may name; never the data or shared directory."""
         roots = default_roots() if self.source_roots is None else self.source_roots
-        return SourcePolicy(self.allowed_sources, roots, forbidden=(self.data_dir,))
+        forbidden = tuple(dict.fromkeys((self.data_dir, self.shared_dir)))
+        return SourcePolicy(self.allowed_sources, roots, forbidden=forbidden)
 
     @property
     def log_retention(self) -> LogRetention:

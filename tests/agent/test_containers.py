@@ -33,6 +33,7 @@ from shipyard.security import signing
 from tests.agent.helpers import SIGNER, TRUSTED_KEY, eventually, running_agent
 from tests.images import build_app_image
 
+# One worker runs the module (tests/conftest.py ONE_WORKER_MODULES), so its image is built once.
 pytestmark = pytest.mark.docker
 
 FAST = RestartPolicy(initial_delay=0.05, max_delay=1.0, ready_timeout=30, ready_interval=0.05)
@@ -126,9 +127,12 @@ def image_spec(
 
 
 def own_containers(client: docker.DockerClient, agent_dir: Path) -> list[Any]:
+    """The agent's containers, as one listing (``sparse``: docker-py otherwise inspects each
+    listed container, and one the agent removes in between raised NotFound). ``reload()`` one
+    for its full ``attrs``."""
     return list(
         client.containers.list(
-            all=True, filters={"label": f"{label('agent')}={agent_dir.resolve()}"}
+            all=True, sparse=True, filters={"label": f"{label('agent')}={agent_dir.resolve()}"}
         )
     )
 
@@ -307,6 +311,7 @@ async def test_a_container_is_labelled_pinned_limited_and_confined(
     assert await answer(url + "/") == f"v1 {rep['replica_id']} 1000"  # through the router, as app
     [container] = own_containers(client, a.dir)
     assert rep["container_id"] == container.id
+    container.reload()
     attrs = container.attrs
     labels = attrs["Config"]["Labels"]
     assert {k: labels[label(k)] for k in LABELS} == {
@@ -331,6 +336,7 @@ async def test_a_container_is_labelled_pinned_limited_and_confined(
     assert env["PORT"] == str(rep["port"]) and env["GREETING"] == "hi"
     assert (env["SHIPYARD_SERVICE"], env["SHIPYARD_REVISION"]) == ("svc", "v1")
     assert env["SHIPYARD_REPLICA"] == rep["replica_id"]
+    assert env["SHIPYARD_REGION"] == agent[0].region
     assert "AGENT_ONLY_SECRET" not in env
     health = (await api.get("/v1/health")).json()
     assert health["artifact_kinds"] == ["directory", "oci-image"]
@@ -374,6 +380,7 @@ async def test_the_manifest_command_replaces_the_images_entrypoint_and_cmd(
 
     assert (await answer(f"http://127.0.0.1:{rep['port']}/") or "").startswith("v1 ")
     [container] = own_containers(client, agent[0].dir)
+    container.reload()
     assert container.attrs["Config"]["Entrypoint"] == ["python3"]
     assert container.attrs["Config"]["Cmd"] == ["app.py"]
 
@@ -530,7 +537,8 @@ class AgentProcess:
             assert self.process is not None and self.process.poll() is None, self.log.read_text()
             return json.loads(info.read_text()) if info.exists() else None
 
-        found = await eventually(started, what="the agent starting")
+        # A loaded CI machine (four workers, dockerd on vfs) needed more than 30 s once.
+        found = await eventually(started, timeout=60, what="the agent starting")
         token = (self.dir / "agent.token").read_text().strip()
         return httpx.AsyncClient(
             base_url=found["api_url"], headers={"authorization": f"Bearer {token}"}, timeout=30

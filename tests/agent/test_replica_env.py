@@ -39,7 +39,7 @@ async def test_a_replica_sees_only_its_own_environment(
     monkeypatch.setenv("SHIPYARD_TOKEN", "agent-secret-token")
     monkeypatch.setenv("SHIPYARD_DATA_DIR", str(tmp_path / "data"))
     artifact = _artifact(tmp_path, venv=venv)
-    sup = Supervisor(tmp_path / "logs", lambda _: None, run_dir=tmp_path / "run")
+    sup = Supervisor(tmp_path / "logs", lambda _: None, run_dir=tmp_path / "run", region="eu")
     try:
         spec = spec_for(artifact, service="envapp", env={"GREETING": "hello", "LANG": "C"})
         [replica] = await sup.start_revision(spec)
@@ -60,8 +60,10 @@ async def test_a_replica_sees_only_its_own_environment(
         "SHIPYARD_SERVICE",
         "SHIPYARD_REVISION",
         "SHIPYARD_REPLICA",
+        "SHIPYARD_REGION",
     }
     assert environ["SHIPYARD_SERVICE"] == "envapp"
+    assert environ["SHIPYARD_REGION"] == "eu"
     assert environ["GREETING"] == "hello"  # [run] env
     assert environ["LANG"] == "C"  # [run] env wins over the default
     assert environ["PORT"] == str(replica.port)
@@ -70,7 +72,7 @@ async def test_a_replica_sees_only_its_own_environment(
     allowed = {
         "PATH", "VIRTUAL_ENV", "HOME", "TMPDIR", "XDG_CACHE_HOME", "PYTHONDONTWRITEBYTECODE",
         "LANG", "LC_ALL", "TZ", "PORT", "GREETING", "SHIPYARD_SERVICE", "SHIPYARD_REVISION",
-        "SHIPYARD_REPLICA",
+        "SHIPYARD_REPLICA", "SHIPYARD_REGION",
     }  # fmt: skip
     # bubblewrap and the shell-less exec add nothing else; Python may set LC_CTYPE for C/POSIX.
     assert set(environ) - {"LC_CTYPE"} <= allowed, set(environ) - allowed

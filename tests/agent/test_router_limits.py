@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import pytest
 
 from shipyard.agent.server import Agent
 from shipyard.routing.limits import RouterLimits
+from shipyard.runtime.base import EntrySpec
 from tests.agent.helpers import TRUSTED_KEY, eventually, make_artifact, running_agent, spec_for
 
 FLOOD = 1100
@@ -43,7 +45,8 @@ class RunningAgent:
 
     async def serve(self, service: str, artifact: Path) -> str:
         """Start one routable replica of ``service`` and route all to it; its router's URL."""
-        spec = spec_for(artifact, service=service)
+        # x-shipyard-revision on: the calm service's answers show they came through its router.
+        spec = replace(spec_for(artifact, service=service), entry=EntrySpec(revision_header=True))
         r = await self.call("PUT", f"/v1/services/{service}/revisions/v1", spec.to_dict())
         assert r.status_code == 200, r.text
         ids = [x["replica_id"] for x in r.json()["replicas"]]

@@ -43,6 +43,8 @@ async def start(client: httpx.AsyncClient, tmp: Path, revision: str) -> None:
                 "argv": ["python3", "app.py"],
                 "env": {},
                 "replicas": 1,
+                # Which side answered: the router's x-shipyard-revision.
+                "entry": {"revision_header": True},
             }
         )
     )

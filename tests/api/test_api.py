@@ -26,7 +26,8 @@ from shipyard.health.fake import FakeProber
 from shipyard.orchestrator.pipeline import Pipeline
 from shipyard.runtime.fake import FakeRuntime, TrafficProfile
 from shipyard.settings import Settings
-from shipyard.store.db import Store, make_engine
+from shipyard.store.db import Store
+from shipyard.store.engine import open_engine
 from shipyard.store.tokens import TokenStore
 from tests.orchestrator.world import ObservedStore
 
@@ -44,7 +45,7 @@ class Harness:
         self.builder = FakeBuilder()
         self.prober = FakeProber()
         #: What the tests read (synchronously); the app and its pipeline use ``astore``.
-        self.store = Store(make_engine(tmp))
+        self.store = Store(open_engine(None, tmp))
         self.astore = ObservedStore(self.store)
         self.audit = MemoryAuditLog(clock=self.clock.now)
         self.tokens = TokenService(

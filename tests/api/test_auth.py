@@ -27,7 +27,7 @@ from shipyard.api.auth import (
 )
 from shipyard.api.tokens import TokenService, registry_row
 from shipyard.errors import InvalidInput, PermissionDenied, Unauthenticated
-from shipyard.store.db import make_engine
+from shipyard.store.engine import open_engine
 from shipyard.store.tokens import TokenStore
 
 NOW = 1_700_000_000
@@ -442,7 +442,7 @@ def test_a_missing_data_dir_is_refused_not_created(tmp_path: Path) -> None:
 
 @pytest.fixture
 def service(authority: TokenAuthority, tmp_path: Path) -> Iterator[TokenService]:
-    tokens = TokenService(authority, TokenStore(make_engine(tmp_path)), None)
+    tokens = TokenService(authority, TokenStore(open_engine(None, tmp_path)), None)
     yield tokens
     tokens.close()
 

@@ -35,6 +35,7 @@ from schemathesis.schemas import BaseSchema
 
 from shipyard.api.app import create_app
 from shipyard.api.permissions import PERMISSIONS
+from shipyard.domain.models import CONDITION_FORMAT, JSONPATH_FORMAT, URL_TEMPLATE_FORMAT
 from tests.api.test_api import Harness, body, canary_body
 
 #: Per operation and generation phase; 15 operations, twice (with and without a token).
@@ -89,9 +90,55 @@ def _with_path(case: Case[Any], params: dict[str, Any]) -> Case[Any]:
     return case
 
 
+def _distinct_metrics(body: object) -> None:
+    """What JSON Schema cannot say of a stage's ``analysis.metrics`` (names unique, at most one
+    ``router`` metric), made true of a case meant to be valid: later duplicates renamed, extra
+    router metrics left out. The validator's refusals of both are tested in
+    tests/domain/test_analysis_metrics_manifest.py."""
+    strategy = body.get("strategy") if isinstance(body, dict) else None
+    canary = strategy.get("Canary") if isinstance(strategy, dict) else None
+    stages = canary.get("stages") if isinstance(canary, dict) else None
+    for stage in stages if isinstance(stages, list) else []:
+        analysis = stage.get("analysis") if isinstance(stage, dict) else None
+        if not isinstance(analysis, dict) or not isinstance(analysis.get("metrics"), list):
+            continue
+        metrics = analysis["metrics"]
+        kept: list[Any] = []
+        names: set[str] = set()
+        router = False
+        for m in metrics:
+            if isinstance(m, dict) and m.get("provider") == "router":
+                if router:
+                    continue
+                router = True
+            if isinstance(m, dict) and isinstance(m.get("name"), str):
+                name, n = m["name"], 0
+                while name in names:
+                    n += 1
+                    name = f"{m['name'][:56]}-{n}"
+                names.add(name)
+                m = {**m, "name": name}
+            kept.append(m)
+        analysis["metrics"] = kept
+
+
 def _service(doc: dict[str, Any], service: str) -> dict[str, Any]:
     return {**doc, "target": {**doc["target"], "service_name": service}}
 
+
+# Fields whose language no JSON-schema pattern can say carry a ``format`` of their own
+# (``domain.models``); generated values come from these, so "schema-valid" means valid.
+schemathesis.openapi.format(
+    CONDITION_FORMAT,
+    st.sampled_from(["result < 0.05", "result[0] >= 0.2 or isNaN(result)", "not (result == 1)"]),
+)
+schemathesis.openapi.format(
+    URL_TEMPLATE_FORMAT,
+    st.sampled_from(["http://127.0.0.1:9090", "https://metrics.example/{{region}}/{{canary}}"]),
+)
+schemathesis.openapi.format(
+    JSONPATH_FORMAT, st.sampled_from(["$.data.error_rate", "$['error-rate'][0]", "$..p99"])
+)
 
 # Built at import: ``schema.parametrize`` needs the schema when the tests are collected
 # (``schemathesis.pytest.from_fixture`` does not run under pytest 9). The data directory goes
@@ -117,6 +164,12 @@ def _schema(*, token: bool) -> BaseSchema:
     @loaded.hook
     def flatmap_case(context: HookContext, case: Case[Any]) -> st.SearchStrategy[Case[Any]]:
         return _fuzzed.aim(case)
+
+    @loaded.hook
+    def map_case(context: HookContext, case: Case[Any]) -> Case[Any]:
+        if case.meta is not None and not case.meta.generation.mode.is_negative:
+            _distinct_metrics(case.body)
+        return case
 
     return loaded
 

@@ -15,7 +15,8 @@ from shipyard.domain.clock import FakeClock
 from shipyard.errors import AgentUnavailable
 from shipyard.runtime.base import RevisionSpec, Runtime
 from shipyard.runtime.fake import FakeRuntime, TrafficProfile
-from shipyard.store.db import AsyncStore, Store, make_engine
+from shipyard.store.db import AsyncStore, Store
+from shipyard.store.engine import open_engine
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -36,7 +37,7 @@ def labels(revision: str, region: str = "eu", **extra: str) -> tuple[tuple[str, 
 
 @pytest.fixture
 def store(tmp_path: Path) -> AsyncStore:
-    return AsyncStore(Store(make_engine(tmp_path)))
+    return AsyncStore(Store(open_engine(None, tmp_path)))
 
 
 async def serving(clock: FakeClock, weights: dict[str, int], region: str = "eu") -> FakeRuntime:

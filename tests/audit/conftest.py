@@ -16,6 +16,7 @@ from sqlalchemy import Engine, create_engine, event
 from shipyard.audit import GENESIS_HASH, AuditEvent
 from shipyard.audit.chain import Anchor, StoredRow, make_row, to_record
 from shipyard.audit.log import write_anchor
+from shipyard.store.engine import upgrade
 
 
 class Ticker:
@@ -39,6 +40,7 @@ def make_engine(db_path: Path) -> Engine:
         cur.execute("PRAGMA busy_timeout=5000")
         cur.close()
 
+    upgrade(engine)  # the store's migrations make the audit tables
     return engine
 
 
@@ -74,8 +76,9 @@ def engine(data_dir: Path) -> Iterator[Engine]:
 
 def rewrite_history(db_path: Path, anchor_path: Path, seq: int, **changes: Any) -> None:
     """What a host attacker with write access to the data directory does: edit record ``seq``
-    (``changes`` are AuditEvent fields), re-hash the chain from there on, move the anchor. The
-    chain and the anchor then check out; only a checkpoint published elsewhere can tell."""
+    (``changes`` are AuditEvent fields), re-hash the chain from there on, move the anchor and the
+    database's ``audit_head``. The chain and both heads then check out; only a checkpoint
+    published elsewhere can tell."""
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
         conn.execute("DROP TRIGGER IF EXISTS audit_log_no_update")
@@ -103,18 +106,20 @@ def rewrite_history(db_path: Path, anchor_path: Path, seq: int, **changes: Any) 
                 (new.user, new.status, new.detail, new.prev_hash, new.hash, row.seq),
             )
             prev = new.hash
+        conn.execute("UPDATE audit_head SET hash = ? WHERE id = 1", (prev,))
     finally:
         conn.close()
     write_anchor(anchor_path, Anchor(seq=rows[-1].seq, hash=prev))
 
 
 def truncate_history(db_path: Path, anchor_path: Path, keep: int) -> None:
-    """Delete every record after ``keep`` and move the anchor back to match."""
+    """Delete every record after ``keep`` and move the anchor and ``audit_head`` back to match."""
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
         conn.execute("DROP TRIGGER IF EXISTS audit_log_no_delete")
         conn.execute("DELETE FROM audit_log WHERE seq > ?", (keep,))
         (digest,) = conn.execute("SELECT hash FROM audit_log WHERE seq = ?", (keep,)).fetchone()
+        conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (keep, digest))
     finally:
         conn.close()
     write_anchor(anchor_path, Anchor(seq=keep, hash=digest))

@@ -6,6 +6,7 @@ and nothing is written outside the extraction directory."""
 from __future__ import annotations
 
 import tarfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -41,14 +42,21 @@ def exporter(docker_engine: str) -> ImageExporter:
     )
 
 
-def scan_containers(engine: docker.DockerClient) -> list[object]:
-    return list(engine.containers.list(all=True, filters={"label": SCAN_LABEL}))
+def scan_containers(engine: docker.DockerClient, image: str) -> list[object]:
+    """The scan containers of ``image`` still there (the session's engine is shared by every
+    xdist worker: other tests' exports may be under way, so each test exports its own image)."""
+    return list(engine.containers.list(all=True, filters={"label": SCAN_LABEL, "ancestor": image}))
+
+
+def own(files: dict[str, bytes]) -> dict[str, bytes]:
+    """``files`` plus a marker only this test's image holds."""
+    return {**files, "test-marker": uuid.uuid4().hex.encode()}
 
 
 def test_exports_the_image_filesystem_and_removes_the_container(
     engine: docker.DockerClient, exporter: ImageExporter
 ) -> None:
-    image = build_image(engine, MIXED_ROOTFS)
+    image = build_image(engine, own(MIXED_ROOTFS))
     seen: dict[str, int] = {}
 
     def consume(stream: IO[bytes]) -> int:
@@ -60,13 +68,13 @@ def test_exports_the_image_filesystem_and_removes_the_container(
     assert exporter.export(image, consume) == len(seen)
     for path, data in MIXED_ROOTFS.items():
         assert seen[path] == len(data)
-    assert scan_containers(engine) == []
+    assert scan_containers(engine, image) == []
 
 
 def test_the_container_is_removed_when_the_consumer_fails(
     engine: docker.DockerClient, exporter: ImageExporter
 ) -> None:
-    image = build_image(engine, MIXED_ROOTFS)
+    image = build_image(engine, own(MIXED_ROOTFS))
 
     def consume(stream: IO[bytes]) -> None:
         stream.read(512)
@@ -74,7 +82,7 @@ def test_the_container_is_removed_when_the_consumer_fails(
 
     with pytest.raises(SecurityScanFailed, match="stop here"):
         exporter.export(image, consume)
-    assert scan_containers(engine) == []
+    assert scan_containers(engine, image) == []
 
 
 def test_extracts_only_what_the_scanner_reads(
@@ -128,7 +136,7 @@ def test_a_hostile_image_writes_nothing_outside_and_skips_links_and_huge_files(
     )
     names = {(p.name, p.version) for p in inventory.from_tree(dest).packages}
     assert names == {("langchain", "0.0.170"), ("pwn", "1.0")}
-    assert scan_containers(engine) == []
+    assert scan_containers(engine, image) == []
 
 
 def test_a_missing_image_fails_closed(exporter: ImageExporter) -> None:

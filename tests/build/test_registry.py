@@ -73,7 +73,7 @@ async def test_a_kind_can_be_replaced_and_build_source_uses_the_manifest(
 ) -> None:
     fake = FakeBuilder(kind="local")
 
-    def factory(data_dir: Path, settings: object) -> Builder:
+    def factory(data_dir: Path, settings: object, shared_dir: Path | None) -> Builder:
         return fake
 
     monkeypatch.setitem(registry._REGISTRY, "local", registry._REGISTRY["local"])

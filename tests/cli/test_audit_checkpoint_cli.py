@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import create_engine
 from tests.audit.conftest import rewrite_history, truncate_history
 from typer.testing import CliRunner
 
@@ -24,12 +23,13 @@ from shipyard.audit.checkpoint import CheckpointSigner
 from shipyard.audit.publishing import CheckpointPublisher, FileWitness
 from shipyard.cli.audit import audit_app
 from shipyard.domain.clock import FakeClock
+from shipyard.store.engine import open_engine
 
 runner = CliRunner()
 
 
 def append(data_dir: Path, count: int) -> None:
-    engine = create_engine(f"sqlite:///{data_dir / 'shipyard.db'}")
+    engine = open_engine(None, data_dir)
     try:
         log = SqlAuditLog(engine, data_dir / "audit.head")
 
@@ -46,7 +46,7 @@ def append(data_dir: Path, count: int) -> None:
 
 def publish(data_dir: Path, witness: Path) -> str:
     """One pass of the publisher ``shipyard serve --witness FILE`` runs."""
-    engine = create_engine(f"sqlite:///{data_dir / 'shipyard.db'}")
+    engine = open_engine(None, data_dir)
     try:
         publisher = CheckpointPublisher(
             engine=SqlAuditLog(engine, data_dir / "audit.head").engine,

@@ -8,18 +8,18 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
 from typer.testing import CliRunner
 
 from shipyard.audit import AuditEvent, SqlAuditLog
 from shipyard.cli.audit import audit_app
-from shipyard.store.db import Store, make_engine
+from shipyard.store.db import Store
+from shipyard.store.engine import open_engine
 
 runner = CliRunner()
 
 
 def write_trail(data_dir: Path, deployments: list[str]) -> None:
-    engine = create_engine(f"sqlite:///{data_dir / 'shipyard.db'}")
+    engine = open_engine(None, data_dir)
     try:
         log = SqlAuditLog(engine, data_dir / "audit.head")
 
@@ -139,7 +139,7 @@ def test_show_reports_a_record_it_cannot_read(data_dir: Path) -> None:
 
 def _with_deployments(data_dir: Path, *ids: str) -> None:
     """Deployments in the store (the audit filter resolves prefixes among them)."""
-    store = Store(make_engine(data_dir))
+    store = Store(open_engine(None, data_dir))
     for n, dep_id in enumerate(ids):
         store.create_deployment(
             {"id": dep_id, "service": f"s{n}", "region": "local", "status": "Success",

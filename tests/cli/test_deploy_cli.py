@@ -89,3 +89,20 @@ def test_a_url_with_credentials_is_refused_before_anything_is_sent(
     assert "credential helper" in result.stderr
     assert secret not in result.output
     assert sent == []
+
+
+def test_repeated_region_sends_a_fleet(sent: list[dict[str, Any]]) -> None:
+    result = runner.invoke(main.app, [*ARGS, "--region", "eu", "--region", "us"])
+    assert result.exit_code == 0, result.output
+    [body] = sent
+    assert body["target"] == {"service_name": "hello", "regions": ["eu", "us"]}
+    target = DeploymentRequest.model_validate(body).target
+    assert target.is_fleet and target.region == "eu"
+
+
+def test_one_region_sends_the_adr_target(sent: list[dict[str, Any]]) -> None:
+    result = runner.invoke(main.app, [*ARGS, "--region", "eu"])
+    assert result.exit_code == 0, result.output
+    assert sent[0]["target"] == {"service_name": "hello", "region": "eu"}
+    result = runner.invoke(main.app, ARGS)
+    assert sent[1]["target"] == {"service_name": "hello", "region": "local"}

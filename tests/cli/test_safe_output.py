@@ -104,6 +104,7 @@ def _deployment(status: str = "Failed") -> dict[str, Any]:
         "metrics": {"note": HOSTILE},
         "triggered_by": f"mallory{HOSTILE}",
         "created_at": "2024-01-01T00:00:00",
+        "driver": {"replica": f"b{HOSTILE}", "lease_expires_at": "2024-01-01T00:00:10+00:00"},
     }
 
 
@@ -129,6 +130,7 @@ def test_status_of_a_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert f"BuildFailed{MARKUP}: boom\n{SEEN}" in out
     assert f"r1{TITLE_SEEN} -> r2{MARKUP}" in out
     assert f"position 1{SEEN} for a build slot" in out
+    assert f"driven by b{SEEN} (lease until 2024-01-01T00:00:10+00:00)" in out
 
 
 def test_status_of_a_service_table_and_warnings(monkeypatch: pytest.MonkeyPatch) -> None:

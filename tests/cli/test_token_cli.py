@@ -13,7 +13,7 @@ from typer.testing import CliRunner, Result
 from shipyard.api.auth import PERMISSIONS, TokenAuthority
 from shipyard.audit import read_records, verify_database
 from shipyard.cli.token import token_app
-from shipyard.store.db import make_engine
+from shipyard.store.engine import open_engine
 from shipyard.store.tokens import TokenStore
 
 runner = CliRunner()
@@ -23,7 +23,7 @@ def served(data_dir: Path) -> Path:
     """What ``shipyard serve --data-dir DATA_DIR`` leaves at its first start: the token key and
     the store (``api/context.py``)."""
     TokenAuthority.from_data_dir(data_dir)
-    make_engine(data_dir).dispose()
+    open_engine(None, data_dir).dispose()
     return data_dir
 
 
@@ -140,7 +140,7 @@ def test_create_records_the_token_and_audits_it(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     token_id = token_id_of(result)
     assert f"token {token_id} for ci" in result.stderr
-    row = TokenStore(make_engine(tmp_path)).get(token_id)
+    row = TokenStore(open_engine(None, tmp_path)).get(token_id)
     assert row is not None and row.subject == "ci" and row.issued_by is not None
     assert row.issued_by.startswith("local:")
     [created] = read_records(tmp_path / "shipyard.db")
@@ -158,12 +158,14 @@ def test_a_lifetime_over_the_default_limit_is_refused(tmp_path: Path) -> None:
     assert "longer than the maximum token lifetime, 7776000 s (90 days)" in result.stderr
     assert "shipyard serve --max-token-ttl-days N" in result.stderr
     assert result.stdout == ""
-    assert TokenStore(make_engine(tmp_path)).list() == []
+    assert TokenStore(open_engine(None, tmp_path)).list() == []
 
 
 def test_the_limit_the_server_started_with_is_obeyed(tmp_path: Path) -> None:
     served(tmp_path)
-    TokenStore(make_engine(tmp_path)).set_max_ttl_seconds(86400)  # serve --max-token-ttl-days 1
+    TokenStore(open_engine(None, tmp_path)).set_max_ttl_seconds(
+        86400
+    )  # serve --max-token-ttl-days 1
     base = ["--subject", "ci", "--permission", "deployment:read", "--ttl-seconds"]
 
     over = create(tmp_path, *base, "86401")
@@ -243,7 +245,7 @@ def test_revoke_is_recorded_once_and_says_so_the_second_time(tmp_path: Path) -> 
     assert (first.exit_code, second.exit_code) == (0, 0)
     assert f"revoked token {ci} (ci)" in first.stdout
     assert "was already revoked at" in second.stdout
-    row = TokenStore(make_engine(tmp_path)).get(ci)
+    row = TokenStore(open_engine(None, tmp_path)).get(ci)
     assert row is not None and row.revoked
     events = [r.event_type for r in read_records(tmp_path / "shipyard.db")]
     assert events == ["token.created", "token.revoked"]

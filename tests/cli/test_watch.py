@@ -481,3 +481,56 @@ def test_abort_during_the_build_follows_the_log_from_its_end(
     assert OLD_LOG not in result.stderr
     assert offsets and offsets[0] > len(OLD_LOG)  # asked from the end, never from 0
     assert 0 not in offsets
+
+
+def test_a_fleet_shows_each_region_and_the_switch_skew() -> None:
+    doc = recorded("blue_green_baking")
+    dep = doc["deployment"]
+    dep["regions"] = ["eu", "us"]
+    dep["fleet"] = {
+        "regions": {
+            "eu": {"state": "rolled_back", "url": "http://eu/hello"},
+            "us": {"state": "unreachable", "error": "region us did not answer set_weight"},
+        },
+        "region_timeout_seconds": 30.0,
+        "switches": [{"step": 3, "weights": {"x": 100}, "skew_ms": 12.5, "acks_ms": {}}],
+    }
+    text = shown(doc)
+    assert "region eu: rolled_back" in text
+    assert "region us: unreachable  (region us did not answer set_weight)" in text
+    assert "switch skew: max 12.5 ms over 1 switch(es)" in text
+    lines = dict(watch.facts(snapshot(doc)))
+    assert lines["fleet:region us"].startswith("region us: unreachable")
+    assert lines["fleet:switch skew"].startswith("switch skew: max 12.5 ms")
+    # One region: nothing about fleets.
+    assert watch.fleet_lines(recorded("blue_green_baking")["deployment"]) == []
+
+
+def test_a_metric_measurement_shows_the_metric_its_value_and_why() -> None:
+    """``[[analysis.metrics]]``: a provider's measurement is its metric and value, not the
+    router's request counts; each metric's tallies are on the stage line."""
+    view = watch.StageView(
+        "analysis_1",
+        "failed",
+        {
+            "verdict": None,
+            "metrics": {"error-rate@us": {"passed": 2, "failed": 1, "errors": 0}},
+        },
+    )
+    failed = {
+        "verdict": "fail",
+        "metric": "error-rate",
+        "provider": "prometheus",
+        "region": "us",
+        "value": 0.3,
+        "reasons": ["success_condition `result < 0.05` does not hold for result = 0.3"],
+    }
+    assert watch.measurement_text(view, 3, failed) == (
+        "#3 fail: error-rate@us = 0.3 - success_condition `result < 0.05` does not hold for "
+        "result = 0.3"
+    )
+    empty = {"verdict": "insufficient_data", "metric": "p99", "provider": "web", "value": None}
+    assert watch.measurement_text(view, 1, {k: v for k, v in empty.items() if v is not None}) == (
+        "#1 insufficient_data: p99 = no value"
+    )
+    assert "error-rate@us (2 passed, 1 failed)" in watch._stage_note(view)

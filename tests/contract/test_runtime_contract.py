@@ -42,6 +42,7 @@ from shipyard.errors import (
     TrafficSwitchFailed,
 )
 from shipyard.runtime.base import (
+    EntrySpec,
     LoadDriver,
     LogBatch,
     LogQuery,
@@ -132,6 +133,8 @@ def spec(revision: str, replicas: int, location: str, env: Mapping[str, str]) ->
         env,
         replicas,
         health_endpoint="/health",
+        # The router's x-shipyard-revision tells the app's answers from the router's own.
+        entry=EntrySpec(revision_header=True),
     )
 
 
@@ -561,7 +564,9 @@ async def test_a_command_that_cannot_start_is_refused(harness: Harness) -> None:
         runtime.fail_start.add("bad")
     bad = harness.spec("bad")
     with pytest.raises(RevisionStartFailed):
-        await runtime.start_revision(RevisionSpec(**{**bad.to_dict(), "argv": ["/no/binary"]}))
+        await runtime.start_revision(
+            RevisionSpec.from_dict({**bad.to_dict(), "argv": ["/no/binary"]})
+        )
     state = await runtime.service_state(SERVICE)
     assert state is None or "bad" not in state.revisions()
 

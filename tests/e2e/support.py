@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +42,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``shipyard ARGS`` as a user runs it (a process of its own; ``env`` added to ours); with
+    ``check``, a failure raises with the command's output tails."""
+    done = subprocess.run(
+        [sys.executable, "-m", "shipyard.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"shipyard {' '.join(args)} exited {done.returncode}: "
+            f"{done.stdout[-1000:]}{done.stderr[-2000:]}"
+        )
+    return done
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -70,13 +90,31 @@ def wait_for_state(
         time.sleep(0.05)
 
 
+#: The test clients' connections to ``shipyard serve``: idle ones are dropped after 2 s, under
+#: uvicorn's 5 s keep-alive. At equal timeouts a request could go out on a connection the
+#: server was closing (CI: "Connection reset by peer" while polling the fleet's regions).
+API_LIMITS = httpx.Limits(keepalive_expiry=2.0)
+
+
 class Server:
     """``shipyard serve`` as a child process, killable like in production."""
 
-    def __init__(self, data_dir: Path, *extra_args: str) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *extra_args: str,
+        shared_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
+        #: Added to our environment for the server (``OTEL_*`` in tests/e2e/test_observability.py).
+        self.env = dict(env or {})
+        #: ``--shared-dir``: where the keys are (the data directory without).
+        self.shared_dir = shared_dir
         #: More ``shipyard serve`` options (``--witness PATH``, ...).
-        self.extra_args = extra_args
+        self.extra_args = (
+            extra_args if shared_dir is None else ("--shared-dir", str(shared_dir), *extra_args)
+        )
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -99,6 +137,7 @@ class Server:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
         )
         log.close()
 
@@ -119,13 +158,23 @@ class Server:
             self.stop()  # never leave a half-started server (and its Popen) behind
             self.stop_agent()
             raise
-        token = issue_local(self.data_dir, "e2e", ALL, ttl_seconds=12 * 3600)
+        token = self.issue_token()
         if self.client is not None:
             self.client.close()
         self.client = httpx.Client(
-            base_url=self.base, timeout=60, headers={"authorization": f"Bearer {token}"}
+            base_url=self.base,
+            timeout=60,
+            headers={"authorization": f"Bearer {token}"},
+            limits=API_LIMITS,
         )
         return self
+
+    def issue_token(self) -> str:
+        """The API token ``client`` carries (``ALL``), issued from the data directory once the
+        server answers; a replica of a shared store (tests/e2e/ha.py) issues it there instead."""
+        return issue_local(
+            self.data_dir, "e2e", ALL, ttl_seconds=12 * 3600, shared_dir=self.shared_dir
+        )
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -141,6 +190,7 @@ class Server:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
 
     def stop_agent(self) -> None:
         info = self.data_dir / "agents" / "local" / "agent.json"

@@ -139,7 +139,9 @@ def test_a_shell_build_venv_serves_with_its_console_script_in_a_clean_environmen
         "SHIPYARD_SERVICE",
         "SHIPYARD_REVISION",
         "SHIPYARD_REPLICA",
+        "SHIPYARD_REGION",
     }
+    assert environ["SHIPYARD_REGION"] == "local"
     assert environ["GREETING"] == "hello from [run] env"
     assert environ["HOME"] != os.environ.get("HOME")
     assert environ["TMPDIR"] == str(Path(environ["HOME"]).parent / "tmp")

@@ -315,3 +315,45 @@ def measurements(doc: dict[str, Any]) -> int:
 
 def stage_done(doc: dict[str, Any], name: str) -> bool:
     return any(s["name"] == name and s["status"] == "succeeded" for s in doc["stages"])
+
+
+async def test_a_driver_dying_after_a_step_ended_but_before_the_next_began_records_it_once(
+    world: PipelineWorld,
+) -> None:
+    """The control plane dies in the narrowest window of a weight change: ``canary_1`` ended
+    (persisted) and ``traffic.switched`` was audited, but the next step's index was not written
+    yet. The next control plane runs the step again (steps are idempotent) and records it once:
+    one ``canary_1`` stage, one ``traffic.switched`` per planned weight."""
+    stable = await world.first()
+    submitted = await world.submit("cdcd2525", canary())
+    crashed = asyncio.Event()
+    save = world.astore.save_deployment
+    test = asyncio.current_task()
+
+    async def die_before_the_next_step(doc: dict[str, Any], *, active: bool) -> None:
+        names = [s["name"] for s in doc["stages"]]
+        advancing = names[-1:] == ["canary_1"] and doc["stages"][-1]["status"] == "succeeded"
+        unwritten = doc["progress"]["step_started_at"] is None  # the next step's index
+        if advancing and unwritten and not crashed.is_set() and asyncio.current_task() is not test:
+            crashed.set()
+            raise asyncio.CancelledError  # dies with the next step's index unwritten
+        await save(doc, active=active)
+
+    world.astore.save_deployment = die_before_the_next_step  # type: ignore[method-assign]
+    await asyncio.wait_for(crashed.wait(), 30)
+    switched = [
+        e for e in await world.events(submitted["id"]) if e.event_type == "traffic.switched"
+    ]
+    assert len(switched) == 1  # audited before the death
+    await restart(world)
+    final = await asyncio.wait_for(world.wait(submitted["id"]), 120)
+    assert final["status"] == "Success", final.get("error")
+    green = final["green_revision"]
+    names = [s["name"] for s in final["stages"]]
+    assert names.count("canary_1") == 1, names
+    weights = [
+        e.detail["weights"]
+        for e in await world.events(submitted["id"])
+        if e.event_type == "traffic.switched"
+    ]
+    assert weights == [{green: 10, stable: 90}, {green: 50, stable: 50}, {green: 100}]

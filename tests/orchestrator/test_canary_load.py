@@ -121,3 +121,28 @@ def test_the_api_refuses_a_bad_load_in_a_stage(load: dict[str, Any], field: str)
     with pytest.raises(ValidationError) as info:
         CanaryStage.model_validate({"weight": 10, "analysis": {"load": load}})
     assert [e["loc"][-1] for e in info.value.errors()] == [field]
+
+
+async def test_a_slow_metrics_read_does_not_leave_the_next_window_nearly_empty(
+    world: PipelineWorld,
+) -> None:
+    """A window starts where the read that closed the previous one ended. CI saw windows of 81,
+    2 and 81 requests: the first measurement's read took most of an interval, the next window
+    was still cut one interval after that read began, and judged what was left of it."""
+    await world.first()
+    router = world.runtime.router
+
+    async def slow_first_measurement(call: int) -> None:
+        if call == 2:  # 1: the window's starting snapshot; 2: the measurement at 10 s
+            await world.clock.sleep(9)
+
+    router.before_metrics = slow_first_measurement
+    final = await world.deploy("dddd4444", canary(LOAD))
+    assert final["status"] == "Success", final.get("error")
+    measured = next(s for s in final["stages"] if s["name"] == "analysis_1")["detail"][
+        "measurements"
+    ]
+    assert [m["verdict"] for m in measured] == ["pass"] * 3, measured
+    # 19 s (up to the end of the slow read), 10 s, then the 1 s left of the stage stretched to
+    # half a window (5 s) instead of a window of 20 requests.
+    assert [m["requests"] for m in measured] == [380, 200, 100], measured

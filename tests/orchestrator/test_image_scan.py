@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,14 @@ def engine(docker_engine: str) -> Iterator[docker.DockerClient]:
 
 
 @pytest.fixture
-async def world(tmp_path: Path, docker_engine: str) -> AsyncIterator[PipelineWorld]:
+async def world(
+    tmp_path: Path, docker_engine: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[PipelineWorld]:
+    # The scan's temporary directories go under this test's own directory, so ``scan_dirs``
+    # sees only them (other xdist workers scan images at the same time).
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     db = find_pypa_db()
     if db is None:
         pytest.fail("PyPA advisory database not found; set SHIPYARD_TEST_OSV_DB")
@@ -90,7 +98,8 @@ def sbom_purls(path: str) -> set[str]:
 async def test_a_vulnerable_image_is_blocked_and_its_sbom_lists_every_kind(
     world: PipelineWorld, engine: docker.DockerClient
 ) -> None:
-    image_id = build_image(engine, MIXED_ROOTFS)
+    # An image of its own, so its scan containers are this test's alone on the shared engine.
+    image_id = build_image(engine, {**MIXED_ROOTFS, "test-marker": uuid.uuid4().hex.encode()})
     builds_image(world, image_id)
     before = scan_dirs()
     doc = await world.deploy("aaaa1111")
@@ -108,7 +117,8 @@ async def test_a_vulnerable_image_is_blocked_and_its_sbom_lists_every_kind(
         *OS_PURLS,
     }
     assert world.runtime.started == []
-    assert engine.containers.list(all=True, filters={"label": SCAN_LABEL}) == []
+    scans = engine.containers.list(all=True, filters={"label": SCAN_LABEL, "ancestor": image_id})
+    assert scans == []
     assert scan_dirs() == before
 
 
@@ -130,7 +140,9 @@ async def test_a_clean_image_is_scanned_and_signed(
 async def test_a_missing_image_fails_closed(
     world: PipelineWorld, engine: docker.DockerClient
 ) -> None:
-    image_id = build_image(engine, SAFE_ROOTFS)
+    # An image of its own: the session's engine is shared by every worker, and another test
+    # may be using SAFE_ROOTFS's image right now.
+    image_id = build_image(engine, {**SAFE_ROOTFS, "missing": uuid.uuid4().hex.encode()})
     engine.images.remove(image_id, force=True)
     builds_image(world, image_id)
     doc = await world.deploy("aaaa1111")

@@ -28,7 +28,8 @@ from shipyard.orchestrator.pipeline import Pipeline
 from shipyard.runtime.base import RevisionSpec
 from shipyard.runtime.local import LocalRuntime, read_agent_info
 from shipyard.security.signing import Ed25519Signer
-from shipyard.store.db import AsyncStore, Store, make_engine
+from shipyard.store.db import AsyncStore, Store
+from shipyard.store.engine import open_engine
 from tests.agent.helpers import eventually, get_info, make_artifact, sign, spec_for
 from tests.orchestrator.world import PipelineWorld
 
@@ -78,7 +79,7 @@ async def plane(tmp_path: Path) -> AsyncIterator[RealPlane]:
     data = tmp_path / "data"
     signer = Ed25519Signer.load_or_create(data)  # the key the agent trusts (keys/signing.pub)
     runtime = await LocalRuntime.connect(data, "local")
-    store = Store(make_engine(tmp_path))
+    store = Store(open_engine(None, tmp_path))
     audit = MemoryAuditLog()
     pipeline = Pipeline(
         store=AsyncStore(store),

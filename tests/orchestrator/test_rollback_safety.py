@@ -288,4 +288,10 @@ async def test_a_successful_deployment_retires_the_revision_kept_warm_before(
         third["green_revision"],
     }
     retired = await audited(world, "revision.retired")
-    assert retired == [{"revision": first["green_revision"], "reason": "superseded"}]
+    assert retired == [
+        {
+            "revision": first["green_revision"],
+            "reason": "superseded",
+            "trace_id": third["trace_id"],  # retired by the third deployment, in its trace
+        }
+    ]

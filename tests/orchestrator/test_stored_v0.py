@@ -21,6 +21,7 @@ from shipyard.api.app import create_app
 from shipyard.api.auth import TokenAuthority
 from shipyard.api.context import AppContext
 from shipyard.api.tokens import TokenService, registry_row
+from shipyard.orchestrator import record
 from shipyard.runtime.base import ReplicaStatus
 from shipyard.settings import Settings
 from shipyard.store.tokens import TokenStore
@@ -56,8 +57,9 @@ async def world(tmp_path: Path) -> AsyncIterator[PipelineWorld]:
 
 
 #: Fields the deployment resource gained after ``v0-api.json`` was written (additive): every
-#: other field must read exactly as it did; these are checked against the stored document.
-ADDED_SINCE = ("progress",)
+#: other field must read exactly as it did; these are checked against the stored document
+#: (``driver``: nobody drives them before they resume, see below).
+ADDED_SINCE = ("progress", "driver")
 
 
 def as_it_did(doc: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +101,7 @@ async def test_every_stored_document_reads_as_it_did(world: PipelineWorld, tmp_p
         assert [d["id"] for d in listing["deployments"]] == GOLDEN["order"]
         for d in listing["deployments"]:
             assert as_it_did(d) == GOLDEN["deployments"][d["id"]]
+            assert d["driver"] is None  # written before leases: nothing resumed them yet
             check_progress(world, d)
         for deployment_id, expected in GOLDEN["deployments"].items():
             r = await client.get(f"/api/v1/deployments/{deployment_id}", headers=headers)
@@ -153,5 +156,7 @@ async def test_deployments_in_flight_resume_to_their_end(world: PipelineWorld) -
     assert world.store.active_deployments() == []
     # What was written again is the current version; the rest stays as it was, and reads.
     for deployment_id in in_flight.values():
-        assert world.store.get_deployment(deployment_id)["schema_version"] == 1
+        written = world.store.get_deployment(deployment_id)
+        assert written["schema_version"] == record.SCHEMA_VERSION == 2
+        assert written["regions"] == [written["region"]]
     assert len(await world.pipeline.history(limit=500)) == len(GOLDEN["order"])

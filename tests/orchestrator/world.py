@@ -12,10 +12,13 @@ reach a condition, woken by every write of its record (no polling, no loop-turn 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.trace import Tracer
+
+from shipyard import tracing
 from shipyard.audit import MemoryAuditLog
 from shipyard.audit.publishing import Checkpoints
 from shipyard.build.fake import FakeBuilder
@@ -26,9 +29,12 @@ from shipyard.health.fake import FakeProber
 from shipyard.orchestrator import build_slots
 from shipyard.orchestrator.pipeline import Pipeline
 from shipyard.orchestrator.record import DeploymentRecord, RollbackRecord, dump_record
+from shipyard.runtime.base import Runtime
 from shipyard.runtime.fake import FakeRuntime, TrafficProfile
 from shipyard.security.gate import SecurityGate
-from shipyard.store.db import AsyncStore, Store, make_engine
+from shipyard.store.db import AsyncStore, Store
+from shipyard.store.engine import open_engine
+from shipyard.store.leases import LeaseClaim
 
 #: A service manifest with canary analysis thresholds and a sticky key, for progressive rollouts.
 PROGRESSIVE = """
@@ -61,8 +67,10 @@ class ObservedStore(AsyncStore):
         super().__init__(store)
         self.changed = asyncio.Condition()
 
-    async def create_deployment(self, doc: dict[str, Any], *, active: bool = True) -> None:
-        await super().create_deployment(doc, active=active)
+    async def create_deployment(
+        self, doc: dict[str, Any], *, active: bool = True, lease: LeaseClaim | None = None
+    ) -> None:
+        await super().create_deployment(doc, active=active, lease=lease)
         await self._notify()
 
     async def save_deployment(self, doc: dict[str, Any], *, active: bool) -> None:
@@ -83,51 +91,76 @@ class PipelineWorld:
         replicas: int | None = None,
         rps: float = 0.0,
         now: float | None = None,
+        regions: Sequence[str] = ("local",),
+        database: str | None = None,
     ) -> None:
         """``replicas``: build with the ``PROGRESSIVE`` manifest (canary analysis, sticky key)
         and that many replicas; None: the fake builder's default manifest. ``now``: the fake
-        clock's start (a store written earlier holds deadlines of its own time)."""
+        clock's start (a store written earlier holds deadlines of its own time). ``regions``:
+        one fake data plane each (``fakes``); ``runtime`` is the first's. ``runtimes`` is the
+        mapping the pipeline uses (a test may put a wrapper in it before deploying).
+        ``database``: a PostgreSQL URL for the store (None: SQLite in ``tmp``)."""
         if builder is None:
             manifest = None if replicas is None else parse_manifest(progressive(replicas))
             builder = FakeBuilder(manifest=manifest)
         self.clock = FakeClock() if now is None else FakeClock(start=now)
-        self.runtime = FakeRuntime("local", now=self.clock.now)
-        self.runtime.router.rps = rps  # synthetic requests per second through every service
+        self.fakes = {region: FakeRuntime(region, now=self.clock.now) for region in regions}
+        for fake in self.fakes.values():
+            fake.router.rps = rps  # synthetic requests per second through every service
+        self.runtime = self.fakes[regions[0]]
+        self.runtimes: dict[str, Runtime] = dict(self.fakes)
         self.prober = FakeProber()
         self.builder = builder
         self.audit = MemoryAuditLog(clock=self.clock.now)
         #: The store as tests read it (synchronously); the pipeline uses ``astore``.
-        self.store = Store(make_engine(tmp))
+        self.store = Store(open_engine(database, tmp))
         self.astore = ObservedStore(self.store)
         self.gate: SecurityGate | None = None
         self.attestations_dir: Path | None = None
         self.checkpoints: Checkpoints | None = None
         #: Builds at once (``Pipeline(max_concurrent_builds=)``); set before ``new_pipeline``.
         self.build_limit = build_slots.DEFAULT_LIMIT
+        #: Makes the deployments' spans (``Pipeline(tracer=)``); set before ``new_pipeline``.
+        self.tracer: Tracer = tracing.NOOP
         self.pipeline = self.new_pipeline()
 
-    def new_pipeline(self) -> Pipeline:
-        """A fresh control plane over the same store and data plane (a restart)."""
+    def new_pipeline(self, replica_id: str = "local", lease_seconds: float = 10.0) -> Pipeline:
+        """A fresh control plane over the same store and data plane (a restart; with another
+        ``replica_id``, a second replica beside the first)."""
         return Pipeline(
             store=self.astore,
             audit=self.audit,
             builder=self.builder,
-            runtimes={"local": self.runtime},
+            runtimes=self.runtimes,
             prober=self.prober,
             clock=self.clock,
             gate=self.gate,
             attestations_dir=self.attestations_dir,
             checkpoints=self.checkpoints,
             max_concurrent_builds=self.build_limit,
+            replica_id=replica_id,
+            lease_seconds=lease_seconds,
+            tracer=self.tracer,
         )
 
     # --- deployments -------------------------------------------------------------------------
 
-    async def submit(self, commit: str, strategy: dict[str, Any], *, service: str = "api") -> Doc:
+    async def submit(
+        self,
+        commit: str,
+        strategy: dict[str, Any],
+        *,
+        service: str = "api",
+        regions: Sequence[str] | None = None,
+    ) -> Doc:
+        """``regions``: a fleet deployment to these; None: the first region alone."""
+        target: dict[str, Any] = {"service_name": service, "region": next(iter(self.fakes))}
+        if regions is not None:
+            target = {"service_name": service, "regions": list(regions)}
         req = DeploymentRequest.model_validate(
             {
                 "source": {"repository": "/repo", "branch": "main", "commit": commit},
-                "target": {"service_name": service, "region": "local"},
+                "target": target,
                 "strategy": strategy,
             }
         )

@@ -21,13 +21,23 @@ from shipyard.routing.upstream import Upstream
 
 
 class FakeLoop:
-    """``call_soon`` queues; :meth:`run_ready` runs what is queued (one loop iteration)."""
+    """``call_soon`` queues; :meth:`run_ready` runs what is queued (one loop iteration);
+    ``call_later`` holds its callbacks until :meth:`run_later` (the delay has passed)."""
 
     def __init__(self) -> None:
         self.ready: list[Callable[[], object]] = []
+        self.later: list[Callable[[], object]] = []
 
     def call_soon(self, callback: Callable[[], object]) -> None:
         self.ready.append(callback)
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: object) -> None:
+        self.later.append(lambda: callback(*args))
+
+    def run_later(self) -> None:
+        later, self.later = self.later, []
+        for callback in later:
+            callback()
 
     def run_ready(self) -> None:
         ready, self.ready = self.ready, []

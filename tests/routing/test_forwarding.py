@@ -165,6 +165,31 @@ async def test_the_router_forwards_end_to_end_fields_and_its_own(echo: EchoApp) 
         await proxy.close()
 
 
+async def test_trace_context_reaches_the_app_unchanged(echo: EchoApp) -> None:
+    """W3C ``traceparent``/``tracestate`` are end-to-end fields: the app sees each request's
+    own, byte for byte, also when the connection's previous request carried another (the
+    client reuses a head it built only for the same bytes)."""
+    proxy, port = await _router(echo)
+    client = await RawClient.open(port)
+    parents = [
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+    ]
+    try:
+        for parent in parents:
+            _, headers, _ = await seen(
+                client,
+                b"GET /t HTTP/1.1\r\nHost: h\r\ntraceparent: %s\r\n"
+                b"TraceState: rojo=00f067aa0ba902b7,congo=t61rcWkgMzE\r\n\r\n" % parent.encode(),
+            )
+            assert ("traceparent", parent) in headers
+            assert ("tracestate", "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE") in headers
+            assert [n for n, _ in headers].count("traceparent") == 1
+    finally:
+        await client.close()
+        await proxy.close()
+
+
 async def test_the_apps_hop_by_hop_fields_do_not_reach_the_client(echo: EchoApp) -> None:
     proxy, port = await _router(echo)
     client = await RawClient.open(port)

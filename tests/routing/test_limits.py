@@ -225,21 +225,33 @@ def test_the_keepalive_clock_runs_between_requests_and_the_head_clock_once_one_s
     client.data_received(b"GET / HT")  # the next head's first bytes: its own clock starts
     client.tick()
     client.tick()
-    assert not out.closing
+    assert not out.eof_written
     client.tick()
-    assert out.closing
     assert out.written.endswith(b"request timed out\n")
+    assert_lingering_close(client, out, conn.loop)
 
 
 def test_a_first_head_counts_from_the_accept() -> None:
-    client, out, _ = _router(head=2, keepalive=50)
+    client, out, conn = _router(head=2, keepalive=50)
     client.tick()
     client.data_received(b"GET /")  # a late first byte does not restart the clock
     client.tick()
-    assert not out.closing
+    assert not out.eof_written
     client.tick()
-    assert out.closing
     assert b" 408 " in out.written
+    assert_lingering_close(client, out, conn.loop)
+
+
+def assert_lingering_close(client: Client, out: fakes.FakeTransport, loop: fakes.FakeLoop) -> None:
+    """After its 408 the router shuts its write side but reads on (what the client still sends
+    is dropped, so no reset destroys the 408), and closes the connection a moment later."""
+    assert out.eof_written and out.reading and not out.closing
+    written = out.written
+    client.data_received(b"TP/1.1\r\nhost: t\r\n\r\n")  # the rest of the head, too late
+    loop.run_ready()
+    assert out.written == written and not out.closing
+    loop.run_later()
+    assert out.closing and out.written == written
 
 
 def test_idle_keepalive_closes_after_its_own_limit_without_an_answer() -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +192,38 @@ def test_a_python_installed_under_tmp_stays_visible(
     assert str(venv) in sandbox.exposed()
     assert sandbox.visible_path(f"{venv}/bin:/usr/bin") == f"{venv}/bin:/usr/bin"
     assert sandbox.visible_path("/tmp/elsewhere/bin:/usr/bin") == "/usr/bin"
+
+
+@root_only
+def test_the_shared_directory_is_hidden_like_the_data_directory(
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    """``serve --shared-dir``: the replicas' keys are hidden from workloads (an empty view:
+    not found), not merely unreadable (a permission error), as without the flag."""
+    from shipyard.cli.common import make_sandbox
+    from shipyard.settings import Settings
+
+    # Outside /tmp, which every workload sees as its own empty one anyway.
+    shared = Path(tempfile.mkdtemp(prefix="shipyard-shared-", dir="/var/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(shared))
+    (shared / "keys").mkdir()
+    (shared / "keys" / "jwt.key").write_bytes(os.urandom(32))
+    monkeypatch.setenv("SHIPYARD_SANDBOX_UIDS", "")  # make_sandbox passes its choice on
+    for n, sandbox in enumerate(
+        (
+            make_sandbox(data_dir, False, "200000-299999", shared),
+            Sandbox(Settings(data_dir=data_dir, shared_dir=shared).sandbox_policy),
+        )
+    ):
+        work = tmp_path / f"work-{n}"
+        work.mkdir()
+        report = _run(sandbox, work, shared)
+        assert report["list_keys"] == "blocked: FileNotFoundError"
+        assert report["read_key"] == "blocked: FileNotFoundError"
+    unhidden = tmp_path / "work-plain"
+    unhidden.mkdir()
+    report = _run(Sandbox(SandboxPolicy(data_dir)), unhidden, shared)
+    assert report["list_keys"] == "blocked: PermissionError"

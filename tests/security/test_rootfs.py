@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from shipyard.domain.tar_names import safe_name
 from shipyard.errors import SecurityScanFailed
 from shipyard.security import inventory, rootfs
-from shipyard.security.rootfs import ExtractLimits, extract_scan_files, safe_name, wanted
+from shipyard.security.rootfs import ExtractLimits, extract_scan_files, wanted
 
 METADATA = b"Metadata-Version: 2.1\nName: Jinja2\nVersion: 2.7.1\n"
 

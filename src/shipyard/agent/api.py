@@ -84,10 +84,14 @@ class StopBody(BaseModel):
     drain_timeout: Annotated[float, Field(ge=0, le=3600)] = 30.0
 
 
-def build_app(agent: Agent) -> FastAPI:
-    """The agent's control API (loopback, bearer token)."""
+def build_app(agent: Agent, *, require_token: bool = True) -> FastAPI:
+    """The agent's control API (loopback, bearer token). ``require_token`` False: a joined
+    agent, served over mutual TLS whose handshake already required the controller's client
+    certificate (security/pki.agent_server_context), so no token exists to check."""
 
     async def authenticated(request: Request) -> None:
+        if not require_token:
+            return
         header = request.headers.get("authorization", "")
         presented = header.removeprefix("Bearer ").strip()
         if not hmac.compare_digest(presented.encode(), agent.token.encode()):
@@ -143,6 +147,7 @@ def build_app(agent: Agent) -> FastAPI:
             raise HTTPException(422, f"invalid revision spec: {exc}") from exc
         if rs.service != service or rs.revision != revision:
             raise HTTPException(422, "spec does not match the path's service/revision")
+        rs = await agent.localise(rs)  # a joined agent's own copy of the artifact
         await agent.verify(rs)  # before anything changes: a refused start leaves no trace
         if rs.entry is not None:  # hosts and port first: a conflict starts nothing
             await agent.apply_entry(service, rs.entry)

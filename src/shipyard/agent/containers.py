@@ -13,8 +13,8 @@ A container is created from the exact image ID (``spec.artifact_digest``, verifi
 replica, artifact digest, region, agent, port), which is how a restarted agent finds it again
 (``adopt``) and how it recognises the containers that are its own but that no state names
 (``Agent.restore`` removes those). Its environment is built here and is never the agent's:
-``PORT``, ``SHIPYARD_SERVICE/_REVISION/_REPLICA`` and the manifest's ``[run] env`` (on top of
-the image's own ``ENV``). It runs with every capability dropped, ``no-new-privileges``, the
+``PORT``, ``SHIPYARD_SERVICE/_REVISION/_REPLICA/_REGION`` and the manifest's ``[run] env`` (on
+top of the image's own ``ENV``). It runs with every capability dropped, ``no-new-privileges``, the
 limits of ``spec.container`` (memory, with swap the same; nano CPUs), nothing of the host
 mounted, and the engine's init as PID 1 (``docker run --init``), so that ``docker stop``'s
 SIGTERM ends an app that installs no handler, as it ends a process replica, instead of waiting
@@ -83,6 +83,8 @@ LABELS = ("service", "revision", "replica", "artifact-digest", "region", "agent"
 DEFAULT_CONTAINER_PORT = 8080
 #: A user the image cannot have been counting on, for images that name none (nobody:nogroup).
 NO_USER = "65534:65534"
+#: Seconds between attempts to remove a container the engine failed to remove.
+REMOVE_BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)
 #: The longest line kept whole (as for processes).
 MAX_LINE = 65536
 #: Go's ``os.FileMode`` bits in the engine's path stat.
@@ -302,6 +304,7 @@ class ContainerLauncher:
             SHIPYARD_SERVICE=spec.service,
             SHIPYARD_REVISION=spec.revision,
             SHIPYARD_REPLICA=replica.replica_id,
+            SHIPYARD_REGION=self.region,
         )
         options: dict[str, Any] = {
             "image": spec.artifact_digest,
@@ -419,15 +422,25 @@ class ContainerLauncher:
             handle.release()
 
     async def _remove(self, container_id: str) -> None:
-        try:
-            await asyncio.to_thread(
-                self.client.api.remove_container, container_id, force=True, v=True
-            )
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409:  # 409: its removal is already under way
-                log.warning("cannot remove container %s: %s", container_id[:12], _cut(exc))
+        """Remove a container, retried with backoff: an engine that fails to delete its
+        filesystem (vfs on a busy disk: "device or resource busy") leaves it Dead, and only
+        another removal takes it away."""
+        for delay in (*REMOVE_BACKOFF, None):
+            try:
+                await asyncio.to_thread(
+                    self.client.api.remove_container, container_id, force=True, v=True
+                )
+                return
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409 and "already in progress" in str(exc):
+                    return  # another call of ours is removing it
+                if delay is None:
+                    log.warning("cannot remove container %s: %s", container_id[:12], _cut(exc))
+                    return
+                log.info("removing container %s failed, retrying: %s", container_id[:12], _cut(exc))
+                await asyncio.sleep(delay)
 
     async def _stop(self, container_id: str, grace: float) -> None:
         try:

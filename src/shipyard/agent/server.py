@@ -21,7 +21,9 @@ It starts only what the control plane signed: every revision it is asked to star
 revision it restores, passes ``agent.verify.ArtifactVerifier`` first (the DSSE signature with the
 control plane's public key, then the artifact's content digest); a refusal is a 422 problem with
 code ``artifact_verification_failed``, which the local runtime raises as
-``ArtifactVerificationFailed``. The agent never holds the private key.
+``ArtifactVerificationFailed``. The agent never holds the private key. A joined agent on
+another host is given an ``agent.fetching.ArtifactFetcher``: every directory revision is then
+first fetched into its own cache (``localise``) and the spec it runs and stores names that copy.
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ import contextlib
 import json
 import logging
 import os
+import random
 import secrets
 import signal
+import socket
+import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,8 @@ from fastapi import HTTPException
 
 from shipyard.agent.api import build_app
 from shipyard.agent.containers import ContainerNetwork, Engine
+from shipyard.agent.fetching import ArtifactFetcher
+from shipyard.agent.instance_lock import hold_agent_lock
 from shipyard.agent.loading import LoadRun, LoadSpec, LoadStats
 from shipyard.agent.processes import kill_orphan_group
 from shipyard.agent.replica_logs import LogLimits
@@ -62,6 +69,7 @@ from shipyard.routing.proxy import Backend, ServiceProxy
 from shipyard.runtime.base import EntrySpec, RevisionSpec
 from shipyard.sandbox import Sandbox, SandboxPolicy
 from shipyard.security.signing import KEY_FILE, PUB_FILE
+from shipyard.server_stop import stop_server
 
 log = logging.getLogger("shipyard.agent")
 
@@ -96,6 +104,8 @@ class ServiceRoute:
         self.hosts: tuple[HostRule, ...] = ()
         self.https_redirect = False
         self.hsts_max_age = 0
+        #: ``x-shipyard-revision`` on its responses (``[routing] revision_header``).
+        self.revision_header = False
 
     def entry(self) -> ServiceEntry:
         """This service as the shared listeners route to it."""
@@ -127,6 +137,9 @@ class Agent:
         tls_cert_dir: Path | None = None,
         docker_host: str | None = None,
         container_network: ContainerNetwork = "auto",
+        fetcher: ArtifactFetcher | None = None,
+        port_range: tuple[int, int] | None = None,
+        shared_dir: Path | None = None,
     ) -> None:
         """``docker_host``: the Docker Engine image revisions run on (None: the SDK's default,
         ``DOCKER_HOST`` or the local socket; connected in ``restore``), ``container_network``:
@@ -137,7 +150,12 @@ class Agent:
         ``log_limits``: each replica's log size cap and how long stopped replicas' logs stay.
         ``http_listen``, ``https_listen``: the shared listeners routing by host (None: none;
         :meth:`start_entry` binds them); ``tls_cert_dir``: the HTTPS listener's certificates
-        (default ``<agent_dir>/certs``, ``routing.certificates.DirectoryCertificates``)."""
+        (default ``<agent_dir>/certs``, ``routing.certificates.DirectoryCertificates``).
+        ``fetcher``: a joined agent's way to its control plane's directory artifacts (None, the
+        local agent: the spec's path is on this machine).
+        ``port_range``: where services' listeners bind when no port is asked (a joined agent's
+        ``--port-range``; None: any free port). ``shared_dir``: the control plane's replicas'
+        directory (``serve --shared-dir``), whose keys replica logs never show either."""
         self.region = region
         self.router_limits = router_limits or RouterLimits()
         self.connections = ConnectionBudget.for_descriptors(max_connections)
@@ -145,6 +163,7 @@ class Agent:
         # It holds the agent's token: no one else may list or replace what is in it.
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.listen_host = listen_host
+        self.port_range = port_range
         self.routes: dict[str, ServiceRoute] = {}
         #: The built-in load on a canary during analysis, per service (agent/loading.py).
         self.loads: dict[str, LoadRun] = {}
@@ -156,7 +175,7 @@ class Agent:
         self.entries: dict[str, EntryListener] = {}
         self.entry_ports: dict[str, int] = {}
         self.token = secrets.token_urlsafe(32)
-        mask = SecretMasker.from_data_dir(data_dir, self.token.encode())
+        mask = SecretMasker.from_data_dir(data_dir, self.token.encode(), shared_dir=shared_dir)
         #: Containers carry this agent's directory as their ``agent`` label: its own, on an
         #: engine other agents (other data directories) may share.
         self.engine = Engine(docker_host, agent_id=str(self.dir.resolve()), region=region,
@@ -173,6 +192,7 @@ class Agent:
             # Replicas' output never stores a key or token the host knows (this agent's too).
             mask=mask,
             log_limits=log_limits,
+            region=region,
         )
 
         self._state_dirty = asyncio.Event()
@@ -182,6 +202,17 @@ class Agent:
         if isinstance(key, Path) and key.name == KEY_FILE:
             raise ValueError(f"{key} is the private signing key; the agent takes the public one")
         self.verifier = ArtifactVerifier(key, self.engine.client)
+        self.fetcher = fetcher
+
+    async def localise(self, spec: RevisionSpec) -> RevisionSpec:
+        """``spec`` naming this machine's copy of its artifact: fetched into the agent's cache
+        by a joined agent (``agent.fetching``) once its signature checks out (nothing unsigned
+        is downloaded), unchanged otherwise. Called before ``verify`` for every start and
+        restore; ``ArtifactVerificationFailed`` when it cannot be had."""
+        if self.fetcher is None:
+            return spec
+        await asyncio.to_thread(self.verifier.verify_signature, spec)
+        return await self.fetcher.localise(spec)
 
     async def verify(self, spec: RevisionSpec) -> None:
         """ArtifactVerificationFailed unless ``spec``'s artifact is signed by the control plane
@@ -257,7 +288,7 @@ class Agent:
         """Start ``route``'s listener on its port (0: any) and record the port bound. A taken
         port falls back to any free one unless ``exact`` (then a 409 naming it)."""
         try:
-            route.port = await route.proxy.start(self.listen_host, route.port)
+            route.port = await self._bind(route.proxy, route.port)
         except OSError as exc:
             if not route.port:
                 raise
@@ -267,7 +298,17 @@ class Agent:
             log.warning(
                 "port %s for %s is taken (%s); picking another", route.port, route.service, exc
             )
-            route.port = await route.proxy.start(self.listen_host, 0)
+            route.port = await self._bind(route.proxy, 0)
+
+    async def _bind(self, proxy: ServiceProxy, port: int) -> int:
+        """Start ``proxy`` on ``port``, or (0) on a free port of ``port_range`` if there is one."""
+        if port or self.port_range is None:
+            return await proxy.start(self.listen_host, port)
+        low, high = self.port_range
+        for candidate in random.sample(range(low, high + 1), high - low + 1):
+            with contextlib.suppress(OSError):
+                return await proxy.start(self.listen_host, candidate)
+        raise OSError(f"no free port left in --port-range {low}-{high}")
 
     def _refuse_taken_port(self, service: str, port: int) -> None:
         for other in self.routes.values():
@@ -300,6 +341,9 @@ class Agent:
         route.hosts = rules
         route.https_redirect = entry.https_redirect
         route.hsts_max_age = entry.hsts_max_age
+        if route.revision_header != entry.revision_header:
+            route.revision_header = entry.revision_header
+            self._reconfigure(route)
         self._configure_entries()
         self._save_state()
 
@@ -355,6 +399,7 @@ class Agent:
             backends,
             sticky_header=route.sticky_header,
             sticky_cookie=route.sticky_cookie,
+            revision_header=route.revision_header,
         )
 
     def set_weights(
@@ -402,6 +447,7 @@ class Agent:
                 "hosts": [str(r) for r in route.hosts],
                 "https_redirect": route.https_redirect,
                 "hsts_max_age": route.hsts_max_age,
+                "revision_header": route.revision_header,
                 "urls": self.entry_urls(route),
             },
             "router": {
@@ -444,6 +490,7 @@ class Agent:
                     "hosts": [str(r) for r in route.hosts],
                     "https_redirect": route.https_redirect,
                     "hsts_max_age": route.hsts_max_age,
+                    "revision_header": route.revision_header,
                 }
                 for name, route in self.routes.items()
             },
@@ -492,6 +539,7 @@ class Agent:
             spec = RevisionSpec.from_dict(rev["spec"])
             try:
                 # The state file is on disk: what it names is checked like any other start.
+                spec = await self.localise(spec)
                 await self.verify(spec)
                 for replica_id, container_id, port, restarts in rev.get("containers", []):
                     await self.supervisor.adopt(
@@ -514,6 +562,7 @@ class Agent:
             route.weights = {k: int(v) for k, v in svc.get("weights", {}).items()}
             route.sticky_header = svc.get("sticky_header")
             route.sticky_cookie = svc.get("sticky_cookie")
+            route.revision_header = svc.get("revision_header") is True
             self._reconfigure(route)
             self._restore_hosts(route, svc, path)
             await self._listen(route)
@@ -661,12 +710,24 @@ async def run_agent(
     entry_given: bool = False,
     docker_host: str | None = None,
     container_network: ContainerNetwork = "auto",
+    fetcher: ArtifactFetcher | None = None,
+    listen_host: str = "127.0.0.1",
+    port_range: tuple[int, int] | None = None,
+    api_socket: socket.socket | None = None,
+    api_ssl: ssl.SSLContext | None = None,
+    background: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    shared_dir: Path | None = None,
 ) -> None:
     """Run the agent until SIGTERM/SIGINT; writes agent.json once the API listens.
+    A joined agent (agent/joining.py) passes ``listen_host`` and ``port_range`` (its services),
+    ``api_socket`` (its API, already bound), ``api_ssl`` (mutual TLS instead of the token) and
+    ``background`` (its certificate renewal, cancelled at shutdown); ``serve --shared-dir``'s
+    local agent passes ``shared_dir`` (see :class:`Agent`).
     ``trusted_key``: the control plane's public key (default ``<data_dir>/keys/signing.pub``);
     ``router_limits``, ``max_connections``, ``log_limits``, the shared listeners: see
     :class:`Agent`; ``entry_given``: the shared listeners were named on the command line (else
-    the ones the agent remembered, ``remembered_entry``)."""
+    the ones the agent remembered, ``remembered_entry``); ``fetcher``: see :class:`Agent`."""
+    hold_agent_lock(agent_dir(data_dir, region), region)  # released when the process ends
     http_listen, https_listen, tls_cert_dir = remembered_entry(
         agent_dir(data_dir, region), http_listen, https_listen, tls_cert_dir, given=entry_given
     )
@@ -687,24 +748,29 @@ async def run_agent(
         tls_cert_dir=tls_cert_dir,
         docker_host=docker_host,
         container_network=container_network,
+        fetcher=fetcher,
+        listen_host=listen_host,
+        port_range=port_range,
+        shared_dir=shared_dir,
     )
     write_private(agent.dir / "agent.token", agent.token)
     await agent.start_entry()
     await agent.restore()
     config = uvicorn.Config(
-        build_app(agent),
+        build_app(agent, require_token=api_ssl is None),
         host="127.0.0.1",
         port=api_port,
         log_level="warning",
         lifespan="off",
         access_log=False,
+        ssl_context_factory=None if api_ssl is None else (lambda _config, _default: api_ssl),
     )
     server = uvicorn.Server(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server_task = loop.create_task(server.serve())
+    server_task = loop.create_task(server.serve([api_socket] if api_socket else None))
     while not server.started:
         if server_task.done():
             await server_task
@@ -712,18 +778,22 @@ async def run_agent(
         await asyncio.sleep(0.01)
     sock = server.servers[0].sockets[0]
     port = sock.getsockname()[1]
+    scheme, host = ("https", listen_host) if api_ssl else ("http", "127.0.0.1")
     info = {
         "pid": os.getpid(),
         "region": region,
-        "api_url": f"http://127.0.0.1:{port}",
+        "api_url": f"{scheme}://{host}:{port}",
         "started_at": time.time(),
     }
     write_private(agent.dir / "agent.json", json.dumps(info))
     log.info("agent for region %s listening on %s", region, info["api_url"])
+    extra = loop.create_task(background()) if background is not None else None
     await stop.wait()
-    server.should_exit = True
-    with contextlib.suppress(asyncio.CancelledError):
-        await server_task
+    if extra is not None:
+        extra.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await extra
+    await stop_server(server, server_task)  # an idle control-plane connection cannot hold it
     await agent.close()
     with contextlib.suppress(FileNotFoundError):
         (agent.dir / "agent.json").unlink()

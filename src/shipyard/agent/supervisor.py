@@ -258,7 +258,10 @@ class Supervisor:
         mask: Callable[[str], str] | None = None,
         log_limits: LogLimits | None = None,
         containers: ContainerLauncher | None = None,
+        region: str = "local",
     ) -> None:
+        #: The region this agent serves: every replica's ``SHIPYARD_REGION``.
+        self.region = region
         #: ``<agent_dir>/logs``: one directory per service, one per replica in it.
         self.logs_dir = logs_dir
         #: Applied to every line a replica prints before it is stored (``logs.SecretMasker``);
@@ -484,6 +487,7 @@ class Supervisor:
             SHIPYARD_SERVICE=replica.spec.service,
             SHIPYARD_REVISION=replica.spec.revision,
             SHIPYARD_REPLICA=replica.replica_id,
+            SHIPYARD_REGION=self.region,
         )
         return env
 

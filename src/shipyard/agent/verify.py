@@ -99,26 +99,8 @@ class ArtifactVerifier:
         bad_signature, digest_mismatch), ``digest`` (the files are not what was signed) or
         ``image`` (no engine, or it lacks the signed image, or the reference names another:
         ``agent.images``)."""
+        self.verify_signature(spec)
         where = f"{spec.service}/{spec.revision}"
-        key = self.key()
-        try:
-            signing.verify(
-                dict(spec.provenance) if spec.provenance is not None else None,
-                spec.artifact_digest,
-                key,
-            )
-        except ArtifactVerificationFailed as exc:
-            raise ArtifactVerificationFailed(
-                f"agent refused to start {where}: signature check failed: {exc.message}",
-                **{**exc.detail, "check": "signature", "digest": spec.artifact_digest},
-            ) from exc
-        except ShipyardError as exc:  # a digest that is not sha256:<hex> (InvalidInput)
-            raise ArtifactVerificationFailed(
-                f"agent refused to start {where}: {exc.message}",
-                check="signature",
-                reason="malformed",
-                digest=spec.artifact_digest,
-            ) from exc
         if spec.artifact_kind == "oci-image":
             client = self._engine() if self._engine is not None else None
             if client is None:
@@ -143,4 +125,29 @@ class ArtifactVerifier:
                     # the directory is missing or unreadable.
                     "reason": "content_mismatch" if "actual" in exc.detail else "unreadable",
                 },
+            ) from exc
+
+    def verify_signature(self, spec: RevisionSpec) -> None:
+        """The first half of ``verify``: ``ArtifactVerificationFailed`` (``check``
+        ``signature``) unless the spec's envelope is the control plane's signature over its
+        digest. A joined agent checks it before it fetches anything (``Agent.localise``)."""
+        where = f"{spec.service}/{spec.revision}"
+        key = self.key()
+        try:
+            signing.verify(
+                dict(spec.provenance) if spec.provenance is not None else None,
+                spec.artifact_digest,
+                key,
+            )
+        except ArtifactVerificationFailed as exc:
+            raise ArtifactVerificationFailed(
+                f"agent refused to start {where}: signature check failed: {exc.message}",
+                **{**exc.detail, "check": "signature", "digest": spec.artifact_digest},
+            ) from exc
+        except ShipyardError as exc:  # a digest that is not sha256:<hex> (InvalidInput)
+            raise ArtifactVerificationFailed(
+                f"agent refused to start {where}: {exc.message}",
+                check="signature",
+                reason="malformed",
+                digest=spec.artifact_digest,
             ) from exc

@@ -1,5 +1,6 @@
 """Resolved canary-analysis thresholds: built-in defaults < the manifest's ``[analysis]`` < a
-stage's ``analysis``.
+stage's ``analysis``. A stage's ``metrics`` list replaces the manifest's whole (lists do not
+merge); each metric's own limits override the stage's (``AnalysisPolicy.for_metric``).
 
 ``AnalysisPolicy`` is a frozen value carried inside the canary plan's ``Analyse`` steps (so a
 resumed deployment judges with exactly the thresholds it started with). Built by
@@ -13,7 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shipyard.domain.models import AnalysisSettings, InsufficientDataPolicy
+from shipyard.domain.models import AnalysisSettings, InsufficientDataPolicy, MetricProvider
+
+#: How long one prometheus/web request may take unless a metric says otherwise.
+DEFAULT_METRIC_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,31 @@ class LoadPolicy:
 
     rps: float
     path: str = "/"
+
+
+@dataclass(frozen=True)
+class MetricPolicy:
+    """One ``[[analysis.metrics]]`` entry as the plan carries it (validated at the edge by
+    ``domain.models.MetricSettings``); None fields take the stage's ``AnalysisPolicy`` values."""
+
+    name: str
+    provider: MetricProvider
+    address: str | None = None
+    query: str | None = None
+    url: str | None = None
+    json_path: str | None = None
+    success_condition: str | None = None
+    failure_condition: str | None = None
+    interval_seconds: float | None = None
+    count: int = 0
+    failure_limit: int | None = None
+    consecutive_error_limit: int | None = None
+    inconclusive_limit: int | None = None
+    timeout_seconds: float = DEFAULT_METRIC_TIMEOUT_SECONDS
+
+    def templates(self) -> tuple[str, ...]:
+        """The texts placeholders are substituted in (address, query, url)."""
+        return tuple(t for t in (self.address, self.query, self.url) if t is not None)
 
 
 @dataclass(frozen=True)
@@ -55,6 +84,27 @@ class AnalysisPolicy:
     max_p99_latency_ratio: float = 1.5
     #: Built-in load during the stage's analysis (None: only real traffic is measured).
     load: LoadPolicy | None = None
+    #: ``[[analysis.metrics]]``: when not empty, these are the analysis (the router check runs
+    #: only as a ``provider = "router"`` metric); empty: the router check alone, as before.
+    metrics: tuple[MetricPolicy, ...] = ()
+
+    def for_metric(self, metric: MetricPolicy) -> AnalysisPolicy:
+        """The thresholds one metric is tallied with: its own limits and interval over the
+        stage's (an ``analysis.verdicts.AnalysisRun`` per metric)."""
+
+        def own(value: Any, inherited: Any) -> Any:
+            return inherited if value is None else value
+
+        return dataclasses.replace(
+            self,
+            metrics=(),
+            interval_seconds=own(metric.interval_seconds, self.interval_seconds),
+            failure_limit=own(metric.failure_limit, self.failure_limit),
+            consecutive_error_limit=own(
+                metric.consecutive_error_limit, self.consecutive_error_limit
+            ),
+            inconclusive_limit=own(metric.inconclusive_limit, self.inconclusive_limit),
+        )
 
     @classmethod
     def resolve(cls, *layers: AnalysisSettings | None) -> AnalysisPolicy:
@@ -74,7 +124,17 @@ class AnalysisPolicy:
         values = {k: v for k, v in d.items() if k in known}
         if isinstance(values.get("load"), Mapping):
             values["load"] = LoadPolicy(**values["load"])
+        metrics = values.get("metrics")
+        if metrics is not None:
+            values["metrics"] = tuple(
+                m if isinstance(m, MetricPolicy) else _metric(m) for m in metrics
+            )
         return cls(**values)
+
+
+def _metric(d: Mapping[str, Any]) -> MetricPolicy:
+    known = {f.name for f in dataclasses.fields(MetricPolicy)}
+    return MetricPolicy(**{k: v for k, v in d.items() if k in known and v is not None})
 
 
 #: Latency comparisons against stable ignore differences below this (histogram resolution).

@@ -28,7 +28,7 @@ from enum import StrEnum
 from typing import Any
 
 from shipyard.analysis.policy import P99_SLACK_MS, AnalysisPolicy
-from shipyard.routing.metrics import BUCKET_BOUNDS_MS, RevisionMetrics
+from shipyard.routing.metrics import RevisionMetrics
 
 
 class Verdict(StrEnum):
@@ -65,12 +65,27 @@ class Measurement:
     stable_p99_ms: float | None = None
     #: How many responses a window needs to be judged at all (the policy's ``min_requests``).
     needed: int | None = None
+    #: A ``[[analysis.metrics]]`` measurement: the metric's name, its provider, what was sent
+    #: (the query or URL after substitution: a manifest holds no secrets), where (a fleet's
+    #: region) and what came back (``value``: a JSON value; NaN and infinities as strings).
+    metric: str | None = None
+    provider: str | None = None
+    query: str | None = None
+    region: str | None = None
+    value: object = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["verdict"] = self.verdict.value
         d["reasons"] = list(self.reasons)
+        if not self.from_router:
+            del d["requests"]  # a provider's reading counts no requests of ours
         return {k: v for k, v in d.items() if v is not None}
+
+    @property
+    def from_router(self) -> bool:
+        """Whether it judged the router's counters (min_requests and built-in load apply)."""
+        return self.provider in (None, "router")
 
 
 def measurement_error(reason: str) -> Measurement:
@@ -179,17 +194,14 @@ class AnalysisRun:
             case Verdict.INSUFFICIENT_DATA:
                 self.insufficient += 1
                 why = f"insufficient data: {'; '.join(m.reasons)}"
+                hint = too_little_traffic(p) if m.from_router else NO_DATA_HINT
                 if p.insufficient_data == "fail":
-                    return Decision(
-                        Outcome.FAILED, f"{why} (policy: fail); {too_little_traffic(p)}"
-                    )
+                    return Decision(Outcome.FAILED, f"{why} (policy: fail); {hint}")
                 if p.insufficient_data == "pause":
-                    return Decision(
-                        Outcome.PAUSED, f"{why} (policy: pause); {too_little_traffic(p)}"
-                    )
+                    return Decision(Outcome.PAUSED, f"{why} (policy: pause); {hint}")
                 decision = self._extend_or_continue(at_deadline, why)
                 if decision.outcome is Outcome.FAILED:
-                    return Decision(Outcome.FAILED, f"{decision.reason}; {too_little_traffic(p)}")
+                    return Decision(Outcome.FAILED, f"{decision.reason}; {hint}")
                 return decision
             case _:
                 self.passed += 1
@@ -228,6 +240,13 @@ class AnalysisRun:
         return cls(policy=policy, **fields)
 
 
+#: The tail of an insufficient-data verdict on a prometheus/web metric.
+NO_DATA_HINT = (
+    "the query returned no data: does it select the canary's series (its labels, "
+    "{{canary}}), and does the canary get traffic in the window?"
+)
+
+
 def too_little_traffic(policy: AnalysisPolicy) -> str:
     """What to do when a canary keeps getting too little traffic to be judged: the tail of an
     insufficient-data verdict (and the README's advice), with a load that would suffice."""
@@ -252,25 +271,7 @@ class CountersReset(ValueError):
 
 def metrics_from_dict(d: Mapping[str, Any]) -> RevisionMetrics:
     """Inverse of ``RevisionMetrics.to_dict`` (what the agent's metrics endpoint answers)."""
-    latency = d.get("latency_ms") or {}
-    by_bound = {str(k): int(v) for k, v in (latency.get("buckets") or {}).items()}
-    buckets = tuple(
-        by_bound.get("+Inf" if math.isinf(b) else f"{b:g}", 0) for b in BUCKET_BOUNDS_MS
-    )
-    return RevisionMetrics(
-        revision=str(d["revision"]),
-        requests=int(d.get("requests", 0)),
-        status_2xx=int(d.get("status_2xx", 0)),
-        status_3xx=int(d.get("status_3xx", 0)),
-        status_4xx=int(d.get("status_4xx", 0)),
-        status_5xx=int(d.get("status_5xx", 0)),
-        upstream_errors=int(d.get("upstream_errors", 0)),
-        client_aborts=int(d.get("client_aborts", 0)),
-        retries=int(d.get("retries", 0)),
-        latency_buckets=buckets,
-        latency_sum_ms=float(latency.get("sum", 0.0)),
-        inflight=int(d.get("inflight", 0)),
-    )
+    return RevisionMetrics.from_dict(d)
 
 
 def window(

@@ -7,6 +7,8 @@ as typed records) or the store (services). Both are awaited without blocking the
 ``api/problems.py`` only.
 
     POST /api/v1/deploy                      deployment:create   202 (or ?wait=true: final result)
+                                             a W3C ``traceparent`` header: the deployment's
+                                             trace is a child of the caller's span
     POST /api/v1/rollback/{deployment_id}    deployment:rollback 202 (or ?wait=true)
     POST /api/v1/deployments/{id}/promote    deployment:create   202: a Paused deployment goes on
     POST /api/v1/deployments/{id}/abort      deployment:rollback 202: weight 0 now, roll back
@@ -23,6 +25,7 @@ as typed records) or the store (services). Both are awaited without blocking the
     GET  /metrics                            deployment:read     Prometheus exposition
     GET  /api/v1/tokens                      token:admin         every issued token (no secrets)
     DELETE /api/v1/tokens/{token_id}         token:admin         revoke: 401 from the next request
+    POST/GET /api/v1/regions, DELETE /{name} region:admin        remote regions (api/regions.py)
     GET  /healthz                            no auth
 
 Deployment permissions may be scoped to services (``deployment:create:web-*``, see
@@ -47,6 +50,7 @@ from shipyard import __version__
 from shipyard.api import docs, problems, service_ops
 from shipyard.api import logs as logs_api
 from shipyard.api import metrics as metrics_mod
+from shipyard.api import regions as regions_api
 from shipyard.api import schemas as api
 from shipyard.api.auth import Claims, require_permission
 from shipyard.api.context import AppContext, build_context
@@ -64,6 +68,7 @@ from shipyard.orchestrator.record import Record, dump_record
 from shipyard.runtime.base import ReplicaStatus
 from shipyard.security import signing
 from shipyard.settings import Settings
+from shipyard.store.leases import LeaseRow
 from shipyard.store.tokens import TokenRow
 
 CanCreate = Annotated[Claims, Depends(require_permission("deployment:create"))]
@@ -123,9 +128,13 @@ def _declare(
     return declared
 
 
-def _resource(record: Record) -> dict[str, Any]:
-    """``GET /deployments/{id}``: the ADR's deployment resource (``domain.models.Deployment``)."""
-    return Deployment.model_validate(dump_record(record)).model_dump(mode="json")
+def _resource(record: Record, driver: LeaseRow | None = None) -> dict[str, Any]:
+    """``GET /deployments/{id}``: the ADR's deployment resource (``domain.models.Deployment``),
+    with the replica driving it (``driver``: its lease) while it is in flight."""
+    doc = dump_record(record)
+    if driver is not None and not record.terminal:
+        doc["driver"] = {"replica": driver.holder, "lease_expires_at": _utc(driver.expires_at)}
+    return Deployment.model_validate(doc).model_dump(mode="json")
 
 
 async def _deployment(c: AppContext, claims: Claims, permission: str, ref: str) -> Record:
@@ -175,6 +184,8 @@ def _accepted(request: Request, record: Record, detail: str | None = None) -> JS
             "region": record.region,
             "kind": record.kind,
             **({"detail": detail} if detail is not None else {}),
+            **({"regions": record.regions} if record.fleet is not None else {}),
+            **({"trace_id": record.trace_id} if record.trace_id is not None else {}),
         },
         status_code=202,
         headers={"Location": url},
@@ -247,7 +258,16 @@ def create_app(
     problems.install(app)
     service_ops.install(app)  # PUT /services/{name}/replicas, DELETE /services/{name}
     app.include_router(logs_api.router)
-    _declare_regions(app, settings.regions)
+    app.include_router(regions_api.router)  # /api/v1/regions (region:admin)
+    # Joined regions come and go while serving: the schema follows the runtimes map.
+    _declare_regions(
+        app,
+        lambda: (
+            list(app.state.context.runtimes)
+            if hasattr(app.state, "context")
+            else list(settings.regions)
+        ),
+    )
     exposition = metrics_mod.MetricsEndpoint()
 
     @app.get(
@@ -283,7 +303,14 @@ def create_app(
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
         claims.require("deployment:create", body.target.service_name)
-        record = await c.pipeline.submit(body, claims.subject, token_id=claims.token_id)
+        record = await c.pipeline.submit(
+            body,
+            claims.subject,
+            token_id=claims.token_id,
+            # W3C trace context: the deployment's trace continues the caller's (a CI job's).
+            traceparent=request.headers.get("traceparent"),
+            tracestate=request.headers.get("tracestate"),
+        )
         return await _answer(request, c, record, wait, timeout)
 
     @app.post(
@@ -302,7 +329,12 @@ def create_app(
         timeout: WaitTimeout = 900,
     ) -> JSONResponse:
         undone = await _deployment(c, claims, "deployment:rollback", deployment_id)
-        record = await c.pipeline.rollback(undone.id, claims.subject, token_id=claims.token_id)
+        record = await c.pipeline.rollback(
+            undone.id,
+            claims.subject,
+            token_id=claims.token_id,
+            traceparent=request.headers.get("traceparent"),
+        )
         return await _answer(request, c, record, wait, timeout)
 
     @app.post(
@@ -367,7 +399,8 @@ def create_app(
     async def get_deployment(
         deployment_id: DeploymentRef, claims: CanRead, c: Ctx
     ) -> dict[str, Any]:
-        return _resource(await _deployment(c, claims, "deployment:read", deployment_id))
+        record = await _deployment(c, claims, "deployment:read", deployment_id)
+        return _resource(record, await c.pipeline.driver_of(record.id))
 
     @app.get(
         "/api/v1/deployments",
@@ -386,7 +419,8 @@ def create_app(
             claims.require("deployment:read", service)
         matching = claims.scopes("deployment:read")
         records = await c.pipeline.history(service, limit, matching=matching)
-        return {"deployments": [_resource(r) for r in records]}
+        drivers = await c.pipeline.drivers([r.id for r in records if not r.terminal])
+        return {"deployments": [_resource(r, drivers.get(r.id)) for r in records]}
 
     @app.get(
         "/api/v1/deployments/{deployment_id}/logs",
@@ -512,7 +546,8 @@ def create_app(
         state = await c.runtimes[region].service_state(name)
         if row is None and state is None:
             raise NotFound(f"service {name} has never been deployed in region {region}")
-        active = await c.store.active_deployment(name, region)
+        # A fleet's deployment in flight counts in each of its regions.
+        active = await c.pipeline.records.active_for(name, region)
         replicas = list(state.replicas) if state else []
         return {
             "service": name,
@@ -535,7 +570,7 @@ def create_app(
                 }
                 for r in replicas
             ],
-            "active_deployment": active["id"] if active else None,
+            "active_deployment": active.id if active else None,
             "warnings": service_warnings(
                 row.serving_revision if row else None, replicas, active is not None
             ),
@@ -565,19 +600,29 @@ def create_app(
     return app
 
 
-def _declare_regions(app: FastAPI, regions: Sequence[str]) -> None:
+def _declare_regions(app: FastAPI, regions: Callable[[], Sequence[str]]) -> None:
     """This server's regions as the schema's enum for every ``region`` it takes (the body's
     ``target.region``, ``?region=``): a client reads which exist, and a request naming another
-    is one the schema already calls invalid (422 ``unknown_region``)."""
+    is one the schema already calls invalid (422 ``unknown_region``). ``regions`` is asked at
+    each read; the schema is made again when the answer changed (a region joined or left)."""
     generate = app.openapi
+    made_for: list[tuple[str, ...]] = []
 
     def openapi() -> dict[str, Any]:
+        now = tuple(sorted(regions()))
+        if made_for != [now]:
+            app.openapi_schema = None
+            made_for[:] = [now]
         schema = app.openapi_schema
         if schema is None:
             schema = generate()
-            enum = {"enum": list(regions)}
+            enum = {"enum": list(now)}
             target = schema["components"]["schemas"]["TargetEnvironment"]["properties"]
             target["region"].update(enum)
+            for option in target.get("regions", {}).get("anyOf", []):
+                if option.get("type") == "array":  # target.regions: each one of these, once
+                    option["items"] = {**option.get("items", {}), **enum}
+                    option["uniqueItems"] = True
             for path in schema["paths"].values():
                 for operation in path.values():
                     for param in operation.get("parameters", []):

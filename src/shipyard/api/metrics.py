@@ -21,6 +21,12 @@ What is exposed (label ``{rev}`` = ``service``, ``region``, ``revision``)::
     shipyard_router_weight_ratio{rev}                    gauge      share routed, 0..1
     shipyard_scrape_errors{region}                       gauge      1: the data plane was unreadable
 
+and, derived from the deployment records (api/metrics_history.py), the ADR section 8 histograms
+``shipyard_deployment_duration_seconds``, ``shipyard_build_duration_seconds``,
+``shipyard_health_check_duration_seconds``, ``shipyard_rollback_duration_seconds`` and the gauge
+``shipyard_deployments_by_strategy{kind,status,strategy}``. docs/metrics.md is the public
+reference: names, labels and types there are an interface (renaming one breaks dashboards).
+
 ``shipyard_router_weight_ratio`` was ``shipyard_router_weight_percent`` (0..100): Prometheus
 names a share ``_ratio`` with values 0..1 (prometheus.io/docs/practices/naming, base units).
 
@@ -44,6 +50,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from shipyard.api.metrics_history import DeploymentHistory
 from shipyard.errors import ShipyardError
 from shipyard.runtime.base import Runtime
 from shipyard.store.db import AsyncStore
@@ -82,14 +89,19 @@ class Scrape:
     traffic: Sequence[RevisionTraffic] = ()
     #: region -> whether its data plane could not be read (what was read before stays).
     unreadable: Mapping[str, bool] = field(default_factory=dict)
+    #: The families derived from the records (``DeploymentHistory.refresh``).
+    history: Sequence[Metric] = ()
 
 
-async def read(store: AsyncStore, runtimes: Mapping[str, Runtime]) -> Scrape:
-    """Read the store and every region's router; a region that fails is marked, not fatal."""
+async def read(
+    store: AsyncStore, runtimes: Mapping[str, Runtime], history: DeploymentHistory | None = None
+) -> Scrape:
+    """Read the store and every region's router; a region that fails is marked, not fatal.
+    ``history``: also the figures derived from the deployment records."""
     weights: list[tuple[str, str, str, int]] = []
     traffic: list[RevisionTraffic] = []
     unreadable: dict[str, bool] = {}
-    for region, runtime in runtimes.items():
+    for region, runtime in list(runtimes.items()):
         unreadable[region] = False
         try:
             for service in await runtime.list_services():
@@ -101,7 +113,8 @@ async def read(store: AsyncStore, runtimes: Mapping[str, Runtime]) -> Scrape:
                     traffic.append(RevisionTraffic(service, region, revision, counters))
         except ShipyardError:
             unreadable[region] = True
-    return Scrape(await store.count_deployments(), weights, traffic, unreadable)
+    families = await history.refresh(store) if history is not None else []
+    return Scrape(await store.count_deployments(), weights, traffic, unreadable, families)
 
 
 class ShipyardCollector(Collector):
@@ -122,6 +135,7 @@ class ShipyardCollector(Collector):
         for (kind, status), n in sorted(s.deployments.items()):
             deployments.add_metric([kind, status], n)
         yield deployments
+        yield from s.history
         yield from self._traffic(s.traffic)
         weight = GaugeMetricFamily(
             "shipyard_router_weight_ratio",
@@ -188,9 +202,10 @@ class MetricsEndpoint:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = ShipyardCollector()
         self.registry.register(self.collector)
+        self.history = DeploymentHistory()
 
     async def render(self, store: AsyncStore, runtimes: Mapping[str, Runtime]) -> bytes:
-        scrape = await read(store, runtimes)
+        scrape = await read(store, runtimes, self.history)
         # No await from here on: a concurrent scrape cannot swap the data while this one renders.
         self.collector.scrape = scrape
         return generate_latest(self.registry)

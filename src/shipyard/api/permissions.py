@@ -5,13 +5,15 @@ services whose names match a scope: ``deployment:create:payments`` (one service)
 ``deployment:create:web-*`` (fnmatch-style, on the service name only). No scope means every
 service. ``service:scale`` and ``service:delete`` (``shipyard scale``, ``shipyard service
 delete``) are their own permissions, so an operator's deploy token cannot delete a service.
-``token:admin`` (list and revoke tokens) takes no scope.
+``token:admin`` (list and revoke tokens) and ``region:admin`` (add, list and remove remote
+regions, api/regions.py) take no scope.
 
 ``parse`` validates one string and says what is wrong; ``TokenAuthority.issue`` and
 ``shipyard token create`` (cli/token.py) refuse bad ones with its message, ``api.auth.Claims``
 keeps the parsed grants and answers "may this token do X to service S". Scopes use only ``*`` and
-``?`` (no ``[...]`` classes), so a scope means the same in Python's ``fnmatchcase`` and in
-SQLite's ``GLOB``, which filters the deployment list in the database (store/db.py).
+``?`` (no ``[...]`` classes), so a scope means the same in Python's ``fnmatchcase`` and in the
+SQL ``LIKE`` it becomes (``store.db.glob_to_like``), which filters the deployment list in the
+database on either backend.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ DESCRIPTIONS: dict[str, str] = {
     "service:scale": "change a service's replica count (shipyard scale)",
     "service:delete": "delete a service: stop its replicas, remove its route",
     "token:admin": "list and revoke tokens",
+    "region:admin": "add, list and remove remote regions (join tokens)",
 }
 PERMISSIONS: frozenset[str] = frozenset(DESCRIPTIONS)
 #: The permissions that can be narrowed to services.

@@ -36,6 +36,14 @@ class DeploymentAccepted(BaseModel):
     detail: str | None = Field(
         default=None, description="With ?wait=true: why the answer is still 202 (the timeout)."
     )
+    regions: list[str] | None = Field(
+        default=None, description="A fleet deployment's regions (absent for one region)."
+    )
+    trace_id: str | None = Field(
+        default=None,
+        description="The deployment's OpenTelemetry trace id (32 hex digits; absent for "
+        "records made before tracing).",
+    )
 
 
 class DeploymentFailed(BaseModel):

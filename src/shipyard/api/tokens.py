@@ -35,7 +35,7 @@ from shipyard.api.auth import (
 from shipyard.audit import ANCHOR_FILENAME, AuditEvent, AuditLog, SqlAuditLog
 from shipyard.domain.clock import to_thread
 from shipyard.errors import InvalidInput, Unauthenticated
-from shipyard.store.db import make_engine
+from shipyard.store.engine import open_engine
 from shipyard.store.tokens import TokenRow, TokenStore
 
 
@@ -77,18 +77,27 @@ class TokenService:
         self.store.engine.dispose()
 
     @classmethod
-    def for_data_dir(cls, data_dir: Path, *, max_ttl_seconds: int | None = None) -> TokenService:
-        """The service over ``data_dir``'s key, store and audit trail (the CLI's view).
+    def for_data_dir(
+        cls,
+        data_dir: Path,
+        *,
+        database: str | None = None,
+        max_ttl_seconds: int | None = None,
+        shared_dir: Path | None = None,
+    ) -> TokenService:
+        """The service over ``data_dir``'s audit anchor, the store ``database`` (None: SQLite in
+        ``data_dir``) and the key in ``shared_dir`` (default ``data_dir``; ``serve
+        --shared-dir``): the CLI's view.
 
         ``max_ttl_seconds`` None: the limit the server last started with (``token_policy``),
         else the default of 90 days. InvalidInput if ``data_dir`` does not exist (it is not
         created: a typo must not start a new, empty server)."""
         if not data_dir.is_dir():
             raise InvalidInput(f"data directory {data_dir} does not exist")
-        engine = make_engine(data_dir)
+        engine = open_engine(database, data_dir)
         store = TokenStore(engine)
         limit = max_ttl_seconds or store.max_ttl_seconds() or DEFAULT_MAX_TTL_SECONDS
-        authority = TokenAuthority.from_data_dir(data_dir, max_ttl_seconds=limit)
+        authority = TokenAuthority.from_data_dir(shared_dir or data_dir, max_ttl_seconds=limit)
         return cls(authority, store, SqlAuditLog(engine, data_dir / ANCHOR_FILENAME))
 
     async def issue(

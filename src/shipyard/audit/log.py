@@ -1,17 +1,25 @@
-"""The audit log: the ``AuditLog`` protocol and its SQLite backend, ``SqlAuditLog``.
+"""The audit log: the ``AuditLog`` protocol and its SQL backend, ``SqlAuditLog``.
 
 The orchestrator appends one record per deployment action; ``shipyard audit verify`` / ``show``
 (cli/audit.py) read the database read-only through ``verify_database`` / ``read_records``.
 
-``SqlAuditLog`` keeps its own ``audit_log`` table in the deployment store's database (it creates
-it, and re-arms triggers that abort UPDATE and DELETE on it, every time it starts), and beside it
+``SqlAuditLog`` keeps its own tables in the deployment store's database, SQLite or PostgreSQL
+(the store's migrations make them, with triggers that abort UPDATE and DELETE on them, which
+it re-arms at every start):
+``audit_log``, the chain; ``audit_head``, one row with the newest seq and hash; and
 ``audit_checkpoints``, the checkpoints the publisher (publishing.py) got a witness to accept.
-Appends are serialised three ways: an ``asyncio.Lock`` in the process, ``BEGIN IMMEDIATE`` in the
-database (two processes cannot both read the same head and fork the chain), and a lock file beside
-the anchor so the anchor (``<data_dir>/audit.head``, the newest seq and hash) never moves
-backwards. The anchor is written after the commit (temp file, fsync, ``os.replace``, fsync of the
-directory); a crash in between leaves it one record behind, which verification accepts and the
-next append repairs.
+
+Several processes may append to one chain (control-plane replicas on one PostgreSQL, a CLI
+beside a server). Each append is ONE transaction that locks the head row (``SELECT ... FOR
+UPDATE``; on SQLite ``BEGIN IMMEDIATE`` locks the whole database), reads the previous record
+from it, inserts the next and moves the head: no two writers read the same head, so the chain
+cannot fork and seqs have no gap. In the process an ``asyncio.Lock`` queues appends before they
+take a connection, and a lock file beside the anchor keeps each data directory's anchor
+(``<data_dir>/audit.head``, the newest seq and hash this replica wrote) from moving backwards.
+The anchor is written after the commit (temp file, fsync, ``os.replace``, fsync of the
+directory); a crash in between leaves it one record behind, and another replica's appends leave
+it further behind: verification accepts an anchor that lags, and checks the chain holds the
+hash it names.
 
 If an append finds the database *behind* its anchor (someone deleted the newest records or
 rewrote the head) it chains the new record onto the anchor instead, so the gap stays visible to
@@ -36,7 +44,9 @@ from typing import Protocol
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
+    Connection,
     Engine,
     Index,
     Integer,
@@ -48,6 +58,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    update,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -126,17 +137,75 @@ audit_checkpoints = Table(
     Index("ix_audit_checkpoints_size", "tree_size"),
 )
 
-# Defence in depth: the chain still catches whoever drops these first.
-_TRIGGERS = (
-    "CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log "
-    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
-    "CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log "
-    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
-    "CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints "
-    "BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END",
-    "CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints "
-    "BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END",
+#: The chain's head: one row (id 1), the newest record's seq and hash (seq 0 and the genesis
+#: hash before the first). Locked by every append (module docstring); migration 0002 made it.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+    CheckConstraint("id = 1", name="ck_audit_head_one_row"),
 )
+
+
+#: Defence in depth, re-armed at every start (the chain still catches whoever drops them
+#: first). The same triggers as migration 0001_baseline's, which made them.
+APPEND_ONLY = ("audit_log", "audit_checkpoints")
+_PG_FUNCTION = (
+    "CREATE OR REPLACE FUNCTION shipyard_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
+    "BEGIN RAISE EXCEPTION USING MESSAGE = TG_TABLE_NAME || ' is append-only'; END $$"
+)
+
+
+def _triggers(dialect: str) -> list[str]:
+    if dialect == "postgresql":
+        return [_PG_FUNCTION] + [
+            f"CREATE OR REPLACE TRIGGER {table}_no_{kind} BEFORE {kind.upper()} ON {table} "
+            f"FOR EACH {'STATEMENT' if kind == 'truncate' else 'ROW'} "
+            "EXECUTE FUNCTION shipyard_append_only()"
+            for table in APPEND_ONLY
+            for kind in ("update", "delete", "truncate")
+        ]
+    return [
+        f"CREATE TRIGGER IF NOT EXISTS {table}_no_{kind} BEFORE {kind.upper()} ON {table} "
+        f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+        for table in APPEND_ONLY
+        for kind in ("update", "delete")
+    ]
+
+
+#: PostgreSQL advisory lock key serialising the re-arm of replicas starting together (their
+#: concurrent ``CREATE OR REPLACE`` of one trigger fails with "tuple concurrently updated").
+_REARM_LOCK = 0x5348_4950_4155_4454
+
+
+def _rearm_triggers(conn: Connection) -> None:
+    """Put back an append-only trigger someone dropped (or, on PostgreSQL, disabled). DDL only
+    when one is missing: a start that finds them all in place takes no table lock."""
+    if conn.dialect.name != "postgresql":
+        for ddl in _triggers("sqlite"):
+            conn.exec_driver_sql(ddl)
+        return
+    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_REARM_LOCK})")
+    enabled = {
+        str(name)
+        for (name,) in conn.exec_driver_sql(
+            "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgenabled <> 'D' AND "
+            "tgrelid IN ('audit_log'::regclass, 'audit_checkpoints'::regclass)"
+        )
+    }
+    wanted = {f"{t}_no_{k}" for t in APPEND_ONLY for k in ("update", "delete", "truncate")}
+    if wanted <= enabled:
+        return
+    _logger.error(
+        "audit append-only triggers missing or disabled (%s): re-armed",
+        ", ".join(sorted(wanted - enabled)),
+    )
+    for ddl in _triggers("postgresql"):
+        conn.exec_driver_sql(ddl)
+    for table in APPEND_ONLY:
+        conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE TRIGGER USER")
 
 
 @dataclass(frozen=True)
@@ -165,26 +234,37 @@ class AuditLog(Protocol):
 
 
 class SqlAuditLog:
-    """``AuditLog`` in SQLite (the deployment store's database), anchored by ``anchor_path``."""
+    """``AuditLog`` in the deployment store's database (an engine from ``store.engine``, so
+    migrated), anchored by ``anchor_path`` (this replica's data directory)."""
 
     def __init__(
-        self, engine: Engine, anchor_path: Path | None, clock: Callable[[], float] = time.time
+        self,
+        engine: Engine,
+        anchor_path: Path | None,
+        clock: Callable[[], float] = time.time,
+        *,
+        fence: Callable[[Connection], None] | None = None,
     ) -> None:
-        if engine.dialect.name != "sqlite":
+        """``fence``: called inside every append's transaction before it writes (the store's
+        ``leases.check_fence``: a replica whose lease moved on appends nothing)."""
+        if engine.dialect.name not in {"sqlite", "postgresql"}:
             raise InvalidInput(
-                f"SqlAuditLog supports SQLite only (its triggers and BEGIN IMMEDIATE are "
-                f"SQLite's), not {engine.dialect.name}"
+                f"SqlAuditLog runs on SQLite or PostgreSQL, not {engine.dialect.name}"
             )
         if anchor_path is not None and not anchor_path.parent.is_dir():
             raise InvalidInput(f"audit anchor directory {anchor_path.parent} does not exist")
         self._engine = engine
         self._anchor_path = anchor_path
         self._clock = clock
+        self._fence = fence
         self._lock = asyncio.Lock()
-        metadata.create_all(engine)
         with engine.begin() as conn:
-            for ddl in _TRIGGERS:
-                conn.exec_driver_sql(ddl)
+            if not inspect(conn).has_table(audit_head.name):
+                raise InvalidInput(
+                    "the store has no audit tables: open it with store.engine.open_engine "
+                    "(or run `shipyard db upgrade`)"
+                )
+            _rearm_triggers(conn)
 
     async def append(self, event: AuditEvent) -> AuditRecord:
         check_event(event)  # fail before taking any lock
@@ -207,21 +287,17 @@ class SqlAuditLog:
 
     def verify(self) -> VerifyReport:
         """Walk the whole chain and check its head against the anchor."""
-        # Anchor first: it is written after each commit, so rows read later are never behind it.
-        anchor, problem = read_anchor(self._anchor_path)
-        return verify_rows(_load_rows(self._engine), anchor=anchor, anchor_state=problem)
+        return verify_database(self._engine, self._anchor_path)
 
     def _append_blocking(self, event: AuditEvent) -> AuditRecord:
         with _file_lock(self._anchor_path):
             anchor, problem = read_anchor(self._anchor_path)
             with self._engine.connect() as conn:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-                head = conn.execute(
-                    select(audit_log.c.seq, audit_log.c.hash)
-                    .order_by(audit_log.c.seq.desc())
-                    .limit(1)
-                ).first()
-                prev = Anchor(seq=head[0], hash=head[1]) if head else Anchor(0, GENESIS_HASH)
+                if conn.dialect.name == "sqlite":
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                if self._fence is not None:  # the lease first, then the head: one lock order
+                    self._fence(conn)
+                prev = _lock_head(conn)
                 if anchor is not None and anchor.seq >= prev.seq and anchor != prev:
                     _logger.error(
                         "audit database head (seq %d) is behind or differs from its anchor "
@@ -231,6 +307,12 @@ class SqlAuditLog:
                         anchor.seq,
                     )
                     prev = anchor
+                elif problem == "missing" and conn.dialect.name == "postgresql":
+                    # Replicas share the chain, not anchors: a replica's first append (a new
+                    # data directory) finds records the others wrote. Its anchor starts here.
+                    _logger.info(
+                        "audit anchor %s starts at seq %d", self._anchor_path, prev.seq + 1
+                    )
                 elif problem is not None and prev.seq > 0:
                     _logger.error(
                         "audit anchor %s %s while the database holds %d records: deletion of "
@@ -242,6 +324,11 @@ class SqlAuditLog:
                 timestamp = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
                 row = make_row(prev.seq + 1, timestamp, event, prev.hash)
                 conn.execute(insert(audit_log).values(**asdict(row)))
+                conn.execute(
+                    update(audit_head)
+                    .where(audit_head.c.id == 1)
+                    .values(seq=row.seq, hash=row.hash)
+                )
                 conn.commit()
             if self._anchor_path is not None:
                 try:
@@ -256,6 +343,26 @@ class SqlAuditLog:
                         exc,
                     )
         return to_record(row)
+
+
+def _lock_head(conn: Connection) -> Anchor:
+    """The chain's head, its row locked until ``conn``'s transaction ends. A store whose head
+    row is gone (deleted by hand: the table has no trigger, its lock is its job) gets it back
+    from the newest record, loudly."""
+    head = conn.execute(
+        select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
+    ).first()
+    if head is not None:
+        return Anchor(seq=int(head[0]), hash=str(head[1]))
+    newest = conn.execute(
+        select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+    ).first()
+    found = Anchor(seq=int(newest[0]), hash=str(newest[1])) if newest else Anchor(0, GENESIS_HASH)
+    _logger.error(
+        "the audit_head row is missing: restored from the newest record (seq %d)", found.seq
+    )
+    conn.execute(insert(audit_head).values(id=1, seq=found.seq, hash=found.hash))
+    return found
 
 
 def _check_limit(limit: int | None) -> None:
@@ -380,77 +487,131 @@ def _file_lock(anchor_path: Path | None) -> Iterator[None]:
 
 # --- read-only access for the CLI ----------------------------------------------------------------
 
+#: What the read-only functions read: a SQLite file (opened ``mode=ro`` here), or an engine the
+#: caller opened (``store.engine.open_read_only``: PostgreSQL with read-only transactions).
+Source = Path | Engine
 
-def _read_only_engine(db_path: Path) -> Engine:
-    if not db_path.is_file():
-        raise NotFound(f"no Shipyard database at {db_path}")
-    uri = f"{db_path.resolve().as_uri().replace('file://', 'file:', 1)}?mode=ro"
-    return create_engine(
+
+@contextlib.contextmanager
+def _reading(source: Source) -> Iterator[Engine]:
+    if isinstance(source, Engine):
+        yield source
+        return
+    if not source.is_file():
+        raise NotFound(f"no Shipyard database at {source}")
+    uri = f"{source.resolve().as_uri().replace('file://', 'file:', 1)}?mode=ro"
+    engine = create_engine(
         "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True), poolclass=NullPool
     )
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _where(source: Source) -> str:
+    if isinstance(source, Engine):
+        return source.url.render_as_string(hide_password=True)
+    return str(source)
 
 
 def _load_rows_read_only(
-    db_path: Path, deployment_id: str | None = None, limit: int | None = None
+    source: Source, deployment_id: str | None = None, limit: int | None = None
 ) -> list[StoredRow]:
-    engine = _read_only_engine(db_path)
-    try:
+    with _reading(source) as engine:
         return _load_rows(engine, deployment_id, limit)
-    finally:
-        engine.dispose()
 
 
 def _cause(exc: SQLAlchemyError) -> str:
     return str(getattr(exc, "orig", None) or exc)[:200]
 
 
+def _read_head(engine: Engine) -> Anchor | None:
+    """``audit_head`` as stored (None before migration 0002, or if its row is gone)."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(audit_head.name):
+            return None
+        row = conn.execute(select(audit_head.c.seq, audit_head.c.hash)).first()
+    return Anchor(seq=int(row[0]), hash=str(row[1])) if row else None
+
+
 def verify_database(
-    db_path: Path, anchor_path: Path | None, leaves: list[bytes] | None = None
+    source: Source, anchor_path: Path | None, leaves: list[bytes] | None = None
 ) -> VerifyReport:
-    """Verify the trail in ``db_path`` without writing to it; NotFound if there is no database.
-    ``leaves`` collects the Merkle leaf hashes of the intact records (``verify_rows``)."""
+    """Verify the trail in ``source`` without writing to it; NotFound if there is no database.
+    ``leaves`` collects the Merkle leaf hashes of the intact records (``verify_rows``).
+
+    Besides the anchor file (this replica's lagging witness; None: no data directory, as on a
+    machine that only holds ``--database``), the database's own ``audit_head`` must name a record
+    of the chain with its hash: it is read before the rows, so it may lag, never lead."""
     anchor, problem = read_anchor(anchor_path)
     try:
-        rows = _load_rows_read_only(db_path)
+        with _reading(source) as engine:
+            head = _read_head(engine)
+            rows = _load_rows(engine)
     except SQLAlchemyError as exc:
         return VerifyReport(
             ok=False, records=0, reason=f"cannot read the audit table: {_cause(exc)}"
         )
-    return verify_rows(rows, anchor=anchor, anchor_state=problem, leaves=leaves)
+    report = verify_rows(rows, anchor=anchor, anchor_state=problem, leaves=leaves)
+    if not report.ok or head is None or head.seq == 0:
+        return report
+    # The chain is intact to its end; the head row must name one of its records.
+    if head.seq > len(rows):
+        first = len(rows) + 1
+        gone = f"record {first} is" if head.seq == first else f"records {first}..{head.seq} are"
+        return VerifyReport(
+            ok=False,
+            records=report.records,
+            first_bad_seq=first,
+            reason=f"{gone} missing: audit_head says the trail ends at seq {head.seq}",
+        )
+    if rows[head.seq - 1].hash != head.hash:
+        return VerifyReport(
+            ok=False,
+            records=report.records,
+            first_bad_seq=head.seq,
+            reason="hash does not match audit_head (the head was rewritten)",
+        )
+    return report
 
 
-def read_publications(db_path: Path) -> list[Publication]:
-    """``load_publications`` on ``db_path``, read-only (``shipyard audit verify`` / ``prove``);
+def read_publications(source: Source) -> list[Publication]:
+    """``load_publications`` on ``source``, read-only (``shipyard audit verify`` / ``prove``);
     InvalidInput if the database cannot be read."""
-    engine = _read_only_engine(db_path)
     try:
-        return load_publications(engine)
+        with _reading(source) as engine:
+            return load_publications(engine)
     except SQLAlchemyError as exc:
-        raise InvalidInput(f"cannot read audit_checkpoints in {db_path}: {_cause(exc)}") from exc
-    finally:
-        engine.dispose()
+        raise InvalidInput(
+            f"cannot read audit_checkpoints in {_where(source)}: {_cause(exc)}"
+        ) from exc
 
 
-def read_rows(db_path: Path) -> list[StoredRow]:
-    """Every stored row of ``db_path``, read-only, as stored (the CLI builds the tree from
+def read_rows(source: Source) -> list[StoredRow]:
+    """Every stored row of ``source``, read-only, as stored (the CLI builds the tree from
     them); InvalidInput if the database cannot be read."""
     try:
-        return _load_rows_read_only(db_path)
+        return _load_rows_read_only(source)
     except SQLAlchemyError as exc:
-        raise InvalidInput(f"cannot read the audit table in {db_path}: {_cause(exc)}") from exc
+        raise InvalidInput(
+            f"cannot read the audit table in {_where(source)}: {_cause(exc)}"
+        ) from exc
 
 
 def read_records(
-    db_path: Path, *, deployment_id: str | None = None, limit: int | None = None
+    source: Source, *, deployment_id: str | None = None, limit: int | None = None
 ) -> list[AuditRecord]:
-    """Records from ``db_path``, read-only, as ``AuditLog.records`` returns them.
+    """Records from ``source``, read-only, as ``AuditLog.records`` returns them.
 
     NotFound without a database; CorruptRecord if a row cannot be parsed; InvalidInput if the
     database cannot be read at all.
     """
     _check_limit(limit)
     try:
-        rows = _load_rows_read_only(db_path, deployment_id, limit)
+        rows = _load_rows_read_only(source, deployment_id, limit)
     except SQLAlchemyError as exc:
-        raise InvalidInput(f"cannot read the audit table in {db_path}: {_cause(exc)}") from exc
+        raise InvalidInput(
+            f"cannot read the audit table in {_where(source)}: {_cause(exc)}"
+        ) from exc
     return [to_record(row) for row in rows]

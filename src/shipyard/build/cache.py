@@ -10,6 +10,11 @@ builder runs through ``asyncio.to_thread``. Layout under the data directory::
     cache/index/<key>.json             inputs (commit tree + build configuration) -> digest
     cache/lock                         flock held while publishing or evicting
 
+``artifacts/`` may live elsewhere (``artifacts_dir``: ``serve --shared-dir``, where every
+control-plane replica finds what any of them built, e.g. on NFS); then publishing and evicting
+also hold ``<artifacts_dir>/.lock``, taken after ``cache/lock`` (one order, no deadlock), and a
+tree built on another file system is copied in (``.incoming-*``, renamed once whole).
+
 Why three parts: the input index makes a rebuild of already-built inputs a lookup plus one
 verification hash of the stored tree (no checkout, no command); the dependency cache makes a
 source-only change skip the expensive dependency step; the artifact store holds exactly one copy
@@ -25,6 +30,7 @@ for the digest only if it verifies, and replaces it otherwise.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -69,10 +75,15 @@ class BuildCache:
     """One data directory's cache. Safe to share between processes (publish/evict under flock)."""
 
     def __init__(
-        self, data_dir: Path, *, max_bytes: int, artifacts_max_bytes: int | None = None
+        self,
+        data_dir: Path,
+        *,
+        max_bytes: int,
+        artifacts_max_bytes: int | None = None,
+        artifacts_dir: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
-        self.artifacts_dir = data_dir / "artifacts"
+        self.artifacts_dir = artifacts_dir or data_dir / "artifacts"
         self.deps_dir = data_dir / "cache" / "deps"
         self.index_dir = data_dir / "cache" / "index"
         self.max_bytes = max_bytes
@@ -143,8 +154,8 @@ class BuildCache:
                 meta.unlink(missing_ok=True)
                 _remove_tree(dest)
             size = tree_size(tree)
-            os.rename(tree, dest)  # before chmod: moving a directory needs it writable
-            _make_read_only(dest)
+            _move_in(tree, dest)  # before chmod: moving a directory needs it writable
+            make_read_only(dest)
             _write_meta(meta, size)
             _touch(meta)
         return Published(dest, size, replaced)
@@ -196,7 +207,7 @@ class BuildCache:
                 _remove_tree(entry)  # hard-linked artifacts keep their own links to its files
                 size = tree_size(tree)
                 os.rename(tree, entry)
-                _make_read_only(entry)
+                make_read_only(entry)
                 _write_meta(meta, size)
             _touch(meta)
         return entry
@@ -235,12 +246,18 @@ class BuildCache:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(self.data_dir / "cache" / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        paths = [self.data_dir / "cache" / "lock"]
+        if self.artifacts_dir != self.data_dir / "artifacts":  # shared with other replicas
+            paths.append(self.artifacts_dir / ".lock")
+        fds: list[int] = []
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            for path in paths:
+                fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+                fcntl.flock(fds[-1], fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)
+            for fd in reversed(fds):
+                os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -303,8 +320,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _make_read_only(root: Path) -> None:
-    """Clear every write bit (the executable bit, which the digest covers, is kept)."""
+def make_read_only(root: Path) -> None:
+    """Clear every write bit (the executable bit, which the digest covers, is kept). Also
+    called by ``agent.fetching`` on a fetched artifact before it enters the agent's cache."""
     _clear_write_tree(os.fspath(root))
 
 
@@ -320,6 +338,26 @@ def _clear_write_tree(path: str) -> None:
                 if mode & 0o222:  # hard-linked dependency files are read-only already
                     os.chmod(e.path, mode & ~0o222)
     os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~0o222)
+
+
+def _move_in(tree: Path, dest: Path) -> None:
+    """Rename ``tree`` to ``dest``; across file systems (a shared artifact store on another
+    mount), copy it beside ``dest`` first (links, modes and times kept: the digest covers the
+    executable bit and symlinks) and rename the whole copy, so ``dest`` never exists half."""
+    try:
+        os.rename(tree, dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    incoming = dest.with_name(f".incoming-{uuid.uuid4().hex}")
+    try:
+        shutil.copytree(tree, incoming, symlinks=True)
+        os.rename(incoming, dest)
+    except BaseException:
+        _remove_tree(incoming)
+        raise
+    _remove_tree(tree)
 
 
 def _remove_tree(path: Path) -> None:

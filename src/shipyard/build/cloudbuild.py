@@ -100,12 +100,15 @@ class CloudBuildBuilder:
         *,
         clock: Clock | None = None,
         client: cb.CloudBuildClient | None = None,
+        shared_dir: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
+        #: Where logs/ go (``serve --shared-dir``); the data directory without.
+        self.shared_dir = shared_dir or data_dir
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self._client = client
-        (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (self.shared_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     @property
     def client(self) -> cb.CloudBuildClient:
@@ -120,11 +123,11 @@ class CloudBuildBuilder:
 
     async def build(self, request: BuildRequest) -> Artifact:
         started = time.monotonic()
-        log_path = self.data_dir / "logs" / f"cloudbuild-{time.time_ns()}.log"
+        log_path = self.shared_dir / "logs" / f"cloudbuild-{time.time_ns()}.log"
         with BuildLog(
             log_path,
             request.log_sink,
-            mask=SecretMasker.from_data_dir(self.data_dir),
+            mask=SecretMasker.from_data_dir(self.data_dir, shared_dir=self.shared_dir),
             max_bytes=request.max_log_bytes,
         ) as log:
             try:

@@ -88,7 +88,10 @@ def tree_size(path: Path) -> int:
     return total
 
 
-def _listing(root: bytes) -> Iterator[bytes]:
+def walk(root: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
+    """(path relative to ``root``, full path, its lstat) of every entry under ``root``, in the
+    digest's order: sorted byte names, depth-first, a directory before what it holds. Whatever
+    must match the digest entry for entry walks with this (``build/archive.stream_tree``)."""
     stack: list[bytes] = [b""]
     while stack:
         rel = stack.pop()
@@ -100,21 +103,27 @@ def _listing(root: bytes) -> Iterator[bytes]:
             relpath = os.path.join(rel, name) if rel else name
             full = os.path.join(root, relpath)
             st = os.lstat(full)
+            yield relpath, full, st
             if stat.S_ISDIR(st.st_mode):
-                yield b"d\0" + relpath + b"\0"
                 subdirs.append(relpath)
-            elif stat.S_ISREG(st.st_mode):
-                mode = b"x" if st.st_mode & stat.S_IXUSR else b"-"
-                yield b"f\0" + relpath + b"\0" + mode + b"\0" + _file_digest(full)
-            elif stat.S_ISLNK(st.st_mode):
-                yield b"l\0" + relpath + b"\0" + os.readlink(full) + b"\0"
-            else:
-                raise UnsupportedEntry(
-                    f"{os.fsdecode(relpath)} is not a file, directory or symlink "
-                    f"(mode {stat.filemode(st.st_mode)})"
-                )
         # Depth-first in sorted order: push in reverse so the smallest name is visited first.
         stack.extend(reversed(subdirs))
+
+
+def _listing(root: bytes) -> Iterator[bytes]:
+    for relpath, full, st in walk(root):
+        if stat.S_ISDIR(st.st_mode):
+            yield b"d\0" + relpath + b"\0"
+        elif stat.S_ISREG(st.st_mode):
+            mode = b"x" if st.st_mode & stat.S_IXUSR else b"-"
+            yield b"f\0" + relpath + b"\0" + mode + b"\0" + _file_digest(full)
+        elif stat.S_ISLNK(st.st_mode):
+            yield b"l\0" + relpath + b"\0" + os.readlink(full) + b"\0"
+        else:
+            raise UnsupportedEntry(
+                f"{os.fsdecode(relpath)} is not a file, directory or symlink "
+                f"(mode {stat.filemode(st.st_mode)})"
+            )
 
 
 def _file_digest(path: bytes) -> bytes:

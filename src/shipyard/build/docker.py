@@ -107,11 +107,19 @@ class _Outcome:
 class DockerBuilder:
     kind = "docker"
 
-    def __init__(self, data_dir: Path, config: DockerBuilderConfig | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        config: DockerBuilderConfig | None = None,
+        *,
+        shared_dir: Path | None = None,
+    ) -> None:
         self.data_dir = data_dir
+        #: Where logs/ go (``serve --shared-dir``); the data directory without.
+        self.shared_dir = shared_dir or data_dir
         self.config = config or DockerBuilderConfig()
         self._builds = data_dir / "builds"
-        self._logs = data_dir / "logs"
+        self._logs = self.shared_dir / "logs"
         self._builds.mkdir(parents=True, exist_ok=True)
         self._logs.mkdir(parents=True, exist_ok=True)
 
@@ -122,7 +130,7 @@ class DockerBuilder:
         with BuildLog(
             log_path,
             request.log_sink,
-            mask=SecretMasker.from_data_dir(self.data_dir),
+            mask=SecretMasker.from_data_dir(self.data_dir, shared_dir=self.shared_dir),
             max_bytes=request.max_log_bytes,
         ) as log:
             try:

@@ -139,18 +139,22 @@ class LocalBuilder:
         config: LocalBuilderConfig | None = None,
         *,
         sandbox: Sandbox | None = None,
+        shared_dir: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
+        #: Where logs/ and artifacts/ go (``serve --shared-dir``); the data directory without.
+        self.shared_dir = shared_dir or data_dir
         #: Every command runs in it (secure by default: the data directory's own sandbox).
-        self.sandbox = sandbox or Sandbox(SandboxPolicy(data_dir=data_dir))
+        self.sandbox = sandbox or Sandbox(SandboxPolicy(data_dir, hide=(self.shared_dir,)))
         self.config = config or LocalBuilderConfig()
         self.cache = cache_mod.BuildCache(
             data_dir,
             max_bytes=self.config.cache_max_bytes,
             artifacts_max_bytes=self.config.artifacts_max_bytes,
+            artifacts_dir=self.shared_dir / "artifacts",
         )
         self._builds = data_dir / "builds"
-        self._logs = data_dir / "logs"
+        self._logs = self.shared_dir / "logs"
         self._builds.mkdir(parents=True, exist_ok=True)
         self._logs.mkdir(parents=True, exist_ok=True)
 
@@ -159,7 +163,7 @@ class LocalBuilder:
         durations: dict[str, int] = {}
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         log_path = self._logs / f"{stamp}-{uuid.uuid4().hex[:8]}.log"
-        mask = SecretMasker.from_data_dir(self.data_dir)
+        mask = SecretMasker.from_data_dir(self.data_dir, shared_dir=self.shared_dir)
         tail = self.config.log_tail_lines
         with BuildLog(
             log_path,

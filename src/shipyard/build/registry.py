@@ -37,6 +37,9 @@ class BuildConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     data_dir: Path
+    #: Where build logs (logs/) and artifacts (artifacts/) go, seen by every replica
+    #: (``serve --shared-dir``); None: ``data_dir``.
+    shared_dir: Path | None = None
     #: How build commands are confined; None: the default sandbox for ``data_dir``.
     sandbox: SandboxPolicy | None = None
     #: kind -> settings for that kind's config model, e.g.
@@ -64,7 +67,8 @@ def register(
     sandboxed: bool = False,
 ) -> None:
     """Add (or replace, e.g. with a fake in tests) the builder for ``[build] builder = kind``;
-    ``sandboxed``: the factory is called ``factory(data_dir, settings, sandbox=Sandbox)``."""
+    the factory is called ``factory(data_dir, settings, shared_dir=Path | None)``, plus
+    ``sandbox=Sandbox`` when ``sandboxed``."""
     _REGISTRY[kind] = BuilderKind(config_model=config_model, factory=factory, sandboxed=sandboxed)
 
 
@@ -105,10 +109,12 @@ def builder_for(manifest: Manifest, source: SourceConfig, config: BuildConfig) -
             f"the {kind!r} builder is not configured on this server ({problems}); "
             f"set builders.{kind} in the server settings"
         ) from exc
+    shared = config.shared_dir
     if entry.sandboxed:
-        policy = config.sandbox or SandboxPolicy(data_dir=config.data_dir)
-        return entry.factory(config.data_dir, settings, sandbox=Sandbox(policy))
-    return entry.factory(config.data_dir, settings)
+        hide = (shared,) if shared is not None else ()
+        policy = config.sandbox or SandboxPolicy(data_dir=config.data_dir, hide=hide)
+        return entry.factory(config.data_dir, settings, shared_dir=shared, sandbox=Sandbox(policy))
+    return entry.factory(config.data_dir, settings, shared_dir=shared)
 
 
 async def manifest_for(source: SourceConfig, config: BuildConfig) -> Manifest:

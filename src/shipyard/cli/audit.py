@@ -6,10 +6,13 @@ The lead's main CLI mounts ``audit_app`` as ``shipyard audit``:
     shipyard audit prove RECORD_ID [--checkpoint FILE|URL] [--checkpoint-key VKEY]
     shipyard audit show [--deployment ID] [--format json] [--limit N]
 
-Every command opens the database read-only (audit/log.py), so they are safe to run while
-``shipyard serve`` is writing. ``verify`` alone proves internal consistency (the chain and the
-anchor) and says which records no witness has a checkpoint for; with ``--checkpoint`` it also
-proves that today's trail extends the witness's checkpoint (audit/proving.py).
+each with ``--data-dir DIR`` (SQLite in it, its anchor, its checkpoint key) and/or
+``--database URL`` (the PostgreSQL store replicas share; with a ``--data-dir`` too, that
+replica's anchor is checked as well). Every command opens the database read-only
+(``store.engine.open_read_only``), so they are safe to run while ``shipyard serve`` is writing.
+``verify`` alone proves internal consistency (the chain, the anchor and the database's head) and
+says which records no witness has a checkpoint for; with ``--checkpoint`` it also proves that
+today's trail extends the witness's checkpoint (audit/proving.py).
 
 Exit codes: 0 intact / consistent / listed; 1 the trail is not intact, does not extend the
 checkpoint, the checkpoint's signature fails, or the trail cannot be read; 2 no such data
@@ -18,10 +21,12 @@ directory, database, checkpoint or key, or bad flags.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +34,7 @@ import httpx
 import typer
 from rich import box
 from rich.table import Table
+from sqlalchemy import Engine
 
 from shipyard.audit import proving
 from shipyard.audit.chain import AuditRecord, CorruptRecord
@@ -46,10 +52,12 @@ from shipyard.audit.log import (
     read_rows,
     verify_database,
 )
+from shipyard.cli.common import Database, SharedDir
 from shipyard.cli.safe import console, neutralised, shown
 from shipyard.domain import deployment_ids
 from shipyard.errors import AmbiguousDeploymentId, InvalidInput
-from shipyard.store.db import Store, make_engine
+from shipyard.store.db import Store
+from shipyard.store.engine import open_read_only
 
 DB_FILENAME = "shipyard.db"
 
@@ -58,7 +66,11 @@ audit_app = typer.Typer(
 )
 
 DataDir = Annotated[
-    Path, typer.Option("--data-dir", help="Shipyard's data directory (holds shipyard.db).")
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Shipyard's data directory (holds shipyard.db, or with --database the anchor).",
+    ),
 ]
 
 
@@ -67,20 +79,37 @@ class OutputFormat(enum.StrEnum):
     json = "json"
 
 
-def _database(data_dir: Path) -> Path:
-    """The database path, or exit 2 saying what is missing."""
-    if not data_dir.is_dir():
+@contextlib.contextmanager
+def _trail(data_dir: Path | None, database: str | None) -> Iterator[Engine]:
+    """A read-only engine on the store, or exit 2 saying what is missing."""
+    if data_dir is not None and not data_dir.is_dir():
         typer.echo(f"error: data directory {data_dir} does not exist", err=True)
         raise typer.Exit(2)
-    db_path = data_dir / DB_FILENAME
-    if not db_path.is_file():
-        typer.echo(
-            f"error: no Shipyard database at {db_path} (has `shipyard serve` run with this "
-            f"--data-dir?)",
-            err=True,
-        )
-        raise typer.Exit(2)
-    return db_path
+    if database is None:
+        if data_dir is None:
+            typer.echo("error: pass --data-dir DIR or --database URL", err=True)
+            raise typer.Exit(2)
+        db_path = data_dir / DB_FILENAME
+        if not db_path.is_file():
+            typer.echo(
+                f"error: no Shipyard database at {db_path} (has `shipyard serve` run with this "
+                f"--data-dir?)",
+                err=True,
+            )
+            raise typer.Exit(2)
+    try:
+        engine = open_read_only(database, data_dir or Path.cwd())
+    except InvalidInput as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _anchor(data_dir: Path | None) -> Path | None:
+    return data_dir / ANCHOR_FILENAME if data_dir is not None else None
 
 
 CheckpointSource = Annotated[
@@ -102,16 +131,30 @@ CheckpointKey = Annotated[
 
 @audit_app.command()
 def verify(
-    data_dir: DataDir, checkpoint: CheckpointSource = None, checkpoint_key: CheckpointKey = None
+    data_dir: DataDir = None,
+    database: Database = None,
+    checkpoint: CheckpointSource = None,
+    checkpoint_key: CheckpointKey = None,
+    shared_dir: SharedDir = None,
 ) -> None:
     """Walk the hash chain and check it against the anchor; exit 1 naming the first bad record.
 
     With --checkpoint, also check that today's trail extends the checkpoint a witness keeps (an
     RFC 9162 consistency proof): that catches a rewrite of the database *and* the anchor.
     """
-    db_path = _database(data_dir)
+    with _trail(data_dir, database) as db:
+        _verify(db, data_dir, shared_dir or data_dir, checkpoint, checkpoint_key)
+
+
+def _verify(
+    db_path: Engine,
+    data_dir: Path | None,
+    keys_dir: Path | None,
+    checkpoint: str | None,
+    checkpoint_key: Path | None,
+) -> None:
     leaves: list[bytes] = []
-    report = verify_database(db_path, data_dir / ANCHOR_FILENAME, leaves)
+    report = verify_database(db_path, _anchor(data_dir), leaves)
     if report.ok:
         typer.echo(f"audit trail intact: {report.records} records")
     else:
@@ -122,7 +165,7 @@ def verify(
         if not report.ok:
             raise typer.Exit(1)
         return
-    signed = _open_checkpoint(checkpoint, data_dir, checkpoint_key)
+    signed = _open_checkpoint(checkpoint, keys_dir, checkpoint_key)
     try:
         if not report.ok:  # the walk stopped at the first bad record: hash every row as stored
             leaves = proving.leaf_hashes(read_rows(db_path))
@@ -150,7 +193,7 @@ def verify(
         raise typer.Exit(1)
 
 
-def _say_coverage(db_path: Path, records: int) -> None:
+def _say_coverage(db_path: Engine, records: int) -> None:
     """The line that says what ``verify`` without --checkpoint could not prove."""
     try:
         publications = read_publications(db_path)
@@ -175,9 +218,11 @@ def _say_coverage(db_path: Path, records: int) -> None:
 @audit_app.command()
 def prove(
     record_id: Annotated[int, typer.Argument(min=1, help="The record's seq.")],
-    data_dir: DataDir,
+    data_dir: DataDir = None,
+    database: Database = None,
     checkpoint: CheckpointSource = None,
     checkpoint_key: CheckpointKey = None,
+    shared_dir: SharedDir = None,
 ) -> None:
     """Print an RFC 9162 inclusion proof of a record in a signed checkpoint, as JSON.
 
@@ -185,7 +230,17 @@ def prove(
     C2SP verifier can check the proof against the checkpoint's root and the checkpoint's signature
     against the log's verifier key (<data_dir>/keys/checkpoint.vkey).
     """
-    db_path = _database(data_dir)
+    with _trail(data_dir, database) as db:
+        _prove(record_id, db, shared_dir or data_dir, checkpoint, checkpoint_key)
+
+
+def _prove(
+    record_id: int,
+    db_path: Engine,
+    keys_dir: Path | None,
+    checkpoint: str | None,
+    checkpoint_key: Path | None,
+) -> None:
     if checkpoint is not None:
         source = checkpoint
         note = _fetch_checkpoint(checkpoint)
@@ -202,7 +257,7 @@ def prove(
             raise typer.Exit(1)
         newest = max(publications, key=lambda p: p.tree_size)
         source, note = f"{newest.witness} (as recorded)", newest.checkpoint
-    signed = _verify_note(note, source, data_dir, checkpoint_key)
+    signed = _verify_note(note, source, keys_dir, checkpoint_key)
     try:
         rows = read_rows(db_path)
         answer = proving.inclusion(record_id, rows, proving.leaf_hashes(rows), signed)
@@ -216,14 +271,25 @@ def prove(
     typer.echo(json.dumps(answer, indent=2, ensure_ascii=False))
 
 
-def _open_checkpoint(source: str, data_dir: Path, key: Path | None) -> Checkpoint:
-    return _verify_note(_fetch_checkpoint(source), source, data_dir, key)
+def _open_checkpoint(source: str, keys_dir: Path | None, key: Path | None) -> Checkpoint:
+    return _verify_note(_fetch_checkpoint(source), source, keys_dir, key)
 
 
-def _verify_note(note: str, source: str, data_dir: Path, key: Path | None) -> Checkpoint:
-    """The checkpoint if the log's key signed it; exit 1 if not, 2 if there is no key."""
+def _verify_note(note: str, source: str, keys_dir: Path | None, key: Path | None) -> Checkpoint:
+    """The checkpoint if the log's key (``key``, else ``keys_dir``'s: the shared or data
+    directory) signed it; exit 1 if not, 2 if there is no key."""
     try:
-        verifier = load_verifier(key) if key is not None else CheckpointSigner.load(data_dir)
+        if key is not None:
+            verifier = load_verifier(key)
+        elif keys_dir is not None:
+            verifier = CheckpointSigner.load(keys_dir)
+        else:
+            typer.echo(
+                "error: checking a checkpoint needs the log's verifier key: pass "
+                "--checkpoint-key VKEY, or --data-dir (and --shared-dir) of a control plane",
+                err=True,
+            )
+            raise typer.Exit(2)
     except CheckpointKeyError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
@@ -255,7 +321,8 @@ def _fetch_checkpoint(source: str) -> str:
 
 @audit_app.command()
 def show(
-    data_dir: DataDir,
+    data_dir: DataDir = None,
+    database: Database = None,
     deployment: Annotated[
         str | None,
         typer.Option(
@@ -270,10 +337,18 @@ def show(
     ] = None,
 ) -> None:
     """List audit records, oldest first."""
-    db_path = _database(data_dir)
+    with _trail(data_dir, database) as db:
+        records = _read(db, deployment, limit)
+    if output is OutputFormat.json:
+        typer.echo(json.dumps([r.to_dict() for r in records], indent=2, ensure_ascii=False))
+    else:
+        _print_table(records)
+
+
+def _read(db_path: Engine, deployment: str | None, limit: int | None) -> list[AuditRecord]:
     try:
         if deployment is not None:
-            deployment = _deployment_id(data_dir, deployment)
+            deployment = _deployment_id(db_path, deployment)
         records = read_records(db_path, deployment_id=deployment, limit=limit)
     except CorruptRecord as exc:
         typer.echo(
@@ -288,13 +363,10 @@ def show(
     except InvalidInput as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from exc
-    if output is OutputFormat.json:
-        typer.echo(json.dumps([r.to_dict() for r in records], indent=2, ensure_ascii=False))
-    else:
-        _print_table(records)
+    return records
 
 
-def _deployment_id(data_dir: Path, reference: str) -> str:
+def _deployment_id(engine: Engine, reference: str) -> str:
     """The full id a unique prefix names among the store's deployments (as the API resolves
     it, ``domain/deployment_ids.py``); ``AmbiguousDeploymentId`` when it names several. A full
     id, or anything no deployment id starts with, filters the records as written."""
@@ -303,11 +375,7 @@ def _deployment_id(data_dir: Path, reference: str) -> str:
     prefix = reference.lower()
     if len(prefix) == deployment_ids.FULL_LENGTH:
         return prefix
-    engine = make_engine(data_dir)
-    try:
-        matches = Store(engine).deployment_ids_with_prefix(prefix)
-    finally:
-        engine.dispose()
+    matches = Store(engine).deployment_ids_with_prefix(prefix)
     return deployment_ids.choose(prefix, matches) if matches else reference
 
 

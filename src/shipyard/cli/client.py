@@ -10,7 +10,7 @@ import os
 import re
 import ssl
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,12 @@ def resolve_token(token: str | None, data_dir: Path | None, permissions: list[st
     token = token or os.environ.get("SHIPYARD_TOKEN")
     if token:
         return token
-    if data_dir is not None and (data_dir / "keys").exists():
+    shared = os.environ.get("SHIPYARD_SHARED_DIR")  # replicas' keys (`serve --shared-dir`)
+    shared_dir = Path(shared) if shared else None
+    if data_dir is not None and ((shared_dir or data_dir) / "keys").exists():
         from shipyard.cli.token import issue_local
 
-        return issue_local(data_dir, "cli", permissions, ttl_seconds=3600)
+        return issue_local(data_dir, "cli", permissions, ttl_seconds=3600, shared_dir=shared_dir)
     raise InvalidInput(
         "no API token: pass --token, set SHIPYARD_TOKEN, or pass --data-dir of a local server "
         "(create one with `shipyard token create --data-dir DIR --subject you --permission ...`)"
@@ -145,6 +147,19 @@ def trust(ca_cert: Path | None) -> ssl.SSLContext | bool:
         raise InvalidInput(
             f"--ca-cert {ca_cert}: cannot load it as PEM CA certificates ({exc})"
         ) from exc
+
+
+def trace_context(environ: Mapping[str, str]) -> dict[str, str]:
+    """The W3C trace context a CI job hands its steps in ``TRACEPARENT``/``TRACESTATE`` (the
+    OpenTelemetry convention for environment variables as carriers), as request headers: the
+    deployment's trace then continues the job's. Sent as given -- the server ignores a
+    malformed one --, unless it could not even be a header value."""
+    headers: dict[str, str] = {}
+    for variable, header in (("TRACEPARENT", "traceparent"), ("TRACESTATE", "tracestate")):
+        value = environ.get(variable, "").strip()
+        if value and value.isascii() and value.isprintable():
+            headers[header] = value
+    return headers
 
 
 class ApiClient:

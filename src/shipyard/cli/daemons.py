@@ -5,6 +5,7 @@ refuse bad flags before anything starts (exit 2)."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
@@ -12,9 +13,11 @@ from typing import Annotated, Any, Literal, cast
 import typer
 
 from shipyard.cli.common import (
+    Database,
     DataDir,
     InsecureNoSandbox,
     SandboxUids,
+    SharedDir,
     api_listen,
     err,
     fail,
@@ -23,13 +26,28 @@ from shipyard.cli.common import (
 from shipyard.cli.registry_flag import RegistryFlag
 from shipyard.cli.safe import shown
 from shipyard.errors import InvalidInput
+from shipyard.private_files import ensure_private_dir
+
+#: ``--replica-id``: a name the leases, the audit trail and ``driver`` show as it is.
+REPLICA_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
 def serve(
     data_dir: DataDir = Path(".shipyard"),
+    shared_dir: SharedDir = None,
+    database: Database = None,
     listen: Annotated[str, typer.Option(help="HOST:PORT for the API.")] = "127.0.0.1:8080",
     region: Annotated[
-        list[str] | None, typer.Option("--region", help="Regions to serve (repeat).")
+        list[str] | None,
+        typer.Option("--region", help="Regions of the local agent to serve (repeat)."),
+    ] = None,
+    local_agent: Annotated[
+        bool | None,
+        typer.Option(
+            "--local-agent/--no-local-agent",
+            help="Run a local agent per --region. Default: yes with SQLite, no with a "
+            "PostgreSQL --database (replicas serve joined regions only).",
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
     osv_db: Annotated[
@@ -126,10 +144,38 @@ def serve(
         ),
     ] = None,
     registry: RegistryFlag = None,
+    fleet_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT of the fleet listener remote agents join and renew through (mTLS; "
+            "off by default). `shipyard region add` prints the join command."
+        ),
+    ] = None,
+    fleet_cert_ttl: Annotated[
+        float, typer.Option(min=1.0, help="Seconds a joined agent's certificate lives.")
+    ] = 3600.0,
+    replica_id: Annotated[
+        str | None,
+        typer.Option(
+            "--replica-id",
+            envvar="SHIPYARD_REPLICA_ID",
+            help="This replica's name in the leases (several replicas on one database). "
+            "Default: HOSTNAME:PORT.",
+        ),
+    ] = None,
+    lease_seconds: Annotated[
+        float,
+        typer.Option(
+            min=1.0,
+            help="A replica that does not renew its leases for this long loses its deployments "
+            "to another replica.",
+        ),
+    ] = 10.0,
 ) -> None:
     """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
     import uvicorn
 
+    from shipyard import tracing
     from shipyard.api import edge
     from shipyard.api.app import create_app
     from shipyard.logs import configure_logging
@@ -146,13 +192,29 @@ def serve(
             probe.bind((host, port))
         except OSError as exc:
             raise fail(f"cannot listen on {listen}: {exc.strerror}; pick another --listen") from exc
+    fleet = _fleet_listen(fleet_listen)
+    regions = _local_regions(region, local_agent, database)
+    store = _store_url(database, data_dir)
+    replica = replica_id if replica_id is not None else f"{socket.gethostname()}:{port}"
+    if not REPLICA_ID.fullmatch(replica):
+        raise fail(
+            f"--replica-id {shown(replica)} is not a replica name: 1-128 letters, digits and "
+            "'.', '_', ':', '@', '-'"
+        )
+    try:  # the OTEL_* variables: refused now, with what to set, rather than at startup
+        traces_to = tracing.check(os.environ)
+    except InvalidInput as exc:
+        raise fail(exc.message) from exc
     configure_logging(log_level.upper())
-    sandbox = make_sandbox(data_dir.resolve(), insecure_no_sandbox, sandbox_uids)
+    data, shared = _directories(data_dir, shared_dir)
+    sandbox = make_sandbox(data, insecure_no_sandbox, sandbox_uids, shared)
     if osv_db is not None and not osv_db.exists():
         raise fail(f"--osv-db {osv_db} does not exist; pass an OSV database directory or zip")
     settings = Settings(
-        data_dir=data_dir.resolve(),
-        regions=tuple(region or ["local"]),
+        data_dir=data,
+        shared_dir=shared,
+        database=database,
+        regions=regions,
         osv_db=osv_db.resolve() if osv_db else None,
         sandbox=sandbox.policy,
         max_token_ttl_seconds=max_token_ttl_days * 24 * 3600,
@@ -164,6 +226,10 @@ def serve(
         tls_key=tls_key.resolve() if tls_key else None,
         docs=docs,
         image_registry=registry,
+        fleet_listen=fleet,
+        fleet_cert_ttl_seconds=fleet_cert_ttl,
+        replica_id=replica,
+        lease_seconds=lease_seconds,
         **_build_settings(
             max_concurrent_builds,
             max_build_log_mb,
@@ -173,7 +239,9 @@ def serve(
             source_root,
         ),
     )
-    _check_witnesses(settings.witnesses, settings.data_dir, settings.witness_history)
+    _check_witnesses(
+        settings.witnesses, settings.data_dir, settings.witness_history, settings.shared_dir
+    )
     if osv_db is None:
         err.print(
             "[yellow]warning:[/yellow] no --osv-db: artifacts get an SBOM and are signed, "
@@ -182,7 +250,10 @@ def serve(
     scheme = "https" if tls_cert else "http"
     err.print(
         f"shipyard serve: API on {scheme}://{shown(host)}:{port}, "
-        f"data in {shown(settings.data_dir)}"
+        f"data in {shown(settings.data_dir)}, store {shown(store)}, replica {shown(replica)}"
+        + (f", shared in {shown(shared)}" if shared != data else "")
+        + ("" if regions else ", no local agent")
+        + (f", traces {traces_to}" if traces_to else "")
     )
     descriptors = edge.raise_descriptor_limit()
     config = edge.server_config(
@@ -190,6 +261,72 @@ def serve(
     )
     config.loop = "uvloop"
     uvicorn.Server(config).run()
+
+
+def _directories(data_dir: Path, shared_dir: Path | None) -> tuple[Path, Path]:
+    """(data, shared) resolved; the shared directory made private (0700, it holds the keys).
+    A shared one is also named to the local agent ``serve`` starts (environment): it trusts
+    the signing key there and hides the directory from workloads."""
+    data = data_dir.resolve()
+    if shared_dir is None or shared_dir.resolve() == data:
+        return data, data
+    shared = shared_dir.resolve()
+    if shared.is_relative_to(data) or data.is_relative_to(shared):
+        raise fail(
+            f"--shared-dir {shared} and --data-dir {data} must not contain each other: the "
+            "data directory is this replica's own, the shared one every replica's"
+        )
+    try:
+        ensure_private_dir(shared)
+    except OSError as exc:
+        raise fail(f"--shared-dir {shared}: {exc.strerror}; mount it or pick another") from exc
+    os.environ["SHIPYARD_SHARED_DIR"] = str(shared)
+    return data, shared
+
+
+def _local_regions(
+    region: list[str] | None, local_agent: bool | None, database: str | None = None
+) -> tuple[str, ...]:
+    """The regions ``serve``'s local agents serve: ``--region`` (default ``local``), or none
+    with ``--no-local-agent`` -- the default with a PostgreSQL ``database``, where several
+    replicas run and a replica's own agent would die with it."""
+    if local_agent is None:
+        local_agent = not (database or "").startswith("postgresql")
+    if not local_agent:
+        if region:
+            raise fail(
+                "--region names the local agent's regions, and there is none (--no-local-agent, "
+                "the default with PostgreSQL): add remote regions with `shipyard region add`, or "
+                "pass --local-agent"
+            )
+        return ()
+    return tuple(region or ["local"])
+
+
+def _store_url(database: str | None, data_dir: Path) -> str:
+    """``--database`` checked before anything starts, as it may be shown (password masked)."""
+    from shipyard.store.engine import database_url, shown_url
+
+    try:
+        return shown_url(database_url(database, data_dir.resolve()))
+    except InvalidInput as exc:
+        raise fail(exc.message) from exc
+
+
+def _fleet_listen(value: str | None) -> tuple[str, int] | None:
+    """``--fleet-listen`` parsed and its port checked free, before anything starts."""
+    if value is None:
+        return None
+    host, port = api_listen(value)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise fail(
+                f"cannot listen on {value}: {exc.strerror}; pick another --fleet-listen"
+            ) from exc
+    return host, port
 
 
 def _build_settings(
@@ -218,15 +355,19 @@ def _build_settings(
     return fields
 
 
-def _check_witnesses(witnesses: tuple[str, ...], data_dir: Path, history: Path | None) -> None:
-    """Refuse a bad --witness before anything starts; warn when there is none."""
+def _check_witnesses(
+    witnesses: tuple[str, ...], data_dir: Path, history: Path | None, shared_dir: Path | None = None
+) -> None:
+    """Refuse a bad --witness (one inside the data or the shared directory too) before anything
+    starts; warn when there is none."""
     from shipyard.audit.publishing import parse_witness
 
     if history is not None and not witnesses:
         raise fail("--witness-history needs a --witness")
     try:
         for target in witnesses:
-            parse_witness(target, data_dir, history)
+            for directory in dict.fromkeys([data_dir, shared_dir or data_dir]):
+                parse_witness(target, directory, history)
     except InvalidInput as exc:
         raise fail(exc.message) from exc
     if not witnesses:
@@ -239,6 +380,15 @@ def _check_witnesses(witnesses: tuple[str, ...], data_dir: Path, history: Path |
 def agent(
     ctx: typer.Context,
     data_dir: DataDir = Path(".shipyard"),
+    shared_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--shared-dir",
+            envvar="SHIPYARD_SHARED_DIR",
+            help="The local agent of `serve --shared-dir`: trust the signing key there "
+            "(keys/signing.pub) and hide it from workloads (serve passes it on).",
+        ),
+    ] = None,
     region: Annotated[str, typer.Option(help="Region this agent serves.")] = "local",
     detach: Annotated[
         bool, typer.Option(help="Fork into its own session and return at once (used by serve).")
@@ -313,6 +463,28 @@ def agent(
             "or their port published on 127.0.0.1; auto: host when the engine has no bridge.",
         ),
     ] = "auto",
+    join: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Join the control plane's fleet listener at this https:// URL; repeat once per "
+            "control-plane replica (renewals and artifact fetches fail over between them)."
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SHIPYARD_JOIN_TOKEN",
+            help="The join token `shipyard region add` printed (or SHIPYARD_JOIN_TOKEN, kept "
+            "out of the process list).",
+        ),
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT of a joined agent's API (mTLS); its services bind HOST."),
+    ] = None,
+    port_range: Annotated[
+        str | None, typer.Option(help="LOW-HIGH: ports a joined agent's services get.")
+    ] = None,
 ) -> None:
     """Run the data plane of one region: the traffic router and the app supervisor.
 
@@ -355,13 +527,38 @@ def agent(
     http_addr = parse_listen("--http-listen", http_listen)
     https_addr = parse_listen("--https-listen", https_listen)
     entry_given = http_listen is not None or https_listen is not None
+    joined = _joined_agent(data_dir.resolve(), join, token, listen, port_range, ctx)
     if detach:  # before any event loop or thread exists: fork is safe here
         if os.fork() > 0:
             os._exit(0)
         os.setsid()  # its own session: it outlives the control plane and its terminal
     configure_logging("INFO")
-    sandbox = make_sandbox(data_dir.resolve(), insecure_no_sandbox, sandbox_uids)
+    shared = shared_dir.resolve() if shared_dir is not None else None
+    sandbox = make_sandbox(data_dir.resolve(), insecure_no_sandbox, sandbox_uids, shared)
     key = trusted_key.resolve() if trusted_key else None
+    if key is None and joined is None and shared is not None:
+        from shipyard.agent.server import default_trusted_key
+
+        key = default_trusted_key(shared)  # the control plane's key, shared by its replicas
+    fleet: dict[str, Any] = {}
+    if joined is not None:  # a remote agent: mTLS API, services on its host, renewal
+        from shipyard.agent.joining import Renewer, artifact_fetcher
+        from shipyard.agent.server import agent_dir
+
+        member, sock, server_context = joined
+        region = member.region
+        # Directory artifacts come from the control plane by digest, never from a path.
+        fetcher, client_context = artifact_fetcher(
+            member, agent_dir(data_dir.resolve(), region) / "artifacts"
+        )
+        fleet = {
+            "listen_host": member.host,
+            "port_range": member.port_range,
+            "api_socket": sock,
+            "api_ssl": server_context,
+            "background": Renewer(member, server_context, [client_context]).run,
+            "fetcher": fetcher,
+        }
     uvloop.run(
         run_agent(
             data_dir.resolve(),
@@ -377,5 +574,40 @@ def agent(
             entry_given=entry_given,
             docker_host=docker_host or None,
             container_network=network,
+            shared_dir=shared if joined is None else None,
+            **fleet,
         )
     )
+
+
+def _joined_agent(
+    data_dir: Path,
+    join: list[str] | None,
+    token: str | None,
+    listen: str | None,
+    port_range: str | None,
+    ctx: typer.Context,
+) -> Any:
+    """(membership, API socket, server SSL context) of a joined agent (agent/joining.py): joins
+    now with ``--join``, or comes back with the identity stored in ``data_dir``; None for the
+    local agent. Exit 2 with the reason when joining is refused."""
+    from shipyard.agent import joining
+
+    if not join and joining.Membership.load(data_dir) is None:
+        if token or listen or port_range:
+            raise typer.BadParameter("--token, --listen and --port-range go with --join URL")
+        return None
+    # --region only checks the token's region when given; the default "local" is no claim.
+    source = ctx.get_parameter_source("region")
+    named = source is not None and source.name != "DEFAULT"
+    try:
+        return joining.prepare(
+            data_dir,
+            join_urls=join or (),
+            token=token,
+            listen=api_listen(listen) if listen else None,
+            port_range=joining.parse_port_range(port_range),
+            region=ctx.params.get("region") if named else None,
+        )
+    except InvalidInput as exc:
+        raise fail(exc.message) from exc

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -113,6 +113,7 @@ def commit_version(
     unhealthy_after: float | None = None,
     error_rate: float | None = None,
     delay_ms: float | None = None,
+    broken_region: str | None = None,
 ) -> str:
     """Commit ``version`` of an example app (hello or notes: both read these files); the
     keywords make it a bad release (see the examples' app.py)."""
@@ -121,6 +122,7 @@ def commit_version(
         ("unhealthy_after.txt", unhealthy_after),
         ("error_rate.txt", error_rate),
         ("delay_ms.txt", delay_ms),
+        ("broken_region.txt", broken_region),
     ):
         if value is None:
             (repo / name).unlink(missing_ok=True)
@@ -185,9 +187,16 @@ class Example:
 
 class Demo:
     def __init__(
-        self, data_dir: Path, port: int, console: Console, env: Mapping[str, str] | None = None
+        self,
+        data_dir: Path,
+        port: int,
+        console: Console,
+        env: Mapping[str, str] | None = None,
+        serve_args: Sequence[str] = (),
     ) -> None:
         self.data_dir = data_dir
+        #: More ``shipyard serve`` options (``--fleet-listen ...`` for ``shipyard demo --fleet``).
+        self.serve_args = tuple(serve_args)
         self.port = port or _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.say = console.print
@@ -210,6 +219,7 @@ class Demo:
                 # The demo's repositories sit beside its data directory, wherever --data-dir is.
                 "--source-root",
                 str(self.data_dir.parent),
+                *self.serve_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

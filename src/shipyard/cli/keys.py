@@ -1,7 +1,8 @@
 """``shipyard keys export``: the artifact-signing public key, for anyone who verifies attestations.
 
 The main CLI mounts ``keys_app`` as ``shipyard keys``. ``export`` reads the server's key from the
-data directory (``security.signing.Ed25519Signer.load``: it never creates one) and prints:
+data directory, or the replicas' ``--shared-dir`` (``security.signing.Ed25519Signer.load``: it
+never creates one) and prints:
 
     --format pem    the SubjectPublicKeyInfo PEM (cryptography, openssl, cosign ``--key``)
     --format json   securesystemslib's key dict plus ``keyid``, the id Shipyard writes into
@@ -20,6 +21,7 @@ from typing import Annotated
 
 import typer
 
+from shipyard.cli.common import SharedDir
 from shipyard.errors import InvalidInput
 from shipyard.security import signing
 
@@ -49,10 +51,11 @@ def export(
         ),
     ],
     format: Annotated[KeyFormat, typer.Option("--format", help="pem or json.")] = KeyFormat.pem,
+    shared_dir: SharedDir = None,
 ) -> None:
     """Print the public key that verifies this server's provenance envelopes."""
     try:
-        signer = signing.Ed25519Signer.load(data_dir)
+        signer = signing.Ed25519Signer.load(shared_dir or data_dir)
     except InvalidInput as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -18,7 +19,13 @@ class LoadReport:
     ok: int = 0
     failed: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
+    #: Successful answers by the ``x-shipyard-revision`` they carried ("" without one: the
+    #: service's manifest did not set ``[routing] revision_header = true``; the examples do).
     served_by: Counter[str] = field(default_factory=Counter)
+    #: revision -> wall-clock time (time.time()) its first successful answer arrived: when this
+    #: URL started serving it, seen from outside (``shipyard demo --fleet``'s and
+    #: bench/bench_fleet.py's switch skew).
+    first_seen: dict[str, float] = field(default_factory=dict)
 
 
 class LoadGenerator:
@@ -74,6 +81,7 @@ class LoadGenerator:
                 if 200 <= status < 300:
                     self.report.ok += 1
                     self.report.served_by[revision] += 1
+                    self.report.first_seen.setdefault(revision, time.time())
                 else:
                     self.report.failed += 1
                     self.report.reasons[f"HTTP {status}"] += 1

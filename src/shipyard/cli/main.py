@@ -23,6 +23,7 @@ Exit codes: 0 success, 1 the operation failed (deployment not Success, audit tam
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -43,10 +44,13 @@ from shipyard.cli.client import (
     is_local,
     resolve_token,
     source_defaults,
+    trace_context,
 )
 from shipyard.cli.common import err, fail
+from shipyard.cli.db import db_app
 from shipyard.cli.keys import keys_app
 from shipyard.cli.logs import logs_app
+from shipyard.cli.regions import region_app
 from shipyard.cli.safe import console, shown
 from shipyard.cli.security import security_app
 from shipyard.cli.services import services_app
@@ -64,6 +68,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(audit_app, name="audit")
+app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
 app.add_typer(keys_app, name="keys")
 app.add_typer(security_app)  # scan, vulndb
@@ -76,6 +81,7 @@ agent_app.command("stop")(agent_ctl.stop)
 app.add_typer(agent_app, name="agent")
 app.command()(daemons.serve)
 app.add_typer(logs_app)  # logs
+app.add_typer(region_app, name="region")  # region add/list/remove (cli/regions.py)
 
 out = console()
 
@@ -154,7 +160,10 @@ def deploy(
     service: Annotated[
         str | None, typer.Option(help="Default: \\[service] name of shipyard.toml.")
     ] = None,
-    region: str = "local",
+    region: Annotated[
+        list[str] | None,
+        typer.Option(help="Region; repeat it to deploy a fleet in lockstep (default: local)."),
+    ] = None,
     strategy: Annotated[str, typer.Option(help="blue-green, canary or rolling.")] = "blue-green",
     stages: Annotated[
         str,
@@ -184,7 +193,9 @@ def deploy(
     data_dir: OptDataDir = None,
     format: Format = "table",
 ) -> None:
-    """Deploy a commit (blue-green, canary or rolling); exits 0 only if it ends Success."""
+    """Deploy a commit (blue-green, canary or rolling); exits 0 only if it ends Success.
+
+    With TRACEPARENT set (a CI job's trace), the deployment's trace continues it."""
     try:
         repo, branch, commit, manifest_text = source_defaults(repository, branch, commit)
         if service is None:
@@ -200,20 +211,26 @@ def deploy(
         )
     except (InvalidInput, ManifestError) as exc:
         raise fail(exc.message) from exc
+    regions = list(dict.fromkeys(region or ["local"]))
+    target: dict[str, Any] = {"service_name": service, "region": regions[0]}
+    if len(regions) > 1:  # a fleet (a Shipyard extension); one region stays the ADR's body
+        target = {"service_name": service, "regions": regions}
     body: dict[str, Any] = {
         "source": {"repository": repo, "branch": branch, "commit": commit},
-        "target": {"service_name": service, "region": region},
+        "target": target,
         "strategy": strategy_body,
     }
     if rebuild:  # only when asked: servers that predate the field accept the body unchanged
         body["rebuild"] = True
     client = _client(server, token, data_dir, "deployment:create", "deployment:read")
-    accepted = _check(client.request("POST", "/api/v1/deploy", json=body))
+    accepted = _check(
+        client.request("POST", "/api/v1/deploy", json=body, headers=trace_context(os.environ))
+    )
     dep_id = accepted["deployment_id"]
     if format != "json":
         err.print(
             f"deployment [bold]{shown(dep_id)}[/bold]: {shown(service)} {shown(commit[:10])} "
-            f"({shown(branch)}) -> {shown(region)}"
+            f"({shown(branch)}) -> {shown(', '.join(regions))}"
         )
     if not wait:
         out.print(shown(json.dumps(accepted) if format == "json" else dep_id))
@@ -377,6 +394,17 @@ def status(
             f"[cyan]{shown(doc['status'])}[/cyan]  "
             f"{shown(doc.get('blue_revision'))} -> {shown(doc.get('green_revision'))}"
         )
+        if doc.get("driver"):  # the replica driving it (several control-plane replicas)
+            driver = doc["driver"]
+            out.print(
+                f"  driven by {shown(driver['replica'])} "
+                f"(lease until {shown(driver['lease_expires_at'])})"
+            )
+        if doc.get("fleet"):  # each region's state and the switches' skew
+            from shipyard.cli.watch import fleet_lines
+
+            for line in fleet_lines(doc):
+                out.print("  " + shown(line))
         for st in doc["stages"]:
             out.print("  " + _stage_line(st))
         if doc.get("error"):
@@ -576,12 +604,16 @@ def demo(
     ] = None,
     port: Annotated[int, typer.Option(help="API port (0 = any free one).")] = 0,
     containers: Annotated[bool, typer.Option(help="On Docker Engine (README).")] = False,
+    fleet: Annotated[
+        bool, typer.Option(help="Three joined regions in lockstep (README: Regions).")
+    ] = False,
 ) -> None:
     """v1 -> v2 blue-green and v3 canary under load (0 failed), broken v4 rolled back, audit."""
     from shipyard.cli.demo import run_demo
     from shipyard.cli.demo_containers import run_container_demo
+    from shipyard.cli.demo_fleet import run_fleet_demo
 
-    run = run_container_demo if containers else run_demo
+    run = run_fleet_demo if fleet else run_container_demo if containers else run_demo
     raise typer.Exit(run(data_dir, port, err))
 
 

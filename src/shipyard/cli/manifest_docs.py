@@ -77,7 +77,7 @@ def sections(manifest: type[BaseModel] = Manifest) -> list[Section]:
     missing: list[str] = []
     out: list[Section] = []
     for name, field in manifest.model_fields.items():
-        model = SECTION_MODELS.get(name) or _model_in(field.annotation)
+        model = SECTION_MODELS.get(name) or next(iter(_models_in(field.annotation)), None)
         meaning = _describe(field, name, missing)
         if model is None:
             raise UndocumentedField(
@@ -160,11 +160,17 @@ def _rows(
         key = field.alias or name
         meaning = _describe(field, f"{section}.{prefix}{key}", missing)
         prop = schema.get("properties", {}).get(key, {})
-        nested = _model_in(field.annotation)
-        if nested is not None:
+        nested = _models_in(field.annotation)
+        if nested:
             many = _is_list(field.annotation)
             yield Row(prefix + key, _type(prop, defs), _default(field, built_in.get(name)), meaning)
-            yield from _rows(nested, section, f"{prefix}{key}{'[]' if many else ''}.", {}, missing)
+            inner = f"{prefix}{key}{'[]' if many else ''}."
+            seen: set[str] = set()
+            for each in _documented(nested):
+                for row in _rows(each, section, inner, {}, missing):
+                    if row.key not in seen:
+                        seen.add(row.key)
+                        yield row
             continue
         yield Row(prefix + key, _type(prop, defs), _default(field, built_in.get(name)), meaning)
 
@@ -176,15 +182,27 @@ def _describe(field: FieldInfo, where: str, missing: list[str]) -> str:
     return " ".join(field.description.split())
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside ``annotation`` (``X``, ``X | None``, ``list[X]``), if any."""
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside ``annotation`` (``X``, ``X | None``, ``list[X]``, a union of
+    models such as ``analysis.metrics``' one per provider), in order."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return [annotation]
+    found: list[type[BaseModel]] = []
     for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
+        found += [m for m in _models_in(arg) if m not in found]
+    return found
+
+
+def _documented(models: list[type[BaseModel]]) -> list[type[BaseModel]]:
+    """What a table documents for a union of models: their nearest common base first (the keys
+    they share, described once), then each member's own keys."""
+    if len(models) == 1:
+        return models
+    for base in models[0].__mro__[1:]:
+        shared = isinstance(base, type) and issubclass(base, BaseModel) and base.model_fields
+        if shared and all(issubclass(m, base) for m in models):
+            return [base, *models]
+    return models
 
 
 def _is_list(annotation: Any) -> bool:
@@ -193,6 +211,8 @@ def _is_list(annotation: Any) -> bool:
         return True
     if origin in (typing.Union, types.UnionType):
         return any(_is_list(a) for a in typing.get_args(annotation))
+    if origin is typing.Annotated:
+        return _is_list(typing.get_args(annotation)[0])
     return False
 
 
@@ -203,6 +223,8 @@ def _type(prop: Mapping[str, Any], defs: Mapping[str, Any]) -> str:
         return " or ".join(dict.fromkeys(kinds))
     if "$ref" in prop:
         return "table"
+    if "oneOf" in prop and all("$ref" in p for p in prop["oneOf"]):
+        return "table"  # one model per tag (a discriminated union)
     if "enum" in prop:
         return " | ".join(json.dumps(v) for v in prop["enum"])
     if "const" in prop:
@@ -261,7 +283,7 @@ def _default(field: FieldInfo, built_in: Any) -> str:
     if field.is_required():
         return "required"
     value = field.get_default(call_default_factory=True)
-    if value is None and built_in is not None:
+    if value is None and built_in is not None and built_in != ():
         return _toml(built_in)
     if value is None or isinstance(value, BaseModel):
         return "none"

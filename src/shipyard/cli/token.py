@@ -2,7 +2,8 @@
 
 The lead's main CLI mounts ``token_app`` as ``shipyard token``. Every command works on the data
 directory (``--data-dir`` or ``SHIPYARD_DATA_DIR``) through ``api.tokens.TokenService``: its
-signing key (created by ``serve`` at its first start), its token registry and its audit trail
+signing key (created by ``serve`` at its first start; in ``--shared-dir`` when the replicas
+share one), its token registry and its audit trail
 (``token.created`` / ``token.revoked``, by ``local:<os user>``). ``create`` refuses a directory
 no server has used (no ``keys/jwt.key``: a key minted there would sign tokens no server
 accepts), prints a human summary on stderr and the token alone as the last line of stdout, so
@@ -29,8 +30,9 @@ from rich.table import Table
 
 from shipyard.api import permissions
 from shipyard.api.tokens import TokenService
+from shipyard.cli.common import Database, SharedDir
 from shipyard.cli.safe import console, neutralised, shown
-from shipyard.errors import InvalidInput, NotFound
+from shipyard.errors import InvalidInput, NotFound, TransientError
 
 token_app = typer.Typer(
     name="token", help="Issue, list and revoke API bearer tokens.", no_args_is_help=True
@@ -61,29 +63,42 @@ def local_actor() -> str:
         return f"local:uid-{os.getuid()}"
 
 
-def require_server_state(data_dir: Path) -> None:
-    """InvalidInput unless ``data_dir`` is a server's data directory (``shipyard serve`` creates
-    ``keys/jwt.key`` at its first start). Signing with a key made here instead would give a
-    token every running server refuses, and leave a second key for the next server to adopt."""
+def require_server_state(data_dir: Path, shared_dir: Path | None = None) -> None:
+    """InvalidInput unless ``data_dir`` is a server's data directory and ``shared_dir`` (default
+    ``data_dir``) holds its keys (``shipyard serve`` creates ``keys/jwt.key`` at its first
+    start). Signing with a key made here instead would give a token every running server
+    refuses, and leave a second key for the next server to adopt."""
     if not data_dir.is_dir():
         raise InvalidInput(f"data directory {data_dir} does not exist")
-    if not (data_dir / TOKEN_KEY).is_file():
+    keys = shared_dir or data_dir
+    if not (keys / TOKEN_KEY).is_file():
+        flag = "--shared-dir" if shared_dir is not None else "--data-dir"
         raise InvalidInput(
-            f"{data_dir.resolve()} holds no Shipyard server state (no {TOKEN_KEY}): a token "
+            f"{keys.resolve()} holds no Shipyard server state (no {TOKEN_KEY}): a token "
             "signed there would be refused by your server. Point at the directory your server "
             "was started with (`shipyard serve --data-dir DIR`, default .shipyard) with "
-            "--data-dir DIR or SHIPYARD_DATA_DIR=DIR, or run `shipyard serve --data-dir "
-            f"{data_dir}` first to create it"
+            "--data-dir DIR or SHIPYARD_DATA_DIR=DIR (and, for replicas sharing keys, "
+            "--shared-dir SHARED or SHIPYARD_SHARED_DIR=SHARED), or run `shipyard serve "
+            f"{flag} {keys}` first to create it"
         )
 
 
 def issue_local(
-    data_dir: Path, subject: str, permission: Sequence[str], *, ttl_seconds: int = 3600
+    data_dir: Path,
+    subject: str,
+    permission: Sequence[str],
+    *,
+    ttl_seconds: int = 3600,
+    shared_dir: Path | None = None,
+    database: str | None = None,
 ) -> str:
-    """A recorded, audited token from ``data_dir``'s key (what ``create`` does, for the CLI's
-    own use); InvalidInput for bad input or a directory no server has used."""
-    require_server_state(data_dir)
-    service = TokenService.for_data_dir(data_dir)
+    """A recorded, audited token from the server's key (in ``shared_dir``, default
+    ``data_dir``; what ``create`` does, for the CLI's own use), recorded in ``database``
+    (default ``SHIPYARD_DATABASE``, else SQLite in ``data_dir``); InvalidInput for bad input or
+    a directory no server has used."""
+    require_server_state(data_dir, shared_dir)
+    database = database or os.environ.get("SHIPYARD_DATABASE") or None
+    service = TokenService.for_data_dir(data_dir, database=database, shared_dir=shared_dir)
     try:
         issued = asyncio.run(
             service.issue(subject, list(permission), ttl_seconds, issued_by=local_actor())
@@ -93,10 +108,10 @@ def issue_local(
     return issued.token
 
 
-def _service(data_dir: Path) -> TokenService:
+def _service(data_dir: Path, shared_dir: Path | None, database: str | None) -> TokenService:
     try:
-        return TokenService.for_data_dir(data_dir)
-    except InvalidInput as exc:
+        return TokenService.for_data_dir(data_dir, database=database, shared_dir=shared_dir)
+    except (InvalidInput, TransientError) as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
 
@@ -119,16 +134,18 @@ def create(
             "(90 days by default).",
         ),
     ] = 12 * 3600,
+    shared_dir: SharedDir = None,
+    database: Database = None,
 ) -> None:
     """Create a token for SUBJECT carrying the given permissions (signed with the key of the
     server whose data directory this is; refused for a directory no server has used)."""
     try:
         permissions.parse_all(permission)
-        require_server_state(data_dir)
+        require_server_state(data_dir, shared_dir)
     except InvalidInput as exc:  # before anything is created in the data directory
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
-    service = _service(data_dir)
+    service = _service(data_dir, shared_dir, database)
     try:
         issued = asyncio.run(
             service.issue(subject, permission, ttl_seconds, issued_by=local_actor())
@@ -154,12 +171,12 @@ def _when(ts: float | None) -> str:
 
 
 @token_app.command("list")
-def list_tokens(data_dir: DataDir) -> None:
+def list_tokens(data_dir: DataDir, shared_dir: SharedDir = None, database: Database = None) -> None:
     """List every token issued (ids, subjects, permissions; never the tokens)."""
     if not data_dir.is_dir():
         typer.echo(f"error: data directory {data_dir} does not exist", err=True)
         raise typer.Exit(2)
-    service = _service(data_dir)
+    service = _service(data_dir, shared_dir, database)
     try:
         rows = asyncio.run(service.list())
     finally:
@@ -180,12 +197,14 @@ def list_tokens(data_dir: DataDir) -> None:
 def revoke(
     token_id: Annotated[str, typer.Argument(help="The token's id (`shipyard token list`).")],
     data_dir: DataDir,
+    shared_dir: SharedDir = None,
+    database: Database = None,
 ) -> None:
     """Revoke a token: every server sharing this data directory refuses it from now on."""
     if not data_dir.is_dir():
         typer.echo(f"error: data directory {data_dir} does not exist", err=True)
         raise typer.Exit(2)
-    service = _service(data_dir)
+    service = _service(data_dir, shared_dir, database)
     try:
         row, changed = asyncio.run(service.revoke(token_id, by=local_actor()))
     except NotFound as exc:

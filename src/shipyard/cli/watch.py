@@ -19,6 +19,7 @@ Every value from the server is shown as a Rich ``Text`` (never parsed as markup)
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -78,6 +79,16 @@ class Snapshot:
     deployment: Doc | None
     service: Doc | None
     problem: str | None = None
+
+
+def _counted(tallies: Mapping[str, object]) -> str:
+    """An analysis's tallies in words ("3 passed, 1 failed"), or that none were taken."""
+    counted = [
+        f"{_s(tallies.get(key))} {word}"
+        for key, word in _TALLIES
+        if isinstance(tallies.get(key), int) and tallies[key]
+    ]
+    return ", ".join(counted) or "no measurements"
 
 
 def _s(value: object) -> str:
@@ -186,7 +197,14 @@ def _ms(value: object) -> str:
 
 def measurement_text(view: StageView, number: int, m: Doc) -> str:
     """One analysis measurement in words: its verdict, requests seen and needed, success rate,
-    p99 (and stable's, when compared), and the reasons."""
+    p99 (and stable's, when compared), and the reasons; a ``[[analysis.metrics]]`` measurement
+    from a provider: the metric (and region), its value and the reasons."""
+    if m.get("metric") is not None and m.get("provider") not in (None, "router"):
+        where = f"@{_s(m['region'])}" if m.get("region") is not None else ""
+        value = json.dumps(m["value"]) if "value" in m else "no value"
+        text = f"#{number} {_s(m.get('verdict'))}: {_s(m['metric'])}{where} = {_s(value)}"
+        reasons = [r for r in m.get("reasons") or [] if r]
+        return text + (" - " + "; ".join(_s(r) for r in reasons) if reasons else "")
     needed = _min_requests(view, m)
     requests = m.get("requests", 0)
     plural = "" if requests == 1 else "s"
@@ -228,14 +246,14 @@ def _stage_note(view: StageView) -> str:
         notes.append(f"position {_s(d['position'])} for a build slot")
     if d.get("verdict") is not None:
         notes.append(f"verdict {_s(d['verdict'])}")
+    per_metric = d.get("metrics")
+    if isinstance(per_metric, Mapping):  # [[analysis.metrics]]: each metric's own tallies
+        for name, counts in per_metric.items():
+            if isinstance(counts, Mapping):
+                notes.append(f"{_s(name)} ({_counted(counts)})")
     tallies = d.get("tallies")
     if isinstance(tallies, Mapping):
-        counted = [
-            f"{_s(tallies.get(key))} {word}"
-            for key, word in _TALLIES
-            if isinstance(tallies.get(key), int) and tallies[key]
-        ]
-        notes.append(f"({', '.join(counted) or 'no measurements'})")
+        notes.append(f"({_counted(tallies)})")
     if d.get("analysis") == "skipped":
         notes.append(f"analysis skipped: {_s(d.get('reason'))}")
     if d.get("promoted_by") is not None:
@@ -324,6 +342,23 @@ def next_action(deployment: Doc | None, service: Doc | None) -> str:
     return "in progress"
 
 
+def fleet_lines(deployment: Doc | None) -> list[str]:
+    """A fleet deployment's regions (state, and why one is unreachable) and its switches'
+    skew, one line each; nothing for one region. ``shipyard status`` prints them too."""
+    fleet = (deployment or {}).get("fleet")
+    if not isinstance(fleet, dict):
+        return []
+    out: list[str] = []
+    for name, region in (fleet.get("regions") or {}).items():
+        why = f"  ({_s(region.get('error'))})" if region.get("error") else ""
+        out.append(f"region {_s(name)}: {_s(region.get('state'))}{why}")
+    skews = [s.get("skew_ms") for s in fleet.get("switches") or []]
+    if skews:
+        each = ", ".join(f"{_s(ms)} ms" for ms in skews)
+        out.append(f"switch skew: max {_s(max(skews))} ms over {len(skews)} switch(es) ({each})")
+    return out
+
+
 def _header(deployment: Doc | None, service: Doc | None) -> Text:
     if deployment is not None:
         strategy = ", ".join(_s(k) for k in deployment.get("strategy") or {})
@@ -346,6 +381,11 @@ def render(snapshot: Snapshot, now: datetime) -> RenderableType:
     tree = Tree(_header(dep, svc), guide_style="dim")
     tree.add(Text.assemble(("next: ", "bold"), _s(next_action(dep, svc))))
     if dep is not None:
+        lines = fleet_lines(dep)
+        if lines:
+            regions = tree.add(Text("fleet", style="bold"))
+            for line in lines:
+                regions.add(Text(line, style="red" if "unreachable" in line else ""))
         stages = tree.add(Text("stages", style="bold"))
         for view in stage_views(dep):
             node = stages.add(_stage_label(view, now))
@@ -409,6 +449,8 @@ def facts(snapshot: Snapshot) -> list[tuple[str, str]]:
                 f"{_s(dep.get('status'))}",
             )
         )
+        for line in fleet_lines(dep):
+            out.append((f"fleet:{line.partition(':')[0]}", line))
         for i, view in enumerate(stage_views(dep)):
             if view.status == "pending":
                 continue

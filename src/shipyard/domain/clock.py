@@ -99,6 +99,13 @@ async def to_thread(fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
     return await asyncio.shield(call)
 
 
+async def threads_idle() -> None:
+    """Until every ``to_thread`` call of the running loop has finished, those whose callers were
+    cancelled included (before an engine they use is disposed: a connection a thread checks in
+    afterwards would be left open)."""
+    await _work_on(asyncio.get_running_loop()).idle.wait()
+
+
 #: Loop turns ``_settle`` gives a loop it cannot look into (not CPython's own loop), and the
 #: most it gives any loop: a task that reschedules itself forever must not hang the clock.
 _BLIND_TURNS = 20

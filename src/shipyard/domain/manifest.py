@@ -42,6 +42,7 @@ strings run by ``/bin/sh -c`` (``to_argv``)::
 
     [routing]                       # optional: the key canary stages with sticky = true use
     sticky_header = "x-user-id"     # and/or sticky_cookie = "session"
+    revision_header = true          # x-shipyard-revision on responses (default: off)
 """
 
 from __future__ import annotations
@@ -304,8 +305,8 @@ class RunSection(WireModel):
         description='Extra environment variables, e.g. `{ PYTHONPATH = ".deps" }`. A replica '
         "sees only these and its own: `PATH` (/usr/local/bin:/usr/bin:/bin, after the artifact's "
         "virtualenv), `HOME` and `TMPDIR` (its own, emptied at each start), `LANG`, `PORT`, "
-        "`SHIPYARD_SERVICE`/`_REVISION`/`_REPLICA`; never the server's. `PORT` and `SHIPYARD_*` "
-        "cannot be overridden. A container also keeps its image's `ENV`.",
+        "`SHIPYARD_SERVICE`/`_REVISION`/`_REPLICA`/`_REGION`; never the server's. `PORT` and "
+        "`SHIPYARD_*` cannot be overridden. A container also keeps its image's `ENV`.",
     )
     port: Annotated[
         int | None,
@@ -376,7 +377,8 @@ _FIELD_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$"
 
 
 class RoutingSection(WireModel):
-    """How the router recognises a user for sticky canary stages (header preferred)."""
+    """How the router recognises a user for sticky canary stages (header preferred), and
+    whether it names the answering revision in a response header."""
 
     sticky_header: Annotated[str, Field(pattern=_FIELD_NAME)] | None = Field(
         default=None,
@@ -387,6 +389,23 @@ class RoutingSection(WireModel):
         default=None,
         description="Cookie whose value keys a user, used when the header is absent (e.g. "
         "`session`).",
+    )
+    revision_header: bool = Field(
+        default=False,
+        description="Add `x-shipyard-revision: <revision>` to every response the router "
+        "forwards, to see which revision answered while debugging a canary. Off by default: it "
+        "tells clients which build served them.",
+    )
+
+
+class FleetSection(WireModel):
+    """How a deployment across several regions (``target.regions``) treats a silent region."""
+
+    region_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=30.0,
+        description="How long a fleet deployment waits at a barrier for a region that stopped "
+        "answering before it rolls back every region it can reach (and ends `RolledBack`; the "
+        "silent region is brought to the decided state when it answers again).",
     )
 
 
@@ -418,7 +437,12 @@ class Manifest(WireModel):
     )
     routing: RoutingSection = Field(
         default_factory=RoutingSection,
-        description="The user key that canary stages with `sticky = true` use.",
+        description="The user key that canary stages with `sticky = true` use, and whether the "
+        "router names the revision that answered (`x-shipyard-revision`).",
+    )
+    fleet: FleetSection = Field(
+        default_factory=FleetSection,
+        description="Deployments across several regions (`target.regions`).",
     )
     #: Security policy (block thresholds, expiring allow-list); validated by security/policy.py.
     security: dict[str, Any] | None = Field(

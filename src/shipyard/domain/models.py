@@ -13,7 +13,9 @@ import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
+import jsonpath
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,7 +28,7 @@ from pydantic import (
 )
 from pydantic.config import JsonDict
 
-from shipyard.domain import repository_urls
+from shipyard.domain import expressions, placeholders, repository_urls
 
 #: ADR section 8 targets.
 BUILD_TIME_TARGET_MS = 240_000
@@ -130,10 +132,56 @@ class SourceConfig(WireModel):
         return v
 
 
+#: How many regions one fleet deployment may span.
+MAX_FLEET_REGIONS = 16
+
+
 class TargetEnvironment(WireModel):
     service_name: DnsLabel
     region: DnsLabel = "local"
     project_id: str | None = Field(default=None, max_length=128)
+    #: Shipyard extension: one deployment across several regions in lockstep (the ADR's
+    #: ``region`` still means one). ``region`` then defaults to the first of them.
+    regions: Annotated[list[DnsLabel], Field(min_length=1, max_length=MAX_FLEET_REGIONS)] | None = (
+        Field(
+            default=None,
+            description="Deploy to every one of these regions in lockstep (a barrier before each "
+            "traffic change; a failure in any region rolls every region back). Unique names; "
+            "`region`, when also given, must be one of them.",
+            # A single-region target serialises exactly as the ADR's (no ``regions: null``);
+            # exclude_if, unlike a model serializer, keeps the schema's properties.
+            exclude_if=lambda v: v is None,
+        )
+    )
+
+    @model_validator(mode="after")
+    def _one_fleet(self) -> TargetEnvironment:
+        if self.regions is None:
+            return self
+        seen: set[str] = set()
+        for name in self.regions:
+            if name in seen:
+                raise ValueError(f"target.regions names {name!r} twice; list each region once")
+            seen.add(name)
+        if "region" in self.model_fields_set:
+            if self.region not in seen:
+                raise ValueError(
+                    f"target.region {self.region!r} is not in target.regions; "
+                    "leave region out or name one of regions"
+                )
+        else:
+            object.__setattr__(self, "region", self.regions[0])
+        return self
+
+    @property
+    def all_regions(self) -> list[str]:
+        """Every region this target deploys to: ``regions``, or ``[region]``."""
+        return list(self.regions) if self.regions is not None else [self.region]
+
+    @property
+    def is_fleet(self) -> bool:
+        """Whether this target spans more than one region."""
+        return self.regions is not None and len(self.regions) > 1
 
 
 # --- strategies (externally tagged) --------------------------------------------------------------
@@ -172,6 +220,182 @@ class LoadSettings(WireModel):
         default="/",
         description="Path (and query) requested: starts with /, printable ASCII, no spaces.",
     )
+
+
+MetricProvider = Literal["router", "prometheus", "web"]
+#: Metrics one analysis may list.
+MAX_METRICS = 20
+_METRIC_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+#: JSON-schema ``format``s of the fields whose language a regular expression cannot say: a
+#: client (and the API fuzzer) learns the field's language from the format's name.
+CONDITION_FORMAT = "shipyard-condition"
+URL_TEMPLATE_FORMAT = "shipyard-url-template"
+JSONPATH_FORMAT = "jsonpath"
+
+
+def _known_placeholders(value: str, what: str) -> str:
+    bad = placeholders.unknown(value)
+    if bad:
+        raise ValueError(
+            f"unknown placeholder {{{{{bad[0]}}}}} in {what}; known: "
+            + ", ".join(f"{{{{{p}}}}}" for p in placeholders.PLACEHOLDERS)
+        )
+    return value
+
+
+def _http_url(value: str, what: str) -> str:
+    """A URL template a provider may GET: http(s), a host, no credentials (a manifest holds no
+    secrets), placeholders only from ``PLACEHOLDERS``."""
+    _known_placeholders(value, what)
+    parts = urlsplit(placeholders.render(value, dict.fromkeys(placeholders.PLACEHOLDERS, "x"), str))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} must be an http:// or https:// URL with a host")
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"{what} must not carry credentials: a manifest holds no secrets (put an "
+            "authenticating proxy on loopback in front of the provider instead)"
+        )
+    return value
+
+
+class _MetricBase(WireModel):
+    """What every metric of a canary analysis has (``[[analysis.metrics]]``, Argo Rollouts'
+    AnalysisTemplate metric); ``MetricSettings`` is the union of the providers' models."""
+
+    name: Annotated[str, StringConstraints(pattern=_METRIC_NAME)] = Field(
+        description="The metric's name in measurements, audit records and errors (letters, "
+        "digits, '_', '.', '-'; unique in its list)."
+    )
+    provider: MetricProvider = Field(
+        description="`router` (the built-in check, judged by the `[analysis]` thresholds), "
+        "`prometheus` (`address` + `query`) or `web` (`url` + `json_path`)."
+    )
+    interval_seconds: Annotated[float, Field(gt=0, le=3600)] | None = Field(
+        default=None, description="Time between measurements (unset: the analysis interval)."
+    )
+    count: Annotated[int, Field(ge=0, le=100_000)] | None = Field(
+        default=None,
+        description="Measurements that complete the metric (0: measure until the stage ends); "
+        "the stage is held until every metric is complete.",
+    )
+    failure_limit: Annotated[int, Field(ge=0, le=1000)] | None = Field(
+        default=None, description="Failed measurements beyond this abort (unset: the analysis')."
+    )
+    consecutive_error_limit: Annotated[int, Field(ge=0, le=1000)] | None = Field(
+        default=None,
+        description="Consecutive provider errors beyond this abort (unset: the analysis').",
+    )
+    inconclusive_limit: Annotated[int, Field(ge=0, le=1000)] | None = Field(
+        default=None,
+        description="Inconclusive measurements beyond this pause for a human (unset: the "
+        "analysis').",
+    )
+
+
+class RouterMetric(_MetricBase):
+    """``provider = "router"``: the router's per-revision counters, judged by the thresholds of
+    the ``[analysis]`` table (and the stage's)."""
+
+    provider: Literal["router"] = Field(description="The built-in router check.")
+
+
+class _JudgedMetric(_MetricBase):
+    """A metric whose value a provider reads and a condition judges."""
+
+    success_condition: Annotated[
+        str, Field(min_length=1, max_length=500, json_schema_extra={"format": CONDITION_FORMAT})
+    ] = Field(
+        description="prometheus/web: when true the measurement passes, e.g. `result < 0.05` "
+        "(`and or not`, `< <= > >= == !=`, `+ - * /`, `result[i]`, `len() isNaN() abs() min() "
+        "max()`)."
+    )
+    failure_condition: (
+        Annotated[
+            str,
+            Field(min_length=1, max_length=500, json_schema_extra={"format": CONDITION_FORMAT}),
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description="prometheus/web: when true the measurement fails; with it, a measurement "
+        "neither condition holds for is inconclusive (without it, not passing is failing).",
+    )
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] | None = Field(
+        default=None, description="prometheus/web: how long one request may take (default 10)."
+    )
+
+    @field_validator("success_condition", "failure_condition")
+    @classmethod
+    def _condition(cls, v: str | None) -> str | None:
+        if v is not None:
+            expressions.compile_condition(v)
+        return v
+
+
+_UrlTemplate = Annotated[
+    str, Field(min_length=1, max_length=1024, json_schema_extra={"format": URL_TEMPLATE_FORMAT})
+]
+
+
+class PrometheusMetric(_JudgedMetric):
+    """``provider = "prometheus"``: an instant PromQL query against ``address``."""
+
+    provider: Literal["prometheus"] = Field(description="Prometheus's HTTP API.")
+    address: _UrlTemplate = Field(
+        description="prometheus: the server's base URL, e.g. `http://127.0.0.1:9090` (no "
+        "credentials: a manifest holds no secrets)."
+    )
+    query: Annotated[str, Field(min_length=1, max_length=2048)] = Field(
+        description='prometheus: a PromQL instant query, e.g. `sum(rate(...{revision="{{canary}}"}'
+        "[{{window}}]))`; a substituted value is escaped for a double-quoted string."
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: str) -> str:
+        return _known_placeholders(v, "query")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return _http_url(v, "address")
+
+
+class WebMetric(_JudgedMetric):
+    """``provider = "web"``: GET ``url``, the value at ``json_path`` of the JSON answer."""
+
+    provider: Literal["web"] = Field(description="Any HTTP endpoint answering JSON.")
+    url: _UrlTemplate = Field(
+        description="web: the URL to GET (placeholders are URL-escaped; no credentials)."
+    )
+    json_path: Annotated[
+        str, Field(min_length=1, max_length=512, json_schema_extra={"format": JSONPATH_FORMAT})
+    ] = Field(
+        description="web: a JSONPath (RFC 9535) selecting the value in the answer, e.g. "
+        "`$.data.error_rate`; several matches make `result` a list."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _http_url(v, "url")
+
+    @field_validator("json_path")
+    @classmethod
+    def _json_path(cls, v: str) -> str:
+        try:
+            jsonpath.compile(v)
+        except jsonpath.JSONPathError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"json_path is not a valid JSONPath: {first}") from None
+        return v
+
+
+#: One ``[[analysis.metrics]]`` entry: its ``provider`` says which model (and which keys).
+MetricSettings = Annotated[
+    RouterMetric | PrometheusMetric | WebMetric, Field(discriminator="provider")
+]
+MetricList = Annotated[list[MetricSettings], Field(min_length=1, max_length=MAX_METRICS)]
 
 
 class AnalysisSettings(WireModel):
@@ -241,6 +465,26 @@ class AnalysisSettings(WireModel):
         description='Drive traffic to the canary during analysis, e.g. {rps = 20, path = "/"}; '
         "a stage's load replaces the service's.",
     )
+    metrics: MetricList | None = Field(
+        default=None,
+        description="`[[analysis.metrics]]`: when listed, these metrics are the analysis (a "
+        "stage's list replaces the service's); the built-in router check runs only if listed "
+        'as `provider = "router"` or when no metrics are listed.',
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _distinct_metrics(cls, v: list[MetricSettings] | None) -> list[MetricSettings] | None:
+        if v is None:
+            return v
+        seen: set[str] = set()
+        for m in v:
+            if m.name in seen:
+                raise ValueError(f"two metrics are named {m.name!r}: names must be unique")
+            seen.add(m.name)
+        if sum(m.provider == "router" for m in v) > 1:
+            raise ValueError('at most one metric may have provider = "router"')
+        return v
 
 
 class CanaryStage(WireModel):
@@ -488,6 +732,10 @@ def validate_performance(metrics: DeploymentMetrics) -> PerformanceValidation:
     )
 
 
+def _absent(value: object) -> bool:
+    return value is None
+
+
 class DeploymentResult(ReadModel):
     """What ``POST /deploy?wait=true`` answers on success (the ADR's ``Ok(deployment.into())``)."""
 
@@ -500,6 +748,20 @@ class DeploymentResult(ReadModel):
     url: str | None
     duration_ms: int | None
     metrics: DeploymentMetrics
+    #: Shipyard extension, fleet deployments only: a single-region result serialises exactly as
+    #: the ADR's (``exclude_if`` rather than a model serializer keeps the schema's properties).
+    regions: dict[str, str] | None = Field(
+        default=None,
+        exclude_if=_absent,
+        description="Fleet deployments: each region's final state (switched, rolled_back, "
+        "unreachable, converged).",
+    )
+    switch_skew_ms: float | None = Field(
+        default=None,
+        exclude_if=_absent,
+        description="Fleet deployments: the largest time between the first and the last "
+        "region's acknowledgement of one traffic change.",
+    )
 
 
 class PlannedStep(ReadModel):
@@ -532,6 +794,37 @@ class DeploymentProgress(ReadModel):
     rolling_back: bool = False
 
 
+class RegionRead(ReadModel):
+    """One region of a fleet deployment as the API shows it."""
+
+    state: Literal["pending", "deploying", "switched", "rolled_back", "unreachable", "converged"]
+    url: str | None = None
+    error: str | None = None
+    updated_at: datetime | None = None
+
+
+class SwitchSkewRead(ReadModel):
+    step: int | None = None
+    weights: dict[str, int]
+    skew_ms: float
+    acks_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class FleetRead(ReadModel):
+    """A fleet deployment's regions and the skew of each traffic change (Shipyard extension)."""
+
+    regions: dict[str, RegionRead]
+    region_timeout_seconds: float
+    switches: list[SwitchSkewRead] = Field(default_factory=list)
+
+
+class DriverRead(ReadModel):
+    """The control-plane replica driving a deployment in flight (it holds its lease)."""
+
+    replica: str
+    lease_expires_at: datetime
+
+
 class Deployment(ReadModel):
     """The deployment resource (``GET /api/v1/deployments/{id}``)."""
 
@@ -557,6 +850,30 @@ class Deployment(ReadModel):
     result: DeploymentResult | None = None
     metrics: DeploymentMetrics = Field(default_factory=DeploymentMetrics)
     progress: DeploymentProgress | None = None
+    # Fleet deployments only: a single-region document reads exactly as before fleets.
+    regions: list[str] | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None or len(v) < 2,
+        description="A fleet deployment's regions (Shipyard extension).",
+    )
+    fleet: FleetRead | None = Field(
+        default=None,
+        exclude_if=_absent,
+        description="Fleet deployments only: each region's state and the skews.",
+    )
+    driver: DriverRead | None = Field(
+        default=None,
+        description="The replica driving it and when its lease expires unless renewed (it is "
+        "taken over then); null once it is over, or while no replica holds it (Shipyard "
+        "extension).",
+    )
+    trace_id: str | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="The deployment's OpenTelemetry trace id (32 hex digits): its spans, and "
+        "every audit record of it (detail.trace_id), carry it; absent for deployments "
+        "recorded before tracing (Shipyard extension).",
+    )
 
 
 def utcnow() -> datetime:

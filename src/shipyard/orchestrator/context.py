@@ -10,10 +10,15 @@ executors (``steps/``), the rollback and the outcome. Nothing here decides anyth
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opentelemetry.trace import Tracer
+
+from shipyard import tracing
+from shipyard.analysis.providers import MetricProvider, default_providers
 from shipyard.audit import AuditEvent, AuditLog
 from shipyard.audit.publishing import Checkpoints
 from shipyard.build.base import DEFAULT_MAX_LOG_BYTES, Builder
@@ -27,8 +32,10 @@ from shipyard.orchestrator.build_slots import BuildSlots
 from shipyard.orchestrator.log_retention import LogRetention
 from shipyard.orchestrator.record import Record, Records, utc
 from shipyard.runtime.base import MeteredRouter, ReplicaStatus, Runtime
+from shipyard.runtime.fleet import FleetRuntime
 from shipyard.security.gate import SecurityGate
 from shipyard.store.db import AsyncStore
+from shipyard.store.leases import AsyncLeaseStore
 
 
 def audit_event(
@@ -40,7 +47,10 @@ def audit_event(
     user: str | None = None,
 ) -> AuditEvent:
     """An audit event about ``record``: who asked for it (or ``user``, who acts on it now:
-    a promotion, an abort), where, and its status now."""
+    a promotion, an abort), where, and its status now; ``detail["trace_id"]`` is the
+    deployment's trace (an auditor goes from the record to the trace and back)."""
+    if record.trace_id is not None:
+        detail = {**detail, "trace_id": record.trace_id}
     return AuditEvent(
         event_type=event_type,
         deployment_id=record.id,
@@ -89,6 +99,20 @@ class Deps:
     #: Exports an image's files for the scan stage (the Docker builder's engine); None: an
     #: ``oci-image`` artifact cannot be scanned, so the gate refuses it (fail closed).
     image_exporter: ImageExporter | None = None
+    #: Where ``[[analysis.metrics]]`` values come from, keyed by ``provider`` (``prometheus``,
+    #: ``web``; the router check is built in). Tests put fakes here.
+    metric_providers: Mapping[str, MetricProvider] = field(default_factory=default_providers)
+    #: Leases, commands and active regions shared by every replica (``store/leases.py``): the
+    #: janitor and the reconciler leave a service with a deployment in flight on any replica
+    #: alone. None only in unit tests of other stages.
+    leases: AsyncLeaseStore | None = None
+    #: Makes the deployments' spans (``spans.py``); the no-op tracer unless ``shipyard serve``
+    #: was told where to export them (``tracing.configure``).
+    tracer: Tracer = field(default=tracing.NOOP)
+
+    async def in_flight(self, service: str, region: str) -> bool:
+        """Whether ``service`` has a deployment in flight in ``region``, on any replica."""
+        return self.leases is not None and await self.leases.service_active(service, region)
 
     def runtime(self, region: str) -> Runtime:
         try:
@@ -118,6 +142,30 @@ class DeploymentContext:
     #: Saves of this record, one at a time and in order: a ``promote`` saving from another
     #: task must not land before (and be overwritten by) an older write still in its thread.
     _saving: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    #: A fleet record's runtime over its regions (made on first use, see ``runtime``).
+    _fleet: FleetRuntime | None = field(default=None, repr=False)
+    #: The plan step this run picked up in the middle (a takeover or a restart; None: it
+    #: started none mid-way). That step runs again -- steps are idempotent -- but what its
+    #: previous driver recorded before dying is not recorded twice (``resumed_step``).
+    _resumed: int | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        progress = self.record.progress
+        if progress.phase == "steps" and progress.step_started_at is not None:
+            self._resumed = progress.step
+
+    @property
+    def resumed_step(self) -> bool:
+        """Whether the step running now is one a previous driver began (and may have finished
+        without recording the next one): ``stage.start`` then reuses its succeeded stage and
+        ``audit`` skips an event it already recorded, so the step is recorded once."""
+        progress = self.record.progress
+        return (
+            self._resumed is not None
+            and progress.phase == "steps"
+            and progress.step == self._resumed
+            and progress.step_started_at is not None
+        )
 
     # --- who and where ---------------------------------------------------------------------
 
@@ -134,8 +182,30 @@ class DeploymentContext:
         return self.record.region
 
     @property
+    def regions(self) -> list[str]:
+        """Every region the deployment acts on (one, unless it is a fleet)."""
+        return self.record.all_regions
+
+    @property
     def runtime(self) -> Runtime:
-        return self.deps.runtime(self.record.region)
+        """The region's runtime; for a fleet record, one ``FleetRuntime`` over its regions
+        (those marked unreachable left out: the rollback acts on every region it can reach)."""
+        fleet = self.fleet_runtime
+        return fleet if fleet is not None else self.deps.runtime(self.record.region)
+
+    @property
+    def fleet_runtime(self) -> FleetRuntime | None:
+        record = self.record
+        if record.fleet is None:
+            return None
+        if self._fleet is None:
+            self._fleet = FleetRuntime(
+                {r: self.deps.runtime(r) for r in record.all_regions},
+                self.clock,
+                timeout=record.fleet.region_timeout_seconds,
+                excluded=set(record.fleet.unreachable()),
+            )
+        return self._fleet
 
     @property
     def router(self) -> MeteredRouter:
@@ -195,7 +265,23 @@ class DeploymentContext:
         self, event_type: str, detail: Mapping[str, object], duration_ms: int | None = None
     ) -> None:
         """``audit`` with the detail as one mapping."""
-        await self.deps.audit.append(audit_event(self.record, event_type, detail, duration_ms))
+        event = audit_event(self.record, event_type, detail, duration_ms)
+        if self.resumed_step and await self._recorded_in_this_step(event):
+            return  # the previous driver recorded it, then died before the next step
+        await self.deps.audit.append(event)
+
+    async def _recorded_in_this_step(self, event: AuditEvent) -> bool:
+        """Whether the same event (type and detail) about this deployment is in the audit log
+        since the running step began."""
+        since = self.record.progress.step_started_at
+        assert since is not None  # resumed_step
+        wanted = _plain(event.detail)
+        return any(
+            r.event_type == event.event_type
+            and r.timestamp.timestamp() >= since
+            and _plain(r.detail) == wanted
+            for r in await self.deps.audit.records(deployment_id=self.id)
+        )
 
     # --- the service's replicas --------------------------------------------------------------
 
@@ -228,3 +314,8 @@ class DeploymentContext:
 
     async def health_check(self, revision: str) -> HealthCheck:
         return (await self.records.revision(revision)).health_check()
+
+
+def _plain(detail: Mapping[str, object]) -> object:
+    """An event's detail as the audit log stores it (JSON), to compare a new one with it."""
+    return json.loads(json.dumps(detail, default=str))

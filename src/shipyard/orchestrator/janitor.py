@@ -10,8 +10,9 @@ pass that succeeds.
 
 One pass at a time: the loop's, or one asked for through ``retire_expired`` / ``reconcile``
 (``Pipeline.retire_expired``, ``Pipeline.reconcile_data_planes``), which waits for a pass under
-way rather than finding its services locked and skipping them. Started and stopped by
-``Pipeline.start`` / ``stop``.
+way rather than finding its services locked and skipping them. Started by the pipeline on the
+replica that holds the ``janitor`` lease (its writes fenced by it), stopped when it loses it or
+stops.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ class Janitor:
             if not (svc.warm_revision and svc.warm_until is not None and svc.warm_until <= now):
                 continue
             lock = self.locks.setdefault((svc.service, svc.region), asyncio.Lock())
-            if lock.locked():
-                continue
+            if lock.locked() or await self.deps.in_flight(svc.service, svc.region):
+                continue  # a deployment drives it (here, or on another replica)
             async with lock:
                 row = await self.store.get_service(svc.service, svc.region)
                 if row is None or row.warm_revision != svc.warm_revision:

@@ -5,6 +5,7 @@ the result ``?wait=true`` answers with).
 it undid as RolledBack. ``finish`` writes the terminal status, the error if any, the metrics with
 their validation against the targets, and the result (what serves now, at which URL), then audits
 ``deployment.<status>`` and asks for an audit checkpoint to be published to the witnesses.
+The deployment's root span is emitted there, once the final status is saved (``spans.py``).
 Called by the pipeline's driver, pre-flight's failures and the rollback.
 """
 
@@ -14,6 +15,7 @@ import uuid
 
 from shipyard.domain.models import DeploymentResult, DeploymentStatus, validate_performance
 from shipyard.errors import ShipyardError
+from shipyard.orchestrator import fleet, spans
 from shipyard.orchestrator.context import DeploymentContext, audit_event
 from shipyard.orchestrator.record import DeploymentRecord, RecordedError, RollbackRecord, utc
 
@@ -48,6 +50,8 @@ async def finish(
     """Write the deployment's end (see the module docstring) and wake whoever waits for it."""
     record = ctx.record
     now = ctx.clock.now()
+    if status is DeploymentStatus.SUCCESS:
+        fleet.set_state(ctx, "switched")
     record.status = status
     record.finished_at = utc(now)
     if error is not None:
@@ -66,8 +70,15 @@ async def finish(
         url=(svc.url if svc else None) or record.url,
         duration_ms=metrics.total_duration_ms,
         metrics=metrics.model_copy(deep=True),
+        regions=(
+            {name: r.state for name, r in record.fleet.regions.items()}
+            if record.fleet is not None
+            else None
+        ),
+        switch_skew_ms=record.fleet.max_skew_ms if record.fleet is not None else None,
     )
     await ctx.save()
+    spans.emit_root(ctx)  # once, by the replica that finished it (the save was fenced)
     await ctx.audit(
         f"deployment.{status.value.lower()}",
         duration_ms=metrics.total_duration_ms,

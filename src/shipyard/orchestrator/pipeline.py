@@ -14,17 +14,29 @@ type), then ``outcome.succeed``; a failing step rolls back (``rollback.py``). Th
 (``record.py``) is persisted before every action, so a control plane killed at any moment and
 started again continues each deployment from its persisted step (every step is idempotent) or
 finishes its rollback: traffic is never left split and no revision is orphaned.
+
+Several replicas (``shipyard serve --replica-id``) share one database: each active deployment is
+driven by the replica holding its lease (``driving.py``, ``store/leases.py``), which writes under
+the lease's fencing token; another replica takes it over when the lease expires and resumes it
+from the persisted step. ``promote`` and ``abort`` on any replica are validated against the
+stored record and written as durable commands, applied by the driver (at once when it received
+them, within ``COMMAND_POLL_SECONDS`` otherwise). The janitor (reconciler, log pruning) and the
+checkpoint publisher run on the replica holding the ``janitor`` lease.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from shipyard import strategies
+from opentelemetry.trace import Tracer
+
+from shipyard import strategies, tracing
 from shipyard.audit import AuditLog
 from shipyard.audit.publishing import Checkpoints
 from shipyard.build.base import DEFAULT_MAX_LOG_BYTES, Builder
@@ -37,13 +49,15 @@ from shipyard.errors import (
     DeploymentAborted,
     DeploymentError,
     InvalidInput,
+    LeaseLost,
     PermissionDenied,
     ShipyardError,
 )
 from shipyard.health.probing import Prober
 from shipyard.logs import log_event
-from shipyard.orchestrator import build_slots, outcome, preflight, rollback, steps
+from shipyard.orchestrator import build_slots, fleet, outcome, preflight, rollback, steps
 from shipyard.orchestrator.context import DeploymentContext, Deps, audit_event
+from shipyard.orchestrator.driving import Driver
 from shipyard.orchestrator.janitor import Janitor
 from shipyard.orchestrator.log_retention import LogRetention
 from shipyard.orchestrator.reconciler import Reconciler
@@ -60,8 +74,29 @@ from shipyard.orchestrator.stage import Rollback
 from shipyard.runtime.base import Runtime
 from shipyard.security.gate import SecurityGate
 from shipyard.store.db import AsyncStore
+from shipyard.store.leases import (
+    JANITOR,
+    Acquired,
+    AsyncLeaseStore,
+    Command,
+    LeaseClaim,
+    LeaseRow,
+    LeaseStore,
+    deployment_lease,
+    fenced,
+    set_fence,
+)
 
 log = logging.getLogger("shipyard.orchestrator")
+
+#: How often the driver looks for commands another replica received (``promote``, ``abort``).
+COMMAND_POLL_SECONDS = 0.2
+#: Without another replica alive, pending commands are still looked for every this many polls.
+COMMAND_SWEEP_TURNS = 25
+#: How often ``wait`` looks at a deployment another replica drives.
+WAIT_POLL_SECONDS = 0.5
+#: A lease's default length (``shipyard serve --lease-seconds``).
+DEFAULT_LEASE_SECONDS = 10.0
 
 
 class Pipeline:
@@ -87,13 +122,20 @@ class Pipeline:
         builder_logs_dir: Path | None = None,
         source_policy: SourcePolicy | None = None,
         image_exporter: ImageExporter | None = None,
+        replica_id: str = "local",
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        tracer: Tracer = tracing.NOOP,
     ) -> None:
+        """``replica_id``: this replica's name in the leases (``serve --replica-id``);
+        ``lease_seconds``: how long a lease lasts without renewal (a dead replica's deployments
+        are taken over within it); ``tracer``: makes the deployments' spans (``spans.py``)."""
+        self.leases = AsyncLeaseStore(LeaseStore(store.sync.engine))
         self.deps = Deps(
             store=store,
             records=Records(store),
             audit=audit,
             builder=builder,
-            runtimes=dict(runtimes),
+            runtimes=runtimes,  # one mapping shared with serve: a joined region appears here
             prober=prober,
             clock=clock,
             gate=gate,
@@ -107,8 +149,23 @@ class Pipeline:
             builder_logs_dir=builder_logs_dir,
             source_policy=source_policy,
             image_exporter=image_exporter,
+            leases=self.leases,
+            tracer=tracer,
         )
         self.records = self.deps.records
+        self.replica_id = replica_id
+        self.lease_seconds = lease_seconds
+        self.driver = Driver(
+            leases=self.leases,
+            clock=clock,
+            replica_id=replica_id,
+            lease_seconds=lease_seconds,
+            on_acquired=self._acquired,
+            on_lost=self._lost,
+        )
+        self._commands_task: asyncio.Task[None] | None = None
+        #: Per deployment: one applier of its commands at a time (the poll, or a request).
+        self._command_locks: dict[str, asyncio.Lock] = {}
         self.clock = clock
         #: Four eyes (``shipyard serve --four-eyes``): ``promote`` refuses the deployer.
         self.four_eyes = four_eyes
@@ -120,6 +177,10 @@ class Pipeline:
         #: (``promote``, ``abort``) and a task loading it, so neither overwrites the other.
         self._record_locks: dict[str, asyncio.Lock] = {}
         self._service_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        #: Per service: a submit (or manual rollback) checks that none of its regions has a
+        #: deployment in flight and records its own under this lock, so two submits in this
+        #: process do not both build a record; across replicas, ``active_regions`` decides.
+        self._submit_locks: dict[str, asyncio.Lock] = {}
         self._janitor_task: asyncio.Task[None] | None = None
         self._checkpoints_task: asyncio.Task[None] | None = None
         self.reconciler = Reconciler(deps=self.deps, locks=self._service_locks)
@@ -135,28 +196,30 @@ class Pipeline:
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Converge the data planes, resume what a previous control plane left in flight, then
-        start the janitor."""
-        await self.reconcile_data_planes()
-        await self.resume_all()
-        self._janitor_task = asyncio.get_running_loop().create_task(self.janitor.run())
-        if self.deps.checkpoints is not None:
-            self._checkpoints_task = asyncio.get_running_loop().create_task(
-                self.deps.checkpoints.run()
-            )
+        """Take the janitor's lease if nobody keeps it (then converge the data planes and start
+        the janitor), resume what this replica (under its id) left in flight and take over what
+        other replicas let expire, then keep the leases and apply commands."""
+        await self.driver.take_over(own=True)
+        await self.driver.start()
+        self._commands_task = asyncio.get_running_loop().create_task(self._command_loop())
 
-    async def stop(self) -> None:
-        """Stop driving deployments *without* rolling them back: a restart resumes them."""
+    async def stop(self, *, release: bool = True) -> None:
+        """Stop driving deployments *without* rolling them back: a restart (or another replica)
+        resumes them. ``release``: the leases expire now, so another replica takes over at
+        once; without it (as after ``kill -9``) they expire in their own time."""
+        await self.driver.stop()
         tasks = list(self._tasks.values())
-        if self._janitor_task:
-            tasks.append(self._janitor_task)
-        if self._checkpoints_task:
-            tasks.append(self._checkpoints_task)
+        for t in (self._janitor_task, self._checkpoints_task, self._commands_task):
+            if t is not None:
+                tasks.append(t)
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        self._janitor_task = self._checkpoints_task = self._commands_task = None
+        if release:
+            await self.driver.release_all()
 
     def runtime(self, region: str) -> Runtime:
         return self.deps.runtime(region)
@@ -170,50 +233,89 @@ class Pipeline:
     # both go into the audit record of the request.
 
     async def submit(
-        self, request: DeploymentRequest, user: str, *, token_id: str | None = None
+        self,
+        request: DeploymentRequest,
+        user: str,
+        *,
+        token_id: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> DeploymentRecord:
-        """Validate, persist (one active deployment per service) and start driving it."""
+        """Validate, persist (one active deployment per service) and start driving it.
+        ``traceparent`` (W3C, the caller's span; ``tracestate`` beside it): the deployment's
+        trace is a child of it; absent or malformed, a new trace (``tracing.new_ids``)."""
         if self.deps.source_policy is not None:  # first: a refused source records nothing
             self.deps.source_policy.check(request.source.repository)
-        self.runtime(request.target.region)
+        for region in request.target.all_regions:
+            self.runtime(region)
         try:
             strategies.check(request.strategy)
         except strategies.UnsupportedStrategy as exc:
             raise InvalidInput(str(exc)) from exc
-        svc = await self.deps.store.get_service(request.target.service_name, request.target.region)
-        record = DeploymentRecord.submitted(
-            request, user, self.clock.now(), svc.serving_revision if svc else None
-        )
-        if await self.records.exists(record.id):
-            raise Conflict(f"deployment id {record.id} already exists; omit `id` to get a new one")
-        await self.records.create(record)
-        await self._audit(
-            record,
-            "deployment.requested",
-            strategy=request.strategy.kind,
-            commit=request.source.commit,
-            repository=request.source.repository,
-            token_id=token_id,
-        )
+        service = request.target.service_name
+        async with self._submit_lock(service):
+            svc = await self.deps.store.get_service(service, request.target.region)
+            record = DeploymentRecord.submitted(
+                request,
+                user,
+                self.clock.now(),
+                svc.serving_revision if svc else None,
+                tracing.new_ids(traceparent, tracestate),
+            )
+            if await self.records.exists(record.id):
+                raise Conflict(
+                    f"deployment id {record.id} already exists; omit `id` to get a new one"
+                )
+            await fleet.check_regions_free(self.deps, record)
+            if record.fleet is not None:
+                await fleet.check_submit(self.deps, record)
+            await self._create(record)
+        try:
+            await self._audit(
+                record,
+                "deployment.requested",
+                strategy=request.strategy.kind,
+                commit=request.source.commit,
+                repository=request.source.repository,
+                token_id=token_id,
+            )
+        except BaseException:
+            # Recorded and held but not started: let the lease run out, so it is resumed.
+            self.driver.drop(deployment_lease(record.id))
+            raise
         self._spawn(record.id)
         return record
 
     async def rollback(
-        self, deployment_id: str, user: str, *, token_id: str | None = None
+        self,
+        deployment_id: str,
+        user: str,
+        *,
+        token_id: str | None = None,
+        traceparent: str | None = None,
     ) -> RollbackRecord:
-        """Serve again the revision that served before ``deployment_id`` (see rollback.py)."""
+        """Serve again the revision that served before ``deployment_id`` (see rollback.py), in
+        a trace of its own (a child of ``traceparent``'s span when valid)."""
         record = await rollback.request(self.deps, deployment_id, user)
+        record.set_trace(tracing.new_ids(traceparent))
         requested = self.clock.monotonic()
-        await self.records.create(record)
-        await self._audit(
-            record,
-            "rollback.requested",
-            rollback_of=deployment_id,
-            instant=record.strategy.Rollback.instant,
-            restore=record.green_revision,
-            replacing=record.blue_revision,
-            token_id=token_id,
-        )
+        async with self._submit_lock(record.service):
+            await fleet.check_regions_free(self.deps, record)
+            await self._create(record)
+        try:
+            await self._audit(
+                record,
+                "rollback.requested",
+                rollback_of=deployment_id,
+                instant=record.strategy.Rollback.instant,
+                restore=record.green_revision,
+                replacing=record.blue_revision,
+                token_id=token_id,
+            )
+        except BaseException:
+            # Recorded and held but not started: let the lease run out, so it is resumed.
+            self.driver.drop(deployment_lease(record.id))
+            raise
         self._spawn(record.id, requested_at=requested)
         return record
 
@@ -223,10 +325,12 @@ class Pipeline:
         """Let a paused deployment go on (a stage's gate, or an analysis that paused for a
         human: inconclusive, or too little traffic with the ``pause`` policy).
 
-        The promotion is in the record, persisted, before this answers; then the task waiting
-        for it is woken. A control plane restarted in between finds it there. With
-        ``four_eyes``, the subject who deployed it (``triggered_by``) may not promote it:
-        PermissionDenied, audited as ``deployment.promote_refused``."""
+        Checked against the record (Paused; with ``four_eyes``, the subject who deployed it,
+        ``triggered_by``, may not promote it: PermissionDenied, audited as
+        ``deployment.promote_refused``), then a durable command, persisted before this answers:
+        the replica driving the deployment puts the promotion in the record and wakes the task
+        waiting for it (this replica at once when it is the driver). A driver that dies in
+        between leaves the command to the next one."""
         async with self._record_lock(deployment_id):
             ctx = self._live.get(deployment_id)
             record = ctx.record if ctx is not None else await self.records.get(deployment_id)
@@ -255,36 +359,91 @@ class Pipeline:
                 record, "deployment.promote_requested", actor=user, by=user, token_id=token_id
             )
             answer = record.model_copy(deep=True)
-            record.progress.promoted_by = user
-            if ctx is not None:
-                await ctx.save()
-                ctx.promoted.set()
-            else:
-                record.updated_at = utc(self.clock.now())
-                await self.records.save(record)
+            await self.leases.add_command(
+                deployment_id, "promote", user, token_id, self.clock.now()
+            )
+        await self.apply_commands(deployment_id)
         return answer
 
     async def abort(self, deployment_id: str, user: str, *, token_id: str | None = None) -> Record:
         """Abort a deployment in flight: candidate weight to 0 at once, then roll back.
 
-        The driving task is cancelled (everything it did is persisted and every step is
-        idempotent), the abort is persisted as a rollback, and a new task carries it out, so a
-        control plane restarted meanwhile finishes it too.
+        A durable command, persisted before this answers and applied by the driver (this
+        replica at once when it drives the deployment, within ``COMMAND_POLL_SECONDS``
+        otherwise): its driving task is cancelled (everything it did is persisted and every
+        step is idempotent), the abort is persisted as a rollback, and a new task carries it
+        out, so a replica that takes over meanwhile finishes it too.
         """
         requested = self.clock.monotonic()
         record = await self.records.get(deployment_id)
         if record.terminal:
             raise Conflict(f"deployment {deployment_id} is already {record.status.value}")
+        if not record.progress.rolling_back:
+            await self.leases.add_command(deployment_id, "abort", user, token_id, self.clock.now())
+            await self._audit(
+                record, "deployment.abort_requested", actor=user, by=user, token_id=token_id
+            )
+        await self.apply_commands(deployment_id, requested_at=requested)
+        return await self.records.get(deployment_id)
+
+    async def apply_commands(
+        self, deployment_id: str, *, requested_at: float | None = None
+    ) -> None:
+        """Apply the deployment's pending commands, in order, if this replica drives it (the
+        command loop, or the request that wrote one). ``requested_at``: an abort's request time
+        on this replica's clock (its latency is measured from it)."""
+        name = deployment_lease(deployment_id)
+        if self.driver.token(name) is None:
+            return  # another replica drives it (or nobody yet): the driver applies it
+        async with self._command_locks.setdefault(deployment_id, asyncio.Lock()):
+            if self.driver.token(name) is None:
+                return
+            try:
+                with fenced(self.driver.fence(name)):
+                    for command in await self.leases.pending(deployment_id):
+                        if command.kind == "promote":
+                            await self._apply_promote(command)
+                        else:
+                            await self._apply_abort(command, requested_at)
+            except LeaseLost:
+                return  # the new driver applies what is left
+
+    async def _apply_promote(self, command: Command) -> None:
+        deployment_id = command.deployment_id
+        async with self._record_lock(deployment_id):
+            ctx = self._live.get(deployment_id)
+            record = ctx.record if ctx is not None else await self.records.get(deployment_id)
+            if record.status is DeploymentStatus.PAUSED:
+                record.progress.promoted_by = command.actor
+                if ctx is not None:
+                    await ctx.save()
+                    ctx.promoted.set()
+                else:
+                    record.updated_at = utc(self.clock.now())
+                    await self.records.save(record)
+            else:  # it went on (or ended) meanwhile: nothing to promote
+                log_event(
+                    log,
+                    "deployment.command_dropped",
+                    deployment_id=deployment_id,
+                    command="promote",
+                    status=record.status.value,
+                )
+            await self.leases.mark_taken([command.id], self.replica_id, self.clock.now())
+
+    async def _apply_abort(self, command: Command, requested_at: float | None) -> None:
+        deployment_id = command.deployment_id
         task = self._tasks.get(deployment_id)
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        user = command.actor
+        if requested_at is None:  # received by another replica: its wall clock said when
+            requested_at = self.clock.monotonic() - max(0.0, self.clock.now() - command.created_at)
         async with self._record_lock(deployment_id):
             record = await self.records.get(deployment_id)
-            if record.terminal:
-                raise Conflict(f"deployment {deployment_id} is already {record.status.value}")
-            aborting = not record.progress.rolling_back
+            aborting = not record.terminal and not record.progress.rolling_back
             if aborting:
                 cause = DeploymentAborted(f"aborted by {user}", aborted_by=user)
                 preflight.leave_queue(record, self.clock.now(), f"aborted by {user}")
@@ -292,22 +451,65 @@ class Pipeline:
                 record.error = RecordedError.of(cause)
                 record.updated_at = utc(self.clock.now())
                 await self.records.save(record)
-                await self._audit(
-                    record, "deployment.abort_requested", actor=user, by=user, token_id=token_id
-                )
-        self._spawn(deployment_id, requested_at=requested if aborting else None)
-        return record
+            await self.leases.mark_taken([command.id], self.replica_id, self.clock.now())
+        if not record.terminal and deployment_id not in self._tasks:
+            self._spawn(deployment_id, requested_at=requested_at if aborting else None)
+
+    async def _command_loop(self) -> None:
+        """Apply the commands other replicas received for deployments this one drives."""
+        for turn in itertools.count(1):
+            await self.clock.sleep(COMMAND_POLL_SECONDS)
+            if not self._tasks or not (self.driver.others or turn % COMMAND_SWEEP_TURNS == 0):
+                # Only another replica can have received a command this one has not; one
+                # that came and went between two looks at the others is swept up now and then.
+                continue
+            try:
+                pending = await self.leases.pending()
+                for deployment_id in dict.fromkeys(c.deployment_id for c in pending):
+                    await self.apply_commands(deployment_id)
+            except Exception:  # the database away: the lease watchdog decides
+                log.exception("applying deployment commands failed")
 
     async def wait(self, deployment_id: str, timeout: float | None = None) -> Record:
-        """Until the deployment is terminal (or ``timeout``); returns its record."""
+        """Until the deployment is terminal (or ``timeout``); returns its record. A deployment
+        another replica drives is looked at every ``WAIT_POLL_SECONDS``."""
         record = await self.records.get(deployment_id)
         if record.terminal:
             return record
         event = self._done.setdefault(deployment_id, asyncio.Event())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await event.wait()
+                while not event.is_set():
+                    await self._changed(deployment_id, event)
+                    if (await self.records.get(deployment_id)).terminal:
+                        break
         return await self.records.get(deployment_id)
+
+    async def _changed(self, deployment_id: str, event: asyncio.Event) -> None:
+        """Until ``event`` is set, the local task driving the deployment ends (done, or its
+        lease lost), or, when no local task drives it, ``WAIT_POLL_SECONDS`` passed."""
+        task = self._tasks.get(deployment_id)
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(event.wait())
+        other: asyncio.Future[Any] = (
+            asyncio.ensure_future(asyncio.shield(task))
+            if task is not None
+            else asyncio.ensure_future(self.clock.sleep(WAIT_POLL_SECONDS))
+        )
+        try:
+            await asyncio.wait({waiter, other}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (waiter, other):
+                f.cancel()
+            await asyncio.gather(waiter, other, return_exceptions=True)
+
+    async def driver_of(self, deployment_id: str) -> LeaseRow | None:
+        """The lease of the replica driving ``deployment_id`` (None: nobody holds one)."""
+        return await self.leases.get(deployment_lease(deployment_id))
+
+    async def drivers(self, deployment_ids: Sequence[str]) -> dict[str, LeaseRow]:
+        """``driver_of`` for several deployments at once, by deployment id."""
+        rows = await self.leases.get_many([deployment_lease(i) for i in deployment_ids])
+        return {name.partition(":")[2]: row for name, row in rows.items()}
 
     async def get(self, deployment_id: str) -> Record:
         return await self.records.get(deployment_id)
@@ -320,17 +522,72 @@ class Pipeline:
         return await self.records.history(service, limit, matching=matching)
 
     async def resume_all(self) -> None:
-        for record in await self.records.active():
-            if record.id not in self._tasks:
-                log_event(
-                    log,
-                    "deployment.resuming",
-                    deployment_id=record.id,
-                    status=record.status.value,
-                    progress=record.progress.model_dump(mode="json"),
-                )
+        """Take and resume every active deployment nobody drives: those left under this
+        replica's own id (a restart), and those whose lease expired."""
+        await self.driver.take_over(own=True)
+
+    async def _acquired(self, acquired: Acquired, own: bool) -> None:
+        """The driver took a lease: the janitor's (start its duties) or a deployment's (resume
+        it from its persisted step; audited ``deployment.resumed`` when it was this replica's
+        own or nobody's, ``deployment.taken_over`` from another replica)."""
+        with fenced(self.driver.fence(acquired.name)):
+            if acquired.name == JANITOR:
+                await self._start_janitor()
+                return
+            deployment_id = acquired.name.partition(":")[2]
+            record = await self.records.get(deployment_id)
+            if record.terminal or deployment_id in self._tasks:
+                await self.driver.release(acquired.name)
+                return
+            log_event(
+                log,
+                "deployment.resuming",
+                deployment_id=record.id,
+                status=record.status.value,
+                progress=record.progress.model_dump(mode="json"),
+            )
+            if own:
                 await self._audit(record, "deployment.resumed")
-                self._spawn(record.id)
+            else:
+                await self._audit(
+                    record,
+                    "deployment.taken_over",
+                    actor="shipyard",
+                    token=acquired.token,
+                    **{"from": acquired.previous, "to": self.replica_id},
+                )
+            self._spawn(deployment_id)
+        await self.apply_commands(deployment_id)  # what waited for a driver
+
+    def _lost(self, name: str) -> None:
+        """A lease moved on (or this replica fenced itself): stop what runs under it now,
+        without rolling anything back or writing anything: the new holder continues."""
+        if not name.startswith("deployment:"):
+            if name != JANITOR:  # its own presence: another process runs under this id
+                log.error("another process took replica id %s's presence lease", self.replica_id)
+                return
+            for task in (self._janitor_task, self._checkpoints_task):
+                if task is not None:
+                    task.cancel()
+            self._janitor_task = self._checkpoints_task = None
+            return
+        task = self._tasks.get(name.partition(":")[2])
+        if task is not None:
+            task.cancel()
+
+    async def _start_janitor(self) -> None:
+        """On the janitor lease's holder (its fence set): converge the data planes once, then
+        the janitor's loop and the checkpoint publisher, both fenced by the lease."""
+        try:
+            await self.reconcile_data_planes()
+        except LeaseLost:
+            raise
+        except Exception:  # the janitor's own passes retry it
+            log.exception("converging the data planes failed")
+        loop = asyncio.get_running_loop()
+        self._janitor_task = loop.create_task(self.janitor.run())
+        if self.deps.checkpoints is not None:
+            self._checkpoints_task = loop.create_task(self.deps.checkpoints.run())
 
     async def retire_expired(self) -> None:
         """Stop revisions whose warm window ended and that nothing else needs."""
@@ -343,21 +600,59 @@ class Pipeline:
 
     # --- driving ---------------------------------------------------------------------------------
 
+    async def _create(self, record: Record) -> None:
+        """Record a new deployment with this replica's lease on it (one transaction)."""
+        claim = LeaseClaim(self.replica_id, self.clock.now(), self.lease_seconds)
+        await self.records.create(record, lease=claim)
+        self.driver.hold(deployment_lease(record.id), 1)
+
     def _spawn(self, deployment_id: str, *, requested_at: float | None = None) -> None:
         self._done.setdefault(deployment_id, asyncio.Event())
         task = asyncio.get_running_loop().create_task(self._drive(deployment_id, requested_at))
         self._tasks[deployment_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(deployment_id, None))
+
+        def forget(_: object) -> None:
+            if self._tasks.get(deployment_id) is task:
+                del self._tasks[deployment_id]
+
+        task.add_done_callback(forget)
+
+    def _submit_lock(self, service: str) -> asyncio.Lock:
+        return self._submit_locks.setdefault(service, asyncio.Lock())
 
     def _record_lock(self, deployment_id: str) -> asyncio.Lock:
         return self._record_locks.setdefault(deployment_id, asyncio.Lock())
 
     async def _drive(self, deployment_id: str, requested_at: float | None) -> None:
+        name = deployment_lease(deployment_id)
+        if self.driver.token(name) is None:
+            return  # lost before it started: the new holder drives it
+        set_fence(self.driver.fence(name))  # this task's writes carry the lease's token
+        finished = False
+        try:
+            finished = await self._drive_held(deployment_id, requested_at)
+        except asyncio.CancelledError:
+            raise  # an abort (a new task follows), a lost lease, or shutting down
+        except Exception:
+            log.exception("deployment %s could not be driven", deployment_id)
+        if not finished:
+            # Neither ended nor handed on (the store failing even for its failure, say): its
+            # lease is not renewed any more, so it is resumed after a lease rather than never.
+            self.driver.drop(name)
+
+    async def _drive_held(self, deployment_id: str, requested_at: float | None) -> bool:
+        """Drive it to its end under its lease: True once it is terminal or the lease moved on
+        (someone else continues it)."""
+        name = deployment_lease(deployment_id)
         first = await self.records.get(deployment_id)
-        lock = self._service_locks.setdefault((first.service, first.region), asyncio.Lock())
         ctx: DeploymentContext | None = None
         live: DeploymentContext | None = None
-        async with lock:
+        async with contextlib.AsyncExitStack() as held:
+            # Every region's lock (a fleet holds them all, in one order: no deadlock): the
+            # reconciler and the janitor leave a service a deployment drives alone.
+            for region in sorted(first.all_regions):
+                lock = self._service_locks.setdefault((first.service, region), asyncio.Lock())
+                await held.enter_async_context(lock)
             try:
                 async with self._record_lock(deployment_id):
                     ctx = live = DeploymentContext(
@@ -370,6 +665,10 @@ class Pipeline:
                 await self._carry_out(live)
             except asyncio.CancelledError:
                 raise  # shutting down: the next control plane resumes from the persisted step
+            except LeaseLost:
+                # Another replica took it over: it continues from the persisted step.
+                log_event(log, "deployment.lease_lost", deployment_id=deployment_id)
+                return True
             except Exception as exc:  # last line of defence: never leave a deployment dangling
                 log.exception("deployment %s crashed in the orchestrator", deployment_id)
                 err = (
@@ -390,6 +689,10 @@ class Pipeline:
                 if ctx is not None and ctx.record.terminal:
                     self._done[deployment_id].set()
                     self._record_locks.pop(deployment_id, None)
+                    self._command_locks.pop(deployment_id, None)
+                    with contextlib.suppress(Exception):  # unreleased: it simply expires
+                        await self.driver.release(name)
+        return ctx is not None and ctx.record.terminal
 
     async def _carry_out(self, ctx: DeploymentContext) -> None:
         record = ctx.record
@@ -411,6 +714,8 @@ class Pipeline:
                 return
         try:
             await steps.run(ctx)
+        except LeaseLost:
+            raise  # not this replica's to roll back any more
         except Rollback as rb:
             await rollback.roll_back(ctx, rb.cause, rb.detected_at)
             return

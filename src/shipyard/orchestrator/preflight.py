@@ -22,10 +22,13 @@ import collections
 import dataclasses
 import logging
 import os
+from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from opentelemetry.util.types import AttributeValue
 
 from shipyard import strategies
 from shipyard.build.base import DEFAULT_MAX_LOG_BYTES, Artifact, BuildRequest
@@ -197,6 +200,7 @@ async def _build(ctx: DeploymentContext, record: DeploymentRecord) -> Artifact:
         finally:
             sink.close()
         record.metrics.build_duration_ms = artifact.duration_ms
+        st.annotate(_build_attributes(artifact))
         st.done(
             digest=artifact.digest,
             commit=artifact.commit,
@@ -212,6 +216,30 @@ async def _build(ctx: DeploymentContext, record: DeploymentRecord) -> Artifact:
         commit=artifact.commit,
     )
     return artifact
+
+
+def _build_attributes(artifact: Artifact) -> dict[str, AttributeValue]:
+    """The build span's: what was reused (the artifact, the dependency environment)."""
+    out: dict[str, AttributeValue] = {
+        "shipyard.artifact.digest": artifact.digest,
+        "shipyard.build.builder": artifact.builder,
+        "shipyard.build.cache.artifact_hit": artifact.cache.artifact_hit,
+        "vcs.ref.head.revision": artifact.commit,
+    }
+    if artifact.cache.dependencies_hit is not None:
+        out["shipyard.build.cache.dependencies_hit"] = artifact.cache.dependencies_hit
+    return out
+
+
+def _findings_attributes(severities: Iterable[str]) -> dict[str, AttributeValue]:
+    """The scan span's findings by severity: ``shipyard.scan.findings.<severity>`` (lower
+    case) and their total."""
+    counts = collections.Counter(s.lower() for s in severities)
+    out: dict[str, AttributeValue] = {
+        f"shipyard.scan.findings.{severity}": n for severity, n in sorted(counts.items())
+    }
+    out["shipyard.scan.findings.total"] = sum(counts.values())
+    return out
 
 
 def check_runnable(ctx: DeploymentContext, artifact: Artifact) -> None:
@@ -262,6 +290,11 @@ async def scan(ctx: DeploymentContext, record: DeploymentRecord, artifact: Artif
                 )
         except SecurityScanFailed as exc:
             findings = exc.detail.get("findings")
+            st.annotate(
+                _findings_attributes(
+                    str(f.get("severity")) for f in findings or [] if isinstance(f, dict)
+                )
+            )
             st.fail(
                 exc.message,
                 audit={
@@ -279,6 +312,7 @@ async def scan(ctx: DeploymentContext, record: DeploymentRecord, artifact: Artif
             envelope=str(report.envelope_path), sbom=str(report.sbom_path)
         )
         summary = report.to_dict()
+        st.annotate(_findings_attributes(f.severity.value for f in report.findings))
         st.done(
             packages=report.packages,
             findings=len(report.findings),
@@ -302,16 +336,18 @@ async def scan(ctx: DeploymentContext, record: DeploymentRecord, artifact: Artif
 async def observe(ctx: DeploymentContext, record: DeploymentRecord) -> Situation:
     """The stable revision, checked against what was recorded at submit and against the data
     plane (``require_stable``)."""
-    svc = await ctx.store.get_service(ctx.service, ctx.region)
-    stable = svc.serving_revision if svc else None
     expected = record.stable_at_submit
-    if stable != expected:
-        raise StableRevisionMissing(
-            f"service {ctx.service} served {expected} when this deployment was submitted "
-            f"and {stable} now; submit the deployment again",
-            expected=expected,
-            found=stable,
-        )
+    for region in ctx.regions:  # a fleet: every region must still serve it
+        svc = await ctx.store.get_service(ctx.service, region)
+        stable = svc.serving_revision if svc else None
+        if stable != expected:
+            where = f" in region {region}" if record.fleet is not None else ""
+            raise StableRevisionMissing(
+                f"service {ctx.service} served {expected} when this deployment was submitted "
+                f"and {stable} now{where}; submit the deployment again",
+                expected=expected,
+                found=stable,
+            )
     if stable is None:
         return Situation()
     ready = await require_stable(ctx, stable)
@@ -328,6 +364,23 @@ async def require_stable(ctx: DeploymentContext, stable: str) -> int:
     A deployment that finds no ready stable revision refuses to run: carrying it out as a
     first deploy would drop its bake, its canary stages and anything to roll back to.
     """
+    fleet = ctx.fleet_runtime
+    if fleet is not None:  # every region must run it, each is checked on its own
+        states = await fleet.each("service_state", lambda _, rt: rt.service_state(ctx.service))
+        ready = 0
+        for region, state in states.items():
+            mine = [r for r in (state.replicas if state else []) if r.revision == stable]
+            if not any(r.alive and r.routable for r in mine):
+                seen = ", ".join(f"{r.replica_id} {r.state}" for r in mine) or "no replicas"
+                raise StableRevisionMissing(
+                    f"service {ctx.service} should be serving {stable}, but region {region} "
+                    f"runs no ready replica of it ({seen}); nothing was changed. Shipyard "
+                    "repairs the region on its own: check `shipyard status`, then deploy again",
+                    revision=stable,
+                    region=region,
+                )
+            ready = max(ready, sum(1 for r in mine if r.alive and r.routable))
+        return ready
     state = await ctx.runtime.service_state(ctx.service)
     replicas = [r for r in (state.replicas if state else []) if r.revision == stable]
     ready = sum(1 for r in replicas if r.alive and r.routable)
@@ -395,6 +448,8 @@ async def apply_plan(
                 "port": manifest.service.port,
                 "https_redirect": manifest.service.https_redirect,
                 "hsts_max_age": manifest.service.hsts_max_age,
+                # Only when asked: a record (or agent) from before the key still reads it.
+                **({"revision_header": True} if manifest.routing.revision_header else {}),
             },
             artifact_kind=artifact.kind,
             container=(
@@ -418,6 +473,10 @@ async def apply_plan(
     record.blue_revision = situation.stable
     record.green_revision = revision
     record.progress = Progress(phase="steps", plan=PlanRecord.of(plan, sticky))
+    fleet = ctx.fleet_runtime
+    if record.fleet is not None and fleet is not None:
+        record.fleet.region_timeout_seconds = manifest.fleet.region_timeout_seconds
+        fleet.timeout = manifest.fleet.region_timeout_seconds
     await ctx.save()
     if plan.steps and plan.announce:
         limits = dataclasses.asdict(plan.rolling) if plan.rolling else {}

@@ -21,6 +21,12 @@ service no deployment is driving, a pass (``reconcile_all``)
   replica is reported when it goes down and when it comes back (``service.unavailable`` /
   ``service.available``).
 
+A region a fleet deployment left ``unreachable`` (it did not answer in time, so the rollback went
+on without it) gets the same treatment once it answers: its weights go to the store's serving
+revision first (they may still favour the candidate), then the candidate is stopped as an orphan;
+once the region serves only what the store says, the deployment's record says ``converged``
+(``fleet.note_converged``, audited ``fleet.region_converged``).
+
 Every repair is a log line and an audit record. Each difference between the data plane and the
 store is one ``data_plane.drift`` record whose detail says what differed (``drift``: ``service``,
 ``revision``, ``serving_revision``, ``replicas`` or ``weights``), what the store says
@@ -28,7 +34,9 @@ store is one ``data_plane.drift`` record whose detail says what differed (``drif
 false when the repair failed and will be retried). Called by ``Pipeline.start`` (once, before
 in-flight deployments resume) and by the janitor (``janitor.py``) every ``janitor_interval``
 seconds, which also makes it the data planes' heartbeat (the local runtime restarts an agent
-that is gone).
+that is gone). A service with a deployment in flight in the store, whichever replica drives it
+(or none yet), is left to that deployment; only the replica holding the ``janitor`` lease runs
+the janitor.
 """
 
 from __future__ import annotations
@@ -40,10 +48,11 @@ from shipyard.audit import AuditEvent
 from shipyard.errors import NotFound, ShipyardError
 from shipyard.health.probing import wait_healthy
 from shipyard.logs import log_event
-from shipyard.orchestrator import artifacts, services
+from shipyard.orchestrator import artifacts, fleet, services
 from shipyard.orchestrator.context import Deps
 from shipyard.orchestrator.record import Record
 from shipyard.runtime.base import ReplicaStatus, Runtime, ServiceState
+from shipyard.runtime.fleet import CallTimedOut, bounded
 from shipyard.store.db import ServiceRow
 
 log = logging.getLogger("shipyard.orchestrator.reconciler")
@@ -54,6 +63,8 @@ CRASH_LOOP_RESTARTS = 3
 REPAIR_RETRY_SECONDS = 30.0
 #: The audit event of every difference between a data plane and the store.
 DRIFT = "data_plane.drift"
+#: A region whose agent does not list its services within this long is skipped for the pass.
+REGION_ANSWER_SECONDS = 10.0
 #: How many of a service's deployments are read to tell whether the store knows it at all.
 _HISTORY_LIMIT = 500
 
@@ -79,20 +90,35 @@ class Reconciler:
 
     async def reconcile_all(self) -> None:
         """One pass over every region and service (see the module docstring)."""
-        for region, runtime in self.runtimes.items():
+        silent = await fleet.awaiting_convergence(self.deps)
+        for region, runtime in list(self.runtimes.items()):
             try:
-                names = set(await runtime.list_services())
+                # Bounded: a silent region (a partitioned or stopped remote agent, whose client
+                # waits up to 120 s for a read) is skipped this pass, not the others with it.
+                names = set(
+                    await bounded(self.clock, REGION_ANSWER_SECONDS, runtime.list_services())
+                )
+            except CallTimedOut:
+                log_event(
+                    log,
+                    "reconcile.region_unavailable",
+                    region=region,
+                    error=f"no answer within {REGION_ANSWER_SECONDS:g} s",
+                )
+                continue
             except ShipyardError as exc:
                 log_event(log, "reconcile.region_unavailable", region=region, error=exc.message)
                 continue
             names |= {s.service for s in await self.store.list_services() if s.region == region}
             for service in sorted(names):
                 lock = self.locks.setdefault((service, region), asyncio.Lock())
-                if lock.locked():
-                    continue  # a deployment is driving it
+                if lock.locked() or await self.deps.in_flight(service, region):
+                    continue  # a deployment is driving it (here, or on another replica)
                 async with lock:
                     try:
                         await self.reconcile_service(runtime, service)
+                        if (service, region) in silent:
+                            await self._note_converged(runtime, service)
                     except ShipyardError as exc:
                         log_event(
                             log,
@@ -123,10 +149,19 @@ class Reconciler:
         if state is not None and nothing_on_record and not await self._store_knows(service, region):
             await self._remove_unknown(runtime, state)
             return
+        serving = svc.serving_revision if svc else None
+        # Before any orphan is stopped: no request goes to a revision being drained (a region
+        # that missed a fleet's rollback still routes to the candidate).
+        if (
+            dep is None
+            and serving is not None
+            and state is not None
+            and await self._route_to_serving(runtime, service, serving, state)
+        ):
+            state = await runtime.service_state(service)
         await self._stop_orphans(runtime, service, state, svc, dep)
         if dep is not None:
             return  # the deployment's own steps converge the rest
-        serving = svc.serving_revision if svc else None
         if serving is None:
             return
         scale = await self.store.get_scale(service, region)
@@ -143,6 +178,14 @@ class Reconciler:
         if want is not None:
             state = await self._keep_scale(runtime, service, serving, state, want)
         await self._watch_replicas(service, region, state, serving)
+        await self._route_to_serving(runtime, service, serving, state)
+
+    async def _route_to_serving(
+        self, runtime: Runtime, service: str, serving: str, state: ServiceState
+    ) -> bool:
+        """100% to the serving revision when the router says otherwise and it can serve;
+        whether it changed the weights."""
+        region = runtime.region
         routable = any(r.revision == serving and r.alive and r.routable for r in state.replicas)
         found = {k: v for k, v in state.weights.items() if v}
         if routable and found != {serving: 100}:
@@ -159,6 +202,23 @@ class Reconciler:
                 restored=True,
                 revision=serving,
             )
+            return True
+        return False
+
+    async def _note_converged(self, runtime: Runtime, service: str) -> None:
+        """A region a fleet deployment left unreachable: once it runs and routes only what the
+        store says, the deployment's record says so (``fleet.note_converged``)."""
+        svc = await self.store.get_service(service, runtime.region)
+        serving = svc.serving_revision if svc else None
+        keep = {serving, svc.warm_revision if svc else None}
+        state = await runtime.service_state(service)
+        alive = state.revisions() if state is not None else set()
+        weights = {k: v for k, v in state.weights.items() if v} if state is not None else {}
+        if alive - keep:
+            return  # an orphan still runs (a failed stop is retried next pass)
+        if serving is not None and weights != {serving: 100}:
+            return
+        await fleet.note_converged(self.deps, service, runtime.region, serving)
 
     # --- the steps -------------------------------------------------------------------------
 
@@ -168,7 +228,7 @@ class Reconciler:
         if (service, region) in self._known:
             return True
         history = await self.store.list_deployments(service, _HISTORY_LIMIT)
-        if any(doc.get("region") == region for doc in history):
+        if any(region in (doc.get("regions") or [doc.get("region")]) for doc in history):
             self._known.add((service, region))  # records are never deleted: known for good
             return True
         return False

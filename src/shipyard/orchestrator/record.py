@@ -7,8 +7,9 @@ the step index, a promotion, a canary stage's analysis); ``Stage`` is one line o
 API shows. ``RevisionRecord`` is a revision as the store keeps it (what a rollback restarts).
 
 Documents carry ``schema_version``. ``load_record`` reads every version this Shipyard knows:
-version 0 is what Shipyard wrote before records were typed (no version field), migrated on read;
-every write is the current version. JSON stays at this module's edge (``load_record``,
+version 0 is what Shipyard wrote before records were typed (no version field), version 1 what it
+wrote before fleet deployments (no ``regions``), both migrated on read; every write is the
+current version. JSON stays at this module's edge (``load_record``,
 ``Record.model_dump``); the rest of the orchestrator sees models. ``Records`` is the typed
 repository over ``store.db.AsyncStore`` that the pipeline, its steps and the reconciler use.
 """
@@ -30,6 +31,7 @@ from pydantic import (
 )
 
 from shipyard import errors
+from shipyard.analysis.metrics import MetricRun
 from shipyard.analysis.verdicts import AnalysisRun
 from shipyard.domain import repository_urls
 from shipyard.domain.models import (
@@ -50,10 +52,12 @@ from shipyard.runtime.base import (
     StickyKey,
 )
 from shipyard.store.db import AsyncStore
+from shipyard.store.leases import LeaseClaim
 from shipyard.strategies.steps import Plan, RollingLimits, Step
+from shipyard.tracing import TraceIds
 
 #: The version every record is written with.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def utc(ts: float) -> datetime:
@@ -160,6 +164,13 @@ class AnalysisState(_Model):
     run: AnalysisRun
     #: Why the analysis paused for a human (None: not paused).
     paused: str | None = None
+    #: A fleet's canary: each region's own window start and tallies, judged beside the merged
+    #: fleet's (``baseline``/``run``). Empty for one region.
+    region_baselines: dict[str, MetricsSnapshot | None] = Field(default_factory=dict)
+    region_runs: dict[str, AnalysisRun] = Field(default_factory=dict)
+    #: ``[[analysis.metrics]]``: each metric's (or a fleet's metric's, per region) tallies and
+    #: schedule, keyed ``name`` or ``name@region``. Empty: the router check alone (``run``).
+    metrics: dict[str, MetricRun] = Field(default_factory=dict)
 
 
 class Progress(_Model):
@@ -181,6 +192,58 @@ class Progress(_Model):
     rolling_back: bool = False
 
 
+#: Where one region of a fleet deployment stands: ``pending`` (nothing done there yet),
+#: ``deploying`` (the plan's steps run there), ``switched`` (the candidate serves there: the
+#: deployment succeeded), ``rolled_back`` (stable serves again, candidate stopped),
+#: ``unreachable`` (it did not answer within ``[fleet] region_timeout_seconds``: its state is
+#: unknown), ``converged`` (it answered again and the reconciler brought it to the decided state).
+RegionPhase = Literal["pending", "deploying", "switched", "rolled_back", "unreachable", "converged"]
+
+
+class RegionState(_Model):
+    """One region of a fleet deployment."""
+
+    state: RegionPhase = "pending"
+    #: The service's URL in that region (its own data plane's listener).
+    url: str | None = None
+    #: Why it is ``unreachable`` (the call that timed out).
+    error: str | None = None
+    updated_at: datetime | None = None
+
+
+class SwitchSkew(_Model):
+    """One traffic change across a fleet: how far apart the regions acknowledged it."""
+
+    #: The plan's step index (None: the rollback's switch).
+    step: int | None
+    weights: dict[str, int]
+    #: From the first region's acknowledgement to the last one's, in milliseconds.
+    skew_ms: float
+    #: Each region's acknowledgement, in ms after the first one.
+    acks_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class FleetState(_Model):
+    """A deployment across several regions (``target.regions``): each region's state and the
+    skew of every traffic change (``runtime/fleet.py`` measures it)."""
+
+    regions: dict[str, RegionState]
+    #: ``[fleet] region_timeout_seconds`` of the manifest, once pre-flight read it.
+    region_timeout_seconds: float = 30.0
+    switches: list[SwitchSkew] = Field(default_factory=list)
+
+    @property
+    def max_skew_ms(self) -> float | None:
+        return max((s.skew_ms for s in self.switches), default=None)
+
+    def unreachable(self) -> list[str]:
+        return [name for name, r in self.regions.items() if r.state == "unreachable"]
+
+    @classmethod
+    def of(cls, regions: Sequence[str]) -> FleetState:
+        return cls(regions={name: RegionState() for name in regions})
+
+
 class Attestation(_Model):
     """Where the signed provenance (DSSE envelope) and the SBOM of an artifact are."""
 
@@ -195,7 +258,12 @@ class RecordBase(_Model):
     schema_version: int = SCHEMA_VERSION
     id: str
     service: str
+    #: The first of ``regions``: where a single-region deployment runs (the store's row key).
     region: str
+    #: Every region it acts on, in lockstep: ``[region]`` unless it is a fleet deployment.
+    regions: list[str] = Field(default_factory=list)
+    #: Each region's state and the switches' skews; None for one region.
+    fleet: FleetState | None = None
     status: DeploymentStatus = DeploymentStatus.PENDING
     triggered_by: str
     #: ``created_at`` as a clock reading (durations, the store's ordering column).
@@ -219,10 +287,32 @@ class RecordBase(_Model):
     error: RecordedError | None = None
     result: DeploymentResult | None = None
     rollback_count: int = 0
+    #: The deployment's OpenTelemetry trace (``tracing.py``), chosen at submit and never
+    #: changed: whichever replica drives it parents its spans on ``trace_span_id``, the root
+    #: span emitted when it ends. None in records made before tracing (no spans for them).
+    trace_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    #: The root span's id (16 hex digits).
+    trace_span_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
+    #: The caller's span (``traceparent`` of the deploy request); None: the root is the trace's.
+    trace_parent_span_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
+    #: W3C trace flags of the trace (bit 0: sampled).
+    trace_flags: int = Field(default=0, ge=0, le=255)
+
+    def set_trace(self, ids: TraceIds) -> None:
+        """Place the record in a trace (at submit, before it is first stored)."""
+        self.trace_id = ids.trace_id
+        self.trace_span_id = ids.span_id
+        self.trace_parent_span_id = ids.parent_span_id
+        self.trace_flags = ids.flags
 
     @property
     def terminal(self) -> bool:
         return self.status.terminal
+
+    @property
+    def all_regions(self) -> list[str]:
+        """``regions``, or ``[region]`` for a record that names none."""
+        return list(self.regions) or [self.region]
 
 
 class DeploymentRecord(RecordBase):
@@ -238,12 +328,21 @@ class DeploymentRecord(RecordBase):
 
     @classmethod
     def submitted(
-        cls, request: DeploymentRequest, user: str, now: float, serving: str | None
+        cls,
+        request: DeploymentRequest,
+        user: str,
+        now: float,
+        serving: str | None,
+        trace: TraceIds | None = None,
     ) -> DeploymentRecord:
-        return cls(
+        """A new deployment's record; ``trace``: its place in a trace (``tracing.new_ids``)."""
+        regions = request.target.all_regions
+        record = cls(
             id=str(request.id),
             service=request.target.service_name,
             region=request.target.region,
+            regions=regions,
+            fleet=FleetState.of(regions) if len(regions) > 1 else None,
             strategy=request.strategy,
             source=request.source,
             request=request,
@@ -254,6 +353,9 @@ class DeploymentRecord(RecordBase):
             first_deploy=serving is None,
             stable_at_submit=serving,
         )
+        if trace is not None:
+            record.set_trace(trace)
+        return record
 
 
 class RollbackParams(_Model):
@@ -338,6 +440,9 @@ def load_record(doc: Mapping[str, Any]) -> Record:
     version = doc.get("schema_version", 0)
     if version == 0:
         doc = _migrate_v0(doc)
+        version = 1
+    if version == 1:
+        doc = _migrate_v1(doc)
     elif version != SCHEMA_VERSION:
         raise PermanentError(
             f"deployment {doc.get('id')} was stored with schema_version {version}; this Shipyard "
@@ -383,7 +488,7 @@ def _migrate_v0(doc: Mapping[str, Any]) -> dict[str, Any]:
     - documents older than ``stable_at_submit`` take the stable revision they planned with.
     """
     out = dict(doc)
-    out["schema_version"] = SCHEMA_VERSION
+    out["schema_version"] = 1
     out.setdefault("stable_at_submit", out.get("blue_revision"))
     out.setdefault("first_deploy", out["stable_at_submit"] is None)
     out["stages"] = [_stage_v0(s) for s in out.get("stages") or []]
@@ -398,6 +503,14 @@ def _migrate_v0(doc: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(progress.get("plan"), list):
         progress["plan"] = {"steps": progress["plan"], "sticky": sticky, "rolling": rolling}
     out["progress"] = progress
+    return out
+
+
+def _migrate_v1(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Version 1: before fleet deployments, a record acted on its one ``region``."""
+    out = dict(doc)
+    out["schema_version"] = SCHEMA_VERSION
+    out.setdefault("regions", [out["region"]])
     return out
 
 
@@ -428,9 +541,12 @@ class Records:
             return False
         return True
 
-    async def create(self, record: Record) -> None:
-        """Insert; ``DeploymentInProgress`` if the service already has an active one."""
-        await self.store.create_deployment(dump_record(record), active=not record.terminal)
+    async def create(self, record: Record, *, lease: LeaseClaim | None = None) -> None:
+        """Insert, with the ``lease`` of the replica that will drive it (same transaction);
+        ``DeploymentInProgress`` if the service already has an active one in any region."""
+        await self.store.create_deployment(
+            dump_record(record), active=not record.terminal, lease=lease
+        )
 
     async def save(self, record: Record) -> None:
         """Write the record; it stays active (resumed after a restart) until it is terminal."""
@@ -440,8 +556,15 @@ class Records:
         return [load_record(d) for d in await self.store.active_deployments()]
 
     async def active_for(self, service: str, region: str) -> Record | None:
+        """The deployment in flight of ``service`` in ``region``: its own (the store's row is
+        keyed by a record's first region), or a fleet's that spans ``region``."""
         doc = await self.store.active_deployment(service, region)
-        return None if doc is None else load_record(doc)
+        if doc is not None:
+            return load_record(doc)
+        for record in await self.active():
+            if record.service == service and region in record.all_regions:
+                return record
+        return None
 
     async def history(
         self, service: str | None = None, limit: int = 50, *, matching: Sequence[str] | None = None

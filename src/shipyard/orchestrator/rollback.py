@@ -10,6 +10,12 @@ revision, then the candidate is drained and stopped. Latencies are measured on t
 ``abort_latency_ms`` the same for a failed analysis or an abort, ``rollback_duration_ms`` the
 switch itself.
 
+A fleet rolls back every region at once through its ``FleetRuntime``. A region that does not
+answer within ``[fleet] region_timeout_seconds`` (at a step, or during the rollback itself) is
+marked ``unreachable`` in the record and left out, and the rollback goes on with every region it
+can reach; the store's service record of every region (the silent one too) says stable serves,
+so the reconciler brings that region back once it answers (``fleet.note_converged``).
+
 ``request`` checks and builds a manual rollback (``RollbackRecord``): any successful deployment
 can be rolled back, the latest or an earlier one. It is instant while the revision to restore is
 still warm (running and routable); otherwise that revision is started again from its signed
@@ -26,13 +32,15 @@ from shipyard.errors import (
     AnalysisFailed,
     Conflict,
     DeploymentAborted,
+    RegionUnreachable,
     RollbackFailed,
     ShipyardError,
 )
-from shipyard.orchestrator import outcome, serving
+from shipyard.orchestrator import fleet, outcome, serving
 from shipyard.orchestrator.context import DeploymentContext, Deps
 from shipyard.orchestrator.record import (
     DeploymentRecord,
+    FleetState,
     PlanRecord,
     Progress,
     RecordedError,
@@ -55,37 +63,34 @@ async def roll_back(
     record = ctx.record
     record.progress.rolling_back = True
     record.error = RecordedError.of(cause)
-    await ctx.set_status(DeploymentStatus.ROLLING_BACK)
-    stable, candidate = record.blue_revision, record.green_revision
-    plan = record.progress.plan
-    limits = plan.rolling if plan is not None else None
+    await ctx.set_status(DeploymentStatus.ROLLING_BACK)  # the decision, persisted first
+    await fleet.note_unreachable(ctx, cause)
+    stable = record.blue_revision
     try:
         async with stage(ctx, "rollback") as st:
-            t0 = ctx.clock.monotonic()
-            if stable and candidate and limits is not None:
-                await restore_replicas(ctx, stable, candidate, limits)
+            st.annotate(
+                {
+                    "shipyard.rollback.cause": cause.code,
+                    **({"shipyard.stable_revision": stable} if stable else {}),
+                    **(
+                        {"shipyard.revision": record.green_revision}
+                        if record.green_revision
+                        else {}
+                    ),
+                }
+            )
+            while True:
+                try:
+                    await _restore(ctx, cause, detected_at)
+                    break
+                except RegionUnreachable as silent:  # leave it out, go on with the others
+                    if not await fleet.note_unreachable(ctx, silent):
+                        raise
+            fleet.set_state(ctx, "rolled_back")
             if stable:
-                await serving.switch(ctx, {stable: 100})
-                switched = ctx.clock.monotonic()
-                await serving.mark_serving(ctx, stable)
-                if detected_at is not None:
-                    latency = int((switched - detected_at) * 1000)
-                    record.metrics.detection_to_rollback_ms = latency
-                    if isinstance(cause, AnalysisFailed | DeploymentAborted):
-                        record.metrics.abort_latency_ms = latency
-                        await ctx.audit(
-                            "canary.weight_zero",
-                            weights={stable: 100},
-                            abort_latency_ms=latency,
-                        )
-                record.metrics.rollback_duration_ms = int((switched - t0) * 1000)
-            else:
-                svc = await ctx.store.get_service(ctx.service, ctx.region)
-                if svc and svc.serving_revision == candidate:
-                    await ctx.store.upsert_service(ctx.service, ctx.region, serving_revision=None)
-            if candidate:
-                await serving.stop(ctx, candidate)
-            st.done(restored=stable)
+                st.annotate({"shipyard.weight.stable": 100, "shipyard.weight.candidate": 0})
+            unreachable = record.fleet.unreachable() if record.fleet is not None else []
+            st.done(restored=stable, **({"unreachable": unreachable} if unreachable else {}))
     except (ShipyardError, Rollback) as exc:
         failed = exc.cause if isinstance(exc, Rollback) else exc
         await outcome.finish(
@@ -98,6 +103,39 @@ async def roll_back(
     if status is DeploymentStatus.ROLLED_BACK:
         record.rollback_count += 1
     await outcome.finish(ctx, status, cause)
+
+
+async def _restore(ctx: DeploymentContext, cause: ShipyardError, detected_at: float | None) -> None:
+    """The rollback's actions (idempotent: run again after a region was left out)."""
+    record = ctx.record
+    stable, candidate = record.blue_revision, record.green_revision
+    plan = record.progress.plan
+    limits = plan.rolling if plan is not None else None
+    t0 = ctx.clock.monotonic()
+    if stable and candidate and limits is not None:
+        await restore_replicas(ctx, stable, candidate, limits)
+    if stable:
+        await serving.switch(ctx, {stable: 100})
+        switched = ctx.clock.monotonic()
+        await serving.mark_serving(ctx, stable)
+        if detected_at is not None:
+            latency = int((switched - detected_at) * 1000)
+            record.metrics.detection_to_rollback_ms = latency
+            if isinstance(cause, AnalysisFailed | DeploymentAborted):
+                record.metrics.abort_latency_ms = latency
+                await ctx.audit(
+                    "canary.weight_zero",
+                    weights={stable: 100},
+                    abort_latency_ms=latency,
+                )
+        record.metrics.rollback_duration_ms = int((switched - t0) * 1000)
+    else:
+        for region in ctx.regions:
+            svc = await ctx.store.get_service(ctx.service, region)
+            if svc and svc.serving_revision == candidate:
+                await ctx.store.upsert_service(ctx.service, region, serving_revision=None)
+    if candidate:
+        await serving.stop(ctx, candidate)
 
 
 async def restore_replicas(
@@ -142,23 +180,43 @@ async def request(deps: Deps, deployment_id: str, user: str) -> RollbackRecord:
         raise Conflict(
             f"deployment {deployment_id} was the service's first; there is no earlier revision"
         )
-    svc = await deps.store.get_service(target.service, target.region)
-    serving_now = svc.serving_revision if svc else None
+    regions = target.all_regions
+    serving: dict[str, str | None] = {}
+    for region in regions:
+        svc = await deps.store.get_service(target.service, region)
+        serving[region] = svc.serving_revision if svc else None
+    serving_now = serving[target.region]
+    if len(set(serving.values())) > 1:
+        seen = ", ".join(f"{r}: {rev or 'nothing'}" for r, rev in serving.items())
+        raise Conflict(
+            f"the regions of deployment {deployment_id} serve different revisions of "
+            f"{target.service} ({seen}); wait until every region converged, then roll back"
+        )
     if serving_now == restore:
         raise Conflict(
             f"service {target.service} already serves {restore}, the revision before "
             f"deployment {deployment_id}; nothing to roll back"
         )
-    state = await deps.runtime(target.region).service_state(target.service)
-    warm = bool(
-        state and any(r.revision == restore and r.alive and r.routable for r in state.replicas)
-    )
+    warm = True
+    for region in regions:  # instant only if the revision is warm in every region
+        state = await deps.runtime(region).service_state(target.service)
+        warm = warm and bool(
+            state and any(r.revision == restore and r.alive and r.routable for r in state.replicas)
+        )
     now = deps.clock.now()
     plan = strategies.blue_green.plan_instant_switch(warm=warm)
     return RollbackRecord(
         id=str(uuid.uuid4()),
         service=target.service,
         region=target.region,
+        regions=regions,
+        fleet=(
+            FleetState.of(regions).model_copy(
+                update={"region_timeout_seconds": target.fleet.region_timeout_seconds}
+            )
+            if target.fleet is not None
+            else None
+        ),
         strategy=RollbackStrategy(Rollback=RollbackParams(instant=warm)),
         source=target.source,
         triggered_by=user,

@@ -75,14 +75,15 @@ _REQUEST_TIMEOUT = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"content-length: 18\r\nconnection: close\r\n\r\nrequest timed out\n"
 )
-#: A refused connection has its 503 sent, its write side shut, and whatever the client still
-#: sends read and dropped for this long before it is closed: closing a socket with unread bytes
-#: sends a reset, which can destroy the 503 before the client reads it (nginx's lingering close).
-REFUSED_LINGER = 1.0
+#: A connection the router ends with its own answer (503 past a cap, 408 for a slow client) has
+#: the answer sent, its write side shut, and whatever the client still sends read and dropped for
+#: this long before it is closed: closing a socket with unread bytes sends a reset, which can
+#: destroy the answer before the client reads it (nginx's lingering close).
+LINGER = 1.0
 
 
 def _abort_unless_closed(transport: asyncio.Transport) -> None:
-    """End a refused connection's lingering close (the client may have closed it already)."""
+    """End a lingering close (the client may have closed the connection already)."""
     if not transport.is_closing():
         transport.abort()
 
@@ -270,14 +271,8 @@ class Client(BatchedConnection):
         ctx.refused += 1
         if ctx.budget.open >= ctx.budget.limit:
             ctx.budget.refused += 1
-        self.phase = CLOSED  # whatever arrives is dropped
-        transport = self.transport
-        transport.write(_OVER_CAPACITY)
-        if transport.can_write_eof():
-            transport.write_eof()
-            ctx.loop.call_later(REFUSED_LINGER, _abort_unless_closed, transport)
-        else:
-            transport.close()
+        self.transport.write(_OVER_CAPACITY)
+        self.linger_close()
 
     def data_received(self, data: bytes) -> None:
         phase = self.phase
@@ -774,9 +769,9 @@ class Client(BatchedConnection):
                 self.send(_REQUEST_TIMEOUT)
                 self.started = True
             self.done(408)  # (closes: the phase is STREAMING_BODY)
-        else:
+        else:  # the client may still be sending its head: a plain close could reset the 408
             self.send(_REQUEST_TIMEOUT)
-            self.close()
+            self.linger_close()
 
     def timeout(self) -> None:
         self._drop_upstream()
@@ -878,6 +873,23 @@ class Client(BatchedConnection):
     def close(self) -> None:
         self.phase = CLOSED
         self.close_transport()
+
+    def linger_close(self) -> None:
+        """Close after the router's own final answer: send what is queued, shut the write side,
+        and drop what the client still sends for ``LINGER`` seconds before closing."""
+        self.phase = CLOSED  # whatever arrives is dropped
+        transport = self.transport
+        out, self.out = self.out, None
+        if out is not None and not transport.is_closing():
+            transport.write(out)
+        if transport.can_write_eof():
+            if self.read_paused:  # unread bytes would make the final close a reset
+                self.read_paused = 0
+                transport.resume_reading()
+            transport.write_eof()
+            self.home.loop.call_later(LINGER, _abort_unless_closed, transport)
+        else:
+            transport.close()
 
     def pause(self, why: int) -> None:
         if not self.read_paused and self.phase is not CLOSED:

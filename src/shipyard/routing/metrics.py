@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -188,6 +189,48 @@ class RevisionMetrics:
             ),
             latency_sum_ms=self.latency_sum_ms - earlier.latency_sum_ms,
             inflight=self.inflight,
+        )
+
+    def plus(self, other: RevisionMetrics) -> RevisionMetrics:
+        """This revision's traffic and ``other``'s together (several routers' counts of one
+        revision: a fleet's regions, the fake's synthetic and counted traffic)."""
+        return RevisionMetrics(
+            revision=self.revision,
+            requests=self.requests + other.requests,
+            status_2xx=self.status_2xx + other.status_2xx,
+            status_3xx=self.status_3xx + other.status_3xx,
+            status_4xx=self.status_4xx + other.status_4xx,
+            status_5xx=self.status_5xx + other.status_5xx,
+            upstream_errors=self.upstream_errors + other.upstream_errors,
+            client_aborts=self.client_aborts + other.client_aborts,
+            retries=self.retries + other.retries,
+            latency_buckets=tuple(
+                a + b for a, b in zip(self.latency_buckets, other.latency_buckets, strict=True)
+            ),
+            latency_sum_ms=self.latency_sum_ms + other.latency_sum_ms,
+            inflight=self.inflight + other.inflight,
+        )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RevisionMetrics:
+        """Inverse of ``to_dict`` (what the agent's metrics endpoint answers)."""
+        latency = d.get("latency_ms") or {}
+        by_bound = {str(k): int(v) for k, v in (latency.get("buckets") or {}).items()}
+        return cls(
+            revision=str(d["revision"]),
+            requests=int(d.get("requests", 0)),
+            status_2xx=int(d.get("status_2xx", 0)),
+            status_3xx=int(d.get("status_3xx", 0)),
+            status_4xx=int(d.get("status_4xx", 0)),
+            status_5xx=int(d.get("status_5xx", 0)),
+            upstream_errors=int(d.get("upstream_errors", 0)),
+            client_aborts=int(d.get("client_aborts", 0)),
+            retries=int(d.get("retries", 0)),
+            latency_buckets=tuple(
+                by_bound.get("+Inf" if math.isinf(b) else f"{b:g}", 0) for b in BUCKET_BOUNDS_MS
+            ),
+            latency_sum_ms=float(latency.get("sum", 0.0)),
+            inflight=int(d.get("inflight", 0)),
         )
 
     def to_dict(self) -> dict[str, Any]:

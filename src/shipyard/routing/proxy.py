@@ -25,7 +25,9 @@ The request head is validated by one regular expression and rewritten once per d
 (results cached): hop-by-hop fields dropped, an absolute-form target made origin-form, then
 ``Via`` and ``X-Forwarded-*`` appended per client (``routing.http1.Forwarding``); bodies pass
 as the raw bytes the client sent. Responses stream back as they arrive, with
-``x-shipyard-revision`` inserted after the status line. Writes are held and flushed once per
+``x-shipyard-revision`` inserted after the status line when the service asks for it
+(``configure(revision_header=)``; the agent passes the manifest's ``[routing]
+revision_header``, off by default). Writes are held and flushed once per
 event-loop iteration, so a busy loop wakes its peers once per batch rather than once per request.
 Upstream connections are kept alive in per-backend pools (a client's ``Connection: close`` is for
 the router and is not forwarded). A ``101 Switching Protocols`` answer turns the connection pair
@@ -196,8 +198,13 @@ class ServiceProxy:
         backends: Sequence[Backend],
         sticky_header: str | None = None,
         sticky_cookie: str | None = None,
+        *,
+        revision_header: bool = True,
     ) -> None:
         """Atomically replace the routing table.
+
+        ``revision_header``: add ``x-shipyard-revision`` to the responses. The router can; the
+        agent decides per service (``[routing] revision_header``, off unless a manifest asks).
 
         ``weights`` maps revision -> percent (ints summing to 100; empty or all zero = no
         traffic). A revision with weight but no backend gives its share to the others. Requests
@@ -220,7 +227,7 @@ class ServiceProxy:
                 pool = self._pools.get(backend) or Pool(backend, self._max_idle)
                 pools[backend] = pool
                 route_pools.append(pool)
-            routes.append(Route(revision, route_pools, counters))
+            routes.append(Route(revision, route_pools, counters, revision_header))
         for backend, pool in self._pools.items():
             if backend not in pools:
                 pool.retire()

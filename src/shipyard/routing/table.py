@@ -66,12 +66,20 @@ class Route(Generic[T]):
     __slots__ = ("counters", "crlf_header", "header", "pools", "revision", "rr")
 
     def __init__(
-        self, revision: str, pools: list[T], counters: routing_metrics.RevisionCounters
+        self,
+        revision: str,
+        pools: list[T],
+        counters: routing_metrics.RevisionCounters,
+        revision_header: bool = True,
     ) -> None:
+        """``revision_header``: answer with ``x-shipyard-revision`` (False: ``header`` is empty
+        and ``crlf_header`` the bare CRLF it replaces, so responses pass unchanged)."""
         self.revision = revision
         self.pools = pools
         self.counters = counters
-        self.header = b"x-shipyard-revision: " + revision.encode() + b"\r\n"
+        self.header = (
+            b"x-shipyard-revision: " + revision.encode() + b"\r\n" if revision_header else b""
+        )
         self.crlf_header = b"\r\n" + self.header  # replaces the status line's CRLF
         self.rr = 0
 

@@ -3,7 +3,9 @@
 ``routing.pool`` opens these and keeps the idle ones; ``routing.client`` attaches one to a
 request and writes the request through it. This side parses the response's framing (interim 1xx,
 Content-Length, chunked, close-delimited, 101 tunnel), streams the bytes to the client as they
-arrive with ``x-shipyard-revision`` inserted after the status line (one ``bytes.replace``), and
+arrive with the route's header (``x-shipyard-revision`` when the service asks for it, and
+``Connection: close`` when the client's connection ends) inserted after the status line (one
+``bytes.replace``), and
 tells the client when the response is complete, broken or lost; then the connection goes back to
 its pool or is closed.
 """

@@ -39,11 +39,16 @@ class EntrySpec:
     https_redirect: bool = False
     #: Strict-Transport-Security max-age on HTTPS responses; 0: none.
     hsts_max_age: int = 0
+    #: ``x-shipyard-revision: <revision>`` on every response the router forwards (the
+    #: manifest's ``[routing] revision_header``; off by default: it tells clients which build
+    #: served them). Sent to an agent only when true, so an agent from before it still accepts
+    #: every spec that does not ask for it.
+    revision_header: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EntrySpec:
         """ValueError (naming the field) for anything the manifest would have refused."""
-        unknown = set(d) - {"hosts", "port", "https_redirect", "hsts_max_age"}
+        unknown = set(d) - {"hosts", "port", "https_redirect", "hsts_max_age", "revision_header"}
         if unknown:
             raise ValueError(f"unknown entry field(s): {', '.join(sorted(unknown))}")
         hosts = d.get("hosts", ())
@@ -61,7 +66,10 @@ class EntrySpec:
             raise ValueError("entry https_redirect must be true or false")
         if isinstance(hsts, bool) or not isinstance(hsts, int) or not 0 <= hsts <= 63_072_000:
             raise ValueError(f"entry hsts_max_age must be 0-63072000 seconds, got {hsts!r}")
-        return cls(rules, port, redirect, hsts)
+        revision_header = d.get("revision_header", False)
+        if not isinstance(revision_header, bool):
+            raise ValueError("entry revision_header must be true or false")
+        return cls(rules, port, redirect, hsts, revision_header)
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,8 @@ class RevisionSpec:
             del d["entry"]  # what an agent from before entry specs accepts
         else:
             d["entry"]["hosts"] = list(self.entry.hosts)
+            if not self.entry.revision_header:
+                del d["entry"]["revision_header"]  # see EntrySpec.revision_header
         return d
 
     @classmethod

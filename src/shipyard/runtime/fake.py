@@ -38,7 +38,7 @@ import re
 import time
 import zlib
 from bisect import bisect_left
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -187,6 +187,9 @@ class FakeRouter:
         #: When set, ``metrics`` raises it (metrics unavailable).
         self.metrics_error: ShipyardError | None = None
         self.metrics_calls = 0
+        #: Awaited by ``metrics`` with the call's number (1 for the first) before the counters
+        #: are read: a test makes a read slow by sleeping on its clock there.
+        self.before_metrics: Callable[[int], Awaitable[None]] | None = None
         #: Requests answered 503 because nothing served (as the agent's router counts them).
         self.unrouted = 0
         self._served: dict[str, dict[str, _Served]] = {}
@@ -362,6 +365,8 @@ class FakeRouter:
 
     async def metrics(self, service: str) -> Mapping[str, Mapping[str, Any]]:
         self.metrics_calls += 1
+        if self.before_metrics is not None:
+            await self.before_metrics(self.metrics_calls)
         if self.metrics_error is not None:
             raise self.metrics_error
         self._accrue(service)
@@ -385,7 +390,7 @@ class FakeRouter:
             )
             c = counted.get(rev)
             if c is not None:
-                m = _plus(m, c.snapshot())
+                m = m.plus(c.snapshot())
             out[rev] = m.to_dict()
         return out
 
@@ -490,7 +495,9 @@ class FakeRuntime:
         self.output: dict[str, list[tuple[LogStream, str]]] = {}
 
     async def ensure_service(self, service: str) -> str:
-        svc = self.services.setdefault(service, _Service(url=f"http://fake/{service}"))
+        # Each region its own URL (the local one as it always was).
+        host = "fake" if self.region == "local" else f"{self.region}.fake"
+        svc = self.services.setdefault(service, _Service(url=f"http://{host}/{service}"))
         return svc.url
 
     async def start_revision(self, spec: RevisionSpec) -> list[ReplicaStatus]:
@@ -749,23 +756,3 @@ class FakeRuntime:
 def _dead_state(exit_code: int) -> ReplicaState:
     # The agent's supervisor: a clean exit is "exited", anything else "crashed".
     return "exited" if exit_code == 0 else "crashed"
-
-
-def _plus(a: RevisionMetrics, b: RevisionMetrics) -> RevisionMetrics:
-    """Synthetic and counted traffic of one revision together."""
-    return RevisionMetrics(
-        revision=a.revision,
-        requests=a.requests + b.requests,
-        status_2xx=a.status_2xx + b.status_2xx,
-        status_3xx=a.status_3xx + b.status_3xx,
-        status_4xx=a.status_4xx + b.status_4xx,
-        status_5xx=a.status_5xx + b.status_5xx,
-        upstream_errors=a.upstream_errors + b.upstream_errors,
-        client_aborts=a.client_aborts + b.client_aborts,
-        retries=a.retries + b.retries,
-        latency_buckets=tuple(
-            x + y for x, y in zip(a.latency_buckets, b.latency_buckets, strict=True)
-        ),
-        latency_sum_ms=a.latency_sum_ms + b.latency_sum_ms,
-        inflight=a.inflight + b.inflight,
-    )

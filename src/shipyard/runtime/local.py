@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -43,6 +44,8 @@ from shipyard.runtime.base import (
 log = logging.getLogger("shipyard.runtime.local")
 
 AGENT_START_TIMEOUT = 15.0
+#: Seconds an idle connection to an agent is kept for the next call (below the agent's 5 s).
+KEEPALIVE_EXPIRY_SECONDS = 2.0
 
 
 def _agent_dir(data_dir: Path, region: str) -> Path:
@@ -81,12 +84,27 @@ async def _answers(url: str, token: str) -> bool:
         return False
 
 
+#: One start at a time per agent directory in this process: every call that found the agent gone
+#: (the janitor's, an API read's, a deployment's) comes here at once after a ``kill -9``, and
+#: each spawning its own agent started several (the agent's lock now stops all but one) while
+#: each spawn's removal of ``agent.json`` hid the agent that did start.
+_starting: dict[Path, asyncio.Lock] = {}
+
+
 async def attach_or_start_agent(data_dir: Path, region: str) -> tuple[str, str]:
     """Re-attach to the region's agent, or start it detached and wait until it answers."""
     found = read_agent_info(data_dir, region)
     if found and await _answers(*found):
         return found
     d = _agent_dir(data_dir, region)
+    async with _starting.setdefault(d.resolve(), asyncio.Lock()):
+        return await _start_agent(data_dir, region, d)
+
+
+async def _start_agent(data_dir: Path, region: str, d: Path) -> tuple[str, str]:
+    found = read_agent_info(data_dir, region)
+    if found and await _answers(*found):
+        return found  # started by the call that held the lock before this one
     await asyncio.to_thread(_spawn_agent, data_dir, region, d)
     deadline = time.monotonic() + AGENT_START_TIMEOUT
     while time.monotonic() < deadline:
@@ -101,8 +119,9 @@ async def attach_or_start_agent(data_dir: Path, region: str) -> tuple[str, str]:
 def _spawn_agent(data_dir: Path, region: str, d: Path) -> None:
     """Start ``shipyard agent --detach``: it forks into its own session (so it outlives the
     control plane) and the command returns at once, leaving no child for us to reap."""
+    # agent.json stays: a stale one names a dead pid or a URL that does not answer, and is
+    # rewritten; removing it could hide an agent that had just written it (a slow restore).
     d.mkdir(parents=True, exist_ok=True, mode=0o700)  # the agent keeps its token in it
-    (d / "agent.json").unlink(missing_ok=True)
     argv = [sys.executable, "-m", "shipyard.cli.main", "agent", "--detach",
             "--data-dir", str(data_dir), "--region", region]  # fmt: skip
     with os.fdopen(open_log(d / "agent.log"), "ab") as log:
@@ -121,22 +140,52 @@ class AgentClient:
     call (the orchestrator's janitor makes one every second).
     """
 
-    def __init__(self, api_url: str, token: str, region: str, data_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        api_url: str,
+        token: str,
+        region: str,
+        data_dir: Path | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        sni_hostname: str | None = None,
+    ) -> None:
+        """``ssl_context``, ``sni_hostname``: a joined agent, dialed over mutual TLS (the
+        controller's certificate, the fleet CA, the host name checked against ``sni_hostname``,
+        ``<region>.region.shipyard``) with no token (api/fleet_control.py builds these)."""
         self.region = region
         self.data_dir = data_dir
+        self.api_url = api_url
+        self._ssl = ssl_context
+        self._extensions = {"sni_hostname": sni_hostname} if sni_hostname else {}
         self._client = self._make_client(api_url, token)
 
-    @staticmethod
-    def _make_client(api_url: str, token: str) -> httpx.AsyncClient:
+    def _make_client(self, api_url: str, token: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             base_url=api_url,
-            headers={"authorization": f"Bearer {token}"},
+            headers={"authorization": f"Bearer {token}"} if token else None,
             timeout=httpx.Timeout(10.0, read=120.0),
+            # Idle connections are dropped well before the agent's uvicorn closes them (its
+            # keep-alive timeout, 5 s): at equal timeouts a call could go out on a connection
+            # the agent was closing at that moment.
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS),
+            verify=self._ssl if self._ssl is not None else True,
         )
+
+    async def _request(self, method: str, path: str, body: Any) -> httpx.Response:
+        """One request; sent again once if a kept-alive connection was closed under it before
+        any answer (every agent call is idempotent: the orchestrator's steps are)."""
+        try:
+            return await self._client.request(method, path, json=body, extensions=self._extensions)
+        except httpx.RemoteProtocolError as exc:
+            if "without sending a response" not in str(exc):
+                raise
+            log_event(log, "agent.call_retried", region=self.region, path=path, error=str(exc))
+            return await self._client.request(method, path, json=body, extensions=self._extensions)
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         try:
-            r = await self._client.request(method, path, json=body)
+            r = await self._request(method, path, body)
         except httpx.ConnectError as exc:
             if self.data_dir is None:
                 raise self._unavailable(exc) from exc
@@ -147,7 +196,7 @@ class AgentClient:
             await self._client.aclose()
             self._client = self._make_client(url, token)
             try:
-                r = await self._client.request(method, path, json=body)
+                r = await self._request(method, path, body)
             except httpx.HTTPError as again:
                 raise self._unavailable(again) from again
         except httpx.HTTPError as exc:

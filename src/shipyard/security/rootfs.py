@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from shipyard.domain.tar_names import safe_name
 from shipyard.errors import SecurityScanFailed
 from shipyard.security import inventory as inv
 
@@ -45,7 +46,6 @@ _EXACT = frozenset(
         "usr/lib/os-release",
     }
 )
-_MAX_NAME_CHARS = 4096
 _CHUNK = 1 << 16
 
 
@@ -94,18 +94,6 @@ def wanted(name: str) -> bool:
     if base == "PKG-INFO" and parent.endswith(".egg-info"):
         return True
     return base.endswith(".egg-info")  # a single-file egg-info (old distutils installs)
-
-
-def safe_name(raw: str) -> str | None:
-    """``raw`` as a relative POSIX path inside the image, or None when it must not be used:
-    absolute, with a ``..`` component, a NUL, or absurdly long. A leading ``./`` is dropped
-    (``docker export`` writes none, other tars do)."""
-    if not raw or len(raw) > _MAX_NAME_CHARS or "\x00" in raw or raw.startswith("/"):
-        return None
-    parts = [p for p in raw.split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
-        return None
-    return "/".join(parts)
 
 
 def _refuse(message: str) -> SecurityScanFailed:

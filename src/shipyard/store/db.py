@@ -1,9 +1,11 @@
 """Deployment state: the durable half of every deployment's state machine.
 
-SQLite in WAL mode in the data directory (``shipyard.db``) is the embedded default; the schema is
-SQLAlchemy Core so PostgreSQL can take over. The orchestrator writes a deployment's document
-before each action; a partial unique index enforces one active deployment per service even when
-two requests race. The audit log (audit/log.py) keeps its own table in the same database.
+SQLite in WAL mode in the data directory (``shipyard.db``) is the embedded default, PostgreSQL
+the store several control-plane replicas share (``store/engine.py`` opens either; its Alembic
+migrations make the tables, the Table objects here are for queries). Every query is written to
+mean the same on both. The orchestrator writes a deployment's document before each action; a
+partial unique index enforces one active deployment per service even when two requests race.
+The audit log (audit/log.py) keeps its own tables in the same database.
 
 Tables: ``deployments`` (one JSON document per deployment plus the columns we query by),
 ``revisions`` (what ran, so a rollback can restart it), ``services`` (which revision serves, which
@@ -23,12 +25,13 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import (
+    JSON,
     Boolean,
     Column,
+    ColumnElement,
     Connection,
     Engine,
     Float,
@@ -38,20 +41,23 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
+    cast,
     delete,
-    event,
     false,
+    func,
     insert,
     or_,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from shipyard.domain.clock import to_thread
 from shipyard.errors import DeploymentInProgress, InvariantViolation, NotFound
+from shipyard.store import leases
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -102,8 +108,7 @@ services = Table(
 )
 
 #: ``shipyard scale``: the replica count an operator set for the revision serving then
-#: (``orchestrator/services.py``); the reconciler keeps it while that revision serves. A table
-#: of its own so stores written before it exist gain it from ``create_all``.
+#: (``orchestrator/services.py``); the reconciler keeps it while that revision serves.
 service_scale = Table(
     "service_scale",
     metadata,
@@ -126,23 +131,6 @@ class ScaleRow:
     updated_at: float
 
 
-def make_engine(data_dir: Path) -> Engine:
-    """SQLite in WAL mode with foreign keys on; one file per data directory."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(f"sqlite:///{data_dir / 'shipyard.db'}")
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_conn: Any, _: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")  # durable across process kills (WAL)
-        cur.execute("PRAGMA busy_timeout=5000")
-        cur.close()
-
-    metadata.create_all(engine)
-    return engine
-
-
 @dataclass(frozen=True)
 class ServiceRow:
     service: str
@@ -161,13 +149,20 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
+        """A write transaction, refused (LeaseLost) when the calling task's lease moved on."""
         with self.engine.begin() as conn:
+            leases.check_fence(conn)
             yield conn
 
     # --- deployments ---------------------------------------------------------------------------
 
-    def create_deployment(self, doc: dict[str, Any], *, active: bool = True) -> None:
-        """Insert a new deployment; DeploymentInProgress if the service already has one."""
+    def create_deployment(
+        self, doc: dict[str, Any], *, active: bool = True, lease: leases.LeaseClaim | None = None
+    ) -> None:
+        """Insert a new deployment, its ``active_regions`` and (``lease``) the lease of the
+        replica that drives it, in one transaction; DeploymentInProgress if the service already
+        has one in flight in any of its regions, whichever replica started it."""
+        regions = leases.regions_of(doc)
         try:
             with self._tx() as conn:
                 conn.execute(
@@ -181,11 +176,15 @@ class Store:
                         doc=json.dumps(doc),
                     )
                 )
+                if active:
+                    leases.claim_regions(conn, doc["id"], doc["service"], regions)
+                if lease is not None:
+                    leases.insert_lease(conn, leases.deployment_lease(doc["id"]), lease)
         except IntegrityError as exc:
-            running = self.active_deployment(doc["service"], doc["region"])
-            raise in_progress(
-                doc["service"], doc["region"], running["id"] if running else None
-            ) from exc
+            with self.engine.connect() as conn:
+                found = leases.running_in(conn, doc["service"], regions)
+            region, running = found if found else (doc["region"], None)
+            raise in_progress(doc["service"], region, running) from exc
 
     def save_deployment(self, doc: dict[str, Any], *, active: bool) -> None:
         with self._tx() as conn:
@@ -194,6 +193,8 @@ class Store:
                 .where(deployments.c.id == doc["id"])
                 .values(status=doc["status"], active=active, doc=json.dumps(doc))
             )
+            if not active:
+                leases.release_regions(conn, doc["id"])
 
     def get_deployment(self, deployment_id: str) -> dict[str, Any]:
         with self.engine.connect() as conn:
@@ -239,12 +240,33 @@ class Store:
 
     def count_deployments(self) -> dict[tuple[str, str], int]:
         """(kind, status) -> number of deployments, for ``/metrics``."""
-        from sqlalchemy import func
-
-        kind = func.json_extract(deployments.c.doc, "$.kind")
-        q = select(kind, deployments.c.status, func.count()).group_by(kind, deployments.c.status)
+        kind = doc_field(self.engine.dialect.name, deployments.c.doc, "kind").label("kind")
+        # Grouped outside: PostgreSQL sees the same expression twice as two different ones (each
+        # with its own bind parameter) and refuses to group by it.
+        inner = select(kind, deployments.c.status).subquery()
+        q = select(inner.c.kind, inner.c.status, func.count()).group_by(
+            inner.c.kind, inner.c.status
+        )
         with self.engine.connect() as conn:
             return {(str(k), str(s)): int(n) for k, s, n in conn.execute(q).all()}
+
+    def deployment_statuses(self) -> list[tuple[str, str]]:
+        """``(id, status)`` of every deployment: two short columns, no document. ``/metrics``
+        (api/metrics_history.py) reads it on each scrape and fetches only the documents it has
+        not seen finished."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(deployments.c.id, deployments.c.status)).all()
+        return [(str(i), str(s)) for i, s in rows]
+
+    def get_deployments(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The documents of ``ids`` that exist (any order), read in batches of 500 ids."""
+        docs: list[dict[str, Any]] = []
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                batch = list(ids[start : start + 500])
+                q = select(deployments.c.doc).where(deployments.c.id.in_(batch))
+                docs.extend(json.loads(r[0]) for r in conn.execute(q).all())
+        return docs
 
     def list_deployments(
         self, service: str | None = None, limit: int = 50, *, matching: Sequence[str] | None = None
@@ -256,7 +278,9 @@ class Store:
         if service is not None:
             q = q.where(deployments.c.service == service)
         if matching is not None:
-            q = q.where(or_(false(), *(deployments.c.service.op("GLOB")(g) for g in matching)))
+            q = q.where(
+                or_(false(), *(deployments.c.service.like(glob_to_like(g), "\\") for g in matching))
+            )
         with self.engine.connect() as conn:
             return [json.loads(r[0]) for r in conn.execute(q).all()]
 
@@ -271,19 +295,31 @@ class Store:
         spec: dict[str, Any],
         ts: float,
     ) -> None:
-        with self._tx() as conn:
-            exists = conn.execute(select(revisions.c.id).where(revisions.c.id == revision)).first()
-            if exists is None:
-                conn.execute(
-                    insert(revisions).values(
-                        id=revision,
-                        service=service,
-                        region=region,
-                        deployment_id=deployment_id,
-                        created_at=ts,
-                        spec=json.dumps(spec),
+        """Record what ``revision`` runs, once: the first record of a revision id stays."""
+        try:
+            with self._tx() as conn:
+                exists = conn.execute(
+                    select(revisions.c.id).where(revisions.c.id == revision)
+                ).first()
+                if exists is None:
+                    conn.execute(
+                        insert(revisions).values(
+                            id=revision,
+                            service=service,
+                            region=region,
+                            deployment_id=deployment_id,
+                            created_at=ts,
+                            spec=json.dumps(spec),
+                        )
                     )
-                )
+        except IntegrityError:
+            # Another replica recorded it between our read and our insert: the first stays.
+            with self.engine.connect() as conn:
+                found = conn.execute(
+                    select(revisions.c.id).where(revisions.c.id == revision)
+                ).first()
+            if found is None:
+                raise
 
     def get_revision_spec(self, revision: str) -> dict[str, Any]:
         with self.engine.connect() as conn:
@@ -292,6 +328,21 @@ class Store:
             raise NotFound(f"revision {revision} not found")
         spec: dict[str, Any] = json.loads(row[0])
         return spec
+
+    def has_directory_artifact(self, digest: str) -> bool:
+        """Whether a recorded revision is the directory artifact ``digest`` (what the fleet
+        listener may send an agent, ``api.fleet_artifacts``). The text match narrows the scan
+        (specs are stored as ``json.dumps`` writes them); the parsed spec decides."""
+        needle = json.dumps({"artifact_digest": digest})[1:-1]
+        q = select(revisions.c.spec).where(revisions.c.spec.contains(needle, autoescape=True))
+        with self.engine.connect() as conn:
+            for (doc,) in conn.execute(q):
+                spec = json.loads(doc)
+                if spec.get("artifact_digest") == digest and (
+                    spec.get("artifact_kind", "directory") == "directory"
+                ):
+                    return True
+        return False
 
     # --- services ------------------------------------------------------------------------------
 
@@ -318,9 +369,19 @@ class Store:
         unknown = set(values) - set(ServiceRow.__dataclass_fields__) - {"service", "region"}
         if unknown:
             raise TypeError(f"unknown service fields: {sorted(unknown)}")
+        try:
+            return self._upsert_service(service, region, values)
+        except IntegrityError:
+            # Two writers both found no row and both inserted: the row exists now, so this
+            # second try reads it (locked) and updates it.
+            return self._upsert_service(service, region, values)
+
+    def _upsert_service(self, service: str, region: str, values: dict[str, Any]) -> ServiceRow:
         with self._tx() as conn:
             found = conn.execute(
-                select(services).where(services.c.service == service, services.c.region == region)
+                select(services)
+                .where(services.c.service == service, services.c.region == region)
+                .with_for_update()
             ).first()
             current = (
                 ServiceRow(**found._mapping)
@@ -360,17 +421,17 @@ class Store:
         return ScaleRow(**row._mapping) if row else None
 
     def set_scale(self, service: str, region: str, revision: str, replicas: int, ts: float) -> None:
+        """Set (or replace) the count in one statement: an upsert, so writers racing on
+        several replicas each land whole, the last one winning (a delete-then-insert let two
+        inserts collide, and a retry only moved the collision to a third writer)."""
+        values = {"revision": revision, "replicas": replicas, "updated_at": ts}
         with self._tx() as conn:
-            where = (service_scale.c.service == service, service_scale.c.region == region)
-            conn.execute(delete(service_scale).where(*where))
+            dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            statement = dialect_insert(service_scale).values(
+                service=service, region=region, **values
+            )
             conn.execute(
-                insert(service_scale).values(
-                    service=service,
-                    region=region,
-                    revision=revision,
-                    replicas=replicas,
-                    updated_at=ts,
-                )
+                statement.on_conflict_do_update(index_elements=["service", "region"], set_=values)
             )
 
     def clear_scale(self, service: str, region: str) -> None:
@@ -380,6 +441,34 @@ class Store:
                     service_scale.c.service == service, service_scale.c.region == region
                 )
             )
+
+
+def doc_field(dialect: str, column: ColumnElement[Any], key: str) -> ColumnElement[Any]:
+    """The text of top-level field ``key`` of the JSON document in ``column`` (stored as TEXT
+    on both backends), in the dialect's own words: SQLite's ``json_extract``, PostgreSQL's
+    ``CAST(... AS JSON) ->> key``."""
+    if dialect == "postgresql":
+        field: ColumnElement[Any] = cast(column, JSON)[key].as_string()
+        return field
+    return func.json_extract(column, f"$.{key}")
+
+
+def glob_to_like(pattern: str) -> str:
+    """A token scope (``*`` and ``?`` only, ``api/permissions.py``) as a LIKE pattern with
+    ``\\`` as the escape, meaning the same on both backends (SQLite's GLOB is SQLite's alone).
+    LIKE ignores ASCII case on SQLite; service names are lower-case DNS labels, so no name
+    matches there that would not on PostgreSQL."""
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in "%_\\":
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def in_progress(service: str, region: str, running_id: str | None) -> DeploymentInProgress:
@@ -435,10 +524,14 @@ class AsyncStore:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
             await asyncio.wait({call})
+            if not call.cancelled():
+                call.exception()  # retrieved: the caller is cancelled (a lost lease, say)
             raise
 
-    async def create_deployment(self, doc: dict[str, Any], *, active: bool = True) -> None:
-        await self._write(self.sync.create_deployment, doc, active=active)
+    async def create_deployment(
+        self, doc: dict[str, Any], *, active: bool = True, lease: leases.LeaseClaim | None = None
+    ) -> None:
+        await self._write(self.sync.create_deployment, doc, active=active, lease=lease)
 
     async def save_deployment(self, doc: dict[str, Any], *, active: bool) -> None:
         await self._write(self.sync.save_deployment, doc, active=active)
@@ -460,6 +553,12 @@ class AsyncStore:
     async def count_deployments(self) -> dict[tuple[str, str], int]:
         return await to_thread(self.sync.count_deployments)
 
+    async def deployment_statuses(self) -> list[tuple[str, str]]:
+        return await to_thread(self.sync.deployment_statuses)
+
+    async def get_deployments(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        return await to_thread(self.sync.get_deployments, ids)
+
     async def list_deployments(
         self, service: str | None = None, limit: int = 50, *, matching: Sequence[str] | None = None
     ) -> list[dict[str, Any]]:
@@ -480,6 +579,9 @@ class AsyncStore:
 
     async def get_revision_spec(self, revision: str) -> dict[str, Any]:
         return await to_thread(self.sync.get_revision_spec, revision)
+
+    async def has_directory_artifact(self, digest: str) -> bool:
+        return await to_thread(self.sync.has_directory_artifact, digest)
 
     async def get_service(self, service: str, region: str) -> ServiceRow | None:
         return await to_thread(self.sync.get_service, service, region)

@@ -1,7 +1,7 @@
 """The token registry: every token Shipyard issued, whether it is revoked, and the lifetime limit.
 
-Kept in the deployment store's database (its own tables, created on first use like the audit
-log's), so every control plane sharing the store sees a revocation at once: the API looks the
+Kept in the deployment store's database (its own tables, made by ``store/migrations``), so
+every control plane sharing the store sees a revocation at once: the API looks the
 token's id up on every request (``api/tokens.py`` ``TokenService.authenticate``, one primary-key
 read). Rows hold the token's id (``jti``), subject, permissions and times — never the token: a
 copy of this table grants nothing.
@@ -86,11 +86,10 @@ def _row(mapping: RowMapping) -> TokenRow:
 
 
 class TokenStore:
-    """The ``tokens`` and ``token_policy`` tables; creates them if missing."""
+    """The ``tokens`` and ``token_policy`` tables (of an engine from ``store.engine``)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        metadata.create_all(engine)
 
     def record(self, row: TokenRow) -> None:
         """Insert a newly issued token; Conflict if its id is taken (ids are random: a bug)."""
@@ -145,9 +144,19 @@ class TokenStore:
         return int(found[0]) if found else None
 
     def set_max_ttl_seconds(self, seconds: int) -> None:
-        with self.engine.begin() as conn:
-            done = conn.execute(
-                update(token_policy).where(token_policy.c.id == 1).values(max_ttl_seconds=seconds)
-            ).rowcount
-            if not done:
-                conn.execute(insert(token_policy).values(id=1, max_ttl_seconds=seconds))
+        """Record the limit (``shipyard serve`` at start). Replicas starting together may both
+        find no row: the second insert fails on the key and its write becomes an update."""
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as conn:
+                    done = conn.execute(
+                        update(token_policy)
+                        .where(token_policy.c.id == 1)
+                        .values(max_ttl_seconds=seconds)
+                    ).rowcount
+                    if not done:
+                        conn.execute(insert(token_policy).values(id=1, max_ttl_seconds=seconds))
+                return
+            except IntegrityError:
+                if attempt:
+                    raise

@@ -5,7 +5,10 @@ repository, the way a real release changes behaviour: ``version.txt`` holds the 
 optional ``unhealthy_after.txt`` makes ``/health`` fail that many seconds after start (the demo's
 broken release), ``error_rate.txt`` (0..1) makes that share of other requests answer 500, and
 ``delay_ms.txt`` makes every other request take that long (the canary tests' bad releases; the
-health check stays fast and green, so only the router's metrics can tell).
+health check stays fast and green, so only the router's metrics can tell). ``broken_region.txt``
+names a region where this release is broken: a replica whose ``SHIPYARD_REGION`` (set by the
+agent) is that region answers 500 to everything, ``/health`` included (the fleet tests' and
+``shipyard demo --fleet``'s release that is bad in one region only).
 """
 
 import itertools
@@ -28,6 +31,10 @@ def _number(name: str) -> float:
 
 
 ERROR_RATE = _number("error_rate.txt")
+_BROKEN_REGION = HERE / "broken_region.txt"
+BROKEN_HERE = _BROKEN_REGION.exists() and _BROKEN_REGION.read_text().strip() == os.environ.get(
+    "SHIPYARD_REGION"
+)
 DELAY_S = _number("delay_ms.txt") / 1000
 _COUNTER = itertools.count()
 _LOCK = threading.Lock()
@@ -46,7 +53,9 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        if self.path == "/health":
+        if BROKEN_HERE:
+            self._answer(500, f"{VERSION} is broken in this region\n".encode())
+        elif self.path == "/health":
             sick = UNHEALTHY_AFTER is not None and time.monotonic() - STARTED > UNHEALTHY_AFTER
             self._answer(500 if sick else 200, b"unhealthy\n" if sick else b"ok\n")
         else:

@@ -12,7 +12,10 @@ suite ``tests/e2e/test_real_app.py`` deploys it.
 Like hello, behaviour comes from files in the repository (``shipyard.cli.demo.commit_version``
 writes them): ``version.txt`` is the version ``/`` answers with, ``unhealthy_after.txt`` makes
 ``/health`` fail that many seconds after start (a broken release), ``error_rate.txt`` (0..1) makes
-that share of ``/`` requests answer 500 and ``delay_ms.txt`` makes each of them that slow.
+that share of ``/`` requests answer 500 and ``delay_ms.txt`` makes each of them that slow;
+``broken_region.txt`` names a region where this release is broken: a replica whose
+``SHIPYARD_REGION`` (set by the agent) is that region answers 500 to every request, ``/health``
+included (the fleet tests' release that is bad in one region only).
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ VERSION = (HERE / "version.txt").read_text().strip()
 UNHEALTHY_AFTER = _setting("unhealthy_after.txt")
 ERROR_RATE = _setting("error_rate.txt") or 0.0
 DELAY_S = (_setting("delay_ms.txt") or 0.0) / 1000
+_BROKEN_REGION = HERE / "broken_region.txt"
+BROKEN_HERE = _BROKEN_REGION.exists() and _BROKEN_REGION.read_text().strip() == os.environ.get(
+    "SHIPYARD_REGION"
+)
 STARTED = time.monotonic()
 _COUNTER = itertools.count()
 _LOCK = threading.Lock()
@@ -86,6 +93,13 @@ def create_app() -> Flask:
     (home / f"started-{os.getpid()}.json").write_text(
         json.dumps({"version": VERSION, "pid": os.getpid(), "at": time.time()})
     )
+
+    def broken_here() -> Response | None:
+        if BROKEN_HERE:
+            return Response(f"notes {VERSION} is broken in this region\n", status=500)
+        return None
+
+    app.before_request(broken_here)
 
     def index() -> Response:
         if DELAY_S:

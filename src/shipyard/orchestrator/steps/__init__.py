@@ -21,6 +21,7 @@ import typing
 
 from shipyard.domain.models import DeploymentStatus
 from shipyard.errors import InvariantViolation
+from shipyard.orchestrator import fleet
 from shipyard.orchestrator.context import DeploymentContext
 from shipyard.orchestrator.steps.registry import REGISTRY, executor_for
 from shipyard.strategies.steps import Step
@@ -39,6 +40,7 @@ async def run(ctx: DeploymentContext) -> None:
     if progress.plan is None:
         raise InvariantViolation(f"deployment {ctx.id} has no plan to carry out")
     steps = progress.plan.steps
+    fleet.set_state(ctx, "deploying", unless=("unreachable", "converged", "switched"))
     while progress.step < len(steps):
         step = steps[progress.step]
         executor = executor_for(step)

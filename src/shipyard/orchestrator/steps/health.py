@@ -7,7 +7,7 @@ from __future__ import annotations
 from shipyard.domain.models import DeploymentStatus
 from shipyard.errors import HealthCheckFailed
 from shipyard.health.probing import wait_healthy
-from shipyard.orchestrator import crash_report
+from shipyard.orchestrator import crash_report, fleet
 from shipyard.orchestrator.context import DeploymentContext
 from shipyard.orchestrator.stage import Rollback, stage
 from shipyard.orchestrator.steps.registry import executes
@@ -26,13 +26,22 @@ async def await_healthy(ctx: DeploymentContext, step: AwaitHealthy) -> None:
             )
         except HealthCheckFailed as failed:
             exc = await crash_report.with_output(ctx, failed)
+            fleet.name_region(ctx, exc)
             # The stage says why in one line; the output goes with the deployment's error only
             # (`shipyard deploy` would print it twice).
             headline = exc.message.partition("\n")[0]
+            st.annotate({"shipyard.revision": candidate, "shipyard.health.replicas": len(replicas)})
             st.fail(headline, attempts=exc.attempts, audit=_audit(failed, exc))
             raise Rollback(exc) from failed
         await ctx.runtime.set_routable(ctx.service, [r.replica_id for r in replicas], True)
         ctx.record.metrics.health_check_duration_ms = report.duration_ms
+        st.annotate(
+            {
+                "shipyard.revision": candidate,
+                "shipyard.health.replicas": len(replicas),
+                "shipyard.health.duration_ms": report.duration_ms,
+            }
+        )
         st.done(attempts=report.attempts)
     await ctx.audit("health_check.passed", duration_ms=report.duration_ms, attempts=report.attempts)
 

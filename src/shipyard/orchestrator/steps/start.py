@@ -4,7 +4,7 @@ verified (signature and digest). Idempotent: the runtime starts only what is mis
 from __future__ import annotations
 
 from shipyard.domain.models import DeploymentStatus
-from shipyard.orchestrator import artifacts
+from shipyard.orchestrator import artifacts, fleet
 from shipyard.orchestrator.context import DeploymentContext
 from shipyard.orchestrator.stage import stage
 from shipyard.orchestrator.steps.registry import executes
@@ -22,6 +22,7 @@ async def start_candidate(ctx: DeploymentContext, step: StartCandidate) -> None:
         replicas = await ctx.runtime.start_revision(await artifacts.spec(stored))
         if stored.entry and stored.entry.get("port"):  # moved to its [service] port
             ctx.record.url = await ctx.runtime.ensure_service(ctx.service)
+        fleet.note_urls(ctx)
         ids = [r.replica_id for r in replicas]
         ctx.record.progress.candidate_replicas = ids
         st.done(revision=candidate, replicas=ids)
