@@ -43,13 +43,14 @@ strings run by ``/bin/sh -c`` (``to_argv``)::
     [routing]                       # optional: the key canary stages with sticky = true use
     sticky_header = "x-user-id"     # and/or sticky_cookie = "session"
     revision_header = true          # x-shipyard-revision on responses (default: off)
+
+``[hooks]``, ``[[gates]]`` and ``[deploy]`` are ``domain/release.py``'s; ``[run] secrets`` names
+the service's secrets its replicas get (``shipyard secret set``).
 """
 
 from __future__ import annotations
 
-import json
 import re
-import shlex
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -63,8 +64,10 @@ from pydantic import (
     model_validator,
 )
 
+from shipyard.domain.commands import Command, command_text, to_argv
 from shipyard.domain.hostnames import parse_host_rule
 from shipyard.domain.models import AnalysisSettings, DnsLabel, HealthCheck, WireModel
+from shipyard.domain.release import DeploySection, GateSpec, HooksSection, check_gates
 from shipyard.errors import ManifestError
 
 MANIFEST_NAME = "shipyard.toml"
@@ -72,13 +75,6 @@ MANIFEST_NAME = "shipyard.toml"
 IMAGE_BUILDERS = frozenset({"docker", "cloudbuild"})
 MAX_MANIFEST_BYTES = 64 * 1024
 
-
-#: A command: one string (split into arguments like a POSIX shell would, but never run by one,
-#: unless ``shell = true``) or the argv list itself.
-Command = (
-    Annotated[str, Field(min_length=1, max_length=4096)]
-    | Annotated[list[Annotated[str, Field(max_length=4096)]], Field(min_length=1, max_length=256)]
-)
 
 _SHELL_DESCRIPTION = (
     "true: `command`{also} run by `/bin/sh -c` as written, so `&&`, `|`, `>`, `$VAR` and "
@@ -337,12 +333,43 @@ class RunSection(WireModel):
         "image's STOPSIGNAL) once the router has drained its requests; then it is killed.",
     )
 
+    secrets: list[Annotated[str, StringConstraints(pattern=_ENV_NAME, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="The service's secrets (`shipyard secret set SERVICE NAME`) each replica and "
+        'hook gets as an environment variable of that name, e.g. `["DB_PASSWORD"]`. A deployment '
+        "records which version of each it used (a rollback restores those); one not set fails "
+        "the deployment before anything starts. Never in logs, API answers, the audit trail or "
+        "SBOMs.",
+    )
+    secret_files: dict[
+        Annotated[str, StringConstraints(pattern=_ENV_NAME, max_length=256)],
+        Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")],
+    ] = Field(
+        default_factory=dict,
+        description="Secrets given as files instead, secret name -> file name, e.g. "
+        '`{ TLS_KEY = "tls.key" }`: each replica and hook reads it at '
+        "`$SHIPYARD_SECRETS_DIR/tls.key` (a private directory, mode 0400 files).",
+    )
+
     @field_validator("command")
     @classmethod
     def _runnable(cls, v: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
         if v is not None:
             to_argv(v, shell=bool(info.data.get("shell")), key="run.command")
         return v
+
+    @model_validator(mode="after")
+    def _secrets_once(self) -> RunSection:
+        both = sorted(set(self.secrets) & set(self.secret_files))
+        if both:
+            raise ValueError(
+                f"secret(s) {', '.join(both)} named in both [run] secrets and [run] "
+                "secret_files: give each one way (an environment variable or a file)"
+            )
+        if len(set(self.secret_files.values())) < len(self.secret_files):
+            raise ValueError("[run] secret_files: two secrets would be written to one file")
+        return self
 
     @field_validator("memory")
     @classmethod
@@ -444,6 +471,22 @@ class Manifest(WireModel):
         default_factory=FleetSection,
         description="Deployments across several regions (`target.regions`).",
     )
+    hooks: HooksSection = Field(
+        default_factory=HooksSection,
+        description="Commands run in the candidate's artifact at four points of a deployment "
+        "(migrations before it starts, smoke tests before its first traffic, ...). Each is "
+        "recorded as a stage, its output goes to the deployment's log, and it is audited.",
+    )
+    gates: list[GateSpec] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Webhook gates (`[[gates]]`): Shipyard POSTs the deployment's summary and "
+        "goes on only on a 2xx. Each answer is recorded and audited.",
+    )
+    deploy: DeploySection = Field(
+        default_factory=DeploySection,
+        description="What a failed check does: roll back (default) or freeze.",
+    )
     #: Security policy (block thresholds, expiring allow-list); validated by security/policy.py.
     security: dict[str, Any] | None = Field(
         default=None,
@@ -455,6 +498,11 @@ class Manifest(WireModel):
     def builds_image(self) -> bool:
         """Whether the builder makes an OCI image (run as containers) rather than a directory."""
         return self.build.builder in IMAGE_BUILDERS
+
+    @model_validator(mode="after")
+    def _gates_named_once(self) -> Manifest:
+        check_gates(self.gates)
+        return self
 
     @model_validator(mode="after")
     def _run_fits_artifact(self) -> Manifest:
@@ -476,100 +524,6 @@ class Manifest(WireModel):
                 '[build] builder = "docker"'
             )
         return self
-
-
-#: ``$(...)``, backquotes, ``${...}`` and ``$NAME``: expansions only a shell performs.
-_EXPANSION = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*|\$[({]|`")
-#: A word that is, or starts with, a redirection or a control operator ...
-_OPERATOR_START = re.compile(r"^(?:\d*>>?&?\d*|\d*<|&&|\|\||\||;|&)")
-#: ... or ends with a control operator (``make;`` ``a&&``).
-_OPERATOR_END = re.compile(r"(?:;|&&|\|\||\|)$")
-
-
-def shell_syntax(command: str) -> str | None:
-    """The first piece of shell syntax in ``command`` outside quotes (an operator such as
-    ``&&``, ``|``, ``;``, ``>``, or an expansion such as ``$(...)``, ``$PORT``), or None.
-
-    Split without a shell, such a command would pass ``&&`` or ``$PORT`` to the program as a
-    literal argument, never what was meant. Only whole-word operators count, so an argument like
-    ``flask>=2`` or a URL's ``?a=1&b=2`` (meaningful to the program, not to us) stays allowed."""
-    ops: list[str] = []  # unquoted characters; quoted ones as "x"
-    exp: list[str] = []  # characters a shell would expand in: unquoted and double-quoted
-    quote = ""
-    i = 0
-    while i < len(command):
-        c = command[i]
-        if quote == "'":
-            quote = "" if c == "'" else quote
-            ops.append("x")
-            exp.append("x")
-        elif c == "\\":
-            ops.append("xx")
-            exp.append("xx")
-            i += 1
-        elif quote == '"':
-            quote = "" if c == '"' else quote
-            ops.append("x")
-            exp.append("x" if c == '"' else c)
-        elif c in "'\"":
-            quote = c
-            ops.append("x")
-            exp.append("x")
-        else:
-            ops.append(c)
-            exp.append(c)
-        i += 1
-    for word in "".join(ops).split():
-        found = _OPERATOR_START.match(word) or _OPERATOR_END.search(word)
-        if found:
-            return found.group(0)
-    expansion = _EXPANSION.search("".join(exp))
-    if expansion:
-        text = expansion.group(0)
-        return {"$(": "$(...)", "${": "${...}", "`": "`...`"}.get(text, text)
-    return None
-
-
-def to_argv(command: str | list[str], *, shell: bool, key: str = "command") -> list[str]:
-    """The argv ``command`` runs as: ``["/bin/sh", "-c", command]`` with ``shell``, the list
-    itself, or the string split like a POSIX shell would (``shlex``) but never run by one.
-    ``ValueError`` says what to write instead (the validators' message)."""
-    section, _, field = key.rpartition(".")
-    where = f"[{section}] {field}" if section else field
-    if isinstance(command, list):
-        if shell:
-            raise ValueError(
-                f"{where} is an argv list, which is run as it is; shell = true needs the command "
-                f'as one string (drop shell = true, or write {field} = "...")'
-            )
-        if not command or not command[0].strip():
-            raise ValueError(f"{where}: the argv list's first element (the program) is empty")
-        return list(command)
-    if not command.strip():
-        raise ValueError("command is empty")
-    if shell:
-        return ["/bin/sh", "-c", command]
-    syntax = shell_syntax(command)
-    if syntax is not None:
-        shown = command if len(command) <= 200 else command[:200] + "..."
-        raise ValueError(
-            f"{where} {shown!r} uses shell syntax ({syntax}), but a command string is split "
-            "into arguments and run without a shell, so it would reach the program literally. "
-            f"To run it with a shell, add shell = true to [{section or 'run'}], or write the "
-            f'argv list: {field} = ["sh", "-c", {json.dumps(command)}]'
-        )
-    try:
-        argv = shlex.split(command)
-    except ValueError as exc:
-        raise ValueError(f"cannot split command into arguments: {exc}") from exc
-    if not argv:
-        raise ValueError("command is empty")
-    return argv
-
-
-def command_text(command: str | list[str]) -> str:
-    """A command as one line (a list joined with shell quoting), for provenance and logs."""
-    return command if isinstance(command, str) else shlex.join(command)
 
 
 def parse_manifest(text: str, *, origin: str = MANIFEST_NAME) -> Manifest:

@@ -664,6 +664,9 @@ class DeploymentStatus(StrEnum):
     BAKING = "Baking"
     ANALYSING = "Analysing"  # a canary stage holds its weight while analysis measures it
     PAUSED = "Paused"  # waiting for POST /deployments/{id}/promote (or .../abort)
+    #: ``[deploy] on_failure = "freeze"``: a check failed and traffic stays where it was until a
+    #: human promotes (goes on) or aborts (rolls back), with a reason.
+    FROZEN = "Frozen"
     ROLLING_BACK = "RollingBack"
     SUCCESS = "Success"
     FAILED = "Failed"

@@ -60,6 +60,7 @@ from shipyard.orchestrator.record import (
 from shipyard.orchestrator.stage import stage
 from shipyard.private_files import open_log
 from shipyard.runtime.base import StickyKey
+from shipyard.strategies import release_points
 from shipyard.strategies.steps import Plan, SetWeight
 
 log = logging.getLogger("shipyard.orchestrator")
@@ -411,6 +412,7 @@ def calculate_plan(request: DeploymentRequest, manifest: Manifest, situation: Si
         )
     except strategies.InvalidPlan as exc:
         raise InvalidInput(str(exc)) from exc
+    plan = release_points.place(plan, manifest.hooks, manifest.gates)
     if any(isinstance(s, SetWeight) and s.sticky for s in plan.steps) and not (
         manifest.routing.sticky_header or manifest.routing.sticky_cookie
     ):

@@ -107,6 +107,26 @@ class ScaleStable:
     name: str = "scale_down"
 
 
+@dataclass(frozen=True)
+class RunHook:
+    """Run the manifest's ``[hooks] <point>`` command once in the candidate's artifact, sandbox
+    and environment (``point``: pre_deploy, pre_switch or post_switch; ``post_rollback`` is the
+    rollback's own). Placed by ``release_points.place``."""
+
+    point: str
+    name: str = "hook"
+
+
+@dataclass(frozen=True)
+class CallGate:
+    """Ask the webhook gate ``gate`` (its name, see ``domain/release.gate_names``) at ``at``:
+    a 2xx goes on, anything else does what the gate's ``on_timeout`` says."""
+
+    at: str
+    gate: str
+    name: str = "webhook_gate"
+
+
 Step = (
     StartCandidate
     | AwaitHealthy
@@ -118,6 +138,8 @@ Step = (
     | AwaitPromotion
     | ScaleCandidate
     | ScaleStable
+    | RunHook
+    | CallGate
 )
 
 
