@@ -72,7 +72,8 @@ _DOCKERFILE = rf"^{_SEGMENT}(?:/{_SEGMENT})*$"
 
 
 class SourceConfig(WireModel):
-    repository: Annotated[str, Field(min_length=1, max_length=2048)] = Field(
+    # ``\S``: surrounding whitespace is stripped, so the schema says a blank one is no name.
+    repository: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"\S")] = Field(
         description="A git URL (https://, ssh://, git://, file://) or a local path to a "
         "repository. Credentials in the URL (https://user:token@...) are refused: configure "
         "git credentials for the server's user instead."
