@@ -30,7 +30,8 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │       ├── StableRevisionMissing   the store names a serving revision the data plane lacks
     │       ├── DeploymentAborted       a human aborted it (POST /deployments/{id}/abort)
     │       ├── RegionUnreachable       {region}: a fleet's region did not answer in time
-    │       └── RollbackFailed
+    │       ├── RollbackFailed
+    │       └── HookFailed              {point, exit_code}: a [hooks] command failed
     └── TransientError                  retry after ``retry_after`` seconds
         └── AgentUnavailable            the region's data plane did not answer
 
@@ -236,6 +237,14 @@ class RegionUnreachable(DeploymentError):
 
 class RollbackFailed(DeploymentError):
     code = "rollback_failed"
+
+
+class HookFailed(DeploymentError):
+    """A ``[hooks]`` command exited non-zero or ran past its ``timeout_seconds``
+    (``orchestrator/hooks.py``); the detail names the ``point``, ``exit_code`` (None: killed
+    at its timeout) and ``timed_out``; the message ends with its last lines of output."""
+
+    code = "hook_failed"
 
 
 class AgentUnavailable(TransientError):

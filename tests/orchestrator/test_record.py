@@ -31,6 +31,7 @@ from shipyard.strategies.steps import (
     KeepWarm,
     Pause,
     RollingLimits,
+    RunHook,
     ScaleCandidate,
     ScaleStable,
     SetWeight,
@@ -49,6 +50,7 @@ EVERY_STEP: list[Step] = [
     AwaitPromotion(1, name="gate_1"),
     ScaleCandidate(2, name="scale_up_2"),
     ScaleStable(1, name="scale_down_1"),
+    RunHook("pre_deploy"),
 ]
 
 REQUEST = {

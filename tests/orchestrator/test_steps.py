@@ -17,6 +17,7 @@ from shipyard.strategies.steps import (
     Bake,
     KeepWarm,
     Pause,
+    RunHook,
     ScaleCandidate,
     ScaleStable,
     SetWeight,
@@ -36,6 +37,7 @@ STATUS = {
     AwaitPromotion: DeploymentStatus.PAUSED,
     ScaleCandidate: DeploymentStatus.DEPLOYING,
     ScaleStable: DeploymentStatus.DEPLOYING,
+    RunHook: DeploymentStatus.DEPLOYING,
 }
 
 

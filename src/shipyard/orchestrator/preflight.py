@@ -464,6 +464,7 @@ async def apply_plan(
                 else None
             ),
             stop_timeout=manifest.run.stop_timeout_seconds,
+            hooks=manifest.hooks,
         ),
         region=record.region,
         deployment_id=record.id,

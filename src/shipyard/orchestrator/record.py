@@ -34,6 +34,7 @@ from shipyard import errors
 from shipyard.analysis.metrics import MetricRun
 from shipyard.analysis.verdicts import AnalysisRun
 from shipyard.domain import repository_urls
+from shipyard.domain.release import HooksSection
 from shipyard.domain.models import (
     DeploymentMetrics,
     DeploymentRequest,
@@ -190,6 +191,9 @@ class Progress(_Model):
     promoted_by: str | None = None
     analysis: AnalysisState | None = None
     rolling_back: bool = False
+    #: The ``post_rollback`` hook ran to its end (``rollback.py``): a resumed rollback does
+    #: not run it again.
+    post_rollback_ran: bool = False
 
 
 #: Where one region of a fleet deployment stands: ``pending`` (nothing done there yet),
@@ -408,6 +412,9 @@ class RevisionRecord(_Model):
     container: dict[str, Any] | None = None
     #: ``[run] stop_timeout_seconds``.
     stop_timeout: float = 10.0
+    #: The manifest's ``[hooks]`` (``orchestrator/hooks.py`` runs them in this revision's
+    #: artifact); revisions stored before hooks have none.
+    hooks: HooksSection = Field(default_factory=HooksSection)
 
     def spec(self) -> RevisionSpec:
         """What a runtime runs. Revisions stored before ``health_endpoint`` existed take it

@@ -8,7 +8,7 @@ same contract); Docker, Kubernetes and Cloud Run slot in beside them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -320,6 +320,53 @@ class LogBatch:
         )
 
 
+#: The most bytes of a hook's output a runtime streams back (then it counts what it dropped).
+MAX_HOOK_OUTPUT_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class HookRun:
+    """One ``[hooks]`` command to run once in a revision's artifact (``Runtime.run_hook``)."""
+
+    #: Where in the deployment it runs (``pre_deploy``, ...): the process sees it as
+    #: ``SHIPYARD_HOOK``.
+    point: str
+    argv: Sequence[str]
+    #: Past this the runtime kills it, and reports ``timed_out``.
+    timeout_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"point": self.point, "argv": list(self.argv), "timeout_seconds": self.timeout_seconds}
+
+
+@dataclass(frozen=True)
+class HookResult:
+    """How a hook ended: its exit code (None: killed at its timeout, or it never got one),
+    how long it ran, and how many lines of its output the runtime dropped (bounded)."""
+
+    exit_code: int | None
+    duration_ms: int
+    timed_out: bool = False
+    dropped_lines: int = 0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> HookResult:
+        code = d.get("exit_code")
+        return cls(
+            exit_code=None if code is None else int(code),
+            duration_ms=int(d.get("duration_ms", 0)),
+            timed_out=bool(d.get("timed_out", False)),
+            dropped_lines=int(d.get("dropped_lines", 0)),
+        )
+
+
 class Runtime(Protocol):
     kind: str
     region: str
@@ -365,3 +412,15 @@ class Runtime(Protocol):
         ...
 
     async def list_services(self) -> list[str]: ...
+
+    async def run_hook(
+        self, spec: RevisionSpec, hook: HookRun, on_output: Callable[[str], None]
+    ) -> HookResult:
+        """Run ``hook`` once, to its end, as a one-off process of ``spec`` (a one-off container
+        for an image): its artifact verified as ``start_revision`` verifies it, the replicas'
+        sandbox, user and environment (no ``PORT``), no traffic. Each line it prints (stdout
+        and stderr as one stream) goes to ``on_output`` as it comes, bounded by
+        ``MAX_HOOK_OUTPUT_BYTES``. A non-zero exit or a timeout is a result, not an error;
+        a hook that cannot start raises (``ArtifactVerificationFailed``,
+        ``RevisionStartFailed``, ``AgentUnavailable``)."""
+        ...
