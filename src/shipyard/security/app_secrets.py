@@ -98,9 +98,7 @@ class AppSecrets:
                           token_id=token_id)  # fmt: skip
         return added
 
-    async def remove(
-        self, service: str, name: str, *, by: str, token_id: str | None = None
-    ) -> int:
+    async def remove(self, service: str, name: str, *, by: str, token_id: str | None = None) -> int:
         """Remove ``name`` from ``service``: new deployments no longer get it (a rollback to a
         revision that used it still does). The newest version it had; NotFound when unset."""
         check_name(name)
