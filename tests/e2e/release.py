@@ -210,7 +210,10 @@ APPLIED_AT_START = _applied_at_start()
 
 def migrations():
     return jsonify(
-        version=VERSION, applied_at_start=APPLIED_AT_START, pid=os.getpid(), uid=os.getuid()
+        version=VERSION,
+        applied_at_start=APPLIED_AT_START,
+        replica=os.environ.get("SHIPYARD_REPLICA"),
+        uid=os.getuid(),
     )
 
 

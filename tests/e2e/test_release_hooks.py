@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -207,13 +208,14 @@ def start_reads(world: World, version: str) -> list[Request]:
     ]
 
 
-def replicas_report(url: str) -> dict[int, dict[str, Any]]:
-    """pid -> ``/release/migrations`` of each replica behind ``url`` (asked until all answered)."""
-    seen: dict[int, dict[str, Any]] = {}
+def replicas_report(url: str) -> dict[str, dict[str, Any]]:
+    """replica id -> ``/release/migrations`` of each replica behind ``url`` (the router takes
+    turns; asked until every replica answered)."""
+    seen: dict[str, dict[str, Any]] = {}
 
     def all_seen() -> bool:
         doc = httpx.get(f"{url}/release/migrations", timeout=10).json()
-        seen[int(doc["pid"])] = doc
+        seen[str(doc["replica"])] = doc
         return len(seen) >= REPLICAS
 
     wait_until(all_seen, 30, "every replica to answer /release/migrations")
@@ -244,8 +246,11 @@ def check_migrated(
     reads = start_reads(world, version)
     assert len(reads) >= REPLICAS, f"{what}: {len(reads)} replica starts read the migrations"
     assert all(r.at > done[0].at for r in reads), f"{what}: a replica started before the hook"
-    for pid, report in replicas_report(dep["result"]["url"]).items():
-        assert report["applied_at_start"] == applied, f"{what}: replica {pid} saw {report}"
+    reports = replicas_report(dep["result"]["url"])
+    readers = {parse_qs(urlsplit(r.path).query)["replica"][0] for r in reads}
+    assert set(reports) <= readers, f"{what}: replicas {sorted(reports)}, reads {sorted(readers)}"
+    for replica, report in reports.items():
+        assert report["applied_at_start"] == applied, f"{what}: replica {replica} saw {report}"
         assert report["uid"] == ran["uid"], f"{what}: the hook ran as {ran['uid']}, app {report}"
     # the hook's output is in the deployment's log, its result in the audit trail
     log = build_log(server, dep["id"])
