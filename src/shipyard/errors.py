@@ -9,7 +9,8 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │   │   ├── ManifestError           shipyard.toml missing or invalid, names the field
     │   │   ├── SourceError             unknown repository, commit, or commit not on branch
     │   │   │   └── SourceNotAllowed    outside --allow-source / --source-root
-    │   │   └── UnknownRegion           target.region has no data plane configured
+    │   │   ├── UnknownRegion           target.region has no data plane configured
+    │   │   └── ReasonRequired          promote/abort of a Frozen deployment without a reason
     │   ├── NotFound                    no such deployment / service (HTTP 404)
     │   ├── Conflict                    (HTTP 409)
     │   │   ├── DeploymentInProgress    one deployment per service at a time
@@ -30,7 +31,8 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │       ├── StableRevisionMissing   the store names a serving revision the data plane lacks
     │       ├── DeploymentAborted       a human aborted it (POST /deployments/{id}/abort)
     │       ├── RegionUnreachable       {region}: a fleet's region did not answer in time
-    │       └── RollbackFailed
+    │       ├── RollbackFailed
+    │       └── GateRefused             {gate, status_code|timeout}: a webhook gate said no
     └── TransientError                  retry after ``retry_after`` seconds
         └── AgentUnavailable            the region's data plane did not answer
 
@@ -121,6 +123,12 @@ class SourceNotAllowed(SourceError):
 
 class UnknownRegion(InvalidInput):
     code = "unknown_region"
+
+
+class ReasonRequired(InvalidInput):
+    """``promote`` or ``abort`` of a Frozen deployment without a reason (it is audited)."""
+
+    code = "reason_required"
 
 
 class NotFound(PermanentError):
@@ -236,6 +244,14 @@ class RegionUnreachable(DeploymentError):
 
 class RollbackFailed(DeploymentError):
     code = "rollback_failed"
+
+
+class GateRefused(DeploymentError):
+    """A ``[[gates]]`` webhook with ``on_timeout = "fail"`` answered other than 2xx, or not in
+    time (``orchestrator/steps/gates.py``); ``gate``, ``at`` and ``status_code`` (or
+    ``timeout``) in the detail."""
+
+    code = "gate_refused"
 
 
 class AgentUnavailable(TransientError):

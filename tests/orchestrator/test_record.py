@@ -28,6 +28,7 @@ from shipyard.strategies.steps import (
     AwaitHealthy,
     AwaitPromotion,
     Bake,
+    CallGate,
     KeepWarm,
     Pause,
     RollingLimits,
@@ -49,6 +50,7 @@ EVERY_STEP: list[Step] = [
     AwaitPromotion(1, name="gate_1"),
     ScaleCandidate(2, name="scale_up_2"),
     ScaleStable(1, name="scale_down_1"),
+    CallGate(at="pre_switch", gate="change-board"),
 ]
 
 REQUEST = {

@@ -15,6 +15,7 @@ from shipyard.strategies.steps import (
     AwaitHealthy,
     AwaitPromotion,
     Bake,
+    CallGate,
     KeepWarm,
     Pause,
     ScaleCandidate,
@@ -36,6 +37,7 @@ STATUS = {
     AwaitPromotion: DeploymentStatus.PAUSED,
     ScaleCandidate: DeploymentStatus.DEPLOYING,
     ScaleStable: DeploymentStatus.DEPLOYING,
+    CallGate: DeploymentStatus.AWAITING_SWITCH,
 }
 
 

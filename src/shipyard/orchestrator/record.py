@@ -43,6 +43,7 @@ from shipyard.domain.models import (
     HealthCheck,
     SourceConfig,
 )
+from shipyard.domain.release import GateSpec, gate_names
 from shipyard.errors import NotFound, PermanentError, ShipyardError
 from shipyard.runtime.base import (
     ArtifactKind,
@@ -136,15 +137,32 @@ class Stage(_Model):
 
 
 class PlanRecord(_Model):
-    """A strategy's ``Plan`` as persisted, with the manifest's sticky key (canary stages)."""
+    """A strategy's ``Plan`` as persisted, with the manifest's sticky key (canary stages), its
+    ``[[gates]]`` by name (what a ``CallGate`` step asks) and ``[deploy] on_failure`` (a
+    resumed deployment freezes or rolls back as its manifest said)."""
 
     steps: list[StoredStep]
     rolling: RollingLimits | None = None
     sticky: StickyKey = Field(default_factory=StickyKey)
+    gates: dict[str, GateSpec] = Field(default_factory=dict)
+    on_failure: Literal["rollback", "freeze"] = "rollback"
 
     @classmethod
-    def of(cls, plan: Plan, sticky: StickyKey | None = None) -> PlanRecord:
-        return cls(steps=list(plan.steps), rolling=plan.rolling, sticky=sticky or StickyKey())
+    def of(
+        cls,
+        plan: Plan,
+        sticky: StickyKey | None = None,
+        *,
+        gates: Sequence[GateSpec] = (),
+        on_failure: Literal["rollback", "freeze"] = "rollback",
+    ) -> PlanRecord:
+        return cls(
+            steps=list(plan.steps),
+            rolling=plan.rolling,
+            sticky=sticky or StickyKey(),
+            gates=dict(zip(gate_names(list(gates)), gates, strict=True)),
+            on_failure=on_failure,
+        )
 
 
 #: A router metrics snapshot, ``{revision: RevisionMetrics.to_dict()}`` as the agent answers it.
@@ -173,6 +191,15 @@ class AnalysisState(_Model):
     metrics: dict[str, MetricRun] = Field(default_factory=dict)
 
 
+class FrozenState(_Model):
+    """Why and where a deployment with ``[deploy] on_failure = "freeze"`` froze
+    (``orchestrator/freezing.py``): the failure, the index of the step that failed, when."""
+
+    cause: RecordedError
+    step: int
+    at: datetime
+
+
 class Progress(_Model):
     """Where the deployment stands: written before every action."""
 
@@ -190,6 +217,9 @@ class Progress(_Model):
     promoted_by: str | None = None
     analysis: AnalysisState | None = None
     rolling_back: bool = False
+    #: Set while Frozen (a check failed with ``on_failure = "freeze"``): traffic stays where it
+    #: was until a human promotes (the plan goes on after ``frozen.step``) or aborts.
+    frozen: FrozenState | None = None
 
 
 #: Where one region of a fleet deployment stands: ``pending`` (nothing done there yet),
