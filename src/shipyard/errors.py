@@ -9,7 +9,8 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │   │   ├── ManifestError           shipyard.toml missing or invalid, names the field
     │   │   ├── SourceError             unknown repository, commit, or commit not on branch
     │   │   │   └── SourceNotAllowed    outside --allow-source / --source-root
-    │   │   └── UnknownRegion           target.region has no data plane configured
+    │   │   ├── UnknownRegion           target.region has no data plane configured
+    │   │   └── ReasonRequired          promote/abort of a Frozen deployment without a reason
     │   ├── NotFound                    no such deployment / service (HTTP 404)
     │   ├── Conflict                    (HTTP 409)
     │   │   ├── DeploymentInProgress    one deployment per service at a time
@@ -32,7 +33,8 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │       ├── RegionUnreachable       {region}: a fleet's region did not answer in time
     │       ├── SecretMissing           a [run] secrets name not set for the service
     │       ├── RollbackFailed
-    │       └── HookFailed              {point, exit_code}: a [hooks] command failed
+    │       ├── HookFailed              {point, exit_code}: a [hooks] command failed
+    │       └── GateRefused             {gate, status_code|timeout}: a webhook gate said no
     └── TransientError                  retry after ``retry_after`` seconds
         └── AgentUnavailable            the region's data plane did not answer
 
@@ -123,6 +125,12 @@ class SourceNotAllowed(SourceError):
 
 class UnknownRegion(InvalidInput):
     code = "unknown_region"
+
+
+class ReasonRequired(InvalidInput):
+    """``promote`` or ``abort`` of a Frozen deployment without a reason (it is audited)."""
+
+    code = "reason_required"
 
 
 class NotFound(PermanentError):
@@ -253,6 +261,14 @@ class HookFailed(DeploymentError):
     at its timeout) and ``timed_out``; the message ends with its last lines of output."""
 
     code = "hook_failed"
+
+
+class GateRefused(DeploymentError):
+    """A ``[[gates]]`` webhook with ``on_timeout = "fail"`` answered other than 2xx, or not in
+    time (``orchestrator/steps/gates.py``); ``gate``, ``at`` and ``status_code`` (or
+    ``timeout``) in the detail."""
+
+    code = "gate_refused"
 
 
 class AgentUnavailable(TransientError):

@@ -28,6 +28,7 @@ from shipyard.strategies.steps import (
     AwaitHealthy,
     AwaitPromotion,
     Bake,
+    CallGate,
     KeepWarm,
     Pause,
     RollingLimits,
@@ -51,6 +52,7 @@ EVERY_STEP: list[Step] = [
     ScaleCandidate(2, name="scale_up_2"),
     ScaleStable(1, name="scale_down_1"),
     RunHook("pre_deploy"),
+    CallGate(at="pre_switch", gate="change-board"),
 ]
 
 REQUEST = {

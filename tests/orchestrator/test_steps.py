@@ -15,6 +15,7 @@ from shipyard.strategies.steps import (
     AwaitHealthy,
     AwaitPromotion,
     Bake,
+    CallGate,
     KeepWarm,
     Pause,
     RunHook,
@@ -38,6 +39,7 @@ STATUS = {
     ScaleCandidate: DeploymentStatus.DEPLOYING,
     ScaleStable: DeploymentStatus.DEPLOYING,
     RunHook: DeploymentStatus.DEPLOYING,
+    CallGate: DeploymentStatus.AWAITING_SWITCH,
 }
 
 

@@ -786,6 +786,15 @@ class PlanRead(ReadModel):
     steps: list[PlannedStep] = Field(default_factory=list)
 
 
+class FrozenRead(ReadModel):
+    """Why a deployment is Frozen (``[deploy] on_failure = "freeze"``): the failure, the index
+    of the step that failed, and when."""
+
+    cause: dict[str, Any]
+    step: int
+    at: datetime
+
+
 class DeploymentProgress(ReadModel):
     """Where a deployment stands in its plan: what ``shipyard status --watch`` shows as the
     stages still to come, and why it is paused. Read from the record's ``progress``."""
@@ -795,6 +804,11 @@ class DeploymentProgress(ReadModel):
     step: int = Field(default=0, description="Index in plan.steps of the step running (or next).")
     paused: str | None = Field(default=None, description="Why it waits for a human (Paused).")
     rolling_back: bool = False
+    frozen: FrozenRead | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="Why it waits for a human's promote or abort (Frozen; Shipyard extension).",
+    )
 
 
 class RegionRead(ReadModel):

@@ -502,7 +502,12 @@ async def apply_plan(
     record.blue_revision = situation.stable
     record.green_revision = revision
     record.secrets = secrets
-    record.progress = Progress(phase="steps", plan=PlanRecord.of(plan, sticky))
+    record.progress = Progress(
+        phase="steps",
+        plan=PlanRecord.of(
+            plan, sticky, gates=manifest.gates, on_failure=manifest.deploy.on_failure
+        ),
+    )
     fleet = ctx.fleet_runtime
     if record.fleet is not None and fleet is not None:
         record.fleet.region_timeout_seconds = manifest.fleet.region_timeout_seconds

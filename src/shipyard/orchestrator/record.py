@@ -44,6 +44,7 @@ from shipyard.domain.models import (
     HealthCheck,
     SourceConfig,
 )
+from shipyard.domain.release import GateSpec, gate_names
 from shipyard.errors import NotFound, PermanentError, ShipyardError
 from shipyard.runtime.base import (
     ArtifactKind,
@@ -137,15 +138,32 @@ class Stage(_Model):
 
 
 class PlanRecord(_Model):
-    """A strategy's ``Plan`` as persisted, with the manifest's sticky key (canary stages)."""
+    """A strategy's ``Plan`` as persisted, with the manifest's sticky key (canary stages), its
+    ``[[gates]]`` by name (what a ``CallGate`` step asks) and ``[deploy] on_failure`` (a
+    resumed deployment freezes or rolls back as its manifest said)."""
 
     steps: list[StoredStep]
     rolling: RollingLimits | None = None
     sticky: StickyKey = Field(default_factory=StickyKey)
+    gates: dict[str, GateSpec] = Field(default_factory=dict)
+    on_failure: Literal["rollback", "freeze"] = "rollback"
 
     @classmethod
-    def of(cls, plan: Plan, sticky: StickyKey | None = None) -> PlanRecord:
-        return cls(steps=list(plan.steps), rolling=plan.rolling, sticky=sticky or StickyKey())
+    def of(
+        cls,
+        plan: Plan,
+        sticky: StickyKey | None = None,
+        *,
+        gates: Sequence[GateSpec] = (),
+        on_failure: Literal["rollback", "freeze"] = "rollback",
+    ) -> PlanRecord:
+        return cls(
+            steps=list(plan.steps),
+            rolling=plan.rolling,
+            sticky=sticky or StickyKey(),
+            gates=dict(zip(gate_names(list(gates)), gates, strict=True)),
+            on_failure=on_failure,
+        )
 
 
 #: A router metrics snapshot, ``{revision: RevisionMetrics.to_dict()}`` as the agent answers it.
@@ -174,6 +192,15 @@ class AnalysisState(_Model):
     metrics: dict[str, MetricRun] = Field(default_factory=dict)
 
 
+class FrozenState(_Model):
+    """Why and where a deployment with ``[deploy] on_failure = "freeze"`` froze
+    (``orchestrator/freezing.py``): the failure, the index of the step that failed, when."""
+
+    cause: RecordedError
+    step: int
+    at: datetime
+
+
 class Progress(_Model):
     """Where the deployment stands: written before every action."""
 
@@ -194,6 +221,9 @@ class Progress(_Model):
     #: The ``post_rollback`` hook ran to its end (``rollback.py``): a resumed rollback does
     #: not run it again.
     post_rollback_ran: bool = False
+    #: Set while Frozen (a check failed with ``on_failure = "freeze"``): traffic stays where it
+    #: was until a human promotes (the plan goes on after ``frozen.step``) or aborts.
+    frozen: FrozenState | None = None
 
 
 #: Where one region of a fleet deployment stands: ``pending`` (nothing done there yet),
