@@ -50,6 +50,7 @@ from shipyard import __version__
 from shipyard.api import docs, problems, service_ops
 from shipyard.api import logs as logs_api
 from shipyard.api import metrics as metrics_mod
+from shipyard.api import notifications as notifications_api
 from shipyard.api import regions as regions_api
 from shipyard.api import schemas as api
 from shipyard.api.auth import Claims, require_permission
@@ -259,6 +260,7 @@ def create_app(
     service_ops.install(app)  # PUT /services/{name}/replicas, DELETE /services/{name}
     app.include_router(logs_api.router)
     app.include_router(regions_api.router)  # /api/v1/regions (region:admin)
+    app.include_router(notifications_api.router)  # /api/v1/notifications (notifications:admin)
     # Joined regions come and go while serving: the schema follows the runtimes map.
     _declare_regions(
         app,
@@ -400,7 +402,10 @@ def create_app(
         deployment_id: DeploymentRef, claims: CanRead, c: Ctx
     ) -> dict[str, Any]:
         record = await _deployment(c, claims, "deployment:read", deployment_id)
-        return _resource(record, await c.pipeline.driver_of(record.id))
+        doc = _resource(record, await c.pipeline.driver_of(record.id))
+        if c.notifications is not None:  # its notifications' delivery state (issue 16)
+            doc["notifications"] = await notifications_api.deliveries(c.notifications, record.id)
+        return doc
 
     @app.get(
         "/api/v1/deployments",

@@ -33,16 +33,20 @@ from shipyard.build.image_export import ImageExporter
 from shipyard.build.registry import BuildConfig, RegistryBuilder
 from shipyard.domain.clock import SystemClock
 from shipyard.health.probing import HttpProber
+from shipyard.notify.delivery import DeliveryWorker
+from shipyard.notify.sinks import OutboxWriter, SinkService
 from shipyard.orchestrator.pipeline import Pipeline
 from shipyard.private_files import ensure_private_dir
 from shipyard.runtime.base import Runtime
 from shipyard.runtime.local import LocalRuntime
 from shipyard.security.gate import SecurityGate
 from shipyard.security.pki import FleetPki
+from shipyard.security.sealing import Sealer
 from shipyard.settings import Settings
 from shipyard.store import leases
 from shipyard.store.db import AsyncStore, Store
 from shipyard.store.engine import open_engine
+from shipyard.store.outbox import OutboxStore
 from shipyard.store.regions import RegionStore
 from shipyard.store.tokens import TokenStore
 
@@ -58,6 +62,8 @@ class AppContext:
     closers: list[Any] = field(default_factory=list)
     #: Remote regions (api/fleet_control.py); made on first use when a test's context has none.
     regions: RegionService | None = None
+    #: Notification sinks (api/notifications.py); None in a test's context made of fakes.
+    notifications: SinkService | None = None
 
     def region_service(self) -> RegionService:
         """The region registry over this context's store, audit log and runtimes."""
@@ -86,7 +92,13 @@ async def build_context(settings: Settings) -> AppContext:
     ensure_private_dir(settings.shared_dir)  # the keys' directory: 0700
     engine = await asyncio.to_thread(open_engine, settings.database, settings.data_dir)
     store = AsyncStore(Store(engine))
-    audit = SqlAuditLog(engine, settings.audit_anchor, fence=leases.check_fence)
+    outbox_writer = OutboxWriter(SystemClock().now)
+    audit = SqlAuditLog(
+        engine,
+        settings.audit_anchor,
+        fence=leases.check_fence,
+        on_append=outbox_writer.on_append,  # notifications commit with their audit record
+    )
     runtimes: dict[str, Runtime] = {}
     closers: list[Any] = []
     for region in settings.regions:
@@ -95,7 +107,7 @@ async def build_context(settings: Settings) -> AppContext:
         closers.append(rt.aclose)
     prober = HttpProber()
     closers.append(prober.aclose)
-    checkpoints = _checkpoint_publisher(settings, audit)
+    checkpoints = _checkpoint_publisher(settings, audit, outbox_writer)
     if checkpoints is not None:
         closers.append(checkpoints.aclose)
     shared = settings.shared_dir
@@ -152,8 +164,34 @@ async def build_context(settings: Settings) -> AppContext:
         audit,
     )
     context = AppContext(settings, store, audit, pipeline, tokens, runtimes, closers)
+    context.notifications = await _start_notifications(context, engine)
     await _start_fleet(context)
     return context
+
+
+async def _start_notifications(context: AppContext, engine: Any) -> SinkService:
+    """The sinks (``serve --config``'s replace the previous file's) and this replica's delivery
+    worker, a task of its own: a deployment only ever inserts outbox rows."""
+    settings = context.settings
+    clock = SystemClock()
+    sinks = SinkService(OutboxStore(engine), Sealer.for_dir(settings.shared_dir), clock.now)
+    if settings.notification_sinks is not None:
+        await asyncio.to_thread(sinks.apply_config, settings.notification_sinks)
+    worker = DeliveryWorker(
+        sinks.outbox, sinks, clock, replica_id=settings.replica_id or socket.gethostname()
+    )
+    task = asyncio.get_running_loop().create_task(worker.run())
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.aclose()
+
+    # Stopped after the pipeline (closers run in order, the pipeline first): its last events'
+    # rows are in the outbox and go out after the restart if not before.
+    context.closers.insert(0, stop)
+    return sinks
 
 
 #: Seconds between two ``RegionService.sync_runtimes`` passes (a ``shipyard region remove``
@@ -202,7 +240,9 @@ async def _start_fleet(context: AppContext) -> None:
         context.closers.insert(0, listener.aclose)
 
 
-def _checkpoint_publisher(settings: Settings, audit: SqlAuditLog) -> CheckpointPublisher | None:
+def _checkpoint_publisher(
+    settings: Settings, audit: SqlAuditLog, outbox_writer: OutboxWriter
+) -> CheckpointPublisher | None:
     """The audit checkpoint publisher for ``--witness``, or None without one."""
     if not settings.witnesses:
         return None
@@ -215,6 +255,7 @@ def _checkpoint_publisher(settings: Settings, audit: SqlAuditLog) -> CheckpointP
         ],
         clock=SystemClock(),
         interval=settings.checkpoint_interval_seconds,
+        on_publish=outbox_writer.on_publish,
     )
 
 

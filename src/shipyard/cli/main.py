@@ -50,6 +50,7 @@ from shipyard.cli.common import err, fail
 from shipyard.cli.db import db_app
 from shipyard.cli.keys import keys_app
 from shipyard.cli.logs import logs_app
+from shipyard.cli.notifications import notification_lines, notifications_app
 from shipyard.cli.regions import region_app
 from shipyard.cli.safe import console, shown
 from shipyard.cli.security import security_app
@@ -82,6 +83,7 @@ app.add_typer(agent_app, name="agent")
 app.command()(daemons.serve)
 app.add_typer(logs_app)  # logs
 app.add_typer(region_app, name="region")  # region add/list/remove (cli/regions.py)
+app.add_typer(notifications_app, name="notifications")  # list/add/rm/test (cli/notifications.py)
 
 out = console()
 
@@ -412,6 +414,8 @@ def status(
             out.print(
                 f"  [red]{shown(e.get('type'))}[/red]: {shown(e.get('message'), multiline=True)}"
             )
+        for line in notification_lines(doc):  # each sink's delivery state
+            out.print("  " + shown(line))
         out.print(f"  metrics: {shown(json.dumps(doc['metrics']))}")
         return
     out.print(

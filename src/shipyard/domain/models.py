@@ -842,6 +842,17 @@ class DriverRead(ReadModel):
     lease_expires_at: datetime
 
 
+class NotificationRead(ReadModel):
+    """One notification of a deployment to one sink, and how its delivery went (issue 16)."""
+
+    sink: str
+    event: str
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+
+
 class Deployment(ReadModel):
     """The deployment resource (``GET /api/v1/deployments/{id}``)."""
 
@@ -897,6 +908,12 @@ class Deployment(ReadModel):
         description="The deployment's OpenTelemetry trace id (32 hex digits): its spans, and "
         "every audit record of it (detail.trace_id), carry it; absent for deployments "
         "recorded before tracing (Shipyard extension).",
+    )
+    notifications: list[NotificationRead] | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="Its notifications to the server's sinks and their delivery state: "
+        "pending, delivered or failed (Shipyard extension).",
     )
 
 
