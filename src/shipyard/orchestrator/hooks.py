@@ -64,7 +64,7 @@ async def run(
                 sink(f"{prefix}$ {hook.text}")
                 if await artifacts.verify(ctx.deps.gate, revision):
                     await ctx.audit("artifact.verified", digest=revision.artifact_digest)
-                spec = await artifacts.spec(revision)
+                spec = await artifacts.spec(revision, ctx.deps.secrets)
                 job = HookRun(point=point, argv=hook.argv, timeout_seconds=hook.timeout_seconds)
                 result = await ctx.runtime.run_hook(spec, job, lambda line: sink(prefix + line))
                 sink(f"{prefix}{_ending(result, hook.timeout_seconds)}")
