@@ -244,9 +244,7 @@ async def test_a_failing_post_switch_is_reported_and_the_deployment_succeeds(
 
 async def test_post_switch_with_on_failure_fail_rolls_back(world: PipelineWorld) -> None:
     stable = await world.first()
-    with_hooks(
-        world, '[hooks.post_switch]\ncommand = "python3 check.py"\non_failure = "fail"\n'
-    )
+    with_hooks(world, '[hooks.post_switch]\ncommand = "python3 check.py"\non_failure = "fail"\n')
     world.runtime.hook_exit["post_switch"] = 1
     doc = await world.deploy("bbbb2222")
     assert doc["status"] == "RolledBack"

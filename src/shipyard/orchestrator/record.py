@@ -34,7 +34,6 @@ from shipyard import errors
 from shipyard.analysis.metrics import MetricRun
 from shipyard.analysis.verdicts import AnalysisRun
 from shipyard.domain import repository_urls
-from shipyard.domain.release import HooksSection
 from shipyard.domain.models import (
     DeploymentMetrics,
     DeploymentRequest,
@@ -44,6 +43,7 @@ from shipyard.domain.models import (
     HealthCheck,
     SourceConfig,
 )
+from shipyard.domain.release import HooksSection
 from shipyard.errors import NotFound, PermanentError, ShipyardError
 from shipyard.runtime.base import (
     ArtifactKind,

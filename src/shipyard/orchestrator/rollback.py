@@ -50,10 +50,10 @@ from shipyard.orchestrator import fleet, hooks, outcome, serving
 from shipyard.orchestrator.context import DeploymentContext, Deps
 from shipyard.orchestrator.record import (
     DeploymentRecord,
-    Record,
     FleetState,
     PlanRecord,
     Progress,
+    Record,
     RecordedError,
     RollbackParams,
     RollbackRecord,
@@ -86,9 +86,7 @@ def nothing_started(record: Record) -> bool:
         return False
     if record.progress.phase != "steps":
         return False
-    first = next(
-        (i for i, s in enumerate(plan.steps) if isinstance(s, _DATA_PLANE_STEPS)), None
-    )
+    first = next((i for i, s in enumerate(plan.steps) if isinstance(s, _DATA_PLANE_STEPS)), None)
     return first is not None and record.progress.step < first
 
 

@@ -336,7 +336,11 @@ class HookRun:
     timeout_seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"point": self.point, "argv": list(self.argv), "timeout_seconds": self.timeout_seconds}
+        return {
+            "point": self.point,
+            "argv": list(self.argv),
+            "timeout_seconds": self.timeout_seconds,
+        }
 
 
 @dataclass(frozen=True)

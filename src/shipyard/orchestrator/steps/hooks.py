@@ -6,10 +6,8 @@ the stage and the audit trail, and the plan goes on."""
 
 from __future__ import annotations
 
-from typing import cast
-
 from shipyard.domain.models import DeploymentStatus
-from shipyard.domain.release import HOOK_POINTS, HookPoint
+from shipyard.domain.release import HOOK_POINTS
 from shipyard.errors import InvariantViolation
 from shipyard.orchestrator import hooks
 from shipyard.orchestrator.context import DeploymentContext
@@ -22,4 +20,4 @@ async def run(ctx: DeploymentContext, step: RunHook) -> None:
     if step.point not in HOOK_POINTS:
         raise InvariantViolation(f"deployment {ctx.id}'s plan names no hook point {step.point!r}")
     revision = await ctx.records.revision(ctx.candidate)
-    await hooks.run(ctx, cast(HookPoint, step.point), revision)
+    await hooks.run(ctx, step.point, revision)
