@@ -184,6 +184,32 @@ async def test_a_hook_past_its_timeout_is_killed(
     assert not _running_with(marker)  # the whole process group was killed
 
 
+async def test_a_hook_whose_caller_goes_away_is_killed(
+    agent: tuple[Agent, LocalRuntime], tmp_path: Path
+) -> None:
+    """The control plane died or gave up (an abort cancels the step): the hook ends too."""
+    _, runtime = agent
+    marker = uuid.uuid4().hex
+    first = asyncio.Event()
+    job = asyncio.create_task(
+        runtime.run_hook(
+            hook_spec(hook_artifact(tmp_path)),
+            HookRun("pre_deploy", ["python3", "hook.py", "sleep", marker], 600),
+            lambda _: first.set(),
+        )
+    )
+    await first.wait()
+    assert _running_with(marker)
+    job.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await job
+
+    async def gone() -> bool:
+        return not _running_with(marker)
+
+    await eventually(gone, what="the hook killed")
+
+
 def _running_with(marker: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():

@@ -38,9 +38,9 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 import docker.errors
 
@@ -191,8 +191,8 @@ def _with_secrets(mask: Callable[[str], str], spec: RevisionSpec) -> Callable[[s
     values: set[str] = set()
     for name in ("secret_env", "secret_files"):
         carried = getattr(spec, name, None)
-        if isinstance(carried, dict | tuple | list) or hasattr(carried, "values"):
-            values.update(str(v) for v in cast(Any, carried).values() if len(str(v)) >= 4)
+        if isinstance(carried, Mapping):
+            values.update(str(v) for v in carried.values() if len(str(v)) >= 4)
     if not values:
         return mask
     ordered = sorted(values, key=len, reverse=True)
