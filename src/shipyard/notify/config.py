@@ -112,10 +112,18 @@ def parse_sink(data: Any, where: str) -> WebhookSink | SlackSink:
         return _Holder.model_validate({"sink": data}).sink
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'sink'}: {e['msg']}"
-            for e in exc.errors(include_input=False)
+            f"{_field(e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False)
         )
         raise InvalidInput(f"{where}: {problems}") from None
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    """An error's field without the holder and the union's tag: ``secret``, not
+    ``sink.webhook.secret``."""
+    parts = [str(p) for p in loc[1:]]
+    if len(parts) > 1 and parts[0] in ("webhook", "slack"):
+        parts = parts[1:]
+    return ".".join(parts) or "sink"
 
 
 class ServerConfig(BaseModel):

@@ -61,7 +61,7 @@ class SinkView:
 def redacted(url: str) -> str:
     """A credential URL shown as its scheme and host only."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or '?'}/…"
+    return f"{parts.scheme}://{parts.hostname or '?'}/..."
 
 
 def _about(sink_id: str, what: str) -> str:
