@@ -53,6 +53,8 @@ from tests.e2e.support import ALL, Recorder, Server, wait_for_state, wait_until
 
 REPLICAS = 2  # the notes example's [run] replicas
 FAST_ANALYSIS = {"interval_seconds": 1, "min_requests": 20}
+#: A canary stage's analysis that drives its own requests (nobody else visits the service).
+SELF_LOADED = {"interval_seconds": 1, "min_requests": 5, "load": {"rps": 20}}
 SINK = "e2e-receiver"
 #: Every notification event a sink may filter on (the design's list).
 EVENTS = {
@@ -470,10 +472,17 @@ def test_signed_notifications_of_every_state_change_arrive_after_a_down_receiver
         d2_id = server.deploy_with(
             repo,
             commit_version(repo, "v2"),
-            canary({"weight": 50, "duration_seconds": 1, "pause": True}),
+            canary({"weight": 50, "duration_seconds": 1, "analysis": SELF_LOADED, "pause": True}),
             service,
         )
-        wait_until(lambda: server.deployment(d2_id)["status"] == "Paused", 90, "the v2 gate")
+        wait_for_state(
+            lambda: server.deployment(d2_id),
+            lambda d: d["status"] in ("Paused", "Success", "Failed", "RolledBack"),
+            90,
+            "v2 to pause at its gate",
+        )
+        d2 = server.deployment(d2_id)
+        assert d2["status"] == "Paused", (d2["error"], [s["name"] for s in d2["stages"]])
         # the receiver is down: what happened so far waits in the outbox, retried, visible
         states = wait_for_state(
             lambda: notification_states(server, d1["id"]),
