@@ -191,3 +191,19 @@ async def test_a_failed_attempt_waits_until_its_retry_time(
         2,
         "timeout",
     )
+
+
+async def test_a_restart_with_the_same_config_keeps_the_sinks_pending_rows(
+    sinks: SinkService, audit: SqlAuditLog
+) -> None:
+    """The config is applied at every start: a sink it names again keeps its id, so what was
+    not delivered before the restart still goes to it."""
+    sinks.apply_config((webhook("hook"),))  # type: ignore[arg-type]
+    await audit.append(failed())
+    before = sinks.get("hook")
+    sinks.apply_config((webhook("hook", url="http://moved.test/in"),))  # type: ignore[arg-type]
+    after = sinks.get("hook")
+    assert after.id == before.id and after.url == "http://moved.test/in"
+    assert sinks.secret(after) == WEBHOOK_SECRET.encode()  # sealed again under the same id
+    (row,) = sinks.outbox.rows()
+    assert sinks.outbox.sinks_by_id([row.sink_id])[row.sink_id].name == "hook"
