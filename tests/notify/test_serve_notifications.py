@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,3 +149,67 @@ def test_notifications_made_while_the_receiver_is_down_are_delivered_after_a_kil
     assert len(keys) == 2  # one per notification, however often each was sent
     log = (serve.data_dir / "serve.log").read_text()
     assert SECRET not in log
+
+
+def cli(server: Server, *args: str, stdin: str | None = None, **env: str) -> Any:
+    """``shipyard notifications ARGS`` against ``server`` (a token minted from its data dir)."""
+    return subprocess.run(
+        [sys.executable, "-m", "shipyard.cli.main", "notifications", *args, *where(server)],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "300", **env},  # one line per sink
+    )
+
+
+def where(server: Server) -> list[str]:
+    return ["--server", server.base, "--data-dir", str(server.data_dir)]
+
+
+def test_the_notifications_command_adds_lists_tests_and_removes_sinks(serve: Server) -> None:
+    serve.start()
+    port = free_port()
+    slack_url = f"http://127.0.0.1:{port}/services/T9/B9/slackPathSecret"
+    with Receiver(port) as receiver:
+        added = cli(
+            serve,
+            "add",
+            "cli-hook",
+            "--url",
+            f"http://127.0.0.1:{port}/hook",
+            "--events",
+            "deployment.failed,deployment.frozen",
+            stdin=SECRET + "\n",
+        )
+        assert added.returncode == 0, added.stderr
+        team = cli(serve, "add", "team", "--type", "slack", "--value-env", "SLACK", SLACK=slack_url)
+        assert team.returncode == 0, team.stderr
+        listed = cli(serve, "list")
+        assert listed.returncode == 0, listed.stderr
+        lines = sorted(line for line in listed.stdout.splitlines() if line.strip())
+        assert lines[0].startswith(f"cli-hook webhook http://127.0.0.1:{port}/hook")
+        assert "deployment.failed,deployment.frozen" in lines[0] and "api" in lines[0]
+        assert lines[1].startswith("receiver webhook") and "config" in lines[1]
+        assert lines[2].startswith("team slack http://127.0.0.1/...")
+        assert SECRET not in listed.stdout and "slackPathSecret" not in listed.stdout
+
+        sent = cli(serve, "test", "cli-hook")
+        assert sent.returncode == 0, sent.stderr
+        (headers, body), *_ = receiver.got
+        assert headers["x-shipyard-event"] == "notification.test"
+        assert signing.verify(SECRET.encode(), headers, body)
+        to_slack = cli(serve, "test", "team")
+        assert to_slack.returncode == 0, to_slack.stderr
+        assert json.loads(receiver.got[-1][1]) == {"text": "Shipyard: notification.test"}
+
+    down = cli(serve, "test", "receiver")  # the config's sink: nobody listens on its port
+    assert down.returncode == 1
+    assert "connection failed (ConnectError)" in down.stderr
+
+    no_secret = cli(serve, "add", "other", "--url", "http://127.0.0.1:9/x", stdin="")
+    assert no_secret.returncode == 2 and "empty" in no_secret.stderr
+    assert cli(serve, "rm", "team").returncode == 0
+    assert "team" not in cli(serve, "list").stdout
+    gone = cli(serve, "rm", "team")
+    assert gone.returncode == 2 and "no notification sink named 'team'" in gone.stderr
