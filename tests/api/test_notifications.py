@@ -38,7 +38,9 @@ class NotifyHarness(Harness):
             on_append=OutboxWriter(self.clock.now).on_append,
         )
         self.tokens = TokenService(self.tokens.authority, self.tokens.store, self.audit)
-        self.sinks = SinkService(OutboxStore(self.store.engine), Sealer.for_dir(tmp), self.clock.now)
+        self.sinks = SinkService(
+            OutboxStore(self.store.engine), Sealer.for_dir(tmp), self.clock.now
+        )
 
     async def context(self, settings: Settings) -> AppContext:
         made = await super().context(settings)
@@ -115,7 +117,9 @@ async def test_add_list_remove_never_show_a_credential_and_are_audited(
     r = await api.post("/api/v1/notifications/sinks", json=hook(), headers=admin)
     assert r.status_code == 201, r.text
     slack = {"name": "team", "type": "slack", "url": SLACK, "events": ["deployment.failed"]}
-    assert (await api.post("/api/v1/notifications/sinks", json=slack, headers=admin)).status_code == 201
+    assert (
+        await api.post("/api/v1/notifications/sinks", json=slack, headers=admin)
+    ).status_code == 201
     again = await api.post("/api/v1/notifications/sinks", json=hook(), headers=admin)
     assert again.status_code == 409 and "exists" in again.json()["detail"]
     listed = await api.get("/api/v1/notifications/sinks", headers=admin)
@@ -149,7 +153,9 @@ async def test_the_test_send_says_what_the_sink_answered(
         "delivered": False,
         "error": "connection failed (ConnectError)",
     }
-    assert (await api.post("/api/v1/notifications/sinks/nope/test", headers=admin)).status_code == 404
+    assert (
+        await api.post("/api/v1/notifications/sinks/nope/test", headers=admin)
+    ).status_code == 404
 
 
 async def test_a_deployment_shows_its_notifications_delivery_state(

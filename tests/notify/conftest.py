@@ -56,9 +56,7 @@ def sinks(engine: Engine, tmp_path: Path, clock: Now) -> SinkService:
 
 @pytest.fixture
 def audit(engine: Engine, tmp_path: Path, clock: Now) -> SqlAuditLog:
-    return SqlAuditLog(
-        engine, tmp_path / "audit.head", on_append=OutboxWriter(clock.now).on_append
-    )
+    return SqlAuditLog(engine, tmp_path / "audit.head", on_append=OutboxWriter(clock.now).on_append)
 
 
 def webhook(name: str = "hook", url: str = "http://receiver.test/in", **over: object) -> object:

@@ -4,6 +4,8 @@ redirects not followed, and no credential in a log line or an error."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -162,7 +164,12 @@ async def test_slack_gets_one_line_and_no_credential_is_logged(
         return Receiver(500)(request)
 
     got: list[httpx.Request] = []
-    w = worker(sinks, clock, lambda r: (got.append(r), handler(r))[1])
+
+    def keep(request: httpx.Request) -> httpx.Response:
+        got.append(request)
+        return handler(request)
+
+    w = worker(sinks, clock, keep)
     await w.deliver_due()
     await w.aclose()
     slack_request = next(r for r in got if r.url.host == "hooks.slack.test")
@@ -205,10 +212,63 @@ async def test_the_test_notification_is_signed_and_reports_a_failure(
     def client(**kw: object) -> httpx.AsyncClient:
         return real(transport=httpx.MockTransport(receiver), **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(delivery.httpx, "AsyncClient", client)
+    monkeypatch.setattr("shipyard.notify.delivery.httpx.AsyncClient", client)
     assert await delivery.send_test(sinks, sinks.get("hook"), clock.now()) is None
     assert await delivery.send_test(sinks, sinks.get("hook"), clock.now()) == "HTTP 404"
     first = receiver.requests[0]
     assert first.headers["x-shipyard-event"] == "notification.test"
-    assert signing.verify(WEBHOOK_SECRET.encode(), dict(first.headers), first.content, now=clock.now())
+    assert signing.verify(
+        WEBHOOK_SECRET.encode(), dict(first.headers), first.content, now=clock.now()
+    )
     assert sinks.outbox.rows() == []  # outside the outbox
+
+
+async def test_a_replica_starting_again_takes_back_its_previous_lifes_claims(
+    sinks: SinkService, audit: SqlAuditLog, clock: Now
+) -> None:
+    """Killed mid-pass, a replica leaves rows claimed for a claim's length; started again under
+    its id it lets them go first, so they go out at once. Another replica's claims stay."""
+    sinks.add(webhook(), "alice")  # type: ignore[arg-type]
+    await audit.append(failed_event())
+    await audit.append(failed_event())
+    first, second = sinks.outbox.rows()
+    assert sinks.outbox.claim("r1:dead-life", clock.now(), 60.0, 1)[0].id == first.id
+    assert sinks.outbox.claim("r10:other", clock.now(), 60.0, 1)[0].id == second.id
+    receiver = Receiver()
+    w = worker(sinks, clock, receiver)  # replica r1
+    runs = asyncio.ensure_future(w.run())
+    try:
+        while not receiver.requests:
+            await asyncio.sleep(0.01)
+    finally:
+        runs.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runs
+        await w.aclose()
+    assert [r.headers["idempotency-key"] for r in receiver.requests] == [first.key]
+    assert [r.state for r in sinks.outbox.rows()] == ["delivered", "pending"]
+
+
+async def test_the_retry_cap_bounds_the_wait(
+    sinks: SinkService, audit: SqlAuditLog, clock: Now
+) -> None:
+    sinks.add(webhook(), "alice")  # type: ignore[arg-type]
+    await audit.append(failed_event())
+    w = DeliveryWorker(
+        sinks.outbox,
+        sinks,
+        clock,
+        replica_id="r1",
+        transport=httpx.MockTransport(Receiver(*[500] * 8)),
+        rng=Highest(),
+        cap_seconds=5.0,
+    )
+    waits = []
+    for _ in range(6):
+        before = clock.now()
+        await w.deliver_due()
+        (row,) = sinks.outbox.rows()
+        waits.append(row.next_attempt_at - before)
+        clock.value = row.next_attempt_at
+    await w.aclose()
+    assert waits == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0]

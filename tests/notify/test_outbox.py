@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Engine, func, select
 
 from shipyard.audit import AuditEvent
 from shipyard.audit.chain import AuditRecord
-from shipyard.audit.log import SqlAuditLog, audit_log
+from shipyard.audit.log import Publication, SqlAuditLog, audit_log, record_publication
 from shipyard.errors import Conflict
 from shipyard.notify.sinks import OutboxWriter, SinkService
 from shipyard.store.outbox import notification_outbox, notification_sinks
@@ -191,3 +191,47 @@ async def test_a_failed_attempt_waits_until_its_retry_time(
         2,
         "timeout",
     )
+
+
+async def test_a_restart_with_the_same_config_keeps_the_sinks_pending_rows(
+    sinks: SinkService, audit: SqlAuditLog
+) -> None:
+    """The config is applied at every start: a sink it names again keeps its id, so what was
+    not delivered before the restart still goes to it."""
+    sinks.apply_config((webhook("hook"),))  # type: ignore[arg-type]
+    await audit.append(failed())
+    before = sinks.get("hook")
+    sinks.apply_config((webhook("hook", url="http://moved.test/in"),))  # type: ignore[arg-type]
+    after = sinks.get("hook")
+    assert after.id == before.id and after.url == "http://moved.test/in"
+    assert sinks.secret(after) == WEBHOOK_SECRET.encode()  # sealed again under the same id
+    (row,) = sinks.outbox.rows()
+    assert sinks.outbox.sinks_by_id([row.sink_id])[row.sink_id].name == "hook"
+
+
+def test_a_published_checkpoint_is_an_audit_checkpoint_notification(
+    engine: Engine, sinks: SinkService, clock: Now
+) -> None:
+    sinks.add(webhook("cp", events=["audit.checkpoint"]), "alice")  # type: ignore[arg-type]
+    sinks.add(webhook("deploys", events=["deployment.failed"]), "alice")  # type: ignore[arg-type]
+    writer = OutboxWriter(clock.now)
+    publication = Publication(
+        published_at="2026-01-02T03:04:05+00:00",
+        witness="file:/witness/checkpoint",
+        tree_size=42,
+        root_hash="b" * 64,
+        checkpoint="signed note",
+    )
+    assert record_publication(engine, publication, writer.on_publish)
+    assert not record_publication(engine, publication, writer.on_publish)  # seen: no new row
+    (row,) = sinks.outbox.rows()
+    assert (row.event, row.audit_seq, row.deployment_id) == ("audit.checkpoint", None, None)
+    assert json.loads(row.body) == {
+        "event": "audit.checkpoint",
+        "checkpoint": {
+            "witness": "file:/witness/checkpoint",
+            "tree_size": 42,
+            "root_hash": "b" * 64,
+        },
+        "occurred_at": "2026-01-02T03:04:05+00:00",
+    }

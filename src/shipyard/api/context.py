@@ -33,7 +33,7 @@ from shipyard.build.image_export import ImageExporter
 from shipyard.build.registry import BuildConfig, RegistryBuilder
 from shipyard.domain.clock import SystemClock
 from shipyard.health.probing import HttpProber
-from shipyard.notify.delivery import DeliveryWorker
+from shipyard.notify.delivery import CAP_SECONDS, DeliveryWorker
 from shipyard.notify.sinks import OutboxWriter, SinkService
 from shipyard.orchestrator.pipeline import Pipeline
 from shipyard.private_files import ensure_private_dir
@@ -175,10 +175,15 @@ async def _start_notifications(context: AppContext, engine: Any) -> SinkService:
     settings = context.settings
     clock = SystemClock()
     sinks = SinkService(OutboxStore(engine), Sealer.for_dir(settings.shared_dir), clock.now)
-    if settings.notification_sinks is not None:
-        await asyncio.to_thread(sinks.apply_config, settings.notification_sinks)
+    config = settings.server_config
+    if config is not None:
+        await asyncio.to_thread(sinks.apply_config, config.sinks)
     worker = DeliveryWorker(
-        sinks.outbox, sinks, clock, replica_id=settings.replica_id or socket.gethostname()
+        sinks.outbox,
+        sinks,
+        clock,
+        replica_id=settings.replica_id or socket.gethostname(),
+        cap_seconds=config.retry_cap_seconds if config is not None else CAP_SECONDS,
     )
     task = asyncio.get_running_loop().create_task(worker.run())
 

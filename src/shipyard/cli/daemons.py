@@ -26,7 +26,7 @@ from shipyard.cli.common import (
 from shipyard.cli.registry_flag import RegistryFlag
 from shipyard.cli.safe import shown
 from shipyard.errors import InvalidInput
-from shipyard.notify.config import SlackSink, WebhookSink, load_server_config
+from shipyard.notify.config import ServerConfig, load_server_config
 from shipyard.private_files import ensure_private_dir
 
 #: ``--replica-id``: a name the leases, the audit trail and ``driver`` show as it is.
@@ -221,7 +221,7 @@ def serve(
     sandbox = make_sandbox(data, insecure_no_sandbox, sandbox_uids, shared)
     if osv_db is not None and not osv_db.exists():
         raise fail(f"--osv-db {osv_db} does not exist; pass an OSV database directory or zip")
-    sinks = _notification_sinks(server_config)
+    loaded_config = _server_config(server_config)
     settings = Settings(
         data_dir=data,
         shared_dir=shared,
@@ -242,7 +242,7 @@ def serve(
         fleet_cert_ttl_seconds=fleet_cert_ttl,
         replica_id=replica,
         lease_seconds=lease_seconds,
-        notification_sinks=sinks,
+        server_config=loaded_config,
         **_build_settings(
             max_concurrent_builds,
             max_build_log_mb,
@@ -276,12 +276,12 @@ def serve(
     uvicorn.Server(config).run()
 
 
-def _notification_sinks(config: Path | None) -> tuple[WebhookSink | SlackSink, ...] | None:
-    """``--config``'s sinks (None without a file); a bad file exits 2 saying what is wrong."""
+def _server_config(config: Path | None) -> ServerConfig | None:
+    """``--config`` (None without a file); a bad file exits 2 saying what is wrong."""
     if config is None:
         return None
     try:
-        return load_server_config(config).sinks
+        return load_server_config(config)
     except InvalidInput as exc:
         raise fail(exc.message) from exc
 

@@ -129,9 +129,12 @@ def _field(loc: tuple[int | str, ...]) -> str:
 class ServerConfig(BaseModel):
     """``shipyard serve --config FILE``: only notifications so far."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     sinks: tuple[WebhookSink | SlackSink, ...] = ()
+    #: The longest wait between two attempts at one notification (``[notifications]
+    #: retry_cap_seconds``): the backoff doubles from 1 s up to it.
+    retry_cap_seconds: float = Field(default=300.0, ge=1.0, le=3600.0)
 
 
 def load_server_config(path: Path, environ: dict[str, str] | None = None) -> ServerConfig:
@@ -151,9 +154,10 @@ def load_server_config(path: Path, environ: dict[str, str] | None = None) -> Ser
             f"server config {path}: unknown section(s) {unknown}; known: notifications"
         )
     section = doc.get("notifications", {})
-    if not isinstance(section, dict) or set(section) - {"sinks"}:
+    if not isinstance(section, dict) or set(section) - {"sinks", "retry_cap_seconds"}:
         raise InvalidInput(
-            f"server config {path}: [notifications] holds only [[notifications.sinks]]"
+            f"server config {path}: [notifications] holds retry_cap_seconds and "
+            "[[notifications.sinks]] only"
         )
     entries = section.get("sinks", [])
     if not isinstance(entries, list):
@@ -180,4 +184,10 @@ def load_server_config(path: Path, environ: dict[str, str] | None = None) -> Ser
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise InvalidInput(f"server config {path}: sink name(s) {dupes} used twice")
-    return ServerConfig(sinks=tuple(sinks))
+    try:
+        return ServerConfig(
+            sinks=tuple(sinks), retry_cap_seconds=section.get("retry_cap_seconds", 300.0)
+        )
+    except ValidationError as exc:
+        problems = "; ".join(e["msg"] for e in exc.errors(include_input=False))
+        raise InvalidInput(f"server config {path}: retry_cap_seconds: {problems}") from None

@@ -71,6 +71,7 @@ class DeliveryWorker:
         replica_id: str,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
+        cap_seconds: float = CAP_SECONDS,
         poll_seconds: float = POLL_SECONDS,
         claim_seconds: float = CLAIM_SECONDS,
         timeout_seconds: float = TIMEOUT_SECONDS,
@@ -80,10 +81,12 @@ class DeliveryWorker:
         self.clock = clock
         # A token of its own per worker: a replica restarted under the same id does not
         # inherit its previous life's claims (they expire).
-        self.worker = f"{replica_id[:40]}:{uuid.uuid4().hex[:16]}"
+        self.replica = f"{replica_id[:40]}:"
+        self.worker = f"{self.replica}{uuid.uuid4().hex[:16]}"
         self._rng = rng or random.SystemRandom()
         self._poll = poll_seconds
         self._claim = claim_seconds
+        self._cap = cap_seconds
         self._client = httpx.AsyncClient(
             transport=transport,
             timeout=timeout_seconds,
@@ -99,7 +102,12 @@ class DeliveryWorker:
 
     async def run(self) -> None:
         """Passes until cancelled; a pass that fails (the database away) is logged and the
-        next one tries again."""
+        next one tries again. First, the claims of this replica's previous life (killed in the
+        middle of a pass) are let go: its rows go out now, not a claim's length later."""
+        try:
+            await to_thread(self.outbox.release_claims, self.replica)
+        except Exception as exc:  # they expire anyway
+            log_event(log, "notify.release_failed", level=logging.ERROR, error=type(exc).__name__)
         while True:
             try:
                 await self.deliver_due()
@@ -134,11 +142,19 @@ class DeliveryWorker:
             await to_thread(
                 self.outbox.mark_attempt_failed, row.id, self.worker, "sink removed", retry_at=None
             )
+            log_event(
+                log,
+                "notify.failed",
+                level=logging.ERROR,
+                error="sink removed",
+                notification_event=row.event,
+                notification=row.key,
+            )
             return
         error = await self._send(row, sink)
         fields: dict[str, Any] = {
             "sink": sink.name,
-            "event": row.event,
+            "notification_event": row.event,
             "notification": row.key,
             "attempt": attempt,
         }
@@ -152,7 +168,7 @@ class DeliveryWorker:
             )
             log_event(log, "notify.failed", level=logging.ERROR, error=error, **fields)
             return
-        delay = backoff(attempt, self._rng)
+        delay = backoff(attempt, self._rng, cap=self._cap)
         await to_thread(
             self.outbox.mark_attempt_failed,
             row.id,

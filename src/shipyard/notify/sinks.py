@@ -76,8 +76,14 @@ class SinkService:
         self._sealer = sealer
         self._clock = clock
 
-    def _row(self, spec: WebhookSink | SlackSink, created_by: str, source: SinkSource) -> SinkRow:
-        sink_id = new_sink_id()
+    def _row(
+        self,
+        spec: WebhookSink | SlackSink,
+        created_by: str,
+        source: SinkSource,
+        sink_id: str | None = None,
+    ) -> SinkRow:
+        sink_id = sink_id or new_sink_id()
         if isinstance(spec, WebhookSink):
             secret = spec.secret.get_secret_value().encode()
             url, url_sealed = spec.url, None
@@ -111,8 +117,13 @@ class SinkService:
         return view(row)
 
     def apply_config(self, specs: tuple[WebhookSink | SlackSink, ...]) -> None:
-        """``serve --config``'s sinks replace the previous file's (``replace_config_sinks``)."""
-        self.outbox.replace_config_sinks([self._row(s, "config", "config") for s in specs])
+        """``serve --config``'s sinks replace the previous file's (``replace_config_sinks``). A
+        sink the store has by that name keeps its id: its notifications not delivered yet
+        (written before a restart) still go to it."""
+        ids = {s.name: s.id for s in self.outbox.sinks()}
+        self.outbox.replace_config_sinks(
+            [self._row(s, "config", "config", ids.get(s.name)) for s in specs]
+        )
 
     def list(self) -> list[SinkView]:
         return [view(r) for r in self.outbox.sinks()]

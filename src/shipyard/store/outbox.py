@@ -320,6 +320,21 @@ class OutboxStore:
                     claimed.append(_outbox(row))
         return claimed
 
+    def release_claims(self, prefix: str) -> int:
+        """Let go of the claims whose holder starts with ``prefix`` (a replica starting again:
+        ``<replica id>:``, its previous life's claims, which nobody else holds); how many."""
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(notification_outbox)
+                .where(
+                    notification_outbox.c.state == "pending",
+                    notification_outbox.c.claimed_by.like(escaped + "%", escape="\\"),
+                )
+                .values(claimed_by=None, claimed_until=None)
+            )
+            return int(done.rowcount)
+
     def mark_delivered(self, row_id: int, worker: str, now: float) -> bool:
         """The claimant delivered it; False if its claim was lost (another took it)."""
         return self._finish(
