@@ -184,6 +184,25 @@ async def test_a_pre_deploy_that_cannot_start_also_ends_failed(world: PipelineWo
     assert stage(doc, "hook_pre_deploy")["status"] == "failed"
 
 
+async def test_an_abort_during_pre_deploy_ends_failed_with_nothing_changed(
+    world: PipelineWorld,
+) -> None:
+    stable = await world.first()
+    with_hooks(world)
+    world.runtime.hook_running["pre_deploy"] = asyncio.Event()  # never set: it runs on
+    submitted = await world.submit("bbbb2222", STRATEGIES["blue-green"])
+    await world.until(submitted["id"], lambda d: "hook_pre_deploy" in names(d))
+    await world.abort(submitted["id"])
+    doc = await world.wait(submitted["id"])
+    assert doc["status"] == "Failed"
+    assert doc["error"]["code"] == "deployment_aborted"
+    assert world.weights() == {stable: 100}
+    assert "rollback" not in names(doc)
+    st = stage(doc, "hook_pre_deploy")
+    assert st["status"] == "failed"  # not left running
+    assert "aborted by" in st["detail"]["error"]
+
+
 async def test_a_timed_out_pre_deploy_says_so(world: PipelineWorld) -> None:
     await world.first()
     with_hooks(world)
