@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from shipyard.build.fake import FakeBuilder
+from shipyard.cli.watch import stage_views
 from shipyard.domain.manifest import parse_manifest
 from tests.orchestrator.world import PipelineWorld, progressive
 
@@ -201,6 +202,24 @@ async def test_an_abort_during_pre_deploy_ends_failed_with_nothing_changed(
     st = stage(doc, "hook_pre_deploy")
     assert st["status"] == "failed"  # not left running
     assert "aborted by" in st["detail"]["error"]
+
+
+async def test_status_shows_a_running_hook_once_and_the_hooks_to_come(
+    world: PipelineWorld,
+) -> None:
+    await world.first()
+    with_hooks(world)
+    world.runtime.hook_running["pre_deploy"] = release = asyncio.Event()
+    submitted = await world.submit("bbbb2222", STRATEGIES["blue-green"])
+    running = await world.until(submitted["id"], lambda d: "hook_pre_deploy" in names(d))
+    views = [(v.name, v.status) for v in stage_views(running)]
+    assert views[:2] == [("build", "succeeded"), ("hook_pre_deploy", "running")]
+    pending = [name for name, status in views if status == "pending"]
+    assert pending[0] == "start"
+    assert "hook_pre_switch" in pending and "hook_post_switch" in pending
+    assert "hook_pre_deploy" not in pending
+    release.set()
+    assert (await world.wait(submitted["id"]))["status"] == "Success"
 
 
 async def test_a_timed_out_pre_deploy_says_so(world: PipelineWorld) -> None:
