@@ -367,6 +367,43 @@ async def test_a_finished_hook_is_not_run_again_after_a_restart(world: PipelineW
     assert [c.hook.point for c in world.runtime.hooks] == ["pre_deploy"]
 
 
+@pytest.mark.parametrize("outcome", ["succeeded", "failed"])
+async def test_a_hook_recorded_just_before_a_crash_is_not_run_again(
+    world: PipelineWorld, outcome: str
+) -> None:
+    """Killed between the hook's stage and the next step index: the recorded outcome stands."""
+    stable = await world.first()
+    with_hooks(world, '[hooks]\npre_deploy = "python3 manage.py migrate"\n')
+    if outcome == "failed":
+        world.runtime.hook_exit["pre_deploy"] = 1
+    crashed = asyncio.Event()
+    save = world.astore.save_deployment
+
+    async def die_after_the_stage(doc: dict[str, Any], *, active: bool) -> None:
+        await save(doc, active=active)
+        last = (doc.get("stages") or [{}])[-1]
+        ours = last.get("name") == "hook_pre_deploy" and last.get("status") == outcome
+        if ours and not crashed.is_set():
+            crashed.set()
+            raise asyncio.CancelledError
+
+    world.astore.save_deployment = die_after_the_stage  # type: ignore[method-assign]
+    submitted = await world.submit("bbbb2222", STRATEGIES["blue-green"])
+    await crashed.wait()
+    await world.pipeline.stop()
+    del world.astore.save_deployment
+    world.pipeline = world.new_pipeline()
+    await world.pipeline.start()
+    doc = await world.wait(submitted["id"])
+    assert len(world.runtime.hooks) == 1
+    if outcome == "succeeded":
+        assert doc["status"] == "Success", doc.get("error")
+    else:
+        assert doc["status"] == "Failed"
+        assert doc["error"]["code"] == "hook_failed"
+        assert world.weights() == {stable: 100}
+
+
 async def test_a_fleet_runs_its_hook_in_the_first_region_only(tmp_path: Path) -> None:
     builder = FakeBuilder(manifest=parse_manifest(manifest(HOOKS)))
     w = PipelineWorld(tmp_path, builder=builder, regions=("eu", "us"))
