@@ -30,6 +30,7 @@ from shipyard.runtime.base import HookRun, RevisionSpec
 from shipyard.runtime.local import AgentClient, LocalRuntime
 from shipyard.security import signing
 from tests.agent.helpers import SIGNER, eventually, running_agent, sign
+from tests.images import build_app_image
 
 HOOK = """\
 import json, os, sys, time, urllib.request
@@ -325,8 +326,7 @@ sys.exit(int(sys.argv[1]))
 async def test_an_image_hook_runs_as_a_one_off_container(
     tmp_path: Path, docker_engine: str, python_base_image: str
 ) -> None:
-    from tests.images import build_app_image
-
+    """``python_base_image``: the image is built on it."""
     client = docker.DockerClient(base_url=docker_engine)
     try:
         image_id = build_app_image(

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from shipyard.build.fake import FakeBuilder
+from shipyard.cli.watch import stage_views
 from shipyard.domain.manifest import parse_manifest
 from tests.orchestrator.world import PipelineWorld, progressive
 
@@ -184,6 +185,43 @@ async def test_a_pre_deploy_that_cannot_start_also_ends_failed(world: PipelineWo
     assert stage(doc, "hook_pre_deploy")["status"] == "failed"
 
 
+async def test_an_abort_during_pre_deploy_ends_failed_with_nothing_changed(
+    world: PipelineWorld,
+) -> None:
+    stable = await world.first()
+    with_hooks(world)
+    world.runtime.hook_running["pre_deploy"] = asyncio.Event()  # never set: it runs on
+    submitted = await world.submit("bbbb2222", STRATEGIES["blue-green"])
+    await world.until(submitted["id"], lambda d: "hook_pre_deploy" in names(d))
+    await world.abort(submitted["id"])
+    doc = await world.wait(submitted["id"])
+    assert doc["status"] == "Failed"
+    assert doc["error"]["code"] == "deployment_aborted"
+    assert world.weights() == {stable: 100}
+    assert "rollback" not in names(doc)
+    st = stage(doc, "hook_pre_deploy")
+    assert st["status"] == "failed"  # not left running
+    assert "aborted by" in st["detail"]["error"]
+
+
+async def test_status_shows_a_running_hook_once_and_the_hooks_to_come(
+    world: PipelineWorld,
+) -> None:
+    await world.first()
+    with_hooks(world)
+    world.runtime.hook_running["pre_deploy"] = release = asyncio.Event()
+    submitted = await world.submit("bbbb2222", STRATEGIES["blue-green"])
+    running = await world.until(submitted["id"], lambda d: "hook_pre_deploy" in names(d))
+    views = [(v.name, v.status) for v in stage_views(running)]
+    assert views[:2] == [("build", "succeeded"), ("hook_pre_deploy", "running")]
+    pending = [name for name, status in views if status == "pending"]
+    assert pending[0] == "start"
+    assert "hook_pre_switch" in pending and "hook_post_switch" in pending
+    assert "hook_pre_deploy" not in pending
+    release.set()
+    assert (await world.wait(submitted["id"]))["status"] == "Success"
+
+
 async def test_a_timed_out_pre_deploy_says_so(world: PipelineWorld) -> None:
     await world.first()
     with_hooks(world)
@@ -327,6 +365,43 @@ async def test_a_finished_hook_is_not_run_again_after_a_restart(world: PipelineW
     doc = await world.wait(submitted["id"])
     assert doc["status"] == "Success", doc.get("error")
     assert [c.hook.point for c in world.runtime.hooks] == ["pre_deploy"]
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "failed"])
+async def test_a_hook_recorded_just_before_a_crash_is_not_run_again(
+    world: PipelineWorld, outcome: str
+) -> None:
+    """Killed between the hook's stage and the next step index: the recorded outcome stands."""
+    stable = await world.first()
+    with_hooks(world, '[hooks]\npre_deploy = "python3 manage.py migrate"\n')
+    if outcome == "failed":
+        world.runtime.hook_exit["pre_deploy"] = 1
+    crashed = asyncio.Event()
+    save = world.astore.save_deployment
+
+    async def die_after_the_stage(doc: dict[str, Any], *, active: bool) -> None:
+        await save(doc, active=active)
+        last = (doc.get("stages") or [{}])[-1]
+        ours = last.get("name") == "hook_pre_deploy" and last.get("status") == outcome
+        if ours and not crashed.is_set():
+            crashed.set()
+            raise asyncio.CancelledError
+
+    world.astore.save_deployment = die_after_the_stage  # type: ignore[method-assign]
+    submitted = await world.submit("bbbb2222", STRATEGIES["blue-green"])
+    await crashed.wait()
+    await world.pipeline.stop()
+    del world.astore.save_deployment
+    world.pipeline = world.new_pipeline()
+    await world.pipeline.start()
+    doc = await world.wait(submitted["id"])
+    assert len(world.runtime.hooks) == 1
+    if outcome == "succeeded":
+        assert doc["status"] == "Success", doc.get("error")
+    else:
+        assert doc["status"] == "Failed"
+        assert doc["error"]["code"] == "hook_failed"
+        assert world.weights() == {stable: 100}
 
 
 async def test_a_fleet_runs_its_hook_in_the_first_region_only(tmp_path: Path) -> None:

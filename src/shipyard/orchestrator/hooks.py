@@ -16,8 +16,9 @@ A failure (non-zero exit, timeout, or a hook that could not start) is ``HookFail
 exit code and the last lines of output; whether it stops the deployment is the hook's
 ``fatal(point)``: fatal, it is raised; otherwise it is returned, recorded and audited, and the
 deployment goes on. A control plane that dies while a hook runs runs it again when it resumes
-(the step index is persisted only after the hook finished); a hook that finished never runs
-again.
+(the agent kills the first run when its connection goes away); a hook that finished never runs
+again -- also when its driver died after recording its stage but before the step index moved on
+(``_ran_before``: the recorded outcome stands).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from shipyard.errors import DeploymentError, HookFailed, LeaseLost, ShipyardErro
 from shipyard.orchestrator import artifacts
 from shipyard.orchestrator.context import DeploymentContext
 from shipyard.orchestrator.preflight import BuildLogSink
-from shipyard.orchestrator.record import RevisionRecord
+from shipyard.orchestrator.record import RevisionRecord, Stage
 from shipyard.orchestrator.stage import stage
 from shipyard.runtime.base import HookResult, HookRun
 
@@ -50,6 +51,16 @@ async def run(
     if hook is None:
         return None
     fatal = hook.fatal(point)
+    ran = _ran_before(ctx, point)
+    if ran is not None:  # it finished; its driver died before recording that: not again
+        if ran.status == "succeeded" or not fatal:
+            return None
+        raise HookFailed(
+            str(ran.detail.get("error") or f"{point} hook failed"),
+            point=point,
+            exit_code=ran.detail.get("exit_code"),
+            timed_out=bool(ran.detail.get("timed_out")),
+        )
     prefix = f"[hook {point}] "
     audit: dict[str, object] = {"point": point, "command": hook.text}
     try:
@@ -103,6 +114,20 @@ async def run(
         result.duration_ms,
     )
     return None
+
+
+def _ran_before(ctx: DeploymentContext, point: HookPoint) -> Stage | None:
+    """The hook's stage, ended, when a previous driver ran it to its end and died before the
+    deployment went on (the last stage is it: a plan step resumed, ``ctx.resumed_step``, or a
+    rollback resumed after ``post_rollback``); None otherwise."""
+    stages = ctx.record.stages
+    last = stages[-1] if stages else None
+    if last is None or last.name != stage_name(point) or last.status not in ("succeeded", "failed"):
+        return None
+    if point == "post_rollback":
+        return last if ctx.record.progress.rolling_back else None
+    started = ctx.record.progress.step_started_at
+    return last if ctx.resumed_step and started is not None and last.started_ts >= started else None
 
 
 def _ending(result: HookResult, timeout: float) -> str:

@@ -60,7 +60,7 @@ from shipyard.orchestrator.record import (
     RollbackStrategy,
     utc,
 )
-from shipyard.orchestrator.stage import Rollback, stage
+from shipyard.orchestrator.stage import Rollback, end, stage
 from shipyard.orchestrator.steps.scale import scale_down, scale_up
 from shipyard.strategies import rolling
 from shipyard.strategies.steps import (
@@ -98,6 +98,8 @@ async def roll_back(
     once, with nothing touched, when ``nothing_started``)."""
     record = ctx.record
     if nothing_started(record):
+        for interrupted in [s for s in record.stages if s.status == "running"]:
+            await end(ctx, interrupted, "failed", error=cause.message)  # an abort cut it short
         await outcome.finish(ctx, DeploymentStatus.FAILED, cause)
         return
     record.progress.rolling_back = True

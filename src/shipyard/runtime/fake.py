@@ -519,6 +519,8 @@ class FakeRuntime:
         self.hook_output: dict[str, list[str]] = {}
         #: Points whose hook cannot start (``RevisionStartFailed``, as a missing command).
         self.hook_fail_start: set[str] = set()
+        #: Point -> an event its hook runs until (a hook that takes a while: abort it meanwhile).
+        self.hook_running: dict[str, asyncio.Event] = {}
 
     async def ensure_service(self, service: str) -> str:
         # Each region its own URL (the local one as it always was).
@@ -573,6 +575,8 @@ class FakeRuntime:
         )
         for line in self.hook_output.get(hook.point, []):
             on_output(line)
+        if hook.point in self.hook_running:
+            await self.hook_running[hook.point].wait()
         code = self.hook_exit.get(hook.point, 0)
         return HookResult(code, 5, timed_out=code is None)
 

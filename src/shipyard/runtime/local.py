@@ -9,6 +9,7 @@ plane. Used by the orchestrator wiring in ``api/app.py`` and the CLI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -212,7 +213,7 @@ class AgentClient:
 
     async def stream(
         self, path: str, body: Any, *, read_timeout: float
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """``POST path`` whose answer is NDJSON: each object as it arrives (the agent's hook
         output). ``read_timeout``: the longest silence between two lines. An agent that is
         gone is started again as for ``call`` (nothing was sent: the retry runs nothing twice);
@@ -436,14 +437,16 @@ class LocalRuntime:
         this waits that long and a margin for the answer."""
         body = {"spec": spec.to_dict(), **hook.to_dict()}
         path = f"/v1/services/{spec.service}/hooks"
+        answer = self.agent.stream(
+            path, body, read_timeout=hook.timeout_seconds + HOOK_ANSWER_MARGIN_SECONDS
+        )
         try:
-            async for item in self.agent.stream(
-                path, body, read_timeout=hook.timeout_seconds + HOOK_ANSWER_MARGIN_SECONDS
-            ):
-                if "line" in item:
-                    on_output(str(item["line"]))
-                elif "result" in item:
-                    return HookResult.from_dict(item["result"])
+            async with contextlib.aclosing(answer):  # the connection is let go of at once
+                async for item in answer:
+                    if "line" in item:
+                        on_output(str(item["line"]))
+                    elif "result" in item:
+                        return HookResult.from_dict(item["result"])
         except _AgentError as exc:
             raise RevisionStartFailed(
                 f"the agent refused hook {hook.point} of {spec.revision}: {exc.reason}"
