@@ -83,7 +83,7 @@ async def until(
 async def test_abort_of_a_frozen_deployment_needs_a_reason(
     client: httpx.AsyncClient, h: Harness
 ) -> None:
-    first, dep = await frozen(client, h)
+    _, dep = await frozen(client, h)
     url = f"/api/v1/deployments/{dep}/abort?wait=true"
     r = await client.post(url, headers=h.headers())
     assert r.status_code == 422 and r.json()["error"] == "reason_required"

@@ -14,11 +14,29 @@ from typer.testing import CliRunner
 
 from shipyard.cli import main
 from shipyard.cli.client import ApiClient
-from tests.cli.test_deployment_ids_cli import IDS, _deployment
 
 runner = CliRunner()
+IDS = ["0b8f3a56-6c2f-4a53-9d6f-1f2d4c3b2a10"]
 FULL = f"/api/v1/deployments/{IDS[0]}"
 Route = Callable[[httpx.Request], httpx.Response]
+
+
+def _deployment(dep_id: str, status: str = "Success") -> dict[str, Any]:
+    return {
+        "id": dep_id,
+        "kind": "deploy",
+        "service": "web",
+        "region": "local",
+        "status": status,
+        "blue_revision": "web-1111",
+        "green_revision": "web-2222",
+        "stages": [],
+        "error": None,
+        "metrics": {"total_duration_ms": 1234},
+        "result": {"revision": "web-2222", "url": "http://127.0.0.1:1"},
+        "triggered_by": "alice",
+        "created_at": "2026-12-01T10:00:00.000000+00:00",
+    }
 
 
 def frozen(step: int, code: str = "analysis_failed") -> dict[str, Any]:
