@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from shipyard import __version__
 from shipyard.domain.manifest import parse_manifest
+from shipyard.domain.models import Deployment
 from shipyard.orchestrator import rollback
 from tests.orchestrator.gate_receiver import Receiver, receiver
 from tests.orchestrator.world import PipelineWorld, restart
@@ -101,7 +103,9 @@ async def test_a_2xx_lets_the_deployment_through_with_the_summary(
     assert isinstance(passed.detail["duration_ms"], int)
     # The URL's path is a token: no record of the deployment names it.
     assert not any("s3cr3t" in str(r.detail) for r in records)
-    assert "s3cr3t" not in str(doc["stages"])
+    # The plan keeps the URL (a resumed deployment asks it); the API's view of it does not.
+    assert "s3cr3t" in str(doc["progress"]["plan"]["gates"])
+    assert "s3cr3t" not in str(Deployment.model_validate(doc).model_dump(mode="json"))
 
 
 async def test_a_refusal_rolls_back(world: PipelineWorld, http: Receiver) -> None:
@@ -221,8 +225,9 @@ async def test_pause_then_abort_rolls_back(world: PipelineWorld, http: Receiver)
 
 
 async def test_a_restart_while_paused_asks_again_with_the_same_key(
-    world: PipelineWorld, http: Receiver
+    world: PipelineWorld, http: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="shipyard")
     await first_then_gated(world, gate(http.url, "pre_switch", on_timeout="pause"))
     http.default = 503
     doc = await world.submit("bbbb2222", {"BlueGreen": {"switch_delay_seconds": 0}})
@@ -237,6 +242,10 @@ async def test_a_restart_while_paused_asks_again_with_the_same_key(
     assert {r.headers["idempotency-key"] for r in http.received} == {f"{doc['id']}:change-board"}
     # One stage for the gate, resumed rather than recorded twice.
     assert [s["name"] for s in final["stages"]].count("gate_change-board") == 1
+    # The resume is logged with the deployment's progress, but not the gate's URL.
+    resuming = [r for r in caplog.records if r.getMessage() == "deployment.resuming"]
+    assert resuming
+    assert not any("s3cr3t" in repr(r.__dict__) for r in caplog.records)
 
 
 async def test_a_refused_gate_freezes_with_on_failure_freeze(
