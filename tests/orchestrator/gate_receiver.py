@@ -2,7 +2,8 @@
 that records every POST (path, headers, JSON body) and answers from a script.
 
 ``answers`` is consumed in order (an ``int`` status code, or ``"slow"``: hold the request until
-the test ends, so the caller's timeout fires); once empty, ``default`` answers. Used by
+the test ends, so the caller's timeout fires); once empty, ``default`` answers. A 3xx points
+``location`` at ``/approved``, which (if followed) gets the next answer. Used by
 tests/orchestrator/test_gates.py and test_freeze.py.
 """
 
@@ -60,6 +61,8 @@ def receiver() -> Iterator[Receiver]:
                 state.released.wait(30)
                 answer = 200
             self.send_response(answer)
+            if 300 <= answer < 400:  # somewhere that would say yes, if it were followed
+                self.send_header("location", "/approved")
             self.send_header("content-length", "0")
             self.end_headers()
 

@@ -13,6 +13,7 @@ import pytest
 
 from shipyard.domain.manifest import parse_manifest
 from shipyard.errors import Conflict, ReasonRequired
+from shipyard.store.leases import LeaseStore, deployment_lease
 from tests.orchestrator.world import (
     PipelineWorld,
     crash_when_persisted,
@@ -184,3 +185,34 @@ async def test_a_crash_right_after_freezing_still_announces_it_once(world: Pipel
     assert events.count("deployment.frozen") == 1
     assert world.store.get_deployment(submitted["id"])["status"] == "Frozen"
     assert world.weights() == {stable: 90, green: 10}
+
+
+async def test_a_takeover_while_frozen_stays_frozen(tmp_path: Path) -> None:
+    """The replica holding a Frozen deployment dies (kill -9): another takes it over when its
+    lease expires, holds it Frozen (nothing re-runs), and takes the human's decision."""
+    world = PipelineWorld(tmp_path, replicas=1, rps=100.0)
+    world.builder.manifest = parse_manifest(progressive(1) + FREEZE)
+    a = world.pipeline = world.new_pipeline("a", 10.0)
+    await a.start()
+    b = world.new_pipeline("b", 10.0)
+    await b.start()
+    try:
+        stable, green, frozen = await frozen_canary(world)
+        await a.stop(release=False)  # its leases expire in their own time
+        await world.clock.sleep(60)
+        lease = LeaseStore(world.store.engine).get(deployment_lease(frozen["id"]))
+        assert lease is not None and lease.holder == "b"
+        now = world.store.get_deployment(frozen["id"])
+        assert now["status"] == "Frozen"
+        assert len(now["stages"]) == len(frozen["stages"])
+        assert world.weights() == {stable: 90, green: 10}
+        kinds = [r.event_type for r in await world.events(frozen["id"])]
+        assert kinds.count("deployment.taken_over") == 1
+        assert kinds.count("deployment.frozen") == 1
+        world.profile(green, error_rate=0.0)
+        await b.promote(frozen["id"], "bob", reason="looked at it")
+        final = doc(await b.wait(frozen["id"], timeout=60))
+        assert final["status"] == "Success", final.get("error")
+    finally:
+        await b.stop()
+        await a.stop()

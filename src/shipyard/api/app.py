@@ -10,7 +10,7 @@ as typed records) or the store (services). Both are awaited without blocking the
                                              a W3C ``traceparent`` header: the deployment's
                                              trace is a child of the caller's span
     POST /api/v1/rollback/{deployment_id}    deployment:rollback 202 (or ?wait=true)
-    POST /api/v1/deployments/{id}/promote    deployment:create   202: a Paused deployment goes on
+    POST /api/v1/deployments/{id}/promote    deployment:create   202: Paused or Frozen goes on
     POST /api/v1/deployments/{id}/abort      deployment:rollback 202: weight 0 now, roll back
     GET  /api/v1/deployments/{id}            deployment:read
     GET  /api/v1/deployments?service=NAME    deployment:read
@@ -347,10 +347,20 @@ def create_app(
         responses=_declare(404, 409, 422, *_AUTH, answers={202: {"model": api.DeploymentAccepted}}),
     )
     async def promote(
-        deployment_id: DeploymentRef, request: Request, claims: CanCreate, c: Ctx
+        deployment_id: DeploymentRef,
+        request: Request,
+        claims: CanCreate,
+        c: Ctx,
+        decision: api.DecisionCreate | None = None,
     ) -> JSONResponse:
+        """A Paused deployment goes on; a Frozen one too, with a ``reason`` (422 without)."""
         found = await _deployment(c, claims, "deployment:create", deployment_id)
-        record = await c.pipeline.promote(found.id, claims.subject, token_id=claims.token_id)
+        record = await c.pipeline.promote(
+            found.id,
+            claims.subject,
+            token_id=claims.token_id,
+            reason=decision.reason if decision else None,
+        )
         return _accepted(request, record)
 
     @app.post(
@@ -379,9 +389,16 @@ def create_app(
         c: Ctx,
         wait: Wait = False,
         timeout: WaitTimeout = 900,
+        decision: api.DecisionCreate | None = None,
     ) -> JSONResponse:
+        """Roll back a deployment in flight; a Frozen one only with a ``reason`` (422 without)."""
         found = await _deployment(c, claims, "deployment:rollback", deployment_id)
-        record = await c.pipeline.abort(found.id, claims.subject, token_id=claims.token_id)
+        record = await c.pipeline.abort(
+            found.id,
+            claims.subject,
+            token_id=claims.token_id,
+            reason=decision.reason if decision else None,
+        )
         if not wait:
             return _accepted(request, record)
         final = await c.pipeline.wait(record.id, timeout)

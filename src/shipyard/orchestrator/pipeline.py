@@ -607,7 +607,8 @@ class Pipeline:
                 "deployment.resuming",
                 deployment_id=record.id,
                 status=record.status.value,
-                progress=record.progress.model_dump(mode="json"),
+                # Not the gates: a gate URL's path may be a token.
+                progress=record.progress.model_dump(mode="json", exclude={"plan": {"gates"}}),
             )
             if own:
                 await self._audit(record, "deployment.resumed")
