@@ -27,6 +27,9 @@ from shipyard.store.secrets import SecretStore, SecretVersion
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 #: The largest value accepted (bytes of UTF-8): a key or certificate chain fits, a file does not.
 MAX_VALUE_BYTES = 64 * 1024
+#: The OpenAPI ``format`` of a value (``api/secrets.py``): text an environment variable can carry
+#: (no NUL, no lone UTF-16 surrogate), which no JSON-schema pattern can say.
+VALUE_FORMAT = "shipyard-secret-value"
 
 
 def about(service: str, name: str, version: int) -> str:
@@ -46,7 +49,12 @@ def check_name(name: str) -> str:
 def check_value(name: str, value: str) -> bytes:
     """``value`` as the bytes to seal; InvalidInput for an empty, NUL-holding or oversized one
     (an environment variable cannot hold a NUL)."""
-    raw = value.encode("utf-8")
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(
+            f"secret {name}: the value is not valid Unicode text (a lone surrogate)"
+        ) from None
     if not raw:
         raise InvalidInput(f"secret {name}: the value is empty; give the value on stdin")
     if b"\0" in raw:
