@@ -267,15 +267,45 @@ def check_migrated(
     return ran
 
 
+def gate_asks(world: World, dep_id: str) -> list[Request]:
+    return [
+        r for r in world.migrations.snapshot() if r.path == "/gate" and r.json().get("id") == dep_id
+    ]
+
+
+def check_gate_asked(world: World, dep: dict[str, Any]) -> None:
+    """The deployment's ``confirm_promotion`` gate was asked once, before the switch to 100%,
+    with the deployment's summary and its idempotency key; the answer is a stage."""
+    asks = gate_asks(world, dep["id"])
+    assert len(asks) == 1, f"gate asked {len(asks)} times"
+    body = asks[0].json()
+    assert body["gate"] == {"name": "change-board", "at": "confirm_promotion"}, body
+    assert body["revision"] == dep["green_revision"], body
+    assert asks[0].headers["idempotency-key"] == f"{dep['id']}:change-board", asks[0].headers
+    assert asks[0].headers["user-agent"].startswith("shipyard/"), asks[0].headers
+    st = stage(dep, "gate_change-board")
+    assert st["status"] == "succeeded", st
+    assert json.dumps(st).count(world.migrations.url) == 0, f"the gate's full URL is shown: {st}"
+    passed = [r for r in audit(world.server, dep["id"]) if r["event_type"] == "gate.passed"]
+    assert len(passed) == 1 and "/gate" not in json.dumps(passed), passed
+
+
 def test_a_pre_deploy_migration_runs_once_before_its_revision_and_a_failing_one_changes_nothing(
     world: World, tmp_path: Path
 ) -> None:
     server, service = world.server, "migrating"
+    # a change-management gate too: the migrations "database" answers its POST with a 201
+    gate = f'[[gates]]\nname = "change-board"\nurl = "{world.migrations.url}/gate"\n'
+    gate += 'at = "confirm_promotion"\n'
     repo = release_repo(
-        tmp_path / "repo", service, env={"MIGRATIONS_URL": world.migrations.url}, sections=MIGRATION
+        tmp_path / "repo",
+        service,
+        env={"MIGRATIONS_URL": world.migrations.url},
+        sections=MIGRATION + gate,
     )
     d1 = final(server, server.deploy_with(repo, head(repo), blue_green(), service), "Success", "v1")
     check_migrated(world, d1, "v1", ["v1"])
+    check_gate_asked(world, d1)
     d2 = final(
         server,
         server.deploy_with(repo, commit_version(repo, "v2"), blue_green(), service),
@@ -283,6 +313,7 @@ def test_a_pre_deploy_migration_runs_once_before_its_revision_and_a_failing_one_
         "v2",
     )
     check_migrated(world, d2, "v2", ["v1", "v2"])
+    check_gate_asked(world, d2)
     r2, url = d2["green_revision"], d2["result"]["url"]
     wait_until(lambda: revisions_running(server, service) == {r2}, 60, "v1 to be retired")
 
@@ -317,6 +348,7 @@ def test_a_pre_deploy_migration_runs_once_before_its_revision_and_a_failing_one_
     assert len(failed) == 1 and failed[0]["detail"]["exit_code"] == 3, failed
     assert "already exists" not in json.dumps(failed), "hook output belongs in the log only"
     assert "column notes.tags already exists" in build_log(server, d3["id"])
+    assert gate_asks(world, d3["id"]) == [], "v3's gate was asked after its migration failed"
 
 
 # --- secrets: visible to the app, nowhere else; a rollback restores the version it used --------
