@@ -9,12 +9,12 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │   │   ├── ManifestError           shipyard.toml missing or invalid, names the field
     │   │   ├── SourceError             unknown repository, commit, or commit not on branch
     │   │   │   └── SourceNotAllowed    outside --allow-source / --source-root
-    │   │   ├── UnknownRegion           target.region has no data plane configured
-    │   │   └── ReasonRequired          promote/abort of a Frozen deployment without a reason
+    │   │   └── UnknownRegion           target.region has no data plane configured
     │   ├── NotFound                    no such deployment / service (HTTP 404)
     │   ├── Conflict                    (HTTP 409)
     │   │   ├── DeploymentInProgress    one deployment per service at a time
-    │   │   └── LeaseLost               a replica's lease moved on: it may not write any more
+    │   │   ├── LeaseLost               a replica's lease moved on: it may not write any more
+    │   │   └── ReasonRequired          promote/abort of a Frozen deployment without a reason
     │   ├── InvariantViolation          a write that would make a record say something false
     │   ├── PrivateFileUnsafe           a secret's directory others may write, or a symlink
     │   ├── AuthError
@@ -127,12 +127,6 @@ class UnknownRegion(InvalidInput):
     code = "unknown_region"
 
 
-class ReasonRequired(InvalidInput):
-    """``promote`` or ``abort`` of a Frozen deployment without a reason (it is audited)."""
-
-    code = "reason_required"
-
-
 class NotFound(PermanentError):
     code = "not_found"
 
@@ -151,6 +145,13 @@ class LeaseLost(Conflict):
     driving at once; the new holder continues."""
 
     code = "lease_lost"
+
+
+class ReasonRequired(Conflict):
+    """``promote`` or ``abort`` of a Frozen deployment without a reason (it is audited): the
+    body's ``reason`` is optional, the deployment's state makes it required (HTTP 409)."""
+
+    code = "reason_required"
 
 
 class InvariantViolation(PermanentError):

@@ -44,7 +44,7 @@ async def test_promote_of_a_frozen_deployment_needs_a_reason(
     _, dep = await frozen(client, h)
     url = f"/api/v1/deployments/{dep}/promote"
     r = await client.post(url, headers=h.headers())
-    assert r.status_code == 422, r.text
+    assert r.status_code == 409, r.text
     assert r.json()["error"] == "reason_required"
     assert "--reason" in r.json()["detail"]
     r = await client.post(url, json={"reason": ""}, headers=h.headers())
@@ -86,7 +86,7 @@ async def test_abort_of_a_frozen_deployment_needs_a_reason(
     _, dep = await frozen(client, h)
     url = f"/api/v1/deployments/{dep}/abort?wait=true"
     r = await client.post(url, headers=h.headers())
-    assert r.status_code == 422 and r.json()["error"] == "reason_required"
+    assert r.status_code == 409 and r.json()["error"] == "reason_required"
     r = await client.post(url, json={"reason": "not today"}, headers=h.headers())
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "RolledBack"

@@ -117,14 +117,14 @@ def test_an_empty_reason_is_refused_before_asking(monkeypatch: pytest.MonkeyPatc
 
 def test_the_servers_refusal_without_a_reason_is_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     detail = f"deployment {IDS[0]} is Frozen: a promote needs a reason, which is audited"
-    problem = {"error": "reason_required", "status": 422, "detail": detail}
+    problem = {"error": "reason_required", "status": 409, "detail": detail}
     asked: list[tuple[str, str, Any]] = []
     monkeypatch.setattr(
         main,
         "ApiClient",
         _api(
             {
-                ("POST", f"{FULL}/promote"): lambda _: httpx.Response(422, json=problem),
+                ("POST", f"{FULL}/promote"): lambda _: httpx.Response(409, json=problem),
                 ("GET", FULL): lambda _: httpx.Response(200, json=frozen(3)),
             },
             asked,

@@ -347,7 +347,10 @@ def create_app(
         status_code=202,
         tags=["deployments"],
         response_model=None,
-        responses=_declare(404, 409, 422, *_AUTH, answers={202: {"model": api.DeploymentAccepted}}),
+        # 400: a body that is not even text (FastAPI's "error parsing the body").
+        responses=_declare(
+            400, 404, 409, 422, *_AUTH, answers={202: {"model": api.DeploymentAccepted}}
+        ),
     )
     async def promote(
         deployment_id: DeploymentRef,
@@ -356,7 +359,7 @@ def create_app(
         c: Ctx,
         decision: api.DecisionCreate | None = None,
     ) -> JSONResponse:
-        """A Paused deployment goes on; a Frozen one too, with a ``reason`` (422 without)."""
+        """A Paused deployment goes on; a Frozen one too, with a ``reason`` (409 without)."""
         found = await _deployment(c, claims, "deployment:create", deployment_id)
         record = await c.pipeline.promote(
             found.id,
@@ -372,6 +375,7 @@ def create_app(
         tags=["deployments"],
         response_model=None,
         responses=_declare(
+            400,
             404,
             409,
             422,
@@ -394,7 +398,7 @@ def create_app(
         timeout: WaitTimeout = 900,
         decision: api.DecisionCreate | None = None,
     ) -> JSONResponse:
-        """Roll back a deployment in flight; a Frozen one only with a ``reason`` (422 without)."""
+        """Roll back a deployment in flight; a Frozen one only with a ``reason`` (409 without)."""
         found = await _deployment(c, claims, "deployment:rollback", deployment_id)
         record = await c.pipeline.abort(
             found.id,

@@ -48,7 +48,8 @@ class DeploymentAccepted(BaseModel):
 
 class DecisionCreate(BaseModel):
     """The body of ``promote`` and ``abort`` (a request body, beside the answers): why. Optional,
-    except for a Frozen deployment, whose promote or abort is refused without one; audited."""
+    except for a Frozen deployment, whose promote or abort is refused without one (409
+    ``reason_required``); audited."""
 
     reason: str | None = Field(default=None, min_length=1, max_length=1000)
 
