@@ -14,7 +14,8 @@ replica, artifact digest, region, agent, port), which is how a restarted agent f
 (``adopt``) and how it recognises the containers that are its own but that no state names
 (``Agent.restore`` removes those). Its environment is built here and is never the agent's:
 ``PORT``, ``SHIPYARD_SERVICE/_REVISION/_REPLICA/_REGION`` and the manifest's ``[run] env`` (on
-top of the image's own ``ENV``). It runs with every capability dropped, ``no-new-privileges``, the
+top of the image's own ``ENV``), with the service's secrets (``agent/secret_files.py``: variables,
+and files copied in before the start). It runs with every capability dropped, ``no-new-privileges``, the
 limits of ``spec.container`` (memory, with swap the same; nano CPUs), nothing of the host
 mounted, and the engine's init as PID 1 (``docker run --init``), so that ``docker stop``'s
 SIGTERM ends an app that installs no handler, as it ends a process replica, instead of waiting
@@ -62,6 +63,7 @@ import docker
 import docker.errors
 import requests
 
+from shipyard.agent import secret_files
 from shipyard.agent.replica_logs import ReplicaLog
 from shipyard.errors import RevisionStartFailed
 from shipyard.logs import log_event
@@ -208,6 +210,8 @@ class ContainerLauncher:
             ) from exc
         try:
             await asyncio.to_thread(self._check_command, str(container.id), config, spec)
+            if spec.secret_files:
+                await asyncio.to_thread(self._put_secrets, str(container.id), options["user"], spec)
             await asyncio.to_thread(container.start)
         except RevisionStartFailed:
             await self._remove(container.id)
@@ -229,7 +233,7 @@ class ContainerLauncher:
             port=replica.port,
             network=mode,
         )
-        handle = ContainerHandle(self, str(container.id), replica.log)
+        handle = ContainerHandle(self, str(container.id), replica.log, replica.spec)
         handle.follow(since=None)
         return handle
 
@@ -267,6 +271,23 @@ class ContainerLauncher:
             command=command,
         )
 
+    def _put_secrets(self, container_id: str, user: str, spec: RevisionSpec) -> None:
+        """Copy the secret files into the created container (``agent/secret_files.py``), owned
+        by its user: numeric users in the archive itself, named ones by the engine."""
+        owner = secret_files.numeric_owner(user)
+        api = self.client.api
+        response = api.put(
+            api._url("/containers/{0}/archive", container_id),
+            params={"path": "/", **({} if owner else {"copyUIDGID": "1"})},
+            data=secret_files.archive(spec, owner),
+        )
+        if response.status_code != 200:
+            raise RevisionStartFailed(
+                f"cannot put the secret files into the container of revision {spec.revision}: "
+                f"the engine answered {response.status_code}",
+                image=spec.artifact_digest,
+            )
+
     def _executable(self, container_id: str, path: str) -> bool:
         api = self.client.api
         response = api.head(
@@ -298,6 +319,8 @@ class ContainerLauncher:
             user = NO_USER
             env["HOME"] = "/tmp"  # noqa: S108 - inside the container; "/" is not writable
         env.update(spec.env)
+        secret_env, secret_dir = secret_files.environment(spec, secret_files.CONTAINER_DIR)
+        env.update(secret_env)
         inner = container_port(spec, image) if mode == "publish" else replica.port
         env.update(
             PORT=str(inner),
@@ -305,6 +328,7 @@ class ContainerLauncher:
             SHIPYARD_REVISION=spec.revision,
             SHIPYARD_REPLICA=replica.replica_id,
             SHIPYARD_REGION=self.region,
+            **secret_dir,
         )
         options: dict[str, Any] = {
             "image": spec.artifact_digest,
@@ -373,7 +397,7 @@ class ContainerLauncher:
         if container.status != "running":
             return None
         last = await asyncio.to_thread(replica.log.last_time)
-        handle = ContainerHandle(self, str(container.id), replica.log)
+        handle = ContainerHandle(self, str(container.id), replica.log, replica.spec)
         # The engine's ``since`` is inclusive, and stored stamps are microseconds: a line the
         # engine stamped in the same microsecond as the last stored one is taken as stored.
         handle.follow(since=None if last is None else last + 1e-6)
@@ -463,10 +487,18 @@ class ContainerHandle:
 
     pid = None
 
-    def __init__(self, launcher: ContainerLauncher, container_id: str, out: ReplicaLog) -> None:
+    def __init__(
+        self,
+        launcher: ContainerLauncher,
+        container_id: str,
+        out: ReplicaLog,
+        spec: RevisionSpec | None = None,
+    ) -> None:
         self.launcher = launcher
         self.container_id = container_id
         self._log = out
+        #: The agent's mask, and the replica's own secret values (``spec``) masked too.
+        self._mask = launcher._mask if spec is None else secret_files.masking(launcher._mask, spec)
         self._loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[int] = self._loop.create_future()
         self._released = threading.Event()
@@ -497,7 +529,7 @@ class ContainerHandle:
         ).start()
 
     def _pump(self, stream: LogStream, since: float | None) -> None:
-        out, mask = self._log, self.launcher._mask
+        out, mask = self._log, self._mask
         pending = b""
 
         def write(raw: bytes) -> None:
