@@ -24,6 +24,7 @@ import base64
 import json
 import os
 import secrets
+import stat
 import subprocess
 import sys
 import time
@@ -461,11 +462,20 @@ def test_a_secret_reaches_its_app_and_nowhere_else_and_a_rollback_restores_its_v
     for text in answers + outputs:
         for value in values:
             assert value not in text, f"a secret value leaked into: {text[:300]}..."
-    # The replicas' own secret files (0400, nothing else in them) are where values belong.
+    # Where values belong: the replicas' own secret files (0400, nothing else in them), and the
+    # agent's state file, which holds the specs it restarts replicas from (documented in
+    # agent/secret_files.py: 0600 in the agent's 0700 directory).
+    state = server.data_dir / "agents" / "local" / "state.json"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600, oct(state.stat().st_mode)
+    assert stat.S_IMODE(state.parent.stat().st_mode) == 0o700, oct(state.parent.stat().st_mode)
     leaks = [
         p
         for p in files_holding(server.data_dir, needles)
-        if (server.data_dir / p).read_bytes() not in (v.encode() for v in values)
+        if (server.data_dir / p) != state
+        and not (
+            (server.data_dir / p).read_bytes() in {v.encode() for v in values}
+            and stat.S_IMODE((server.data_dir / p).stat().st_mode) == 0o400
+        )
     ]
     assert leaks == [], f"secret values in data directory files: {leaks}"
 
