@@ -51,7 +51,7 @@ async def test_a_replica_gets_its_secrets_and_nothing_else_keeps_them(tmp_path: 
                 "DB_PASSWORD": "from-run-env",
                 "SHIPYARD_SECRETS_DIR": "/elsewhere",
                 "PRINT_VAR": "DB_PASSWORD",
-            },  # fmt: skip
+            },
         )
     )
     assert VALUE not in repr(spec) and KEY_BODY not in repr(spec)

@@ -12,18 +12,18 @@ A container is created from the exact image ID (``spec.artifact_digest``, verifi
 ``agent.images.ensure_image``), never from a tag, and labelled (``LABELS``: service, revision,
 replica, artifact digest, region, agent, port), which is how a restarted agent finds it again
 (``adopt``) and how it recognises the containers that are its own but that no state names
-(``Agent.restore`` removes those). Its environment is built here and is never the agent's:
-``PORT``, ``SHIPYARD_SERVICE/_REVISION/_REPLICA/_REGION`` and the manifest's ``[run] env`` (on
-top of the image's own ``ENV``), with the service's secrets (``agent/secret_files.py``: variables,
-and files copied in before the start). It runs with every capability dropped, ``no-new-privileges``, the
-limits of ``spec.container`` (memory, with swap the same; nano CPUs), nothing of the host
-mounted, and the engine's init as PID 1 (``docker run --init``), so that ``docker stop``'s
-SIGTERM ends an app that installs no handler, as it ends a process replica, instead of waiting
-out the stop timeout. Its command (``spec.argv``, else the image's ENTRYPOINT/CMD) is looked up
-in the created container before it starts, so a command that does not exist is refused like a
-process's rather than becoming the init's exit 127. A ``[run] command`` replaces both the
-image's ENTRYPOINT and its CMD (Kubernetes' ``command``, Cloud Run's): the manifest says what
-runs, whatever the image was built to start.
+(``Agent.restore`` removes those). Its environment is built here and is never the agent's: ``PORT``,
+``SHIPYARD_SERVICE/_REVISION/_REPLICA/_REGION`` and the manifest's ``[run] env`` (on top of the
+image's own ``ENV``), with the service's secrets (``agent/secret_files.py``: variables, and files
+copied in before the start). It runs with every capability dropped, ``no-new-privileges``, the
+limits of ``spec.container`` (memory, with swap the same; nano CPUs), nothing of the host mounted,
+and the engine's init as PID 1 (``docker run --init``), so that ``docker stop``'s SIGTERM ends an
+app that installs no handler, as it ends a process replica, instead of waiting out the stop timeout.
+Its command (``spec.argv``, else the image's ENTRYPOINT/CMD) is looked up in the created container
+before it starts, so a command that does not exist is refused like a process's rather than becoming
+the init's exit 127. A ``[run] command`` replaces both the image's ENTRYPOINT and its CMD
+(Kubernetes' ``command``, Cloud Run's): the manifest says what runs, whatever the image was built
+to start.
 
 The image's ``USER`` is kept; an image that names none runs as ``65534:65534`` (nobody) with
 ``HOME=/tmp`` rather than as root, since nothing an ordinary web app does needs root (binding

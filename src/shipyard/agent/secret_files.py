@@ -31,7 +31,7 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 from shipyard.errors import RevisionStartFailed
@@ -72,9 +72,7 @@ def write(directory: Path, spec: RevisionSpec, sandbox: Sandbox) -> None:
     check_names(spec)
     directory.mkdir(mode=0o700)
     for name, value in spec.secret_files.items():
-        fd = os.open(
-            directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400
-        )
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
         try:
             os.write(fd, value.encode("utf-8"))
         finally:
