@@ -115,7 +115,9 @@ def test_the_container_archive_is_private_and_owned() -> None:
         artifact_kind="oci-image",
         secret_files={"tls.key": KEY},
     )
-    blob = secret_files.archive(spec, secret_files.numeric_owner("65534:65534"))
+    owner = secret_files.numeric_owner("65534:65534")
+    assert owner == (65534, 65534)
+    blob = secret_files.archive(spec, owner)
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         members = {m.name: (m.mode, m.uid, m.gid, m.isdir()) for m in tar.getmembers()}
     assert members == {
@@ -124,6 +126,9 @@ def test_the_container_archive_is_private_and_owned() -> None:
     }
     assert secret_files.numeric_owner("1000") == (1000, 1000)
     assert secret_files.numeric_owner("app") is None
+    passwd = "root:x:0:0::/root:/bin/sh\napp:x:1001:1002::/home/app:/bin/sh\n"
+    assert secret_files.passwd_entry(passwd, "app") == (1001, 1002)
+    assert secret_files.passwd_entry(passwd, "nobody") is None
 
 
 async def _logged(log_dir: Path, text: str) -> bool:
