@@ -124,6 +124,8 @@ def test_the_container_archive_is_private_and_owned() -> None:
         "run/shipyard-secrets": (0o700, 65534, 65534, True),
         "run/shipyard-secrets/tls.key": (0o400, 65534, 65534, False),
     }
+    # What the agent keeps in state.json and reads back to restart replicas.
+    assert RevisionSpec.from_dict(spec.to_dict()).secret_files == {"tls.key": KEY}
     assert secret_files.numeric_owner("1000") == (1000, 1000)
     assert secret_files.numeric_owner("app") is None
     passwd = "root:x:0:0::/root:/bin/sh\napp:x:1001:1002::/home/app:/bin/sh\n"
