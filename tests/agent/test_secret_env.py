@@ -51,7 +51,7 @@ async def test_a_replica_gets_its_secrets_and_nothing_else_keeps_them(tmp_path: 
                 "DB_PASSWORD": "from-run-env",
                 "SHIPYARD_SECRETS_DIR": "/elsewhere",
                 "PRINT_VAR": "DB_PASSWORD",
-            },  # fmt: skip
+            },
         )
     )
     assert VALUE not in repr(spec) and KEY_BODY not in repr(spec)
@@ -115,15 +115,22 @@ def test_the_container_archive_is_private_and_owned() -> None:
         artifact_kind="oci-image",
         secret_files={"tls.key": KEY},
     )
-    blob = secret_files.archive(spec, secret_files.numeric_owner("65534:65534"))
+    owner = secret_files.numeric_owner("65534:65534")
+    assert owner == (65534, 65534)
+    blob = secret_files.archive(spec, owner)
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         members = {m.name: (m.mode, m.uid, m.gid, m.isdir()) for m in tar.getmembers()}
     assert members == {
         "run/shipyard-secrets": (0o700, 65534, 65534, True),
         "run/shipyard-secrets/tls.key": (0o400, 65534, 65534, False),
     }
+    # What the agent keeps in state.json and reads back to restart replicas.
+    assert RevisionSpec.from_dict(spec.to_dict()).secret_files == {"tls.key": KEY}
     assert secret_files.numeric_owner("1000") == (1000, 1000)
     assert secret_files.numeric_owner("app") is None
+    passwd = "root:x:0:0::/root:/bin/sh\napp:x:1001:1002::/home/app:/bin/sh\n"
+    assert secret_files.passwd_entry(passwd, "app") == (1001, 1002)
+    assert secret_files.passwd_entry(passwd, "nobody") is None
 
 
 async def _logged(log_dir: Path, text: str) -> bool:

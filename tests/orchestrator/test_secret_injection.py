@@ -116,6 +116,22 @@ async def test_a_cold_rollback_restores_the_older_values(world: PipelineWorld) -
     assert world.runtime.specs[v1].secret_files == {"tls.key": KEY}
 
 
+async def test_the_reconciler_restarts_with_the_deployed_versions(world: PipelineWorld) -> None:
+    """A region that lost the service gets the serving revision back with the values it was
+    deployed with, not the newest: a new value reaches replicas only by deploying."""
+    await world.secrets.set("api", "DB_PASSWORD", ONE, by="alice")
+    await world.secrets.set("api", "TLS_KEY", KEY, by="alice")
+    first = await world.deploy("aaaa1111", {"BlueGreen": {"switch_delay_seconds": 0}})
+    v1 = first["green_revision"]
+    await world.secrets.set("api", "DB_PASSWORD", TWO, by="alice")
+    world.runtime.services["api"].replicas.clear()  # e.g. an agent that lost its state
+    world.runtime.services["api"].weights = {}
+    del world.runtime.specs[v1]
+    await world.pipeline.reconcile_data_planes()
+    assert world.weights() == {v1: 100}
+    assert world.runtime.specs[v1].secret_env == {"DB_PASSWORD": ONE}
+
+
 async def test_a_deployment_without_secrets_records_none(tmp_path: Path) -> None:
     w = PipelineWorld(tmp_path)
     await w.pipeline.start()

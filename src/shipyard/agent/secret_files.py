@@ -12,8 +12,9 @@ one-off process (``agent/hooks.py``) gets the same through the same functions.
   in the sandbox; the run directory is made afresh at every process start and removed when the
   replica stops, so the files live exactly as long as the process that reads them.
 - Image replicas: the same directory, ``/run/shipyard-secrets``, is copied into the created
-  container before it starts (the engine's archive API, owned by the container's user), so it
-  works with an engine on another host as well; it lives in the container's writable layer
+  container before it starts (the engine's archive API; owned by the container's user: a
+  numeric one as is, a name looked up in the image's own ``/etc/passwd``), so it works with an
+  engine on another host as well; it lives in the container's writable layer
   until the container is removed. The environment is the container's (``docker inspect``
   shows it to whoever may talk to the engine, as for any container's environment).
 - Output: ``masking`` adds the replica's own secret values to the agent's log mask, so a value
@@ -31,7 +32,7 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 from shipyard.errors import RevisionStartFailed
@@ -80,16 +81,16 @@ def write(directory: Path, spec: RevisionSpec, sandbox: Sandbox) -> None:
     sandbox.hand_over(spec.service, directory)
 
 
-def archive(spec: RevisionSpec, owner: tuple[int, int] | None) -> bytes:
+def archive(spec: RevisionSpec, owner: tuple[int, int]) -> bytes:
     """``CONTAINER_DIR`` with ``spec.secret_files`` in it, as a tar to extract at ``/``: the
-    directory 0700, the files 0400, owned by ``owner`` (uid, gid; None: root, for the engine to
-    give them to the container's user). Its parents are not in it: the engine makes a missing
-    one as it makes any, and an existing ``/run`` keeps its owner and mode."""
+    directory 0700, the files 0400, owned by ``owner`` (uid, gid). Its parents are not in it:
+    the engine makes a missing one as it makes any, and an existing ``/run`` keeps its owner
+    and mode."""
     check_names(spec)
     out = io.BytesIO()
     now = time.time()
     root = CONTAINER_DIR.strip("/")
-    uid, gid = owner or (0, 0)
+    uid, gid = owner
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo(root)
         info.type, info.mode, info.mtime, info.uid, info.gid = tarfile.DIRTYPE, 0o700, now, uid, gid
@@ -104,10 +105,31 @@ def archive(spec: RevisionSpec, owner: tuple[int, int] | None) -> bytes:
 
 def numeric_owner(user: str) -> tuple[int, int] | None:
     """A container's ``user`` as (uid, gid) when it is numeric (``1000``, ``65534:65534``);
-    None for a name, which only the engine can resolve."""
+    None for a name (``passwd_entry`` finds it in the image's ``/etc/passwd``)."""
     uid, _, gid = user.partition(":")
     if uid.isdigit() and (not gid or gid.isdigit()):
         return int(uid), int(gid or uid)
+    return None
+
+
+def tar_member_text(blob: bytes, name: str) -> str:
+    """The text of the member called ``name`` (its base name) in the tar ``blob`` (what the
+    engine's archive API answers); KeyError when there is none."""
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.rsplit("/", 1)[-1] == name:
+                data = tar.extractfile(member)
+                if data is not None:
+                    return data.read().decode("utf-8", errors="replace")
+    raise KeyError(name)
+
+
+def passwd_entry(passwd: str, user: str) -> tuple[int, int] | None:
+    """(uid, gid) of ``user`` in an ``/etc/passwd`` text; None when it is not there."""
+    for line in passwd.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[0] == user and fields[2].isdigit() and fields[3].isdigit():
+            return int(fields[2]), int(fields[3])
     return None
 
 
