@@ -482,6 +482,21 @@ def test_a_secret_reaches_its_app_and_nowhere_else_and_a_rollback_restores_its_v
     ]
     assert leaks == [], f"secret values in data directory files: {leaks}"
 
+    # --- removed: no longer listed, audited; the next deployment would miss it ---
+    world.shipyard("secret", "rm", service, "API_KEY", perms=write)
+    listed = world.shipyard("secret", "list", service).stdout
+    assert "DB_PASSWORD" in listed and "API_KEY" not in listed, listed
+    trail = json.loads(
+        world.shipyard(
+            "audit", "show", "--data-dir", str(server.data_dir), "--format", "json"
+        ).stdout
+    )
+    removed = [r for r in trail if r["event_type"] == "secret.removed" and r["service"] == service]
+    assert [r["detail"]["name"] for r in removed] == ["API_KEY"], removed
+    d3 = final(server, server.deploy_with(repo, head(repo), blue_green(), service), "Failed", "d3")
+    assert d3["error"]["type"] == "SecretMissing" and "API_KEY" in d3["error"]["message"], d3
+    assert server.service(service)["weights"] == {r1: 100}, "a failed pre-flight changed nothing"
+
 
 # --- notifications: signed, never lost --------------------------------------------------------
 
