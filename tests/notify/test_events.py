@@ -58,6 +58,8 @@ def test_the_mapped_event_types_exist_in_the_code() -> None:
     pending = {"hook.succeeded", "hook.failed", "gate.passed", "gate.refused"}
     pending |= {"deployment.frozen", "deployment.unfrozen"}
     terminal = {"deployment.rolledback", "deployment.failed", "deployment.success"}
+    # stage.py audits a failed stage as f"{audit}.failed": checked below through the stages.
+    stage_failures = {t for t in events.AUDIT_TO_EVENT if t.endswith(".failed")} - terminal
     source = subprocess.run(
         ["grep", "-rhoE", r"\"[a-z_]+\.[a-z_]+\"", str(SRC / "orchestrator")],
         capture_output=True,
@@ -65,8 +67,17 @@ def test_the_mapped_event_types_exist_in_the_code() -> None:
         check=True,
     ).stdout
     emitted = {s.strip('"') for s in source.split()}
-    for event_type in set(events.AUDIT_TO_EVENT) - pending - terminal:
+    for event_type in set(events.AUDIT_TO_EVENT) - pending - terminal - stage_failures:
         assert event_type in emitted, event_type
+    audited_stages = subprocess.run(
+        ["grep", "-rhoE", r"audit=\"[a-z_]+\"", str(SRC / "orchestrator")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    names = {s.split('"')[1] for s in audited_stages.split()}
+    for event_type in stage_failures - pending:
+        assert event_type.removesuffix(".failed") in names, event_type
 
 
 def record(**over: object) -> AuditRecord:

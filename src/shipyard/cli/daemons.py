@@ -177,7 +177,7 @@ def serve(
         typer.Option(
             "--config",
             envvar="SHIPYARD_SERVER_CONFIG",
-            help="A server config file (TOML): [[notifications.sinks]] (webhook or slack; "
+            help="A server config file (TOML): notifications.sinks tables (webhook or slack; "
             "secret_env / url_env name variables of serve's environment). Its sinks replace "
             "the previous file's at every start.",
         ),
