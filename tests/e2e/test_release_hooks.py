@@ -353,6 +353,15 @@ def test_a_pre_deploy_migration_runs_once_before_its_revision_and_a_failing_one_
     assert "already exists" not in json.dumps(failed), "hook output belongs in the log only"
     assert "column notes.tags already exists" in build_log(server, d3["id"])
     assert gate_asks(world, d3["id"]) == [], "v3's gate was asked after its migration failed"
+    # the team hears of it (the module's sink gets every event)
+    wait_until(
+        lambda: (
+            {"deployment.failed", "stage.done"}
+            <= {r.json()["event"] for r in delivered_to(world, d3["id"])}
+        ),
+        60,
+        "v3's deployment.failed notification",
+    )
 
 
 # --- secrets: visible to the app, nowhere else; a rollback restores the version it used --------
