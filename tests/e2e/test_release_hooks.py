@@ -109,13 +109,10 @@ class World:
             )
         return done
 
-    def restart(self, *, kill9: bool) -> None:
-        """``serve`` stops (SIGKILL, or SIGTERM) and starts again on the same data directory;
-        its agent and the replicas keep running."""
-        if kill9:
-            self.server.kill9()
-        else:
-            self.server.stop()
+    def kill9_and_restart(self) -> None:
+        """``kill -9`` of ``serve``, then a new one on the same data directory (its agent and
+        the replicas keep running)."""
+        self.server.kill9()
         self.server.start()
 
 
@@ -564,7 +561,7 @@ def test_signed_notifications_of_every_state_change_arrive_after_a_down_receiver
         shown = world.shipyard("status", d1["id"]).stdout
         assert SINK in shown and "pending" in shown, shown
         # kill -9 of the control plane with all of it undelivered
-        world.restart(kill9=True)
+        world.kill9_and_restart()
     finally:
         world.receiver.up()
     server.promote(d2_id)
@@ -704,7 +701,7 @@ def test_a_frozen_deployment_stays_frozen_until_a_human_promotes_or_aborts_it(
         refused = server.client.post(f"/api/v1/rollback/{d1['id']}")
         assert refused.status_code == 409 and "frozen" in refused.text, refused.text
         # --- kill -9 of serve: still Frozen, nothing re-run ---
-        world.restart(kill9=True)
+        world.kill9_and_restart()
         stays(server, d2_id, service, split, 3)
         shown = world.shipyard("status", d2_id).stdout
         assert "Frozen" in shown, shown
