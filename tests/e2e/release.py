@@ -173,6 +173,8 @@ about = {
     "has_db_password": bool(os.environ.get("DB_PASSWORD")),
 }
 print(f"migrating the notes schema to {VERSION}", flush=True)
+if os.environ.get("DB_PASSWORD"):  # careless, as real migrations are: the log must mask it
+    print(f"connecting as notes with password {os.environ['DB_PASSWORD']}", flush=True)
 post("/attempts", about)
 if (HERE / "migration_fails.txt").exists():
     print(f"migration to {VERSION} failed: column notes.tags already exists", file=sys.stderr)
@@ -199,7 +201,11 @@ def _applied_at_start():
     if not url:
         return None
     query = urllib.parse.urlencode(
-        {"version": VERSION, "replica": os.environ.get("SHIPYARD_REPLICA", "")}
+        {
+            "version": VERSION,
+            "service": os.environ.get("SHIPYARD_SERVICE", ""),
+            "replica": os.environ.get("SHIPYARD_REPLICA", ""),
+        }
     )
     with urllib.request.urlopen(f"{url}/applied?{query}", timeout=10) as r:
         return json.load(r)

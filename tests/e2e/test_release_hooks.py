@@ -195,20 +195,25 @@ def revisions_running(server: Server, service: str) -> set[str]:
 # --- hooks: a migration before the new revision starts -----------------------------------------
 
 
-def migration_posts(world: World, kind: str, version: str) -> list[Request]:
+def migration_posts(
+    world: World, kind: str, version: str, service: str = "migrating"
+) -> list[Request]:
+    """What ``service``'s migrations of ``version`` told the database (``attempts``/``applied``)."""
     return [
         r
         for r in world.migrations.snapshot()
-        if r.method == "POST" and r.path == f"/{kind}" and r.json()["version"] == version
+        if r.method == "POST"
+        and r.path == f"/{kind}"
+        and (r.json()["version"], r.json()["service"]) == (version, service)
     ]
 
 
-def start_reads(world: World, version: str) -> list[Request]:
+def start_reads(world: World, version: str, service: str = "migrating") -> list[Request]:
     """The replicas' reads of the migrations at start (release_app.py), of ``version``."""
     return [
         r
         for r in world.migrations.snapshot()
-        if r.method == "GET" and f"version={version}&" in r.path
+        if r.method == "GET" and f"version={version}&service={service}&" in r.path
     ]
 
 
@@ -376,10 +381,12 @@ def test_a_secret_reaches_its_app_and_nowhere_else_and_a_rollback_restores_its_v
     assert server.client is not None
     first, second = "pw1-" + secrets.token_hex(16), "pw2-" + secrets.token_hex(16)
     api_key = "key-" + secrets.token_hex(16)
-    repo = release_repo(
+    repo = release_repo(  # with the migration: a hook gets the secrets a replica gets
         tmp_path / "repo",
         service,
+        env={"MIGRATIONS_URL": world.migrations.url},
         run_extra='secrets = ["DB_PASSWORD"]\nsecret_files = { API_KEY = "api-key" }\n',
+        sections=MIGRATION,
     )
     write = ("secret:write",)
 
@@ -388,6 +395,7 @@ def test_a_secret_reaches_its_app_and_nowhere_else_and_a_rollback_restores_its_v
     assert d0["error"]["type"] == "SecretMissing", d0["error"]
     assert f"shipyard secret set {service}" in d0["error"]["message"], d0["error"]
     assert "start" not in [s["name"] for s in d0["stages"]], d0["stages"]
+    assert migration_posts(world, "attempts", "v1", service) == [], "the hook ran without it"
 
     # --- set from stdin (one trailing newline stripped), listed without values ---
     world.shipyard("secret", "set", service, "DB_PASSWORD", perms=write, stdin=first + "\n")
@@ -405,6 +413,10 @@ def test_a_secret_reaches_its_app_and_nowhere_else_and_a_rollback_restores_its_v
     assert view["db_password"] == first, "the replica's env has the secret, newline stripped"
     assert view["files"] == {"api-key": {"value": api_key, "mode": "0o400", "owned": True}}, view
     assert view["dir_mode"] == "0o700", view
+    # the migration ran with the secret, and the deployment's log masks what it printed
+    (migrated,) = migration_posts(world, "applied", "v1", service)
+    assert migrated.json()["has_db_password"] is True, migrated.json()
+    assert "connecting as notes with password" in build_log(server, d1["id"])
 
     # --- a new value, a new deployment; then a cold rollback restores the old value ---
     world.shipyard("secret", "set", service, "DB_PASSWORD", perms=write, stdin=second)
