@@ -30,6 +30,7 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │       ├── StableRevisionMissing   the store names a serving revision the data plane lacks
     │       ├── DeploymentAborted       a human aborted it (POST /deployments/{id}/abort)
     │       ├── RegionUnreachable       {region}: a fleet's region did not answer in time
+    │       ├── SecretMissing           a [run] secrets name not set for the service
     │       └── RollbackFailed
     └── TransientError                  retry after ``retry_after`` seconds
         └── AgentUnavailable            the region's data plane did not answer
@@ -232,6 +233,13 @@ class RegionUnreachable(DeploymentError):
     (``runtime/fleet.py``); ``region`` in the detail names it."""
 
     code = "region_unreachable"
+
+
+class SecretMissing(DeploymentError):
+    """A secret the manifest names (``[run] secrets`` / ``secret_files``) is not set for the
+    service, or a version a revision recorded is gone: nothing was started."""
+
+    code = "secret_missing"
 
 
 class RollbackFailed(DeploymentError):

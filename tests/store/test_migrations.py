@@ -44,6 +44,7 @@ TABLES = {
     "leases",  # 0003_leases
     "deployment_commands",
     "active_regions",
+    "app_secrets",  # 0004_secrets
     "notification_sinks",  # 0005_notifications
     "notification_outbox",
     "revisions",

@@ -26,6 +26,7 @@ as typed records) or the store (services). Both are awaited without blocking the
     GET  /api/v1/tokens                      token:admin         every issued token (no secrets)
     DELETE /api/v1/tokens/{token_id}         token:admin         revoke: 401 from the next request
     POST/GET /api/v1/regions, DELETE /{name} region:admin        remote regions (api/regions.py)
+    PUT/GET/DELETE /api/v1/services/{name}/secrets[/{secret}]    app secrets (api/secrets.py)
     GET  /healthz                            no auth
 
 Deployment permissions may be scoped to services (``deployment:create:web-*``, see
@@ -53,6 +54,7 @@ from shipyard.api import metrics as metrics_mod
 from shipyard.api import notifications as notifications_api
 from shipyard.api import regions as regions_api
 from shipyard.api import schemas as api
+from shipyard.api import secrets as secrets_api
 from shipyard.api.auth import Claims, require_permission
 from shipyard.api.context import AppContext, build_context
 from shipyard.api.limits import BodySizeLimit, ConcurrencyLimit, HeaderCountLimit
@@ -260,6 +262,7 @@ def create_app(
     service_ops.install(app)  # PUT /services/{name}/replicas, DELETE /services/{name}
     app.include_router(logs_api.router)
     app.include_router(regions_api.router)  # /api/v1/regions (region:admin)
+    app.include_router(secrets_api.router)  # /api/v1/services/{service}/secrets (secret:write)
     app.include_router(notifications_api.router)  # /api/v1/notifications (notifications:admin)
     # Joined regions come and go while serving: the schema follows the runtimes map.
     _declare_regions(

@@ -39,6 +39,7 @@ from shipyard.orchestrator.pipeline import Pipeline
 from shipyard.private_files import ensure_private_dir
 from shipyard.runtime.base import Runtime
 from shipyard.runtime.local import LocalRuntime
+from shipyard.security.app_secrets import AppSecrets
 from shipyard.security.gate import SecurityGate
 from shipyard.security.pki import FleetPki
 from shipyard.security.sealing import Sealer
@@ -48,6 +49,7 @@ from shipyard.store.db import AsyncStore, Store
 from shipyard.store.engine import open_engine
 from shipyard.store.outbox import OutboxStore
 from shipyard.store.regions import RegionStore
+from shipyard.store.secrets import SecretStore
 from shipyard.store.tokens import TokenStore
 
 
@@ -62,6 +64,8 @@ class AppContext:
     closers: list[Any] = field(default_factory=list)
     #: Remote regions (api/fleet_control.py); made on first use when a test's context has none.
     regions: RegionService | None = None
+    #: App secrets (api/secrets.py), the same object as the pipeline's ``Deps.secrets``.
+    secrets: AppSecrets | None = None
     #: Notification sinks (api/notifications.py); None in a test's context made of fakes.
     notifications: SinkService | None = None
 
@@ -79,6 +83,19 @@ class AppContext:
                 cert_ttl_seconds=self.settings.fleet_cert_ttl_seconds,
             )
         return self.regions
+
+    def secret_service(self) -> AppSecrets:
+        """The services' secrets; a test's context without them gets them on first use, over
+        its store, audit log and ``shared_dir``'s key (and its pipeline gets the same)."""
+        if self.secrets is None:
+            self.secrets = AppSecrets(
+                SecretStore(self.store.sync.engine),
+                Sealer.for_dir(self.settings.shared_dir),
+                self.audit,
+            )
+            if self.pipeline.deps.secrets is None:
+                self.pipeline.deps.secrets = self.secrets
+        return self.secrets
 
     async def aclose(self) -> None:
         await self.pipeline.stop()
@@ -125,6 +142,8 @@ async def build_context(settings: Settings) -> AppContext:
         await asyncio.to_thread(traced.shutdown)  # a last export may wait on the collector
 
     closers.append(flush_traces)
+    # Sealed with <shared_dir>/keys/secrets.key: every replica sharing the directory opens them.
+    secrets = AppSecrets(SecretStore(engine), Sealer.for_dir(shared), audit)
     pipeline = Pipeline(
         store=store,
         audit=audit,
@@ -153,6 +172,7 @@ async def build_context(settings: Settings) -> AppContext:
         replica_id=settings.replica_id or socket.gethostname(),
         lease_seconds=settings.lease_seconds,
         tracer=traced.tracer,
+        secrets=secrets,
     )
     closers.append(_dispose(engine))
     token_store = TokenStore(engine)
@@ -163,7 +183,9 @@ async def build_context(settings: Settings) -> AppContext:
         token_store,
         audit,
     )
-    context = AppContext(settings, store, audit, pipeline, tokens, runtimes, closers)
+    context = AppContext(
+        settings, store, audit, pipeline, tokens, runtimes, closers, secrets=secrets
+    )
     context.notifications = await _start_notifications(context, engine)
     await _start_fleet(context)
     return context

@@ -11,6 +11,7 @@
     shipyard abort     abort a deployment in flight: traffic back on stable at once
     shipyard scale     change a service's replica count without a deployment (cli/services.py)
     shipyard service   delete a service (cli/services.py)
+    shipyard secret    a service's app secrets: set (from stdin), list, rm (cli/secrets.py)
     shipyard audit     verify / prove / show the hash-chained audit trail
     shipyard token     create API tokens
     shipyard keys      export the artifact-signing public key (for verifiers)
@@ -53,6 +54,7 @@ from shipyard.cli.logs import logs_app
 from shipyard.cli.notifications import notification_lines, notifications_app
 from shipyard.cli.regions import region_app
 from shipyard.cli.safe import console, shown
+from shipyard.cli.secrets import secret_app
 from shipyard.cli.security import security_app
 from shipyard.cli.services import services_app
 from shipyard.cli.strategy_flags import strategy_from_flags
@@ -83,6 +85,7 @@ app.add_typer(agent_app, name="agent")
 app.command()(daemons.serve)
 app.add_typer(logs_app)  # logs
 app.add_typer(region_app, name="region")  # region add/list/remove (cli/regions.py)
+app.add_typer(secret_app, name="secret")  # secret set/list/rm (cli/secrets.py)
 app.add_typer(notifications_app, name="notifications")  # list/add/rm/test (cli/notifications.py)
 
 out = console()

@@ -881,6 +881,13 @@ class Deployment(ReadModel):
         "taken over then); null once it is over, or while no replica holds it (Shipyard "
         "extension).",
     )
+    secrets: dict[str, int] = Field(
+        default_factory=dict,
+        exclude_if=lambda v: not v,
+        description="The version of each app secret its revision runs with, e.g. "
+        '`{"DB_PASSWORD": 3}` (`shipyard secret list`); never a value. Absent when it uses '
+        "none (Shipyard extension).",
+    )
     trace_id: str | None = Field(
         default=None,
         exclude_if=lambda v: v is None,

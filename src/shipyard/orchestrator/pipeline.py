@@ -72,6 +72,7 @@ from shipyard.orchestrator.record import (
 from shipyard.orchestrator.services import ServiceOps
 from shipyard.orchestrator.stage import Rollback
 from shipyard.runtime.base import Runtime
+from shipyard.security.app_secrets import SecretResolver
 from shipyard.security.gate import SecurityGate
 from shipyard.store.db import AsyncStore
 from shipyard.store.leases import (
@@ -125,6 +126,7 @@ class Pipeline:
         replica_id: str = "local",
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         tracer: Tracer = tracing.NOOP,
+        secrets: SecretResolver | None = None,
     ) -> None:
         """``replica_id``: this replica's name in the leases (``serve --replica-id``);
         ``lease_seconds``: how long a lease lasts without renewal (a dead replica's deployments
@@ -151,6 +153,7 @@ class Pipeline:
             image_exporter=image_exporter,
             leases=self.leases,
             tracer=tracer,
+            secrets=secrets,  # app secrets (security/app_secrets.py)
         )
         self.records = self.deps.records
         self.replica_id = replica_id

@@ -325,6 +325,9 @@ class DeploymentRecord(RecordBase):
     attestation: Attestation | None = None
     #: The manual rollback that undid it.
     rolled_back_by: str | None = None
+    #: ``{name: version}`` of every secret its revision gets (``[run] secrets`` and
+    #: ``secret_files``), pinned at pre-flight; never a value. Empty: none (or recorded before).
+    secrets: dict[str, int] = Field(default_factory=dict)
 
     @classmethod
     def submitted(
@@ -408,6 +411,12 @@ class RevisionRecord(_Model):
     container: dict[str, Any] | None = None
     #: ``[run] stop_timeout_seconds``.
     stop_timeout: float = 10.0
+    #: ``{name: version}`` of the service's secrets it runs with, pinned when it was deployed
+    #: (so a rollback to it restores those values); never a value (``artifacts.spec`` opens
+    #: them). Each is an environment variable of its name unless ``secret_files`` names it.
+    secrets: dict[str, int] = Field(default_factory=dict)
+    #: ``[run] secret_files``: secret name -> file name in ``$SHIPYARD_SECRETS_DIR``.
+    secret_files: dict[str, str] = Field(default_factory=dict)
 
     def spec(self) -> RevisionSpec:
         """What a runtime runs. Revisions stored before ``health_endpoint`` existed take it

@@ -137,11 +137,25 @@ class RevisionSpec:
     #: Seconds a replica has to exit after the stop signal (``[run] stop_timeout_seconds``);
     #: then it is killed. Draining the router's requests to it comes before the signal.
     stop_timeout: float = 10.0
+    #: The service's secrets as environment variables (``[run] secrets``), set after ``env``
+    #: (``PORT`` and ``SHIPYARD_*`` still win); values, so never in a repr, a log or a record:
+    #: ``orchestrator/artifacts.spec`` fills them in for the runtime only.
+    secret_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: ``[run] secret_files``: file name -> value, written by the agent into a private
+    #: directory (0700, files 0400) the replica finds in ``SHIPYARD_SECRETS_DIR``.
+    secret_files: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as the agent receives it (over its local socket or mutual TLS): the
+        secrets' values included, so never log what this returns."""
         d = asdict(self)
         d["argv"] = list(self.argv)
         d["env"] = dict(self.env)
+        for key in ("secret_env", "secret_files"):  # absent when empty: what older agents read
+            if d[key]:
+                d[key] = dict(d[key])
+            else:
+                del d[key]
         d["provenance"] = dict(self.provenance) if self.provenance is not None else None
         if self.entry is None:
             del d["entry"]  # what an agent from before entry specs accepts

@@ -15,9 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005_notifications"
-# TODO(merge): "0004_secrets" once H4's i16-secrets is merged; "0003_leases" until then so this
-# branch migrates on its own.
-down_revision = "0003_leases"
+down_revision = "0004_secrets"
 branch_labels = None
 depends_on = None
 
