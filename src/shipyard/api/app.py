@@ -262,8 +262,8 @@ def create_app(
     service_ops.install(app)  # PUT /services/{name}/replicas, DELETE /services/{name}
     app.include_router(logs_api.router)
     app.include_router(regions_api.router)  # /api/v1/regions (region:admin)
-    app.include_router(notifications_api.router)  # /api/v1/notifications (notifications:admin)
     app.include_router(secrets_api.router)  # /api/v1/services/{service}/secrets (secret:write)
+    app.include_router(notifications_api.router)  # /api/v1/notifications (notifications:admin)
     # Joined regions come and go while serving: the schema follows the runtimes map.
     _declare_regions(
         app,

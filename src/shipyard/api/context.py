@@ -64,10 +64,10 @@ class AppContext:
     closers: list[Any] = field(default_factory=list)
     #: Remote regions (api/fleet_control.py); made on first use when a test's context has none.
     regions: RegionService | None = None
-    #: Notification sinks (api/notifications.py); None in a test's context made of fakes.
-    notifications: SinkService | None = None
     #: App secrets (api/secrets.py), the same object as the pipeline's ``Deps.secrets``.
     secrets: AppSecrets | None = None
+    #: Notification sinks (api/notifications.py); None in a test's context made of fakes.
+    notifications: SinkService | None = None
 
     def region_service(self) -> RegionService:
         """The region registry over this context's store, audit log and runtimes."""

@@ -35,8 +35,8 @@ DESCRIPTIONS: dict[str, str] = {
     "service:delete": "delete a service: stop its replicas, remove its route",
     "token:admin": "list and revoke tokens",
     "region:admin": "add, list and remove remote regions (join tokens)",
-    "notifications:admin": "add, list, test and remove notification sinks",
     "secret:write": "set and remove a service's app secrets (never read them back)",
+    "notifications:admin": "add, list, test and remove notification sinks",
 }
 PERMISSIONS: frozenset[str] = frozenset(DESCRIPTIONS)
 #: The permissions that can be narrowed to services.

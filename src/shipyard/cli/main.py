@@ -85,8 +85,8 @@ app.add_typer(agent_app, name="agent")
 app.command()(daemons.serve)
 app.add_typer(logs_app)  # logs
 app.add_typer(region_app, name="region")  # region add/list/remove (cli/regions.py)
-app.add_typer(notifications_app, name="notifications")  # list/add/rm/test (cli/notifications.py)
 app.add_typer(secret_app, name="secret")  # secret set/list/rm (cli/secrets.py)
+app.add_typer(notifications_app, name="notifications")  # list/add/rm/test (cli/notifications.py)
 
 out = console()
 
