@@ -42,6 +42,7 @@ ONE_WORKER_MODULES = frozenset(
         "tests/e2e/test_containers.py",
         "tests/e2e/test_fleet.py",
         "tests/e2e/test_ha.py",
+        "tests/e2e/test_release_hooks.py",
         "tests/agent/test_containers.py",
     }
 )

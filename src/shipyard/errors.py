@@ -13,7 +13,8 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │   ├── NotFound                    no such deployment / service (HTTP 404)
     │   ├── Conflict                    (HTTP 409)
     │   │   ├── DeploymentInProgress    one deployment per service at a time
-    │   │   └── LeaseLost               a replica's lease moved on: it may not write any more
+    │   │   ├── LeaseLost               a replica's lease moved on: it may not write any more
+    │   │   └── ReasonRequired          promote/abort of a Frozen deployment without a reason
     │   ├── InvariantViolation          a write that would make a record say something false
     │   ├── PrivateFileUnsafe           a secret's directory others may write, or a symlink
     │   ├── AuthError
@@ -30,7 +31,10 @@ The type says what to do next (kopf's permanent/temporary split, httpx's drawn t
     │       ├── StableRevisionMissing   the store names a serving revision the data plane lacks
     │       ├── DeploymentAborted       a human aborted it (POST /deployments/{id}/abort)
     │       ├── RegionUnreachable       {region}: a fleet's region did not answer in time
-    │       └── RollbackFailed
+    │       ├── SecretMissing           a [run] secrets name not set for the service
+    │       ├── RollbackFailed
+    │       ├── HookFailed              {point, exit_code}: a [hooks] command failed
+    │       └── GateRefused             {gate, status_code|timeout}: a webhook gate said no
     └── TransientError                  retry after ``retry_after`` seconds
         └── AgentUnavailable            the region's data plane did not answer
 
@@ -143,6 +147,13 @@ class LeaseLost(Conflict):
     code = "lease_lost"
 
 
+class ReasonRequired(Conflict):
+    """``promote`` or ``abort`` of a Frozen deployment without a reason (it is audited): the
+    body's ``reason`` is optional, the deployment's state makes it required (HTTP 409)."""
+
+    code = "reason_required"
+
+
 class InvariantViolation(PermanentError):
     """A write refused because the record would then say something false (a Shipyard bug:
     e.g. the serving revision also marked warm, which the janitor would later retire)."""
@@ -234,8 +245,31 @@ class RegionUnreachable(DeploymentError):
     code = "region_unreachable"
 
 
+class SecretMissing(DeploymentError):
+    """A secret the manifest names (``[run] secrets`` / ``secret_files``) is not set for the
+    service, or a version a revision recorded is gone: nothing was started."""
+
+    code = "secret_missing"
+
+
 class RollbackFailed(DeploymentError):
     code = "rollback_failed"
+
+
+class HookFailed(DeploymentError):
+    """A ``[hooks]`` command exited non-zero or ran past its ``timeout_seconds``
+    (``orchestrator/hooks.py``); the detail names the ``point``, ``exit_code`` (None: killed
+    at its timeout) and ``timed_out``; the message ends with its last lines of output."""
+
+    code = "hook_failed"
+
+
+class GateRefused(DeploymentError):
+    """A ``[[gates]]`` webhook with ``on_timeout = "fail"`` answered other than 2xx, or not in
+    time (``orchestrator/steps/gates.py``); ``gate``, ``at`` and ``status_code`` (or
+    ``timeout``) in the detail."""
+
+    code = "gate_refused"
 
 
 class AgentUnavailable(TransientError):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shipyard.build.base import DEFAULT_MAX_LOG_BYTES
 from shipyard.build.source_policy import DEFAULT_PATTERNS, SourcePolicy, default_roots
+from shipyard.notify.config import ServerConfig
 from shipyard.orchestrator.log_retention import LogRetention
 from shipyard.sandbox import SandboxPolicy
 
@@ -70,6 +71,10 @@ class Settings(BaseModel):
     witness_history: Path | None = None
     #: Seconds between two checkpoint publications (one also follows every deployment's end).
     checkpoint_interval_seconds: float = Field(default=60.0, gt=0)
+    #: ``serve --config FILE`` (``notify/config.py``): its notification sinks replace the
+    #: previous file's at start, and its retry cap; None (no file): the stored sinks stay as
+    #: they are. Out of ``repr``: it holds HMAC keys and Slack URLs.
+    server_config: ServerConfig | None = Field(default=None, repr=False)
 
     #: The API's edge (``api/edge.py``, ``api/limits.py``), enforced before authentication:
     #: the request line and headers together (h11 answers 400 past it), the number of header

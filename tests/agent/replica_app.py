@@ -9,7 +9,9 @@ sandbox every app is pid 2 of its own PID namespace, so a pid cannot tell two st
 ``SICK_AFTER_FIRST=1`` and the test's start counter (``START_URL``, ``helpers.StartCounter``: a
 sandboxed app shares no files with the test) counted an earlier start. With
 ``SPAWN_CHILD=<file>`` it starts a child in its own process group (as gunicorn does with its
-workers) and writes the child's pid to that file.
+workers) and writes the child's pid to that file. ``/info`` also says its uid and, with
+``SHIPYARD_SECRETS_DIR``, each secret file's mode, owner and text; ``PRINT_VAR=NAME`` prints
+that variable's value at start.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ SEEN: dict[str, object] = {
     },
     "environ": dict(os.environ),
 }
+SEEN["uid"] = os.getuid()
+if os.environ.get("SHIPYARD_SECRETS_DIR"):  # app secrets as files: what the app finds there
+    _secrets = Path(os.environ["SHIPYARD_SECRETS_DIR"])
+    SEEN["secrets_dir"] = {"mode": _secrets.stat().st_mode & 0o7777, "uid": _secrets.stat().st_uid}
+    SEEN["secret_files"] = {
+        f.name: {"mode": f.stat().st_mode & 0o7777, "uid": f.stat().st_uid, "text": f.read_text()}
+        for f in sorted(_secrets.iterdir())
+    }
+if os.environ.get("PRINT_VAR"):  # prints that variable's value (a secret, for log masking)
+    print(f"my value is {os.environ[os.environ['PRINT_VAR']]}", flush=True)
 _cwd_file.write_text(f"written by {os.getpid()}\n")
 _home_file.write_text(f"written by {os.getpid()}\n")
 with tempfile.NamedTemporaryFile(delete=False) as tmp:

@@ -36,6 +36,7 @@ from schemathesis.schemas import BaseSchema
 from shipyard.api.app import create_app
 from shipyard.api.permissions import PERMISSIONS
 from shipyard.domain.models import CONDITION_FORMAT, JSONPATH_FORMAT, URL_TEMPLATE_FORMAT
+from shipyard.security import app_secrets
 from tests.api.test_api import Harness, body, canary_body
 
 #: Per operation and generation phase; 15 operations, twice (with and without a token).
@@ -138,6 +139,10 @@ schemathesis.openapi.format(
 )
 schemathesis.openapi.format(
     JSONPATH_FORMAT, st.sampled_from(["$.data.error_rate", "$['error-rate'][0]", "$..p99"])
+)
+schemathesis.openapi.format(
+    app_secrets.VALUE_FORMAT,
+    st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), min_size=1),
 )
 
 # Built at import: ``schema.parametrize`` needs the schema when the tests are collected

@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar
 
 from shipyard.domain.clock import Clock
 from shipyard.runtime.base import (
+    HookResult,
+    HookRun,
     LogBatch,
     LogQuery,
     ReplicaStatus,
@@ -116,6 +118,11 @@ class GatedRuntime:
 
     async def list_services(self) -> list[str]:
         return await self.call("list_services", self.inner.list_services)
+
+    async def run_hook(
+        self, spec: RevisionSpec, hook: HookRun, on_output: Callable[[str], None]
+    ) -> HookResult:
+        return await self.call("run_hook", lambda: self.inner.run_hook(spec, hook, on_output))
 
 
 class GatedRouter:

@@ -28,9 +28,11 @@ from shipyard.strategies.steps import (
     AwaitHealthy,
     AwaitPromotion,
     Bake,
+    CallGate,
     KeepWarm,
     Pause,
     RollingLimits,
+    RunHook,
     ScaleCandidate,
     ScaleStable,
     SetWeight,
@@ -49,6 +51,8 @@ EVERY_STEP: list[Step] = [
     AwaitPromotion(1, name="gate_1"),
     ScaleCandidate(2, name="scale_up_2"),
     ScaleStable(1, name="scale_down_1"),
+    RunHook("pre_deploy"),
+    CallGate(at="pre_switch", gate="change-board"),
 ]
 
 REQUEST = {

@@ -15,8 +15,10 @@ from shipyard.strategies.steps import (
     AwaitHealthy,
     AwaitPromotion,
     Bake,
+    CallGate,
     KeepWarm,
     Pause,
+    RunHook,
     ScaleCandidate,
     ScaleStable,
     SetWeight,
@@ -36,6 +38,8 @@ STATUS = {
     AwaitPromotion: DeploymentStatus.PAUSED,
     ScaleCandidate: DeploymentStatus.DEPLOYING,
     ScaleStable: DeploymentStatus.DEPLOYING,
+    RunHook: DeploymentStatus.DEPLOYING,
+    CallGate: DeploymentStatus.AWAITING_SWITCH,
 }
 
 

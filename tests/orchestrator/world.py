@@ -31,10 +31,13 @@ from shipyard.orchestrator.pipeline import Pipeline
 from shipyard.orchestrator.record import DeploymentRecord, RollbackRecord, dump_record
 from shipyard.runtime.base import Runtime
 from shipyard.runtime.fake import FakeRuntime, TrafficProfile
+from shipyard.security.app_secrets import AppSecrets
 from shipyard.security.gate import SecurityGate
+from shipyard.security.sealing import Sealer
 from shipyard.store.db import AsyncStore, Store
 from shipyard.store.engine import open_engine
 from shipyard.store.leases import LeaseClaim
+from shipyard.store.secrets import SecretStore
 
 #: A service manifest with canary analysis thresholds and a sticky key, for progressive rollouts.
 PROGRESSIVE = """
@@ -122,6 +125,10 @@ class PipelineWorld:
         self.build_limit = build_slots.DEFAULT_LIMIT
         #: Makes the deployments' spans (``Pipeline(tracer=)``); set before ``new_pipeline``.
         self.tracer: Tracer = tracing.NOOP
+        #: The services' secrets (``shipyard secret set``), sealed with a key in ``tmp/keys``.
+        self.secrets = AppSecrets(
+            SecretStore(self.store.engine), Sealer.for_dir(tmp), self.audit, self.clock
+        )
         self.pipeline = self.new_pipeline()
 
     def new_pipeline(self, replica_id: str = "local", lease_seconds: float = 10.0) -> Pipeline:
@@ -141,6 +148,7 @@ class PipelineWorld:
             replica_id=replica_id,
             lease_seconds=lease_seconds,
             tracer=self.tracer,
+            secrets=self.secrets,
         )
 
     # --- deployments -------------------------------------------------------------------------

@@ -44,6 +44,9 @@ TABLES = {
     "leases",  # 0003_leases
     "deployment_commands",
     "active_regions",
+    "app_secrets",  # 0004_secrets
+    "notification_sinks",  # 0005_notifications
+    "notification_outbox",
     "revisions",
     "service_scale",
     "services",
@@ -129,7 +132,7 @@ def test_a_fresh_store_has_the_same_schema_on_both_backends(
     engine = open_engine(database, tmp_path)
     try:
         assert tables(engine) == TABLES
-        assert current_revision(engine) == head_revision() == "0003_leases"
+        assert current_revision(engine) == head_revision() == "0005_notifications"
         with engine.connect() as conn:
             head = conn.execute(text("SELECT id, seq, hash FROM audit_head")).all()
         assert head == [(1, 0, "0" * 64)]
@@ -184,12 +187,12 @@ def test_db_current_and_upgrade_from_the_command_line(tmp_path: Path) -> None:
     data_dir = released(tmp_path)
     behind = runner.invoke(app, ["db", "current", "--data-dir", str(data_dir)])
     assert behind.exit_code == 1, behind.output
-    assert "(no revision); newest: 0003_leases" in behind.output
+    assert "(no revision); newest: 0005_notifications" in behind.output
     done = runner.invoke(app, ["db", "upgrade", "--data-dir", str(data_dir)])
     assert done.exit_code == 0, done.output
-    assert "is at 0003_leases (newest)" in done.output
+    assert "is at 0005_notifications (newest)" in done.output
     now = runner.invoke(app, ["db", "current", "--data-dir", str(data_dir)])
-    assert now.exit_code == 0 and "0003_leases; newest: 0003_leases" in now.output
+    assert now.exit_code == 0 and "0005_notifications; newest: 0005_notifications" in now.output
 
 
 def test_db_upgrade_on_postgresql_never_shows_the_password(postgres_url: str) -> None:

@@ -1,5 +1,6 @@
 """The agent's control API (FastAPI, loopback, bearer token): what ``runtime.local.LocalRuntime``
-calls to start and stop revisions, route weights, read logs and metrics, and drive load. Built
+calls to start and stop revisions, route weights, read logs and metrics, drive load, and run a
+revision's hooks (``agent.hooks``: the answer streams the hook's output as NDJSON). Built
 for one ``agent.server.Agent`` by ``build_app`` (``agent.server.run_agent`` serves it); the
 request bodies are checked here, before the agent sees them.
 """
@@ -13,17 +14,19 @@ import re
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from shipyard.agent import replica_logs
+from shipyard.agent.hooks import HookRunner
 from shipyard.agent.loading import MAX_LEASE_SECONDS, LoadSpec
 from shipyard.domain.models import DNS_LABEL, MAX_LOAD_RPS
+from shipyard.domain.release import HookPoint
 from shipyard.errors import (
     NotFound,
     ShipyardError,
 )
-from shipyard.runtime.base import MAX_LOG_LINES, LogQuery, RevisionSpec
+from shipyard.runtime.base import MAX_LOG_LINES, HookRun, LogQuery, RevisionSpec
 
 if TYPE_CHECKING:
     from shipyard.agent.server import Agent
@@ -79,6 +82,19 @@ class LogQueryBody(BaseModel):
     model_config = {"extra": "forbid"}
 
 
+class HookBody(BaseModel):
+    """One hook to run once (``runtime.base.HookRun``) in the revision ``spec`` describes."""
+
+    spec: dict[str, Any]
+    point: HookPoint
+    argv: Annotated[
+        list[Annotated[str, Field(max_length=65536)]], Field(min_length=1, max_length=4096)
+    ]
+    timeout_seconds: Annotated[float, Field(gt=0, le=3600)]
+
+    model_config = {"extra": "forbid"}
+
+
 class StopBody(BaseModel):
     replica_ids: list[str] = Field(default_factory=list)
     drain_timeout: Annotated[float, Field(ge=0, le=3600)] = 30.0
@@ -98,6 +114,7 @@ def build_app(agent: Agent, *, require_token: bool = True) -> FastAPI:
             raise HTTPException(401, "agent token missing or wrong")
 
     app = FastAPI(title="shipyard agent", dependencies=[Depends(authenticated)], openapi_url=None)
+    hooks = HookRunner(agent.supervisor, agent.supervisor._mask)
 
     @app.exception_handler(ShipyardError)
     async def _shipyard_error(_: Request, exc: ShipyardError) -> JSONResponse:
@@ -156,6 +173,21 @@ def build_app(agent: Agent, *, require_token: bool = True) -> FastAPI:
         replicas = await agent.supervisor.start_revision(rs)
         agent._save_state()
         return {"replicas": [r.status().to_dict() for r in replicas]}
+
+    @app.post("/v1/services/{service}/hooks")
+    async def hook(service: str, body: HookBody) -> StreamingResponse:
+        """Run a hook of a revision once (``agent.hooks``), its artifact verified as a start's
+        is; the answer is its output and then its result, as NDJSON."""
+        try:
+            rs = RevisionSpec.from_dict(body.spec)
+        except (TypeError, ValueError) as exc:
+            raise HTTPException(422, f"invalid revision spec: {exc}") from exc
+        if rs.service != service:
+            raise HTTPException(422, "spec does not match the path's service")
+        rs = await agent.localise(rs)
+        await agent.verify(rs)  # before anything runs: an unsigned or changed artifact never
+        running = await hooks.start(rs, HookRun(body.point, body.argv, body.timeout_seconds))
+        return StreamingResponse(running.stream(), media_type="application/x-ndjson")
 
     @app.post("/v1/services/{service}/routable")
     async def routable(service: str, body: RoutableBody) -> dict[str, Any]:

@@ -12,17 +12,18 @@ A container is created from the exact image ID (``spec.artifact_digest``, verifi
 ``agent.images.ensure_image``), never from a tag, and labelled (``LABELS``: service, revision,
 replica, artifact digest, region, agent, port), which is how a restarted agent finds it again
 (``adopt``) and how it recognises the containers that are its own but that no state names
-(``Agent.restore`` removes those). Its environment is built here and is never the agent's:
-``PORT``, ``SHIPYARD_SERVICE/_REVISION/_REPLICA/_REGION`` and the manifest's ``[run] env`` (on
-top of the image's own ``ENV``). It runs with every capability dropped, ``no-new-privileges``, the
-limits of ``spec.container`` (memory, with swap the same; nano CPUs), nothing of the host
-mounted, and the engine's init as PID 1 (``docker run --init``), so that ``docker stop``'s
-SIGTERM ends an app that installs no handler, as it ends a process replica, instead of waiting
-out the stop timeout. Its command (``spec.argv``, else the image's ENTRYPOINT/CMD) is looked up
-in the created container before it starts, so a command that does not exist is refused like a
-process's rather than becoming the init's exit 127. A ``[run] command`` replaces both the
-image's ENTRYPOINT and its CMD (Kubernetes' ``command``, Cloud Run's): the manifest says what
-runs, whatever the image was built to start.
+(``Agent.restore`` removes those). Its environment is built here and is never the agent's: ``PORT``,
+``SHIPYARD_SERVICE/_REVISION/_REPLICA/_REGION`` and the manifest's ``[run] env`` (on top of the
+image's own ``ENV``), with the service's secrets (``agent/secret_files.py``: variables, and files
+copied in before the start). It runs with every capability dropped, ``no-new-privileges``, the
+limits of ``spec.container`` (memory, with swap the same; nano CPUs), nothing of the host mounted,
+and the engine's init as PID 1 (``docker run --init``), so that ``docker stop``'s SIGTERM ends an
+app that installs no handler, as it ends a process replica, instead of waiting out the stop timeout.
+Its command (``spec.argv``, else the image's ENTRYPOINT/CMD) is looked up in the created container
+before it starts, so a command that does not exist is refused like a process's rather than becoming
+the init's exit 127. A ``[run] command`` replaces both the image's ENTRYPOINT and its CMD
+(Kubernetes' ``command``, Cloud Run's): the manifest says what runs, whatever the image was built
+to start.
 
 The image's ``USER`` is kept; an image that names none runs as ``65534:65534`` (nobody) with
 ``HOME=/tmp`` rather than as root, since nothing an ordinary web app does needs root (binding
@@ -62,6 +63,7 @@ import docker
 import docker.errors
 import requests
 
+from shipyard.agent import secret_files
 from shipyard.agent.replica_logs import ReplicaLog
 from shipyard.errors import RevisionStartFailed
 from shipyard.logs import log_event
@@ -208,6 +210,8 @@ class ContainerLauncher:
             ) from exc
         try:
             await asyncio.to_thread(self._check_command, str(container.id), config, spec)
+            if spec.secret_files:
+                await asyncio.to_thread(self._put_secrets, str(container.id), options["user"], spec)
             await asyncio.to_thread(container.start)
         except RevisionStartFailed:
             await self._remove(container.id)
@@ -229,7 +233,7 @@ class ContainerLauncher:
             port=replica.port,
             network=mode,
         )
-        handle = ContainerHandle(self, str(container.id), replica.log)
+        handle = ContainerHandle(self, str(container.id), replica.log, replica.spec)
         handle.follow(since=None)
         return handle
 
@@ -267,6 +271,43 @@ class ContainerLauncher:
             command=command,
         )
 
+    def _put_secrets(self, container_id: str, user: str, spec: RevisionSpec) -> None:
+        """Copy the secret files into the created container (``agent/secret_files.py``), owned
+        by its user: a numeric one as it is, a name looked up in the container's own
+        ``/etc/passwd`` (the engine's ``copyUIDGID`` asks the host's, which does not know it)."""
+        owner = secret_files.numeric_owner(user) or self._passwd_owner(container_id, user, spec)
+        api = self.client.api
+        response = api.put(
+            api._url("/containers/{0}/archive", container_id),
+            params={"path": "/"},
+            data=secret_files.archive(spec, owner),
+        )
+        if response.status_code != 200:
+            raise RevisionStartFailed(
+                f"cannot put the secret files into the container of revision {spec.revision}: "
+                f"the engine answered {response.status_code} {response.text[:300]!r}",
+                image=spec.artifact_digest,
+            )
+
+    def _passwd_owner(self, container_id: str, user: str, spec: RevisionSpec) -> tuple[int, int]:
+        name, _, group = user.partition(":")
+        try:
+            stream, _ = self.client.api.get_archive(container_id, "/etc/passwd")
+            passwd = secret_files.tar_member_text(b"".join(stream), "passwd")
+        except (docker.errors.DockerException, KeyError) as exc:
+            raise RevisionStartFailed(
+                f"revision {spec.revision}: cannot read /etc/passwd of image "
+                f"{spec.artifact_digest} to find user {name!r}, who owns the secret files: "
+                f"{_cut(exc)}"
+            ) from exc
+        found = secret_files.passwd_entry(passwd, name)
+        if found is None:
+            raise RevisionStartFailed(
+                f"revision {spec.revision}: the image's user {name!r} is not in its /etc/passwd; "
+                "the secret files need an owner (give USER as uid:gid)"
+            )
+        return found[0], int(group) if group.isdigit() else found[1]
+
     def _executable(self, container_id: str, path: str) -> bool:
         api = self.client.api
         response = api.head(
@@ -298,6 +339,8 @@ class ContainerLauncher:
             user = NO_USER
             env["HOME"] = "/tmp"  # noqa: S108 - inside the container; "/" is not writable
         env.update(spec.env)
+        secret_env, secret_dir = secret_files.environment(spec, secret_files.CONTAINER_DIR)
+        env.update(secret_env)
         inner = container_port(spec, image) if mode == "publish" else replica.port
         env.update(
             PORT=str(inner),
@@ -305,6 +348,7 @@ class ContainerLauncher:
             SHIPYARD_REVISION=spec.revision,
             SHIPYARD_REPLICA=replica.replica_id,
             SHIPYARD_REGION=self.region,
+            **secret_dir,
         )
         options: dict[str, Any] = {
             "image": spec.artifact_digest,
@@ -373,7 +417,7 @@ class ContainerLauncher:
         if container.status != "running":
             return None
         last = await asyncio.to_thread(replica.log.last_time)
-        handle = ContainerHandle(self, str(container.id), replica.log)
+        handle = ContainerHandle(self, str(container.id), replica.log, replica.spec)
         # The engine's ``since`` is inclusive, and stored stamps are microseconds: a line the
         # engine stamped in the same microsecond as the last stored one is taken as stored.
         handle.follow(since=None if last is None else last + 1e-6)
@@ -463,10 +507,18 @@ class ContainerHandle:
 
     pid = None
 
-    def __init__(self, launcher: ContainerLauncher, container_id: str, out: ReplicaLog) -> None:
+    def __init__(
+        self,
+        launcher: ContainerLauncher,
+        container_id: str,
+        out: ReplicaLog,
+        spec: RevisionSpec | None = None,
+    ) -> None:
         self.launcher = launcher
         self.container_id = container_id
         self._log = out
+        #: The agent's mask, and the replica's own secret values (``spec``) masked too.
+        self._mask = launcher._mask if spec is None else secret_files.masking(launcher._mask, spec)
         self._loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[int] = self._loop.create_future()
         self._released = threading.Event()
@@ -497,7 +549,7 @@ class ContainerHandle:
         ).start()
 
     def _pump(self, stream: LogStream, since: float | None) -> None:
-        out, mask = self._log, self.launcher._mask
+        out, mask = self._log, self._mask
         pending = b""
 
         def write(raw: bytes) -> None:

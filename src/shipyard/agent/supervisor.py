@@ -5,7 +5,8 @@ shell = true``) started with ``PORT`` set, its own process group, and its output
 file. Its environment is built here, never inherited: ``PATH`` is the artifact's virtualenv
 ``bin`` (``build.venvs.venv_bins``) then ``DEFAULT_PATH``, never the agent's (which leads to
 Shipyard's own virtualenv); its own ``HOME``/``TMPDIR``; locale and time zone; the manifest's
-``[run] env``; ``PORT`` and ``SHIPYARD_*`` last. Two rules shape it:
+``[run] env``; the service's secrets (``agent/secret_files.py``); ``PORT`` and ``SHIPYARD_*``
+last. Two rules shape it:
 
 Artifacts stay immutable. The artifact directory is content-addressed and its digest is checked
 before every start, so nothing a replica does may change it. Writable state lives in
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from shipyard.agent import replica_logs
+from shipyard.agent import replica_logs, secret_files
 from shipyard.agent.processes import (
     ProcessHandle,
     check_command,
@@ -482,12 +483,17 @@ class Supervisor:
             PYTHONDONTWRITEBYTECODE="1",
         )
         env.update(replica.spec.env)
+        secret_env, secret_dir = secret_files.environment(
+            replica.spec, str(replica.run_dir / secret_files.DIR_NAME)
+        )
+        env.update(secret_env)  # app secrets (agent/secret_files.py)
         env.update(
             PORT=str(replica.port),
             SHIPYARD_SERVICE=replica.spec.service,
             SHIPYARD_REVISION=replica.spec.revision,
             SHIPYARD_REPLICA=replica.replica_id,
             SHIPYARD_REGION=self.region,
+            **secret_dir,
         )
         return env
 
@@ -500,6 +506,8 @@ class Supervisor:
             (replica.run_dir / name).mkdir(mode=0o700)
         writable = ("home", "tmp", "upper") if mode == "overlay" else ("home", "tmp")
         self.sandbox.hand_over(replica.spec.service, *(replica.run_dir / n for n in writable))
+        if replica.spec.secret_files:
+            secret_files.write(replica.run_dir / secret_files.DIR_NAME, replica.spec, self.sandbox)
 
     async def _spawn(self, replica: Replica) -> ProcessHandle:
         """Start the replica's process on its current port; RevisionStartFailed if it cannot."""
@@ -532,7 +540,8 @@ class Supervisor:
             service=spec.service,
             cwd=workdir,
             writable=[run / "home", run / "tmp"],
-            readonly=[] if overlay else [workdir],
+            readonly=([] if overlay else [workdir])
+            + ([run / secret_files.DIR_NAME] if spec.secret_files else []),
             overlay=overlay,
         )
         cwd = run if overlay else workdir
@@ -545,7 +554,11 @@ class Supervisor:
             replica.log.attach()
             pump = threading.Thread(
                 target=pump_log,
-                args=({r: name for name, (r, _) in pipes.items()}, replica.log, self._mask),
+                args=(
+                    {r: name for name, (r, _) in pipes.items()},
+                    replica.log,
+                    secret_files.masking(self._mask, spec),
+                ),
                 name=f"log-{replica.replica_id}",
                 daemon=True,
             )

@@ -10,7 +10,7 @@ as typed records) or the store (services). Both are awaited without blocking the
                                              a W3C ``traceparent`` header: the deployment's
                                              trace is a child of the caller's span
     POST /api/v1/rollback/{deployment_id}    deployment:rollback 202 (or ?wait=true)
-    POST /api/v1/deployments/{id}/promote    deployment:create   202: a Paused deployment goes on
+    POST /api/v1/deployments/{id}/promote    deployment:create   202: Paused or Frozen goes on
     POST /api/v1/deployments/{id}/abort      deployment:rollback 202: weight 0 now, roll back
     GET  /api/v1/deployments/{id}            deployment:read
     GET  /api/v1/deployments?service=NAME    deployment:read
@@ -26,6 +26,7 @@ as typed records) or the store (services). Both are awaited without blocking the
     GET  /api/v1/tokens                      token:admin         every issued token (no secrets)
     DELETE /api/v1/tokens/{token_id}         token:admin         revoke: 401 from the next request
     POST/GET /api/v1/regions, DELETE /{name} region:admin        remote regions (api/regions.py)
+    PUT/GET/DELETE /api/v1/services/{name}/secrets[/{secret}]    app secrets (api/secrets.py)
     GET  /healthz                            no auth
 
 Deployment permissions may be scoped to services (``deployment:create:web-*``, see
@@ -50,8 +51,10 @@ from shipyard import __version__
 from shipyard.api import docs, problems, service_ops
 from shipyard.api import logs as logs_api
 from shipyard.api import metrics as metrics_mod
+from shipyard.api import notifications as notifications_api
 from shipyard.api import regions as regions_api
 from shipyard.api import schemas as api
+from shipyard.api import secrets as secrets_api
 from shipyard.api.auth import Claims, require_permission
 from shipyard.api.context import AppContext, build_context
 from shipyard.api.limits import BodySizeLimit, ConcurrencyLimit, HeaderCountLimit
@@ -259,6 +262,8 @@ def create_app(
     service_ops.install(app)  # PUT /services/{name}/replicas, DELETE /services/{name}
     app.include_router(logs_api.router)
     app.include_router(regions_api.router)  # /api/v1/regions (region:admin)
+    app.include_router(secrets_api.router)  # /api/v1/services/{service}/secrets (secret:write)
+    app.include_router(notifications_api.router)  # /api/v1/notifications (notifications:admin)
     # Joined regions come and go while serving: the schema follows the runtimes map.
     _declare_regions(
         app,
@@ -342,13 +347,26 @@ def create_app(
         status_code=202,
         tags=["deployments"],
         response_model=None,
-        responses=_declare(404, 409, 422, *_AUTH, answers={202: {"model": api.DeploymentAccepted}}),
+        # 400: a body that is not even text (FastAPI's "error parsing the body").
+        responses=_declare(
+            400, 404, 409, 422, *_AUTH, answers={202: {"model": api.DeploymentAccepted}}
+        ),
     )
     async def promote(
-        deployment_id: DeploymentRef, request: Request, claims: CanCreate, c: Ctx
+        deployment_id: DeploymentRef,
+        request: Request,
+        claims: CanCreate,
+        c: Ctx,
+        decision: api.DecisionCreate | None = None,
     ) -> JSONResponse:
+        """A Paused deployment goes on; a Frozen one too, with a ``reason`` (409 without)."""
         found = await _deployment(c, claims, "deployment:create", deployment_id)
-        record = await c.pipeline.promote(found.id, claims.subject, token_id=claims.token_id)
+        record = await c.pipeline.promote(
+            found.id,
+            claims.subject,
+            token_id=claims.token_id,
+            reason=decision.reason if decision else None,
+        )
         return _accepted(request, record)
 
     @app.post(
@@ -357,6 +375,7 @@ def create_app(
         tags=["deployments"],
         response_model=None,
         responses=_declare(
+            400,
             404,
             409,
             422,
@@ -377,9 +396,16 @@ def create_app(
         c: Ctx,
         wait: Wait = False,
         timeout: WaitTimeout = 900,
+        decision: api.DecisionCreate | None = None,
     ) -> JSONResponse:
+        """Roll back a deployment in flight; a Frozen one only with a ``reason`` (409 without)."""
         found = await _deployment(c, claims, "deployment:rollback", deployment_id)
-        record = await c.pipeline.abort(found.id, claims.subject, token_id=claims.token_id)
+        record = await c.pipeline.abort(
+            found.id,
+            claims.subject,
+            token_id=claims.token_id,
+            reason=decision.reason if decision else None,
+        )
         if not wait:
             return _accepted(request, record)
         final = await c.pipeline.wait(record.id, timeout)
@@ -400,7 +426,10 @@ def create_app(
         deployment_id: DeploymentRef, claims: CanRead, c: Ctx
     ) -> dict[str, Any]:
         record = await _deployment(c, claims, "deployment:read", deployment_id)
-        return _resource(record, await c.pipeline.driver_of(record.id))
+        doc = _resource(record, await c.pipeline.driver_of(record.id))
+        if c.notifications is not None:  # its notifications' delivery state (issue 16)
+            doc["notifications"] = await notifications_api.deliveries(c.notifications, record.id)
+        return doc
 
     @app.get(
         "/api/v1/deployments",

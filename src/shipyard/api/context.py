@@ -33,17 +33,23 @@ from shipyard.build.image_export import ImageExporter
 from shipyard.build.registry import BuildConfig, RegistryBuilder
 from shipyard.domain.clock import SystemClock
 from shipyard.health.probing import HttpProber
+from shipyard.notify.delivery import CAP_SECONDS, DeliveryWorker
+from shipyard.notify.sinks import OutboxWriter, SinkService
 from shipyard.orchestrator.pipeline import Pipeline
 from shipyard.private_files import ensure_private_dir
 from shipyard.runtime.base import Runtime
 from shipyard.runtime.local import LocalRuntime
+from shipyard.security.app_secrets import AppSecrets
 from shipyard.security.gate import SecurityGate
 from shipyard.security.pki import FleetPki
+from shipyard.security.sealing import Sealer
 from shipyard.settings import Settings
 from shipyard.store import leases
 from shipyard.store.db import AsyncStore, Store
 from shipyard.store.engine import open_engine
+from shipyard.store.outbox import OutboxStore
 from shipyard.store.regions import RegionStore
+from shipyard.store.secrets import SecretStore
 from shipyard.store.tokens import TokenStore
 
 
@@ -58,6 +64,10 @@ class AppContext:
     closers: list[Any] = field(default_factory=list)
     #: Remote regions (api/fleet_control.py); made on first use when a test's context has none.
     regions: RegionService | None = None
+    #: App secrets (api/secrets.py), the same object as the pipeline's ``Deps.secrets``.
+    secrets: AppSecrets | None = None
+    #: Notification sinks (api/notifications.py); None in a test's context made of fakes.
+    notifications: SinkService | None = None
 
     def region_service(self) -> RegionService:
         """The region registry over this context's store, audit log and runtimes."""
@@ -74,6 +84,19 @@ class AppContext:
             )
         return self.regions
 
+    def secret_service(self) -> AppSecrets:
+        """The services' secrets; a test's context without them gets them on first use, over
+        its store, audit log and ``shared_dir``'s key (and its pipeline gets the same)."""
+        if self.secrets is None:
+            self.secrets = AppSecrets(
+                SecretStore(self.store.sync.engine),
+                Sealer.for_dir(self.settings.shared_dir),
+                self.audit,
+            )
+            if self.pipeline.deps.secrets is None:
+                self.pipeline.deps.secrets = self.secrets
+        return self.secrets
+
     async def aclose(self) -> None:
         await self.pipeline.stop()
         for c in self.closers:
@@ -86,7 +109,13 @@ async def build_context(settings: Settings) -> AppContext:
     ensure_private_dir(settings.shared_dir)  # the keys' directory: 0700
     engine = await asyncio.to_thread(open_engine, settings.database, settings.data_dir)
     store = AsyncStore(Store(engine))
-    audit = SqlAuditLog(engine, settings.audit_anchor, fence=leases.check_fence)
+    outbox_writer = OutboxWriter(SystemClock().now)
+    audit = SqlAuditLog(
+        engine,
+        settings.audit_anchor,
+        fence=leases.check_fence,
+        on_append=outbox_writer.on_append,  # notifications commit with their audit record
+    )
     runtimes: dict[str, Runtime] = {}
     closers: list[Any] = []
     for region in settings.regions:
@@ -95,7 +124,7 @@ async def build_context(settings: Settings) -> AppContext:
         closers.append(rt.aclose)
     prober = HttpProber()
     closers.append(prober.aclose)
-    checkpoints = _checkpoint_publisher(settings, audit)
+    checkpoints = _checkpoint_publisher(settings, audit, outbox_writer)
     if checkpoints is not None:
         closers.append(checkpoints.aclose)
     shared = settings.shared_dir
@@ -113,6 +142,8 @@ async def build_context(settings: Settings) -> AppContext:
         await asyncio.to_thread(traced.shutdown)  # a last export may wait on the collector
 
     closers.append(flush_traces)
+    # Sealed with <shared_dir>/keys/secrets.key: every replica sharing the directory opens them.
+    secrets = AppSecrets(SecretStore(engine), Sealer.for_dir(shared), audit)
     pipeline = Pipeline(
         store=store,
         audit=audit,
@@ -141,6 +172,7 @@ async def build_context(settings: Settings) -> AppContext:
         replica_id=settings.replica_id or socket.gethostname(),
         lease_seconds=settings.lease_seconds,
         tracer=traced.tracer,
+        secrets=secrets,
     )
     closers.append(_dispose(engine))
     token_store = TokenStore(engine)
@@ -151,9 +183,42 @@ async def build_context(settings: Settings) -> AppContext:
         token_store,
         audit,
     )
-    context = AppContext(settings, store, audit, pipeline, tokens, runtimes, closers)
+    context = AppContext(
+        settings, store, audit, pipeline, tokens, runtimes, closers, secrets=secrets
+    )
+    context.notifications = await _start_notifications(context, engine)
     await _start_fleet(context)
     return context
+
+
+async def _start_notifications(context: AppContext, engine: Any) -> SinkService:
+    """The sinks (``serve --config``'s replace the previous file's) and this replica's delivery
+    worker, a task of its own: a deployment only ever inserts outbox rows."""
+    settings = context.settings
+    clock = SystemClock()
+    sinks = SinkService(OutboxStore(engine), Sealer.for_dir(settings.shared_dir), clock.now)
+    config = settings.server_config
+    if config is not None:
+        await asyncio.to_thread(sinks.apply_config, config.sinks)
+    worker = DeliveryWorker(
+        sinks.outbox,
+        sinks,
+        clock,
+        replica_id=settings.replica_id or socket.gethostname(),
+        cap_seconds=config.retry_cap_seconds if config is not None else CAP_SECONDS,
+    )
+    task = asyncio.get_running_loop().create_task(worker.run())
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.aclose()
+
+    # Stopped after the pipeline (closers run in order, the pipeline first): its last events'
+    # rows are in the outbox and go out after the restart if not before.
+    context.closers.insert(0, stop)
+    return sinks
 
 
 #: Seconds between two ``RegionService.sync_runtimes`` passes (a ``shipyard region remove``
@@ -202,7 +267,9 @@ async def _start_fleet(context: AppContext) -> None:
         context.closers.insert(0, listener.aclose)
 
 
-def _checkpoint_publisher(settings: Settings, audit: SqlAuditLog) -> CheckpointPublisher | None:
+def _checkpoint_publisher(
+    settings: Settings, audit: SqlAuditLog, outbox_writer: OutboxWriter
+) -> CheckpointPublisher | None:
     """The audit checkpoint publisher for ``--witness``, or None without one."""
     if not settings.witnesses:
         return None
@@ -215,6 +282,7 @@ def _checkpoint_publisher(settings: Settings, audit: SqlAuditLog) -> CheckpointP
         ],
         clock=SystemClock(),
         interval=settings.checkpoint_interval_seconds,
+        on_publish=outbox_writer.on_publish,
     )
 
 

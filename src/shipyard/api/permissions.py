@@ -4,7 +4,8 @@ A permission is one of ``PERMISSIONS`` (``deployment:create`` ...), optionally n
 services whose names match a scope: ``deployment:create:payments`` (one service),
 ``deployment:create:web-*`` (fnmatch-style, on the service name only). No scope means every
 service. ``service:scale`` and ``service:delete`` (``shipyard scale``, ``shipyard service
-delete``) are their own permissions, so an operator's deploy token cannot delete a service.
+delete``) are their own permissions, so an operator's deploy token cannot delete a service;
+so is ``secret:write`` (``shipyard secret set/rm``, api/secrets.py), scoped the same way.
 ``token:admin`` (list and revoke tokens) and ``region:admin`` (add, list and remove remote
 regions, api/regions.py) take no scope.
 
@@ -34,6 +35,8 @@ DESCRIPTIONS: dict[str, str] = {
     "service:delete": "delete a service: stop its replicas, remove its route",
     "token:admin": "list and revoke tokens",
     "region:admin": "add, list and remove remote regions (join tokens)",
+    "secret:write": "set and remove a service's app secrets (never read them back)",
+    "notifications:admin": "add, list, test and remove notification sinks",
 }
 PERMISSIONS: frozenset[str] = frozenset(DESCRIPTIONS)
 #: The permissions that can be narrowed to services.
@@ -44,6 +47,7 @@ SCOPABLE: frozenset[str] = frozenset(
         "deployment:read",
         "service:scale",
         "service:delete",
+        "secret:write",
     }
 )
 

@@ -46,6 +46,14 @@ class DeploymentAccepted(BaseModel):
     )
 
 
+class DecisionCreate(BaseModel):
+    """The body of ``promote`` and ``abort`` (a request body, beside the answers): why. Optional,
+    except for a Frozen deployment, whose promote or abort is refused without one (409
+    ``reason_required``); audited."""
+
+    reason: str | None = Field(default=None, min_length=1, max_length=1000)
+
+
 class DeploymentFailed(BaseModel):
     """500 of ``?wait=true``: the deployment ended without serving its revision (the ADR
     handler's ``deployment_failed``; ``cause`` is the recorded error)."""

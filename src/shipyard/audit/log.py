@@ -244,9 +244,13 @@ class SqlAuditLog:
         clock: Callable[[], float] = time.time,
         *,
         fence: Callable[[Connection], None] | None = None,
+        on_append: Callable[[Connection, AuditRecord], None] | None = None,
     ) -> None:
         """``fence``: called inside every append's transaction before it writes (the store's
-        ``leases.check_fence``: a replica whose lease moved on appends nothing)."""
+        ``leases.check_fence``: a replica whose lease moved on appends nothing). ``on_append``:
+        called inside the same transaction right after the record is inserted, with it (the
+        notification outbox writer, ``notify/sinks.OutboxWriter``: its rows commit with the
+        record or not at all; whatever it raises aborts the append)."""
         if engine.dialect.name not in {"sqlite", "postgresql"}:
             raise InvalidInput(
                 f"SqlAuditLog runs on SQLite or PostgreSQL, not {engine.dialect.name}"
@@ -257,6 +261,7 @@ class SqlAuditLog:
         self._anchor_path = anchor_path
         self._clock = clock
         self._fence = fence
+        self._on_append = on_append
         self._lock = asyncio.Lock()
         with engine.begin() as conn:
             if not inspect(conn).has_table(audit_head.name):
@@ -324,6 +329,8 @@ class SqlAuditLog:
                 timestamp = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
                 row = make_row(prev.seq + 1, timestamp, event, prev.hash)
                 conn.execute(insert(audit_log).values(**asdict(row)))
+                if self._on_append is not None:
+                    self._on_append(conn, to_record(row))
                 conn.execute(
                     update(audit_head)
                     .where(audit_head.c.id == 1)
@@ -397,9 +404,14 @@ def load_rows_after(engine: Engine, seq: int, limit: int) -> list[StoredRow]:
         return [StoredRow(**row._mapping) for row in conn.execute(query)]
 
 
-def record_publication(engine: Engine, publication: Publication) -> bool:
+def record_publication(
+    engine: Engine,
+    publication: Publication,
+    on_publish: Callable[[Connection, Publication], None] | None = None,
+) -> bool:
     """Store ``publication`` unless this witness already has this tree size recorded: True if
-    stored. Called by the publisher after a witness accepted a checkpoint."""
+    stored. Called by the publisher after a witness accepted a checkpoint. ``on_publish``: run
+    in the same transaction when it is stored (the notification outbox writer)."""
     with engine.begin() as conn:
         seen = conn.execute(
             select(audit_checkpoints.c.id)
@@ -411,6 +423,8 @@ def record_publication(engine: Engine, publication: Publication) -> bool:
         if seen is not None:
             return False
         conn.execute(insert(audit_checkpoints).values(**asdict(publication)))
+        if on_publish is not None:
+            on_publish(conn, publication)
     return True
 
 

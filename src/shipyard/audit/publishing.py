@@ -33,11 +33,12 @@ import logging
 import os
 import tempfile
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import httpx
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from shipyard.audit.chain import GENESIS_HASH, ChainBroken, StoredRow, check_next
@@ -193,7 +194,10 @@ class CheckpointPublisher:
         witnesses: list[Witness],
         clock: Clock,
         interval: float = DEFAULT_INTERVAL_SECONDS,
+        on_publish: Callable[[Connection, Publication], None] | None = None,
     ) -> None:
+        """``on_publish``: run in the transaction recording a witness's acceptance (the
+        notification outbox writer, ``notify/sinks.OutboxWriter.on_publish``)."""
         if interval <= 0:
             raise InvalidInput(f"checkpoint interval must be positive, not {interval}")
         self._engine = engine
@@ -201,6 +205,7 @@ class CheckpointPublisher:
         self.witnesses = witnesses
         self._clock = clock
         self.interval = interval
+        self._on_publish = on_publish
         self._tree = Frontier()
         self._head_hash = GENESIS_HASH  # chain hash of the newest record in the tree
         #: Set once the database stops extending what was signed: nothing is signed after that.
@@ -281,7 +286,7 @@ class CheckpointPublisher:
             checkpoint=note,
         )
         try:
-            new = await to_thread(record_publication, self._engine, publication)
+            new = await to_thread(record_publication, self._engine, publication, self._on_publish)
         except SQLAlchemyError as exc:
             log_event(
                 log,

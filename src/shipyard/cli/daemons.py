@@ -26,6 +26,7 @@ from shipyard.cli.common import (
 from shipyard.cli.registry_flag import RegistryFlag
 from shipyard.cli.safe import shown
 from shipyard.errors import InvalidInput
+from shipyard.notify.config import ServerConfig, load_server_config
 from shipyard.private_files import ensure_private_dir
 
 #: ``--replica-id``: a name the leases, the audit trail and ``driver`` show as it is.
@@ -171,6 +172,16 @@ def serve(
             "to another replica.",
         ),
     ] = 10.0,
+    server_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="SHIPYARD_SERVER_CONFIG",
+            help="A server config file (TOML): notifications.sinks tables (webhook or slack; "
+            "secret_env / url_env name variables of serve's environment). Its sinks replace "
+            "the previous file's at every start.",
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane: the API and the orchestrator (starts or re-attaches to the agent)."""
     import uvicorn
@@ -210,6 +221,7 @@ def serve(
     sandbox = make_sandbox(data, insecure_no_sandbox, sandbox_uids, shared)
     if osv_db is not None and not osv_db.exists():
         raise fail(f"--osv-db {osv_db} does not exist; pass an OSV database directory or zip")
+    loaded_config = _server_config(server_config)
     settings = Settings(
         data_dir=data,
         shared_dir=shared,
@@ -230,6 +242,7 @@ def serve(
         fleet_cert_ttl_seconds=fleet_cert_ttl,
         replica_id=replica,
         lease_seconds=lease_seconds,
+        server_config=loaded_config,
         **_build_settings(
             max_concurrent_builds,
             max_build_log_mb,
@@ -261,6 +274,16 @@ def serve(
     )
     config.loop = "uvloop"
     uvicorn.Server(config).run()
+
+
+def _server_config(config: Path | None) -> ServerConfig | None:
+    """``--config`` (None without a file); a bad file exits 2 saying what is wrong."""
+    if config is None:
+        return None
+    try:
+        return load_server_config(config)
+    except InvalidInput as exc:
+        raise fail(exc.message) from exc
 
 
 def _directories(data_dir: Path, shared_dir: Path | None) -> tuple[Path, Path]:

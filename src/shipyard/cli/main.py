@@ -7,10 +7,11 @@
     shipyard history   a service's deployments
     shipyard logs      what a service's replicas print (stdout, stderr), --follow
     shipyard rollback  put a service back on the revision before a deployment
-    shipyard promote   let a Paused (canary gate) deployment go on
+    shipyard promote   let a Paused (canary gate) or Frozen (--reason) deployment go on
     shipyard abort     abort a deployment in flight: traffic back on stable at once
     shipyard scale     change a service's replica count without a deployment (cli/services.py)
     shipyard service   delete a service (cli/services.py)
+    shipyard secret    a service's app secrets: set (from stdin), list, rm (cli/secrets.py)
     shipyard audit     verify / prove / show the hash-chained audit trail
     shipyard token     create API tokens
     shipyard keys      export the artifact-signing public key (for verifiers)
@@ -50,8 +51,10 @@ from shipyard.cli.common import err, fail
 from shipyard.cli.db import db_app
 from shipyard.cli.keys import keys_app
 from shipyard.cli.logs import logs_app
+from shipyard.cli.notifications import notification_lines, notifications_app
 from shipyard.cli.regions import region_app
 from shipyard.cli.safe import console, shown
+from shipyard.cli.secrets import secret_app
 from shipyard.cli.security import security_app
 from shipyard.cli.services import services_app
 from shipyard.cli.strategy_flags import strategy_from_flags
@@ -82,6 +85,8 @@ app.add_typer(agent_app, name="agent")
 app.command()(daemons.serve)
 app.add_typer(logs_app)  # logs
 app.add_typer(region_app, name="region")  # region add/list/remove (cli/regions.py)
+app.add_typer(secret_app, name="secret")  # secret set/list/rm (cli/secrets.py)
+app.add_typer(notifications_app, name="notifications")  # list/add/rm/test (cli/notifications.py)
 
 out = console()
 
@@ -290,11 +295,20 @@ def follow(
                 if seen.get(key) != st["status"]:
                     seen[key] = st["status"]
                     err.print("  " + _stage_line(st))
-        if doc["status"] in ("Success", "Failed", "RolledBack"):
+        if doc["status"] in ("Success", "Failed", "RolledBack") or _newly_frozen(doc, since):
             if not quiet:
                 _print_outcome(doc)
             return dict(doc)
         time.sleep(0.2)
+
+
+def _newly_frozen(doc: dict[str, Any], since: dict[str, Any] | None) -> bool:
+    """Whether the deployment is Frozen, and not by the freeze ``since`` showed (a promote of a
+    Frozen deployment is followed until it ends or freezes again): following stops there, as a
+    human decides what comes next, however long that takes."""
+    frozen = (doc.get("progress") or {}).get("frozen")
+    before = ((since or {}).get("progress") or {}).get("frozen")
+    return doc["status"] == "Frozen" and frozen is not None and frozen != before
 
 
 def _log_end(client: ApiClient, deployment_id: str) -> int:
@@ -342,6 +356,10 @@ def _print_outcome(doc: dict[str, Any]) -> None:
             f"at {shown(res.get('url'))}"
             f" ({shown(m.get('total_duration_ms'))} ms)"
         )
+    elif doc["status"] == "Frozen":
+        from shipyard.cli.watch import next_action
+
+        err.print(f"[cyan]Frozen[/cyan]: {shown(next_action(doc, None))}")
     else:
         e = doc.get("error") or {}
         err.print(
@@ -407,11 +425,17 @@ def status(
                 out.print("  " + shown(line))
         for st in doc["stages"]:
             out.print("  " + _stage_line(st))
+        if doc["status"] == "Frozen":
+            from shipyard.cli.watch import next_action
+
+            out.print(f"  [cyan]{shown(next_action(doc, None))}[/cyan]")
         if doc.get("error"):
             e = doc["error"]
             out.print(
                 f"  [red]{shown(e.get('type'))}[/red]: {shown(e.get('message'), multiline=True)}"
             )
+        for line in notification_lines(doc):  # each sink's delivery state
+            out.print("  " + shown(line))
         out.print(f"  metrics: {shown(json.dumps(doc['metrics']))}")
         return
     out.print(
@@ -559,20 +583,45 @@ def _current(client: ApiClient, deployment_id: str, wait: bool) -> dict[str, Any
     return doc
 
 
+#: ``promote`` and ``abort``: why (required for a Frozen deployment; audited).
+Reason = Annotated[
+    str | None,
+    typer.Option(
+        "--reason",
+        help="Why (audited). Required for a Frozen deployment ([deploy] on_failure = "
+        '"freeze"), optional otherwise.',
+    ),
+]
+
+
+def _decision(reason: str | None) -> dict[str, Any]:
+    """The request's body: ``{"reason": ...}`` when one was given, else none."""
+    if reason is None:
+        return {}
+    if not reason.strip():
+        raise fail("--reason is empty: say why, it is audited")
+    return {"json": {"reason": reason}}
+
+
 @app.command()
 def promote(
     deployment_id: Annotated[
-        str, typer.Argument(help="A Paused deployment (its id or a unique prefix).")
+        str, typer.Argument(help="A Paused or Frozen deployment (its id or a unique prefix).")
     ],
+    reason: Reason = None,
     wait: bool = True,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
     data_dir: OptDataDir = None,
 ) -> None:
-    """Let a Paused deployment (a canary stage's gate, or an analysis waiting for a human) go on."""
+    """Let a Paused deployment (a canary stage's gate, an analysis or a webhook gate waiting for
+    a human) go on, or a Frozen one go on after its failed step (with --reason)."""
     client = _client(server, token, data_dir, "deployment:create", "deployment:read")
+    body = _decision(reason)
     before = _current(client, deployment_id, wait)
-    accepted = _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/promote"))
+    accepted = _check(
+        client.request("POST", f"/api/v1/deployments/{deployment_id}/promote", **body)
+    )
     deployment_id = accepted["deployment_id"]  # the full id of a prefix
     err.print(f"promoted [bold]{shown(deployment_id)}[/bold]")
     _follow_and_exit(client, deployment_id, wait, success="Success", since=before)
@@ -583,15 +632,18 @@ def abort(
     deployment_id: Annotated[
         str, typer.Argument(help="A deployment in flight (its id or a unique prefix).")
     ],
+    reason: Reason = None,
     wait: bool = True,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
     data_dir: OptDataDir = None,
 ) -> None:
-    """Abort a deployment in flight: the candidate's weight goes to 0 now, then it rolls back."""
+    """Abort a deployment in flight: the candidate's weight goes to 0 now, then it rolls back
+    (a Frozen one only with --reason)."""
     client = _client(server, token, data_dir, "deployment:rollback", "deployment:read")
+    body = _decision(reason)
     before = _current(client, deployment_id, wait)
-    accepted = _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/abort"))
+    accepted = _check(client.request("POST", f"/api/v1/deployments/{deployment_id}/abort", **body))
     deployment_id = accepted["deployment_id"]  # the full id of a prefix
     err.print(f"aborting [bold]{shown(deployment_id)}[/bold]")
     _follow_and_exit(client, deployment_id, wait, success="RolledBack", since=before)

@@ -57,6 +57,7 @@ _STATUS_STYLE = {
     "RolledBack": "bold red",
     "RollingBack": "bold red",
     "Paused": "bold magenta",
+    "Frozen": "bold cyan",
 }
 #: An analysis stage's tallies (``AnalysisRun``) as its line shows them.
 _TALLIES = (
@@ -327,6 +328,12 @@ def next_action(deployment: Doc | None, service: Doc | None) -> str:
             f"paused{f' ({_s(why)})' if why else ''}: run `shipyard promote {dep_id}` to go on "
             f"or `shipyard abort {dep_id}` to roll back"
         )
+    if status == "Frozen":
+        return (
+            f"{frozen_line(deployment)}; traffic stays where it is: run "
+            f"`shipyard promote {dep_id} --reason TEXT` to go on after the failed step or "
+            f"`shipyard abort {dep_id} --reason TEXT` to roll back"
+        )
     if status == "RollingBack":
         return "rolling back: traffic goes back to the stable revision; nothing to do"
     if status == "Success":
@@ -340,6 +347,19 @@ def next_action(deployment: Doc | None, service: Doc | None) -> str:
     if deployment.get("kind") == "deploy":
         return f"in progress: `shipyard abort {dep_id}` rolls it back now"
     return "in progress"
+
+
+def frozen_line(deployment: Doc) -> str:
+    """Why a Frozen deployment waits (``[deploy] on_failure = "freeze"``): the failed step and
+    its error, as ``next_action`` and ``shipyard status`` print it."""
+    frozen = (deployment.get("progress") or {}).get("frozen") or {}
+    cause = frozen.get("cause") or {}
+    steps = (((deployment.get("progress") or {}).get("plan")) or {}).get("steps") or []
+    step = frozen.get("step")
+    name = steps[step].get("name") if isinstance(step, int) and 0 <= step < len(steps) else None
+    where = f" at {_s(name)}" if name else ""
+    why = f": {_s(cause.get('code'))}: {_s(cause.get('message'))}" if cause else ""
+    return f"frozen{where}{why}"
 
 
 def fleet_lines(deployment: Doc | None) -> list[str]:

@@ -787,6 +787,15 @@ class PlanRead(ReadModel):
     steps: list[PlannedStep] = Field(default_factory=list)
 
 
+class FrozenRead(ReadModel):
+    """Why a deployment is Frozen (``[deploy] on_failure = "freeze"``): the failure, the index
+    of the step that failed, and when."""
+
+    cause: dict[str, Any]
+    step: int
+    at: datetime
+
+
 class DeploymentProgress(ReadModel):
     """Where a deployment stands in its plan: what ``shipyard status --watch`` shows as the
     stages still to come, and why it is paused. Read from the record's ``progress``."""
@@ -796,6 +805,11 @@ class DeploymentProgress(ReadModel):
     step: int = Field(default=0, description="Index in plan.steps of the step running (or next).")
     paused: str | None = Field(default=None, description="Why it waits for a human (Paused).")
     rolling_back: bool = False
+    frozen: FrozenRead | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="Why it waits for a human's promote or abort (Frozen; Shipyard extension).",
+    )
 
 
 class RegionRead(ReadModel):
@@ -827,6 +841,17 @@ class DriverRead(ReadModel):
 
     replica: str
     lease_expires_at: datetime
+
+
+class NotificationRead(ReadModel):
+    """One notification of a deployment to one sink, and how its delivery went (issue 16)."""
+
+    sink: str
+    event: str
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_error: str | None = None
+    delivered_at: datetime | None = None
 
 
 class Deployment(ReadModel):
@@ -871,12 +896,25 @@ class Deployment(ReadModel):
         "taken over then); null once it is over, or while no replica holds it (Shipyard "
         "extension).",
     )
+    secrets: dict[str, int] = Field(
+        default_factory=dict,
+        exclude_if=lambda v: not v,
+        description="The version of each app secret its revision runs with, e.g. "
+        '`{"DB_PASSWORD": 3}` (`shipyard secret list`); never a value. Absent when it uses '
+        "none (Shipyard extension).",
+    )
     trace_id: str | None = Field(
         default=None,
         exclude_if=lambda v: v is None,
         description="The deployment's OpenTelemetry trace id (32 hex digits): its spans, and "
         "every audit record of it (detail.trace_id), carry it; absent for deployments "
         "recorded before tracing (Shipyard extension).",
+    )
+    notifications: list[NotificationRead] | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="Its notifications to the server's sinks and their delivery state: "
+        "pending, delivered or failed (Shipyard extension).",
     )
 
 

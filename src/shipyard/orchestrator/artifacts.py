@@ -7,7 +7,11 @@ serving revision the reconciler starts again.
 
 ``spec`` is what those callers hand the runtime: the revision's ``RevisionSpec`` carrying its
 DSSE envelope (``provenance``), because the local agent checks signature and digest again itself
-(``agent/verify.py``) and trusts nothing it cannot verify with the control plane's public key.
+(``agent/verify.py``) and trusts nothing it cannot verify with the control plane's public key,
+and the values of exactly the secret versions the revision recorded (``secret_env``,
+``secret_files``), opened through ``Deps.secrets``: a rollback to an older revision gets its
+older values. Every ``RevisionSpec`` made from a stored revision is made here (start, scale,
+``shipyard scale``, the reconciler's restart, hooks), so no caller can forget the secrets.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from pathlib import Path
 
 from shipyard.build.digest import verify_artifact
 from shipyard.domain.clock import to_thread
-from shipyard.errors import ArtifactVerificationFailed
+from shipyard.errors import ArtifactVerificationFailed, SecretMissing
 from shipyard.orchestrator.record import RevisionRecord
 from shipyard.runtime.base import RevisionSpec
+from shipyard.security.app_secrets import SecretResolver
 from shipyard.security.gate import SecurityGate
 from shipyard.security.signing import read_envelope
 
@@ -42,12 +47,31 @@ async def verify(gate: SecurityGate | None, revision: RevisionRecord) -> bool:
     return True
 
 
-async def spec(revision: RevisionRecord, *, replicas: int | None = None) -> RevisionSpec:
+async def spec(
+    revision: RevisionRecord, secrets: SecretResolver | None, *, replicas: int | None = None
+) -> RevisionSpec:
     """``revision.spec()`` with its signed provenance attached (None when it has none: a
-    runtime that verifies refuses it), and ``replicas`` if given."""
+    runtime that verifies refuses it), its recorded secret versions' values (``secrets``:
+    ``Deps.secrets``; SecretMissing when the revision has secrets and there is none to open
+    them with), and ``replicas`` if given."""
     out = revision.spec()
     if replicas is not None:
         out = dataclasses.replace(out, replicas=replicas)
+    if revision.secrets:
+        if secrets is None:
+            raise SecretMissing(
+                f"revision {revision.revision} runs with secrets "
+                f"({', '.join(sorted(revision.secrets))}) and this control plane has no secret "
+                "store configured",
+                revision=revision.revision,
+            )
+        values = await secrets.values(revision.service, revision.secrets)
+        files = revision.secret_files
+        out = dataclasses.replace(
+            out,
+            secret_env={n: v for n, v in values.items() if n not in files},
+            secret_files={files[n]: v for n, v in values.items() if n in files},
+        )
     path = revision.attestation.envelope
     if not path:
         return out

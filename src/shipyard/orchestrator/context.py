@@ -33,6 +33,7 @@ from shipyard.orchestrator.log_retention import LogRetention
 from shipyard.orchestrator.record import Record, Records, utc
 from shipyard.runtime.base import MeteredRouter, ReplicaStatus, Runtime
 from shipyard.runtime.fleet import FleetRuntime
+from shipyard.security.app_secrets import SecretResolver
 from shipyard.security.gate import SecurityGate
 from shipyard.store.db import AsyncStore
 from shipyard.store.leases import AsyncLeaseStore
@@ -109,6 +110,10 @@ class Deps:
     #: Makes the deployments' spans (``spans.py``); the no-op tracer unless ``shipyard serve``
     #: was told where to export them (``tracing.configure``).
     tracer: Tracer = field(default=tracing.NOOP)
+    #: The services' secrets (``security/app_secrets.AppSecrets``): pre-flight pins the versions
+    #: a revision uses, ``artifacts.spec`` opens them. None: a deployment naming secrets fails
+    #: (unit tests of other stages).
+    secrets: SecretResolver | None = None
 
     async def in_flight(self, service: str, region: str) -> bool:
         """Whether ``service`` has a deployment in flight in ``region``, on any replica."""

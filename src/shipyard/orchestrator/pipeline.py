@@ -10,7 +10,9 @@ flight and starts the janitor (and the audit checkpoint publisher, when a witnes
 
 Driving a deployment (``_carry_out``) is, in the orchestrator's own modules: pre-flight
 (``preflight.py``: build, scan, verify, plan), the plan's steps (``steps/``: one executor per step
-type), then ``outcome.succeed``; a failing step rolls back (``rollback.py``). The record
+type), then ``outcome.succeed``; a failing step rolls back (``rollback.py``), or, with
+``[deploy] on_failure = "freeze"``, freezes until a human promotes or aborts it with a reason
+(``freezing.py``). The record
 (``record.py``) is persisted before every action, so a control plane killed at any moment and
 started again continues each deployment from its persisted step (every step is idempotent) or
 finishes its rollback: traffic is never left split and no revision is orphaned.
@@ -55,7 +57,15 @@ from shipyard.errors import (
 )
 from shipyard.health.probing import Prober
 from shipyard.logs import log_event
-from shipyard.orchestrator import build_slots, fleet, outcome, preflight, rollback, steps
+from shipyard.orchestrator import (
+    build_slots,
+    fleet,
+    freezing,
+    outcome,
+    preflight,
+    rollback,
+    steps,
+)
 from shipyard.orchestrator.context import DeploymentContext, Deps, audit_event
 from shipyard.orchestrator.driving import Driver
 from shipyard.orchestrator.janitor import Janitor
@@ -72,6 +82,7 @@ from shipyard.orchestrator.record import (
 from shipyard.orchestrator.services import ServiceOps
 from shipyard.orchestrator.stage import Rollback
 from shipyard.runtime.base import Runtime
+from shipyard.security.app_secrets import SecretResolver
 from shipyard.security.gate import SecurityGate
 from shipyard.store.db import AsyncStore
 from shipyard.store.leases import (
@@ -125,6 +136,7 @@ class Pipeline:
         replica_id: str = "local",
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         tracer: Tracer = tracing.NOOP,
+        secrets: SecretResolver | None = None,
     ) -> None:
         """``replica_id``: this replica's name in the leases (``serve --replica-id``);
         ``lease_seconds``: how long a lease lasts without renewal (a dead replica's deployments
@@ -151,6 +163,7 @@ class Pipeline:
             image_exporter=image_exporter,
             leases=self.leases,
             tracer=tracer,
+            secrets=secrets,  # app secrets (security/app_secrets.py)
         )
         self.records = self.deps.records
         self.replica_id = replica_id
@@ -296,6 +309,7 @@ class Pipeline:
     ) -> RollbackRecord:
         """Serve again the revision that served before ``deployment_id`` (see rollback.py), in
         a trace of its own (a child of ``traceparent``'s span when valid)."""
+        await freezing.refuse_rollback_while_frozen(self.deps, deployment_id)
         record = await rollback.request(self.deps, deployment_id, user)
         record.set_trace(tracing.new_ids(traceparent))
         requested = self.clock.monotonic()
@@ -320,12 +334,19 @@ class Pipeline:
         return record
 
     async def promote(
-        self, deployment_id: str, user: str, *, token_id: str | None = None
+        self,
+        deployment_id: str,
+        user: str,
+        *,
+        token_id: str | None = None,
+        reason: str | None = None,
     ) -> Record:
-        """Let a paused deployment go on (a stage's gate, or an analysis that paused for a
-        human: inconclusive, or too little traffic with the ``pause`` policy).
+        """Let a paused deployment go on (a stage's gate, an analysis that paused for a
+        human: inconclusive, or too little traffic with the ``pause`` policy, or a webhook gate
+        with ``on_timeout = "pause"``), or a Frozen one go on after its failed step.
 
-        Checked against the record (Paused; with ``four_eyes``, the subject who deployed it,
+        Checked against the record (Paused or Frozen; Frozen only with a ``reason``, audited
+        ``deployment.unfrozen``; with ``four_eyes``, the subject who deployed it,
         ``triggered_by``, may not promote it: PermissionDenied, audited as
         ``deployment.promote_refused``), then a durable command, persisted before this answers:
         the replica driving the deployment puts the promotion in the record and wakes the task
@@ -334,11 +355,12 @@ class Pipeline:
         async with self._record_lock(deployment_id):
             ctx = self._live.get(deployment_id)
             record = ctx.record if ctx is not None else await self.records.get(deployment_id)
-            if record.status is not DeploymentStatus.PAUSED:
+            if record.status not in (DeploymentStatus.PAUSED, DeploymentStatus.FROZEN):
                 raise Conflict(
-                    f"deployment {deployment_id} is {record.status.value}, not Paused; only a "
-                    "paused deployment can be promoted"
+                    f"deployment {deployment_id} is {record.status.value}, not Paused or "
+                    "Frozen; only a paused or frozen deployment can be promoted"
                 )
+            freezing.require_reason(record, "promote", reason)
             if self.four_eyes and user == record.triggered_by:
                 await self._audit(
                     record,
@@ -356,8 +378,15 @@ class Pipeline:
                     deployed_by=record.triggered_by,
                 )
             await self._audit(
-                record, "deployment.promote_requested", actor=user, by=user, token_id=token_id
+                record,
+                "deployment.promote_requested",
+                actor=user,
+                by=user,
+                token_id=token_id,
+                reason=reason,
             )
+            if record.status is DeploymentStatus.FROZEN:
+                await self._unfrozen(record, "promote", user, token_id, reason)
             answer = record.model_copy(deep=True)
             await self.leases.add_command(
                 deployment_id, "promote", user, token_id, self.clock.now()
@@ -365,8 +394,16 @@ class Pipeline:
         await self.apply_commands(deployment_id)
         return answer
 
-    async def abort(self, deployment_id: str, user: str, *, token_id: str | None = None) -> Record:
-        """Abort a deployment in flight: candidate weight to 0 at once, then roll back.
+    async def abort(
+        self,
+        deployment_id: str,
+        user: str,
+        *,
+        token_id: str | None = None,
+        reason: str | None = None,
+    ) -> Record:
+        """Abort a deployment in flight: candidate weight to 0 at once, then roll back. A Frozen
+        one only with a ``reason`` (audited ``deployment.unfrozen``, action ``abort``).
 
         A durable command, persisted before this answers and applied by the driver (this
         replica at once when it drives the deployment, within ``COMMAND_POLL_SECONDS``
@@ -378,13 +415,38 @@ class Pipeline:
         record = await self.records.get(deployment_id)
         if record.terminal:
             raise Conflict(f"deployment {deployment_id} is already {record.status.value}")
+        freezing.require_reason(record, "abort", reason)
         if not record.progress.rolling_back:
             await self.leases.add_command(deployment_id, "abort", user, token_id, self.clock.now())
             await self._audit(
-                record, "deployment.abort_requested", actor=user, by=user, token_id=token_id
+                record,
+                "deployment.abort_requested",
+                actor=user,
+                by=user,
+                token_id=token_id,
+                reason=reason,
             )
+            if record.status is DeploymentStatus.FROZEN:
+                await self._unfrozen(record, "abort", user, token_id, reason)
         await self.apply_commands(deployment_id, requested_at=requested)
         return await self.records.get(deployment_id)
+
+    async def _unfrozen(
+        self, record: Record, action: str, user: str, token_id: str | None, reason: str | None
+    ) -> None:
+        """A human's decision about a Frozen deployment, with its reason: audited when it is
+        taken (the command carries no reason; the audit trail keeps it)."""
+        frozen = record.progress.frozen
+        await self._audit(
+            record,
+            "deployment.unfrozen",
+            actor=user,
+            by=user,
+            token_id=token_id,
+            reason=reason,
+            action=action,
+            cause=frozen.cause.code if frozen is not None else None,
+        )
 
     async def apply_commands(
         self, deployment_id: str, *, requested_at: float | None = None
@@ -413,7 +475,7 @@ class Pipeline:
         async with self._record_lock(deployment_id):
             ctx = self._live.get(deployment_id)
             record = ctx.record if ctx is not None else await self.records.get(deployment_id)
-            if record.status is DeploymentStatus.PAUSED:
+            if record.status in (DeploymentStatus.PAUSED, DeploymentStatus.FROZEN):
                 record.progress.promoted_by = command.actor
                 if ctx is not None:
                     await ctx.save()
@@ -448,6 +510,7 @@ class Pipeline:
                 cause = DeploymentAborted(f"aborted by {user}", aborted_by=user)
                 preflight.leave_queue(record, self.clock.now(), f"aborted by {user}")
                 record.progress.rolling_back = True
+                record.progress.frozen = None  # the abort decided; the audit keeps the freeze
                 record.error = RecordedError.of(cause)
                 record.updated_at = utc(self.clock.now())
                 await self.records.save(record)
@@ -544,7 +607,8 @@ class Pipeline:
                 "deployment.resuming",
                 deployment_id=record.id,
                 status=record.status.value,
-                progress=record.progress.model_dump(mode="json"),
+                # Not the gates: a gate URL's path may be a token.
+                progress=record.progress.model_dump(mode="json", exclude={"plan": {"gates"}}),
             )
             if own:
                 await self._audit(record, "deployment.resumed")
@@ -712,15 +776,22 @@ class Pipeline:
             except ShipyardError as exc:  # nothing was started: the deployment simply failed
                 await outcome.finish(ctx, DeploymentStatus.FAILED, exc)
                 return
-        try:
-            await steps.run(ctx)
-        except LeaseLost:
-            raise  # not this replica's to roll back any more
-        except Rollback as rb:
-            await rollback.roll_back(ctx, rb.cause, rb.detected_at)
-            return
-        except ShipyardError as exc:
-            await rollback.roll_back(ctx, exc, None)
+        while True:
+            if record.progress.frozen is not None:  # frozen, or resumed Frozen: a human decides
+                await freezing.hold(ctx)
+            try:
+                await steps.run(ctx)
+                break
+            except LeaseLost:
+                raise  # not this replica's to roll back any more
+            except Rollback as rb:
+                cause, detected_at = rb.cause, rb.detected_at
+            except ShipyardError as exc:
+                cause, detected_at = exc, None
+            if freezing.applies(record):  # [deploy] on_failure = "freeze": traffic stays
+                await freezing.freeze(ctx, cause)
+                continue
+            await rollback.roll_back(ctx, cause, detected_at)
             return
         await outcome.succeed(ctx)
 

@@ -10,7 +10,10 @@
    would drop the bake, the canary stages and anything to roll back to);
 5. ``calculate_plan``: the strategy's plan, computed purely from the request, the manifest and
    what ``observe`` saw; a plan refused here (e.g. a sticky stage without a key) changes nothing;
-6. ``apply_plan``: only then are the revision and the plan persisted, and the plan announced.
+6. ``resolve_secrets``: the newest version of each secret ``[run] secrets`` / ``secret_files``
+   names, pinned for this revision (``SecretMissing`` names any that is not set);
+7. ``apply_plan``: only then are the revision (with its secret versions) and the plan
+   persisted, and the plan announced.
 
 A failure anywhere ends the deployment Failed, with nothing started. Called by the pipeline's
 driver for a deployment in its ``build`` phase.
@@ -22,7 +25,7 @@ import collections
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ from shipyard.errors import (
     InvalidInput,
     NotFound,
     RevisionStartFailed,
+    SecretMissing,
     SecurityScanFailed,
     ShipyardError,
     StableRevisionMissing,
@@ -131,7 +135,8 @@ async def run(ctx: DeploymentContext, record: DeploymentRecord) -> None:
     await scan(ctx, record, artifact)
     situation = await observe(ctx, record)
     plan = calculate_plan(record.request, artifact.manifest, situation)
-    await apply_plan(ctx, record, artifact, plan, situation)
+    secrets = await resolve_secrets(ctx, artifact.manifest)
+    await apply_plan(ctx, record, artifact, plan, situation, secrets=secrets)
 
 
 async def build(ctx: DeploymentContext, record: DeploymentRecord) -> Artifact:
@@ -423,14 +428,33 @@ def calculate_plan(request: DeploymentRequest, manifest: Manifest, situation: Si
     return plan
 
 
+async def resolve_secrets(ctx: DeploymentContext, manifest: Manifest) -> dict[str, int]:
+    """``{name: newest version}`` of every secret the manifest names (``[run] secrets`` and
+    ``secret_files``); SecretMissing, before anything started, for one that is not set."""
+    names = [*manifest.run.secrets, *manifest.run.secret_files]
+    if not names:
+        return {}
+    if ctx.deps.secrets is None:
+        raise SecretMissing(
+            f"shipyard.toml names secrets ({', '.join(sorted(names))}) and this control plane "
+            "has no secret store configured",
+            service=ctx.service,
+        )
+    return await ctx.deps.secrets.current_versions(ctx.service, names)
+
+
 async def apply_plan(
     ctx: DeploymentContext,
     record: DeploymentRecord,
     artifact: Artifact,
     plan: Plan,
     situation: Situation,
+    *,
+    secrets: Mapping[str, int] | None = None,
 ) -> None:
-    """Persist the candidate revision and the plan (the deployment enters its steps phase)."""
+    """Persist the candidate revision (with the pinned ``secrets`` versions) and the plan
+    (the deployment enters its steps phase)."""
+    secrets = dict(secrets or {})
     manifest = artifact.manifest
     revision = f"{artifact.commit[:7]}-{record.id[:8]}"
     await ctx.records.save_revision(
@@ -464,6 +488,9 @@ async def apply_plan(
                 else None
             ),
             stop_timeout=manifest.run.stop_timeout_seconds,
+            hooks=manifest.hooks,
+            secrets=secrets,
+            secret_files=dict(manifest.run.secret_files),
         ),
         region=record.region,
         deployment_id=record.id,
@@ -474,7 +501,13 @@ async def apply_plan(
     record.commit = artifact.commit
     record.blue_revision = situation.stable
     record.green_revision = revision
-    record.progress = Progress(phase="steps", plan=PlanRecord.of(plan, sticky))
+    record.secrets = secrets
+    record.progress = Progress(
+        phase="steps",
+        plan=PlanRecord.of(
+            plan, sticky, gates=manifest.gates, on_failure=manifest.deploy.on_failure
+        ),
+    )
     fleet = ctx.fleet_runtime
     if record.fleet is not None and fleet is not None:
         record.fleet.region_timeout_seconds = manifest.fleet.region_timeout_seconds

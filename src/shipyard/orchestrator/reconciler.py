@@ -322,7 +322,9 @@ class Reconciler:
                     )
                 )
             url = await runtime.ensure_service(service)
-            replicas = await runtime.start_revision(await artifacts.spec(stored, replicas=want))
+            replicas = await runtime.start_revision(
+                await artifacts.spec(stored, self.deps.secrets, replicas=want)
+            )
             fresh = [r for r in replicas if not r.routable]
             if fresh:
 

@@ -43,6 +43,7 @@ from shipyard.domain.models import (
     HealthCheck,
     SourceConfig,
 )
+from shipyard.domain.release import GateSpec, HooksSection, gate_names
 from shipyard.errors import NotFound, PermanentError, ShipyardError
 from shipyard.runtime.base import (
     ArtifactKind,
@@ -136,15 +137,32 @@ class Stage(_Model):
 
 
 class PlanRecord(_Model):
-    """A strategy's ``Plan`` as persisted, with the manifest's sticky key (canary stages)."""
+    """A strategy's ``Plan`` as persisted, with the manifest's sticky key (canary stages), its
+    ``[[gates]]`` by name (what a ``CallGate`` step asks) and ``[deploy] on_failure`` (a
+    resumed deployment freezes or rolls back as its manifest said)."""
 
     steps: list[StoredStep]
     rolling: RollingLimits | None = None
     sticky: StickyKey = Field(default_factory=StickyKey)
+    gates: dict[str, GateSpec] = Field(default_factory=dict)
+    on_failure: Literal["rollback", "freeze"] = "rollback"
 
     @classmethod
-    def of(cls, plan: Plan, sticky: StickyKey | None = None) -> PlanRecord:
-        return cls(steps=list(plan.steps), rolling=plan.rolling, sticky=sticky or StickyKey())
+    def of(
+        cls,
+        plan: Plan,
+        sticky: StickyKey | None = None,
+        *,
+        gates: Sequence[GateSpec] = (),
+        on_failure: Literal["rollback", "freeze"] = "rollback",
+    ) -> PlanRecord:
+        return cls(
+            steps=list(plan.steps),
+            rolling=plan.rolling,
+            sticky=sticky or StickyKey(),
+            gates=dict(zip(gate_names(list(gates)), gates, strict=True)),
+            on_failure=on_failure,
+        )
 
 
 #: A router metrics snapshot, ``{revision: RevisionMetrics.to_dict()}`` as the agent answers it.
@@ -173,6 +191,15 @@ class AnalysisState(_Model):
     metrics: dict[str, MetricRun] = Field(default_factory=dict)
 
 
+class FrozenState(_Model):
+    """Why and where a deployment with ``[deploy] on_failure = "freeze"`` froze
+    (``orchestrator/freezing.py``): the failure, the index of the step that failed, when."""
+
+    cause: RecordedError
+    step: int
+    at: datetime
+
+
 class Progress(_Model):
     """Where the deployment stands: written before every action."""
 
@@ -190,6 +217,12 @@ class Progress(_Model):
     promoted_by: str | None = None
     analysis: AnalysisState | None = None
     rolling_back: bool = False
+    #: The ``post_rollback`` hook ran to its end (``rollback.py``): a resumed rollback does
+    #: not run it again.
+    post_rollback_ran: bool = False
+    #: Set while Frozen (a check failed with ``on_failure = "freeze"``): traffic stays where it
+    #: was until a human promotes (the plan goes on after ``frozen.step``) or aborts.
+    frozen: FrozenState | None = None
 
 
 #: Where one region of a fleet deployment stands: ``pending`` (nothing done there yet),
@@ -325,6 +358,9 @@ class DeploymentRecord(RecordBase):
     attestation: Attestation | None = None
     #: The manual rollback that undid it.
     rolled_back_by: str | None = None
+    #: ``{name: version}`` of every secret its revision gets (``[run] secrets`` and
+    #: ``secret_files``), pinned at pre-flight; never a value. Empty: none (or recorded before).
+    secrets: dict[str, int] = Field(default_factory=dict)
 
     @classmethod
     def submitted(
@@ -408,6 +444,15 @@ class RevisionRecord(_Model):
     container: dict[str, Any] | None = None
     #: ``[run] stop_timeout_seconds``.
     stop_timeout: float = 10.0
+    #: The manifest's ``[hooks]`` (``orchestrator/hooks.py`` runs them in this revision's
+    #: artifact); revisions stored before hooks have none.
+    hooks: HooksSection = Field(default_factory=HooksSection)
+    #: ``{name: version}`` of the service's secrets it runs with, pinned when it was deployed
+    #: (so a rollback to it restores those values); never a value (``artifacts.spec`` opens
+    #: them). Each is an environment variable of its name unless ``secret_files`` names it.
+    secrets: dict[str, int] = Field(default_factory=dict)
+    #: ``[run] secret_files``: secret name -> file name in ``$SHIPYARD_SECRETS_DIR``.
+    secret_files: dict[str, str] = Field(default_factory=dict)
 
     def spec(self) -> RevisionSpec:
         """What a runtime runs. Revisions stored before ``health_endpoint`` existed take it

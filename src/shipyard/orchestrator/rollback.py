@@ -16,6 +16,14 @@ marked ``unreachable`` in the record and left out, and the rollback goes on with
 can reach; the store's service record of every region (the silent one too) says stable serves,
 so the reconciler brings that region back once it answers (``fleet.note_converged``).
 
+A failure before the plan touched the data plane (``nothing_started``: a fatal ``pre_deploy``
+hook, a ``pre_rollout`` gate) is no rollback at all: the deployment ends Failed with the cause,
+stable untouched, no rollback stage (with ``[deploy] on_failure = "freeze"`` too: there is
+nothing to freeze). After a rollback put stable back (and stopped the candidate), the
+candidate's ``post_rollback`` hook runs once (``progress.post_rollback_ran``, persisted after
+it); its failure is recorded and audited, and the deployment still ends RolledBack -- with
+``on_failure = "fail"`` the hook's failure becomes the record's error.
+
 ``request`` checks and builds a manual rollback (``RollbackRecord``): any successful deployment
 can be rolled back, the latest or an earlier one. It is instant while the revision to restore is
 still warm (running and routable); otherwise that revision is started again from its signed
@@ -32,35 +40,68 @@ from shipyard.errors import (
     AnalysisFailed,
     Conflict,
     DeploymentAborted,
+    HookFailed,
+    LeaseLost,
     RegionUnreachable,
     RollbackFailed,
     ShipyardError,
 )
-from shipyard.orchestrator import fleet, outcome, serving
+from shipyard.orchestrator import fleet, hooks, outcome, serving
 from shipyard.orchestrator.context import DeploymentContext, Deps
 from shipyard.orchestrator.record import (
     DeploymentRecord,
     FleetState,
     PlanRecord,
     Progress,
+    Record,
     RecordedError,
     RollbackParams,
     RollbackRecord,
     RollbackStrategy,
     utc,
 )
-from shipyard.orchestrator.stage import Rollback, stage
+from shipyard.orchestrator.stage import Rollback, end, stage
 from shipyard.orchestrator.steps.scale import scale_down, scale_up
 from shipyard.strategies import rolling
-from shipyard.strategies.steps import RollingLimits, ScaleCandidate, ScaleStable
+from shipyard.strategies.steps import (
+    RollingLimits,
+    ScaleCandidate,
+    ScaleStable,
+    SetWeight,
+    StartCandidate,
+)
+
+#: The steps that act on the data plane (start replicas, move traffic): before the first of
+#: them, a failure has changed nothing.
+_DATA_PLANE_STEPS = (StartCandidate, ScaleCandidate, ScaleStable, SetWeight)
+
+
+def nothing_started(record: Record) -> bool:
+    """Whether a deployment failing now has changed nothing on the data plane: a deployment
+    (not a manual rollback) in its steps phase whose persisted step is before the plan's first
+    step that starts replicas or moves traffic. Then it ends Failed, with no rollback and no
+    freeze (``roll_back`` checks it first; the freeze branch must too)."""
+    plan = record.progress.plan
+    if not isinstance(record, DeploymentRecord) or plan is None:
+        return False
+    if record.progress.phase != "steps":
+        return False
+    first = next((i for i, s in enumerate(plan.steps) if isinstance(s, _DATA_PLANE_STEPS)), None)
+    return first is not None and record.progress.step < first
 
 
 async def roll_back(
     ctx: DeploymentContext, cause: ShipyardError, detected_at: float | None
 ) -> None:
     """Stable back to 100%, candidate drained and stopped; the deployment ends RolledBack
-    (Failed when there was no stable to go back to, or the rollback itself failed)."""
+    (Failed when there was no stable to go back to, or the rollback itself failed; Failed at
+    once, with nothing touched, when ``nothing_started``)."""
     record = ctx.record
+    if nothing_started(record):
+        for interrupted in [s for s in record.stages if s.status == "running"]:
+            await end(ctx, interrupted, "failed", error=cause.message)  # an abort cut it short
+        await outcome.finish(ctx, DeploymentStatus.FAILED, cause)
+        return
     record.progress.rolling_back = True
     record.error = RecordedError.of(cause)
     await ctx.set_status(DeploymentStatus.ROLLING_BACK)  # the decision, persisted first
@@ -100,9 +141,38 @@ async def roll_back(
         )
         return
     status = DeploymentStatus.ROLLED_BACK if stable else DeploymentStatus.FAILED
+    failed_hook = await _post_rollback(ctx, cause)
     if status is DeploymentStatus.ROLLED_BACK:
         record.rollback_count += 1
-    await outcome.finish(ctx, status, cause)
+    await outcome.finish(ctx, status, failed_hook or cause)
+
+
+async def _post_rollback(ctx: DeploymentContext, cause: ShipyardError) -> HookFailed | None:
+    """The candidate's ``post_rollback`` hook, once (see the module docstring): its failure
+    when ``on_failure = "fail"`` made it the deployment's error, else None."""
+    record = ctx.record
+    if not isinstance(record, DeploymentRecord) or record.green_revision is None:
+        return None
+    if record.progress.post_rollback_ran:
+        return None
+    revision = await ctx.records.revision(record.green_revision)
+    if revision.hooks.post_rollback is None:
+        return None
+    try:
+        await hooks.run(ctx, "post_rollback", revision)
+        failed: ShipyardError | None = None
+    except ShipyardError as exc:  # fatal: the deployment still rolled back
+        if isinstance(exc, LeaseLost):
+            raise
+        failed = exc
+    record.progress.post_rollback_ran = True
+    await ctx.save()
+    if failed is None:
+        return None
+    return HookFailed(
+        f"{failed.message}\n(after rolling back for: {cause.message})",
+        **{**failed.detail, "point": "post_rollback", "rolled_back_for": cause.code},
+    )
 
 
 async def _restore(ctx: DeploymentContext, cause: ShipyardError, detected_at: float | None) -> None:

@@ -82,7 +82,9 @@ async def converge_replicas(
     if len(present) < want:
         await artifacts.verify(deps.gate, stored)
         known = {r.replica_id for r in present}
-        replicas = await runtime.start_revision(await artifacts.spec(stored, replicas=want))
+        replicas = await runtime.start_revision(
+            await artifacts.spec(stored, deps.secrets, replicas=want)
+        )
         fresh = [r for r in replicas if r.replica_id not in known]
 
         async def states() -> dict[str, ReplicaStatus]:

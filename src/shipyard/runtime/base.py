@@ -8,7 +8,7 @@ same contract); Docker, Kubernetes and Cloud Run slot in beside them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -137,11 +137,25 @@ class RevisionSpec:
     #: Seconds a replica has to exit after the stop signal (``[run] stop_timeout_seconds``);
     #: then it is killed. Draining the router's requests to it comes before the signal.
     stop_timeout: float = 10.0
+    #: The service's secrets as environment variables (``[run] secrets``), set after ``env``
+    #: (``PORT`` and ``SHIPYARD_*`` still win); values, so never in a repr, a log or a record:
+    #: ``orchestrator/artifacts.spec`` fills them in for the runtime only.
+    secret_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: ``[run] secret_files``: file name -> value, written by the agent into a private
+    #: directory (0700, files 0400) the replica finds in ``SHIPYARD_SECRETS_DIR``.
+    secret_files: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as the agent receives it (over its local socket or mutual TLS): the
+        secrets' values included, so never log what this returns."""
         d = asdict(self)
         d["argv"] = list(self.argv)
         d["env"] = dict(self.env)
+        for key in ("secret_env", "secret_files"):  # absent when empty: what older agents read
+            if d[key]:
+                d[key] = dict(d[key])
+            else:
+                del d[key]
         d["provenance"] = dict(self.provenance) if self.provenance is not None else None
         if self.entry is None:
             del d["entry"]  # what an agent from before entry specs accepts
@@ -320,6 +334,57 @@ class LogBatch:
         )
 
 
+#: The most bytes of a hook's output a runtime streams back (then it counts what it dropped).
+MAX_HOOK_OUTPUT_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class HookRun:
+    """One ``[hooks]`` command to run once in a revision's artifact (``Runtime.run_hook``)."""
+
+    #: Where in the deployment it runs (``pre_deploy``, ...): the process sees it as
+    #: ``SHIPYARD_HOOK``.
+    point: str
+    argv: Sequence[str]
+    #: Past this the runtime kills it, and reports ``timed_out``.
+    timeout_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "point": self.point,
+            "argv": list(self.argv),
+            "timeout_seconds": self.timeout_seconds,
+        }
+
+
+@dataclass(frozen=True)
+class HookResult:
+    """How a hook ended: its exit code (None: killed at its timeout, or it never got one),
+    how long it ran, and how many lines of its output the runtime dropped (bounded)."""
+
+    exit_code: int | None
+    duration_ms: int
+    timed_out: bool = False
+    dropped_lines: int = 0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> HookResult:
+        code = d.get("exit_code")
+        return cls(
+            exit_code=None if code is None else int(code),
+            duration_ms=int(d.get("duration_ms", 0)),
+            timed_out=bool(d.get("timed_out", False)),
+            dropped_lines=int(d.get("dropped_lines", 0)),
+        )
+
+
 class Runtime(Protocol):
     kind: str
     region: str
@@ -365,3 +430,15 @@ class Runtime(Protocol):
         ...
 
     async def list_services(self) -> list[str]: ...
+
+    async def run_hook(
+        self, spec: RevisionSpec, hook: HookRun, on_output: Callable[[str], None]
+    ) -> HookResult:
+        """Run ``hook`` once, to its end, as a one-off process of ``spec`` (a one-off container
+        for an image): its artifact verified as ``start_revision`` verifies it, the replicas'
+        sandbox, user and environment (no ``PORT``), no traffic. Each line it prints (stdout
+        and stderr as one stream) goes to ``on_output`` as it comes, bounded by
+        ``MAX_HOOK_OUTPUT_BYTES``. A non-zero exit or a timeout is a result, not an error;
+        a hook that cannot start raises (``ArtifactVerificationFailed``,
+        ``RevisionStartFailed``, ``AgentUnavailable``)."""
+        ...

@@ -23,6 +23,11 @@ What it models as the agent does (the contract suite is the proof):
   a location it does not list is taken to match. (Signatures are the agent's alone: the fake
   sees no keys.)
 
+Hooks (``run_hook``) run nothing: each call is recorded in ``hooks`` with what ran on the
+service at that moment (so a test proves a ``pre_deploy`` hook ran before any candidate replica
+started), and answers what ``hook_exit`` scripts for its point (default 0; ``None``: killed at
+its timeout), having printed ``hook_output`` for its point. Its artifact is checked as a start's.
+
 Test controls beyond that: ``crash`` (the replica stays down with no restart pending: something
 the local agent never reports, kept for tests of callers), start failures (``fail_start``), a log
 of every weight change and every replica count change to assert invariants on, and a steady
@@ -54,6 +59,8 @@ from shipyard.routing import table as routing_table
 from shipyard.routing.metrics import BUCKET_BOUNDS_MS, RevisionCounters, RevisionMetrics
 from shipyard.runtime.base import (
     MAX_LOG_LINES,
+    HookResult,
+    HookRun,
     LogBatch,
     LogLine,
     LogQuery,
@@ -435,6 +442,17 @@ class FakeRouter:
         self._rt.services.pop(service, None)
 
 
+@dataclass(frozen=True)
+class HookCall:
+    """One ``run_hook`` the fake answered: the hook, the spec it ran with, and the service's
+    running revisions and serving weights at that moment."""
+
+    hook: HookRun
+    spec: RevisionSpec
+    running: frozenset[str]
+    weights: Mapping[str, int]
+
+
 @dataclass
 class _PendingRestart:
     service: str
@@ -493,6 +511,16 @@ class FakeRuntime:
         #: Revision -> lines its replicas print each time they start (and crash, if
         #: ``crashing``): what an app prints before its traceback, for crash reports.
         self.output: dict[str, list[tuple[LogStream, str]]] = {}
+        #: Every hook run, in order (``run_hook``).
+        self.hooks: list[HookCall] = []
+        #: Point -> exit code its hook answers (absent: 0; None: killed at its timeout).
+        self.hook_exit: dict[str, int | None] = {}
+        #: Point -> lines its hook prints.
+        self.hook_output: dict[str, list[str]] = {}
+        #: Points whose hook cannot start (``RevisionStartFailed``, as a missing command).
+        self.hook_fail_start: set[str] = set()
+        #: Point -> an event its hook runs until (a hook that takes a while: abort it meanwhile).
+        self.hook_running: dict[str, asyncio.Event] = {}
 
     async def ensure_service(self, service: str) -> str:
         # Each region its own URL (the local one as it always was).
@@ -501,17 +529,7 @@ class FakeRuntime:
         return svc.url
 
     async def start_revision(self, spec: RevisionSpec) -> list[ReplicaStatus]:
-        actual = self.artifact_digests.get(spec.artifact_location, spec.artifact_digest)
-        if actual != spec.artifact_digest:
-            raise ArtifactVerificationFailed(
-                f"agent refused to start {spec.service}/{spec.revision}: digest check failed: "
-                f"artifact at {spec.artifact_location} has digest {actual}, expected "
-                f"{spec.artifact_digest}",
-                check="digest",
-                reason="content_mismatch",
-                digest=spec.artifact_digest,
-                actual=actual,
-            )
+        self._check_artifact(spec)
         if spec.revision in self.fail_start:
             what = spec.argv[0] if spec.argv else spec.artifact_location
             raise RevisionStartFailed(f"cannot start {what!r} for revision {spec.revision}")
@@ -535,6 +553,45 @@ class FakeRuntime:
             self._print_output(spec.service, rid, spec.revision)
             self._observe(spec.service)
         return alive
+
+    async def run_hook(
+        self, spec: RevisionSpec, hook: HookRun, on_output: Callable[[str], None]
+    ) -> HookResult:
+        """See the module docstring: recorded, scripted, nothing runs."""
+        self._check_artifact(spec)
+        if hook.point in self.hook_fail_start:
+            raise RevisionStartFailed(
+                f"cannot start {hook.argv[0]!r} for revision {spec.revision}: not found on PATH",
+                command=hook.argv[0],
+            )
+        svc = self.services.get(spec.service)
+        self.hooks.append(
+            HookCall(
+                hook,
+                spec,
+                frozenset(self.running_revisions(spec.service)),
+                dict(self.router.serving(spec.service)) if svc is not None else {},
+            )
+        )
+        for line in self.hook_output.get(hook.point, []):
+            on_output(line)
+        if hook.point in self.hook_running:
+            await self.hook_running[hook.point].wait()
+        code = self.hook_exit.get(hook.point, 0)
+        return HookResult(code, 5, timed_out=code is None)
+
+    def _check_artifact(self, spec: RevisionSpec) -> None:
+        actual = self.artifact_digests.get(spec.artifact_location, spec.artifact_digest)
+        if actual != spec.artifact_digest:
+            raise ArtifactVerificationFailed(
+                f"agent refused to start {spec.service}/{spec.revision}: digest check failed: "
+                f"artifact at {spec.artifact_location} has digest {actual}, expected "
+                f"{spec.artifact_digest}",
+                check="digest",
+                reason="content_mismatch",
+                digest=spec.artifact_digest,
+                actual=actual,
+            )
 
     def _observe(self, service: str) -> None:
         svc = self.services[service]

@@ -14,6 +14,10 @@ Replica ids are namespaced by region (``eu/abc1234-1``): ids a call returns carr
 ids handed back (``set_routable``, ``stop_replicas``, a log query) go to that region only, so a
 health gate or a crash report over the merged replica list needs nothing fleet-specific.
 
+``run_hook`` is the exception to the fan-out: a hook (a migration) runs once per deployment, so
+it goes to the first region the fleet reaches, bounded by the hook's own timeout plus
+``timeout`` rather than by ``timeout`` alone.
+
 ``FleetRouter`` does the same for traffic: ``set_weight`` goes to every region at once and the
 skew (first to last region's acknowledgement, on the clock's ``monotonic()``) of each change is in
 ``last_switch``; ``metrics`` is the fleet's merged counters, ``region_metrics`` each region's own
@@ -39,6 +43,8 @@ from shipyard.errors import (
 )
 from shipyard.routing.metrics import RevisionMetrics
 from shipyard.runtime.base import (
+    HookResult,
+    HookRun,
     LogBatch,
     LogLine,
     LogQuery,
@@ -313,6 +319,31 @@ class FleetRuntime:
     async def list_services(self) -> list[str]:
         names = await self.each("list_services", lambda _, rt: rt.list_services())
         return sorted({n for found in names.values() for n in found})
+
+    async def run_hook(
+        self, spec: RevisionSpec, hook: HookRun, on_output: Callable[[str], None]
+    ) -> HookResult:
+        """In the first region only (see the module docstring)."""
+        region = self.regions[0] if self.regions else self.region
+        rt = self.members[region]
+        try:
+            return await bounded(
+                self.clock, hook.timeout_seconds + self.timeout, rt.run_hook(spec, hook, on_output)
+            )
+        except CallTimedOut:
+            self.timed_out.add(region)
+            raise RegionUnreachable(
+                f"region {region} did not finish hook {hook.point} within "
+                f"{hook.timeout_seconds + self.timeout:g} s",
+                region=region,
+                call="run_hook",
+            ) from None
+        except ShipyardError as exc:
+            if exc.detail.get("region") is None:
+                exc.message = f"region {region}: {exc.message}"
+                exc.args = (exc.message,)
+                exc.detail["region"] = region
+            raise
 
 
 class FleetRouter:

@@ -9,6 +9,7 @@ plane. Used by the orchestrator wiring in ``api/app.py`` and the CLI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,9 +17,9 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
@@ -33,6 +34,8 @@ from shipyard.errors import (
 from shipyard.logs import log_event
 from shipyard.private_files import open_log
 from shipyard.runtime.base import (
+    HookResult,
+    HookRun,
     LogBatch,
     LogQuery,
     ReplicaStatus,
@@ -44,6 +47,9 @@ from shipyard.runtime.base import (
 log = logging.getLogger("shipyard.runtime.local")
 
 AGENT_START_TIMEOUT = 15.0
+#: A hook's answer may be silent for its timeout and this long (the agent kills it at its
+#: timeout, then sends the result).
+HOOK_ANSWER_MARGIN_SECONDS = 30.0
 #: Seconds an idle connection to an agent is kept for the next call (below the agent's 5 s).
 KEEPALIVE_EXPIRY_SECONDS = 2.0
 
@@ -202,19 +208,36 @@ class AgentClient:
         except httpx.HTTPError as exc:
             raise self._unavailable(exc) from exc
         if r.status_code >= 400:
-            try:
-                detail = r.json()
-            except ValueError:
-                detail = {"detail": r.text[:500]}
-            message = str(detail.get("message") or detail.get("detail") or detail)[:1000]
-            if r.status_code == 422 and detail.get("code") == "revision_start_failed":
-                raise RevisionStartFailed(message)
-            if r.status_code == 422 and detail.get("code") == "artifact_verification_failed":
-                # The agent's own check (agent/verify.py), with its detail: check, reason, ...
-                extra = {k: v for k, v in detail.items() if k not in ("type", "code", "message")}
-                raise ArtifactVerificationFailed(message, **extra)
-            raise _AgentError(r.status_code, message)
+            _refused(r.status_code, r.text)
         return r.json()
+
+    async def stream(
+        self, path: str, body: Any, *, read_timeout: float
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """``POST path`` whose answer is NDJSON: each object as it arrives (the agent's hook
+        output). ``read_timeout``: the longest silence between two lines. An agent that is
+        gone is started again as for ``call`` (nothing was sent: the retry runs nothing twice);
+        one that dies mid-answer is ``AgentUnavailable``."""
+        timeout = httpx.Timeout(10.0, read=read_timeout)
+        for attempt in (1, 2):
+            try:
+                async with self._client.stream(
+                    "POST", path, json=body, timeout=timeout, extensions=self._extensions
+                ) as r:
+                    if r.status_code >= 400:
+                        _refused(r.status_code, (await r.aread()).decode(errors="replace"))
+                    async for line in r.aiter_lines():
+                        if line.strip():
+                            yield json.loads(line)
+                return
+            except httpx.ConnectError as exc:
+                if self.data_dir is None or attempt == 2:
+                    raise self._unavailable(exc) from exc
+                url, token = await attach_or_start_agent(self.data_dir, self.region)
+                await self._client.aclose()
+                self._client = self._make_client(url, token)
+            except (httpx.HTTPError, ValueError) as exc:
+                raise self._unavailable(exc) from exc
 
     def _unavailable(self, exc: Exception) -> AgentUnavailable:
         return AgentUnavailable(
@@ -223,6 +246,24 @@ class AgentClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _refused(status: int, text: str) -> NoReturn:
+    """Raise what the agent's error answer means (its problem's code, else ``_AgentError``)."""
+    try:
+        detail = json.loads(text)
+        if not isinstance(detail, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        detail = {"detail": text[:500]}
+    message = str(detail.get("message") or detail.get("detail") or detail)[:1000]
+    if status == 422 and detail.get("code") == "revision_start_failed":
+        raise RevisionStartFailed(message)
+    if status == 422 and detail.get("code") == "artifact_verification_failed":
+        # The agent's own check (agent/verify.py), with its detail: check, reason, ...
+        extra = {k: v for k, v in detail.items() if k not in ("type", "code", "message")}
+        raise ArtifactVerificationFailed(message, **extra)
+    raise _AgentError(status, message)
 
 
 class _AgentError(InvalidInput):
@@ -387,6 +428,33 @@ class LocalRuntime:
                 raise NotFound(exc.reason) from exc
             raise
         return LogBatch.from_dict(out)
+
+    async def run_hook(
+        self, spec: RevisionSpec, hook: HookRun, on_output: Callable[[str], None]
+    ) -> HookResult:
+        """``POST /v1/services/{s}/hooks`` (``agent.hooks``): its output lines to ``on_output``
+        as the agent streams them, then its result. The agent kills the hook at its timeout;
+        this waits that long and a margin for the answer."""
+        body = {"spec": spec.to_dict(), **hook.to_dict()}
+        path = f"/v1/services/{spec.service}/hooks"
+        answer = self.agent.stream(
+            path, body, read_timeout=hook.timeout_seconds + HOOK_ANSWER_MARGIN_SECONDS
+        )
+        try:
+            async with contextlib.aclosing(answer):  # the connection is let go of at once
+                async for item in answer:
+                    if "line" in item:
+                        on_output(str(item["line"]))
+                    elif "result" in item:
+                        return HookResult.from_dict(item["result"])
+        except _AgentError as exc:
+            raise RevisionStartFailed(
+                f"the agent refused hook {hook.point} of {spec.revision}: {exc.reason}"
+            ) from exc
+        raise AgentUnavailable(
+            f"agent for region {self.region} ended hook {hook.point}'s answer without its result",
+            retry_after=1.0,
+        )
 
     async def aclose(self) -> None:
         await self.agent.aclose()

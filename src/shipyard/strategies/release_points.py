@@ -46,7 +46,8 @@ def place(plan: Plan, hooks: HooksSection, gates: list[GateSpec]) -> Plan:
         return [CallGate(at=at, gate=name) for name, gate in named if gate.at == at]
 
     def hook_steps(point: HookPoint) -> list[Step]:
-        return [RunHook(point=point)] if hooks.at(point) is not None else []
+        # Named as its stage (``hook_<point>``): the CLI matches a planned step to its stage.
+        return [RunHook(point=point, name=f"hook_{point}")] if hooks.at(point) is not None else []
 
     first_traffic = _first(steps, lambda s: isinstance(s, ScaleCandidate) or _routes(s))
     full = _last(steps, lambda s: isinstance(s, ScaleCandidate) or _full(s))

@@ -54,7 +54,9 @@ async def scale_up(
     alive = await ctx.alive()
     if not alive.get(revision) and await artifacts.verify(ctx.deps.gate, stored):
         await ctx.audit("artifact.verified", digest=stored.artifact_digest)
-    started = await runtime.start_revision(await artifacts.spec(stored, replicas=replicas))
+    started = await runtime.start_revision(
+        await artifacts.spec(stored, ctx.deps.secrets, replicas=replicas)
+    )
     fresh = [r for r in started if not r.routable]
     if fresh:
         try:

@@ -19,7 +19,7 @@ async def start_candidate(ctx: DeploymentContext, step: StartCandidate) -> None:
         ctx.record.url = await ctx.runtime.ensure_service(ctx.service)
         if await artifacts.verify(ctx.deps.gate, stored):
             await ctx.audit("artifact.verified", digest=stored.artifact_digest)
-        replicas = await ctx.runtime.start_revision(await artifacts.spec(stored))
+        replicas = await ctx.runtime.start_revision(await artifacts.spec(stored, ctx.deps.secrets))
         if stored.entry and stored.entry.get("port"):  # moved to its [service] port
             ctx.record.url = await ctx.runtime.ensure_service(ctx.service)
         fleet.note_urls(ctx)
