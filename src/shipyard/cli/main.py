@@ -588,7 +588,7 @@ Reason = Annotated[
     str | None,
     typer.Option(
         "--reason",
-        help="Why (audited). Required for a Frozen deployment ([deploy] on_failure = "
+        help="Why (audited). Required for a Frozen deployment (\\[deploy] on_failure = "
         '"freeze"), optional otherwise.',
     ),
 ]

@@ -12,7 +12,6 @@ sealed value copied onto another row does not open there.
 
 from __future__ import annotations
 
-import os
 import secrets as random
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from shipyard.errors import ShipyardError
+from shipyard.private_files import create_private, ensure_private_dir
 
 KEY_NAME = "secrets.key"
 _VERSION = b"v1"
@@ -46,17 +46,11 @@ class Sealer:
 
     @classmethod
     def for_dir(cls, shared_dir: Path) -> Sealer:
-        """The key of ``<shared_dir>/keys/secrets.key``, created (0600) when there is none."""
+        """The key of ``<shared_dir>/keys/secrets.key``, created (0600, ``private_files``) when
+        there is none; two processes creating it at once agree on one key."""
         path = key_path(shared_dir)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return cls(path.read_bytes())
-        try:
-            os.write(fd, random.token_bytes(32))
-        finally:
-            os.close(fd)
+        ensure_private_dir(path.parent)
+        create_private(path, random.token_bytes(32))
         return cls(path.read_bytes())
 
     def seal(self, value: bytes, about: str) -> bytes:
