@@ -378,7 +378,9 @@ def test_an_image_deploys_blue_green_survives_a_crashing_release_and_a_failing_c
             out = shipyard(server, "logs", SERVICE, "--revision", r2, "--tail", "100").stdout
             return out if out.count("Listening at: http://127.0.0.1:") >= REPLICAS else None
 
-        out = wait_until(logged, 30, "gunicorn's start lines in shipyard logs")
+        # Each look is a `shipyard logs` process (a Python start, seconds of CPU under load):
+        # look twice a second, not twenty times.
+        out = wait_until(logged, 30, "gunicorn's start lines in shipyard logs", interval=0.5)
         for replica, container in v2_containers.items():
             port = container.labels[f"{LABEL}port"]
             assert f"Listening at: http://127.0.0.1:{port}" in out, (replica, out)
