@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shipyard.runtime.docker_engine import own_engine
+from shipyard.runtime.docker_engine import EngineUnavailable, own_engine
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +35,17 @@ def other_docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
 
 @contextlib.contextmanager
 def running_engine(log_dir: Path) -> Iterator[str]:
-    """Start a dockerd of its own (log in ``log_dir``), yield its ``unix://`` address, stop it."""
+    """Start a dockerd of its own (log in ``log_dir``), yield its ``unix://`` address, stop it.
+
+    Storage driver ``overlay2`` where the kernel and the temporary directory allow it (a layer,
+    a build step or a container is then an overlay mount), else ``vfs``, which copies the whole
+    filesystem for each of them: on vfs the container suites spent their time copying image
+    trees (every build step and every replica of tests/e2e/test_containers.py)."""
     if shutil.which("dockerd") is None:
         pytest.skip("dockerd is not installed (Debian: apt-get install docker.io)")
-    with own_engine(log_dir / "dockerd.log") as address:
+    with contextlib.ExitStack() as stack:
+        try:
+            address = stack.enter_context(own_engine(log_dir / "dockerd.log", "overlay2"))
+        except EngineUnavailable:  # no overlay mounts here (e.g. /tmp on overlayfs): vfs
+            address = stack.enter_context(own_engine(log_dir / "dockerd-vfs.log", "vfs"))
         yield address

@@ -23,9 +23,10 @@ through the service URL all along:
 
 No request fails except the canary's own 500s and those sent while no agent ran (there is no
 router then, so they cannot connect). One story rather than several tests: every deployment
-costs an image build, a scan and container creations on the ``vfs`` storage driver, which copies
-the whole filesystem each time. The module took 5 min 50 s here (2 cores, load average about
-12 from other suites; the base image import is 30 s of it).
+costs an image build, a scan and container creations (on the ``vfs`` storage driver, the
+fallback where overlay mounts are unavailable, each copies the whole filesystem). The module
+took 5 min 50 s here on vfs with unpaced load (2 cores, load average about 12 from other
+suites); about 2 min alone on overlay2 with the Recorder paced.
 
 Beside it, a smoke test on the same server: busybox's httpd in an image ``FROM scratch`` that
 names no ``USER`` (it runs as nobody), deployed, answering, deleted without a trace.
@@ -378,7 +379,9 @@ def test_an_image_deploys_blue_green_survives_a_crashing_release_and_a_failing_c
             out = shipyard(server, "logs", SERVICE, "--revision", r2, "--tail", "100").stdout
             return out if out.count("Listening at: http://127.0.0.1:") >= REPLICAS else None
 
-        out = wait_until(logged, 30, "gunicorn's start lines in shipyard logs")
+        # Each look is a `shipyard logs` process (a Python start, seconds of CPU under load):
+        # look twice a second, not twenty times.
+        out = wait_until(logged, 30, "gunicorn's start lines in shipyard logs", interval=0.5)
         for replica, container in v2_containers.items():
             port = container.labels[f"{LABEL}port"]
             assert f"Listening at: http://127.0.0.1:{port}" in out, (replica, out)

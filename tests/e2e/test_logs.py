@@ -105,7 +105,8 @@ def test_logs_prints_the_app_output_and_follow_sees_new_lines(server: Server, re
         out = _shipyard(server, "logs", "hello", "--tail", "20").stdout
         return out if "GET /first" in out else None
 
-    out = wait_until(printed, 30, "GET /first in shipyard logs")
+    # Each look starts a `shipyard logs` process: twice a second, not twenty times.
+    out = wait_until(printed, 30, "GET /first in shipyard logs", interval=0.5)
     lines = out.splitlines()
     assert any(" err ready on " in line for line in lines), out
     assert any(line.endswith(" out GET /first") for line in lines), out

@@ -4,7 +4,8 @@ benchmark (``bench/bench_containers.py``) and the tests' session fixture
 (``tests/docker_engine.py``), so the three start and stop an engine the same way.
 
 An engine of our own runs ``dockerd --storage-driver=vfs --iptables=false --ip6tables=false
---bridge=none`` with its own socket, data root, exec root and pid file under one fresh directory,
+--bridge=none`` (the caller may name another storage driver: the tests use ``overlay2`` where it
+works) with its own socket, data root, exec root and pid file under one fresh directory,
 so it never touches (or collides with) any other engine on the machine; with ``--bridge=none``
 containers must use host networking. It is stopped (SIGTERM, then SIGKILL after 30 s) and its
 directory removed when the ``with`` block ends.
@@ -28,7 +29,11 @@ from pathlib import Path
 #: Where the SDK looks when ``DOCKER_HOST`` is unset.
 DEFAULT_ADDRESS = "unix:///var/run/docker.sock"
 #: dockerd's flags for an engine of our own on this kind of machine (no iptables, no bridge).
-DOCKERD_FLAGS = ("--storage-driver=vfs", "--iptables=false", "--ip6tables=false", "--bridge=none")
+DOCKERD_FLAGS = ("--iptables=false", "--ip6tables=false", "--bridge=none")
+#: The storage driver of an engine of our own unless the caller names another: ``vfs`` works on
+#: any filesystem (every layer and container is a full copy); ``overlay2`` shares layers, but
+#: needs a kernel and a data root that support overlay mounts.
+STORAGE_DRIVER = "vfs"
 #: Seconds an engine of our own may take to answer ``/_ping``.
 START_TIMEOUT = 60.0
 
@@ -54,11 +59,12 @@ def answers(address: str) -> bool:
 
 
 @contextlib.contextmanager
-def own_engine(log_path: Path | None = None) -> Iterator[str]:
+def own_engine(log_path: Path | None = None, storage_driver: str = STORAGE_DRIVER) -> Iterator[str]:
     """Start a Docker Engine of our own (see the module docstring) and yield its ``unix://``
     address; stop it and remove its directory on exit. ``log_path`` receives dockerd's output
     (default: ``dockerd.log`` in its directory, removed with it). EngineUnavailable when
-    ``dockerd`` is not installed, exits, or does not answer within ``START_TIMEOUT``."""
+    ``dockerd`` is not installed, exits (a ``storage_driver`` this machine cannot use makes it
+    exit at start), or does not answer within ``START_TIMEOUT``."""
     dockerd = shutil.which("dockerd")
     if dockerd is None:
         raise EngineUnavailable("dockerd is not installed (Debian: apt-get install docker.io)")
@@ -70,6 +76,7 @@ def own_engine(log_path: Path | None = None) -> Iterator[str]:
     proc = subprocess.Popen(
         [
             dockerd,
+            f"--storage-driver={storage_driver}",
             *DOCKERD_FLAGS,
             "--host",
             f"unix://{sock}",
