@@ -38,12 +38,13 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol, cast
 
 import docker.errors
 
+from shipyard.agent import secret_files
 from shipyard.agent.containers import ContainerLauncher, _cut
 from shipyard.agent.processes import check_command, signal_group
 from shipyard.agent.replica_logs import ReplicaLog
@@ -97,7 +98,7 @@ class HookRunner:
             cast(ReplicaLog, None),  # unused: the output goes to the caller, not to disk
             self.supervisor._run_dir / hook_id,
         )
-        mask = _with_secrets(self._mask, spec)
+        mask = secret_files.masking(self._mask, spec)
         job: _Job
         if spec.artifact_kind == "oci-image":
             launcher = self.supervisor.containers
@@ -183,26 +184,6 @@ class RunningHook:
                 await self.job.kill()
                 with contextlib.suppress(BaseException):
                     await self.job.cleanup()
-
-
-def _with_secrets(mask: Callable[[str], str], spec: RevisionSpec) -> Callable[[str], str]:
-    """``mask`` that also hides the values of the secrets ``spec`` carries (when it carries
-    any: ``secret_env``, ``secret_files``), so a hook that prints its environment prints none."""
-    values: set[str] = set()
-    for name in ("secret_env", "secret_files"):
-        carried = getattr(spec, name, None)
-        if isinstance(carried, Mapping):
-            values.update(str(v) for v in carried.values() if len(str(v)) >= 4)
-    if not values:
-        return mask
-    ordered = sorted(values, key=len, reverse=True)
-
-    def masked(line: str) -> str:
-        for value in ordered:
-            line = line.replace(value, "***")
-        return mask(line)
-
-    return masked
 
 
 class _ProcessJob:
