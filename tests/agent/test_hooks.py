@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import http.server
 import json
 import socket
@@ -50,6 +51,16 @@ if mode == "env":
         "cwd": os.getcwd(),
         "wrote": wrote,
         "sees_data_dir": os.path.exists(sys.argv[2]),
+    }), flush=True)
+elif mode == "secrets":
+    import hashlib
+    folder = os.environ["SHIPYARD_SECRETS_DIR"]
+    with open(os.path.join(folder, "db_password"), "rb") as f:
+        value = f.read()
+    # A digest: the value itself would be masked in the output.
+    print(json.dumps({
+        "file": hashlib.sha256(value).hexdigest(),
+        "env": hashlib.sha256(os.environ["API_TOKEN"].encode()).hexdigest(),
     }), flush=True)
 elif mode == "fail":
     print("migrating", flush=True)
@@ -159,6 +170,25 @@ async def test_a_hook_runs_sandboxed_with_the_replicas_environment(
     # The run directory is gone with the hook, and nothing became a replica.
     assert not any(p.name.startswith("hook-") for p in (a.dir / "run").glob("*"))
     assert a.supervisor.replicas == {}
+
+
+async def test_a_hook_gets_the_replicas_secret_files_and_variables(
+    agent: tuple[Agent, LocalRuntime], tmp_path: Path
+) -> None:
+    _, runtime = agent
+    spec = sign(
+        replace(
+            hook_spec(hook_artifact(tmp_path)),
+            secret_env={"API_TOKEN": "tok-1234567890"},
+            secret_files={"db_password": "pw-0987654321"},
+        )
+    )
+    result, lines = await run(runtime, spec, "secrets")
+    assert result.exit_code == 0, lines
+    report = json.loads(lines[0])
+    # Read through SHIPYARD_SECRETS_DIR inside the sandbox, as a replica reads them.
+    assert report["file"] == hashlib.sha256(b"pw-0987654321").hexdigest()
+    assert report["env"] == hashlib.sha256(b"tok-1234567890").hexdigest()
 
 
 async def test_a_failing_hook_reports_its_exit_code_and_output(

@@ -52,7 +52,6 @@ from shipyard.agent.supervisor import Replica, Supervisor
 from shipyard.errors import RevisionStartFailed
 from shipyard.logs import log_event
 from shipyard.runtime.base import MAX_HOOK_OUTPUT_BYTES, HookResult, HookRun, RevisionSpec
-from shipyard.sandbox import launch
 
 log = logging.getLogger("shipyard.agent")
 
@@ -207,32 +206,12 @@ class _ProcessJob:
         env.pop("PORT", None)
         env["SHIPYARD_HOOK"] = hook.point
         check_command(argv, workdir, env, spec.revision)
-        mode = await supervisor.mode()
-        if mode == "overlay" and launch.UNSAFE_PATH_CHARS.intersection(
-            f"{workdir}{replica.run_dir.resolve()}"
-        ):
-            mode = "direct"
-        try:
-            supervisor._prepare_run_dir(replica, mode)
-        except OSError as exc:
-            raise RevisionStartFailed(
-                f"cannot create the state directory {replica.run_dir}: {exc}"
-            ) from exc
-        run = replica.run_dir.resolve()
-        overlay = (workdir, run / "upper", run / "work") if mode == "overlay" else None
-        command = supervisor.sandbox.command(
-            argv,
-            service=spec.service,
-            cwd=workdir,
-            writable=[run / "home", run / "tmp"],
-            readonly=[] if overlay else [workdir],
-            overlay=overlay,
-        )
+        command, cwd = supervisor.sandboxed(replica, argv, workdir, await supervisor.mode())
         read, write = os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,
-                cwd=run if overlay else workdir,
+                cwd=cwd,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=write,

@@ -509,14 +509,12 @@ class Supervisor:
         if replica.spec.secret_files:
             secret_files.write(replica.run_dir / secret_files.DIR_NAME, replica.spec, self.sandbox)
 
-    async def _spawn(self, replica: Replica) -> ProcessHandle:
-        """Start the replica's process on its current port; RevisionStartFailed if it cannot."""
-        spec = replica.spec
-        argv = list(spec.argv)
-        workdir = Path(spec.artifact_location).resolve()  # noqa: ASYNC240 - local disk
-        env = self._env(replica)
-        check_command(argv, workdir, env, spec.revision)
-        mode = replica.mode
+    def sandboxed(
+        self, replica: Replica, argv: list[str], workdir: Path, mode: Mode
+    ) -> tuple[list[str], Path]:
+        """A fresh run directory for ``replica`` (secret files in it) and the sandbox command
+        running ``argv`` in ``workdir`` with it, and the directory to start it in. For a replica
+        start (``_spawn``) and a hook (``agent/hooks.py``): one sandbox for both."""
         if mode == "overlay" and launch.UNSAFE_PATH_CHARS.intersection(
             f"{workdir}{replica.run_dir.resolve()}"
         ):
@@ -537,14 +535,23 @@ class Supervisor:
         overlay = (workdir, run / "upper", run / "work") if mode == "overlay" else None
         command = self.sandbox.command(
             argv,
-            service=spec.service,
+            service=replica.spec.service,
             cwd=workdir,
             writable=[run / "home", run / "tmp"],
             readonly=([] if overlay else [workdir])
-            + ([run / secret_files.DIR_NAME] if spec.secret_files else []),
+            + ([run / secret_files.DIR_NAME] if replica.spec.secret_files else []),
             overlay=overlay,
         )
-        cwd = run if overlay else workdir
+        return command, run if overlay else workdir
+
+    async def _spawn(self, replica: Replica) -> ProcessHandle:
+        """Start the replica's process on its current port; RevisionStartFailed if it cannot."""
+        spec = replica.spec
+        argv = list(spec.argv)
+        workdir = Path(spec.artifact_location).resolve()  # noqa: ASYNC240 - local disk
+        env = self._env(replica)
+        check_command(argv, workdir, env, spec.revision)
+        command, cwd = self.sandboxed(replica, argv, workdir, replica.mode)
         replica.spawned_at = time.monotonic()
         replica.started_at = time.time()
         # Two pipes, so each line keeps its stream; one thread per process start reads both,
