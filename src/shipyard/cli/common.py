@@ -19,6 +19,20 @@ from shipyard.store.engine import open_engine
 
 err = console(stderr=True)
 
+#: The API clients' options (``deploy``, ``secret``, ``notifications``, ``service``, ...).
+Server = Annotated[str, typer.Option("--server", envvar="SHIPYARD_SERVER", help="API base URL.")]
+Token = Annotated[
+    str | None, typer.Option("--token", envvar="SHIPYARD_TOKEN", help="Bearer token.")
+]
+OptDataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Local server's data directory (mints a token).",
+        envvar="SHIPYARD_DATA_DIR",
+    ),
+]
+
 DataDir = Annotated[
     Path, typer.Option("--data-dir", help="Server data directory.", envvar="SHIPYARD_DATA_DIR")
 ]

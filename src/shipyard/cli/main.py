@@ -47,7 +47,7 @@ from shipyard.cli.client import (
     source_defaults,
     trace_context,
 )
-from shipyard.cli.common import err, fail
+from shipyard.cli.common import OptDataDir, Server, Token, err, fail
 from shipyard.cli.db import db_app
 from shipyard.cli.keys import keys_app
 from shipyard.cli.logs import logs_app
@@ -90,18 +90,6 @@ app.add_typer(notifications_app, name="notifications")  # list/add/rm/test (cli/
 
 out = console()
 
-OptDataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Local server's data directory (mints a token).",
-        envvar="SHIPYARD_DATA_DIR",
-    ),
-]
-Server = Annotated[str, typer.Option("--server", envvar="SHIPYARD_SERVER", help="API base URL.")]
-Token = Annotated[
-    str | None, typer.Option("--token", envvar="SHIPYARD_TOKEN", help="Bearer token.")
-]
 Format = Annotated[str, typer.Option("--format", help="table or json.")]
 
 

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from shipyard.cli.client import DEFAULT_SERVER
-from shipyard.cli.common import fail
+from shipyard.cli.common import OptDataDir, Server, Token, fail
 from shipyard.cli.safe import console, shown
 from shipyard.notify.events import EVENTS
 
@@ -34,18 +34,6 @@ notifications_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Server = Annotated[str, typer.Option("--server", envvar="SHIPYARD_SERVER", help="API base URL.")]
-Token = Annotated[
-    str | None, typer.Option("--token", envvar="SHIPYARD_TOKEN", help="Bearer token.")
-]
-OptDataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Local server's data directory (mints a token).",
-        envvar="SHIPYARD_DATA_DIR",
-    ),
-]
 PERMISSION = "notifications:admin"
 
 out = console()

@@ -16,7 +16,6 @@ refused.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -24,6 +23,7 @@ from rich import box
 from rich.table import Table
 
 from shipyard.cli.client import DEFAULT_SERVER
+from shipyard.cli.common import OptDataDir, Server, Token
 from shipyard.cli.safe import console, shown
 
 secret_app = typer.Typer(
@@ -35,18 +35,6 @@ secret_app = typer.Typer(
 
 Service = Annotated[str, typer.Argument(help="The service.")]
 Name = Annotated[str, typer.Argument(help="The secret's name, e.g. DB_PASSWORD.")]
-Server = Annotated[str, typer.Option("--server", envvar="SHIPYARD_SERVER", help="API base URL.")]
-Token = Annotated[
-    str | None, typer.Option("--token", envvar="SHIPYARD_TOKEN", help="Bearer token.")
-]
-OptDataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Local server's data directory (mints a token).",
-        envvar="SHIPYARD_DATA_DIR",
-    ),
-]
 
 err = console(stderr=True)
 

@@ -14,12 +14,12 @@ while one is in flight. Exit 0 done, 1 the server failed it (a new replica never
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from shipyard.cli.client import DEFAULT_SERVER
+from shipyard.cli.common import OptDataDir, Server, Token
 from shipyard.cli.safe import console, shown
 
 services_app = typer.Typer(pretty_exceptions_enable=False)
@@ -28,18 +28,6 @@ service_app = typer.Typer(
 )
 services_app.add_typer(service_app, name="service")
 
-Server = Annotated[str, typer.Option("--server", envvar="SHIPYARD_SERVER", help="API base URL.")]
-Token = Annotated[
-    str | None, typer.Option("--token", envvar="SHIPYARD_TOKEN", help="Bearer token.")
-]
-OptDataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Local server's data directory (mints a token).",
-        envvar="SHIPYARD_DATA_DIR",
-    ),
-]
 Region = Annotated[str, typer.Option(help="The service's region.")]
 
 err = console(stderr=True)
