@@ -45,6 +45,7 @@ class NotifyHarness(Harness):
     async def context(self, settings: Settings) -> AppContext:
         made = await super().context(settings)
         made.notifications = self.sinks
+        self.pipeline = made.pipeline
         return made
 
 
@@ -169,6 +170,9 @@ async def test_a_deployment_shows_its_notifications_delivery_state(
     r = await api.post("/api/v1/deploy", json=body(), headers=nh.headers())
     dep_id = r.json()["deployment_id"]
     await nh.until(dep_id, "Success")
+    # The final status is saved before the end is audited (the event its notification is):
+    # the pipeline's wait returns once that is done too.
+    await nh.pipeline.wait(dep_id)
     doc = (await api.get(f"/api/v1/deployments/{dep_id}", headers=nh.headers())).json()
     # No delivery worker runs in this harness: both wait, in the order they happened.
     assert doc["notifications"] == [

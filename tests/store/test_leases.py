@@ -207,6 +207,9 @@ def test_a_takeover_waits_for_a_fenced_write_in_flight(postgres_url: str, tmp_pa
                         "WHERE wait_event_type = 'Lock' AND datname = current_database()"
                     )
                 ).scalar()
+                # pg_stat_activity is read once per transaction and held until it ends: end it,
+                # or a first look taken before the takeover queued is all this loop ever sees.
+                watch.rollback()
                 if waiting or takeover.done() or time.monotonic() > deadline:
                     break
                 threading.Event().wait(0.01)
